@@ -1,0 +1,140 @@
+"""The `geosmtp` command.
+
+    geosmtp [-c config.yaml] [-l ADDR] [-p PORT] [-d DIR] [--check-config]
+
+Exit status: 0 on a clean stop, 1 when the server cannot start (a port in
+use), 2 on a usage or configuration error, with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geosmtp",
+        description="geosmtp: an SMTP server that delivers to Maildirs.",
+    )
+    p.add_argument("-v", "--version", action="version", version=f"geosmtp {__version__}")
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="YAML configuration (default: ./config.yaml if it exists, else built-in defaults)",
+    )
+    p.add_argument(
+        "-l",
+        "--listen",
+        metavar="ADDR",
+        help="listen on ADDR only (replaces the configured SMTP listeners)",
+    )
+    p.add_argument(
+        "-p",
+        "--port",
+        metavar="PORT",
+        type=int,
+        help="SMTP port (with -l: of that listener; alone: of every listener)",
+    )
+    p.add_argument("-d", "--mail-dir", metavar="DIR", help="mail directory (overrides mail_dir)")
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    return p
+
+
+def load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The config file plus command-line overrides; raises ConfigError."""
+    from . import config as cfg
+
+    if args.config:
+        config = cfg.load(args.config)
+    elif Path("config.yaml").exists():
+        config = cfg.load("config.yaml")
+    else:
+        config = cfg.from_mapping({})
+    changes: dict = {}
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise cfg.ConfigError(f"-p: expected a port from 0 to 65535, got {args.port}")
+    if args.listen is not None:
+        port = args.port if args.port is not None else config.listeners[0].port
+        changes["listeners"] = [cfg.Listener(args.listen, port)]
+    elif args.port is not None:
+        changes["listeners"] = [dataclasses.replace(li, port=args.port) for li in config.listeners]
+    if args.mail_dir is not None:
+        changes["mail_dir"] = Path(args.mail_dir).resolve()
+    if changes:
+        data = dataclasses.replace(config, **changes)
+        cfg._check(data)
+        config = data
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()  # first: stdlib clients (smtplib, subprocess) must cooperate
+
+    args = _parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"geosmtp: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check_config:
+        print("configuration ok")
+        return EXIT_OK
+    return serve(config)
+
+
+def serve(config) -> int:  # type: ignore[no-untyped-def]
+    import signal
+
+    import gevent
+    from gevent.event import Event
+    from loguru import logger
+
+    from . import logs
+    from .server.listeners import MailServer, raise_open_files_limit
+
+    try:
+        logs.setup(config.log)
+    except (OSError, ValueError) as exc:
+        print(f"geosmtp: log: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    nofile = raise_open_files_limit()
+    try:
+        server = MailServer(config)
+        server.start()
+    except OSError as exc:
+        logger.error("cannot start: {}", exc.strerror or exc)
+        print(f"geosmtp: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    logger.info(
+        "geosmtp {} started as {}: mail_dir={} max_clients={} open files={}",
+        __version__,
+        config.hostname,
+        config.mail_dir,
+        config.max_clients,
+        nofile,
+    )
+    stop = Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    stop.wait()
+    logger.info("signal received, stopping")
+    server.stop()
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

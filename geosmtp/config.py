@@ -1,0 +1,237 @@
+"""The YAML configuration, loaded into frozen dataclasses.
+
+The dataclasses are the schema: every field has a type and a default (so an
+empty file runs), and `metadata` carries the extra checks (minimum, choices,
+path). Errors name the key path: `limits.max_message_size: expected a
+positive integer, got 'ten'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the key path."""
+
+
+def _positive(default: int, **extra: Any) -> Any:
+    return field(default=default, metadata={"min": 1, **extra})
+
+
+@dataclass(frozen=True)
+class Listener:
+    #: IPv4 or IPv6 address to bind ("0.0.0.0" or "::" for all).
+    address: str = "127.0.0.1"
+    port: int = field(default=2525, metadata={"min": 0, "max": 65535})
+
+
+@dataclass(frozen=True)
+class Limits:
+    command_line: int = field(default=512, metadata={"min": 512})  # RFC 5321 §4.5.3.1.4
+    text_line: int = field(default=1000, metadata={"min": 1000})  # RFC 5321 §4.5.3.1.6
+    max_message_size: int = _positive(10 * 1024 * 1024)
+    max_recipients: int = _positive(100)  # RFC 5321 §4.5.3.1.8 asks for at least 100
+    max_errors: int = _positive(20)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. RFC 5321 §4.5.3.2 suggests the server waits 5 minutes for a command."""
+
+    command: float = _positive(300)
+    data_block: float = _positive(180)  # §4.5.3.2.5: between two reads of message data
+    data_total: float = _positive(600)  # the whole of DATA, however it trickles
+    shutdown_grace: float = field(default=10, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
+class Extensions:
+    pipelining: bool = True
+    size: bool = True
+    eightbitmime: bool = True
+    enhancedstatuscodes: bool = True
+
+
+@dataclass(frozen=True)
+class User:
+    #: A password hash from `geosmtp passwd` (used by AUTH); none means no login.
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class Log:
+    dir: Path = field(default=Path("logs"), metadata={"path": True})
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: When a log file is rotated: a size ("10 MB") or an interval ("1 day").
+    rotation: str = field(default="10 MB", metadata={"pattern": "rotation"})
+    #: How many rotated files to keep.
+    retention: int = _positive(10)
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = field(default_factory=socket.getfqdn)
+    domains: list[str] = field(default_factory=lambda: ["localhost"])
+    listeners: list[Listener] = field(
+        default_factory=lambda: [Listener("127.0.0.1", 2525), Listener("::1", 2525)]
+    )
+    max_clients: int = _positive(1000)
+    mail_dir: Path = field(default=Path("mail_dir"), metadata={"path": True})
+    unknown_recipients: Literal["accept", "reject"] = "accept"
+    users: dict[str, User] = field(default_factory=dict)
+    postmaster: str = "postmaster"
+    fsync: bool = True
+    vrfy: bool = False
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    extensions: Extensions = field(default_factory=Extensions)
+    log: Log = field(default_factory=Log)
+
+
+_PATTERNS = {
+    "rotation": re.compile(
+        r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)|\d+\s*(hours?|days?|weeks?|months?)", re.I
+    ),
+}
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if not isinstance(value, str) else f"'{value}'"
+
+
+def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, path, base)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path, meta, base)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{path}: expected one of {', '.join(map(str, choices))}, got {_describe(value)}"
+            )
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        return [_convert(item_tp, v, f"{path}[{i}]", {}, base) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        return {str(k): _convert(item_tp, v, f"{path}.{k}", {}, base) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if tp in (int, float):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (tp is int and not isinstance(value, int))
+        ):
+            kind = "an integer" if tp is int else "a number"
+            if meta.get("min") == 1:
+                kind = "a positive integer" if tp is int else "a positive number"
+            raise ConfigError(f"{path}: expected {kind}, got {_describe(value)}")
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo:
+            what = "a positive number" if lo == 1 else f"at least {lo}"
+            raise ConfigError(f"{path}: expected {what}, got {_describe(value)}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{path}: expected at most {hi}, got {_describe(value)}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: expected a non-empty string, got {_describe(value)}")
+        pattern = meta.get("pattern")
+        if pattern and not _PATTERNS[pattern].fullmatch(value.strip()):
+            raise ConfigError(f"{path}: not a valid {pattern}: {_describe(value)}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(f"{path}: expected a path, got {_describe(value)}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p)
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in the schema
+
+
+def _build(cls: type, data: Any, path: str, base: Path) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key")
+    kwargs = {}
+    for name, f in fields.items():
+        key_path = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], key_path, f.metadata, base)
+        elif f.metadata.get("path"):
+            kwargs[name] = _convert(hints[name], f.default, key_path, f.metadata, base)
+    return cls(**kwargs)
+
+
+def _check(config: Config) -> None:
+    """Checks that span keys or need more than a type."""
+    if not _HOSTNAME_RE.fullmatch(config.hostname):
+        raise ConfigError(f"hostname: not a valid host name: '{config.hostname}'")
+    if not config.domains:
+        raise ConfigError("domains: at least one local domain is needed")
+    for i, listener in enumerate(config.listeners):
+        try:
+            ipaddress.ip_address(listener.address)
+        except ValueError:
+            raise ConfigError(
+                f"listeners[{i}].address: not an IP address: '{listener.address}'"
+            ) from None
+    if not config.listeners:
+        raise ConfigError("listeners: at least one listener is needed")
+    from .smtp.policy import safe_mailbox_name
+
+    for name in [*config.users, config.postmaster]:
+        if safe_mailbox_name(name) != name:
+            key = "postmaster" if name == config.postmaster else f"users.{name}"
+            raise ConfigError(f"{key}: not a valid mailbox name (lower-case, no '/' or '..')")
+
+
+def from_mapping(data: Any, base: Path = Path(".")) -> Config:
+    config = _build(Config, {} if data is None else data, "", base.resolve())
+    config = dataclasses.replace(config, domains=[d.lower() for d in config.domains])
+    _check(config)
+    return config
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a YAML file; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    return from_mapping(data, path.parent)

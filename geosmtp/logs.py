@@ -1,0 +1,86 @@
+"""Logging with loguru: the server log and the access log.
+
+- `logs/log.txt`: start/stop, listeners, errors; session detail at DEBUG.
+- `logs/access.log`: one line per message or refused transaction, answering
+  "who sent this mail, and when". Never bodies, never secrets.
+
+Everything a client chose is passed through `clean()` first, so a CR or LF
+from the network can never start a log line of its own.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from loguru import logger
+
+from .config import Log
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_SERVER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
+_ACCESS_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {message}"
+
+access = logger.bind(access=True)
+
+
+def clean(value: Any, limit: int = 512) -> str:
+    """A client-supplied value made safe for one log line (escaped, shortened)."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def access_line(**fields: Any) -> str:
+    """`key=value` pairs; values quoted when they contain spaces."""
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(value)
+        text = clean(value)
+        if not text or " " in text or '"' in text:
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _is_access(record: dict) -> bool:
+    return bool(record["extra"].get("access"))
+
+
+def _is_server(record: dict) -> bool:
+    return not record["extra"].get("access")
+
+
+_handler_ids: list[int] = []
+
+
+def setup(log: Log, *, console: bool = True) -> None:
+    """(Re)configure the sinks from the `log:` section of the config."""
+    logger.remove()  # also loguru's default stderr sink
+    _handler_ids.clear()
+    log.dir.mkdir(parents=True, exist_ok=True)
+    common = {"rotation": log.rotation, "retention": log.retention, "encoding": "utf-8"}
+    _handler_ids.append(
+        logger.add(
+            log.dir / "log.txt", level=log.level, format=_SERVER_FORMAT, filter=_is_server, **common
+        )
+    )
+    _handler_ids.append(
+        logger.add(
+            log.dir / "access.log", level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **common
+        )
+    )
+    if console:
+        _handler_ids.append(
+            logger.add(sys.stderr, level=log.level, format=_SERVER_FORMAT, filter=_is_server)
+        )
+
+
+def addresses(items: Iterable[Any]) -> list[str]:
+    return [f"<{item}>" for item in items]

@@ -1,0 +1,248 @@
+"""The gevent side of an SMTP session: socket in, core, socket out.
+
+One `SMTPSession` per client, run in its own greenlet. It reads under a
+`gevent.Timeout`, feeds the sans-I/O core, writes the replies the core
+queued, and acts on the core's events: spool the message to disk as it
+arrives, deliver it, log it. All protocol decisions are the core's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from loguru import logger
+
+from .. import logs
+from ..smtp import (
+    NEED_DATA,
+    CloseConnection,
+    MessageData,
+    MessageEnd,
+    MessageStart,
+    SMTPConnection,
+    TransactionRejected,
+)
+from ..smtp import replies as R
+from ..smtp.trace import trace_headers
+from ..storage.maildir import Spool, StorageError
+
+if TYPE_CHECKING:
+    from gevent.socket import socket
+
+    from ..smtp import Envelope
+    from .listeners import MailServer
+
+READ_SIZE = 64 * 1024
+
+
+class ClientTimeout(Exception):
+    """The client was silent for longer than the configured timeout."""
+
+
+class ShutdownRequested(Exception):
+    """The server is stopping and the grace period is over."""
+
+
+_session_ids = itertools.count(1)
+_queue_ids = itertools.count(1)
+
+
+def new_queue_id() -> str:
+    """Unique per process and across restarts: microseconds, pid and a counter, in hex."""
+    micros = time.time_ns() // 1000
+    return f"{micros:X}{os.getpid() & 0xFFFF:04X}{next(_queue_ids) & 0xFFFF:04X}"
+
+
+class SMTPSession:
+    def __init__(self, server: MailServer, sock: socket, address: tuple) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = address[0]
+        self.peer_port = address[1]
+        self.id = f"{next(_session_ids):X}"
+        self.started = time.monotonic()
+        self.conn: SMTPConnection = server.new_connection()
+        self.spool: Spool | _FailedSpool | None = None
+        self.queue_id: str | None = None
+        self.greenlet: gevent.Greenlet | None = None
+        self.data_started = 0.0
+        self.reading = False
+        self.shutdown_pending = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -------------------------------------------------------------- I/O
+
+    def _timeout(self) -> float:
+        timeouts = self.server.config.timeouts
+        if self.conn.in_data:
+            left = timeouts.data_total - (time.monotonic() - self.data_started)
+            return max(0.0, min(timeouts.data_block, left))
+        return timeouts.command
+
+    def _read(self) -> bytes:
+        if self.shutdown_pending:
+            raise ShutdownRequested
+        self.reading = True
+        try:
+            with gevent.Timeout(self._timeout(), ClientTimeout):
+                data = self.sock.recv(READ_SIZE)
+        finally:
+            self.reading = False
+        self.bytes_in += len(data)
+        return data
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            with gevent.Timeout(self.server.config.timeouts.command, ClientTimeout):
+                self.sock.sendall(out)
+            self.bytes_out += len(out)
+
+    def shutdown(self) -> bool:
+        """Ask the session to end with 421; True when it was interrupted right away."""
+        if self.reading:
+            self.greenlet.kill(ShutdownRequested, block=False)
+            return True
+        self.shutdown_pending = True
+        return False
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        conn = self.conn
+        logger.debug("session {} connect from [{}]:{}", self.id, self.peer, self.peer_port)
+        try:
+            self.sock.sendall(conn.greeting())
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    self._flush()
+                    data = self._read()
+                    if not data:
+                        logger.debug("session {} lost the client", self.id)
+                        break
+                    conn.receive_data(data)
+                elif type(event) is MessageData:
+                    assert self.spool is not None
+                    self.spool.write(event.data)
+                elif type(event) is MessageStart:
+                    self._start_message(event.envelope)
+                elif type(event) is MessageEnd:
+                    self._deliver(event.envelope)
+                elif type(event) is TransactionRejected:
+                    self._rejected(event)
+                elif type(event) is CloseConnection:
+                    self._flush()
+                    break
+                else:  # PAUSED outside delivery: nothing more will come
+                    break
+        except ClientTimeout:
+            self._close_with(R.TIMEOUT)
+        except ShutdownRequested:
+            self._close_with(R.SHUTTING_DOWN)
+        except (OSError, StorageError) as exc:
+            logger.debug("session {} socket error: {}", self.id, exc)
+        finally:
+            self._discard_spool()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            logger.debug(
+                "session {} closed after {:.3f}s, in={} out={}",
+                self.id,
+                time.monotonic() - self.started,
+                self.bytes_in,
+                self.bytes_out,
+            )
+
+    def _close_with(self, reply: R.Reply) -> None:
+        self.conn.close_with(reply)
+        try:
+            self._flush()
+        except (OSError, ClientTimeout):
+            pass
+
+    # ----------------------------------------------------------- messages
+
+    def _start_message(self, envelope: Envelope) -> None:
+        self.data_started = time.monotonic()
+        self._discard_spool()
+        self.queue_id = new_queue_id()
+        try:
+            self.spool = self.server.store.open_spool(envelope.recipients[0].box)
+        except OSError as exc:
+            # The core is already in DATA; remember the failure and answer 451 at the end.
+            logger.error("session {}: cannot open spool: {}", self.id, exc)
+            self.spool = _FailedSpool(exc)
+            return
+        self.spool.write(
+            trace_headers(
+                envelope,
+                hostname=self.server.config.hostname,
+                client_ip=self.peer,
+                queue_id=self.queue_id,
+                timestamp=time.time(),
+            )
+        )
+
+    def _deliver(self, envelope: Envelope) -> None:
+        spool, self.spool = self.spool, None
+        assert spool is not None and self.queue_id is not None
+        boxes = [r.box for r in envelope.recipients]
+        try:
+            if isinstance(spool, _FailedSpool):
+                raise spool.error
+            spool.commit(boxes)
+        except OSError as exc:
+            logger.error("session {}: delivery failed: {}", self.id, exc)
+            spool.discard()
+            self.conn.message_failed(R.LOCAL_ERROR)
+            self._access(envelope, R.LOCAL_ERROR.code, queue=self.queue_id)
+            return
+        self.conn.message_stored(self.queue_id)
+        self._access(envelope, 250, queue=self.queue_id)
+
+    def _rejected(self, event: TransactionRejected) -> None:
+        if event.stage == "DATA":
+            self._discard_spool()
+        self._access(event.envelope, event.reply.code, stage=event.stage)
+
+    def _discard_spool(self) -> None:
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
+
+    def _access(self, envelope: Envelope | None, code: int, **extra: str | None) -> None:
+        conn = self.conn
+        logs.access.info(
+            logs.access_line(
+                session=self.id,
+                client=self.peer,
+                helo=conn.helo,
+                **{"from": f"<{envelope.sender_address}>" if envelope else None},
+                to=[f"<{r.mailbox.address}>" for r in envelope.recipients] if envelope else None,
+                size=envelope.size if envelope and envelope.size else None,
+                msgid=envelope.message_id if envelope else None,
+                result=str(code),
+                **extra,
+            )
+        )
+
+
+class _FailedSpool:
+    """Stands in for a spool that could not be opened; the message is read and refused."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass

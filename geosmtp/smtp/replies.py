@@ -1,0 +1,89 @@
+"""SMTP replies (RFC 5321 §4.2) with enhanced status codes (RFC 2034, RFC 3463).
+
+Every reply the server sends is built here or from a `Reply` made in the core,
+so the wire format (multi-line continuation, enhanced codes) lives in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    status: str | None  # enhanced status code "x.y.z", or None (greeting, EHLO, 3xx)
+    lines: tuple[str, ...]
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def to_bytes(self, enhanced: bool = True) -> bytes:
+        """Render per RFC 5321 §4.2.1: `code-text` on all lines but the last."""
+        prefix = f"{self.status} " if enhanced and self.status else ""
+        out = []
+        last = len(self.lines) - 1
+        for i, line in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            # Only the first line carries the enhanced code; RFC 2034 allows it
+            # on each, but clients key on the first and the EHLO list has none.
+            text = prefix + line if i == 0 else line
+            out.append(f"{self.code}{sep}{text}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+
+def reply(code: int, status: str | None, *lines: str) -> Reply:
+    return Reply(code, status, tuple(lines) or ("",))
+
+
+# Replies that are the same for every session. Ones that carry the hostname,
+# an address or a number are built where they are sent.
+OK = reply(250, "2.0.0", "Ok")
+RSET_OK = reply(250, "2.0.0", "Ok")
+NOOP_OK = reply(250, "2.0.0", "Ok")
+SENDER_OK = reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = reply(250, "2.1.5", "Ok")
+START_DATA = reply(354, None, "End data with <CR><LF>.<CR><LF>")
+VRFY_CANNOT = reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+BAD_SEQUENCE_HELO = reply(503, "5.5.1", "Error: send HELO/EHLO first")
+BAD_SEQUENCE_NESTED_MAIL = reply(503, "5.5.1", "Error: nested MAIL command")
+BAD_SEQUENCE_NEED_MAIL = reply(503, "5.5.1", "Error: need MAIL command")
+BAD_SEQUENCE_NEED_RCPT = reply(503, "5.5.1", "Error: need RCPT command")
+
+UNKNOWN_COMMAND = reply(500, "5.5.2", "Error: command not recognized")
+COMMAND_TOO_LONG = reply(500, "5.5.2", "Error: command line too long")
+TEXT_LINE_TOO_LONG = reply(500, "5.5.2", "Error: message has a line longer than the limit")
+BAD_NUL = reply(500, "5.5.2", "Error: NUL character in command")
+NOT_IMPLEMENTED = reply(502, "5.5.1", "Error: command not implemented")
+
+SYNTAX_HELO = reply(501, "5.5.4", "Syntax: HELO hostname")
+SYNTAX_EHLO = reply(501, "5.5.4", "Syntax: EHLO hostname")
+SYNTAX_MAIL = reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+SYNTAX_RCPT = reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+SYNTAX_DATA = reply(501, "5.5.4", "Syntax: DATA")
+SYNTAX_RSET = reply(501, "5.5.4", "Syntax: RSET")
+SYNTAX_QUIT = reply(501, "5.5.4", "Syntax: QUIT")
+SYNTAX_VRFY = reply(501, "5.5.4", "Syntax: VRFY address")
+BAD_SENDER_SYNTAX = reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_PARAMETER = reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+BAD_PARAMETER_VALUE = reply(501, "5.5.4", "Bad parameter value")
+
+RELAY_DENIED = reply(550, "5.7.1", "Relay access denied")
+UNKNOWN_USER = reply(550, "5.1.1", "Recipient address rejected: user unknown")
+BAD_MAILBOX_NAME = reply(550, "5.1.3", "Recipient address rejected: invalid mailbox name")
+TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")
+MESSAGE_TOO_BIG = reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
+SIZE_DECLARED_TOO_BIG = reply(552, "5.3.4", "Error: message size exceeds fixed maximum")
+LOCAL_ERROR = reply(451, "4.3.0", "Error: local error in processing; try again later")
+
+TOO_MANY_ERRORS = reply(421, "4.7.0", "Error: too many errors; closing connection")
+TOO_MANY_CLIENTS = reply(421, "4.7.0", "Error: too many connections; try again later")
+TIMEOUT = reply(421, "4.4.2", "Error: timeout exceeded; closing connection")
+SHUTTING_DOWN = reply(421, "4.3.2", "Server shutting down; closing connection")

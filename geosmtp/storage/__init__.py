@@ -1,0 +1,1 @@
+"""Mail storage behind a narrow interface (Maildir)."""
