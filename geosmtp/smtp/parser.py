@@ -27,7 +27,7 @@ class Mailbox:
         if not self.domain:
             return self.local_part
         local = self.local_part
-        if not _DOT_STRING_RE.fullmatch(local):
+        if not _DOT_STRING_UTF8_RE.fullmatch(local):
             local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
         return f"{local}@{self.domain}"
 
