@@ -144,7 +144,7 @@ def start_server(
 
         def ready() -> bool:
             if proc.poll() is not None:
-                out, err = proc.communicate()
+                _out, err = proc.communicate()
                 raise AssertionError(f"server exited {proc.returncode}: {err.decode()[-2000:]}")
             return _port_open(server.host, server.port)
 
