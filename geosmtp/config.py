@@ -188,8 +188,10 @@ def _build(cls: type, data: Any, path: str, base: Path) -> Any:
         key_path = f"{path}.{name}" if path else name
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], key_path, f.metadata, base)
-        elif f.metadata.get("path"):
+        elif f.metadata.get("path"):  # a default path is relative to the config too
             kwargs[name] = _convert(hints[name], f.default, key_path, f.metadata, base)
+        elif dataclasses.is_dataclass(hints[name]):  # so do the paths in a default section
+            kwargs[name] = _build(hints[name], {}, key_path, base)
     return cls(**kwargs)
 
 

@@ -100,7 +100,7 @@ class Spool:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
         # A hard link is impossible here: copy through this Maildir's tmp/.
-        tmp = maildir / "tmp" / self.name
+        tmp = maildir / "tmp" / self.store.unique_name()
         shutil.copyfile(self.path, tmp)
         try:
             if self.store.fsync:

@@ -1,0 +1,89 @@
+"""The YAML schema: defaults, validation messages that name the key, paths."""
+
+from pathlib import Path
+
+import pytest
+
+from geosmtp import config as cfg
+
+
+def load_text(tmp_path: Path, text: str) -> cfg.Config:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return cfg.load(path)
+
+
+def test_empty_file_runs_on_defaults(tmp_path):
+    config = load_text(tmp_path, "")
+    assert config.limits.command_line == 512
+    assert config.limits.text_line == 1000
+    assert config.unknown_recipients == "accept"
+    assert [(li.address, li.port) for li in config.listeners] == [
+        ("127.0.0.1", 2525),
+        ("::1", 2525),
+    ]
+    assert config.mail_dir == tmp_path.resolve() / "mail_dir"
+    assert config.log.dir == tmp_path.resolve() / "logs"
+
+
+def test_bundled_config_is_valid():
+    config = cfg.load(Path(__file__).parents[2] / "config.yaml")
+    assert "geosmtp.test" in config.domains
+    assert {li.address for li in config.listeners} == {"127.0.0.1", "::1"}
+    assert all(li.port == 2525 for li in config.listeners)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "limits: {max_message_size: ten}",
+            "limits.max_message_size: expected a positive integer, got 'ten'",
+        ),
+        ("limits: {max_message_size: 0}", "limits.max_message_size: expected a positive number"),
+        ("limits: {command_line: 100}", "limits.command_line: expected at least 512, got 100"),
+        ("limits: {bogus: 1}", "limits.bogus: unknown key"),
+        ("nonsense: 1", "nonsense: unknown key"),
+        ("fsync: maybe", "fsync: expected true or false, got 'maybe'"),
+        ("unknown_recipients: drop", "unknown_recipients: expected one of accept, reject"),
+        ("listeners: [{address: nowhere, port: 25}]", "listeners[0].address: not an IP address"),
+        ("listeners: [{address: 127.0.0.1, port: 70000}]", "listeners[0].port: expected at most"),
+        ("listeners: []", "listeners: at least one listener"),
+        ("domains: []", "domains: at least one local domain"),
+        ("users: {'../x': {}}", "users.../x: not a valid mailbox name"),
+        ("timeouts: {command: true}", "timeouts.command: expected a positive number, got True"),
+        ("log: {rotation: sometimes}", "log.rotation: not a valid rotation"),
+        ("log: {level: LOUD}", "log.level: expected one of"),
+        ("- a list", "config: expected a mapping"),
+        ("limits: [1, 2]", "limits: expected a mapping"),
+    ],
+)
+def test_errors_name_the_key_path(tmp_path, text, message):
+    with pytest.raises(cfg.ConfigError) as err:
+        load_text(tmp_path, text)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="invalid YAML"):
+        load_text(tmp_path, "limits: {")
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load(tmp_path / "missing.yaml")
+
+
+def test_paths_resolve_against_the_config_folder(tmp_path):
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    config = load_text(sub, "mail_dir: ../spool\nlog: {dir: /var/tmp/x}")
+    assert config.mail_dir == (sub / "../spool").resolve() or config.mail_dir.resolve() == (
+        tmp_path / "spool"
+    )
+    assert config.log.dir == Path("/var/tmp/x")
+
+
+def test_domains_are_lower_cased_and_users_parsed(tmp_path):
+    config = load_text(tmp_path, "domains: [Example.ORG]\nusers: {alice: {}, bob: null}")
+    assert config.domains == ["example.org"]
+    assert set(config.users) == {"alice", "bob"}
+    assert config.users["bob"].password is None

@@ -1,0 +1,95 @@
+"""Maildir storage: spool once, link into every new/, nothing partial, names checked."""
+
+import mailbox
+import os
+from pathlib import Path
+
+import pytest
+
+from geosmtp.storage.maildir import MaildirStore, StorageError
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MaildirStore:
+    return MaildirStore(tmp_path / "mail", fsync=True, hostname="host/with:chars")
+
+
+def test_deliver_links_one_file_into_each_mailbox(store):
+    paths = store.deliver(["alice", "bob", "alice"], b"Subject: x\n\nhello\n")
+    assert [p.parent.parent.name for p in paths] == ["alice", "bob"]  # alice once
+    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino
+    assert all(p.read_bytes() == b"Subject: x\n\nhello\n" for p in paths)
+    assert not list(store.root.glob("*/tmp/*"))
+    for box in ("alice", "bob"):
+        (msg,) = list(mailbox.Maildir(store.root / box, create=False))
+        assert msg["Subject"] == "x"
+
+
+def test_unique_names_escape_slash_and_colon(store):
+    names = {store.unique_name() for _ in range(1000)}
+    assert len(names) == 1000
+    assert all("/" not in n and ":" not in n for n in names)
+    assert all(n.endswith(r".host\057with\072chars") for n in names)
+
+
+@pytest.mark.parametrize("box", ["../evil", "a/b", "..", ".hidden", "a\0b", "", "A", "x\ny"])
+def test_unsafe_mailbox_names_never_touch_the_filesystem(store, box):
+    before = set(store.root.parent.rglob("*"))
+    with pytest.raises(StorageError):
+        store.deliver([box], b"x\n")
+    assert set(store.root.parent.rglob("*")) == before
+
+
+def test_discard_removes_the_spool(store):
+    spool = store.open_spool("alice")
+    spool.write(b"partial")
+    assert spool.path.exists()
+    spool.discard()
+    assert not spool.path.exists()
+    assert not list(store.root.glob("*/new/*"))
+
+
+def test_failed_commit_leaves_nothing_in_new(store, monkeypatch):
+    spool = store.open_spool("alice")
+    spool.write(b"body\n")
+    calls = []
+    real_link = os.link
+
+    def failing_link(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", failing_link)
+    with pytest.raises(StorageError):
+        spool.commit(["alice", "bob"])
+    assert len(calls) == 2
+    assert not list(store.root.glob("*/new/*"))
+    assert not list(store.root.glob("*/tmp/*"))
+
+
+def test_copy_when_hard_links_are_impossible(store, monkeypatch):
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    paths = store.deliver(["alice", "bob"], b"copied\n")
+    assert [p.read_bytes() for p in paths] == [b"copied\n", b"copied\n"]
+    assert os.stat(paths[0]).st_ino != os.stat(paths[1]).st_ino
+    assert not list(store.root.glob("*/tmp/*"))
+
+
+def test_fsync_is_offloaded(tmp_path):
+    calls = []
+
+    def offload(fn, *args):
+        calls.append(fn.__name__)
+        return fn(*args)
+
+    store = MaildirStore(tmp_path / "m", fsync=True, offload=offload)
+    store.deliver(["alice"], b"x\n")
+    assert "fsync" in calls and "_fsync_dirs" in calls
+    calls.clear()
+    MaildirStore(tmp_path / "n", fsync=False, offload=offload).deliver(["alice"], b"x\n")
+    assert calls == []
