@@ -55,6 +55,7 @@ _DOMAIN_UTF8_RE = re.compile(rf"{_SUBDOMAIN_UTF8}(?:\.{_SUBDOMAIN_UTF8})*")
 _ADDRESS_LITERAL_RE = re.compile(r"\[([^\[\]\\\s]+)\]")
 _GENERAL_LITERAL_RE = re.compile(r"([A-Za-z0-9-]*[A-Za-z0-9]):([\x21-\x5a\x5e-\x7e]+)")
 # A source route "@a,@b:" before the mailbox is accepted and ignored (§4.1.2, §C).
+# Only at the very start: "@...:" also occurs inside IPv6 literals and quoted parts.
 _SOURCE_ROUTE_RE = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
 _ESMTP_KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESMTP_VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
@@ -172,6 +173,11 @@ def _after_keyword(arg: bytes, keyword: bytes) -> str:
     return _decode_arg(arg[len(keyword) :]).lstrip(" ")
 
 
+def _strip_source_route(inside: str) -> str:
+    m = _SOURCE_ROUTE_RE.match(inside)
+    return inside[m.end() :] if m else inside
+
+
 def parse_mail_from(arg: bytes, utf8_allowed: bool = False) -> tuple[Mailbox | None, dict]:
     """`MAIL FROM:<reverse-path> [params]`; returns (None, params) for the null path <>."""
     text = _after_keyword(arg, b"FROM:")
@@ -182,7 +188,7 @@ def parse_mail_from(arg: bytes, utf8_allowed: bool = False) -> tuple[Mailbox | N
         return None, params
     if len(inside) + 2 > MAX_PATH:
         raise SyntaxProblem("path too long")
-    inside = _SOURCE_ROUTE_RE.sub("", inside, count=1)
+    inside = _strip_source_route(inside)
     return parse_mailbox(inside, utf8=utf8), params
 
 
@@ -195,7 +201,7 @@ def parse_rcpt_to(arg: bytes, utf8: bool = False) -> tuple[Mailbox, dict]:
         return Mailbox("postmaster", ""), params
     if len(inside) + 2 > MAX_PATH:
         raise SyntaxProblem("path too long")
-    inside = _SOURCE_ROUTE_RE.sub("", inside, count=1)
+    inside = _strip_source_route(inside)
     return parse_mailbox(inside, utf8=utf8), params
 
 

@@ -63,7 +63,9 @@ class Envelope:
     sender: Mailbox | None = None  # None is the null reverse-path <>
     mail_params: dict[str, str | None] = field(default_factory=dict)
     recipients: list[Recipient] = field(default_factory=list)
-    size: int = 0  # octets of message data as received
+    #: octets of message data with CRLF line ends, not counting the dots doubled
+    #: for transparency nor the final "." line (RFC 1870 §3)
+    size: int = 0
     message_id: str | None = None
 
     @property
@@ -285,8 +287,9 @@ class SMTPConnection:
             return
         problem = self._check_mail_params(params)
         if problem is not None:
-            self._error(problem)
+            # The event first: the error may end the session (CloseConnection).
             self._events.append(TransactionRejected(None, problem, "MAIL"))
+            self._error(problem)
             return
         self.envelope = Envelope(self.helo or "", self.esmtp, sender, params)
         self.state = State.MAIL
@@ -326,8 +329,8 @@ class SMTPConnection:
             return
         resolved = self.policy.resolve(mailbox)
         if isinstance(resolved, R.Reply):
-            self._error(resolved)
             self._events.append(TransactionRejected(envelope, resolved, f"RCPT <{mailbox}>"))
+            self._error(resolved)
             return
         envelope.recipients.append(resolved)
         self.state = State.RCPT
@@ -428,7 +431,10 @@ class SMTPConnection:
                 end, block_len = False, last + 2 if last >= 0 else 0
                 consumed = block_len
                 tail = len(buf) - block_len
-                if tail > self.limits.text_line - 2 + 1:
+                # The unfinished line may hold text_line - 2 octets, a CR waiting
+                # for its LF, and a transparency dot that does not count (§4.5.3.1.6).
+                allowed = self.limits.text_line - 1 + (buf[block_len : block_len + 1] == b".")
+                if tail > allowed:
                     self._text_line_too_long()
                     self._discarding_line = True
                     consumed = len(buf) - (1 if buf.endswith(b"\r") else 0)
@@ -446,16 +452,23 @@ class SMTPConnection:
         """Account for, check and emit a block of complete CRLF-terminated lines."""
         envelope = self.envelope
         assert envelope is not None
-        envelope.size += len(block)
+        stuffed = block.count(b"\r\n.") + (block[:1] == b".")  # lines with a leading dot
+        envelope.size += len(block) - stuffed
         if self._data_overflow is None and envelope.size > self.limits.max_message_size:
             self._data_overflow = R.MESSAGE_TOO_BIG
         lines = block.split(b"\r\n")
         lines.pop()  # the block ends with CRLF
-        if self._data_overflow is None and max(map(len, lines)) > self.limits.text_line - 2:
+        limit = self.limits.text_line - 2
+        if (
+            self._data_overflow is None
+            and max(map(len, lines)) > limit
+            # the dot doubled for transparency does not count (§4.5.3.1.6)
+            and any(len(line) - (line[:1] == b".") > limit for line in lines)
+        ):
             self._text_line_too_long()
         if self._data_overflow is not None:
             return  # read to the end, keep nothing
-        if block[:1] == b"." or b"\r\n." in block:
+        if stuffed:
             lines = [line[1:] if line[:1] == b"." else line for line in lines]
         lines.append(b"")
         data = b"\n".join(lines)
@@ -471,16 +484,24 @@ class SMTPConnection:
         """Keep the header section (up to a limit) to find the Message-ID for the log."""
         hb = self._header_bytes
         assert hb is not None
-        blank = data.find(b"\n\n")
-        if data.startswith(b"\n") and not hb:
-            blank = 0
-        hb += data if blank < 0 else data[: blank + 1]
-        if blank >= 0 or len(hb) > _HEADER_SNIFF_LIMIT:
-            m = _MESSAGE_ID_RE.search(hb)
-            if m and self.envelope is not None:
-                value = re.sub(rb"\s+", b" ", m.group(1)).strip()
-                self.envelope.message_id = value.decode("utf-8", "replace")[:998]
-            self._header_bytes = None
+        start = len(hb)
+        hb += data
+        if hb[:1] == b"\n":
+            end = 0  # the message starts with a blank line: no header section
+        else:
+            # The blank line ending the header section may straddle two blocks
+            # (one line per block when the client sends slowly): look back one octet.
+            i = hb.find(b"\n\n", max(start - 1, 0))
+            end = i + 1 if i >= 0 else -1
+        if end >= 0:
+            del hb[end:]  # a "Message-ID:" line in the body is not the message's
+        elif len(hb) <= _HEADER_SNIFF_LIMIT:
+            return
+        m = _MESSAGE_ID_RE.search(hb)
+        if m and self.envelope is not None:
+            value = re.sub(rb"\s+", b" ", m.group(1)).strip()
+            self.envelope.message_id = value.decode("utf-8", "replace")[:998]
+        self._header_bytes = None
 
     def _end_of_data(self) -> None:
         envelope = self.envelope

@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
-import email.utils
 import re
+import time
 
 from .session import Envelope
 
 # Anything a client chose (HELO name, addresses) goes through this before it is
-# put in a header: control characters (CR and LF above all) would let a client
-# add header lines of its own; parentheses and backslashes would break out of
-# the comment that holds them.
-_UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f()\\]")
+# put in a header: control characters (CR and LF above all, but also NEL and the
+# Unicode line separators that some parsers split on) would let a client add
+# header lines of its own; parentheses and backslashes would break out of the
+# comment that holds them.
+_UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f()\\\u2028\u2029]")
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def header_safe(text: str) -> str:
     return _UNSAFE_RE.sub("?", text)
+
+
+def rfc5322_date(timestamp: float) -> str:
+    """`Tue, 04 Jun 2024 10:00:00 +0200` in local time (RFC 5322 §3.3).
+
+    Written out here because `email.utils.formatdate` would import `socket`,
+    and the core imports nothing that does I/O; month and day names are fixed
+    English, never the locale's.
+    """
+    t = time.localtime(timestamp)
+    if t.tm_gmtoff is None:  # offset unknown: "-0000" says so (RFC 5322 §3.3)
+        zone = "-0000"
+    else:
+        minutes = t.tm_gmtoff // 60
+        sign = "+" if minutes >= 0 else "-"
+        zone = f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {zone}"
+    )
 
 
 def with_protocol(envelope: Envelope, tls: bool = False, authenticated: bool = False) -> str:
@@ -36,7 +60,7 @@ def trace_headers(
     authenticated: bool = False,
 ) -> bytes:
     """`Return-Path:` and `Received:` lines, LF-terminated, to put before the message."""
-    date = email.utils.formatdate(timestamp, localtime=True)
+    date = rfc5322_date(timestamp)
     lines = [
         f"Return-Path: <{header_safe(envelope.sender_address)}>",
         f"Received: from {header_safe(envelope.helo)} ([{header_safe(client_ip)}])",
