@@ -24,7 +24,8 @@ MAX_MAILBOX_NAME = 64
 def safe_mailbox_name(local_part: str) -> str | None:
     """The directory name for `local_part`, or None when it cannot be one safely."""
     name = unicodedata.normalize("NFKC", local_part).casefold()
-    if not name or len(name.encode("utf-8")) > MAX_MAILBOX_NAME:
+    # surrogatepass: a lone surrogate (from surrogateescape) must give None, not raise
+    if not name or len(name.encode("utf-8", "surrogatepass")) > MAX_MAILBOX_NAME:
         return None
     if ".." in name or not _SAFE_NAME_RE.fullmatch(name):
         return None

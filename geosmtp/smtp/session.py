@@ -299,7 +299,8 @@ class SMTPConnection:
         ext = self.extensions
         for key, value in params.items():
             if key == "SIZE" and ext.size and self.esmtp:
-                if value is None or not value.isdigit() or len(value) > 20:
+                # isdigit() alone accepts "²" (int() then raises) and other scripts' digits
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     return R.BAD_PARAMETER_VALUE
                 if int(value) > self.limits.max_message_size:
                     return R.SIZE_DECLARED_TOO_BIG

@@ -1,0 +1,84 @@
+"""The SMTP core is sans-I/O: it imports only the standard library, and no I/O from it.
+
+Checked in a fresh interpreter, since this test process has long since
+imported gevent, socket and friends for other tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import geosmtp.smtp
+
+CORE_DIR = Path(geosmtp.smtp.__file__).parent
+CORE_MODULES = sorted(
+    "geosmtp.smtp" + ("" if p.stem == "__init__" else "." + p.stem) for p in CORE_DIR.glob("*.py")
+)
+FORBIDDEN = ["gevent", "socket", "_socket", "yaml", "loguru", "ssl", "_ssl", "selectors", "select"]
+
+_PROBE = """
+import importlib, json, sys, sysconfig
+before = set(sys.modules)
+for name in json.loads(sys.argv[1]):
+    importlib.import_module(name)
+new = sorted(set(sys.modules) - before)
+paths = sysconfig.get_paths()
+stdlib = (paths["stdlib"], paths["platstdlib"])
+outside = []
+for name in new:
+    if name == "geosmtp" or name.startswith("geosmtp.smtp"):
+        continue
+    f = getattr(sys.modules[name], "__file__", None)
+    if f is not None and (not f.startswith(stdlib) or "-packages" in f):
+        outside.append((name, f))
+print(json.dumps({"new": new, "outside": outside}))
+"""
+
+
+def _probe() -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(CORE_MODULES)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return json.loads(out.stdout)
+
+
+def test_core_modules_are_found():
+    assert {"geosmtp.smtp", "geosmtp.smtp.session", "geosmtp.smtp.trace"} <= set(CORE_MODULES)
+
+
+def test_importing_the_core_pulls_in_no_io():
+    result = _probe()
+    assert set(CORE_MODULES) <= set(result["new"])  # the probe really imported them
+    assert [m for m in FORBIDDEN if m in result["new"]] == []
+
+
+def test_core_imports_only_the_standard_library():
+    assert _probe()["outside"] == []
+
+
+def test_core_source_has_no_io():
+    """No absolute import of the rest of geosmtp, no open(), no os/io/socket at all."""
+    io_modules = {"os", "io", "socket", "ssl", "select", "selectors", "subprocess", "pathlib"}
+    for path in CORE_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [] if node.level else [node.module or ""]
+            else:
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                    assert node.func.id != "open", f"{path.name}:{node.lineno} calls open()"
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top != "geosmtp", f"{path.name}: absolute import of {name}"
+                assert top not in io_modules, f"{path.name}: imports {name}"
