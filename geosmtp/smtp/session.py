@@ -144,7 +144,7 @@ class SMTPConnection:
         self._events: list[Event] = []
         self._discarding_line = False  # an over-long line is being skipped
         # DATA state
-        self._data_overflow: R.Reply | None = None  # set when the message will be refused
+        self._line_too_long = False  # the message has a line over limits.text_line
         self._header_bytes: bytearray | None = None
 
     # ---------------------------------------------------------------- output
@@ -343,7 +343,7 @@ class SMTPConnection:
             return
         assert self.envelope is not None
         self.state = State.DATA
-        self._data_overflow = None
+        self._line_too_long = False
         self._header_bytes = bytearray()
         self._send(R.START_DATA)
         self._events.append(MessageStart(self.envelope))
@@ -412,12 +412,17 @@ class SMTPConnection:
         ordinary data and never ends the message.
         """
         buf = self._buf
+        envelope = self.envelope
+        assert envelope is not None
         if self._discarding_line:
+            # The rest of an over-long line: counted in the size, kept nowhere.
             eol = buf.find(b"\r\n")
             if eol < 0:
-                keep = 1 if buf.endswith(b"\r") else 0
-                del buf[: len(buf) - keep]
+                skip = len(buf) - (1 if buf.endswith(b"\r") else 0)
+                envelope.size += skip
+                del buf[:skip]
                 return False
+            envelope.size += eol + 2
             del buf[: eol + 2]
             self._discarding_line = False
         # The buffer now starts at the beginning of a line.
@@ -434,11 +439,13 @@ class SMTPConnection:
                 tail = len(buf) - block_len
                 # The unfinished line may hold text_line - 2 octets, a CR waiting
                 # for its LF, and a transparency dot that does not count (§4.5.3.1.6).
-                allowed = self.limits.text_line - 1 + (buf[block_len : block_len + 1] == b".")
-                if tail > allowed:
-                    self._text_line_too_long()
+                dot = buf[block_len : block_len + 1] == b"."
+                if tail > self.limits.text_line - 1 + dot:
+                    self._line_too_long = True
                     self._discarding_line = True
                     consumed = len(buf) - (1 if buf.endswith(b"\r") else 0)
+                    # Counted as _data_block counts a line: without the transparency dot.
+                    envelope.size += consumed - block_len - dot
                 if block_len == 0 and consumed == 0:
                     return False
         block = bytes(buf[:block_len])
@@ -455,20 +462,18 @@ class SMTPConnection:
         assert envelope is not None
         stuffed = block.count(b"\r\n.") + (block[:1] == b".")  # lines with a leading dot
         envelope.size += len(block) - stuffed
-        if self._data_overflow is None and envelope.size > self.limits.max_message_size:
-            self._data_overflow = R.MESSAGE_TOO_BIG
+        if self._line_too_long or envelope.size > self.limits.max_message_size:
+            return  # refused: read to the end, keep nothing
         lines = block.split(b"\r\n")
         lines.pop()  # the block ends with CRLF
         limit = self.limits.text_line - 2
-        if (
-            self._data_overflow is None
-            and max(map(len, lines)) > limit
+        if max(map(len, lines)) > limit and any(
             # the dot doubled for transparency does not count (§4.5.3.1.6)
-            and any(len(line) - (line[:1] == b".") > limit for line in lines)
+            len(line) - (line[:1] == b".") > limit
+            for line in lines
         ):
-            self._text_line_too_long()
-        if self._data_overflow is not None:
-            return  # read to the end, keep nothing
+            self._line_too_long = True
+            return
         if stuffed:
             lines = [line[1:] if line[:1] == b"." else line for line in lines]
         lines.append(b"")
@@ -476,10 +481,6 @@ class SMTPConnection:
         if self._header_bytes is not None:
             self._sniff_headers(data)
         self._events.append(MessageData(data))
-
-    def _text_line_too_long(self) -> None:
-        if self._data_overflow is None:
-            self._data_overflow = R.TEXT_LINE_TOO_LONG
 
     def _sniff_headers(self, data: bytes) -> None:
         """Keep the header section (up to a limit) to find the Message-ID for the log."""
@@ -509,9 +510,15 @@ class SMTPConnection:
         assert envelope is not None
         if self._header_bytes is not None:
             self._sniff_headers(b"\n\n")
-        if self._data_overflow is not None:
-            reply = self._data_overflow
-            self._data_overflow = None
+        # Both are decided on the whole message, so the reply does not depend on
+        # how the client's data was cut into reads.
+        if envelope.size > self.limits.max_message_size:
+            reply = R.MESSAGE_TOO_BIG
+        elif self._line_too_long:
+            reply = R.TEXT_LINE_TOO_LONG
+        else:
+            reply = None
+        if reply is not None:
             self.state = State.GREETED
             self.envelope = None
             self._events.append(TransactionRejected(envelope, reply, "DATA"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1196,3 +1197,73 @@ def test_modes_agree(name):
     results = [run(SCRIPTS[name], mode) for mode in MODES]
     assert results[0].replies == results[1].replies == results[2].replies
     assert results[0].events == results[1].events == results[2].events
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_oversize_wins_over_long_line_whatever_the_cut(mode):
+    # Size and line length are judged on the whole message: the reply must not
+    # depend on whether the long line arrived in one read or in many.
+    conn = make_conn(Limits(max_message_size=100, text_line=50))
+    res = run([*TXN, b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n.\r\n"], mode, conn)
+    assert res.lines[-1].startswith(b"552 5.3.4 ")
+    (rejected,) = res.of(TransactionRejected)
+    assert rejected.envelope.size == 124
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_discarded_long_line_counts_toward_the_size(mode):
+    conn = make_conn(Limits(max_message_size=1000))
+    res = run([*TXN, b"." + b"z" * 2000 + b"\r\n.\r\n"], mode, conn)
+    assert res.lines[-1].startswith(b"552 5.3.4 ")
+    assert res.of(TransactionRejected)[0].envelope.size == 2002
+
+
+_FUZZ_PIECES = [
+    EHLO,
+    MAIL,
+    RCPT,
+    DATA,
+    b"\r\n.\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b".",
+    b"..",
+    b"x",
+    b"Message-ID: <a>",
+    b"y" * 30,
+    b"z" * 70,
+    b"\r\n\r\n",
+    b"NOOP\r\n",
+    b"RSET\r\n",
+    b"FOO\r\n",
+]
+
+
+def _cut_run(script: bytes, cuts: list[int]) -> tuple:
+    conn = make_conn(Limits(max_message_size=200, text_line=60, command_line=40, max_errors=999))
+    events: list = []
+    out = []
+    for start, stop in zip([0, *cuts], [*cuts, len(script)], strict=True):
+        conn.receive_data(script[start:stop])
+        _drain(conn, events, store_q1)
+        out.append(conn.data_to_send())
+    ends = [(e.envelope.size, e.envelope.message_id) for e in events if isinstance(e, MessageEnd)]
+    rejected = [
+        (e.reply, e.envelope and e.envelope.size)
+        for e in events
+        if e.__class__ is TransactionRejected
+    ]
+    return b"".join(out), ends, rejected, Result(conn, b"", events).messages
+
+
+def test_replies_do_not_depend_on_how_input_is_cut():
+    rng = random.Random(2920)
+    for _ in range(150):
+        pieces = [rng.choice(_FUZZ_PIECES) for _ in range(rng.randint(1, 30))]
+        pieces.insert(rng.randint(0, len(pieces)), b"".join(TXN))  # to get into DATA often
+        script = b"".join(pieces) + b"\r\n.\r\nQUIT\r\n"
+        expected = _cut_run(script, [])
+        cuts = sorted(rng.sample(range(1, len(script)), rng.randint(1, 10)))
+        assert _cut_run(script, cuts) == expected, (script, cuts)
+        assert _cut_run(script, list(range(1, len(script)))) == expected, script
