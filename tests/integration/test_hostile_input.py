@@ -214,3 +214,17 @@ def test_unknown_recipients_reject(make_server):
     assert len(server.messages("postmaster")) == 1
     assert len(server.messages("bob")) == 1
     assert not (server.mail_dir / "nobody").exists()
+
+
+def test_null_sender_source_route_and_8bit_body_stored_intact(server):
+    body = "Subject: h\xe9\r\n\r\nh\xe9llo \x00 nul \x7f del\r\n".encode("latin-1")
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO [127.0.0.1]", 250)
+        w.expect("MAIL FROM:<> BODY=8BITMIME", 250)
+        w.expect("RCPT TO:<@relay.example,@b.example:Alice@TEST.example>", 250)
+        w.expect("DATA", 354)
+        w.expect(body + b".", 250)
+    (path,) = server.messages("alice")
+    raw = path.read_bytes()
+    assert raw.startswith(b"Return-Path: <>\n")
+    assert raw.endswith(body.replace(b"\r\n", b"\n"))
