@@ -1,0 +1,204 @@
+"""`python -m bench`: run a scenario, compare servers, profile geosmtp.
+
+    python -m bench list
+    python -m bench run SCENARIO [--server geosmtp] [--quick]
+    python -m bench compare SCENARIO [--rounds 3] [--servers geosmtp,aiosmtpd,...]
+    python -m bench profile [SCENARIO] [--tool py-spy|cprofile]
+    python -m bench selfcheck
+
+Exit status: 0 when every run delivered exactly what was acknowledged, with no
+errors; 1 when a run failed its Maildir check or saw errors; 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shlex
+import sys
+import time
+
+from . import report
+from .scenarios import SCENARIOS, Options
+from .servers import SERVERS, machine
+
+POSTFIX_SCENARIOS = {"throughput", "fanout", "scaling", "large"}
+DEFAULT_SERVERS = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
+REQUIRED = {"geosmtp", "aiosmtpd"}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("--quick", action="store_true", help="scaled-down counts: a smoke run")
+    p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
+    p.add_argument(
+        "--no-pipelining", dest="pipelining", action="store_false", help="one command per RTT"
+    )
+    p.add_argument(
+        "--client",
+        choices=["bench", "smtp-source"],
+        default="bench",
+        help="drive the load with this client (smtp-source: throughput, fanout, scaling)",
+    )
+    p.add_argument("--no-fsync", dest="fsync", action="store_false", help="servers skip fsync")
+    p.add_argument("--messages", type=int, help="override the message count")
+    p.add_argument("--clients", type=int, help="override the session count")
+    p.add_argument("--size", type=int, help="override the message size (octets)")
+    p.add_argument("--time-limit", type=float, default=600, help="seconds per run (default 600)")
+    p.add_argument("--keep", action="store_true", help="keep servers' temp dirs")
+    p.add_argument("--tag", default="", help="suffix for the result files")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="scenarios and servers")
+    run = sub.add_parser("run", help="one scenario against one server")
+    _add_common(run)
+    run.add_argument("--server", choices=sorted(SERVERS), default="geosmtp")
+    run.add_argument("--rounds", type=int, default=1)
+    cmp_ = sub.add_parser("compare", help="the same scenario against each server, alternating")
+    _add_common(cmp_)
+    cmp_.add_argument("--rounds", type=int, default=3)
+    cmp_.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated; postfix and smtp-sink are skipped when not installed",
+    )
+    prof = sub.add_parser("profile", help="profile geosmtp under a scenario")
+    _add_common(prof)
+    prof.add_argument("--tool", choices=["py-spy", "cprofile"], default="py-spy")
+    prof.add_argument("--format", choices=["raw", "flamegraph", "speedscope"], default="raw")
+    prof.add_argument("--native", action="store_true", help="py-spy --native: C frames too")
+    prof.set_defaults(scenario="throughput")
+    sub.add_parser("selfcheck", help="check the bench's own message builder and verifier")
+    return p
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(
+        quick=args.quick,
+        workers=args.workers,
+        pipelining=args.pipelining,
+        client=args.client,
+        fsync=args.fsync,
+        time_limit=args.time_limit,
+        messages=args.messages,
+        clients=args.clients,
+        size=args.size,
+        keep=args.keep,
+    )
+
+
+def _meta(args: argparse.Namespace, servers: list[str]) -> dict:
+    return {
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m bench " + shlex.join(sys.argv[1:]),
+        "machine": machine(),
+        "servers": servers,
+        "pipelining": args.pipelining,
+        "workers": args.workers,
+        "fsync": args.fsync,
+        "quick": args.quick,
+        "client": args.client,
+    }
+
+
+def _name(args: argparse.Namespace, prefix: str = "") -> str:
+    parts = [prefix + args.scenario]
+    if args.quick:
+        parts.append("quick")
+    if args.client != "bench":
+        parts.append(args.client)
+    if not args.pipelining:
+        parts.append("nopipe")
+    if args.tag:
+        parts.append(args.tag)
+    return "-".join(parts)
+
+
+def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict], bool]:
+    opts = _options(args)
+    fn = SCENARIOS[args.scenario]
+    rows: list[dict] = []
+    ok = True
+    for rnd in range(1, args.rounds + 1):
+        order = servers if rnd % 2 else list(reversed(servers))
+        for name in order:
+            cls = SERVERS[name]
+            print(f"== {args.scenario}: round {rnd}/{args.rounds}, {name}", file=sys.stderr)
+            t0 = time.monotonic()
+            try:
+                got = fn(cls, opts)
+            except Exception as exc:  # an optional server that cannot run: say so, go on
+                if name in REQUIRED:
+                    raise
+                print(f"   {name} could not run: {exc}", file=sys.stderr)
+                continue
+            for r in got:
+                r["round"] = rnd
+                state = "ok" if r.get("ok") else "FAILED"
+                print(
+                    f"   {name} c={r.get('clients')}: {r.get('msgs_per_s', 0):,.0f} msgs/s "
+                    f"p99 {r.get('p99_ms', float('nan')):.1f} ms · {r.get('verify')} · {state} "
+                    f"({time.monotonic() - t0:.0f}s)",
+                    file=sys.stderr,
+                )
+                if not r.get("ok"):
+                    for e in r.get("error_examples", [])[:5] + r.get("verify_examples", [])[:5]:
+                        print(f"     {e}", file=sys.stderr)
+                    if name in REQUIRED:
+                        ok = False
+            rows.extend(got)
+    return rows, ok
+
+
+def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
+    out = []
+    for n in names:
+        if n not in SERVERS:
+            raise SystemExit(f"unknown server {n!r}; known: {', '.join(SERVERS)}")
+        if not SERVERS[n].available():
+            print(f"({n} is not installed here: skipped)", file=sys.stderr)
+            continue
+        if n == "postfix" and args.scenario not in POSTFIX_SCENARIOS:
+            print(
+                f"(postfix: not run for {args.scenario}: one process per session)", file=sys.stderr
+            )
+            continue
+        out.append(n)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "list":
+        for name, fn in SCENARIOS.items():
+            print(f"{name:12} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        for name, cls in SERVERS.items():
+            print(f"server {name:10} {'installed' if cls.available() else 'not installed'}")
+        return 0
+    if args.cmd == "selfcheck":
+        from .selfcheck import main as selfcheck
+
+        return selfcheck()
+    if args.client == "smtp-source" and args.scenario not in ("throughput", "fanout", "scaling"):
+        print("--client smtp-source: only throughput, fanout and scaling", file=sys.stderr)
+        return 2
+    if args.cmd == "profile":
+        from .profile import profile
+
+        return profile(args, _options(args))
+    if args.cmd == "run":
+        servers = [args.server]
+        prefix = f"run-{args.server}-"
+    else:
+        servers = _servers_for(args, [s.strip() for s in args.servers.split(",") if s.strip()])
+        prefix = ""
+    rows, ok = _run_rounds(args, servers)
+    name = _name(args, prefix)
+    json_path, md_path, png_path = report.save(args.scenario, name, rows, _meta(args, servers))
+    print()
+    print(md_path.read_text())
+    print(f"written: {json_path}, {md_path}, {png_path}")
+    return 0 if ok else 1

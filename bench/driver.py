@@ -1,0 +1,294 @@
+"""Runs load generator processes, shows their progress, and sums up what they saw."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .servers import REPO, Server
+
+
+class Worker:
+    """One `python -m bench.loadgen` process."""
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen"],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        self.buf = b""
+        self.ok = 0
+        self.err = 0
+        self.connected = 0
+        self.ready = False
+        self.result: dict | None = None
+        self.send(json.dumps(spec))
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            t = msg.get("t")
+            if t == "p":
+                self.ok, self.err = msg["ok"], msg["err"]
+                self.connected = msg.get("c", 0)
+            elif t == "ready":
+                self.ready = True
+            elif t == "result":
+                self.result = msg
+                self.ok = msg["ok"]
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.proc.poll() is not None
+
+    def finish(self, timeout: float = 30) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Progress:
+    def __init__(self, label: str, total: int | None) -> None:
+        self.label = label
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+        self.last_t = self.t0
+        self.last_ok = 0
+        self.last_print = 0.0
+
+    def show(self, ok: int, err: int, extra: str = "", force: bool = False) -> None:
+        now = time.monotonic()
+        every = 1.0 if self.tty else 5.0
+        if not force and now - self.last_print < every:
+            return
+        rate = (ok - self.last_ok) / max(1e-6, now - self.last_t)
+        self.last_t, self.last_ok, self.last_print = now, ok, now
+        total = f"/{self.total}" if self.total else ""
+        line = (
+            f"  [{self.label}] {now - self.t0:6.1f}s  {ok}{total} msgs  {rate:7.0f}/s  "
+            f"errors {err}{extra}"
+        )
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(100))
+            if force:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def pump(
+    workers: list[Worker],
+    until: Callable[[], bool],
+    timeout: float,
+    progress: Progress | None = None,
+    server: Server | None = None,
+    samples: list[int] | None = None,
+) -> bool:
+    """Read worker output until `until()` or `timeout`; sample the server's RSS meanwhile."""
+    sel = selectors.DefaultSelector()
+    for w in workers:
+        if w.proc.stdout is not None and not w.done:
+            os.set_blocking(w.proc.stdout.fileno(), False)
+            sel.register(w.proc.stdout, selectors.EVENT_READ, w)
+    deadline = time.monotonic() + timeout
+    try:
+        while not until():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in sel.select(timeout=min(0.25, left)):
+                w = key.data
+                try:
+                    data = os.read(key.fd, 1 << 20)
+                except BlockingIOError:
+                    continue
+                if data:
+                    w.feed(data)
+                else:
+                    sel.unregister(key.fileobj)
+            if server is not None and samples is not None and server.measurable:
+                rss = server.mem().get("VmRSS")
+                if rss:
+                    samples.append(rss)
+            if progress is not None:
+                conn = sum(w.connected for w in workers)
+                extra = f"  connected {conn}" if conn else ""
+                progress.show(sum(w.ok for w in workers), sum(w.err for w in workers), extra)
+            if all(w.proc.poll() is not None for w in workers) and not sel.get_map():
+                break
+    finally:
+        sel.close()
+    return until()
+
+
+@dataclass
+class Outcome:
+    """What a set of workers saw, summed."""
+
+    ok: int = 0
+    deliveries: int = 0
+    bytes: int = 0
+    start: float = 0.0
+    end: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    codes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    acked: dict[int, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+    refused: set[int] = field(default_factory=set)
+    client_cpu: float = 0.0
+    connected: int = 0
+    connect_retries: int = 0
+    workers: int = 0
+
+    @property
+    def duration(self) -> float:
+        return max(1e-9, self.end - self.start)
+
+    def add(self, result: dict | None, spec: dict) -> None:
+        from . import messages
+
+        self.workers += 1
+        if result is None:
+            self.errors["worker died"] += 1
+            return
+        if self.start == 0.0 or result["start"] < self.start:
+            self.start = result["start"]
+        self.end = max(self.end, result["end"])
+        self.ok += result["ok"]
+        self.deliveries += result["deliveries"]
+        self.bytes += result["bytes"]
+        self.latencies.extend(result["latencies"])
+        self.codes.update({int(k): v for k, v in result["codes"].items()})
+        self.errors.update(result["errors"])
+        self.examples.extend(result["examples"][: 10 - len(self.examples)])
+        nr = int(spec.get("rcpts", 1))
+        size = int(spec.get("size", 1024))
+        for n in result["acked"]:
+            self.acked[n] = (size, tuple(messages.recipients(n, nr)))
+        self.refused.update(result["refused"])
+        self.client_cpu += result["cpu"]
+        self.connected += result.get("connected", 0)
+        self.connect_retries += result.get("connect_retries", 0)
+
+    def percentile(self, q: float) -> float:
+        """Nearest-rank percentile of the latencies, in milliseconds."""
+        if not self.latencies:
+            return float("nan")
+        xs = sorted(self.latencies)
+        k = min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))
+        return xs[k] * 1000
+
+    def metrics(self) -> dict:
+        d = self.duration
+        return {
+            "messages": self.ok,
+            "msgs_per_s": self.ok / d,
+            "deliveries_per_s": self.deliveries / d,
+            "mb_per_s": self.bytes / d / 1e6,
+            "duration_s": d,
+            "p50_ms": self.percentile(50),
+            "p95_ms": self.percentile(95),
+            "p99_ms": self.percentile(99),
+            "max_ms": max(self.latencies) * 1000 if self.latencies else float("nan"),
+            "codes": dict(sorted(self.codes.items())),
+            "errors": dict(self.errors),
+            "error_examples": self.examples[:10],
+            "client_cpu_s": self.client_cpu,
+            "connect_retries": self.connect_retries,
+        }
+
+
+def split_load(spec: dict, workers: int) -> list[dict]:
+    """Share clients and message numbers among `workers` processes."""
+    start, stop = spec["ids"][0], spec["ids"][1]
+    clients = int(spec["clients"])
+    workers = max(1, min(workers, clients))
+    out = []
+    for w in range(workers):
+        part = dict(spec)
+        part["clients"] = clients // workers + (1 if w < clients % workers else 0)
+        part["ids"] = [start + w, stop, workers]
+        out.append(part)
+    return out
+
+
+def run_jobs(
+    specs: list[dict],
+    label: str,
+    timeout: float,
+    server: Server | None = None,
+    total: int | None = None,
+) -> tuple[Outcome, dict]:
+    """Run workers to completion; return their summed outcome and server figures."""
+    srv: dict = {}
+    samples: list[int] = []
+    if server is not None and server.measurable:
+        srv["rss_before_kb"] = server.mem().get("VmRSS", 0)
+        srv["peak_reset"] = server.measurable and _reset(server)
+        cpu0 = server.cpu()
+    workers = [Worker(s) for s in specs]
+    progress = Progress(label, total)
+    try:
+        pump(
+            workers,
+            lambda: all(w.done for w in workers),
+            timeout,
+            progress,
+            server,
+            samples,
+        )
+        progress.show(sum(w.ok for w in workers), sum(w.err for w in workers), force=True)
+    finally:
+        for w in workers:
+            w.finish(timeout=10)
+    outcome = Outcome()
+    for w, s in zip(workers, specs, strict=True):
+        outcome.add(w.result, s)
+    if server is not None and server.measurable:
+        srv["cpu_s"] = server.cpu() - cpu0
+        m = server.mem()
+        srv["rss_after_kb"] = m.get("VmRSS", 0)
+        srv["rss_peak_kb"] = max([m.get("VmHWM", 0) if srv["peak_reset"] else 0, *samples])
+    return outcome, srv
+
+
+def _reset(server: Server) -> bool:
+    from .servers import reset_peak
+
+    return reset_peak(server.pid)

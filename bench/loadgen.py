@@ -1,0 +1,466 @@
+"""The load generator: one gevent process driving many SMTP clients over real sockets.
+
+It is started by `bench.driver` (`python -m bench.loadgen`), reads its job as
+one JSON line on stdin, and reports JSON lines on stdout: `p` (progress,
+twice a second), `ready` (slow and idle clients: all connected), `result`.
+Later lines on stdin: `stop` (end trickling / idle clients now).
+
+Kinds of job:
+
+- `load`: C sessions share a list of message numbers; each session sends
+  messages (optionally pipelined, RFC 2920) until the list is used up.
+- `slow`: C sessions that trickle every command and message a few bytes at a
+  time until told to stop, then send the rest at once.
+- `idle`: C sessions connect, EHLO and wait until told to stop, then QUIT.
+- `probe`: K fresh clients one after another, each a whole transaction
+  (connect to 250), timed end to end.
+
+Every loop is bounded: by its list of messages, by `deadline` seconds for
+the whole job, and by `io_timeout` on every socket operation.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent import os as gos  # noqa: E402
+from gevent.event import Event  # noqa: E402
+from gevent.lock import Semaphore  # noqa: E402
+from gevent.pool import Group  # noqa: E402
+
+from bench import messages  # noqa: E402
+
+perf = time.perf_counter
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class ServerClosed(Exception):
+    pass
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft
+    return hard
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.ok = 0  # messages answered 250
+        self.deliveries = 0  # ok x recipients
+        self.bytes = 0  # wire octets of acknowledged messages
+        self.latencies: list[float] = []
+        self.codes: Counter[int] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.acked: list[int] = []
+        self.refused: list[int] = []
+        self.connect_retries = 0
+        self.start = time.time()
+        self.end = self.start
+
+    def error(self, kind: str, detail: object = "") -> None:
+        self.errors[kind] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{kind}: {detail}"[:300])
+
+
+class Session:
+    """One SMTP client connection; replies are counted by code in `stats.codes`."""
+
+    __slots__ = ("buf", "sock", "stats")
+
+    def __init__(self, sock: socket.socket, stats: Stats) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.stats = stats
+
+    def reply(self) -> int:
+        """Read one whole (possibly multi-line) reply; return its code."""
+        buf = self.buf
+        while True:
+            i = 0
+            while True:
+                e = buf.find(b"\r\n", i)
+                if e < 0:
+                    break
+                if e - i >= 4 and buf[i + 3] == 0x2D:  # "250-..." continues
+                    i = e + 2
+                    continue
+                try:
+                    code = int(buf[i : i + 3])
+                except ValueError:
+                    raise ProtocolError(f"bad reply {bytes(buf[i:e])!r}") from None
+                del buf[: e + 2]
+                self.stats.codes[code] += 1
+                return code
+            data = self.sock.recv(65536)
+            if not data:
+                raise ServerClosed("server closed the connection")
+            buf += data
+
+    def expect(self, want: int, what: str) -> None:
+        code = self.reply()
+        if code != want:
+            raise ProtocolError(f"{what}: {code}, expected {want}")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Job:
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.host = spec["host"]
+        self.port = spec["port"]
+        self.run_id = spec["run_id"]
+        self.io_timeout = float(spec.get("io_timeout", 60))
+        self.deadline = time.monotonic() + float(spec.get("deadline", 600))
+        self.stats = Stats()
+        self.stop = Event()
+        self.connected = 0
+        self.ready = Event()
+        self.connect_gate = Semaphore(int(spec.get("connect_concurrency", 200)))
+        self.size = int(spec.get("size", 1024))
+        self.nrcpt = int(spec.get("rcpts", 1))
+        self.pipelining = bool(spec.get("pipelining", True))
+
+    # ------------------------------------------------------------ helpers
+
+    def connect(self) -> Session:
+        last: Exception | None = None
+        with self.connect_gate:
+            for attempt in range(5):
+                try:
+                    sock = socket.create_connection((self.host, self.port), timeout=self.io_timeout)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    return Session(sock, self.stats)
+                except OSError as exc:
+                    last = exc
+                    self.stats.connect_retries += 1
+                    gevent.sleep(0.05 * 2**attempt)
+        raise ConnectionError(f"connect failed: {last}")
+
+    def greet(self, s: Session, name: str) -> None:
+        s.expect(220, "greeting")
+        s.sock.sendall(f"EHLO {name}\r\n".encode())
+        s.expect(250, "EHLO")
+
+    def quit(self, s: Session) -> None:
+        try:
+            s.sock.sendall(b"QUIT\r\n")
+            s.reply()
+        except (OSError, ServerClosed, ProtocolError):
+            pass
+        s.close()
+
+    def commands(self, rcpts: tuple[str, ...]) -> list[bytes]:
+        out = [f"MAIL FROM:<{messages.SENDER}>\r\n".encode()]
+        out += [f"RCPT TO:<{r}@{messages.DOMAIN}>\r\n".encode() for r in rcpts]
+        out.append(b"DATA\r\n")
+        return out
+
+    def transaction(self, s: Session, n: int) -> None:
+        """Send message n; record 250 as acked, an error reply as refused."""
+        st = self.stats
+        rcpts = tuple(messages.recipients(n, self.nrcpt))
+        msg = messages.build(self.run_id, n, self.size, rcpts)
+        cmds = self.commands(rcpts)
+        t0 = perf()
+        if self.pipelining:
+            s.sock.sendall(b"".join(cmds))
+            codes = [s.reply() for _ in cmds]
+        else:
+            codes = []
+            for c in cmds:
+                s.sock.sendall(c)
+                codes.append(s.reply())
+                if codes[0] != 250:
+                    break
+        if codes[0] != 250 or codes[-1] != 354 or any(c != 250 for c in codes[1:-1]):
+            st.refused.append(n)
+            st.error("refused before DATA", f"{n}: {codes}")
+            if codes[-1] == 354:  # should not happen: send an empty message to get out
+                s.sock.sendall(b".\r\n")
+                s.reply()
+            return
+        if self.size <= 256 * 1024:
+            s.sock.sendall(b"".join(msg.wire_chunks()) + b".\r\n")
+        else:
+            for chunk in msg.wire_chunks():
+                s.sock.sendall(chunk)
+            s.sock.sendall(b".\r\n")
+        code = s.reply()
+        if code == 250:
+            st.latencies.append(perf() - t0)
+            st.ok += 1
+            st.deliveries += len(rcpts)
+            st.bytes += msg.wire_len()
+            st.acked.append(n)
+            st.end = time.time()
+        else:
+            st.refused.append(n)
+            st.error(f"DATA answered {code}", n)
+
+    # ------------------------------------------------------------ kinds
+
+    def run_load(self) -> None:
+        ids = iter(range(*self.spec["ids"]))
+        clients = int(self.spec["clients"])
+
+        def client(k: int) -> None:
+            reconnects = 0
+            while reconnects < 3:
+                s = None
+                n = None
+                try:
+                    s = self.connect()
+                    s.sock.settimeout(self.io_timeout)
+                    self.greet(s, f"c{k}.bench.test")
+                    for n in ids:
+                        self.transaction(s, n)
+                        n = None
+                    self.quit(s)
+                    return
+                except (OSError, ServerClosed, ProtocolError, ConnectionError) as exc:
+                    self.stats.error(type(exc).__name__, exc)
+                    if n is not None:
+                        self.stats.error("lost in flight", n)
+                    reconnects += 1
+                    if s is not None:
+                        s.close()
+                    gevent.sleep(0.1)
+
+        self.run_clients(client, clients)
+
+    def run_probe(self) -> None:
+        count = int(self.spec["clients"])
+        first = int(self.spec["ids"][0])
+
+        def probe(_k: int) -> None:
+            for i in range(count):
+                n = first + i
+                t0 = perf()
+                s = self.connect()
+                try:
+                    s.sock.settimeout(self.io_timeout)
+                    self.greet(s, "probe.bench.test")
+                    before = len(self.stats.latencies)
+                    self.transaction(s, n)
+                    if len(self.stats.latencies) > before:
+                        self.stats.latencies[-1] = perf() - t0  # connect to 250
+                finally:
+                    self.quit(s)
+                gevent.sleep(0.05)
+
+        self.run_clients(probe, 1)
+
+    def run_idle(self) -> None:
+        clients = int(self.spec["clients"])
+
+        def idle(k: int) -> None:
+            s = self.connect()
+            try:
+                s.sock.settimeout(self.io_timeout)
+                self.greet(s, f"idle{k}.bench.test")
+                self.count_connected(clients)
+                self.stop.wait(max(0.0, self.deadline - time.monotonic()))
+                self.quit(s)
+            finally:
+                s.close()
+
+        self.run_clients(idle, clients)
+
+    def count_connected(self, clients: int) -> None:
+        self.connected += 1
+        if self.connected >= clients:
+            self.ready.set()
+
+    def trickle(self, s: Session, data: bytes, chunk: int, interval: float) -> None:
+        pos = 0
+        while pos < len(data):
+            if self.stop.is_set():
+                s.sock.sendall(data[pos:])
+                return
+            s.sock.sendall(data[pos : pos + chunk])
+            pos += chunk
+            gevent.sleep(interval * random.uniform(0.5, 1.5))
+
+    def run_slow(self) -> None:
+        ids = iter(range(*self.spec["ids"]))
+        clients = int(self.spec["clients"])
+        chunk = int(self.spec.get("chunk", 8))
+        interval = float(self.spec.get("interval", 1.0))
+        st = self.stats
+
+        def slow(k: int) -> None:
+            s = self.connect()
+            n = None
+            try:
+                s.sock.settimeout(self.io_timeout)
+                s.expect(220, "greeting")
+                self.count_connected(clients)
+                self.trickle(s, f"EHLO slow{k}.bench.test\r\n".encode(), chunk, interval)
+                s.expect(250, "EHLO")
+                for n in ids:
+                    rcpts = tuple(messages.recipients(n, self.nrcpt))
+                    msg = messages.build(self.run_id, n, self.size, rcpts)
+                    t0 = perf()
+                    for c in self.commands(rcpts):
+                        self.trickle(s, c, chunk, interval)
+                        code = s.reply()
+                    if code != 354:
+                        st.refused.append(n)
+                        st.error("slow: refused before DATA", code)
+                        n = None
+                        continue
+                    self.trickle(s, msg.wire() + b".\r\n", chunk, interval)
+                    code = s.reply()
+                    if code == 250:
+                        st.latencies.append(perf() - t0)
+                        st.ok += 1
+                        st.deliveries += len(rcpts)
+                        st.bytes += msg.wire_len()
+                        st.acked.append(n)
+                    else:
+                        st.refused.append(n)
+                        st.error(f"slow: DATA answered {code}", n)
+                    n = None
+                    if self.stop.is_set():
+                        break
+                self.quit(s)
+            except (OSError, ServerClosed, ProtocolError) as exc:
+                st.error("slow: " + type(exc).__name__, exc)
+                if n is not None:
+                    st.error("lost in flight", n)
+            finally:
+                s.close()
+
+        self.run_clients(slow, clients)
+
+    # ------------------------------------------------------------ running
+
+    def run_clients(self, fn, count: int) -> None:  # type: ignore[no-untyped-def]
+        group = Group()
+        for k in range(count):
+            group.spawn(self.guarded, fn, k)
+        group.join(timeout=max(0.0, self.deadline - time.monotonic()))
+        if len(group):
+            self.stats.error("deadline", f"{len(group)} clients still running")
+            self.stop.set()
+            group.join(timeout=10)
+            group.kill(timeout=5)
+
+    def guarded(self, fn, k: int) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(k)
+        except (OSError, ServerClosed, ProtocolError, ConnectionError) as exc:
+            self.stats.error(type(exc).__name__, exc)
+
+    def watch_stdin(self) -> None:
+        fd = sys.stdin.fileno()
+        gos.make_nonblocking(fd)
+        buf = b""
+        while True:
+            try:
+                data = gos.nb_read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                self.stop.set()  # the driver went away: wind down
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip() == b"stop":
+                    self.stop.set()
+
+    def report_progress(self) -> None:
+        while True:
+            emit(
+                {
+                    "t": "p",
+                    "ok": self.stats.ok,
+                    "err": sum(self.stats.errors.values()),
+                    "c": self.connected,
+                }
+            )
+            if self.ready.is_set():
+                emit({"t": "ready", "connected": self.connected})
+                self.ready.clear()
+            gevent.sleep(0.5)
+
+    def main(self) -> None:
+        kind = self.spec["kind"]
+        watcher = gevent.spawn(self.watch_stdin)
+        reporter = gevent.spawn(self.report_progress)
+        self.stats.start = time.time()
+        self.stats.end = self.stats.start
+        t0 = os.times()
+        try:
+            getattr(self, f"run_{kind}")()
+        finally:
+            reporter.kill()
+            watcher.kill()
+        if kind != "load":
+            self.stats.end = time.time()
+        t = os.times()
+        st = self.stats
+        emit(
+            {
+                "t": "result",
+                "kind": kind,
+                "start": st.start,
+                "end": st.end,
+                "ok": st.ok,
+                "deliveries": st.deliveries,
+                "bytes": st.bytes,
+                "latencies": st.latencies,
+                "codes": {str(k): v for k, v in st.codes.items()},
+                "errors": dict(st.errors),
+                "examples": st.examples,
+                "acked": st.acked,
+                "refused": st.refused,
+                "connect_retries": st.connect_retries,
+                "connected": self.connected,
+                "cpu": t.user + t.system - t0.user - t0.system,
+            }
+        )
+
+
+def main() -> None:
+    raise_nofile()
+    line = sys.stdin.readline()
+    spec = json.loads(line)
+    messages.pool()  # build the pool before the clock starts
+    Job(spec).main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""`python -m bench profile`: where geosmtp spends its time under a load scenario.
+
+With py-spy (default): geosmtp runs as in `run`, `py-spy record` samples it for
+the whole load, and the collapsed stacks are summed into the top functions
+by own time ("self": the function was running) and by total time ("total":
+it was on the stack). With `--tool cprofile`, geosmtp runs under cProfile
+instead (slower, and greenlet switches blur the totals; own times are fine).
+
+Writes bench/results/profile.{raw|svg|json} and profile.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from .driver import run_jobs, split_load
+from .report import RESULTS
+from .scenarios import Options, _finish, new_run_id
+from .servers import HOST, Geosmtp
+
+
+class ProfiledGeosmtp(Geosmtp):
+    """geosmtp under cProfile (the profile is written when it stops on SIGTERM)."""
+
+    out: Path = RESULTS / "profile.pstats"
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        return [sys.executable, "-m", "cProfile", "-o", str(self.out), *cmd[1:]]
+
+
+def _collapse(raw: Path, main_tid: int) -> tuple[Counter, Counter, int, Counter, int]:
+    """Own and total samples of the main thread (the hub, where every greenlet runs),
+    and own samples of the other threads (gevent's threadpool: fsync)."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    others: Counter[str] = Counter()
+    samples = other_samples = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f]
+        thread = frames.pop(0) if frames and frames[0].startswith("thread (") else ""
+        frames = [f for f in frames if not f.startswith("process ")]
+        leaf = _short(frames[-1]) if frames else "(no Python frame: in C, e.g. the event loop)"
+        if thread == f"thread ({main_tid})":
+            samples += n
+            own[leaf] += n
+            for f in {_short(f) for f in frames}:
+                total[f] += n
+        else:
+            other_samples += n
+            others[leaf] += n
+    return own, total, samples, others, other_samples
+
+
+def _short(frame: str) -> str:
+    """`func (/long/path/pkg/mod.py:12)` -> `func (pkg/mod.py:12)`."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    parts = where.split("/")
+    for anchor in ("site-packages", "lib", "work"):
+        if anchor in parts:
+            idx = len(parts) - 1 - parts[::-1].index(anchor)
+            parts = parts[idx + 1 :]
+            break
+    return f"{name} ({'/'.join(parts[-3:])})"
+
+
+def _table(title: str, counts: Counter, samples: int, top: int = 25) -> str:
+    lines = [f"### {title}", "", "| share | samples | function |", "|---:|---:|---|"]
+    for name, n in counts.most_common(top):
+        lines.append(f"| {100 * n / samples:5.1f}% | {n} | `{name}` |")
+    return "\n".join(lines) + "\n"
+
+
+def profile(args: argparse.Namespace, opts: Options) -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    clients = opts.pick(100, 100, opts.clients)
+    count = opts.pick(20000, 2000, opts.messages)
+    rcpts = 5 if args.scenario == "fanout" else 1
+    if args.scenario not in ("throughput", "fanout"):
+        print("profile: throughput or fanout", file=sys.stderr)
+        return 2
+    tool = args.tool
+    if tool == "py-spy" and not shutil.which("py-spy"):
+        print("py-spy not found (pip install py-spy); using cProfile", file=sys.stderr)
+        tool = "cprofile"
+    server = ProfiledGeosmtp(fsync=opts.fsync) if tool == "cprofile" else Geosmtp(fsync=opts.fsync)
+    ext = {"raw": "raw", "flamegraph": "svg", "speedscope": "json"}[args.format]
+    out = RESULTS / f"profile.{ext}"
+    spy = None
+    try:
+        server.start()
+        pid = server.pid
+        out.unlink(missing_ok=True)
+        if tool == "py-spy":
+            spy = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--rate",
+                    "250",
+                    *([] if args.native else ["--nonblocking"]),
+                    "--threads",
+                    "--idle",
+                    *(["--native"] if args.native else []),
+                    "--format",
+                    args.format,
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            time.sleep(1.0)
+        run_id = new_run_id("profile", server.name)
+        spec = {
+            "kind": "load",
+            "host": HOST,
+            "port": server.port,
+            "run_id": run_id,
+            "clients": clients,
+            "ids": [0, count, 1],
+            "size": opts.size or 1024,
+            "rcpts": rcpts,
+            "pipelining": opts.pipelining,
+            "deadline": opts.time_limit,
+            "io_timeout": 120,
+        }
+        outcome, srv = run_jobs(
+            split_load(spec, opts.workers), f"profile/{tool}", opts.time_limit + 60, server, count
+        )
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            _out, err = spy.communicate(timeout=60)
+            if not out.exists():
+                print(f"py-spy failed: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
+                return 1
+        verdict = _finish(server, outcome, run_id, opts)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+        server.stop()
+        server.cleanup()
+    m = outcome.metrics()
+    head = (
+        f"## geosmtp profile: {args.scenario}, {clients} sessions, {count} messages, "
+        f"{rcpts} recipient(s), {tool}\n\n"
+        f"{m['msgs_per_s']:,.0f} msgs/s under the profiler, p99 {m['p99_ms']:.1f} ms, server CPU "
+        f"{srv.get('cpu_s', 0):.1f}s over {m['duration_s']:.1f}s; Maildir: {verdict.summary()}\n\n"
+    )
+    if tool == "cprofile":
+        stats = pstats.Stats(str(ProfiledGeosmtp.out))
+        total_tt = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+        rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:30]  # type: ignore[attr-defined]
+        body = "| own time | share | calls | function |\n|---:|---:|---:|---|\n"
+        for (file, line, fn), (_cc, nc, tt, _ct, _callers) in rows:
+            where = "/".join(Path(file).parts[-3:])
+            body += f"| {tt:.2f}s | {100 * tt / total_tt:.1f}% | {nc} | `{fn} ({where}:{line})` |\n"
+        text = head + body
+    elif args.format == "raw":
+        own, total, samples, others, other_samples = _collapse(out, pid)
+        text = (
+            head + f"py-spy --idle --threads: {samples} samples of the main thread (the gevent hub,"
+            " where every session runs; idle and blocking time included, so the shares are"
+            f" of wall time) and {other_samples} of the other threads.\n\n"
+            + _table("Main thread, own time (the function itself was running)", own, samples)
+            + "\n"
+            + _table("Main thread, total time (the function was on the stack)", total, samples)
+            + "\n"
+            + _table("Other threads (gevent's threadpool), own time", others, other_samples, 10)
+        )
+    else:
+        text = head + f"flame graph: {out.name}\n"
+    (RESULTS / "profile.md").write_text(text)
+    print(text)
+    print(f"written: {out}, {RESULTS / 'profile.md'}")
+    return 0 if verdict.ok and not outcome.errors else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

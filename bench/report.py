@@ -1,0 +1,289 @@
+"""Medians over rounds, the Markdown table with ratios, the PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .servers import BENCH_DIR
+
+RESULTS = BENCH_DIR / "results"
+REFERENCE = "geosmtp"
+PEER = "aiosmtpd"
+
+# Targets from the issue: (scenario, label, check(medians) -> (met, text)).
+NUMERIC_SKIP = {"round", "clients", "size", "rcpts", "slow_clients"}
+
+
+def _num(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def aggregate(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """(server, clients) -> medians of every numeric field, plus counts and checks."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["server"], int(r.get("clients") or 0))].append(r)
+    out = {}
+    for key, rs in groups.items():
+        agg: dict = {"server": key[0], "clients": key[1], "rounds": len(rs)}
+        fields = {k for r in rs for k, v in r.items() if _num(v) and k not in NUMERIC_SKIP}
+        for f in sorted(fields):
+            vals = [r[f] for r in rs if _num(r.get(f))]
+            if vals:
+                agg[f] = statistics.median(vals)
+                agg[f + "_all"] = vals
+        agg["ok"] = all(r.get("ok") for r in rs)
+        agg["verify"] = "; ".join(sorted({r.get("verify", "") for r in rs}))[:300]
+        agg["client"] = rs[0].get("client", "bench")
+        errs: dict[str, int] = defaultdict(int)
+        for r in rs:
+            for k, v in (r.get("errors") or {}).items():
+                errs[k] += v
+        agg["errors"] = dict(errs)
+        out[key] = agg
+    return out
+
+
+def _f(x: object, digits: int = 0) -> str:
+    if not _num(x):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _ratio(a: object, b: object) -> str:
+    if not (_num(a) and _num(b)) or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def _checked(agg: dict) -> str:
+    if "not checked" in agg.get("verify", ""):
+        return "n/a (stores nothing)"
+    return "ok" if agg["ok"] else "**FAILED**"
+
+
+SERVER_ORDER = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
+
+
+def _rank(server: str) -> int:
+    return SERVER_ORDER.index(server) if server in SERVER_ORDER else 99
+
+
+def _order(servers: list[str]) -> list[str]:
+    return sorted(servers, key=_rank)
+
+
+def table(scenario: str, rows: list[dict]) -> str:
+    agg = aggregate(rows)
+    base = scenario.split("-")[0]
+    if base in ("throughput", "fanout", "large", "scaling"):
+        return _load_table(scenario, agg)
+    if base == "idle":
+        return _idle_table(agg)
+    if base == "slow":
+        return _slow_table(agg)
+    raise ValueError(scenario)
+
+
+def _load_table(scenario: str, agg: dict) -> str:
+    lines = [
+        "| server | sessions | client | rounds | msgs/s | deliveries/s | MB/s | p50 ms | p95 ms "
+        "| p99 ms | max ms | server CPU | client CPU | server RSS growth MB | Maildir check |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    keys = sorted(agg, key=lambda k: (k[1], _rank(k[0])))
+    for key in keys:
+        a = agg[key]
+        lines.append(
+            f"| {a['server']} | {a['clients']:,} | {a['client']} | {a['rounds']} "
+            f"| {_f(a.get('msgs_per_s'))} | {_f(a.get('deliveries_per_s'))} "
+            f"| {_f(a.get('mb_per_s'), 2)} | {_f(a.get('p50_ms'), 1)} | {_f(a.get('p95_ms'), 1)} "
+            f"| {_f(a.get('p99_ms'), 1)} | {_f(a.get('max_ms'), 1)} "
+            f"| {_f(a.get('server_cpu_pct'))}% | {_f(a.get('client_cpu_pct'))}% "
+            f"| {_f(a.get('rss_growth_mb'), 1)} | {_checked(a)} |"
+        )
+    lines.append("")
+    levels = sorted({c for _s, c in agg})
+    for level in levels:
+        ref = agg.get((REFERENCE, level))
+        if ref is None:
+            continue
+        for (server, c), other in sorted(agg.items()):
+            if c != level or server == REFERENCE:
+                continue
+            lines.append(
+                f"- geosmtp / {server} at {level:,} sessions: throughput "
+                f"{_ratio(ref.get('msgs_per_s'), other.get('msgs_per_s'))}, "
+                f"p99 latency {_ratio(ref.get('p99_ms'), other.get('p99_ms'))}"
+            )
+    return "\n".join(lines) + "\n" + targets(scenario, agg)
+
+
+def _idle_table(agg: dict) -> str:
+    lines = [
+        "| server | idle connections | rounds | RSS per conn KB | PSS per conn KB "
+        "| fresh client p50 ms | fresh client max ms | RSS before MB | RSS idle MB | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key in sorted(agg, key=lambda k: _rank(k[0])):
+        a = agg[key]
+        lines.append(
+            f"| {a['server']} | {_f(a.get('connected'))} | {a['rounds']} "
+            f"| {_f(a.get('rss_per_conn_kb'), 1)} | {_f(a.get('pss_per_conn_kb'), 1)} "
+            f"| {_f(a.get('probe_p50_ms'), 1)} | {_f(a.get('probe_max_ms'), 1)} "
+            f"| {_f(a.get('rss_before_mb'), 1)} | {_f(a.get('rss_idle_mb'), 1)} | {_checked(a)} |"
+        )
+    lines.append("")
+    ref = next((a for (s, _c), a in agg.items() if s == REFERENCE), None)
+    for (s, _c), a in agg.items():
+        if ref is not None and s != REFERENCE:
+            lines.append(
+                f"- geosmtp / {s}: memory per connection (PSS) "
+                f"{_ratio(ref.get('pss_per_conn_kb'), a.get('pss_per_conn_kb'))}"
+            )
+    return "\n".join(lines) + "\n" + targets("idle", agg)
+
+
+def _slow_table(agg: dict) -> str:
+    lines = [
+        "| server | normal sessions | slow sessions | rounds | msgs/s alone | msgs/s with slow "
+        "| held | p99 ms alone | p99 ms with slow | slow msgs done | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key in sorted(agg, key=lambda k: _rank(k[0])):
+        a = agg[key]
+        lines.append(
+            f"| {a['server']} | {a['clients']} | {_f(a.get('slow_connected'))} | {a['rounds']} "
+            f"| {_f(a.get('baseline_msgs_per_s'))} | {_f(a.get('msgs_per_s'))} "
+            f"| {_ratio(a.get('msgs_per_s'), a.get('baseline_msgs_per_s'))} "
+            f"| {_f(a.get('baseline_p99_ms'), 1)} | {_f(a.get('p99_ms'), 1)} "
+            f"| {_f(a.get('slow_acked'))} | {_checked(a)} |"
+        )
+    return "\n".join(lines) + "\n\n" + targets("slow", agg)
+
+
+def targets(scenario: str, agg: dict) -> str:
+    """The issue's targets for this scenario, met or missed, from the medians."""
+    ref = agg.get((REFERENCE, 100)) or next(
+        (a for (s, _c), a in agg.items() if s == REFERENCE), None
+    )
+    peer = agg.get((PEER, 100)) or next((a for (s, _c), a in agg.items() if s == PEER), None)
+    out = []
+
+    def line(ok: bool | None, text: str) -> None:
+        mark = "met" if ok else ("MISSED" if ok is not None else "not measured")
+        out.append(f"- target: {text}: **{mark}**")
+
+    base = scenario.split("-")[0]
+    if ref is None:
+        return ""
+    if base in ("throughput", "fanout") and peer is not None:
+        want = 2.5 if base == "throughput" else 3.0
+        r = ref.get("msgs_per_s", 0) / max(1e-9, peer.get("msgs_per_s", 0))
+        line(r >= want, f"geosmtp ≥ {want}x aiosmtpd msgs/s (measured {r:.2f}x)")
+    if base == "idle":
+        kb = ref.get("pss_per_conn_kb")
+        n = ref.get("connected", 0)
+        line(
+            _num(kb) and kb <= 8 and n >= 10000,
+            f"≤ 8 KB per connection at 10,000 (measured {_f(kb, 1)} KB PSS at {_f(n)})",
+        )
+        p = ref.get("probe_max_ms")
+        line(_num(p) and p < 100, f"fresh client served in < 100 ms (max {_f(p, 1)} ms)")
+    if base == "large":
+        g = ref.get("rss_growth_mb")
+        line(_num(g) and g < 64, f"peak RSS growth < 64 MB for 20 x 25 MB (measured {_f(g, 1)} MB)")
+    if base == "slow":
+        a, b = ref.get("msgs_per_s"), ref.get("baseline_msgs_per_s")
+        held = a / b if _num(a) and _num(b) and b else float("nan")
+        line(
+            _num(held) and held >= 0.8,
+            f"normal throughput within 20% with slow clients (held {held:.0%})",
+        )
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def save(
+    scenario: str, name: str, rows: list[dict], meta: dict, out: Path = RESULTS
+) -> tuple[Path, Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(scenario, rows)
+    json_path = out / f"{name}.json"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    header = (
+        f"## {name}\n\n"
+        f"{meta.get('when', '')} · command: `{meta.get('command', '')}`\n\n"
+        f"machine: {meta.get('machine', {})}\n\n"
+    )
+    md_path = out / f"{name}.md"
+    md_path.write_text(header + md)
+    png_path = out / f"{name}.png"
+    plot(scenario, name, rows, png_path)
+    return json_path, md_path, png_path
+
+
+def plot(scenario: str, name: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(rows)
+    servers = _order(sorted({s for s, _ in agg}))
+    base = scenario
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if base == "idle":
+        _bars(ax1, agg, servers, "pss_per_conn_kb", "server PSS per idle connection (KB)")
+        _bars(ax2, agg, servers, "probe_max_ms", "fresh client, worst of the probes (ms)")
+    elif base == "slow":
+        _bars(ax1, agg, servers, "baseline_msgs_per_s", "msgs/s", label="alone", shift=-0.2)
+        _bars(
+            ax1, agg, servers, "msgs_per_s", "normal clients' msgs/s", label="with slow", shift=0.2
+        )
+        _bars(ax2, agg, servers, "baseline_p99_ms", "ms", label="alone", shift=-0.2)
+        _bars(ax2, agg, servers, "p99_ms", "normal clients' p99 (ms)", label="with slow", shift=0.2)
+        ax1.legend()
+        ax2.legend()
+    elif base == "large":
+        _bars(ax1, agg, servers, "mb_per_s", "MB/s")
+        _bars(ax2, agg, servers, "rss_growth_mb", "server peak RSS growth (MB)")
+    else:
+        levels = sorted({c for _s, c in agg})
+        if len(levels) > 1:
+            for s in servers:
+                xs = [c for c in levels if (s, c) in agg]
+                ax1.plot(xs, [agg[(s, c)].get("msgs_per_s", math.nan) for c in xs], "o-", label=s)
+                ax2.plot(xs, [agg[(s, c)].get("p99_ms", math.nan) for c in xs], "o-", label=s)
+            for ax in (ax1, ax2):
+                ax.set_xscale("log")
+                ax.set_xlabel("concurrent sessions")
+                ax.legend()
+            ax2.set_yscale("log")
+            ax1.set_ylabel("messages/s (median)")
+            ax2.set_ylabel("p99 transaction latency, ms (median)")
+        else:
+            _bars(ax1, agg, servers, "msgs_per_s", "messages/s (median)")
+            _bars(ax2, agg, servers, "p99_ms", "p99 transaction latency, ms (median)")
+    fig.suptitle(f"geosmtp bench: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(ax, agg, servers, field, ylabel, label=None, shift=0.0):  # type: ignore[no-untyped-def]
+    vals, lows, highs = [], [], []
+    for s in servers:
+        a = next((a for (srv, _c), a in agg.items() if srv == s), {})
+        v = a.get(field, math.nan)
+        every = a.get(field + "_all", [v])
+        vals.append(v)
+        lows.append(v - min(every) if _num(v) else 0)
+        highs.append(max(every) - v if _num(v) else 0)
+    xs = [i + shift for i in range(len(servers))]
+    ax.bar(xs, vals, width=0.4 if shift else 0.6, yerr=[lows, highs], capsize=4, label=label)
+    ax.set_xticks(range(len(servers)), servers)
+    ax.set_ylabel(ylabel)

@@ -1,0 +1,397 @@
+"""The named scenarios. Each takes a server class and options and returns rows:
+one dict of figures per (server, concurrency level) for one round.
+
+Every run starts the server fresh in its own temp dir, drives it, stops it,
+and checks its Maildir; a row whose check failed (or that saw errors) has
+`ok: False` and fails the command.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+
+from . import messages
+from .driver import Outcome, Progress, Worker, pump, run_jobs, split_load
+from .servers import HOST, SMTP_SOURCE, Server
+from .verify import Verdict, verify_bench_mail, verify_count
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    workers: int = 1
+    pipelining: bool = True
+    client: str = "bench"  # or "smtp-source"
+    fsync: bool = True
+    time_limit: float = 600.0
+    messages: int | None = None
+    clients: int | None = None
+    size: int | None = None
+    keep: bool = False  # keep the server's temp dir
+
+    def pick(self, full: int, quick: int, override: int | None = None) -> int:
+        if override is not None:
+            return override
+        return quick if self.quick else full
+
+
+def new_run_id(scenario: str, server: str) -> str:
+    return f"{scenario}-{server}-{uuid.uuid4().hex[:8]}"
+
+
+def _server_figures(srv: dict, duration: float) -> dict:
+    out: dict = {}
+    if "cpu_s" in srv:
+        out["server_cpu_s"] = srv["cpu_s"]
+        out["server_cpu_pct"] = 100 * srv["cpu_s"] / max(duration, 1e-9)
+        out["rss_before_mb"] = srv["rss_before_kb"] / 1024
+        out["rss_peak_mb"] = srv["rss_peak_kb"] / 1024
+        out["rss_growth_mb"] = (srv["rss_peak_kb"] - srv["rss_before_kb"]) / 1024
+    return out
+
+
+def _finish(server: Server, outcome: Outcome, run_id: str, opts: Options) -> Verdict:
+    """Stop the server (after Postfix's queue drained) and check its Maildir."""
+    deliveries = sum(len(r) for _s, r in outcome.acked.values())
+    server.drain(deliveries)
+    server.stop()
+    if not server.stores:
+        return Verdict(skipped="stores nothing")
+    return verify_bench_mail(
+        server.mail_dir,
+        run_id,
+        outcome.acked,
+        outcome.refused,
+        strict_headers=server.strict_headers,
+    )
+
+
+def _row(scenario: str, server: Server, outcome: Outcome, srv: dict, verdict: Verdict) -> dict:
+    m = outcome.metrics()
+    row = {
+        "scenario": scenario,
+        "server": server.name,
+        **m,
+        **_server_figures(srv, m["duration_s"]),
+    }
+    row["client_cpu_pct"] = 100 * outcome.client_cpu / m["duration_s"]
+    row["verify"] = verdict.summary()
+    row["verify_examples"] = verdict.examples
+    row["ok"] = verdict.ok and not outcome.errors
+    return row
+
+
+def load_once(
+    scenario: str,
+    server_cls: type[Server],
+    opts: Options,
+    clients: int,
+    count: int,
+    size: int,
+    rcpts: int,
+) -> dict:
+    """Start a server, send `count` messages over `clients` sessions, check, stop."""
+    server = server_cls(fsync=opts.fsync, max_size=64 * MB)
+    label = f"{scenario}/{server.name} c={clients}"
+    try:
+        server.start()
+        if opts.client == "smtp-source":
+            return smtp_source_once(scenario, server, opts, clients, count, size, rcpts, label)
+        run_id = new_run_id(scenario, server.name)
+        spec = {
+            "kind": "load",
+            "host": HOST,
+            "port": server.port,
+            "run_id": run_id,
+            "clients": clients,
+            "ids": [0, count, 1],
+            "size": size,
+            "rcpts": rcpts,
+            "pipelining": opts.pipelining,
+            "deadline": opts.time_limit,
+            "io_timeout": 120,
+        }
+        outcome, srv = run_jobs(
+            split_load(spec, opts.workers), label, opts.time_limit + 60, server, total=count
+        )
+        verdict = _finish(server, outcome, run_id, opts)
+        row = _row(scenario, server, outcome, srv, verdict)
+        if outcome.ok != count:
+            row["ok"] = False
+        row.update(clients=clients, size=size, rcpts=rcpts, pipelining=opts.pipelining)
+        row["client"] = f"bench ({opts.workers} proc)"
+        return row
+    finally:
+        server.stop()
+        if not opts.keep:
+            server.cleanup()
+
+
+def smtp_source_once(
+    scenario: str,
+    server: Server,
+    opts: Options,
+    clients: int,
+    count: int,
+    size: int,
+    rcpts: int,
+    label: str,
+) -> dict:
+    """The same load from Postfix's smtp-source (no pipelining, no latencies)."""
+    cmd = [
+        SMTP_SOURCE,
+        "-d",  # many messages per connection, as the bench client does
+        "-s",
+        str(clients),
+        "-m",
+        str(count),
+        "-l",
+        str(size),
+        "-r",
+        str(rcpts),
+        "-f",
+        messages.SENDER,
+        "-t",
+        f"u000@{messages.DOMAIN}",
+        "-M",
+        "bench.test",
+        f"{HOST}:{server.port}",
+    ]
+    cpu0 = server.cpu() if server.measurable else 0.0
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, timeout=opts.time_limit, check=False)
+    t1 = time.time()
+    server_cpu = server.cpu() - cpu0 if server.measurable else None
+    server.drain(count * rcpts)
+    server.stop()
+    verdict = (
+        verify_count(server.mail_dir, count * rcpts)
+        if server.stores
+        else Verdict(skipped="stores nothing")
+    )
+    d = t1 - t0
+    Progress(label, count).show(count if proc.returncode == 0 else 0, proc.returncode, force=True)
+    row = {
+        "scenario": scenario,
+        "server": server.name,
+        "client": "smtp-source",
+        "clients": clients,
+        "size": size,
+        "rcpts": rcpts,
+        "messages": count,
+        "msgs_per_s": count / d,
+        "deliveries_per_s": count * rcpts / d,
+        "mb_per_s": count * size / d / 1e6,
+        "duration_s": d,
+        "errors": {"smtp-source exit": proc.returncode} if proc.returncode else {},
+        "error_examples": [proc.stderr.decode(errors="replace")[-300:]] if proc.returncode else [],
+        "verify": verdict.summary(),
+        "verify_examples": verdict.examples,
+        "ok": verdict.ok and proc.returncode == 0,
+    }
+    if server_cpu is not None:
+        row["server_cpu_s"] = server_cpu
+        row["server_cpu_pct"] = 100 * server_cpu / d
+    return row
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def throughput(server_cls: type[Server], opts: Options) -> list[dict]:
+    clients = opts.pick(100, 100, opts.clients)
+    count = opts.pick(20000, 2000, opts.messages)
+    size = opts.size or 1024
+    return [load_once("throughput", server_cls, opts, clients, count, size, 1)]
+
+
+def fanout(server_cls: type[Server], opts: Options) -> list[dict]:
+    clients = opts.pick(100, 100, opts.clients)
+    count = opts.pick(20000, 2000, opts.messages)
+    size = opts.size or 1024
+    return [load_once("fanout", server_cls, opts, clients, count, size, 5)]
+
+
+SCALING_LEVELS = [10, 100, 1000, 5000]
+SCALING_LEVELS_QUICK = [10, 100, 500]
+POSTFIX_MAX_SESSIONS = 1000  # one smtpd process per session
+
+
+def scaling(server_cls: type[Server], opts: Options) -> list[dict]:
+    levels = SCALING_LEVELS_QUICK if opts.quick else SCALING_LEVELS
+    if opts.clients:
+        levels = [opts.clients]
+    rows = []
+    for level in levels:
+        if server_cls.name == "postfix" and level > POSTFIX_MAX_SESSIONS:
+            continue
+        count = opts.pick(20000, 2000, opts.messages)
+        count = max(count, 2 * level)
+        rows.append(load_once("scaling", server_cls, opts, level, count, opts.size or 1024, 1))
+    return rows
+
+
+def large(server_cls: type[Server], opts: Options) -> list[dict]:
+    clients = opts.pick(20, 5, opts.clients)
+    size = opts.size or 25 * MB
+    count = opts.messages or clients
+    row = load_once("large", server_cls, opts, clients, count, size, 1)
+    return [row]
+
+
+def idle(server_cls: type[Server], opts: Options) -> list[dict]:
+    """N clients connect, EHLO and idle; memory per connection; a fresh client's time."""
+    n = opts.pick(10000, 1000, opts.clients)
+    probes = opts.pick(20, 5)
+    server = server_cls(fsync=opts.fsync)
+    run_id = new_run_id("idle", server.name)
+    label = f"idle/{server.name} n={n}"
+    base = {"host": HOST, "port": server.port, "run_id": run_id, "size": 1024, "rcpts": 1}
+    base["deadline"] = opts.time_limit
+    base["io_timeout"] = 120
+    outcome = Outcome()
+    idle_worker = None
+    row: dict = {"scenario": "idle", "server": server.name, "clients": n}
+    try:
+        server.start()
+        warm = {**base, "kind": "probe", "clients": 3, "ids": [0, 3, 1]}
+        o, _ = run_jobs([warm], label + " warm-up", 60, server)
+        outcome.acked.update(o.acked)
+        time.sleep(0.5)
+        mem0 = server.mem()
+        spec = {**base, "kind": "idle", "clients": n, "ids": [0, 0, 1]}
+        spec["connect_concurrency"] = 100
+        idle_worker = Worker(spec)
+        progress = Progress(label + " connecting", None)
+        ready = pump([idle_worker], lambda: idle_worker.ready or idle_worker.done, 300, progress)
+        row["all_connected"] = ready and not idle_worker.done
+        time.sleep(1.0)
+        mem1 = server.mem()
+        pspec = {**base, "kind": "probe", "clients": probes, "ids": [10, 10 + probes, 1]}
+        probe, _ = run_jobs([pspec], label + " fresh client", 120, server)
+        outcome.acked.update(probe.acked)
+        mem2 = server.mem()
+        idle_worker.send("stop")
+        pump([idle_worker], lambda: idle_worker.done, 120)
+        idle_worker.finish()
+        idle_out = Outcome()
+        idle_out.add(idle_worker.result, spec)
+        verdict = _finish(server, outcome, run_id, opts)
+        row["connected"] = idle_out.connected
+        row["idle_errors"] = dict(idle_out.errors)
+        row["error_examples"] = idle_out.examples + probe.examples
+        if mem0:
+            conns = max(1, idle_out.connected)
+            row["rss_per_conn_kb"] = (mem1.get("Rss", 0) - mem0.get("Rss", 0)) / conns
+            row["pss_per_conn_kb"] = (mem1.get("Pss", 0) - mem0.get("Pss", 0)) / conns
+            row["rss_before_mb"] = mem0.get("Rss", 0) / 1024
+            row["rss_idle_mb"] = mem1.get("Rss", 0) / 1024
+            row["rss_after_probe_mb"] = mem2.get("Rss", 0) / 1024
+        lat = sorted(probe.latencies)
+        row["probe_count"] = len(lat)
+        row["probe_p50_ms"] = statistics.median(lat) * 1000 if lat else float("nan")
+        row["probe_max_ms"] = lat[-1] * 1000 if lat else float("nan")
+        row["verify"] = verdict.summary()
+        row["errors"] = {**dict(idle_out.errors), **dict(probe.errors)}
+        row["ok"] = (
+            verdict.ok and idle_out.connected == n and not row["errors"] and len(lat) == probes
+        )
+        return [row]
+    finally:
+        if idle_worker is not None and not idle_worker.done:
+            idle_worker.send("stop")
+            idle_worker.finish()
+        server.stop()
+        if not opts.keep:
+            server.cleanup()
+
+
+def slow(server_cls: type[Server], opts: Options) -> list[dict]:
+    """100 normal clients alone, then again while 1,000 clients trickle bytes."""
+    n_slow = opts.pick(1000, 200)
+    clients = opts.pick(100, 100, opts.clients)
+    count = opts.pick(10000, 2000, opts.messages)
+    base_row = load_once("slow-baseline", server_cls, opts, clients, count, 1024, 1)
+
+    server = server_cls(fsync=opts.fsync)
+    run_id = new_run_id("slow", server.name)
+    label = f"slow/{server.name}"
+    slow_worker = None
+    try:
+        server.start()
+        common = {"host": HOST, "port": server.port, "run_id": run_id, "rcpts": 1}
+        common.update(deadline=opts.time_limit, io_timeout=300)
+        sspec = {
+            **common,
+            "kind": "slow",
+            "clients": n_slow,
+            "ids": [count, count + n_slow * 20, 1],
+            "size": 1024,
+            "chunk": 8,
+            "interval": 1.0,
+            "connect_concurrency": 100,
+        }
+        slow_worker = Worker(sspec)
+        progress = Progress(label + " slow clients connecting", None)
+        pump([slow_worker], lambda: slow_worker.ready or slow_worker.done, 120, progress)
+        time.sleep(3.0)  # let the trickle get going
+        spec = {
+            **common,
+            "kind": "load",
+            "clients": clients,
+            "ids": [0, count, 1],
+            "size": 1024,
+            "pipelining": opts.pipelining,
+        }
+        outcome, srv = run_jobs(
+            split_load(spec, opts.workers), label + " normal", opts.time_limit + 60, server, count
+        )
+        slow_worker.send("stop")
+        pump([slow_worker], lambda: slow_worker.done, 300)
+        slow_worker.finish()
+        slow_out = Outcome()
+        slow_out.add(slow_worker.result, sspec)
+        both = Outcome()
+        both.acked = {**outcome.acked, **slow_out.acked}
+        both.refused = outcome.refused | slow_out.refused
+        verdict = _finish(server, both, run_id, opts)
+        row = _row("slow", server, outcome, srv, verdict)
+        row.update(clients=clients, slow_clients=n_slow)
+        row["slow_connected"] = slow_out.connected
+        row["slow_acked"] = slow_out.ok
+        row["slow_errors"] = dict(slow_out.errors)
+        row["slow_p50_ms"] = slow_out.percentile(50)
+        row["baseline_msgs_per_s"] = base_row["msgs_per_s"]
+        row["baseline_p99_ms"] = base_row.get("p99_ms")
+        row["baseline_ok"] = base_row["ok"]
+        row["ok"] = (
+            row["ok"]
+            and base_row["ok"]
+            and outcome.ok == count
+            and not slow_out.errors
+            and slow_out.connected == n_slow
+        )
+        return [row]
+    finally:
+        if slow_worker is not None and not slow_worker.done:
+            slow_worker.send("stop")
+            slow_worker.finish()
+        server.stop()
+        if not opts.keep:
+            server.cleanup()
+
+
+SCENARIOS = {
+    "throughput": throughput,
+    "fanout": fanout,
+    "scaling": scaling,
+    "idle": idle,
+    "large": large,
+    "slow": slow,
+}

@@ -1,0 +1,461 @@
+"""The servers under test, each started the same way: a fresh temp dir, a free
+loopback port, a subprocess, and "ready" once it answers 220.
+
+- `geosmtp`: `python -m geosmtp -c cfg.yaml` (log level WARNING, fsync on).
+- `aiosmtpd`: `python bench/peers/aiosmtpd_maildir.py` (same durability).
+- `smtp-sink`: Postfix's test sink, stores nothing: the protocol's ceiling.
+- `postfix`: a private Postfix instance (its own config and queue dirs under
+  the temp dir) delivering to virtual Maildirs; needs root and the postfix
+  package. Its 250 means "queued"; delivery to the Maildir follows, and the
+  bench waits for the queue to drain before it checks the Maildir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+HOST = "127.0.0.1"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def greets(port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(1024)
+                if not chunk:
+                    return False
+                data += chunk
+            s.sendall(b"QUIT\r\n")
+            try:
+                s.recv(1024)
+            except OSError:
+                pass
+            return data.startswith(b"220")
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def proc_mem(pid: int) -> dict[str, int]:
+    """Rss and Pss in kB from smaps_rollup (falls back to status)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss", "Pss_Anon", "Anonymous"):
+                    out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, _, rest = line.partition(":")
+                    out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cores"] = str(os.cpu_count())
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        info["ram"] = f"{kb / 1024 / 1024:.0f} GB"
+    except (OSError, ValueError, IndexError):
+        pass
+    info["kernel"] = os.uname().release
+    info["python"] = sys.version.split()[0]
+    return info
+
+
+# ---------------------------------------------------------------- servers
+
+
+class Server:
+    name = "?"
+    stores = True  # does it keep mail we can verify?
+    strict_headers = True
+    measurable = True  # one process whose memory and CPU we can read
+
+    def __init__(self, fsync: bool = True, max_size: int = 64 * 1024 * 1024) -> None:
+        self.fsync = fsync
+        self.max_size = max_size
+        self.root = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.stopped = False
+        self.log = open(self.root / "server.out", "wb")  # noqa: SIM115
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.root / "mail_dir"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.proc = subprocess.Popen(
+            self.command(),
+            cwd=self.root,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.output()}")
+            if greets(self.port):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not answer on port {self.port}: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        try:
+            return (self.root / "server.out").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def mem(self) -> dict[str, int]:
+        return proc_mem(self.pid) if self.measurable else {}
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid) if self.measurable else 0.0
+
+    def drain(self, expected_files: int, timeout: float = 180.0) -> None:
+        """Wait until delivery is complete (only Postfix delivers after its 250)."""
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Geosmtp(Server):
+    name = "geosmtp"
+
+    def command(self) -> list[str]:
+        config = {
+            "hostname": "bench.geosmtp.test",
+            "domains": ["bench.test", "localhost"],
+            "listeners": [{"address": HOST, "port": self.port}],
+            "max_clients": 20000,
+            "mail_dir": "mail_dir",
+            "unknown_recipients": "accept",
+            "fsync": self.fsync,
+            "limits": {"max_message_size": self.max_size, "max_recipients": 100},
+            "log": {"dir": "logs", "level": "WARNING"},
+        }
+        path = self.root / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        pool = os.environ.get("BENCH_GEOSMTP_THREADPOOL")
+        if pool:
+            # What-if experiment only: a bigger gevent threadpool, geosmtp unchanged.
+            code = (
+                "import sys, gevent.hub; gevent.hub.Hub.threadpool_size = int(sys.argv[1]); "
+                "from geosmtp.cli import main; sys.exit(main(sys.argv[2:]))"
+            )
+            return [sys.executable, "-c", code, pool, "-c", str(path)]
+        return [sys.executable, "-m", "geosmtp", "-c", str(path)]
+
+
+class Aiosmtpd(Server):
+    name = "aiosmtpd"
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import aiosmtpd  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            str(BENCH_DIR / "peers" / "aiosmtpd_maildir.py"),
+            "--port",
+            str(self.port),
+            "--maildir",
+            str(self.mail_dir),
+            "--hostname",
+            "bench.aiosmtpd.test",
+            "--max-size",
+            str(self.max_size),
+        ]
+        if not self.fsync:
+            cmd.append("--no-fsync")
+        return cmd
+
+
+class SmtpSink(Server):
+    name = "smtp-sink"
+    stores = False
+
+    @classmethod
+    def available(cls) -> bool:
+        return os.access(SMTP_SINK, os.X_OK)
+
+    def command(self) -> list[str]:
+        user = ["-u", "postfix"] if os.geteuid() == 0 else []
+        return [SMTP_SINK, *user, f"{HOST}:{self.port}", "1024"]
+
+
+MASTER_CF = """\
+{host}:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/spool
+data_directory = {root}/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+myhostname = bench.postfix.test
+mydomain = postfix.test
+myorigin = $myhostname
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+local_recipient_maps =
+relayhost =
+smtputf8_enable = no
+biff = no
+smtpd_banner = $myhostname ESMTP
+message_size_limit = {max_size}
+mailbox_size_limit = 0
+virtual_mailbox_limit = 0
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+default_process_limit = {procs}
+in_flow_delay = 0
+virtual_mailbox_domains = bench.test
+virtual_mailbox_base = {root}/mail_dir
+virtual_mailbox_maps = texthash:{root}/etc/vmailbox
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+virtual_minimum_uid = 1
+"""
+
+
+class Postfix(Server):
+    """A private Postfix: `postfix -c ROOT/etc start`, virtual Maildir delivery."""
+
+    name = "postfix"
+    strict_headers = False  # cleanup(8) may rewrite address headers
+    measurable = False  # many processes
+
+    @classmethod
+    def available(cls) -> bool:
+        return (
+            os.geteuid() == 0
+            and os.access(POSTFIX, os.X_OK)
+            and Path("/usr/lib/postfix/sbin/smtpd").exists()
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        etc = self.root / "etc"
+        etc.mkdir()
+        for sub in ("spool", "data", "mail_dir"):
+            (self.root / sub).mkdir()
+        import pwd
+
+        owner = pwd.getpwnam("nobody")
+        os.chown(self.mail_dir, owner.pw_uid, owner.pw_gid)
+        pf = pwd.getpwnam("postfix")
+        os.chown(self.root / "data", pf.pw_uid, pf.pw_gid)
+        os.chmod(self.root, 0o755)
+        (etc / "main.cf").write_text(
+            MAIN_CF.format(
+                root=self.root,
+                max_size=self.max_size,
+                procs=5100,
+                uid=owner.pw_uid,
+                gid=owner.pw_gid,
+            )
+        )
+        (etc / "master.cf").write_text(MASTER_CF.format(host=HOST, port=self.port))
+        # virtual(8) allows no regexp substitution: list every bench mailbox
+        # (and the numbered ones smtp-source makes with -r N).
+        names = [f"u{i:03d}" for i in range(100)] + [f"{k}u000" for k in range(1, 101)]
+        (etc / "vmailbox").write_text("".join(f"{n}@bench.test {n}/\n" for n in names))
+        env = {**os.environ}
+        subprocess.run(
+            [POSTFIX, "-c", str(etc), "start"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=True,
+            timeout=60,
+        )
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if greets(self.port):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"postfix did not answer on {self.port}: {self.output()}")
+
+    def output(self) -> str:
+        text = super().output()
+        try:
+            text += (self.root / "maillog").read_text(errors="replace")[-2000:]
+        except OSError:
+            pass
+        return text
+
+    def queued(self) -> int:
+        spool = self.root / "spool"
+        return sum(
+            1
+            for q in ("incoming", "active", "deferred", "maildrop", "hold")
+            for _ in (spool / q).rglob("*")
+            if _.is_file()
+        )
+
+    def drain(self, expected_files: int, timeout: float = 180.0) -> None:
+        from .verify import count_files
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if count_files(self.mail_dir) >= expected_files and self.queued() == 0:
+                return
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        subprocess.run(
+            [POSTFIX, "-c", str(self.root / "etc"), "stop"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+        )
+        self.log.close()
+
+
+SERVERS: dict[str, type[Server]] = {
+    "geosmtp": Geosmtp,
+    "aiosmtpd": Aiosmtpd,
+    "postfix": Postfix,
+    "smtp-sink": SmtpSink,
+}
