@@ -1,8 +1,8 @@
-"""Who may receive mail here: local domains, mailbox names, known users.
+"""Who may receive mail here: local domains, mailbox names, known users, relay.
 
 Pure: the shell builds a `RecipientPolicy` from the configuration and hands it
-to each session. The decision "is this a local mailbox, and which one" lives
-here and nowhere else.
+to each session. The decisions "is this a local mailbox, and which one" and
+"may this client relay" live here and nowhere else.
 """
 
 from __future__ import annotations
@@ -34,6 +34,18 @@ def safe_mailbox_name(local_part: str) -> str | None:
     return name
 
 
+def canonical_domain(domain: str) -> str:
+    """Lower-case, and internationalised names in their ASCII (A-label) form,
+    so `exämple.org` and `xn--exmple-cua.org` are the same domain."""
+    domain = domain.lower()
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
 @dataclass(frozen=True, slots=True)
 class Recipient:
     mailbox: Mailbox  # as the client wrote it
@@ -49,14 +61,20 @@ class RecipientPolicy:
     postmaster: str = "postmaster"
 
     def is_local_domain(self, domain: str) -> bool:
-        return domain.lower() in self.local_domains
+        return canonical_domain(domain) in self.local_domains
 
-    def resolve(self, mailbox: Mailbox) -> Recipient | R.Reply:
-        """The local recipient for `mailbox`, or the reply refusing it."""
+    def resolve(self, mailbox: Mailbox, may_relay: bool = False) -> Recipient | R.Reply:
+        """The local recipient for `mailbox`, or the reply refusing it.
+
+        The relay decision: a domain that is not local is refused with 550 5.7.1
+        unless `may_relay` (an authenticated client, or one from a trusted
+        network). Until the outbound queue exists, relayable mail gets 451 4.3.2
+        rather than being accepted and dropped.
+        """
         if not mailbox.domain:  # RCPT TO:<postmaster> (§4.5.1)
             return Recipient(mailbox, self.postmaster)
         if not self.is_local_domain(mailbox.domain):
-            return R.RELAY_DENIED
+            return R.RELAY_UNAVAILABLE if may_relay else R.RELAY_DENIED
         name = safe_mailbox_name(mailbox.local_part)
         if name is None:
             return R.BAD_MAILBOX_NAME
