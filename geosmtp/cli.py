@@ -77,6 +77,12 @@ def load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return config
 
 
+def _one_line(text: str) -> str:
+    """Fold a multi-line message (PyYAML's carry a source excerpt) into one line."""
+    parts = [line.strip() for line in text.splitlines()]
+    return " ".join(part for part in parts if any(c.isalnum() for c in part))
+
+
 def main(argv: list[str] | None = None) -> int:
     from gevent import monkey
 
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
     except ConfigError as exc:
-        print(f"geosmtp: {exc}", file=sys.stderr)
+        print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     if args.check_config:
         print("configuration ok")
@@ -116,8 +122,11 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
         server = MailServer(config)
         server.start()
     except OSError as exc:
-        logger.error("cannot start: {}", exc.strerror or exc)
-        print(f"geosmtp: {exc.strerror or exc}", file=sys.stderr)
+        reason = exc.strerror or str(exc)
+        if exc.filename is not None:  # mail_dir cannot be made: say which path
+            reason = f"{reason}: '{exc.filename}'"
+        logger.error("cannot start: {}", reason)
+        print(f"geosmtp: {reason}", file=sys.stderr)
         return EXIT_FAILURE
     logger.info(
         "geosmtp {} started as {}: mail_dir={} max_clients={} open files={}",

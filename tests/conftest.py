@@ -82,6 +82,11 @@ class RunningServer:
         path = self.log_dir / "log.txt"
         return path.read_text() if path.exists() else ""
 
+    def stderr(self) -> str:
+        """What the process wrote to stderr (a file, so a chatty server never blocks on a pipe)."""
+        path = self.root / "stderr.txt"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def connect(self, host: str | None = None, port: int | None = None) -> socket.socket:
         return socket.create_connection((host or self.host, port or self.port), timeout=10)
 
@@ -132,20 +137,23 @@ def start_server(
     path = write_config(root, overrides)
     config = yaml.safe_load(path.read_text())
     listener = config["listeners"][0]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "geosmtp", "-c", str(path), *(extra_args or [])],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    # Output goes to files: nobody reads a pipe while the server runs, and a full
+    # pipe would stall the server on its next log line.
+    with open(root / "stdout.txt", "wb") as out, open(root / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "geosmtp", "-c", str(path), *(extra_args or [])],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     server = RunningServer(proc, listener["address"], listener["port"], root, path)
     if wait:
 
         def ready() -> bool:
             if proc.poll() is not None:
-                _out, err = proc.communicate()
-                raise AssertionError(f"server exited {proc.returncode}: {err.decode()[-2000:]}")
+                raise AssertionError(f"server exited {proc.returncode}: {server.stderr()[-2000:]}")
             return _port_open(server.host, server.port)
 
         wait_until(ready, timeout=20, what="server to listen")
@@ -167,9 +175,6 @@ def make_server(tmp_path: Path) -> Iterator:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(timeout=10)
-        for stream in (server.process.stdout, server.process.stderr):
-            if stream:
-                stream.close()
 
 
 @pytest.fixture

@@ -79,16 +79,27 @@ class Spool:
             for box in dict.fromkeys(boxes):  # each mailbox once, in order
                 maildir = store.ensure_maildir(box)
                 target = maildir / "new" / self.name
-                self._place(target, maildir)
+                try:
+                    self._place(target, maildir)
+                except FileNotFoundError:
+                    if not self.path.exists():
+                        raise
+                    # The Maildir was removed while the server ran: make it again.
+                    maildir = store.ensure_maildir(box, check=True)
+                    self._place(target, maildir)
                 made.append(target)
                 new_dirs.append(maildir / "new")
             if store.fsync:
                 store.offload(_fsync_dirs, new_dirs)
-        except OSError as exc:
+        except BaseException as exc:
+            # Also when the session is killed mid-commit (server stop): the client
+            # was not told 250, so no mailbox may keep the message.
             for path in made:
                 _unlink_quietly(path)
             self.discard()
-            raise StorageError(exc.errno, f"delivery failed: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise StorageError(exc.errno, exc.strerror or str(exc), exc.filename) from exc
+            raise
         _unlink_quietly(self.path)
         return made
 
@@ -166,9 +177,10 @@ class MaildirStore:
             raise StorageError(errno.EINVAL, f"mailbox {box!r} escapes the mail directory")
         return path
 
-    def ensure_maildir(self, box: str) -> Path:
+    def ensure_maildir(self, box: str, *, check: bool = False) -> Path:
+        """The Maildir of `box`, created if needed (`check`: even if made before)."""
         path = self.mailbox_path(box)
-        if box not in self._known:
+        if check or box not in self._known:
             created = not path.exists()
             for sub in ("tmp", "new", "cur"):
                 (path / sub).mkdir(parents=True, exist_ok=True)
@@ -180,7 +192,12 @@ class MaildirStore:
     def open_spool(self, first_box: str) -> Spool:
         maildir = self.ensure_maildir(first_box)
         name = self.unique_name()
-        return Spool(self, maildir / "tmp" / name, name)
+        try:
+            return Spool(self, maildir / "tmp" / name, name)
+        except FileNotFoundError:
+            # The Maildir was removed while the server ran: make it again.
+            maildir = self.ensure_maildir(first_box, check=True)
+            return Spool(self, maildir / "tmp" / name, name)
 
     def deliver(self, boxes: Iterable[str], data: bytes) -> list[Path]:
         """Store a whole message at once (for callers that have it in memory)."""

@@ -1,0 +1,126 @@
+"""logs/access.log: one line per message or refused transaction, never split by a client."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import smtplib
+
+from tests.conftest import wait_until
+from tests.integration.wire import Wire
+
+LINE_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} session=\S+ client=\S+ ")
+
+
+def parse(line: str) -> dict[str, str]:
+    """`key=value` fields after the timestamp; values may be quoted with backslash escapes."""
+    fields = {}
+    for item in shlex.split(line.split(" ", 1)[1]):
+        key, _, value = item.partition("=")
+        fields[key] = value
+    return fields
+
+
+def access_lines(server, count: int) -> list[dict[str, str]]:
+    def enough() -> str | None:
+        text = server.access_log()
+        return text if text.count("\n") >= count else None
+
+    text = wait_until(enough, what=f"{count} access log lines")
+    lines = text.splitlines()
+    assert len(lines) == count, text
+    for line in lines:
+        assert LINE_RE.match(line), line
+    return [parse(line) for line in lines]
+
+
+def test_one_line_per_message_with_every_field(server):
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        client.ehlo("client.example")
+        client.sendmail(
+            "carol@remote.example",
+            ["alice@test.example", "bob@test.example"],
+            b"Subject: one\r\nMessage-ID: <one@remote.example>\r\n\r\nbody\r\n",
+        )
+        client.sendmail("carol@remote.example", ["bob@test.example"], b"\r\nno id\r\n")
+    first, second = access_lines(server, 2)
+    assert first["client"] == "127.0.0.1"
+    assert first["helo"] == "client.example"
+    assert first["from"] == "<carol@remote.example>"
+    assert first["to"] == "<alice@test.example>,<bob@test.example>"
+    assert first["msgid"] == "<one@remote.example>"
+    assert first["result"] == "250"
+    assert int(first["size"]) > 0
+    assert first["session"] == second["session"]
+    assert "msgid" not in second
+    assert first["queue"] != second["queue"]
+    # The queue id is the one the client was told, and the one in Received:.
+    (stored,) = server.messages("alice")
+    assert f"id {first['queue']}".encode() in stored.read_bytes()
+
+
+def test_rejected_transactions_are_logged(make_server):
+    server = make_server({"limits": {"max_message_size": 1000}})
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO client.example", 250)
+        w.expect("MAIL FROM:<carol@remote.example>", 250)
+        code, _ = w.cmd("RCPT TO:<someone@foreign.example>")
+        assert code == 550
+        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect("DATA", 354)
+        code, _ = w.cmd(b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 20 + b".")
+        assert code == 552
+    relay, too_big = access_lines(server, 2)
+    assert relay["result"] == "550"
+    assert "someone@foreign.example" in relay["stage"]
+    assert relay["from"] == "<carol@remote.example>"
+    assert too_big["result"] == "552"
+    assert too_big["to"] == "<alice@test.example>"
+    assert int(too_big["size"]) > 1000
+    assert server.all_messages() == []
+
+
+def test_client_text_never_splits_a_log_line(server):
+    with Wire.connect(server.host, server.port) as w:
+        # Bare CR and other controls in HELO are refused, so never logged raw.
+        for bad in (b"EHLO evil\rinjected=1", b"EHLO evil\x0binjected", b"HELO a\x1b[31m"):
+            code, _ = w.cmd(bad)
+            assert code == 501
+        w.expect("EHLO client.example", 250)
+        w.expect('MAIL FROM:<"odd \\" sender"@remote.example>', 250)
+        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect("DATA", 354)
+        w.expect(
+            b"Message-ID: <a\rresult=999\r\n  folded\x1b@x\nsession=fake>\r\n"
+            b"Subject: s\r\n\r\nbody\r\n.",
+            250,
+        )
+        w.expect("MAIL FROM:<carol@remote.example>", 250)
+        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect("DATA", 354)
+        # Braces and markup are text to the logger, never format fields or colours.
+        w.expect(b"Message-ID: <{0}{}{x}<red>@x>\r\n\r\nbody\r\n.", 250)
+        w.expect("MAIL FROM:<carol@remote.example>", 250)
+        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect("DATA", 354)
+        folded = b"\r\n ".join([b"x" * 900] * 4)
+        w.expect(b"Message-ID: <" + folded + b"@long>\r\n\r\nbody\r\n.", 250)
+    first, braces, second = access_lines(server, 3)
+    assert braces["msgid"] == "<{0}{}{x}<red>@x>"
+    assert first["result"] == "250"
+    assert first["from"] == '<"odd \\" sender"@remote.example>'
+    assert "\r" not in first["msgid"] and "\x1b" not in first["msgid"]
+    assert first["msgid"].startswith("<a")
+    assert second["result"] == "250"
+    assert len(second["msgid"]) < 1100  # shortened, not the whole 3000 octets
+    log = server.access_log()
+    assert "\r" not in log and "\x1b" not in log
+    assert log.count("\n") == 3
+
+
+def test_server_log_records_start_and_stop(server):
+    assert "listening on [127.0.0.1]" in server.server_log()
+    assert server.stop() == 0
+    log = server.server_log()
+    assert "signal received" in log
+    assert log.rstrip().endswith("stopped")
