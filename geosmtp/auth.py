@@ -59,6 +59,9 @@ class UserDB:
     def __contains__(self, user: str) -> bool:
         return user in self._hashes
 
+    def __len__(self) -> int:
+        return len(self._hashes)
+
 
 @dataclass
 class _Failures:
@@ -76,8 +79,12 @@ class AuthThrottle:
     """
 
     def __init__(
-        self, max_failures: int = 5, base_delay: float = 1.0, max_delay: float = 8.0,
-        window: float = 600.0, clock=time.monotonic,  # type: ignore[no-untyped-def]
+        self,
+        max_failures: int = 5,
+        base_delay: float = 1.0,
+        max_delay: float = 8.0,
+        window: float = 600.0,
+        clock=time.monotonic,  # type: ignore[no-untyped-def]
     ) -> None:
         self.max_failures = max_failures
         self.base_delay = base_delay

@@ -39,7 +39,9 @@ def server_context(tls: TLS, hostname: str) -> ssl.SSLContext | None:
     try:
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
     except ssl.SSLError as exc:
-        raise ConfigError(f"tls.cert: cannot use '{tls.cert}' with tls.key: {exc.reason or exc}")
+        raise ConfigError(
+            f"tls.cert: cannot use '{tls.cert}' with tls.key: {exc.reason or exc}"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"tls.cert: cannot read '{tls.cert}': {exc.strerror}") from None
     return ctx

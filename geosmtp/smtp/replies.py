@@ -98,7 +98,7 @@ AUTH_ALREADY = reply(503, "5.5.1", "Error: already authenticated")
 AUTH_NOT_ENABLED = reply(503, "5.5.1", "Error: authentication not enabled")
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
 SYNTAX_AUTH = reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-SENDER_NOT_OWNED = reply(553, "5.7.1", "Sender address rejected: not owned by the authenticated user")
+SENDER_NOT_OWNED = reply(553, "5.7.1", "Sender address rejected: not owned by the logged-in user")
 RELAY_UNAVAILABLE = reply(451, "4.3.2", "Relaying is not available yet; try again later")
 
 # SMTPUTF8 (RFC 6531 §3.5)

@@ -118,7 +118,8 @@ class MessageEnd:
 class TransactionRejected:
     envelope: Envelope | None
     reply: R.Reply
-    stage: str  # "MAIL", "RCPT", "DATA"
+    stage: str  # "MAIL", "RCPT", "DATA", "BDAT"
+    address: str | None = None  # the refused sender (MAIL) or recipient (RCPT)
 
 
 @dataclass(frozen=True)
@@ -415,19 +416,24 @@ class SMTPConnection:
             return
         problem = self._check_mail_params(params) or self._check_sender(sender)
         if problem is not None:
-            self._reject(problem, "MAIL")
+            self._reject(problem, "MAIL", sender.address if sender else "")
             return
         self.envelope = Envelope(
-            self.helo or "", self.esmtp, sender, params,
-            smtputf8="SMTPUTF8" in params, auth_user=self.auth_user, tls=self.tls,
+            self.helo or "",
+            self.esmtp,
+            sender,
+            params,
+            smtputf8="SMTPUTF8" in params,
+            auth_user=self.auth_user,
+            tls=self.tls,
         )
         self.state = State.MAIL
         self._send(R.SENDER_OK)
 
-    def _reject(self, reply: R.Reply, stage: str) -> None:
+    def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
         """A policy refusal: logged by the shell (access log) and counted as an error."""
         # The event first: the error may end the session (CloseConnection).
-        self._events.append(TransactionRejected(self.envelope, reply, stage))
+        self._events.append(TransactionRejected(self.envelope, reply, stage, address))
         self._error(reply)
 
     def _check_sender(self, sender: Mailbox | None) -> R.Reply | None:
@@ -482,7 +488,7 @@ class SMTPConnection:
             return
         resolved = self.policy.resolve(mailbox, self.may_relay)
         if isinstance(resolved, R.Reply):
-            self._reject(resolved, f"RCPT <{mailbox}>")
+            self._reject(resolved, "RCPT", mailbox.address)
             return
         envelope.recipients.append(resolved)
         self.state = State.RCPT

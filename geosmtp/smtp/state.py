@@ -73,8 +73,6 @@ def sequence_error(verb: str, state: State) -> R.Reply | None:
 
 
 #: States in which the session reads command lines.
-COMMAND_STATES = frozenset(
-    {State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.BDAT}
-)
+COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.BDAT})
 #: States with a transaction (MAIL given) that RSET, EHLO or HELO abandon.
 TRANSACTION_STATES = frozenset({State.MAIL, State.RCPT, State.BDAT})
