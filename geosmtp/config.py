@@ -101,7 +101,7 @@ class Auth:
     sender_must_match: bool = False
     #: Failed logins from one address before 421 and disconnect.
     max_failures: int = _positive(5)
-    #: Seconds the reply to the first failure is held; doubles each time (up to 8x).
+    #: Seconds the reply to the first failure is held; doubles each time (at most 8 s).
     failure_delay: float = field(default=1.0, metadata={"min": 0})
 
 

@@ -29,8 +29,11 @@ def test_empty_file_runs_on_defaults(tmp_path):
 def test_bundled_config_is_valid():
     config = cfg.load(Path(__file__).parents[2] / "config.yaml")
     assert "geosmtp.test" in config.domains
-    assert {li.address for li in config.listeners} == {"127.0.0.1", "::1"}
-    assert all(li.port == 2525 for li in config.listeners)
+    mx = [li for li in config.listeners if li.role == "mx"]
+    assert {(li.address, li.port) for li in mx} == {("127.0.0.1", 2525), ("::1", 2525)}
+    roles = {li.role: li.port for li in config.listeners if li.role != "mx"}
+    assert roles == {"submission": 587, "submissions": 465}
+    assert config.tls.self_signed and all(u.password for u in config.users.values())
 
 
 @pytest.mark.parametrize(
