@@ -1,9 +1,9 @@
 """The sans-I/O SMTP session: replies, state, limits, DATA, trace headers.
 
-Every protocol case runs in three modes (see `run`): each step fed whole,
-every octet fed on its own, and the whole script pipelined in one chunk
-between two other commands. The replies and events must not depend on how
-the bytes were cut up.
+Every protocol case runs in three modes (see `smtp_helpers.run`): each step
+fed whole, every octet fed on its own, and the whole script pipelined in one
+chunk between two other commands. The replies and events must not depend on
+how the bytes were cut up.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import email.policy
 import email.utils
 import random
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import pytest
 
@@ -28,8 +26,6 @@ from geosmtp.smtp import (
     MessageData,
     MessageEnd,
     MessageStart,
-    RecipientPolicy,
-    SMTPConnection,
     State,
     TransactionRejected,
 )
@@ -38,153 +34,27 @@ from geosmtp.smtp.parser import Mailbox
 from geosmtp.smtp.policy import Recipient
 from geosmtp.smtp.trace import header_safe, rfc5322_date, trace_headers, with_protocol
 
-HOST = "mx.example.test"
-DOMAIN = "example.test"
-OK = b"250 2.0.0 Ok\r\n"
-SENDER_OK = b"250 2.1.0 Ok\r\n"
-RCPT_OK = b"250 2.1.5 Ok\r\n"
-GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>\r\n"
-QUEUED = b"250 2.0.0 Ok: queued as Q1\r\n"
-
-MODES = ["whole", "bytewise", "pipelined"]
-
-
-# --------------------------------------------------------------------- harness
-
-
-def make_conn(
-    limits: Limits | None = None,
-    extensions: Extensions | None = None,
-    *,
-    users: Sequence[str] = ("alice", "bob"),
-    accept_unknown: bool = True,
-    vrfy: bool = False,
-) -> SMTPConnection:
-    policy = RecipientPolicy(
-        local_domains=frozenset({DOMAIN, "other.example.test"}),
-        users=frozenset(users),
-        accept_unknown=accept_unknown,
-    )
-    return SMTPConnection(HOST, policy, limits, extensions, vrfy=vrfy)
-
-
-@dataclass
-class Result:
-    conn: SMTPConnection
-    replies: bytes
-    events: list  # MessageData runs coalesced, so every mode gives the same list
-
-    @property
-    def lines(self) -> list[bytes]:
-        return self.replies.split(b"\r\n")[:-1]
-
-    @property
-    def codes(self) -> list[int]:
-        """The code of each complete reply (multi-line replies count once)."""
-        return [int(line[:3]) for line in self.lines if line[3:4] == b" "]
-
-    def of(self, kind: type) -> list:
-        return [e for e in self.events if isinstance(e, kind)]
-
-    @property
-    def messages(self) -> list[bytes]:
-        """The data of each message that reached MessageEnd."""
-        out, current = [], None
-        for e in self.events:
-            if isinstance(e, MessageStart):
-                current = b""
-            elif isinstance(e, MessageData):
-                current += e.data
-            elif isinstance(e, MessageEnd):
-                out.append(current)
-                current = None
-            elif isinstance(e, TransactionRejected) and e.stage == "DATA":
-                current = None
-        return out
-
-
-def store_q1(conn: SMTPConnection, event: MessageEnd) -> None:
-    conn.message_stored("Q1")
-
-
-def _drain(
-    conn: SMTPConnection, events: list, on_end: Callable[[SMTPConnection, MessageEnd], None]
-) -> None:
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            return
-        if event is PAUSED:
-            assert conn.state is State.CLOSED, "paused without a MessageEnd to answer"
-            return
-        if isinstance(event, MessageData) and events and isinstance(events[-1], MessageData):
-            events[-1] = MessageData(events[-1].data + event.data)
-        else:
-            events.append(event)
-        if isinstance(event, MessageEnd):
-            on_end(conn, event)
-
-
-def run(
-    steps: Sequence[bytes] | bytes,
-    mode: str,
-    conn: SMTPConnection | None = None,
-    *,
-    on_end: Callable[[SMTPConnection, MessageEnd], None] = store_q1,
-) -> Result:
-    """Run a client script through a connection and collect replies and events.
-
-    `steps` are what a careful client sends between waiting for replies.
-    whole: each step in one receive_data; bytewise: one octet at a time;
-    pipelined: NOOP + all steps + NOOP in a single chunk. In pipelined mode the
-    two NOOP replies are checked and removed (a NOOP never changes state, so
-    the case is unchanged); the trailing one must be missing when the
-    connection was closed, since nothing after 221/421 may be executed.
-    """
-    if isinstance(steps, bytes):
-        steps = [steps]
-    conn = conn or make_conn()
-    events: list = []
-    out = []
-    if mode == "pipelined":
-        chunks = [b"NOOP\r\n" + b"".join(steps) + b"NOOP\r\n"]
-    elif mode == "bytewise":
-        chunks = [bytes([b]) for step in steps for b in step]
-    elif mode == "whole":
-        chunks = list(steps)
-    else:  # pragma: no cover
-        raise ValueError(mode)
-    for chunk in chunks:
-        conn.receive_data(chunk)
-        _drain(conn, events, on_end)
-        out.append(conn.data_to_send())
-    replies = b"".join(out)
-    if mode == "pipelined":
-        assert conn.state is not State.DATA, "a pipelined script must not end inside DATA"
-        noop = R.NOOP_OK.to_bytes(conn.extensions.enhancedstatuscodes)
-        assert replies.startswith(noop)
-        replies = replies[len(noop) :]
-        if conn.state is State.CLOSED:
-            assert not replies.endswith(noop)
-        else:
-            assert replies.endswith(noop)
-            replies = replies[: -len(noop)]
-    return Result(conn, replies, events)
-
-
-EHLO = b"EHLO client.example.org\r\n"
-MAIL = b"MAIL FROM:<sender@example.org>\r\n"
-RCPT = b"RCPT TO:<alice@example.test>\r\n"
-DATA = b"DATA\r\n"
-TXN = [EHLO, MAIL, RCPT, DATA]
-EHLO_REPLY_END = b"250 CHUNKING\r\n"
-
-
-def after_ehlo(res: Result) -> bytes:
-    """The replies after the (multi-line) EHLO reply."""
-    i = res.replies.index(EHLO_REPLY_END) + len(EHLO_REPLY_END)
-    return res.replies[i:]
-
+from .smtp_helpers import (
+    DATA,
+    DOMAIN,
+    EHLO,
+    GO_AHEAD,
+    HOST,
+    MAIL,
+    MODES,
+    OK,
+    QUEUED,
+    RCPT,
+    RCPT_OK,
+    SENDER_OK,
+    TXN,
+    Result,
+    after_ehlo,
+    drain,
+    make_conn,
+    run,
+    store_q1,
+)
 
 # ------------------------------------------------------------ greeting, EHLO
 
@@ -1254,7 +1124,7 @@ def _cut_run(script: bytes, cuts: list[int]) -> tuple:
     out = []
     for start, stop in zip([0, *cuts], [*cuts, len(script)], strict=True):
         conn.receive_data(script[start:stop])
-        _drain(conn, events, store_q1)
+        drain(conn, events, store_q1)
         out.append(conn.data_to_send())
     ends = [(e.envelope.size, e.envelope.message_id) for e in events if isinstance(e, MessageEnd)]
     rejected = [
