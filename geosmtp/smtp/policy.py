@@ -19,6 +19,9 @@ from .parser import Mailbox
 # and . _ + - inside the name; no leading dot, no "..", at most 64 octets.
 _SAFE_NAME_RE = re.compile(r"[^\W_](?:[\w.+-]*[^\W_])?")
 MAX_MAILBOX_NAME = 64
+# Letters (category Lo) that render as nothing: a name made of them looks empty.
+# The other default-ignorable code points are not word characters (Cf, Mn).
+_INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")  # Hangul fillers
 
 
 def safe_mailbox_name(local_part: str) -> str | None:
@@ -29,7 +32,7 @@ def safe_mailbox_name(local_part: str) -> str | None:
         return None
     if ".." in name or not _SAFE_NAME_RE.fullmatch(name):
         return None
-    if any(unicodedata.category(c)[0] in "CZ" for c in name):
+    if any(unicodedata.category(c)[0] in "CZ" or c in _INVISIBLE_LETTERS for c in name):
         return None
     return name
 
@@ -59,6 +62,12 @@ class RecipientPolicy:
     users: frozenset[str] = frozenset()
     accept_unknown: bool = True
     postmaster: str = "postmaster"
+
+    def __post_init__(self) -> None:
+        # Compared in canonical form: a domain configured as `exämple.org` (or in
+        # upper case) must match mail for `xn--exmple-cua.org` and vice versa.
+        domains = frozenset(canonical_domain(d) for d in self.local_domains)
+        object.__setattr__(self, "local_domains", domains)
 
     def is_local_domain(self, domain: str) -> bool:
         return canonical_domain(domain) in self.local_domains

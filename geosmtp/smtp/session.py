@@ -164,7 +164,10 @@ Event = (
     | CloseConnection
 )
 
-_MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID_RE = re.compile(
+    rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+)
+_HEADER_END_RE = re.compile(rb"\n\r?\n")  # the empty line after the header section
 _HEADER_SNIFF_LIMIT = 64 * 1024
 
 
@@ -594,6 +597,7 @@ class SMTPConnection:
         self._paused = False
         self.tls = True
         self.helo, self.esmtp = None, False
+        self.auth_user = None  # a login made in the clear (auth_plaintext) is forgotten too
         self._reset_transaction()
         self.state = State.CONNECTED
 
@@ -690,6 +694,8 @@ class SMTPConnection:
         envelope = self.envelope
         if self._chunk_refusal is None and envelope is not None:
             envelope.size += take
+            if self._header_bytes is not None:
+                self._sniff_headers(piece)
             if envelope.size <= self.limits.max_message_size:
                 # Stored with LF line ends like DATA; a CRLF may straddle two pieces.
                 if self._cr_pending:
@@ -699,8 +705,6 @@ class SMTPConnection:
                     piece = piece[:-1]
                 data = piece.replace(b"\r\n", b"\n")
                 if data:
-                    if self._header_bytes is not None:
-                        self._sniff_headers(data)
                     self._events.append(MessageData(data))
         if self._chunk_left == 0:
             self._end_chunk()
@@ -748,13 +752,13 @@ class SMTPConnection:
         if self._discarding_line:
             # The rest of an over-long line: counted in the size, kept nowhere.
             eol = buf.find(b"\r\n")
+            skip = eol + 2 if eol >= 0 else len(buf) - (1 if buf.endswith(b"\r") else 0)
+            envelope.size += skip
+            if self._header_bytes is not None:
+                self._sniff_headers(bytes(buf[:skip]))
+            del buf[:skip]
             if eol < 0:
-                skip = len(buf) - (1 if buf.endswith(b"\r") else 0)
-                envelope.size += skip
-                del buf[:skip]
                 return False
-            envelope.size += eol + 2
-            del buf[: eol + 2]
             self._discarding_line = False
         # The buffer now starts at the beginning of a line.
         if buf.startswith(b".\r\n"):
@@ -780,6 +784,10 @@ class SMTPConnection:
                 if block_len == 0 and consumed == 0:
                     return False
         block = bytes(buf[:block_len])
+        if self._header_bytes is not None:
+            # Every octet of the message as it came, kept or not, so the Message-ID
+            # found does not depend on how the input was cut into reads.
+            self._sniff_headers(block if end else bytes(buf[:consumed]))
         del buf[:consumed]
         if block:
             self._data_block(block)
@@ -808,28 +816,31 @@ class SMTPConnection:
         if stuffed:
             lines = [line[1:] if line[:1] == b"." else line for line in lines]
         lines.append(b"")
-        data = b"\n".join(lines)
-        if self._header_bytes is not None:
-            self._sniff_headers(data)
-        self._events.append(MessageData(data))
+        self._events.append(MessageData(b"\n".join(lines)))
 
     def _sniff_headers(self, data: bytes) -> None:
-        """Keep the header section (up to a limit) to find the Message-ID for the log."""
+        """Keep the header section (up to a limit) to find the Message-ID for the log.
+
+        Fed the message's octets as they arrive (CRLF or bare LF line ends; in DATA
+        with the transparency dots still doubled), whether the message will be kept
+        or refused, so the result never depends on how the input was cut.
+        """
         hb = self._header_bytes
         assert hb is not None
         start = len(hb)
         hb += data
-        if hb[:1] == b"\n":
+        if hb[:1] == b"\n" or hb[:2] == b"\r\n":
             end = 0  # the message starts with a blank line: no header section
         else:
-            # The blank line ending the header section may straddle two blocks
-            # (one line per block when the client sends slowly): look back one octet.
-            i = hb.find(b"\n\n", max(start - 1, 0))
-            end = i + 1 if i >= 0 else -1
-        if end >= 0:
-            del hb[end:]  # a "Message-ID:" line in the body is not the message's
-        elif len(hb) <= _HEADER_SNIFF_LIMIT:
+            # The blank line ending the header section may straddle two pieces
+            # (one octet per piece when the client sends slowly): look back.
+            m = _HEADER_END_RE.search(hb, max(start - 2, 0))
+            end = m.start() + 1 if m else -1
+        if end < 0 and len(hb) <= _HEADER_SNIFF_LIMIT:
             return
+        # A "Message-ID:" line in the body is not the message's; and only the first
+        # octets are searched, the same ones however the input was cut.
+        del hb[min(end if end >= 0 else len(hb), _HEADER_SNIFF_LIMIT) :]
         m = _MESSAGE_ID_RE.search(hb)
         if m and self.envelope is not None:
             value = re.sub(rb"\s+", b" ", m.group(1)).strip()

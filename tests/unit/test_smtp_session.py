@@ -895,6 +895,34 @@ def test_message_id_is_sniffed_from_the_header_only(mode, message, msgid):
     assert end.envelope.message_id == msgid
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("limits", "body"),
+    [
+        (Limits(max_message_size=100), b"x" * 200 + b"\r\n"),  # 552
+        (Limits(text_line=100), b"x" * 200 + b"\r\n"),  # 500: line too long
+        (Limits(text_line=100), b"Subject: " + b"x" * 200 + b"\r\n"),  # ... in the header
+    ],
+)
+def test_message_id_of_a_refused_message_does_not_depend_on_the_cut(mode, limits, body):
+    # The access log shows it for refused messages too: it must not depend on
+    # whether the header arrived in the same read as what got the message refused.
+    message = b"Message-ID: <r@b.example>\r\n" + body + b"\r\n" + body
+    res = run([*TXN, message + b".\r\n"], mode, make_conn(limits))
+    (rejected,) = res.of(TransactionRejected)
+    assert rejected.envelope.message_id == "<r@b.example>"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("padding", "found"), [(60_000, True), (70_000, False)])
+def test_message_id_is_looked_for_in_the_first_64k_only(mode, padding, found):
+    header = b"".join(b"X-Pad: " + b"p" * 90 + b"\r\n" for _ in range(padding // 99))
+    message = header + b"Message-ID: <late@b.example>\r\n\r\nbody\r\n"
+    res = run([*TXN, message + b".\r\n"], mode, make_conn(Limits(max_message_size=10**6)))
+    (end,) = res.of(MessageEnd)
+    assert end.envelope.message_id == ("<late@b.example>" if found else None)
+
+
 # ---------------------------------------------------------- enhanced codes
 
 
@@ -1128,7 +1156,7 @@ def _cut_run(script: bytes, cuts: list[int]) -> tuple:
         out.append(conn.data_to_send())
     ends = [(e.envelope.size, e.envelope.message_id) for e in events if isinstance(e, MessageEnd)]
     rejected = [
-        (e.reply, e.envelope and e.envelope.size)
+        (e.reply, e.envelope and (e.envelope.size, e.envelope.message_id))
         for e in events
         if e.__class__ is TransactionRejected
     ]
