@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args)
-        if args.check_config:
-            server_context(config.tls, config.hostname)  # certificate and key usable?
+        # Certificate and key usable? Checked before logging starts, so that a bad
+        # one is a one-line error and nothing (logs, mail_dir) is created.
+        server_context(config.tls, config.hostname)
     except ConfigError as exc:
         print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE

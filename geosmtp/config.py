@@ -148,6 +148,17 @@ _PATTERNS["password_hash"] = re.compile(r"\$argon2(id|i|d)\$.+")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
+def _is_argon2_hash(text: str) -> bool:
+    from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
+
+    try:
+        extract_parameters(text)
+    except InvalidHashError:
+        return False
+    return True
+
+
 def _describe(value: Any) -> str:
     return repr(value) if not isinstance(value, str) else f"'{value}'"
 
@@ -208,6 +219,9 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -
             raise ConfigError(
                 f"{path}: expected a password hash from 'geosmtp passwd', not a password"
             )
+        if pattern == "password_hash" and not _is_argon2_hash(value):
+            # Cut short in a copy and paste: no login could ever succeed.
+            raise ConfigError(f"{path}: not a complete argon2 hash; make one with 'geosmtp passwd'")
         if pattern and not _PATTERNS[pattern].fullmatch(value.strip()):
             raise ConfigError(f"{path}: not a valid {pattern}: {_describe(value)}")
         return value

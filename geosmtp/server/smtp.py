@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 import gevent
+from gevent import socket as gsocket
 from loguru import logger
 
 from .. import logs
@@ -137,7 +138,9 @@ class SMTPSession:
         self.shutdown_pending = True
         if self.reading:
             try:
-                self.sock.shutdown(socket.SHUT_RD)
+                # The plain socket's shutdown, under TLS too: SSLSocket.shutdown drops
+                # the TLS state, and the 421 would then go out in the clear.
+                gsocket.socket.shutdown(self.sock, socket.SHUT_RD)
             except OSError:
                 pass
 

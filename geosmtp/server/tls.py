@@ -37,14 +37,49 @@ def server_context(tls: TLS, hostname: str) -> ssl.SSLContext | None:
         if not path.is_file():
             raise ConfigError(f"{key}: no such file: '{path}'")
     try:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    except ssl.SSLError as exc:
+        # Without a password callback OpenSSL asks for a passphrase on the terminal
+        # and the server hangs at start; an encrypted key is refused instead.
+        ctx.load_cert_chain(str(tls.cert), str(tls.key), password=_no_passphrase)
+    except _EncryptedKey:
         raise ConfigError(
-            f"tls.cert: cannot use '{tls.cert}' with tls.key: {exc.reason or exc}"
+            f"tls.key: '{tls.key}' is encrypted; geosmtp needs a key without a passphrase"
         ) from None
-    except OSError as exc:
-        raise ConfigError(f"tls.cert: cannot read '{tls.cert}': {exc.strerror}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(_diagnose(tls, exc)) from None
     return ctx
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKey
+
+
+def _diagnose(tls: TLS, exc: Exception) -> str:
+    """Which of tls.cert and tls.key is at fault, for a one-line error."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    assert tls.cert is not None and tls.key is not None
+    try:
+        x509.load_pem_x509_certificates(tls.cert.read_bytes())
+    except OSError as err:
+        return f"tls.cert: cannot read '{tls.cert}': {err.strerror}"
+    except ValueError:
+        return f"tls.cert: '{tls.cert}' holds no PEM certificate"
+    try:
+        serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+    except OSError as err:
+        return f"tls.key: cannot read '{tls.key}': {err.strerror}"
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return f"tls.key: '{tls.key}' holds no usable PEM private key"
+    if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+        return f"tls.key: '{tls.key}' does not match the certificate in tls.cert"
+    reason = exc.reason if isinstance(exc, ssl.SSLError) else None
+    return f"tls.cert: cannot use '{tls.cert}' with tls.key: {reason or exc}"
 
 
 def _load_self_signed(ctx: ssl.SSLContext, hostname: str) -> None:
