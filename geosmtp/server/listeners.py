@@ -20,6 +20,7 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 from loguru import logger
 
+from .. import logs
 from ..auth import AuthThrottle, UserDB
 from ..config import Config, Listener
 from ..smtp import Extensions, Limits, RecipientPolicy, Security, SMTPConnection
@@ -60,6 +61,7 @@ class MailServer:
         self._live: dict[gevent.Greenlet, SMTPSession] = {}
         self.servers: list[StreamServer] = []
         self.stopping = False
+        self._access_writer: gevent.Greenlet | None = None
         self.tls_context = tls.server_context(config.tls, config.hostname)  # may raise ConfigError
         self.apply_config(config)
 
@@ -124,6 +126,7 @@ class MailServer:
     # --------------------------------------------------------- listeners
 
     def start(self) -> None:
+        self._access_writer = gevent.spawn(self._write_access_log)
         for listener in self.config.listeners:
             family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
             sock = gsocket.socket(family, socket.SOCK_STREAM)
@@ -185,6 +188,12 @@ class MailServer:
 
     # --------------------------------------------------------------- stop
 
+    @staticmethod
+    def _write_access_log(interval: float = 0.1) -> None:
+        while True:
+            gevent.sleep(interval)
+            logs.access_log.flush()
+
     def close_listeners(self) -> None:
         for server in self.servers:
             server.close()
@@ -203,4 +212,7 @@ class MailServer:
         self.sessions.join(timeout=max(5.0, self.config.timeouts.command / 60))
         if self.sessions:
             self.sessions.kill(block=True, timeout=5)
+        if self._access_writer is not None:
+            self._access_writer.kill()
+        logs.access_log.flush()
         logger.info("stopped")

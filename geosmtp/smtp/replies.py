@@ -6,6 +6,7 @@ so the wire format (multi-line continuation, enhanced codes) lives in one place.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -24,7 +25,12 @@ class Reply:
         return "\n".join(self.lines)
 
     def to_bytes(self, enhanced: bool = True) -> bytes:
-        """Render per RFC 5321 §4.2.1: `code-text` on all lines but the last."""
+        """Render per RFC 5321 §4.2.1: `code-text` on all lines but the last.
+
+        The fixed replies are rendered once (see `_rendered`)."""
+        return _rendered(self, enhanced)
+
+    def _render(self, enhanced: bool) -> bytes:
         prefix = f"{self.status} " if enhanced and self.status else ""
         out = []
         last = len(self.lines) - 1
@@ -35,6 +41,11 @@ class Reply:
             text = prefix + line if i == 0 else line
             out.append(f"{self.code}{sep}{text}\r\n")
         return "".join(out).encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=512)
+def _rendered(reply: Reply, enhanced: bool) -> bytes:
+    return reply._render(enhanced)
 
 
 def reply(code: int, status: str | None, *lines: str) -> Reply:
