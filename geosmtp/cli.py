@@ -1,6 +1,7 @@
 """The `geosmtp` command.
 
     geosmtp [-c config.yaml] [-l ADDR] [-p PORT] [-d DIR] [--check-config]
+    geosmtp passwd            print a password hash for the config's users
 
 Exit status: 0 on a clean stop, 1 when the server cannot start (a port in
 use), 2 on a usage or configuration error, with a one-line message.
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="geosmtp",
         description="geosmtp: an SMTP server that delivers to Maildirs.",
+        epilog="Other commands: 'geosmtp passwd' prints a password hash for users.<name>.password.",
     )
     p.add_argument("-v", "--version", action="version", version=f"geosmtp {__version__}")
     p.add_argument(
@@ -83,16 +85,52 @@ def _one_line(text: str) -> str:
     return " ".join(part for part in parts if any(c.isalnum() for c in part))
 
 
+def passwd(argv: list[str]) -> int:
+    """`geosmtp passwd`: read a password (twice on a terminal), print its hash."""
+    import getpass
+
+    p = argparse.ArgumentParser(
+        prog="geosmtp passwd",
+        description="Print an argon2id hash of a password, to paste into the config as "
+        "users.<name>.password. Reads the password from the terminal, or one line of stdin.",
+    )
+    p.parse_args(argv)
+    from .auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Again: "):
+            print("geosmtp passwd: the passwords differ", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("geosmtp passwd: empty password", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_password(password))
+    return EXIT_OK
+
+
+SUBCOMMANDS = {"passwd": passwd}
+
+
 def main(argv: list[str] | None = None) -> int:
     from gevent import monkey
 
     monkey.patch_all()  # first: stdlib clients (smtplib, subprocess) must cooperate
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
     from .config import ConfigError
+    from .server.tls import server_context
 
     try:
         config = load_config(args)
+        # Certificate and key usable? Checked before logging starts, so that a bad
+        # one is a one-line error and nothing (logs, mail_dir) is created.
+        server_context(config.tls, config.hostname)
     except ConfigError as exc:
         print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
@@ -110,6 +148,7 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
     from loguru import logger
 
     from . import logs
+    from .config import ConfigError
     from .server.listeners import MailServer, raise_open_files_limit
 
     try:
@@ -121,6 +160,10 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
     try:
         server = MailServer(config)
         server.start()
+    except ConfigError as exc:  # the TLS certificate or key cannot be used
+        logger.error("cannot start: {}", exc)
+        print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         reason = exc.strerror or str(exc)
         if exc.filename is not None:  # mail_dir cannot be made: say which path

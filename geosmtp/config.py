@@ -25,8 +25,15 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the key path."""
 
 
-def _positive(default: int, **extra: Any) -> Any:
-    return field(default=default, metadata={"min": 1, **extra})
+def _positive(default: float, **extra: Any) -> Any:
+    """A number that must be above zero (an int field: at least 1)."""
+    return field(default=default, metadata={"positive": True, **extra})
+
+
+#: What a listener is for: `mx` takes mail for the local domains from anyone;
+#: `submission` (port 587) wants AUTH before MAIL; `submissions` (port 465) is
+#: the same inside implicit TLS (RFC 8314).
+Role = Literal["mx", "submission", "submissions"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class Listener:
     #: IPv4 or IPv6 address to bind ("0.0.0.0" or "::" for all).
     address: str = "127.0.0.1"
     port: int = field(default=2525, metadata={"min": 0, "max": 65535})
+    role: Role = "mx"
 
 
 @dataclass(frozen=True)
@@ -61,12 +69,40 @@ class Extensions:
     size: bool = True
     eightbitmime: bool = True
     enhancedstatuscodes: bool = True
+    smtputf8: bool = True
+    chunking: bool = True
+    starttls: bool = True
+    auth: bool = True
 
 
 @dataclass(frozen=True)
 class User:
     #: A password hash from `geosmtp passwd` (used by AUTH); none means no login.
-    password: str | None = None
+    password: str | None = field(default=None, metadata={"pattern": "password_hash"})
+
+
+@dataclass(frozen=True)
+class TLS:
+    cert: Path | None = field(default=None, metadata={"path": True})
+    key: Path | None = field(default=None, metadata={"path": True})
+    #: Without cert and key: make a throwaway self-signed certificate at start.
+    self_signed: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    handshake_timeout: float = _positive(10)
+
+
+@dataclass(frozen=True)
+class Auth:
+    #: Offer AUTH without TLS (passwords in the clear): for local testing only.
+    allow_plaintext: bool = False
+    #: A YAML file with a `users:` mapping like the one here, merged into it.
+    users_file: Path | None = field(default=None, metadata={"path": True})
+    #: An authenticated user may send only as <user@local domain> (else 553 5.7.1).
+    sender_must_match: bool = False
+    #: Failed logins from one address before 421 and disconnect.
+    max_failures: int = _positive(5)
+    #: Seconds the reply to the first failure is held; doubles each time (at most 8 s).
+    failure_delay: float = field(default=1.0, metadata={"min": 0})
 
 
 @dataclass(frozen=True)
@@ -90,9 +126,13 @@ class Config:
     mail_dir: Path = field(default=Path("mail_dir"), metadata={"path": True})
     unknown_recipients: Literal["accept", "reject"] = "accept"
     users: dict[str, User] = field(default_factory=dict)
+    #: Client networks that may relay without AUTH: loopback and private ranges only.
+    trusted_networks: list[str] = field(default_factory=list)
     postmaster: str = "postmaster"
     fsync: bool = True
     vrfy: bool = False
+    tls: TLS = field(default_factory=TLS)
+    auth: Auth = field(default_factory=Auth)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     extensions: Extensions = field(default_factory=Extensions)
@@ -104,7 +144,19 @@ _PATTERNS = {
         r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)|\d+\s*(hours?|days?|weeks?|months?)", re.I
     ),
 }
+_PATTERNS["password_hash"] = re.compile(r"\$argon2(id|i|d)\$.+")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _is_argon2_hash(text: str) -> bool:
+    from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
+
+    try:
+        extract_parameters(text)
+    except InvalidHashError:
+        return False
+    return True
 
 
 def _describe(value: Any) -> str:
@@ -143,19 +195,19 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -
             raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
         return value
     if tp in (int, float):
+        kind = "an integer" if tp is int else "a number"
+        if meta.get("positive"):
+            kind = "a positive integer" if tp is int else "a positive number"
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or (tp is int and not isinstance(value, int))
+            or (meta.get("positive") and value <= 0)
         ):
-            kind = "an integer" if tp is int else "a number"
-            if meta.get("min") == 1:
-                kind = "a positive integer" if tp is int else "a positive number"
             raise ConfigError(f"{path}: expected {kind}, got {_describe(value)}")
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo:
-            what = "a positive number" if lo == 1 else f"at least {lo}"
-            raise ConfigError(f"{path}: expected {what}, got {_describe(value)}")
+            raise ConfigError(f"{path}: expected at least {lo}, got {_describe(value)}")
         if hi is not None and value > hi:
             raise ConfigError(f"{path}: expected at most {hi}, got {_describe(value)}")
         return tp(value)
@@ -163,6 +215,13 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{path}: expected a non-empty string, got {_describe(value)}")
         pattern = meta.get("pattern")
+        if pattern == "password_hash" and not _PATTERNS[pattern].fullmatch(value):
+            raise ConfigError(
+                f"{path}: expected a password hash from 'geosmtp passwd', not a password"
+            )
+        if pattern == "password_hash" and not _is_argon2_hash(value):
+            # Cut short in a copy and paste: no login could ever succeed.
+            raise ConfigError(f"{path}: not a complete argon2 hash; make one with 'geosmtp passwd'")
         if pattern and not _PATTERNS[pattern].fullmatch(value.strip()):
             raise ConfigError(f"{path}: not a valid {pattern}: {_describe(value)}")
         return value
@@ -210,6 +269,23 @@ def _check(config: Config) -> None:
             ) from None
     if not config.listeners:
         raise ConfigError("listeners: at least one listener is needed")
+    for i, text in enumerate(config.trusted_networks):
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_networks[{i}]: not a network: '{text}'") from None
+        # Trusting a public range would make an open relay, whatever else is set.
+        if not (net.is_loopback or net.is_private or net.is_link_local) or net.prefixlen < 8:
+            raise ConfigError(
+                f"trusted_networks[{i}]: '{text}' is not a loopback or private network; "
+                "trusting it would make an open relay"
+            )
+    has_tls = config.tls.cert is not None or config.tls.self_signed
+    for i, listener in enumerate(config.listeners):
+        if listener.role == "submissions" and not has_tls:
+            raise ConfigError(
+                f"listeners[{i}].role: submissions needs tls.cert and tls.key (or tls.self_signed)"
+            )
     from .smtp.policy import safe_mailbox_name
 
     for name in [*config.users, config.postmaster]:
@@ -221,8 +297,24 @@ def _check(config: Config) -> None:
 def from_mapping(data: Any, base: Path = Path(".")) -> Config:
     config = _build(Config, {} if data is None else data, "", base.resolve())
     config = dataclasses.replace(config, domains=[d.lower() for d in config.domains])
+    if config.auth.users_file is not None:
+        config = dataclasses.replace(config, users={**config.users, **_users_file(config)})
     _check(config)
     return config
+
+
+def _users_file(config: Config) -> dict[str, User]:
+    path = config.auth.users_file
+    assert path is not None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"auth.users_file: cannot read '{path}': {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"auth.users_file: invalid YAML in '{path}': {exc}") from None
+    if not isinstance(data, dict) or set(data) - {"users"}:
+        raise ConfigError(f"auth.users_file: '{path}' must hold one mapping, 'users:'")
+    return _convert(dict[str, User], data.get("users") or {}, f"{path}: users", {}, path.parent)
 
 
 def load(path: str | Path) -> Config:

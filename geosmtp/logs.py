@@ -6,12 +6,20 @@
 
 Everything a client chose is passed through `clean()` first, so a CR or LF
 from the network can never start a log line of its own.
+
+Access lines are stamped when they happen and gathered in `access_log`; the
+server's writer greenlet hands them to loguru in batches (`flush()`, every
+100 ms). One loguru call per line from each client's greenlet cost about
+100 µs (loguru asks `threading.current_thread()`, which under gevent builds a
+dummy thread for every new greenlet) — a fifth of the server's time per
+message at full load.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,9 +29,39 @@ from .config import Log
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _SERVER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
-_ACCESS_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {message}"
+_ACCESS_FORMAT = "{message}"  # access lines carry their own time stamp
 
 access = logger.bind(access=True)
+
+
+class AccessLog:
+    """Access-log lines, time-stamped on arrival and written in batches."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._second = -1
+        self._prefix = ""
+
+    def _stamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date part changes once a second
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+            self._zone = time.strftime("%z", time.localtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}{self._zone}"
+
+    def write(self, line: str) -> None:
+        self._lines.append(f"{self._stamp()} {line}\n")
+
+    def flush(self) -> None:
+        if self._lines:
+            batch = "".join(self._lines)
+            self._lines.clear()
+            access.opt(raw=True).info(batch)
+
+
+access_log = AccessLog()
 
 
 def clean(value: Any, limit: int = 512) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -107,6 +109,14 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def _port_accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def write_config(root: Path, overrides: dict | None = None, port: int | None = None) -> Path:
     config = {
         "hostname": HOSTNAME,
@@ -149,12 +159,20 @@ def start_server(
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     server = RunningServer(proc, listener["address"], listener["port"], root, path)
+    for item in config["listeners"]:
+        server.ports.setdefault(item.get("role", "mx"), item["port"])
+    # An implicit-TLS listener says nothing before a handshake: probe another one,
+    # or (when there is none) only see that it accepts connections.
+    plain = [li for li in config["listeners"] if li.get("role", "mx") != "submissions"]
+    probe = plain[0] if plain else listener
     if wait:
 
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"server exited {proc.returncode}: {server.stderr()[-2000:]}")
-            return _port_open(server.host, server.port)
+            if not plain:
+                return _port_accepts(probe["address"], probe["port"])
+            return _port_open(probe["address"], probe["port"])
 
         wait_until(ready, timeout=20, what="server to listen")
     return server
@@ -180,3 +198,79 @@ def make_server(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def server(make_server) -> RunningServer:
     return make_server()
+
+
+# ------------------------------------------------------------ TLS and AUTH
+
+
+@dataclass
+class Certs:
+    """A throwaway CA (trustme) and a server certificate for 127.0.0.1 and HOSTNAME."""
+
+    ca: object  # trustme.CA
+    cert: Path  # the server's certificate chain, PEM
+    key: Path  # its private key, PEM
+    ca_file: Path  # the CA's certificate, PEM (for swaks, curl, openssl)
+
+    def client_context(self, **versions) -> ssl.SSLContext:
+        """A client context that trusts only this CA; `maximum_version=...` etc. as keywords."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        for name, value in versions.items():
+            setattr(ctx, name, value)
+        return ctx
+
+    @property
+    def tls_config(self) -> dict:
+        return {"cert": str(self.cert), "key": str(self.key)}
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Certs:
+    trustme = pytest.importorskip("trustme")
+    root = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    leaf = ca.issue_cert(HOSTNAME, "localhost", "127.0.0.1", "::1")
+    cert, key, ca_file = root / "cert.pem", root / "key.pem", root / "ca.pem"
+    for i, blob in enumerate(leaf.cert_chain_pems):
+        blob.write_to_path(str(cert), append=i > 0)
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Certs(ca, cert, key, ca_file)
+
+
+@functools.cache
+def password_hash(password: str) -> str:
+    """An argon2 hash as `geosmtp passwd` prints it (cached: hashing is slow on purpose)."""
+    from geosmtp.auth import hash_password
+
+    return hash_password(password)
+
+
+def users(**passwords: str | None) -> dict:
+    """The `users:` section: `users(alice="pw", bob=None)`; None means no login."""
+    return {
+        name: ({"password": password_hash(pw)} if pw is not None else {})
+        for name, pw in passwords.items()
+    }
+
+
+def listeners(*roles: str) -> list[dict]:
+    """One listener on 127.0.0.1 and a free port per role, in this order."""
+    return [{"address": "127.0.0.1", "port": free_port(), "role": role} for role in roles]
+
+
+@pytest.fixture(scope="module")
+def make_module_server(tmp_path_factory) -> Iterator:
+    """Like `make_server`, for a server shared by the tests of one module."""
+    started: list[RunningServer] = []
+
+    def factory(overrides: dict | None = None, **kwargs) -> RunningServer:
+        server = start_server(tmp_path_factory.mktemp("msrv"), overrides, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=10)

@@ -9,6 +9,8 @@ resized live).
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import resource
 import socket
 
@@ -18,10 +20,13 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 from loguru import logger
 
-from ..config import Config
-from ..smtp import Extensions, Limits, RecipientPolicy, SMTPConnection
+from .. import logs
+from ..auth import AuthThrottle, UserDB
+from ..config import Config, Listener
+from ..smtp import Extensions, Limits, RecipientPolicy, Security, SMTPConnection
 from ..smtp import replies as R
 from ..storage.maildir import MaildirStore
+from . import tls
 from .smtp import SMTPSession
 
 
@@ -56,6 +61,8 @@ class MailServer:
         self._live: dict[gevent.Greenlet, SMTPSession] = {}
         self.servers: list[StreamServer] = []
         self.stopping = False
+        self._access_writer: gevent.Greenlet | None = None
+        self.tls_context = tls.server_context(config.tls, config.hostname)  # may raise ConfigError
         self.apply_config(config)
 
     # ------------------------------------------------------------ config
@@ -69,34 +76,57 @@ class MailServer:
             accept_unknown=config.unknown_recipients == "accept",
             postmaster=config.postmaster,
         )
-        lim = config.limits
-        self.limits = Limits(
-            command_line=lim.command_line,
-            text_line=lim.text_line,
-            max_message_size=lim.max_message_size,
-            max_recipients=lim.max_recipients,
-            max_errors=lim.max_errors,
+        # The config's sections and the core's settings have the same fields.
+        self.limits = Limits(**dataclasses.asdict(config.limits))
+        self.extensions = Extensions(**dataclasses.asdict(config.extensions))
+        self.users = UserDB(
+            {name: user.password for name, user in config.users.items()},
+            frozenset(config.domains),
         )
-        ext = config.extensions
-        self.extensions = Extensions(
-            pipelining=ext.pipelining,
-            size=ext.size,
-            eightbitmime=ext.eightbitmime,
-            enhancedstatuscodes=ext.enhancedstatuscodes,
+        self.auth_throttle = AuthThrottle(
+            max_failures=config.auth.max_failures, base_delay=config.auth.failure_delay
+        )
+        self.trusted_networks = [
+            ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
+        ]
+
+    def security(self, listener: Listener, peer: str) -> Security:
+        """What a client on `listener` from `peer` may do; see `Security`."""
+        config = self.config
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return Security(
+            tls_available=self.tls_context is not None,
+            tls_active=listener.role == "submissions",
+            auth_available=bool(self.users),
+            auth_plaintext=config.auth.allow_plaintext,
+            auth_required=listener.role != "mx",
+            trusted=address is not None and any(address in n for n in self.trusted_networks),
+            sender_must_match=config.auth.sender_must_match,
         )
 
-    def new_connection(self) -> SMTPConnection:
+    def new_connection(self, listener: Listener, peer: str) -> SMTPConnection:
         return SMTPConnection(
             self.config.hostname,
             self.policy,
             self.limits,
             self.extensions,
+            self.security(listener, peer),
             vrfy=self.config.vrfy,
         )
+
+    def run_blocking(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run CPU-heavy or blocking work in the hub's threadpool."""
+        return _threadpool_apply(fn, *args)
 
     # --------------------------------------------------------- listeners
 
     def start(self) -> None:
+        self._access_writer = gevent.spawn(self._write_access_log)
         for listener in self.config.listeners:
             family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
             sock = gsocket.socket(family, socket.SOCK_STREAM)
@@ -113,11 +143,17 @@ class MailServer:
                     f"cannot listen on [{listener.address}]:{listener.port}: {exc.strerror}",
                 ) from None
             sock.listen(1024)
-            server = StreamServer(sock, self._handle)
+            server = StreamServer(sock, self._handler(listener))
             server.start()
             self.servers.append(server)
             host, port = sock.getsockname()[:2]
-            logger.info("listening on [{}]:{}", host, port)
+            logger.info("listening on [{}]:{} ({})", host, port, listener.role)
+
+    def _handler(self, listener: Listener):  # type: ignore[no-untyped-def]
+        def handle(client: socket.socket, address: tuple) -> None:
+            self._handle(client, address, listener)
+
+        return handle
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -135,13 +171,13 @@ class MailServer:
             client.close()
         logger.warning("refused [{}]: {}", address[0], reply.text)
 
-    def _handle(self, client: socket.socket, address: tuple) -> None:
+    def _handle(self, client: socket.socket, address: tuple, listener: Listener) -> None:
         # Checked and counted with no switch in between, so the cap is exact.
         if self.stopping or len(self._live) >= self.config.max_clients:
             self._refuse(client, address)
             return
         greenlet = gevent.getcurrent()
-        session = SMTPSession(self, client, address)
+        session = SMTPSession(self, client, address, listener)
         session.greenlet = greenlet  # type: ignore[assignment]
         self._live[greenlet] = session
         self.sessions.add(greenlet)  # type: ignore[arg-type]
@@ -151,6 +187,12 @@ class MailServer:
             del self._live[greenlet]
 
     # --------------------------------------------------------------- stop
+
+    @staticmethod
+    def _write_access_log(interval: float = 0.1) -> None:
+        while True:
+            gevent.sleep(interval)
+            logs.access_log.flush()
 
     def close_listeners(self) -> None:
         for server in self.servers:
@@ -170,4 +212,7 @@ class MailServer:
         self.sessions.join(timeout=max(5.0, self.config.timeouts.command / 60))
         if self.sessions:
             self.sessions.kill(block=True, timeout=5)
+        if self._access_writer is not None:
+            self._access_writer.kill()
+        logs.access_log.flush()
         logger.info("stopped")

@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import ssl
 import time
 from typing import TYPE_CHECKING
 
 import gevent
+from gevent import socket as gsocket
 from loguru import logger
 
 from .. import logs
 from ..smtp import (
     NEED_DATA,
+    AuthRequest,
     CloseConnection,
+    MessageAborted,
     MessageData,
     MessageEnd,
     MessageStart,
     SMTPConnection,
+    StartTLS,
     TransactionRejected,
 )
 from ..smtp import replies as R
@@ -31,9 +37,9 @@ from ..smtp.trace import trace_headers
 from ..storage.maildir import Spool, StorageError
 
 if TYPE_CHECKING:
-    from gevent.socket import socket
-
+    from ..config import Listener
     from ..smtp import Envelope
+    from ..smtp.sasl import Credentials
     from .listeners import MailServer
 
 READ_SIZE = 64 * 1024
@@ -47,25 +53,36 @@ class ShutdownRequested(Exception):
     """The server is stopping and the grace period is over."""
 
 
+class HandshakeFailed(Exception):
+    """TLS could not be set up with the client; the session ends without a reply."""
+
+
+TOO_MANY_AUTH_FAILURES = R.reply(421, "4.7.0", "Error: too many authentication failures")
+
+
 _session_ids = itertools.count(1)
 _queue_ids = itertools.count(1)
+# Unique across restarts and processes: the start time in microseconds and the pid.
+_QUEUE_PREFIX = f"{time.time_ns() // 1000:X}{os.getpid() & 0xFFFF:04X}"
 
 
 def new_queue_id() -> str:
-    """Unique per process and across restarts: microseconds, pid and a counter, in hex."""
-    micros = time.time_ns() // 1000
-    return f"{micros:X}{os.getpid() & 0xFFFF:04X}{next(_queue_ids) & 0xFFFF:04X}"
+    """This process's prefix and a counter, in hex."""
+    return f"{_QUEUE_PREFIX}{next(_queue_ids):06X}"
 
 
 class SMTPSession:
-    def __init__(self, server: MailServer, sock: socket, address: tuple) -> None:
+    def __init__(
+        self, server: MailServer, sock: socket.socket, address: tuple, listener: Listener
+    ) -> None:
         self.server = server
         self.sock = sock
         self.peer = address[0]
         self.peer_port = address[1]
+        self.listener = listener
         self.id = f"{next(_session_ids):X}"
         self.started = time.monotonic()
-        self.conn: SMTPConnection = server.new_connection()
+        self.conn: SMTPConnection = server.new_connection(listener, self.peer)
         self.spool: Spool | _FailedSpool | None = None
         self.queue_id: str | None = None
         self.greenlet: gevent.Greenlet | None = None
@@ -85,31 +102,65 @@ class SMTPSession:
         return timeouts.command
 
     def _read(self) -> bytes:
+        """One `recv` under the timeout the session's state calls for.
+
+        The timeout is the socket's own: gevent arms a `Timeout` only when the
+        read has to wait, where a `with gevent.Timeout` would cost two timer
+        operations on every read, also when the data is already there.
+        """
         if self.shutdown_pending:
             raise ShutdownRequested
         self.reading = True
         try:
-            with gevent.Timeout(self._timeout(), ClientTimeout):
-                data = self.sock.recv(READ_SIZE)
+            self.sock.settimeout(self._timeout())
+            data = self.sock.recv(READ_SIZE)
+        except TimeoutError:
+            raise ClientTimeout from None
+        except OSError:
+            # gevent cancels a blocked recv with EBADF when the read side is shut.
+            if self.shutdown_pending:
+                raise ShutdownRequested from None
+            raise
         finally:
             self.reading = False
+        # Checked here, at a point of our choosing, so a stop never interrupts a
+        # delivery half-way (see shutdown()).
+        if self.shutdown_pending:
+            raise ShutdownRequested
         self.bytes_in += len(data)
         return data
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()
-        if out:
-            with gevent.Timeout(self.server.config.timeouts.command, ClientTimeout):
-                self.sock.sendall(out)
-            self.bytes_out += len(out)
+        if not out:
+            return
+        # Replies are small: one send nearly always takes them whole, and costs
+        # less than sendall (which asks the kernel for SO_SNDBUF every call).
+        sock = self.sock
+        try:
+            sock.settimeout(self.server.config.timeouts.command)
+            sent = sock.send(out)
+            if sent < len(out):
+                sock.sendall(out[sent:])
+        except TimeoutError:
+            raise ClientTimeout from None
+        self.bytes_out += len(out)
 
-    def shutdown(self) -> bool:
-        """Ask the session to end with 421; True when it was interrupted right away."""
-        if self.reading:
-            self.greenlet.kill(ShutdownRequested, block=False)
-            return True
+    def shutdown(self) -> None:
+        """Ask the session to end with 421 before its next read.
+
+        A session blocked in `recv` is woken by shutting the socket's read side
+        (the `recv` returns); nothing is thrown into the greenlet, so a session in
+        the middle of storing a message finishes it first.
+        """
         self.shutdown_pending = True
-        return False
+        if self.reading:
+            try:
+                # The plain socket's shutdown, under TLS too: SSLSocket.shutdown drops
+                # the TLS state, and the 421 would then go out in the clear.
+                gsocket.socket.shutdown(self.sock, socket.SHUT_RD)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------ the loop
 
@@ -117,6 +168,8 @@ class SMTPSession:
         conn = self.conn
         logger.debug("session {} connect from [{}]:{}", self.id, self.peer, self.peer_port)
         try:
+            if self.conn.tls:  # an implicit-TLS listener: handshake before the greeting
+                self._handshake()
             self.sock.sendall(conn.greeting())
             while True:
                 event = conn.next_event()
@@ -136,6 +189,14 @@ class SMTPSession:
                     self._deliver(event.envelope)
                 elif type(event) is TransactionRejected:
                     self._rejected(event)
+                elif type(event) is MessageAborted:
+                    self._discard_spool()
+                elif type(event) is StartTLS:
+                    self._flush()
+                    self._handshake()
+                    conn.tls_started()
+                elif type(event) is AuthRequest:
+                    self._authenticate(event.credentials)
                 elif type(event) is CloseConnection:
                     self._flush()
                     break
@@ -145,6 +206,8 @@ class SMTPSession:
             self._close_with(R.TIMEOUT)
         except ShutdownRequested:
             self._close_with(R.SHUTTING_DOWN)
+        except HandshakeFailed as exc:
+            logger.debug("session {}: TLS handshake failed: {}", self.id, exc)
         except (OSError, StorageError) as exc:
             logger.debug("session {} socket error: {}", self.id, exc)
         finally:
@@ -168,6 +231,48 @@ class SMTPSession:
         except (OSError, ClientTimeout):
             pass
 
+    # ------------------------------------------------------ TLS and AUTH
+
+    def _handshake(self) -> None:
+        context = self.server.tls_context
+        assert context is not None
+        try:
+            with gevent.Timeout(self.server.config.tls.handshake_timeout, HandshakeFailed):
+                tls_sock = context.wrap_socket(
+                    self.sock, server_side=True, do_handshake_on_connect=False
+                )
+                self.sock = tls_sock
+                tls_sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            raise HandshakeFailed(str(exc)) from None
+
+    def _authenticate(self, credentials: Credentials) -> None:
+        """Check a login in the threadpool; failures are delayed, then disconnected."""
+        server = self.server
+        throttle = server.auth_throttle
+        user = None
+        if not throttle.blocked(self.peer):
+            user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
+        if user is not None:
+            throttle.succeeded(self.peer)
+            logger.info(
+                "session {}: [{}] authenticated as {} ({})",
+                self.id,
+                self.peer,
+                user,
+                credentials.mechanism,
+            )
+            self.conn.auth_result(user)
+            return
+        delay, disconnect = throttle.failed(self.peer)
+        # The login name is part of the AUTH arguments: it is not logged either.
+        logger.warning("session {}: [{}] authentication failed", self.id, self.peer)
+        self._flush()
+        gevent.sleep(delay)
+        self.conn.auth_result(None)
+        if disconnect:
+            self.conn.close_with(TOO_MANY_AUTH_FAILURES)
+
     # ----------------------------------------------------------- messages
 
     def _start_message(self, envelope: Envelope) -> None:
@@ -188,6 +293,8 @@ class SMTPSession:
                 client_ip=self.peer,
                 queue_id=self.queue_id,
                 timestamp=time.time(),
+                tls=envelope.tls,
+                authenticated=envelope.auth_user is not None,
             )
         )
 
@@ -209,9 +316,11 @@ class SMTPSession:
         self._access(envelope, 250, queue=self.queue_id)
 
     def _rejected(self, event: TransactionRejected) -> None:
-        if event.stage == "DATA":
+        if event.stage in ("DATA", "BDAT"):
             self._discard_spool()
-        self._access(event.envelope, event.reply.code, stage=event.stage)
+        address = {"MAIL": "from", "RCPT": "to"}.get(event.stage)
+        extra = {address: f"<{event.address}>"} if address and event.address is not None else {}
+        self._access(event.envelope, event.reply.code, stage=event.stage, **extra)
 
     def _discard_spool(self) -> None:
         if self.spool is not None:
@@ -220,19 +329,20 @@ class SMTPSession:
 
     def _access(self, envelope: Envelope | None, code: int, **extra: str | None) -> None:
         conn = self.conn
-        logs.access.info(
-            logs.access_line(
-                session=self.id,
-                client=self.peer,
-                helo=conn.helo,
-                **{"from": f"<{envelope.sender_address}>" if envelope else None},
-                to=[f"<{r.mailbox.address}>" for r in envelope.recipients] if envelope else None,
-                size=envelope.size if envelope and envelope.size else None,
-                msgid=envelope.message_id if envelope else None,
-                result=str(code),
-                **extra,
-            )
-        )
+        fields: dict = {
+            "session": self.id,
+            "client": self.peer,
+            "helo": conn.helo,
+            "user": conn.auth_user,
+            "tls": "yes" if conn.tls else None,
+        }
+        if envelope is not None:
+            fields["from"] = f"<{envelope.sender_address}>"
+            fields["to"] = [f"<{r.mailbox.address}>" for r in envelope.recipients]
+            fields["size"] = envelope.size or None
+            fields["msgid"] = envelope.message_id
+        fields.update(extra)  # a refused address replaces the envelope's
+        logs.access_log.write(logs.access_line(**fields, result=str(code)))
 
 
 class _FailedSpool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class SyntaxProblem(ValueError):
@@ -21,15 +21,14 @@ class Mailbox:
 
     local_part: str
     domain: str  # "" only for the special forward-path <postmaster> (§4.5.1)
+    #: The address as it is written back (quoted when it must be); made once.
+    address: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def address(self) -> str:
-        if not self.domain:
-            return self.local_part
+    def __post_init__(self) -> None:
         local = self.local_part
-        if not _DOT_STRING_UTF8_RE.fullmatch(local):
+        if self.domain and not _DOT_STRING_UTF8_RE.fullmatch(local):
             local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return f"{local}@{self.domain}"
+        object.__setattr__(self, "address", f"{local}@{self.domain}" if self.domain else local)
 
     def __str__(self) -> str:
         return self.address

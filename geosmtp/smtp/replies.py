@@ -6,6 +6,7 @@ so the wire format (multi-line continuation, enhanced codes) lives in one place.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -24,7 +25,12 @@ class Reply:
         return "\n".join(self.lines)
 
     def to_bytes(self, enhanced: bool = True) -> bytes:
-        """Render per RFC 5321 §4.2.1: `code-text` on all lines but the last."""
+        """Render per RFC 5321 §4.2.1: `code-text` on all lines but the last.
+
+        The fixed replies are rendered once (see `_rendered`)."""
+        return _rendered(self, enhanced)
+
+    def _render(self, enhanced: bool) -> bytes:
         prefix = f"{self.status} " if enhanced and self.status else ""
         out = []
         last = len(self.lines) - 1
@@ -35,6 +41,11 @@ class Reply:
             text = prefix + line if i == 0 else line
             out.append(f"{self.code}{sep}{text}\r\n")
         return "".join(out).encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=512)
+def _rendered(reply: Reply, enhanced: bool) -> bytes:
+    return reply._render(enhanced)
 
 
 def reply(code: int, status: str | None, *lines: str) -> Reply:
@@ -82,6 +93,32 @@ TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
 SIZE_DECLARED_TOO_BIG = reply(552, "5.3.4", "Error: message size exceeds fixed maximum")
 LOCAL_ERROR = reply(451, "4.3.0", "Error: local error in processing; try again later")
+
+# STARTTLS (RFC 3207)
+STARTTLS_READY = reply(220, "2.0.0", "Ready to start TLS")
+TLS_NOT_AVAILABLE = reply(454, "4.7.0", "TLS not available due to temporary reason")
+TLS_ALREADY_ACTIVE = reply(503, "5.5.1", "Error: TLS already active")
+SYNTAX_STARTTLS = reply(501, "5.5.4", "Syntax: STARTTLS")
+TRANSACTION_IN_PROGRESS = reply(503, "5.5.1", "Error: MAIL transaction in progress")
+
+# AUTH (RFC 4954)
+AUTH_OK = reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NEEDS_TLS = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_ALREADY = reply(503, "5.5.1", "Error: already authenticated")
+AUTH_NOT_ENABLED = reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
+SYNTAX_AUTH = reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+SENDER_NOT_OWNED = reply(553, "5.7.1", "Sender address rejected: not owned by the logged-in user")
+RELAY_UNAVAILABLE = reply(451, "4.3.2", "Relaying is not available yet; try again later")
+
+# SMTPUTF8 (RFC 6531 §3.5)
+NEEDS_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
+
+# CHUNKING (RFC 3030)
+SYNTAX_BDAT = reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+BAD_SEQUENCE_DATA_AFTER_BDAT = reply(503, "5.5.1", "Error: DATA is not allowed after BDAT")
+BAD_SEQUENCE_BDAT_IN_PROGRESS = reply(503, "5.5.1", "Error: BDAT transaction in progress")
 
 TOO_MANY_ERRORS = reply(421, "4.7.0", "Error: too many errors; closing connection")
 TOO_MANY_CLIENTS = reply(421, "4.7.0", "Error: too many connections; try again later")

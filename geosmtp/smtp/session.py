@@ -13,6 +13,10 @@ Events the shell acts on:
   calls `message_stored()` or `message_failed()`.
 - `TransactionRejected`: a message or recipient was refused (access log);
   after a started message it also means "discard the spool".
+- `MessageAborted`: a BDAT transaction was abandoned (RSET, EHLO): discard the spool.
+- `StartTLS`: 220 is queued; flush it, do the handshake, call `tls_started()`
+  (or close on failure). Input that came with the STARTTLS line is discarded.
+- `AuthRequest`: check the credentials, then call `auth_result()`.
 - `CloseConnection`: 221/421 is queued; flush and close.
 """
 
@@ -22,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import replies as R
+from . import sasl
 from .parser import (
     Mailbox,
     SyntaxProblem,
@@ -32,7 +37,7 @@ from .parser import (
     split_command,
 )
 from .policy import Recipient, RecipientPolicy, safe_mailbox_name
-from .state import COMMAND_STATES, State, sequence_error
+from .state import COMMAND_STATES, TRANSACTION_STATES, State, sequence_error
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,24 @@ class Extensions:
     size: bool = True
     eightbitmime: bool = True
     enhancedstatuscodes: bool = True
+    smtputf8: bool = True
+    chunking: bool = True
+    starttls: bool = True
+    auth: bool = True
+
+
+@dataclass(frozen=True)
+class Security:
+    """What this connection may offer and demand; the shell decides from the
+    listener's role, the TLS setup and the client's address."""
+
+    tls_available: bool = False  # a certificate is loaded: STARTTLS can be offered
+    tls_active: bool = False  # an implicit-TLS listener: TLS from the first byte
+    auth_available: bool = False  # some user has a password: AUTH can be offered
+    auth_plaintext: bool = False  # offer AUTH without TLS (local testing only)
+    auth_required: bool = False  # submission: AUTH before MAIL, else 530
+    trusted: bool = False  # the client is in trusted_networks: it may relay
+    sender_must_match: bool = False  # an authenticated user sends only as themself
 
 
 @dataclass
@@ -67,6 +90,9 @@ class Envelope:
     #: for transparency nor the final "." line (RFC 1870 §3)
     size: int = 0
     message_id: str | None = None
+    smtputf8: bool = False
+    auth_user: str | None = None
+    tls: bool = False
 
     @property
     def sender_address(self) -> str:
@@ -92,7 +118,23 @@ class MessageEnd:
 class TransactionRejected:
     envelope: Envelope | None
     reply: R.Reply
-    stage: str  # "MAIL", "RCPT", "DATA"
+    stage: str  # "MAIL", "RCPT", "DATA", "BDAT"
+    address: str | None = None  # the refused sender (MAIL) or recipient (RCPT)
+
+
+@dataclass(frozen=True)
+class MessageAborted:
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    pass
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    credentials: sasl.Credentials
 
 
 @dataclass(frozen=True)
@@ -111,10 +153,33 @@ class _Sentinel:
 NEED_DATA = _Sentinel("NEED_DATA")
 PAUSED = _Sentinel("PAUSED")
 
-Event = MessageStart | MessageData | MessageEnd | TransactionRejected | CloseConnection
+Event = (
+    MessageStart
+    | MessageData
+    | MessageEnd
+    | TransactionRejected
+    | MessageAborted
+    | StartTLS
+    | AuthRequest
+    | CloseConnection
+)
 
-_MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID_RE = re.compile(
+    rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+)
+_HEADER_END_RE = re.compile(rb"\n\r?\n")  # the empty line after the header section
 _HEADER_SNIFF_LIMIT = 64 * 1024
+
+
+def _is_utf8(arg: bytes) -> bool:
+    """Non-ASCII, valid UTF-8: an address that SMTPUTF8 (RFC 6531) would allow."""
+    if arg.isascii():
+        return False
+    try:
+        arg.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class SMTPConnection:
@@ -126,6 +191,7 @@ class SMTPConnection:
         policy: RecipientPolicy,
         limits: Limits | None = None,
         extensions: Extensions | None = None,
+        security: Security | None = None,
         *,
         vrfy: bool = False,
     ) -> None:
@@ -133,12 +199,22 @@ class SMTPConnection:
         self.policy = policy
         self.limits = limits or Limits()
         self.extensions = extensions or Extensions()
+        self.security = security or Security()
         self.vrfy = vrfy
         self.state = State.CONNECTED
         self.helo: str | None = None
         self.esmtp = False
         self.envelope: Envelope | None = None
         self.errors = 0
+        self.tls = self.security.tls_active
+        self.auth_user: str | None = None
+        self._paused = False  # waiting for the shell: TLS handshake or password check
+        self._sasl: sasl.SASLExchange | None = None  # an AUTH exchange wants a response
+        # BDAT (RFC 3030): octets of the current chunk still to read, and its fate
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_refusal: R.Reply | None = None  # the chunk is read, then refused
+        self._cr_pending = False  # a chunk ended in CR: its LF may start the next
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._events: list[Event] = []
@@ -187,18 +263,22 @@ class SMTPConnection:
 
     def next_event(self) -> Event | _Sentinel:
         while not self._events:
-            if self.state is State.CLOSED:
+            if self._paused or self.state is State.CLOSED or self.state is State.DELIVERING:
                 return PAUSED
-            if self.state is State.DELIVERING:
-                return PAUSED
-            progressed = self._process_data() if self.state is State.DATA else self._process_line()
+            if self._chunk_left:
+                progressed = self._process_chunk()
+            elif self.state is State.DATA:
+                progressed = self._process_data()
+            else:
+                progressed = self._process_line()
             if not progressed:
                 return NEED_DATA
         return self._events.pop(0)
 
     @property
     def in_data(self) -> bool:
-        return self.state is State.DATA
+        """Message data is being read (the shell's data timeouts apply)."""
+        return self.state is State.DATA or self._chunk_left > 0
 
     # -------------------------------------------------------------- commands
 
@@ -206,6 +286,8 @@ class SMTPConnection:
         buf = self._buf
         nl = buf.find(b"\n")
         limit = self.limits.command_line - 2  # the limit counts the CRLF
+        if self.auth_offered:
+            limit = max(limit, sasl.MAX_AUTH_LINE - 2)  # AUTH lines may be longer
         if nl < 0:
             if len(buf) > limit + 1:  # +1: a CR may be waiting for its LF
                 # Over-long: drop what we have and skip to the end of the line.
@@ -218,6 +300,16 @@ class SMTPConnection:
             line = line[:-1]
         if self._discarding_line or len(line) > limit:
             self._discarding_line = False
+            if self._sasl is not None:
+                self._sasl = None
+                self._error(sasl.LINE_TOO_LONG)
+            else:
+                self._error(R.COMMAND_TOO_LONG)
+            return True
+        if self._sasl is not None:
+            self._auth_step(lambda exchange: exchange.respond(line))
+            return True
+        if len(line) > self.limits.command_line - 2 and line[:5].upper() != b"AUTH ":
             self._error(R.COMMAND_TOO_LONG)
             return True
         self._handle_command(line)
@@ -229,10 +321,10 @@ class SMTPConnection:
             return
         verb, arg = split_command(line)
         handler = getattr(self, f"_do_{verb}", None) if verb.isalpha() else None
-        if handler is None:
+        if handler is None or not self._verb_enabled(verb):
             self._error(R.UNKNOWN_COMMAND)
             return
-        wrong_time = sequence_error(verb, self.state)
+        wrong_time = sequence_error(verb, self.state) if verb != "BDAT" else None
         if wrong_time is not None:
             self._error(wrong_time)
             return
@@ -258,6 +350,29 @@ class SMTPConnection:
             return
         self._send(R.reply(250, None, self.hostname, *self.ehlo_keywords()))
 
+    def _verb_enabled(self, verb: str) -> bool:
+        """Verbs of extensions that are switched off are unknown commands."""
+        ext = self.extensions
+        if verb == "BDAT":
+            return ext.chunking
+        if verb == "STARTTLS":
+            return ext.starttls
+        return True
+
+    @property
+    def starttls_offered(self) -> bool:
+        return self.extensions.starttls and self.security.tls_available and not self.tls
+
+    @property
+    def auth_offered(self) -> bool:
+        sec = self.security
+        return (
+            self.extensions.auth
+            and sec.auth_available
+            and (self.tls or sec.auth_plaintext)
+            and self.auth_user is None
+        )
+
     def ehlo_keywords(self) -> list[str]:
         ext = self.extensions
         keywords = []
@@ -266,34 +381,72 @@ class SMTPConnection:
         if ext.size:
             keywords.append(f"SIZE {self.limits.max_message_size}")
         keywords.append("VRFY")
-        if ext.eightbitmime:
-            keywords.append("8BITMIME")
+        if self.starttls_offered:
+            keywords.append("STARTTLS")
+        if self.auth_offered:
+            keywords.append("AUTH " + " ".join(sasl.MECHANISMS))
         if ext.enhancedstatuscodes:
             keywords.append("ENHANCEDSTATUSCODES")
+        if ext.eightbitmime:
+            keywords.append("8BITMIME")
+        if ext.smtputf8:
+            keywords.append("SMTPUTF8")
+        if ext.chunking:
+            keywords.append("CHUNKING")
         return keywords
 
     def _reset_transaction(self) -> None:
+        if self.state is State.BDAT and self.envelope is not None:
+            self._events.append(MessageAborted(self.envelope))
         self.envelope = None
-        if self.state in (State.MAIL, State.RCPT):
+        if self.state in TRANSACTION_STATES:
             self.state = State.GREETED
 
     def _do_MAIL(self, arg: bytes) -> None:
+        if self.security.auth_required and self.auth_user is None:
+            self._reject(R.AUTH_REQUIRED, "MAIL")
+            return
+        utf8_allowed = self.extensions.smtputf8 and self.esmtp
         try:
-            sender, params = parse_mail_from(arg)
+            sender, params = parse_mail_from(arg, utf8_allowed=utf8_allowed)
         except SyntaxProblem:
-            self._error(
-                R.SYNTAX_MAIL if not arg.upper().startswith(b"FROM:") else R.BAD_SENDER_SYNTAX
-            )
+            if not arg.upper().startswith(b"FROM:"):
+                self._error(R.SYNTAX_MAIL)
+            elif _is_utf8(arg) and not (utf8_allowed and b" SMTPUTF8" in arg.upper()):
+                self._error(R.NEEDS_SMTPUTF8)
+            else:
+                self._error(R.BAD_SENDER_SYNTAX)
             return
-        problem = self._check_mail_params(params)
+        problem = self._check_mail_params(params) or self._check_sender(sender)
         if problem is not None:
-            # The event first: the error may end the session (CloseConnection).
-            self._events.append(TransactionRejected(None, problem, "MAIL"))
-            self._error(problem)
+            self._reject(problem, "MAIL", sender.address if sender else "")
             return
-        self.envelope = Envelope(self.helo or "", self.esmtp, sender, params)
+        self.envelope = Envelope(
+            self.helo or "",
+            self.esmtp,
+            sender,
+            params,
+            smtputf8="SMTPUTF8" in params,
+            auth_user=self.auth_user,
+            tls=self.tls,
+        )
         self.state = State.MAIL
         self._send(R.SENDER_OK)
+
+    def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
+        """A policy refusal: logged by the shell (access log) and counted as an error."""
+        # The event first: the error may end the session (CloseConnection).
+        self._events.append(TransactionRejected(self.envelope, reply, stage, address))
+        self._error(reply)
+
+    def _check_sender(self, sender: Mailbox | None) -> R.Reply | None:
+        if not (self.security.sender_must_match and self.auth_user and sender):
+            return None
+        own = (
+            self.policy.is_local_domain(sender.domain)
+            and safe_mailbox_name(sender.local_part) == self.auth_user
+        )
+        return None if own else R.SENDER_NOT_OWNED
 
     def _check_mail_params(self, params: dict[str, str | None]) -> R.Reply | None:
         ext = self.extensions
@@ -307,6 +460,11 @@ class SMTPConnection:
             elif key == "BODY" and ext.eightbitmime and self.esmtp:
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return R.BAD_PARAMETER_VALUE
+            elif key == "SMTPUTF8" and ext.smtputf8 and self.esmtp:
+                if value is not None:
+                    return R.BAD_PARAMETER_VALUE
+            elif key == "AUTH" and ext.auth and self.esmtp:
+                pass  # RFC 4954 §5: the submitter's identity; we record our own login
             else:
                 return R.BAD_PARAMETER
         return None
@@ -315,11 +473,14 @@ class SMTPConnection:
         envelope = self.envelope
         assert envelope is not None
         try:
-            mailbox, params = parse_rcpt_to(arg)
+            mailbox, params = parse_rcpt_to(arg, utf8=envelope.smtputf8)
         except SyntaxProblem:
-            self._error(
-                R.SYNTAX_RCPT if not arg.upper().startswith(b"TO:") else R.BAD_RECIPIENT_SYNTAX
-            )
+            if not arg.upper().startswith(b"TO:"):
+                self._error(R.SYNTAX_RCPT)
+            elif _is_utf8(arg) and not envelope.smtputf8:
+                self._error(R.NEEDS_SMTPUTF8)
+            else:
+                self._error(R.BAD_RECIPIENT_SYNTAX)
             return
         if params:
             self._error(R.BAD_PARAMETER)
@@ -328,10 +489,9 @@ class SMTPConnection:
             # §4.5.3.1.10: a temporary reply; the client sends the rest later.
             self._send(R.TOO_MANY_RECIPIENTS)
             return
-        resolved = self.policy.resolve(mailbox)
+        resolved = self.policy.resolve(mailbox, self.may_relay)
         if isinstance(resolved, R.Reply):
-            self._events.append(TransactionRejected(envelope, resolved, f"RCPT <{mailbox}>"))
-            self._error(resolved)
+            self._reject(resolved, "RCPT", mailbox.address)
             return
         envelope.recipients.append(resolved)
         self.state = State.RCPT
@@ -347,6 +507,10 @@ class SMTPConnection:
         self._header_bytes = bytearray()
         self._send(R.START_DATA)
         self._events.append(MessageStart(self.envelope))
+
+    @property
+    def may_relay(self) -> bool:
+        return self.auth_user is not None or self.security.trusted
 
     def _do_RSET(self, arg: bytes) -> None:
         if arg:
@@ -366,6 +530,12 @@ class SMTPConnection:
 
     def _do_HELP(self, arg: bytes) -> None:
         verbs = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+        if self.extensions.chunking:
+            verbs += " BDAT"
+        if self.starttls_offered:
+            verbs += " STARTTLS"
+        if self.auth_offered:
+            verbs += " AUTH"
         self._send(
             R.reply(
                 214,
@@ -402,6 +572,171 @@ class SMTPConnection:
         else:
             self._error(R.reply(550, "5.1.1", "User unknown"))
 
+    # -------------------------------------------------------------- STARTTLS
+
+    def _do_STARTTLS(self, arg: bytes) -> None:
+        if arg:
+            self._error(R.SYNTAX_STARTTLS)
+        elif self.tls:
+            self._error(R.TLS_ALREADY_ACTIVE)
+        elif self.state in TRANSACTION_STATES:
+            self._error(R.TRANSACTION_IN_PROGRESS)
+        elif not self.starttls_offered:
+            self._error(R.TLS_NOT_AVAILABLE)
+        else:
+            self._send(R.STARTTLS_READY)
+            # Whatever came behind STARTTLS in the clear must not be run after the
+            # handshake as if it were protected (CVE-2011-0411, CVE-2024-34083).
+            self._buf.clear()
+            self._paused = True
+            self._events.append(StartTLS())
+
+    def tls_started(self) -> None:
+        """The handshake succeeded: forget everything said before it (RFC 3207 §4.2)."""
+        self._buf.clear()
+        self._paused = False
+        self.tls = True
+        self.helo, self.esmtp = None, False
+        self.auth_user = None  # a login made in the clear (auth_plaintext) is forgotten too
+        self._reset_transaction()
+        self.state = State.CONNECTED
+
+    # ------------------------------------------------------------------ AUTH
+
+    def _do_AUTH(self, arg: bytes) -> None:
+        sec = self.security
+        if not (self.extensions.auth and sec.auth_available):
+            self._error(R.AUTH_NOT_ENABLED)
+        elif not self.esmtp:
+            self._error(R.BAD_SEQUENCE_HELO)  # AUTH needs EHLO (RFC 4954 §4)
+        elif self.auth_user is not None:
+            self._error(R.AUTH_ALREADY)
+        elif self.state in TRANSACTION_STATES:
+            self._error(R.TRANSACTION_IN_PROGRESS)
+        elif not self.auth_offered:
+            self._error(R.AUTH_NEEDS_TLS)
+        else:
+            mechanism, _, initial = arg.partition(b" ")
+            initial = initial.strip()
+            if not mechanism:
+                self._error(R.SYNTAX_AUTH)
+                return
+            name = mechanism.decode("ascii", "replace").upper()
+
+            def start(exchange: sasl.SASLExchange) -> R.Reply | sasl.Credentials:
+                return exchange.start(initial or None)
+
+            self._auth_step(start, name)
+
+    def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
+        """Run one step of the AUTH exchange and act on what it gives."""
+        try:
+            exchange = self._sasl or sasl.SASLExchange(mechanism or "")
+            result = step(exchange)
+        except sasl.SASLError as exc:
+            self._sasl = None
+            self._error(exc.reply)
+            return
+        if isinstance(result, R.Reply):  # a challenge: the next line is the answer
+            self._sasl = exchange
+            self._send(result)
+            return
+        self._sasl = None
+        self._paused = True
+        self._events.append(AuthRequest(result))
+
+    def auth_result(self, user: str | None) -> None:
+        """The shell checked the credentials: `user` on success, None on failure."""
+        assert self._paused
+        self._paused = False
+        if user is None:
+            self._error(R.AUTH_FAILED)
+            return
+        self.auth_user = user
+        self._send(R.AUTH_OK)
+
+    # ------------------------------------------------------------------ BDAT
+
+    def _do_BDAT(self, arg: bytes) -> None:
+        parts = arg.split()
+        if (
+            not 1 <= len(parts) <= 2
+            or not parts[0].isdigit()
+            or len(parts[0]) > 18
+            or (len(parts) == 2 and parts[1].upper() != b"LAST")
+        ):
+            # Without a size the chunk cannot be skipped; what follows is read as commands.
+            self._error(R.SYNTAX_BDAT)
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        # The chunk is always read, even when it will be refused, so that its
+        # octets are never taken for commands (RFC 3030 §3).
+        refusal = sequence_error("BDAT", self.state)
+        if refusal is None and self.state is State.RCPT:
+            envelope = self.envelope
+            assert envelope is not None
+            self.state = State.BDAT
+            self._cr_pending = False
+            self._header_bytes = bytearray()
+            self._events.append(MessageStart(envelope))
+        self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
+        if size == 0:
+            self._end_chunk()
+
+    def _process_chunk(self) -> bool:
+        buf = self._buf
+        if not buf:
+            return False
+        take = min(len(buf), self._chunk_left)
+        piece = bytes(buf[:take])
+        del buf[:take]
+        self._chunk_left -= take
+        envelope = self.envelope
+        if self._chunk_refusal is None and envelope is not None:
+            envelope.size += take
+            if self._header_bytes is not None:
+                self._sniff_headers(piece)
+            if envelope.size <= self.limits.max_message_size:
+                # Stored with LF line ends like DATA; a CRLF may straddle two pieces.
+                if self._cr_pending:
+                    piece = b"\r" + piece
+                self._cr_pending = piece.endswith(b"\r")
+                if self._cr_pending:
+                    piece = piece[:-1]
+                data = piece.replace(b"\r\n", b"\n")
+                if data:
+                    self._events.append(MessageData(data))
+        if self._chunk_left == 0:
+            self._end_chunk()
+        return True
+
+    def _end_chunk(self) -> None:
+        refusal = self._chunk_refusal
+        envelope = self.envelope
+        self._chunk_refusal = None
+        if refusal is not None:
+            self._error(refusal)
+            return
+        assert envelope is not None
+        if envelope.size > self.limits.max_message_size:
+            # The transaction has failed; chunks the client pipelined behind this
+            # one are read and refused with "need MAIL" (RFC 3030 §4.2).
+            self.state = State.GREETED
+            self.envelope = None
+            self._events.append(TransactionRejected(envelope, R.MESSAGE_TOO_BIG, "BDAT"))
+            self._error(R.MESSAGE_TOO_BIG)
+            return
+        if not self._chunk_last:
+            self._send(R.reply(250, "2.0.0", f"Ok: {envelope.size} octets received"))
+            return
+        if self._cr_pending:
+            self._cr_pending = False
+            self._events.append(MessageData(b"\r"))
+        if self._header_bytes is not None:
+            self._sniff_headers(b"\n\n")
+        self.state = State.DELIVERING
+        self._events.append(MessageEnd(envelope))
+
     # ------------------------------------------------------------------ DATA
 
     def _process_data(self) -> bool:
@@ -417,13 +752,13 @@ class SMTPConnection:
         if self._discarding_line:
             # The rest of an over-long line: counted in the size, kept nowhere.
             eol = buf.find(b"\r\n")
+            skip = eol + 2 if eol >= 0 else len(buf) - (1 if buf.endswith(b"\r") else 0)
+            envelope.size += skip
+            if self._header_bytes is not None:
+                self._sniff_headers(bytes(buf[:skip]))
+            del buf[:skip]
             if eol < 0:
-                skip = len(buf) - (1 if buf.endswith(b"\r") else 0)
-                envelope.size += skip
-                del buf[:skip]
                 return False
-            envelope.size += eol + 2
-            del buf[: eol + 2]
             self._discarding_line = False
         # The buffer now starts at the beginning of a line.
         if buf.startswith(b".\r\n"):
@@ -449,6 +784,10 @@ class SMTPConnection:
                 if block_len == 0 and consumed == 0:
                     return False
         block = bytes(buf[:block_len])
+        if self._header_bytes is not None:
+            # Every octet of the message as it came, kept or not, so the Message-ID
+            # found does not depend on how the input was cut into reads.
+            self._sniff_headers(block if end else bytes(buf[:consumed]))
         del buf[:consumed]
         if block:
             self._data_block(block)
@@ -477,28 +816,31 @@ class SMTPConnection:
         if stuffed:
             lines = [line[1:] if line[:1] == b"." else line for line in lines]
         lines.append(b"")
-        data = b"\n".join(lines)
-        if self._header_bytes is not None:
-            self._sniff_headers(data)
-        self._events.append(MessageData(data))
+        self._events.append(MessageData(b"\n".join(lines)))
 
     def _sniff_headers(self, data: bytes) -> None:
-        """Keep the header section (up to a limit) to find the Message-ID for the log."""
+        """Keep the header section (up to a limit) to find the Message-ID for the log.
+
+        Fed the message's octets as they arrive (CRLF or bare LF line ends; in DATA
+        with the transparency dots still doubled), whether the message will be kept
+        or refused, so the result never depends on how the input was cut.
+        """
         hb = self._header_bytes
         assert hb is not None
         start = len(hb)
         hb += data
-        if hb[:1] == b"\n":
+        if hb[:1] == b"\n" or hb[:2] == b"\r\n":
             end = 0  # the message starts with a blank line: no header section
         else:
-            # The blank line ending the header section may straddle two blocks
-            # (one line per block when the client sends slowly): look back one octet.
-            i = hb.find(b"\n\n", max(start - 1, 0))
-            end = i + 1 if i >= 0 else -1
-        if end >= 0:
-            del hb[end:]  # a "Message-ID:" line in the body is not the message's
-        elif len(hb) <= _HEADER_SNIFF_LIMIT:
+            # The blank line ending the header section may straddle two pieces
+            # (one octet per piece when the client sends slowly): look back.
+            m = _HEADER_END_RE.search(hb, max(start - 2, 0))
+            end = m.start() + 1 if m else -1
+        if end < 0 and len(hb) <= _HEADER_SNIFF_LIMIT:
             return
+        # A "Message-ID:" line in the body is not the message's; and only the first
+        # octets are searched, the same ones however the input was cut.
+        del hb[min(end if end >= 0 else len(hb), _HEADER_SNIFF_LIMIT) :]
         m = _MESSAGE_ID_RE.search(hb)
         if m and self.envelope is not None:
             value = re.sub(rb"\s+", b" ", m.group(1)).strip()

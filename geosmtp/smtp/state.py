@@ -19,6 +19,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"  # reading the message after 354
+    BDAT = "bdat"  # a message is arriving in BDAT chunks (RFC 3030); commands between
     DELIVERING = "delivering"  # end of data seen; waiting for the shell's verdict
     CLOSED = "closed"  # 221 or 421 sent; nothing more is read
 
@@ -31,14 +32,29 @@ SEQUENCE: dict[str, tuple[frozenset[State], dict[State, R.Reply]]] = {
             State.CONNECTED: R.BAD_SEQUENCE_HELO,
             State.MAIL: R.BAD_SEQUENCE_NESTED_MAIL,
             State.RCPT: R.BAD_SEQUENCE_NESTED_MAIL,
+            State.BDAT: R.BAD_SEQUENCE_NESTED_MAIL,
         },
     ),
     "RCPT": (
         frozenset({State.MAIL, State.RCPT}),
-        {State.CONNECTED: R.BAD_SEQUENCE_NEED_MAIL, State.GREETED: R.BAD_SEQUENCE_NEED_MAIL},
+        {
+            State.CONNECTED: R.BAD_SEQUENCE_NEED_MAIL,
+            State.GREETED: R.BAD_SEQUENCE_NEED_MAIL,
+            State.BDAT: R.BAD_SEQUENCE_BDAT_IN_PROGRESS,
+        },
     ),
     "DATA": (
         frozenset({State.RCPT}),
+        {
+            State.CONNECTED: R.BAD_SEQUENCE_NEED_MAIL,
+            State.GREETED: R.BAD_SEQUENCE_NEED_MAIL,
+            State.MAIL: R.BAD_SEQUENCE_NEED_RCPT,
+            State.BDAT: R.BAD_SEQUENCE_DATA_AFTER_BDAT,
+        },
+    ),
+    # BDAT's chunk is read whatever the state; its handler asks this table after.
+    "BDAT": (
+        frozenset({State.RCPT, State.BDAT}),
         {
             State.CONNECTED: R.BAD_SEQUENCE_NEED_MAIL,
             State.GREETED: R.BAD_SEQUENCE_NEED_MAIL,
@@ -57,4 +73,6 @@ def sequence_error(verb: str, state: State) -> R.Reply | None:
 
 
 #: States in which the session reads command lines.
-COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT})
+COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.BDAT})
+#: States with a transaction (MAIL given) that RSET, EHLO or HELO abandon.
+TRANSACTION_STATES = frozenset({State.MAIL, State.RCPT, State.BDAT})

@@ -29,17 +29,25 @@ def rfc5322_date(timestamp: float) -> str:
     and the core imports nothing that does I/O; month and day names are fixed
     English, never the locale's.
     """
-    t = time.localtime(timestamp)
+    second = int(timestamp)
+    if _last_date[0] == second:  # one message after another: the same second
+        return _last_date[1]
+    t = time.localtime(second)
     if t.tm_gmtoff is None:  # offset unknown: "-0000" says so (RFC 5322 §3.3)
         zone = "-0000"
     else:
         minutes = t.tm_gmtoff // 60
         sign = "+" if minutes >= 0 else "-"
         zone = f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
-    return (
+    text = (
         f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
         f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {zone}"
     )
+    _last_date[:] = [second, text]
+    return text
+
+
+_last_date: list = [None, ""]
 
 
 def with_protocol(envelope: Envelope, tls: bool = False, authenticated: bool = False) -> str:

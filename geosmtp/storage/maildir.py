@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ..smtp.policy import safe_mailbox_name
 
@@ -36,7 +36,13 @@ class StorageError(OSError):
     """Delivery failed; the message is not stored anywhere."""
 
 
-def _fsync_path(path: Path, directory: bool = True) -> None:
+FILE_MODE = 0o600  # mail is private to the server's user, as Postfix and Dovecot keep it
+DIR_MODE = 0o700
+_SPOOL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_WRITE_BUFFER = 64 * 1024
+
+
+def _fsync_path(path: str, directory: bool = True) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
@@ -44,53 +50,52 @@ def _fsync_path(path: Path, directory: bool = True) -> None:
         os.close(fd)
 
 
-def _fsync_dirs(paths: Iterable[Path]) -> None:
-    for path in paths:
-        _fsync_path(path)
-
-
 class Spool:
-    """A message being received: an open file in some Maildir's `tmp/`."""
+    """A message being received: a file in some Maildir's `tmp/`.
 
-    def __init__(self, store: MaildirStore, path: Path, name: str) -> None:
+    Small writes are gathered up to 64 KiB before they reach the file, so a
+    short message is one `write` however the client cut it.
+    """
+
+    def __init__(self, store: MaildirStore, path: str, name: str) -> None:
         self.store = store
         self.path = path
         self.name = name
         self.size = 0
-        self._file: BinaryIO | None = open(path, "xb", buffering=256 * 1024)  # noqa: SIM115
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
         self.size += len(data)
+        if self._pending_size >= _WRITE_BUFFER:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        assert self._fd is not None
+        data = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        self._pending_size = 0
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def commit(self, boxes: Iterable[str]) -> list[Path]:
         """Make the message durable in each mailbox; return the paths in `new/`."""
-        assert self._file is not None
+        assert self._fd is not None
         store = self.store
-        made: list[Path] = []
+        made: list[str] = []
         try:
-            self._file.flush()
+            self._write_pending()
+            maildirs = [store.ensure_maildir(box) for box in dict.fromkeys(boxes)]
             if store.fsync:
-                store.offload(os.fsync, self._file.fileno())
-            self._file.close()
-            self._file = None
-            new_dirs = []
-            for box in dict.fromkeys(boxes):  # each mailbox once, in order
-                maildir = store.ensure_maildir(box)
-                target = maildir / "new" / self.name
-                try:
-                    self._place(target, maildir)
-                except FileNotFoundError:
-                    if not self.path.exists():
-                        raise
-                    # The Maildir was removed while the server ran: make it again.
-                    maildir = store.ensure_maildir(box, check=True)
-                    self._place(target, maildir)
-                made.append(target)
-                new_dirs.append(maildir / "new")
-            if store.fsync:
-                store.offload(_fsync_dirs, new_dirs)
+                # One trip to the threadpool: fsync, the links, fsync of new/.
+                store.offload(self._make_durable, maildirs, made)
+            else:
+                self._link_all(maildirs, made)
+            os.close(self._fd)
+            self._fd = None
         except BaseException as exc:
             # Also when the session is killed mid-commit (server stop): the client
             # was not told 250, so no mailbox may keep the message.
@@ -101,9 +106,29 @@ class Spool:
                 raise StorageError(exc.errno, exc.strerror or str(exc), exc.filename) from exc
             raise
         _unlink_quietly(self.path)
-        return made
+        return [Path(p) for p in made]
 
-    def _place(self, target: Path, maildir: Path) -> None:
+    def _make_durable(self, maildirs: list[str], made: list[str]) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        self._link_all(maildirs, made)
+        for maildir in maildirs:
+            _fsync_path(maildir + "/new")
+
+    def _link_all(self, maildirs: list[str], made: list[str]) -> None:
+        for maildir in maildirs:
+            target = f"{maildir}/new/{self.name}"
+            try:
+                self._place(target, maildir)
+            except FileNotFoundError:
+                if not os.path.exists(self.path):
+                    raise
+                # The Maildir was removed while the server ran: make it again.
+                self.store.make_maildir(maildir)
+                self._place(target, maildir)
+            made.append(target)
+
+    def _place(self, target: str, maildir: str) -> None:
         try:
             os.link(self.path, target)
             return
@@ -111,11 +136,12 @@ class Spool:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
         # A hard link is impossible here: copy through this Maildir's tmp/.
-        tmp = maildir / "tmp" / self.store.unique_name()
+        tmp = f"{maildir}/tmp/{self.store.unique_name()}"
         shutil.copyfile(self.path, tmp)
         try:
+            os.chmod(tmp, FILE_MODE)
             if self.store.fsync:
-                self.store.offload(_fsync_path, tmp, False)
+                _fsync_path(tmp, False)
             os.rename(tmp, target)
         except OSError:
             _unlink_quietly(tmp)
@@ -123,16 +149,17 @@ class Spool:
 
     def discard(self) -> None:
         """Drop the message (aborted, too big, client gone): remove the spool file."""
-        if self._file is not None:
+        self._pending.clear()
+        if self._fd is not None:
             try:
-                self._file.close()
+                os.close(self._fd)
             except OSError:
                 pass
-            self._file = None
+            self._fd = None
         _unlink_quietly(self.path)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -158,8 +185,8 @@ class MaildirStore:
         self._host = host.replace("/", r"\057").replace(":", r"\072")
         self._counter = itertools.count(1)
         self._pid = os.getpid()
-        self._known: set[str] = set()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._known: dict[str, str] = {}  # mailbox name -> its Maildir, checked and made
+        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
 
     def unique_name(self) -> str:
         """`<sec>.M<usec>P<pid>Q<n>.<host>`, the modern Maildir convention."""
@@ -177,27 +204,33 @@ class MaildirStore:
             raise StorageError(errno.EINVAL, f"mailbox {box!r} escapes the mail directory")
         return path
 
-    def ensure_maildir(self, box: str, *, check: bool = False) -> Path:
-        """The Maildir of `box`, created if needed (`check`: even if made before)."""
-        path = self.mailbox_path(box)
-        if check or box not in self._known:
-            created = not path.exists()
-            for sub in ("tmp", "new", "cur"):
-                (path / sub).mkdir(parents=True, exist_ok=True)
-            if created and self.fsync:
-                self.offload(_fsync_dirs, [path, self.root])
-            self._known.add(box)
-        return path
+    def ensure_maildir(self, box: str) -> str:
+        """The Maildir of `box` (a path string), checked and created the first time."""
+        maildir = self._known.get(box)
+        if maildir is None:
+            maildir = str(self.mailbox_path(box))
+            self.make_maildir(maildir)
+            self._known[box] = maildir
+        return maildir
+
+    def make_maildir(self, maildir: str) -> None:
+        created = not os.path.isdir(maildir)
+        # makedirs gives `mode` only to the last folder: make each level itself.
+        os.makedirs(maildir, mode=DIR_MODE, exist_ok=True)
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(f"{maildir}/{sub}", mode=DIR_MODE, exist_ok=True)
+        if created and self.fsync:
+            self.offload(_fsync_path, str(self.root))
 
     def open_spool(self, first_box: str) -> Spool:
         maildir = self.ensure_maildir(first_box)
         name = self.unique_name()
         try:
-            return Spool(self, maildir / "tmp" / name, name)
+            return Spool(self, f"{maildir}/tmp/{name}", name)
         except FileNotFoundError:
             # The Maildir was removed while the server ran: make it again.
-            maildir = self.ensure_maildir(first_box, check=True)
-            return Spool(self, maildir / "tmp" / name, name)
+            self.make_maildir(maildir)
+            return Spool(self, f"{maildir}/tmp/{name}", name)
 
     def deliver(self, boxes: Iterable[str], data: bytes) -> list[Path]:
         """Store a whole message at once (for callers that have it in memory)."""

@@ -72,7 +72,8 @@ def test_rejected_transactions_are_logged(make_server):
         assert code == 552
     relay, too_big = access_lines(server, 2)
     assert relay["result"] == "550"
-    assert "someone@foreign.example" in relay["stage"]
+    assert relay["stage"] == "RCPT"
+    assert relay["to"] == "<someone@foreign.example>"
     assert relay["from"] == "<carol@remote.example>"
     assert too_big["result"] == "552"
     assert too_big["to"] == "<alice@test.example>"

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import free_port, have_ipv6
+from tests.conftest import free_port, have_ipv6, wait_until
 
 
 def need(tool: str) -> str:
@@ -196,7 +196,7 @@ def test_ipv6_listener(make_server):
         )
     (msg,) = read_back(server, "alice")
     assert "[::1]" in msg["Received"]
-    assert "client=::1" in server.access_log()
+    wait_until(lambda: "client=::1" in server.access_log(), what="access log line from ::1")
 
 
 @pytest.mark.skipif(not have_ipv6(), reason="::1 is not usable on this machine")

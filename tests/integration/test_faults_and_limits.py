@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.integration.wire import Wire
 
 
@@ -33,8 +34,9 @@ def test_storage_fault_gives_451_and_keeps_nothing(server, order):
     (path,) = server.messages("alice")
     assert path.read_bytes().endswith(b"\n\nbody\n")
     assert server.tmp_files() == []
-    assert "result=451" in server.access_log()
-    assert "Not a directory" in server.server_log()
+    wait_until(lambda: "result=451" in server.access_log(), what="a 451 in the access log")
+    assert "delivery failed" in server.server_log()
+    assert "mail_dir/bob" in server.server_log()
 
 
 def test_too_many_errors_disconnects(make_server):

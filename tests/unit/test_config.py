@@ -29,8 +29,11 @@ def test_empty_file_runs_on_defaults(tmp_path):
 def test_bundled_config_is_valid():
     config = cfg.load(Path(__file__).parents[2] / "config.yaml")
     assert "geosmtp.test" in config.domains
-    assert {li.address for li in config.listeners} == {"127.0.0.1", "::1"}
-    assert all(li.port == 2525 for li in config.listeners)
+    mx = [li for li in config.listeners if li.role == "mx"]
+    assert {(li.address, li.port) for li in mx} == {("127.0.0.1", 2525), ("::1", 2525)}
+    roles = {li.role: li.port for li in config.listeners if li.role != "mx"}
+    assert roles == {"submission": 587, "submissions": 465}
+    assert config.tls.self_signed and all(u.password for u in config.users.values())
 
 
 @pytest.mark.parametrize(
@@ -40,7 +43,21 @@ def test_bundled_config_is_valid():
             "limits: {max_message_size: ten}",
             "limits.max_message_size: expected a positive integer, got 'ten'",
         ),
-        ("limits: {max_message_size: 0}", "limits.max_message_size: expected a positive number"),
+        ("limits: {max_message_size: 0}", "limits.max_message_size: expected a positive integer"),
+        ("timeouts: {command: 0}", "timeouts.command: expected a positive number, got 0"),
+        ("max_clients: 0", "max_clients: expected a positive integer, got 0"),
+        ("users: {alice: {password: secret}}", "users.alice.password: expected a password hash"),
+        ("trusted_networks: [0.0.0.0/0]", "trusted_networks[0]: '0.0.0.0/0' is not a loopback"),
+        ("trusted_networks: [8.8.8.0/24]", "would make an open relay"),
+        ("trusted_networks: [nope]", "trusted_networks[0]: not a network"),
+        (
+            "listeners: [{address: 127.0.0.1, port: 1, role: submissions}]",
+            "listeners[0].role: submissions needs tls.cert",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1, port: 1, role: relay}]",
+            "listeners[0].role: expected one of mx, submission, submissions",
+        ),
         ("limits: {command_line: 100}", "limits.command_line: expected at least 512, got 100"),
         ("limits: {bogus: 1}", "limits.bogus: unknown key"),
         ("nonsense: 1", "nonsense: unknown key"),
@@ -87,3 +104,29 @@ def test_domains_are_lower_cased_and_users_parsed(tmp_path):
     assert config.domains == ["example.org"]
     assert set(config.users) == {"alice", "bob"}
     assert config.users["bob"].password is None
+
+
+def test_fractional_timeouts_are_allowed(tmp_path):
+    config = load_text(tmp_path, "timeouts: {command: 0.5, shutdown_grace: 0}")
+    assert config.timeouts.command == 0.5
+    assert config.timeouts.shutdown_grace == 0
+
+
+def test_users_file_is_merged(tmp_path):
+    from geosmtp.auth import hash_password
+
+    digest = hash_password("pw")
+    (tmp_path / "users.yaml").write_text(f"users:\n  carol: {{password: '{digest}'}}\n")
+    config = load_text(tmp_path, "users: {alice: {}}\nauth: {users_file: users.yaml}")
+    assert set(config.users) == {"alice", "carol"}
+    assert config.users["carol"].password == digest
+    (tmp_path / "users.yaml").write_text("users:\n  carol: {password: plain}\n")
+    with pytest.raises(cfg.ConfigError, match=r"users\.carol\.password: expected a password hash"):
+        load_text(tmp_path, "auth: {users_file: users.yaml}")
+    with pytest.raises(cfg.ConfigError, match=r"auth\.users_file: cannot read"):
+        load_text(tmp_path, "auth: {users_file: missing.yaml}")
+
+
+def test_private_trusted_networks_are_accepted(tmp_path):
+    config = load_text(tmp_path, "trusted_networks: [127.0.0.0/8, '::1/128', 10.1.0.0/16]")
+    assert len(config.trusted_networks) == 3
