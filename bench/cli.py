@@ -20,7 +20,7 @@ import time
 
 from . import report
 from .scenarios import SCENARIOS, Options
-from .servers import SERVERS, machine
+from .servers import SERVERS, cleanup_all, machine, source_version
 
 POSTFIX_SCENARIOS = {"throughput", "fanout", "scaling", "large"}
 DEFAULT_SERVERS = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
@@ -46,6 +46,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="override the message size (octets)")
     p.add_argument("--time-limit", type=float, default=600, help="seconds per run (default 600)")
     p.add_argument("--keep", action="store_true", help="keep servers' temp dirs")
+    p.add_argument(
+        "--mailboxes", type=int, default=100, help="spread recipients over N mailboxes (100)"
+    )
     p.add_argument("--tag", default="", help="suffix for the result files")
 
 
@@ -72,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--native", action="store_true", help="py-spy --native: C frames too")
     prof.set_defaults(scenario="throughput")
     sub.add_parser("selfcheck", help="check the bench's own message builder and verifier")
+    rep = sub.add_parser("report", help="rebuild a result's table and plot from its JSON")
+    rep.add_argument("json", nargs="+")
     return p
 
 
@@ -87,6 +92,7 @@ def _options(args: argparse.Namespace) -> Options:
         clients=args.clients,
         size=args.size,
         keep=args.keep,
+        mailboxes=args.mailboxes,
     )
 
 
@@ -95,6 +101,8 @@ def _meta(args: argparse.Namespace, servers: list[str]) -> dict:
         "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench " + shlex.join(sys.argv[1:]),
         "machine": machine(),
+        "geosmtp_commit": source_version(),
+        "scenario": args.scenario,
         "servers": servers,
         "pipelining": args.pipelining,
         "workers": args.workers,
@@ -178,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, cls in SERVERS.items():
             print(f"server {name:10} {'installed' if cls.available() else 'not installed'}")
         return 0
+    if args.cmd == "report":
+        from pathlib import Path
+
+        for j in args.json:
+            _json, md, png = report.rebuild(Path(j))
+            print(md.read_text())
+            print(f"written: {md}, {png}")
+        return 0
     if args.cmd == "selfcheck":
         from .selfcheck import main as selfcheck
 
@@ -188,14 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "profile":
         from .profile import profile
 
-        return profile(args, _options(args))
+        try:
+            return profile(args, _options(args))
+        finally:
+            cleanup_all()
     if args.cmd == "run":
         servers = [args.server]
         prefix = f"run-{args.server}-"
     else:
         servers = _servers_for(args, [s.strip() for s in args.servers.split(",") if s.strip()])
         prefix = ""
-    rows, ok = _run_rounds(args, servers)
+    try:
+        rows, ok = _run_rounds(args, servers)
+    finally:
+        cleanup_all()
     name = _name(args, prefix)
     json_path, md_path, png_path = report.save(args.scenario, name, rows, _meta(args, servers))
     print()

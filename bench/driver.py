@@ -198,9 +198,10 @@ class Outcome:
         self.errors.update(result["errors"])
         self.examples.extend(result["examples"][: 10 - len(self.examples)])
         nr = int(spec.get("rcpts", 1))
+        boxes = int(spec.get("mailboxes", messages.MAILBOXES))
         size = int(spec.get("size", 1024))
         for n in result["acked"]:
-            self.acked[n] = (size, tuple(messages.recipients(n, nr)))
+            self.acked[n] = (size, tuple(messages.recipients(n, nr, boxes)))
         self.refused.update(result["refused"])
         self.client_cpu += result["cpu"]
         self.connected += result.get("connected", 0)

@@ -149,6 +149,7 @@ class Job:
         self.connect_gate = Semaphore(int(spec.get("connect_concurrency", 200)))
         self.size = int(spec.get("size", 1024))
         self.nrcpt = int(spec.get("rcpts", 1))
+        self.boxes = int(spec.get("mailboxes", messages.MAILBOXES))
         self.pipelining = bool(spec.get("pipelining", True))
 
     # ------------------------------------------------------------ helpers
@@ -189,7 +190,7 @@ class Job:
     def transaction(self, s: Session, n: int) -> None:
         """Send message n; record 250 as acked, an error reply as refused."""
         st = self.stats
-        rcpts = tuple(messages.recipients(n, self.nrcpt))
+        rcpts = tuple(messages.recipients(n, self.nrcpt, self.boxes))
         msg = messages.build(self.run_id, n, self.size, rcpts)
         cmds = self.commands(rcpts)
         t0 = perf()
@@ -329,7 +330,7 @@ class Job:
                 self.trickle(s, f"EHLO slow{k}.bench.test\r\n".encode(), chunk, interval)
                 s.expect(250, "EHLO")
                 for n in ids:
-                    rcpts = tuple(messages.recipients(n, self.nrcpt))
+                    rcpts = tuple(messages.recipients(n, self.nrcpt, self.boxes))
                     msg = messages.build(self.run_id, n, self.size, rcpts)
                     t0 = perf()
                     for c in self.commands(rcpts):

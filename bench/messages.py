@@ -40,13 +40,14 @@ N_BLOCKS = 32
 DATE = "Thu, 01 Jan 2026 00:00:00 +0000"
 
 
-def mailbox(i: int) -> str:
-    return f"u{i % MAILBOXES:03d}"
+def mailbox(i: int, boxes: int = MAILBOXES) -> str:
+    return f"u{i % boxes:03d}"
 
 
-def recipients(n: int, count: int) -> list[str]:
-    """Distinct mailbox names for message `n` (distinct while count <= MAILBOXES)."""
-    return [mailbox(n * count + j) for j in range(count)]
+def recipients(n: int, count: int, boxes: int = MAILBOXES) -> list[str]:
+    """Mailbox names for message `n`, spread over `boxes` mailboxes (distinct while
+    count <= boxes)."""
+    return [mailbox(n * count + j, boxes) for j in range(count)]
 
 
 class _Block:

@@ -207,6 +207,14 @@ def targets(scenario: str, agg: dict) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+def rebuild(json_path: Path) -> tuple[Path, Path, Path]:
+    """Write the table and the plot again from a saved result file."""
+    data = json.loads(json_path.read_text())
+    meta = data["meta"]
+    scenario = meta.get("scenario") or data["rows"][0]["scenario"].split("-")[0]
+    return save(scenario, json_path.stem, data["rows"], meta, json_path.parent)
+
+
 def save(
     scenario: str, name: str, rows: list[dict], meta: dict, out: Path = RESULTS
 ) -> tuple[Path, Path, Path]:
@@ -218,6 +226,7 @@ def save(
         f"## {name}\n\n"
         f"{meta.get('when', '')} · command: `{meta.get('command', '')}`\n\n"
         f"machine: {meta.get('machine', {})}\n\n"
+        f"geosmtp commit: {meta.get('geosmtp_commit', '?')}\n\n"
     )
     md_path = out / f"{name}.md"
     md_path.write_text(header + md)
@@ -262,6 +271,7 @@ def plot(scenario: str, name: str, rows: list[dict], path: Path) -> None:
                 ax.set_xscale("log")
                 ax.set_xlabel("concurrent sessions")
                 ax.legend()
+            ax1.set_yscale("log")
             ax2.set_yscale("log")
             ax1.set_ylabel("messages/s (median)")
             ax2.set_ylabel("p99 transaction latency, ms (median)")

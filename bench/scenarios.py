@@ -34,6 +34,7 @@ class Options:
     clients: int | None = None
     size: int | None = None
     keep: bool = False  # keep the server's temp dir
+    mailboxes: int = 100  # recipients are spread over this many mailboxes
 
     def pick(self, full: int, quick: int, override: int | None = None) -> int:
         if override is not None:
@@ -116,6 +117,7 @@ def load_once(
             "pipelining": opts.pipelining,
             "deadline": opts.time_limit,
             "io_timeout": 120,
+            "mailboxes": max(opts.mailboxes, rcpts),
         }
         outcome, srv = run_jobs(
             split_load(spec, opts.workers), label, opts.time_limit + 60, server, total=count

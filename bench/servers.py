@@ -126,6 +126,32 @@ def machine() -> dict[str, str]:
     return info
 
 
+_to_clean: list[Path] = []
+
+
+def cleanup_all() -> None:
+    while _to_clean:
+        shutil.rmtree(_to_clean.pop(), ignore_errors=True)
+
+
+def source_version() -> str:
+    """The last commit that touched geosmtp/ (`-dirty`: with uncommitted changes there)."""
+    try:
+        head = subprocess.run(
+            ["git", "log", "-1", "--format=%h", "--", "geosmtp"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "geosmtp"], cwd=REPO, timeout=10
+        ).returncode
+        return (head or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -211,7 +237,10 @@ class Server:
         self.log.close()
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Removed at the end of the command, not now: deleting tens of thousands of
+        files between runs makes the next run's file creation slower (ext4 scans
+        recently deleted inodes), which would tax whichever server runs next."""
+        _to_clean.append(self.root)
 
 
 class Geosmtp(Server):
