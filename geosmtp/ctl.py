@@ -62,6 +62,8 @@ def _client(args: argparse.Namespace) -> Client:
     from . import config as cfg
     from .admin.server import admin_token
 
+    if args.url and args.token:  # the config is not needed (and may be the broken one)
+        return Client(args.url, args.token)
     path = args.config or ("config.yaml" if Path("config.yaml").exists() else None)
     config = cfg.load(path) if path else cfg.from_mapping({})
     admin = config.admin
@@ -96,8 +98,11 @@ def format_stats(stats: dict, previous: dict | None = None, interval: float = 1.
     ]
     if previous is not None:
         pm, pc = previous["messages"], previous["connections"]
-        rate = (m["accepted"] - pm["accepted"]) / interval
-        conn_rate = (c["total"] - pc["total"]) / interval
+        # The time the server saw pass: the interval plus the requests' own time.
+        elapsed = stats["uptime_seconds"] - previous["uptime_seconds"]
+        elapsed = elapsed if elapsed > 0 else interval
+        rate = (m["accepted"] - pm["accepted"]) / elapsed
+        conn_rate = (c["total"] - pc["total"]) / elapsed
         lines.append(f"rates        {rate:8.1f} msgs/s   {conn_rate:8.1f} connections/s")
     commands = stats["metrics"].get("geosmtp_commands_total", {})
     if commands:
@@ -157,7 +162,8 @@ def cmd_config(client: Client, args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     if args.key is None or args.value is None:
-        raise CtlError("usage: geosmtp ctl config set KEY VALUE")
+        print("geosmtp ctl: usage: geosmtp ctl config set KEY VALUE", file=sys.stderr)
+        return EXIT_USAGE
     value = yaml.safe_load(args.value)  # "100" -> 100, "true" -> True, "[a, b]" -> list
     result = client.request("PATCH", "/api/v1/config", _nested(args.key, value))
     changed = result["changed"]

@@ -99,17 +99,21 @@ class Metrics:
         )
         self.auth_success = self.auth.labels("success")
         self.auth_failure = self.auth.labels("failure")
+        # add_counts' labelled children: a `labels()` lookup costs more than the `inc()`.
+        self._count_children: dict[str, Any] = {}
 
     def listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(self, name)
 
     def add_counts(self, counts: Mapping[str, int]) -> None:
         """Add the core's per-command tallies ("MAIL", "2xx", ...), then they restart."""
+        children = self._count_children
         for key, n in counts.items():
-            if key[0].isdigit():
-                self.replies.labels(key).inc(n)
-            else:
-                self.commands.labels(key).inc(n)
+            child = children.get(key)
+            if child is None:  # the keys are few: the verbs, UNKNOWN and five classes
+                family = self.replies if key[0].isdigit() else self.commands
+                child = children[key] = family.labels(key)
+            child.inc(n)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,10 +29,13 @@ _SESSION_RE = re.compile(r"/api/v1/sessions/([0-9A-Fa-f]+)")
 
 
 class HTTPError(Exception):
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(
+        self, status: str, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or []
 
 
 class AdminAPI:
@@ -47,17 +50,24 @@ class AdminAPI:
         path = environ.get("PATH_INFO", "")
         try:
             self._check_token(environ)
-            if path == "/metrics" and method == "GET":
+            if path == "/metrics":
+                if method != "GET":
+                    raise HTTPError(
+                        "405 Method Not Allowed", f"{method} /metrics: use GET", [("Allow", "GET")]
+                    )
                 body = self.server.metrics.exposition()
                 return _respond(start_response, "200 OK", body, CONTENT_TYPE_LATEST)
             status, payload = self._route(method, path, environ)
+            headers: list[tuple[str, str]] = []
         except HTTPError as exc:
-            status, payload = exc.status, {"error": exc.message}
+            status, payload, headers = exc.status, {"error": exc.message}, exc.headers
         except Exception:  # an API bug must not take the server down: report it
             logger.exception("admin API error on {} {}", method, path)
             status, payload = "500 Internal Server Error", {"error": "internal error; see log"}
+            headers = []
         body = json.dumps(payload, indent=2, sort_keys=False).encode() + b"\n"
-        headers = [("WWW-Authenticate", "Bearer")] if status.startswith("401") else []
+        if status.startswith("401"):
+            headers = [*headers, ("WWW-Authenticate", "Bearer")]
         return _respond(start_response, status, body, "application/json", headers)
 
     def _check_token(self, environ: dict) -> None:
@@ -84,7 +94,9 @@ class AdminAPI:
         handler = methods.get(method)
         if handler is None:
             allowed = ", ".join(methods)
-            raise HTTPError("405 Method Not Allowed", f"{method} {path}: use {allowed}")
+            raise HTTPError(
+                "405 Method Not Allowed", f"{method} {path}: use {allowed}", [("Allow", allowed)]
+            )
         return "200 OK", handler(environ)
 
     # -------------------------------------------------------- endpoints

@@ -29,9 +29,12 @@ def admin_token(admin: Admin, create: bool = True) -> str:
         if not create:
             raise ConfigError(f"admin.token_file: no such file: '{path}'") from None
         token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+        except OSError as exc:
+            raise ConfigError(f"admin.token_file: cannot create '{path}': {exc.strerror}") from None
         logger.info("admin token written to {}", path)
     except OSError as exc:
         raise ConfigError(f"admin.token_file: cannot read '{path}': {exc.strerror}") from None
@@ -47,8 +50,10 @@ def start_admin(server: MailServer) -> WSGIServer:
     try:
         wsgi.start()
     except OSError as exc:
+        # gevent appends the address to strerror; the message names it already.
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror
         raise OSError(
-            exc.errno, f"cannot listen on [{admin.address}]:{admin.port}: {exc.strerror}"
+            exc.errno, f"cannot listen on [{admin.address}]:{admin.port}: {reason}"
         ) from None
     host, port = wsgi.socket.getsockname()[:2]
     logger.info("admin API listening on http://{}:{}/api/v1/", host, port)

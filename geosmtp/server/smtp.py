@@ -207,7 +207,12 @@ class SMTPSession:
         try:
             if self.conn.tls:  # an implicit-TLS listener: handshake before the greeting
                 self._handshake()
-            self.sock.sendall(conn.greeting())
+            greeting = conn.greeting()
+            self.sock.sendall(greeting)
+            # The greeting is sent outside the core's queue: count it like any reply.
+            self.bytes_out += len(greeting)
+            self.metrics.bytes_out.inc(len(greeting))
+            conn.counts["2xx"] = conn.counts.get("2xx", 0) + 1
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
