@@ -2,6 +2,7 @@
 
     geosmtp [-c config.yaml] [-l ADDR] [-p PORT] [-d DIR] [--check-config]
     geosmtp passwd            print a password hash for the config's users
+    geosmtp ctl ...           talk to a running server's management API
 
 Exit status: 0 on a clean stop, 1 when the server cannot start (a port in
 use), 2 on a usage or configuration error, with a one-line message.
@@ -52,16 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_path(args: argparse.Namespace) -> str | None:
+    """-c FILE, else ./config.yaml when there is one, else None (the defaults)."""
+    if args.config:
+        return str(args.config)
+    return "config.yaml" if Path("config.yaml").exists() else None
+
+
 def load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The config file plus command-line overrides; raises ConfigError."""
     from . import config as cfg
 
-    if args.config:
-        config = cfg.load(args.config)
-    elif Path("config.yaml").exists():
-        config = cfg.load("config.yaml")
-    else:
-        config = cfg.from_mapping({})
+    path = config_path(args)
+    config = cfg.load(path) if path else cfg.from_mapping({})
     changes: dict = {}
     if args.port is not None and not 0 <= args.port <= 65535:
         raise cfg.ConfigError(f"-p: expected a port from 0 to 65535, got {args.port}")
@@ -111,7 +115,13 @@ def passwd(argv: list[str]) -> int:
     return EXIT_OK
 
 
-SUBCOMMANDS = {"passwd": passwd}
+def ctl(argv: list[str]) -> int:
+    from .ctl import main as ctl_main
+
+    return ctl_main(argv)
+
+
+SUBCOMMANDS = {"passwd": passwd, "ctl": ctl}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print("configuration ok")
         return EXIT_OK
-    return serve(config)
+    return serve(config, config_path(args))
 
 
-def serve(config) -> int:  # type: ignore[no-untyped-def]
+def serve(config, path: str | None = None) -> int:  # type: ignore[no-untyped-def]
     import signal
 
     import gevent
@@ -148,6 +158,7 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
     from loguru import logger
 
     from . import logs
+    from .admin.server import start_admin
     from .config import ConfigError
     from .server.listeners import MailServer, raise_open_files_limit
 
@@ -158,9 +169,10 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
         return EXIT_USAGE
     nofile = raise_open_files_limit()
     try:
-        server = MailServer(config)
+        server = MailServer(config, path)
         server.start()
-    except ConfigError as exc:  # the TLS certificate or key cannot be used
+        admin = start_admin(server) if config.admin.enabled else None
+    except ConfigError as exc:  # the TLS certificate or key, or the admin token
         logger.error("cannot start: {}", exc)
         print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
@@ -182,8 +194,23 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+
+    def reload() -> None:
+        try:
+            restart = server.reload()
+        except ConfigError as exc:
+            logger.error("reload refused, configuration unchanged: {}", exc)
+            return
+        if restart:
+            logger.warning("reloaded; these need a restart to change: {}", ", ".join(restart))
+        else:
+            logger.info("reloaded {}", path)
+
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
     stop.wait()
     logger.info("signal received, stopping")
+    if admin is not None:
+        admin.close()
     server.stop()
     return EXIT_OK
 

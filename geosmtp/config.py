@@ -106,6 +106,19 @@ class Auth:
 
 
 @dataclass(frozen=True)
+class Admin:
+    """The management API and /metrics (HTTP/JSON); see docs/management.md."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = field(default=8025, metadata={"min": 0, "max": 65535})
+    #: The bearer token every request must carry. A secret: never shown by the API.
+    token: str | None = field(default=None, metadata={"secret": True})
+    #: A file holding the token; made with a random one (mode 0600) if missing.
+    token_file: Path | None = field(default=None, metadata={"path": True})
+
+
+@dataclass(frozen=True)
 class Log:
     dir: Path = field(default=Path("logs"), metadata={"path": True})
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -137,6 +150,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     extensions: Extensions = field(default_factory=Extensions)
     log: Log = field(default_factory=Log)
+    admin: Admin = field(default_factory=Admin)
 
 
 _PATTERNS = {
@@ -280,6 +294,15 @@ def _check(config: Config) -> None:
                 f"trusted_networks[{i}]: '{text}' is not a loopback or private network; "
                 "trusting it would make an open relay"
             )
+    admin = config.admin
+    try:
+        ipaddress.ip_address(admin.address)
+    except ValueError:
+        raise ConfigError(f"admin.address: not an IP address: '{admin.address}'") from None
+    if admin.enabled and admin.token is None and admin.token_file is None:
+        raise ConfigError("admin.token: the admin listener needs a token or a token_file")
+    if admin.token is not None and len(admin.token) < 16:
+        raise ConfigError("admin.token: use at least 16 characters")
     has_tls = config.tls.cert is not None or config.tls.self_signed
     for i, listener in enumerate(config.listeners):
         if listener.role == "submissions" and not has_tls:
@@ -315,6 +338,67 @@ def _users_file(config: Config) -> dict[str, User]:
     if not isinstance(data, dict) or set(data) - {"users"}:
         raise ConfigError(f"auth.users_file: '{path}' must hold one mapping, 'users:'")
     return _convert(dict[str, User], data.get("users") or {}, f"{path}: users", {}, path.parent)
+
+
+#: Settings that `PATCH /api/v1/config` and reload may change without a restart.
+#: The rest (where the server listens, where mail goes, the admin listener
+#: itself, the log folder) needs one.
+RESTART_ONLY = ("hostname", "listeners", "mail_dir", "log.dir", "admin", "fsync")
+
+
+def to_mapping(config: Any, redact: bool = False) -> Any:
+    """The config as plain YAML/JSON data (paths as strings); secrets hidden on request."""
+    if dataclasses.is_dataclass(config):
+        out = {}
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            hidden = f.metadata.get("secret") or f.metadata.get("pattern") == "password_hash"
+            if redact and hidden and value is not None:
+                out[f.name] = "<redacted>"
+            else:
+                out[f.name] = to_mapping(value, redact)
+        return out
+    if isinstance(config, dict):
+        return {k: to_mapping(v, redact) for k, v in config.items()}
+    if isinstance(config, list):
+        return [to_mapping(v, redact) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def lookup(data: Any, key: str) -> Any:
+    """`limits.max_message_size` in a mapping from `to_mapping`; KeyError names the key."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise KeyError(key)
+        data = data[part]
+    return data
+
+
+def merged(base: dict, patch: dict, path: str = "") -> dict:
+    """`base` with `patch` laid over it, mappings merged key by key."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = merged(base[key], value, f"{path}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def changed_keys(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two `to_mapping` results."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            keys += changed_keys(old.get(k), new.get(k), f"{path}{k}.")
+        return keys
+    return [] if old == new else [path.rstrip(".")]
+
+
+def needs_restart(keys: list[str]) -> list[str]:
+    return [k for k in keys if any(k == r or k.startswith(r + ".") for r in RESTART_ONLY)]
 
 
 def load(path: str | Path) -> Config:

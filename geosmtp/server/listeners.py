@@ -20,9 +20,11 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 from loguru import logger
 
+from .. import config as cfg
 from .. import logs
 from ..auth import AuthThrottle, UserDB
-from ..config import Config, Listener
+from ..config import Config, ConfigError, Listener
+from ..metrics import ListenerMetrics, Metrics
 from ..smtp import Extensions, Limits, RecipientPolicy, Security, SMTPConnection
 from ..smtp import replies as R
 from ..storage.maildir import MaildirStore
@@ -49,8 +51,11 @@ def _threadpool_apply(fn, *args):  # type: ignore[no-untyped-def]
 
 
 class MailServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # re-read by reload()
+        self.metrics = Metrics()
+        self.auth_throttle = AuthThrottle()
         self.store = MaildirStore(
             config.mail_dir,
             fsync=config.fsync,
@@ -59,6 +64,7 @@ class MailServer:
         )
         self.sessions: Group = Group()
         self._live: dict[gevent.Greenlet, SMTPSession] = {}
+        self.by_id: dict[str, SMTPSession] = {}  # open sessions, for the admin API
         self.servers: list[StreamServer] = []
         self.stopping = False
         self._access_writer: gevent.Greenlet | None = None
@@ -83,9 +89,9 @@ class MailServer:
             {name: user.password for name, user in config.users.items()},
             frozenset(config.domains),
         )
-        self.auth_throttle = AuthThrottle(
-            max_failures=config.auth.max_failures, base_delay=config.auth.failure_delay
-        )
+        # The throttle keeps its record of failures across config changes.
+        self.auth_throttle.max_failures = config.auth.max_failures
+        self.auth_throttle.base_delay = config.auth.failure_delay
         self.trusted_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
         ]
@@ -123,6 +129,39 @@ class MailServer:
         """Run CPU-heavy or blocking work in the hub's threadpool."""
         return _threadpool_apply(fn, *args)
 
+    def change_config(self, new: Config, *, allow_restart_keys: bool = False) -> list[str]:
+        """Apply `new` to new sessions (open ones keep theirs; timeouts apply to all).
+
+        Returns the changed keys that need a restart. Unless `allow_restart_keys`
+        (reload: the rest is applied, those are reported), any such key makes
+        it a `ConfigError` and nothing changes.
+        """
+        old_map, new_map = cfg.to_mapping(self.config), cfg.to_mapping(new)
+        changed = cfg.changed_keys(old_map, new_map)
+        restart = cfg.needs_restart(changed)
+        if restart and not allow_restart_keys:
+            raise ConfigError(f"{restart[0]}: cannot change while running; restart geosmtp")
+        if restart:  # keep the running values of those keys
+            kept = {k: getattr(self.config, k) for k in {r.split(".")[0] for r in restart}}
+            if "log" in kept:
+                kept["log"] = dataclasses.replace(new.log, dir=self.config.log.dir)
+            new = dataclasses.replace(new, **kept)
+        tls_changed = any(k.startswith("tls.") for k in changed)
+        context = tls.server_context(new.tls, new.hostname) if tls_changed else self.tls_context
+        if new.log != self.config.log:
+            logs.setup(new.log)
+        self.tls_context = context
+        self.apply_config(new)
+        if changed:
+            logger.info("configuration changed: {}", ", ".join(changed))
+        return restart
+
+    def reload(self) -> list[str]:
+        """Re-read the config file; an invalid one changes nothing (ConfigError)."""
+        if self.config_path is None:
+            raise ConfigError("reload: the server was started without a config file")
+        return self.change_config(cfg.load(self.config_path), allow_restart_keys=True)
+
     # --------------------------------------------------------- listeners
 
     def start(self) -> None:
@@ -143,15 +182,23 @@ class MailServer:
                     f"cannot listen on [{listener.address}]:{listener.port}: {exc.strerror}",
                 ) from None
             sock.listen(1024)
-            server = StreamServer(sock, self._handler(listener))
+            server = StreamServer(
+                sock,
+                self._handler(
+                    listener,
+                    self.metrics.listener(
+                        f"{listener.role}:[{listener.address}]:{sock.getsockname()[1]}"
+                    ),
+                ),
+            )
             server.start()
             self.servers.append(server)
             host, port = sock.getsockname()[:2]
             logger.info("listening on [{}]:{} ({})", host, port, listener.role)
 
-    def _handler(self, listener: Listener):  # type: ignore[no-untyped-def]
+    def _handler(self, listener: Listener, lm: ListenerMetrics):  # type: ignore[no-untyped-def]
         def handle(client: socket.socket, address: tuple) -> None:
-            self._handle(client, address, listener)
+            self._handle(client, address, listener, lm)
 
         return handle
 
@@ -171,20 +218,28 @@ class MailServer:
             client.close()
         logger.warning("refused [{}]: {}", address[0], reply.text)
 
-    def _handle(self, client: socket.socket, address: tuple, listener: Listener) -> None:
+    def _handle(
+        self, client: socket.socket, address: tuple, listener: Listener, lm: ListenerMetrics
+    ) -> None:
         # Checked and counted with no switch in between, so the cap is exact.
         if self.stopping or len(self._live) >= self.config.max_clients:
+            lm.refused.inc()
             self._refuse(client, address)
             return
         greenlet = gevent.getcurrent()
-        session = SMTPSession(self, client, address, listener)
+        session = SMTPSession(self, client, address, listener, lm)
         session.greenlet = greenlet  # type: ignore[assignment]
         self._live[greenlet] = session
+        self.by_id[session.id] = session
         self.sessions.add(greenlet)  # type: ignore[arg-type]
+        lm.connections.inc()
+        lm.current.inc()
         try:
             session.run()
         finally:
+            lm.current.dec()
             del self._live[greenlet]
+            del self.by_id[session.id]
 
     # --------------------------------------------------------------- stop
 

@@ -38,6 +38,7 @@ from ..storage.maildir import Spool, StorageError
 
 if TYPE_CHECKING:
     from ..config import Listener
+    from ..metrics import ListenerMetrics
     from ..smtp import Envelope
     from ..smtp.sasl import Credentials
     from .listeners import MailServer
@@ -58,6 +59,7 @@ class HandshakeFailed(Exception):
 
 
 TOO_MANY_AUTH_FAILURES = R.reply(421, "4.7.0", "Error: too many authentication failures")
+KICKED = R.reply(421, "4.7.0", "Connection closed by the administrator")
 
 
 _session_ids = itertools.count(1)
@@ -73,8 +75,16 @@ def new_queue_id() -> str:
 
 class SMTPSession:
     def __init__(
-        self, server: MailServer, sock: socket.socket, address: tuple, listener: Listener
+        self,
+        server: MailServer,
+        sock: socket.socket,
+        address: tuple,
+        listener: Listener,
+        metrics: ListenerMetrics,
     ) -> None:
+        self.metrics = metrics
+        self.outcome = "lost"  # how the session ended, for metrics
+        self.close_reply = R.SHUTTING_DOWN  # what shutdown() answers
         self.server = server
         self.sock = sock
         self.peer = address[0]
@@ -128,6 +138,7 @@ class SMTPSession:
         if self.shutdown_pending:
             raise ShutdownRequested
         self.bytes_in += len(data)
+        self.metrics.bytes_in.inc(len(data))
         return data
 
     def _flush(self) -> None:
@@ -145,6 +156,32 @@ class SMTPSession:
         except TimeoutError:
             raise ClientTimeout from None
         self.bytes_out += len(out)
+        self.metrics.bytes_out.inc(len(out))
+        counts = self.conn.counts
+        if counts:
+            self.server.metrics.add_counts(counts)
+            counts.clear()
+
+    def info(self) -> dict:
+        """What the admin API shows of this session (never message data or secrets)."""
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "port": self.peer_port,
+            "listener": self.metrics.name,
+            "state": self.conn.state.value,
+            "age_seconds": round(time.monotonic() - self.started, 3),
+            "user": self.conn.auth_user,
+            "tls": self.conn.tls,
+            "helo": self.conn.helo,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+    def kick(self) -> None:
+        """The administrator closes this session: 421 at its next read."""
+        self.close_reply = KICKED
+        self.shutdown()
 
     def shutdown(self) -> None:
         """Ask the session to end with 421 before its next read.
@@ -170,7 +207,12 @@ class SMTPSession:
         try:
             if self.conn.tls:  # an implicit-TLS listener: handshake before the greeting
                 self._handshake()
-            self.sock.sendall(conn.greeting())
+            greeting = conn.greeting()
+            self.sock.sendall(greeting)
+            # The greeting is sent outside the core's queue: count it like any reply.
+            self.bytes_out += len(greeting)
+            self.metrics.bytes_out.inc(len(greeting))
+            conn.counts["2xx"] = conn.counts.get("2xx", 0) + 1
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
@@ -199,18 +241,28 @@ class SMTPSession:
                     self._authenticate(event.credentials)
                 elif type(event) is CloseConnection:
                     self._flush()
+                    code = event.reply.code if event.reply else 221
+                    self.outcome = "quit" if code == 221 else "errors"
                     break
                 else:  # PAUSED outside delivery: nothing more will come
                     break
         except ClientTimeout:
+            self.outcome = "timeout"
             self._close_with(R.TIMEOUT)
         except ShutdownRequested:
-            self._close_with(R.SHUTTING_DOWN)
+            self.outcome = "kicked" if self.close_reply is KICKED else "shutdown"
+            self._close_with(self.close_reply)
         except HandshakeFailed as exc:
+            self.outcome = "tls_failed"
             logger.debug("session {}: TLS handshake failed: {}", self.id, exc)
         except (OSError, StorageError) as exc:
+            self.outcome = "error" if isinstance(exc, StorageError) else "lost"
             logger.debug("session {} socket error: {}", self.id, exc)
         finally:
+            self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
+            counts = self.conn.counts
+            if counts:
+                self.server.metrics.add_counts(counts)
             self._discard_spool()
             try:
                 self.sock.close()
@@ -245,6 +297,7 @@ class SMTPSession:
                 tls_sock.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             raise HandshakeFailed(str(exc)) from None
+        self.metrics.tls.inc()
 
     def _authenticate(self, credentials: Credentials) -> None:
         """Check a login in the threadpool; failures are delayed, then disconnected."""
@@ -254,6 +307,7 @@ class SMTPSession:
         if not throttle.blocked(self.peer):
             user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
         if user is not None:
+            server.metrics.auth_success.inc()
             throttle.succeeded(self.peer)
             logger.info(
                 "session {}: [{}] authenticated as {} ({})",
@@ -264,6 +318,7 @@ class SMTPSession:
             )
             self.conn.auth_result(user)
             return
+        server.metrics.auth_failure.inc()
         delay, disconnect = throttle.failed(self.peer)
         # The login name is part of the AUTH arguments: it is not logged either.
         logger.warning("session {}: [{}] authentication failed", self.id, self.peer)
@@ -302,6 +357,8 @@ class SMTPSession:
         spool, self.spool = self.spool, None
         assert spool is not None and self.queue_id is not None
         boxes = [r.box for r in envelope.recipients]
+        metrics = self.server.metrics
+        started = time.perf_counter()
         try:
             if isinstance(spool, _FailedSpool):
                 raise spool.error
@@ -310,12 +367,18 @@ class SMTPSession:
             logger.error("session {}: delivery failed: {}", self.id, exc)
             spool.discard()
             self.conn.message_failed(R.LOCAL_ERROR)
+            metrics.messages_rejected.labels("storage").inc()
             self._access(envelope, R.LOCAL_ERROR.code, queue=self.queue_id)
             return
+        metrics.delivery_seconds.observe(time.perf_counter() - started)
+        metrics.messages_accepted.inc()
+        metrics.recipients.inc(len(boxes))
+        metrics.message_size.observe(envelope.size)
         self.conn.message_stored(self.queue_id)
         self._access(envelope, 250, queue=self.queue_id)
 
     def _rejected(self, event: TransactionRejected) -> None:
+        self.server.metrics.messages_rejected.labels(event.stage).inc()
         if event.stage in ("DATA", "BDAT"):
             self._discard_spool()
         address = {"MAIL": "from", "RCPT": "to"}.get(event.stage)

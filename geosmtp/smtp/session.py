@@ -182,6 +182,9 @@ def _is_utf8(arg: bytes) -> bool:
     return True
 
 
+_REPLY_CLASS = {n: f"{n}xx" for n in range(1, 6)}
+
+
 class SMTPConnection:
     """One SMTP server session: bytes in, replies and events out."""
 
@@ -206,6 +209,9 @@ class SMTPConnection:
         self.esmtp = False
         self.envelope: Envelope | None = None
         self.errors = 0
+        #: Commands by verb and replies by class ("2xx") since the shell last took
+        #: them (for metrics); the shell empties it.
+        self.counts: dict[str, int] = {}
         self.tls = self.security.tls_active
         self.auth_user: str | None = None
         self._paused = False  # waiting for the shell: TLS handshake or password check
@@ -235,6 +241,8 @@ class SMTPConnection:
 
     def _send(self, reply: R.Reply) -> None:
         self._out.append(reply.to_bytes(self.extensions.enhancedstatuscodes))
+        key = _REPLY_CLASS[reply.code // 100]
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def _error(self, reply: R.Reply) -> None:
         """Send an error reply and count it against the session's error budget."""
@@ -322,8 +330,10 @@ class SMTPConnection:
         verb, arg = split_command(line)
         handler = getattr(self, f"_do_{verb}", None) if verb.isalpha() else None
         if handler is None or not self._verb_enabled(verb):
+            self.counts["UNKNOWN"] = self.counts.get("UNKNOWN", 0) + 1
             self._error(R.UNKNOWN_COMMAND)
             return
+        self.counts[verb] = self.counts.get(verb, 0) + 1
         wrong_time = sequence_error(verb, self.state) if verb != "BDAT" else None
         if wrong_time is not None:
             self._error(wrong_time)

@@ -1,0 +1,1 @@
+"""The operator's side: the management API (HTTP/JSON) and Prometheus /metrics."""

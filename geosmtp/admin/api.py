@@ -1,0 +1,196 @@
+"""The management API: HTTP/JSON under /api/v1, and /metrics for Prometheus.
+
+A plain WSGI application (served by gevent's WSGI server on the admin
+listener, see `admin.server`). Every request must carry the bearer token.
+docs/management.md documents each endpoint.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .. import __version__
+from .. import config as cfg
+
+if TYPE_CHECKING:
+    from ..server.listeners import MailServer
+
+StartResponse = Callable[..., Any]
+MAX_BODY = 64 * 1024
+_SESSION_RE = re.compile(r"/api/v1/sessions/([0-9A-Fa-f]+)")
+
+
+class HTTPError(Exception):
+    def __init__(
+        self, status: str, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+class AdminAPI:
+    def __init__(self, server: MailServer, token: str) -> None:
+        self.server = server
+        self._token = token.encode()
+
+    # ------------------------------------------------------------- WSGI
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("PATH_INFO", "")
+        try:
+            self._check_token(environ)
+            if path == "/metrics":
+                if method != "GET":
+                    raise HTTPError(
+                        "405 Method Not Allowed", f"{method} /metrics: use GET", [("Allow", "GET")]
+                    )
+                body = self.server.metrics.exposition()
+                return _respond(start_response, "200 OK", body, CONTENT_TYPE_LATEST)
+            status, payload = self._route(method, path, environ)
+            headers: list[tuple[str, str]] = []
+        except HTTPError as exc:
+            status, payload, headers = exc.status, {"error": exc.message}, exc.headers
+        except Exception:  # an API bug must not take the server down: report it
+            logger.exception("admin API error on {} {}", method, path)
+            status, payload = "500 Internal Server Error", {"error": "internal error; see log"}
+            headers = []
+        body = json.dumps(payload, indent=2, sort_keys=False).encode() + b"\n"
+        if status.startswith("401"):
+            headers = [*headers, ("WWW-Authenticate", "Bearer")]
+        return _respond(start_response, status, body, "application/json", headers)
+
+    def _check_token(self, environ: dict) -> None:
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._token
+        ):
+            raise HTTPError("401 Unauthorized", "missing or wrong bearer token")
+
+    def _route(self, method: str, path: str, environ: dict) -> tuple[str, Any]:
+        routes: dict[str, dict[str, Callable[[dict], Any]]] = {
+            "/api/v1/stats": {"GET": self.get_stats},
+            "/api/v1/config": {"GET": self.get_config, "PATCH": self.patch_config},
+            "/api/v1/reload": {"POST": self.post_reload},
+            "/api/v1/sessions": {"GET": self.get_sessions},
+        }
+        match = _SESSION_RE.fullmatch(path)
+        if match:
+            environ["geosmtp.session_id"] = match.group(1).upper()
+            routes[path] = {"DELETE": self.delete_session}
+        methods = routes.get(path)
+        if methods is None:
+            raise HTTPError("404 Not Found", f"no such endpoint: {path}")
+        handler = methods.get(method)
+        if handler is None:
+            allowed = ", ".join(methods)
+            raise HTTPError(
+                "405 Method Not Allowed", f"{method} {path}: use {allowed}", [("Allow", allowed)]
+            )
+        return "200 OK", handler(environ)
+
+    # -------------------------------------------------------- endpoints
+
+    def get_stats(self, environ: dict) -> dict:
+        metrics = self.server.metrics
+        snap = metrics.snapshot()
+
+        def total(name: str) -> float:
+            value = snap.get(name, 0)
+            return sum(value.values()) if isinstance(value, dict) else value
+
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - metrics.started, 3),
+            "connections": {
+                "current": int(total("geosmtp_connections_current")),
+                "total": int(total("geosmtp_connections_total")),
+                "refused": int(total("geosmtp_connections_refused_total")),
+            },
+            "messages": {
+                "accepted": int(total("geosmtp_messages_accepted_total")),
+                "rejected": int(total("geosmtp_messages_rejected_total")),
+                "recipients": int(total("geosmtp_recipients_total")),
+            },
+            "bytes": {
+                "received": int(total("geosmtp_received_bytes_total")),
+                "sent": int(total("geosmtp_sent_bytes_total")),
+            },
+            "metrics": snap,
+        }
+
+    def get_config(self, environ: dict) -> dict:
+        return cfg.to_mapping(self.server.config, redact=True)
+
+    def patch_config(self, environ: dict) -> dict:
+        patch = _read_json(environ)
+        if not isinstance(patch, dict):
+            raise HTTPError("400 Bad Request", "the body must be a JSON object")
+        current = cfg.to_mapping(self.server.config)
+        try:
+            new = cfg.from_mapping(cfg.merged(current, patch))
+            changed = cfg.changed_keys(current, cfg.to_mapping(new))
+            self.server.change_config(new)
+        except cfg.ConfigError as exc:
+            raise HTTPError("400 Bad Request", str(exc)) from None
+        return {"changed": changed, "config": cfg.to_mapping(self.server.config, redact=True)}
+
+    def post_reload(self, environ: dict) -> dict:
+        before = cfg.to_mapping(self.server.config)
+        try:
+            restart = self.server.reload()
+        except cfg.ConfigError as exc:
+            raise HTTPError("400 Bad Request", str(exc)) from None
+        changed = cfg.changed_keys(before, cfg.to_mapping(self.server.config))
+        return {"reloaded": True, "changed": changed, "restart_needed": restart}
+
+    def get_sessions(self, environ: dict) -> dict:
+        sessions = [s.info() for s in list(self.server.by_id.values())]
+        return {"count": len(sessions), "sessions": sessions}
+
+    def delete_session(self, environ: dict) -> dict:
+        session_id = environ["geosmtp.session_id"]
+        session = self.server.by_id.get(session_id)
+        if session is None:
+            raise HTTPError("404 Not Found", f"no open session {session_id}")
+        session.kick()
+        logger.info("admin closed session {} ([{}])", session_id, session.peer)
+        return {"closed": session_id}
+
+
+def _read_json(environ: dict) -> Any:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise HTTPError("400 Bad Request", "bad Content-Length") from None
+    if length > MAX_BODY:
+        raise HTTPError("413 Payload Too Large", f"the body may be at most {MAX_BODY} octets")
+    raw = environ["wsgi.input"].read(length) if length else b""
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPError("400 Bad Request", f"invalid JSON: {exc}") from None
+
+
+def _respond(
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
+    content_type: str,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    start_response(
+        status,
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), *(headers or [])],
+    )
+    return [body]

@@ -1,0 +1,247 @@
+"""`geosmtp ctl`: the management API's client.
+
+It reads the admin address and token from the same config file the server
+uses (`-c`, default ./config.yaml). Exit status 0 on success, 1 when the
+server cannot be reached or refuses the request, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class CtlError(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 10) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+                kind = resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise CtlError("the server refused the token (401 Unauthorized)") from None
+            try:
+                message = json.loads(exc.read())["error"]
+            except (ValueError, KeyError, TypeError):
+                message = exc.reason
+            raise CtlError(f"{exc.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CtlError(
+                f"cannot reach the admin API at {self.url}: {reason} "
+                "(is geosmtp running, with admin.enabled?)"
+            ) from None
+        return json.loads(raw) if kind.startswith("application/json") else raw.decode()
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from . import config as cfg
+    from .admin.server import admin_token
+
+    if args.url and args.token:  # the config is not needed (and may be the broken one)
+        return Client(args.url, args.token)
+    path = args.config or ("config.yaml" if Path("config.yaml").exists() else None)
+    config = cfg.load(path) if path else cfg.from_mapping({})
+    admin = config.admin
+    token = args.token or admin_token(admin, create=False)
+    host = f"[{admin.address}]" if ":" in admin.address else admin.address
+    return Client(args.url or f"http://{host}:{admin.port}", token)
+
+
+def _nested(key: str, value: Any) -> dict:
+    patch: Any = value
+    for part in reversed(key.split(".")):
+        patch = {part: patch}
+    return patch
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_stats(stats: dict, previous: dict | None = None, interval: float = 1.0) -> str:
+    c, m, b = stats["connections"], stats["messages"], stats["bytes"]
+    lines = [
+        f"geosmtp {stats['version']}   up {stats['uptime_seconds']:.0f} s",
+        f"connections  open {c['current']:>8}   total {c['total']:>10}   refused {c['refused']:>8}",
+        f"messages     accepted {m['accepted']:>6}   rejected {m['rejected']:>7}"
+        f"   deliveries {m['recipients']:>8}",
+        f"traffic      in {_human_bytes(b['received']):>12}   out {_human_bytes(b['sent']):>12}",
+    ]
+    if previous is not None:
+        pm, pc = previous["messages"], previous["connections"]
+        # The time the server saw pass: the interval plus the requests' own time.
+        elapsed = stats["uptime_seconds"] - previous["uptime_seconds"]
+        elapsed = elapsed if elapsed > 0 else interval
+        rate = (m["accepted"] - pm["accepted"]) / elapsed
+        conn_rate = (c["total"] - pc["total"]) / elapsed
+        lines.append(f"rates        {rate:8.1f} msgs/s   {conn_rate:8.1f} connections/s")
+    commands = stats["metrics"].get("geosmtp_commands_total", {})
+    if commands:
+        top = sorted(commands.items(), key=lambda kv: -kv[1])[:8]
+        lines.append("commands     " + "  ".join(f"{k.split('=', 1)[1]} {v:.0f}" for k, v in top))
+    return "\n".join(lines)
+
+
+def cmd_stats(client: Client, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(client.request("GET", "/api/v1/stats"), indent=2))
+        return EXIT_OK
+    if not args.watch:
+        print(format_stats(client.request("GET", "/api/v1/stats")))
+        return EXIT_OK
+    previous = None
+    shown = 0
+    try:
+        while args.count is None or shown < args.count:
+            stats = client.request("GET", "/api/v1/stats")
+            screen = format_stats(stats, previous, args.interval)
+            sessions = client.request("GET", "/api/v1/sessions")
+            screen += f"\n\n{'ID':>8}  {'PEER':<24} {'STATE':<10} {'AGE':>8}  USER"
+            for s in sessions["sessions"][: args.rows]:
+                screen += (
+                    f"\n{s['id']:>8}  {s['peer'] + ':' + str(s['port']):<24} "
+                    f"{s['state']:<10} {s['age_seconds']:>7.1f}s  {s['user'] or ''}"
+                )
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")  # a live view: redraw in place
+            print(screen, flush=True)
+            if not sys.stdout.isatty():
+                print("", flush=True)
+            previous = stats
+            shown += 1
+            if args.count is None or shown < args.count:
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_config(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "get":
+        config = client.request("GET", "/api/v1/config")
+        if args.key:
+            from .config import lookup
+
+            try:
+                config = lookup(config, args.key)
+            except KeyError:
+                raise CtlError(f"{args.key}: no such key") from None
+        print(
+            yaml.safe_dump(config, sort_keys=False).rstrip()
+            if isinstance(config, dict | list)
+            else json.dumps(config)
+        )
+        return EXIT_OK
+    if args.key is None or args.value is None:
+        print("geosmtp ctl: usage: geosmtp ctl config set KEY VALUE", file=sys.stderr)
+        return EXIT_USAGE
+    value = yaml.safe_load(args.value)  # "100" -> 100, "true" -> True, "[a, b]" -> list
+    result = client.request("PATCH", "/api/v1/config", _nested(args.key, value))
+    changed = result["changed"]
+    print(f"changed: {', '.join(changed)}" if changed else "unchanged")
+    return EXIT_OK
+
+
+def cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    result = client.request("POST", "/api/v1/reload")
+    print(f"reloaded; changed: {', '.join(result['changed']) or 'nothing'}")
+    if result["restart_needed"]:
+        print(f"needs a restart to take effect: {', '.join(result['restart_needed'])}")
+    return EXIT_OK
+
+
+def cmd_sessions(client: Client, args: argparse.Namespace) -> int:
+    result = client.request("GET", "/api/v1/sessions")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(
+        f"{'ID':>8}  {'PEER':<24} {'LISTENER':<28} {'STATE':<10} {'AGE':>8}  {'IN':>8} "
+        f"{'OUT':>8}  USER"
+    )
+    for s in result["sessions"]:
+        print(
+            f"{s['id']:>8}  {s['peer'] + ':' + str(s['port']):<24} {s['listener']:<28} "
+            f"{s['state']:<10} {s['age_seconds']:>7.1f}s  {s['bytes_in']:>8} "
+            f"{s['bytes_out']:>8}  {s['user'] or ''}"
+        )
+    print(f"{result['count']} open")
+    return EXIT_OK
+
+
+def cmd_kick(client: Client, args: argparse.Namespace) -> int:
+    client.request("DELETE", f"/api/v1/sessions/{args.id}")
+    print(f"session {args.id} closed")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geosmtp ctl", description="Manage a running geosmtp.")
+    p.add_argument("-c", "--config", metavar="FILE", help="the server's config (./config.yaml)")
+    p.add_argument("--url", help="admin API base URL (default: from the config)")
+    p.add_argument("--token", help="bearer token (default: admin.token / admin.token_file)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("stats", help="counters; --watch for a live view")
+    s.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    s.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
+    s.add_argument("--rows", type=int, default=15, help="with --watch: sessions shown")
+    s.add_argument("--json", action="store_true", help="the raw JSON")
+    s.set_defaults(func=cmd_stats)
+    c = sub.add_parser("config", help="config get [KEY] | config set KEY VALUE")
+    c.add_argument("action", choices=["get", "set"])
+    c.add_argument("key", nargs="?")
+    c.add_argument("value", nargs="?")
+    c.set_defaults(func=cmd_config)
+    r = sub.add_parser("reload", help="re-read the config file")
+    r.set_defaults(func=cmd_reload)
+    ss = sub.add_parser("sessions", help="open sessions")
+    ss.add_argument("--json", action="store_true")
+    ss.set_defaults(func=cmd_sessions)
+    k = sub.add_parser("kick", help="close a session with 421")
+    k.add_argument("id")
+    k.set_defaults(func=cmd_kick)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from .config import ConfigError
+
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(_client(args), args)
+    except ConfigError as exc:
+        print(f"geosmtp ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CtlError as exc:
+        print(f"geosmtp ctl: {exc}", file=sys.stderr)
+        return EXIT_FAILURE

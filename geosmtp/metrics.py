@@ -1,0 +1,152 @@
+"""Counters, gauges and histograms of the running server (prometheus_client).
+
+One `Metrics` object per server, on a registry of its own (not the library's
+global one), exposed at `/metrics` on the admin listener and as JSON by
+`/api/v1/stats`. Counting sits on the hot path, so sessions bind their
+labelled children once (`ListenerMetrics`) and per-command counts are kept
+by the protocol core in a plain dict and added here once per round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# The `_created` timestamp series double the output and no dashboard here uses them.
+disable_created_metrics()
+
+SIZE_BUCKETS = (1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900)
+DELIVERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+
+#: How a session ended (the `outcome` label).
+OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.started = time.time()
+        listener = ["listener"]
+        self.connections = Counter(
+            "geosmtp_connections", "Connections accepted", listener, registry=r
+        )
+        self.connections_current = Gauge(
+            "geosmtp_connections_current", "Open connections", listener, registry=r
+        )
+        self.connections_refused = Counter(
+            "geosmtp_connections_refused",
+            "Connections refused with 421 (over max_clients, or stopping)",
+            listener,
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            "geosmtp_received_bytes", "Octets received from clients", listener, registry=r
+        )
+        self.bytes_out = Counter(
+            "geosmtp_sent_bytes", "Octets sent to clients", listener, registry=r
+        )
+        self.sessions = Counter(
+            "geosmtp_sessions", "Sessions ended, by outcome", ["listener", "outcome"], registry=r
+        )
+        self.tls_sessions = Counter(
+            "geosmtp_tls_sessions", "TLS handshakes completed", listener, registry=r
+        )
+        self.commands = Counter("geosmtp_commands", "Commands received", ["verb"], registry=r)
+        self.replies = Counter(
+            "geosmtp_replies", "Replies sent, by class (2xx...)", ["class"], registry=r
+        )
+        self.messages_accepted = Counter(
+            "geosmtp_messages_accepted", "Messages stored (answered 250)", registry=r
+        )
+        self.messages_rejected = Counter(
+            "geosmtp_messages_rejected",
+            "Transactions or recipients refused, by stage",
+            ["stage"],
+            registry=r,
+        )
+        self.recipients = Counter(
+            "geosmtp_recipients", "Deliveries (recipients of stored messages)", registry=r
+        )
+        self.auth = Counter("geosmtp_auth", "AUTH attempts, by result", ["result"], registry=r)
+        self.message_size = Histogram(
+            "geosmtp_message_size_bytes",
+            "Size of stored messages",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "geosmtp_session_duration_seconds",
+            "Session length",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "geosmtp_delivery_seconds",
+            "From the end of the message to 250: the cost of durability",
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.auth_success = self.auth.labels("success")
+        self.auth_failure = self.auth.labels("failure")
+        # add_counts' labelled children: a `labels()` lookup costs more than the `inc()`.
+        self._count_children: dict[str, Any] = {}
+
+    def listener(self, name: str) -> ListenerMetrics:
+        return ListenerMetrics(self, name)
+
+    def add_counts(self, counts: Mapping[str, int]) -> None:
+        """Add the core's per-command tallies ("MAIL", "2xx", ...), then they restart."""
+        children = self._count_children
+        for key, n in counts.items():
+            child = children.get(key)
+            if child is None:  # the keys are few: the verbs, UNKNOWN and five classes
+                family = self.replies if key[0].isdigit() else self.commands
+                child = children[key] = family.labels(key)
+            child.inc(n)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every sample as JSON-friendly data: {metric: value | {label=value,...: value}}."""
+        out: dict[str, Any] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                if not sample.labels:
+                    out[sample.name] = sample.value
+                    continue
+                key = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out.setdefault(sample.name, {})[key] = sample.value
+        return out
+
+
+class ListenerMetrics:
+    """The labelled children one listener's sessions use, bound once."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.metrics = metrics
+        self.name = name
+        self.connections = metrics.connections.labels(name)
+        self.current = metrics.connections_current.labels(name)
+        self.refused = metrics.connections_refused.labels(name)
+        self.bytes_in = metrics.bytes_in.labels(name)
+        self.bytes_out = metrics.bytes_out.labels(name)
+        self.tls = metrics.tls_sessions.labels(name)
+        self._outcomes = {o: metrics.sessions.labels(name, o) for o in OUTCOMES}
+
+    def session_ended(self, outcome: str, seconds: float) -> None:
+        self._outcomes[outcome].inc()
+        self.metrics.session_duration.observe(seconds)

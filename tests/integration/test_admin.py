@@ -1,0 +1,469 @@
+"""The management API against the real server: token, config, reload, sessions, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from geosmtp import __version__
+from geosmtp import config as cfg
+from tests.conftest import free_port, users, wait_until, write_config
+from tests.integration.adminapi import TOKEN, admin_of, with_admin
+from tests.integration.wire import Wire
+
+ENDPOINTS = [
+    ("GET", "/metrics"),
+    ("GET", "/api/v1/stats"),
+    ("GET", "/api/v1/config"),
+    ("PATCH", "/api/v1/config"),
+    ("POST", "/api/v1/reload"),
+    ("GET", "/api/v1/sessions"),
+    ("DELETE", "/api/v1/sessions/1"),
+    ("GET", "/api/v1/nope"),
+]
+
+
+@pytest.fixture(scope="module")
+def shared(make_module_server):
+    """One server for the tests that change nothing."""
+    server = make_module_server(with_admin({"users": users(alice="secret pw", bob=None)}))
+    return server, admin_of(server)
+
+
+def test_every_request_needs_the_token(shared):
+    server, api = shared
+    before = api.config()
+    for method, path in ENDPOINTS:
+        for token in (None, "x" * 32, TOKEN[:-1], TOKEN + "x", ""):
+            reply = api.request(method, path, {"max_clients": 1}, token=token)
+            assert reply.status == 401, (method, path, token, reply.body)
+            assert reply.headers["www-authenticate"] == "Bearer"
+            assert reply.error == "missing or wrong bearer token"
+        basic = api.request(method, path, headers={"Authorization": f"Basic {TOKEN}"}, token=None)
+        assert basic.status == 401, (method, path)
+    # Nothing those requests asked for happened.
+    assert api.config() == before
+    assert api.request("GET", "/api/v1/stats").status == 200
+    assert "admin API listening" in server.server_log()
+
+
+def test_stats_snapshot(shared):
+    _, api = shared
+    stats = api.stats()
+    assert stats["version"] == __version__
+    assert stats["uptime_seconds"] > 0
+    assert set(stats["connections"]) == {"current", "total", "refused"}
+    assert set(stats["messages"]) == {"accepted", "rejected", "recipients"}
+    assert set(stats["bytes"]) == {"received", "sent"}
+    assert "geosmtp_connections_total" in stats["metrics"]
+    later = api.stats()
+    assert later["uptime_seconds"] >= stats["uptime_seconds"]
+
+
+def test_config_never_shows_secrets(shared):
+    server, api = shared
+    reply = api.request("GET", "/api/v1/config")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    text = reply.body.decode()
+    written = yaml.safe_load(server.config_path.read_text())
+    alice_hash = written["users"]["alice"]["password"]
+    assert alice_hash.startswith("$argon2")
+    assert alice_hash not in text and "$argon2" not in text
+    assert TOKEN not in text
+    config = reply.json
+    assert config["admin"]["token"] == "<redacted>"
+    assert config["users"]["alice"]["password"] == "<redacted>"
+    assert config["users"]["bob"]["password"] is None  # nothing to hide: shown as unset
+    # The rest is the effective configuration, defaults included.
+    assert config["hostname"] == written["hostname"]
+    assert config["listeners"][0]["port"] == server.port
+    assert config["limits"]["max_recipients"] == 100
+    assert config["mail_dir"] == str(server.mail_dir)
+
+
+def test_token_file_is_made_and_never_shown(make_server):
+    server = make_server({"admin": {"enabled": True, "port": free_port(), "token_file": "tok"}})
+    path = server.root / "tok"
+    wait_until(path.exists, what="token file")
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    assert len(token) >= 32
+    api = admin_of(server, token=token)
+    config = api.config()
+    assert config["admin"]["token"] is None
+    assert config["admin"]["token_file"] == str(path)
+    reply = api.request("GET", "/api/v1/config")
+    assert token not in reply.body.decode()
+    assert api.request("GET", "/api/v1/stats", token=TOKEN).status == 401
+
+
+def test_non_loopback_admin_without_token_does_not_start(tmp_path):
+    port = free_port()
+    path = write_config(tmp_path, {"admin": {"enabled": True, "address": "0.0.0.0"}}, port=port)
+    result = subprocess.run(
+        [sys.executable, "-m", "geosmtp", "-c", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("geosmtp: admin.token:"), result.stderr
+    assert "token_file" in result.stderr
+    assert not (tmp_path / "mail_dir").exists()
+
+
+def test_token_file_that_cannot_be_made_stops_the_start(tmp_path):
+    path = write_config(
+        tmp_path, {"admin": {"enabled": True, "port": free_port(), "token_file": "no/such/tok"}}
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "geosmtp", "-c", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith(
+        f"geosmtp: admin.token_file: cannot create '{tmp_path / 'no/such/tok'}': "
+        "No such file or directory"
+    ), result.stderr
+
+
+# ------------------------------------------------------------ PATCH /config
+
+
+def test_patch_changes_live_settings(make_server):
+    server = make_server(with_admin({"log": {"dir": "logs", "level": "INFO"}}))
+    api = admin_of(server)
+    with Wire.connect(server.host, server.port) as held:
+        assert "CHUNKING" in held.expect("EHLO held.example", 250)
+        patch = {
+            "max_clients": 50,
+            "limits": {"max_recipients": 2, "max_errors": 5},
+            "timeouts": {"data_block": 60},
+            "log": {"level": "DEBUG"},
+            "extensions": {"chunking": False},
+        }
+        result = api.ok("PATCH", "/api/v1/config", patch)
+        assert result["changed"] == [
+            "extensions.chunking",
+            "limits.max_errors",
+            "limits.max_recipients",
+            "log.level",
+            "max_clients",
+            "timeouts.data_block",
+        ]
+        assert result["config"]["limits"]["max_recipients"] == 2
+        assert result["config"]["admin"]["token"] == "<redacted>"
+        # The open session was not dropped, and keeps the settings it started with.
+        assert "CHUNKING" in held.expect("EHLO again.example", 250)
+        held.expect("MAIL FROM:<a@remote.example>", 250)
+        for i in range(3):
+            held.expect(f"RCPT TO:<u{i}@test.example>", 250)
+        held.expect("QUIT", 221)
+    config = api.config()
+    assert config["max_clients"] == 50 and config["log"]["level"] == "DEBUG"
+    assert config["extensions"]["chunking"] is False
+    # A new session gets the new settings.
+    with Wire.connect(server.host, server.port) as w:
+        assert "CHUNKING" not in w.expect("EHLO new.example", 250)
+        (session,) = [s for s in api.sessions() if s["helo"] == "new.example"]
+        w.expect("MAIL FROM:<a@remote.example>", 250)
+        w.expect("RCPT TO:<u0@test.example>", 250)
+        w.expect("RCPT TO:<u1@test.example>", 250)
+        w.expect("RCPT TO:<u2@test.example>", 452)
+    # Log level DEBUG (was INFO): session detail now reaches the log.
+    wait_until(
+        lambda: f"session {session['id']} connect from" in server.server_log(), what="debug line"
+    )
+    assert "configuration changed: extensions.chunking" in server.server_log()
+    # The same PATCH again changes nothing.
+    assert api.ok("PATCH", "/api/v1/config", patch)["changed"] == []
+
+
+def test_patch_max_clients_applies_to_the_next_connection(make_server):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    api.quiet()  # the start-up probe's session is over
+    with Wire.connect(server.host, server.port) as held:
+        held.expect("EHLO held.example", 250)
+        assert api.ok("PATCH", "/api/v1/config", {"max_clients": 1})["changed"] == ["max_clients"]
+        with Wire.connect(server.host, server.port, greet=False) as extra:
+            code, text = extra.reply()
+            assert code == 421 and text.startswith("4.7.0"), text
+            assert extra.is_closed()
+        held.expect("NOOP", 250)  # the open one is still served
+        api.ok("PATCH", "/api/v1/config", {"max_clients": 2})
+        with Wire.connect(server.host, server.port) as second:
+            second.expect("QUIT", 221)
+        held.expect("QUIT", 221)
+    assert api.stats()["connections"]["refused"] == 1
+
+
+@pytest.mark.parametrize(
+    ("patch", "key"),
+    [
+        ({"listeners": [{"address": "127.0.0.1", "port": 1}]}, "listeners"),
+        ({"mail_dir": "/tmp/elsewhere"}, "mail_dir"),
+        ({"hostname": "other.example"}, "hostname"),
+        ({"fsync": False}, "fsync"),
+        ({"log": {"dir": "/tmp/elsewhere"}}, "log.dir"),
+        ({"admin": {"port": 1}}, "admin.port"),
+        ({"admin": {"token": "y" * 32}}, "admin.token"),
+        ({"admin": {"enabled": False}}, "admin.enabled"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_patch_refuses_restart_only_keys(shared, patch, key):
+    _, api = shared
+    before = api.config()
+    reply = api.request("PATCH", "/api/v1/config", {"max_clients": 7, **patch})
+    assert reply.status == 400, reply.body
+    assert reply.error == f"{key}: cannot change while running; restart geosmtp"
+    assert api.config() == before  # all or nothing: max_clients did not change either
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        (b'{"max_clients": ', 400, "invalid JSON: Expecting value"),
+        (b"\xff\xfe{", 400, "invalid JSON"),
+        (b"[1, 2]", 400, "the body must be a JSON object"),
+        (b"", 400, "the body must be a JSON object"),
+        (b'"max_clients"', 400, "the body must be a JSON object"),
+        (b'{"bogus": 1}', 400, "bogus: unknown key"),
+        (b'{"limits": {"max_recipient": 3}}', 400, "limits.max_recipient: unknown key"),
+        (b'{"max_clients": "10"}', 400, "max_clients: expected a positive integer, got '10'"),
+        (b'{"max_clients": 0}', 400, "max_clients: expected a positive integer, got 0"),
+        (b'{"max_clients": true}', 400, "max_clients: expected a positive integer, got True"),
+        (b'{"max_clients": 1.5}', 400, "max_clients: expected a positive integer, got 1.5"),
+        (b'{"limits": 5}', 400, "limits: expected a mapping, got 5"),
+        (b'{"log": {"level": "LOUD"}}', 400, "log.level: expected one of TRACE"),
+        (b'{"extensions": {"chunking": "no"}}', 400, "extensions.chunking: expected true or"),
+        (b'{"domains": []}', 400, "domains: at least one local domain is needed"),
+        (b'{"timeouts": {"command": -1}}', 400, "timeouts.command: expected a positive number"),
+        (b'{"trusted_networks": ["8.8.8.0/24"]}', 400, "trusted_networks[0]: '8.8.8.0/24'"),
+        (b'{"users": {"x": {"password": "plain"}}}', 400, "users.x.password: expected a passw"),
+        (b"x" * (64 * 1024 + 1), 413, "the body may be at most 65536 octets"),
+    ],
+    ids=lambda v: v.decode(errors="replace")[:30] if isinstance(v, bytes) else None,
+)
+def test_patch_bad_requests(shared, raw, status, message):
+    _, api = shared
+    before = api.config()
+    reply = api.request("PATCH", "/api/v1/config", raw=raw)
+    assert reply.status == status, reply.body
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.error.startswith(message), reply.error
+    assert api.config() == before
+
+
+def test_patch_validation_is_the_loaders(shared, tmp_path):
+    """The API's message for a bad value is the one `geosmtp -c` gives for it in the file."""
+    _, api = shared
+    bad = {"limits": {"command_line": 100}}
+    with pytest.raises(cfg.ConfigError) as at_load:
+        cfg.from_mapping(bad, tmp_path)
+    reply = api.request("PATCH", "/api/v1/config", bad)
+    assert reply.status == 400
+    assert (
+        reply.error == str(at_load.value) == "limits.command_line: expected at least 512, got 100"
+    )
+
+
+# ----------------------------------------------------------- HTTP errors
+
+
+def test_unknown_paths_and_methods(shared):
+    _, api = shared
+    reply = api.request("GET", "/api/v2/stats")
+    assert reply.status == 404 and reply.error == "no such endpoint: /api/v2/stats"
+    assert api.request("GET", "/").status == 404
+    assert api.request("GET", "/api/v1/sessions/zz").status == 404
+    cases = [
+        ("POST", "/api/v1/stats", "GET"),
+        ("DELETE", "/api/v1/config", "GET, PATCH"),
+        ("GET", "/api/v1/reload", "POST"),
+        ("PUT", "/api/v1/sessions", "GET"),
+        ("GET", "/api/v1/sessions/1A", "DELETE"),
+        ("POST", "/metrics", "GET"),
+    ]
+    for method, path, allowed in cases:
+        reply = api.request(method, path)
+        assert reply.status == 405, (method, path, reply.body)
+        assert reply.headers["allow"] == allowed
+        assert reply.error == f"{method} {path}: use {allowed}"
+    reply = api.request("DELETE", "/api/v1/sessions/FFFFFF")
+    assert reply.status == 404 and reply.error == "no open session FFFFFF"
+
+
+# ------------------------------------------------------------ reload / SIGHUP
+
+
+def _rewrite(server, **changes) -> dict:
+    data = yaml.safe_load(server.config_path.read_text())
+    for key, value in changes.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            data.setdefault(section, {})[sub] = value
+        else:
+            data[key] = value
+    server.config_path.write_text(yaml.safe_dump(data))
+    return data
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("domains: [\n", "invalid YAML"),
+        ("limits:\n  max_recipients: many\n", "limits.max_recipients: expected a positive integer"),
+        ("limits:\n  max_recipent: 3\n", "limits.max_recipent: unknown key"),
+        ("admin:\n  enabled: true\n", "admin.token: the admin listener needs a token"),
+    ],
+    ids=["yaml", "type", "unknown", "admin"],
+)
+def test_reload_with_a_broken_file_changes_nothing(make_server, text, message):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    before = api.config()
+    good = server.config_path.read_text()
+    server.config_path.write_text(text)
+    reply = api.request("POST", "/api/v1/reload")
+    assert reply.status == 400, reply.body
+    assert message in reply.error
+    assert api.config() == before
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        assert client.noop()[0] == 250
+    # Fixed, it reloads.
+    server.config_path.write_text(good)
+    assert api.ok("POST", "/api/v1/reload") == {
+        "reloaded": True,
+        "changed": [],
+        "restart_needed": [],
+    }
+
+
+def test_reload_applies_the_rest_and_reports_restart_needed(make_server):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    new_port = free_port()
+    _rewrite(
+        server,
+        max_clients=3,
+        limits__max_recipients=7,
+        listeners=[{"address": "127.0.0.1", "port": new_port}],
+        fsync=False,
+    )
+    result = api.ok("POST", "/api/v1/reload")
+    assert result["reloaded"] is True
+    assert result["changed"] == ["limits.max_recipients", "max_clients"]
+    assert result["restart_needed"] == ["fsync", "listeners"]
+    config = api.config()
+    assert config["max_clients"] == 3 and config["limits"]["max_recipients"] == 7
+    assert config["listeners"][0]["port"] == server.port and config["fsync"] is True
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        assert client.noop()[0] == 250
+    # Reloading the same file again reports the same (nothing more changes).
+    again = api.ok("POST", "/api/v1/reload")
+    assert again["changed"] == [] and again["restart_needed"] == ["fsync", "listeners"]
+
+
+def test_sighup_with_a_broken_file_keeps_the_server_running(make_server):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    before = api.config()
+    server.config_path.write_text("limits:\n  max_recipients: many\n")
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: (
+            "reload refused, configuration unchanged: limits.max_recipients" in server.server_log()
+        ),
+        what="refusal in the log",
+    )
+    assert server.process.poll() is None
+    assert api.config() == before
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        assert client.noop()[0] == 250
+
+
+def test_sighup_applies_a_valid_change(make_server):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    _rewrite(server, limits__max_recipients=2, max_clients=9)
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: api.config()["limits"]["max_recipients"] == 2, what="reloaded config")
+    assert api.config()["max_clients"] == 9
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO x.example", 250)
+        w.expect("MAIL FROM:<a@remote.example>", 250)
+        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect("RCPT TO:<carol@test.example>", 452)
+    wait_until(lambda: f"reloaded {server.config_path}" in server.server_log(), what="log")
+    assert "configuration changed: limits.max_recipients, max_clients" in server.server_log()
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_sessions_list_and_kick(make_server):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    api.quiet()
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO lister.example", 250)
+        w.expect("MAIL FROM:<a@remote.example>", 250)
+        (info,) = api.sessions()
+        assert info["peer"] == "127.0.0.1"
+        assert info["port"] == w.sock.getsockname()[1]
+        assert info["listener"] == f"mx:[127.0.0.1]:{server.port}"
+        assert info["state"] == "mail"
+        assert 0 <= info["age_seconds"] < 30
+        assert info["user"] is None and info["tls"] is False
+        assert info["helo"] == "lister.example"
+        assert info["bytes_in"] == len(b"EHLO lister.example\r\nMAIL FROM:<a@remote.example>\r\n")
+        assert info["bytes_out"] > 0
+        assert json.dumps(info)  # plain JSON data
+        listing = api.get("/api/v1/sessions")
+        assert listing["count"] == 1
+
+        assert api.ok("DELETE", f"/api/v1/sessions/{info['id']}") == {"closed": info["id"]}
+        code, text = w.reply()
+        assert code == 421 and text == "4.7.0 Connection closed by the administrator"
+        assert w.is_closed()
+    wait_until(lambda: api.sessions() == [], what="session gone")
+    reply = api.request("DELETE", f"/api/v1/sessions/{info['id']}")
+    assert reply.status == 404 and reply.error == f"no open session {info['id']}"
+    assert f"admin closed session {info['id']} ([127.0.0.1])" in server.server_log()
+
+
+def test_admin_port_in_use_stops_the_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, {"admin": {"enabled": True, "port": port, "token": TOKEN}})
+        result = subprocess.run(
+            [sys.executable, "-m", "geosmtp", "-c", str(path)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"geosmtp: cannot listen on [127.0.0.1]:{port}: Address already in use"
+    )
