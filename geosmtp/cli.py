@@ -65,7 +65,13 @@ def load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from . import config as cfg
 
     path = config_path(args)
-    config = cfg.load(path) if path else cfg.from_mapping({})
+    return apply_overrides(cfg.load(path) if path else cfg.from_mapping({}), args)
+
+
+def apply_overrides(config, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """-l, -p and -d laid over a loaded config (again at each reload)."""
+    from . import config as cfg
+
     changes: dict = {}
     if args.port is not None and not 0 <= args.port <= 65535:
         raise cfg.ConfigError(f"-p: expected a port from 0 to 65535, got {args.port}")
@@ -147,16 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print("configuration ok")
         return EXIT_OK
-    return serve(config, config_path(args))
+    return serve(config, config_path(args), args)
 
 
-def serve(config, path: str | None = None) -> int:  # type: ignore[no-untyped-def]
+def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no-untyped-def]
     import signal
 
     import gevent
     from gevent.event import Event
     from loguru import logger
 
+    from . import config as cfg
     from . import logs
     from .admin.server import start_admin
     from .config import ConfigError
@@ -169,7 +176,14 @@ def serve(config, path: str | None = None) -> int:  # type: ignore[no-untyped-de
         return EXIT_USAGE
     nofile = raise_open_files_limit()
     try:
-        server = MailServer(config, path)
+        loader = None
+        if path is not None:  # reload reads the file again, with the same -l/-p/-d
+
+            def loader():  # type: ignore[no-untyped-def]
+                config = cfg.load(path)
+                return apply_overrides(config, args) if args is not None else config
+
+        server = MailServer(config, loader)
         server.start()
         admin = start_admin(server) if config.admin.enabled else None
     except ConfigError as exc:  # the TLS certificate or key, or the admin token

@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
+# The `extensions:` section is the core's own switchboard: one dataclass for both.
+from .smtp.session import Extensions
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the key path."""
@@ -61,18 +64,6 @@ class Timeouts:
     data_block: float = _positive(180)  # §4.5.3.2.5: between two reads of message data
     data_total: float = _positive(600)  # the whole of DATA, however it trickles
     shutdown_grace: float = field(default=10, metadata={"min": 0})
-
-
-@dataclass(frozen=True)
-class Extensions:
-    pipelining: bool = True
-    size: bool = True
-    eightbitmime: bool = True
-    enhancedstatuscodes: bool = True
-    smtputf8: bool = True
-    chunking: bool = True
-    starttls: bool = True
-    auth: bool = True
 
 
 @dataclass(frozen=True)

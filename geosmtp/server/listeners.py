@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import resource
 import socket
+from collections.abc import Callable
 
 import gevent
 from gevent import socket as gsocket
@@ -25,7 +26,7 @@ from .. import logs
 from ..auth import AuthThrottle, UserDB
 from ..config import Config, ConfigError, Listener
 from ..metrics import ListenerMetrics, Metrics
-from ..smtp import Extensions, Limits, RecipientPolicy, Security, SMTPConnection
+from ..smtp import Limits, RecipientPolicy, Security, SMTPConnection
 from ..smtp import replies as R
 from ..storage.maildir import MaildirStore
 from . import tls
@@ -51,9 +52,9 @@ def _threadpool_apply(fn, *args):  # type: ignore[no-untyped-def]
 
 
 class MailServer:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
         self.config = config
-        self.config_path = config_path  # re-read by reload()
+        self.loader = loader  # reads the config again, for reload()
         self.metrics = Metrics()
         self.auth_throttle = AuthThrottle()
         self.store = MaildirStore(
@@ -84,7 +85,7 @@ class MailServer:
         )
         # The config's sections and the core's settings have the same fields.
         self.limits = Limits(**dataclasses.asdict(config.limits))
-        self.extensions = Extensions(**dataclasses.asdict(config.extensions))
+        self.extensions = config.extensions
         self.users = UserDB(
             {name: user.password for name, user in config.users.items()},
             frozenset(config.domains),
@@ -158,9 +159,9 @@ class MailServer:
 
     def reload(self) -> list[str]:
         """Re-read the config file; an invalid one changes nothing (ConfigError)."""
-        if self.config_path is None:
+        if self.loader is None:
             raise ConfigError("reload: the server was started without a config file")
-        return self.change_config(cfg.load(self.config_path), allow_restart_keys=True)
+        return self.change_config(self.loader(), allow_restart_keys=True)
 
     # --------------------------------------------------------- listeners
 

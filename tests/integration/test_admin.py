@@ -467,3 +467,16 @@ def test_admin_port_in_use_stops_the_start(tmp_path):
     assert result.stderr.splitlines()[-1] == (
         f"geosmtp: cannot listen on [127.0.0.1]:{port}: Address already in use"
     )
+
+
+
+def test_reload_keeps_the_command_line_overrides(make_server, tmp_path):
+    """Started with -p and -d, a reload of the unchanged file changes nothing."""
+    port = free_port()
+    server = make_server(
+        with_admin({"listeners": [{"address": "127.0.0.1", "port": port}]}),
+        extra_args=["-p", str(port), "-d", str(tmp_path / "elsewhere")],
+    )
+    reply = admin_of(server).ok("POST", "/api/v1/reload")
+    assert reply["restart_needed"] == []
+    assert reply["changed"] == []
