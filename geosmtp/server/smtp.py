@@ -84,6 +84,7 @@ class SMTPSession:
     ) -> None:
         self.metrics = metrics
         self.outcome = "lost"  # how the session ended, for metrics
+        self._counted_in = self._counted_out = 0  # bytes already added to the metrics
         self.close_reply = R.SHUTTING_DOWN  # what shutdown() answers
         self.server = server
         self.sock = sock
@@ -138,7 +139,6 @@ class SMTPSession:
         if self.shutdown_pending:
             raise ShutdownRequested
         self.bytes_in += len(data)
-        self.metrics.bytes_in.inc(len(data))
         return data
 
     def _flush(self) -> None:
@@ -156,7 +156,21 @@ class SMTPSession:
         except TimeoutError:
             raise ClientTimeout from None
         self.bytes_out += len(out)
-        self.metrics.bytes_out.inc(len(out))
+
+    def _sync_metrics(self) -> None:
+        """Add this session's byte and command tallies to the server's counters.
+
+        Done once per message and at the end of the session rather than on every
+        read and write: the counters lag by at most one transaction, and the
+        per-message cost of counting drops to a few calls.
+        """
+        lm = self.metrics
+        if self.bytes_in != self._counted_in:
+            lm.bytes_in.inc(self.bytes_in - self._counted_in)
+            self._counted_in = self.bytes_in
+        if self.bytes_out != self._counted_out:
+            lm.bytes_out.inc(self.bytes_out - self._counted_out)
+            self._counted_out = self.bytes_out
         counts = self.conn.counts
         if counts:
             self.server.metrics.add_counts(counts)
@@ -209,10 +223,7 @@ class SMTPSession:
                 self._handshake()
             greeting = conn.greeting()
             self.sock.sendall(greeting)
-            # The greeting is sent outside the core's queue: count it like any reply.
             self.bytes_out += len(greeting)
-            self.metrics.bytes_out.inc(len(greeting))
-            conn.counts["2xx"] = conn.counts.get("2xx", 0) + 1
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
@@ -259,10 +270,8 @@ class SMTPSession:
             self.outcome = "error" if isinstance(exc, StorageError) else "lost"
             logger.debug("session {} socket error: {}", self.id, exc)
         finally:
+            self._sync_metrics()
             self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
-            counts = self.conn.counts
-            if counts:
-                self.server.metrics.add_counts(counts)
             self._discard_spool()
             try:
                 self.sock.close()
@@ -376,6 +385,7 @@ class SMTPSession:
         metrics.message_size.observe(envelope.size)
         self.conn.message_stored(self.queue_id)
         self._access(envelope, 250, queue=self.queue_id)
+        self._sync_metrics()
 
     def _rejected(self, event: TransactionRejected) -> None:
         self.server.metrics.messages_rejected.labels(event.stage).inc()

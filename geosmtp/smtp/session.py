@@ -232,6 +232,8 @@ class SMTPConnection:
     # ---------------------------------------------------------------- output
 
     def greeting(self) -> bytes:
+        """The 220 banner (RFC 5321 §4.3.1), sent before any input; counted as a reply."""
+        self.counts["2xx"] = self.counts.get("2xx", 0) + 1
         return R.reply(220, None, f"{self.hostname} ESMTP geosmtp").to_bytes()
 
     def data_to_send(self) -> bytes:
