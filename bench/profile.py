@@ -38,9 +38,20 @@ class ProfiledGeosmtp(Geosmtp):
         return [sys.executable, "-m", "cProfile", "-o", str(self.out), *cmd[1:]]
 
 
-def _collapse(raw: Path, main_tid: int) -> tuple[Counter, Counter, int, Counter, int]:
+def _main_thread(raw: Path) -> str:
+    """The thread whose stacks hold the sessions: gevent's hub thread."""
+    hits: Counter[str] = Counter()
+    for line in raw.read_text(errors="replace").splitlines():
+        if line.startswith("thread (") and "SMTPSession" in line:
+            stack, _, count = line.rpartition(" ")
+            hits[stack.split(";", 1)[0]] += int(count) if count.isdigit() else 0
+    return hits.most_common(1)[0][0] if hits else ""
+
+
+def _collapse(raw: Path) -> tuple[Counter, Counter, int, Counter, int]:
     """Own and total samples of the main thread (the hub, where every greenlet runs),
     and own samples of the other threads (gevent's threadpool: fsync)."""
+    main = _main_thread(raw)
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     others: Counter[str] = Counter()
@@ -54,7 +65,7 @@ def _collapse(raw: Path, main_tid: int) -> tuple[Counter, Counter, int, Counter,
         thread = frames.pop(0) if frames and frames[0].startswith("thread (") else ""
         frames = [f for f in frames if not f.startswith("process ")]
         leaf = _short(frames[-1]) if frames else "(no Python frame: in C, e.g. the event loop)"
-        if thread == f"thread ({main_tid})":
+        if thread == main:
             samples += n
             own[leaf] += n
             for f in {_short(f) for f in frames}:
@@ -103,7 +114,6 @@ def profile(args: argparse.Namespace, opts: Options) -> int:
     spy = None
     try:
         server.start()
-        pid = server.pid
         out.unlink(missing_ok=True)
         if tool == "py-spy":
             spy = subprocess.Popen(
@@ -173,7 +183,7 @@ def profile(args: argparse.Namespace, opts: Options) -> int:
             body += f"| {tt:.2f}s | {100 * tt / total_tt:.1f}% | {nc} | `{fn} ({where}:{line})` |\n"
         text = head + body
     elif args.format == "raw":
-        own, total, samples, others, other_samples = _collapse(out, pid)
+        own, total, samples, others, other_samples = _collapse(out)
         text = (
             head + f"py-spy --idle --threads: {samples} samples of the main thread (the gevent hub,"
             " where every session runs; idle and blocking time included, so the shares are"
@@ -186,9 +196,10 @@ def profile(args: argparse.Namespace, opts: Options) -> int:
         )
     else:
         text = head + f"flame graph: {out.name}\n"
-    (RESULTS / "profile.md").write_text(text)
+    md = RESULTS / ("profile.md" if args.format == "raw" else f"profile-{args.format}.md")
+    md.write_text(text)
     print(text)
-    print(f"written: {out}, {RESULTS / 'profile.md'}")
+    print(f"written: {out}, {md}")
     return 0 if verdict.ok and not outcome.errors else 1
 
 

@@ -54,6 +54,11 @@ def _f(x: object, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _g(x: object) -> str:
+    """A rate: whole numbers, unless it is small."""
+    return _f(x, 1 if _num(x) and abs(x) < 100 else 0)  # type: ignore[arg-type]
+
+
 def _ratio(a: object, b: object) -> str:
     if not (_num(a) and _num(b)) or b == 0:
         return "-"
@@ -100,7 +105,7 @@ def _load_table(scenario: str, agg: dict) -> str:
         a = agg[key]
         lines.append(
             f"| {a['server']} | {a['clients']:,} | {a['client']} | {a['rounds']} "
-            f"| {_f(a.get('msgs_per_s'))} | {_f(a.get('deliveries_per_s'))} "
+            f"| {_g(a.get('msgs_per_s'))} | {_g(a.get('deliveries_per_s'))} "
             f"| {_f(a.get('mb_per_s'), 2)} | {_f(a.get('p50_ms'), 1)} | {_f(a.get('p95_ms'), 1)} "
             f"| {_f(a.get('p99_ms'), 1)} | {_f(a.get('max_ms'), 1)} "
             f"| {_f(a.get('server_cpu_pct'))}% | {_f(a.get('client_cpu_pct'))}% "

@@ -121,9 +121,12 @@ class SMTPSession:
         """
         if self.shutdown_pending:
             raise ShutdownRequested
+        timeout = self._timeout()
+        if timeout <= 0:  # data_total used up: settimeout(0) would mean non-blocking
+            raise ClientTimeout
         self.reading = True
         try:
-            self.sock.settimeout(self._timeout())
+            self.sock.settimeout(timeout)
             data = self.sock.recv(READ_SIZE)
         except TimeoutError:
             raise ClientTimeout from None
