@@ -1,6 +1,6 @@
 """What an idle connection costs a bare gevent server, for comparison with geosmtp.
 
-    python bench/experiments/idle_floor.py [N]
+    python bench/experiments/idle_floor.py [N] [greenlet|watcher]
 
 Starts a minimal `gevent.server.StreamServer` whose handler sends a greeting,
 reads one line, answers it, and then waits in `recv` under a `gevent.Timeout`
@@ -8,6 +8,9 @@ reads one line, answers it, and then waits in `recv` under a `gevent.Timeout`
 connections from a second process; prints the server's Rss/Pss growth per
 connection. That is the floor that any gevent-per-connection design pays;
 whatever geosmtp uses above it is its own per-session state.
+
+`watcher` mode parks each connection as a bare libev io watcher (no greenlet
+while it is idle; the callback answers): what a greenlet costs by itself.
 """
 
 from __future__ import annotations
@@ -23,7 +26,32 @@ import gevent, sys, resource
 from gevent.server import StreamServer
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+MODE = sys.argv[1]
+parked = {}
+def on_readable(sock, watcher):
+    # No greenlet while idle: a libev io watcher wakes the connection up.
+    try:
+        data = sock.recv(65536)
+    except BlockingIOError:
+        return
+    if not data:
+        watcher.stop()
+        parked.pop(sock.fileno(), None)
+        sock.close()
+        return
+    if b"\n" in data:
+        sock.send(b"250 ok\r\n")
+def park(sock, addr):
+    import socket as std
+    sock = std.socket(fileno=sock.detach())  # the server closes its own object on return
+    sock.setblocking(False)
+    sock.send(b"220 hi\r\n")
+    w = gevent.get_hub().loop.io(sock.fileno(), 1)
+    w.start(on_readable, sock, w)
+    parked[sock.fileno()] = (sock, w)
 def handle(sock, addr):
+    if MODE == "watcher":
+        return park(sock, addr)
     sock.sendall(b"220 hi\r\n")
     buf = bytearray()
     while True:
@@ -54,11 +82,12 @@ def mem(pid: int) -> dict[str, int]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
+    mode = sys.argv[2] if len(sys.argv) > 2 else "greenlet"
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    srv = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE)
+    srv = subprocess.Popen([sys.executable, "-c", SERVER, mode], stdout=subprocess.PIPE)
     try:
         port = int(srv.stdout.readline())  # type: ignore[union-attr]
         warm = socket.create_connection(("127.0.0.1", port))
@@ -78,7 +107,7 @@ def main() -> None:
         after = mem(srv.pid)
         for k in ("Rss", "Pss"):
             per = (after[k] - before[k]) / n
-            print(f"bare gevent server, {n} idle connections: {k} {per:.1f} KB each")
+            print(f"bare gevent server ({mode}), {n} idle connections: {k} {per:.1f} KB each")
         for s in socks:
             s.close()
     finally:
