@@ -469,7 +469,6 @@ def test_admin_port_in_use_stops_the_start(tmp_path):
     )
 
 
-
 def test_reload_keeps_the_command_line_overrides(make_server, tmp_path):
     """Started with -p and -d, a reload of the unchanged file changes nothing."""
     port = free_port()
