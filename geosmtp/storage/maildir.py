@@ -51,25 +51,20 @@ def _fsync_path(path: str, directory: bool = True) -> None:
 
 
 class Spool:
-    """A message being received, bound for a file in its first Maildir's `tmp/`.
+    """A message being received: a file in some Maildir's `tmp/`.
 
-    Up to 64 KiB is gathered in memory before the file is made, so a short
-    message never touches the disk until `commit`, which then creates, writes,
-    fsyncs and links it in one go (in the threadpool when fsync is on: creating
-    a file is not cheap either). A longer one streams to the file in 64 KiB
-    writes as it arrives; no message is ever held whole in memory.
+    Small writes are gathered up to 64 KiB before they reach the file, so a
+    short message is one `write` however the client cut it.
     """
 
-    def __init__(self, store: MaildirStore, maildir: str, name: str) -> None:
+    def __init__(self, store: MaildirStore, path: str, name: str) -> None:
         self.store = store
-        self.maildir = maildir
-        self.path = f"{maildir}/tmp/{name}"
+        self.path = path
         self.name = name
         self.size = 0
         self._pending: list[bytes] = []
         self._pending_size = 0
-        self._fd: int | None = None
-        self._on_disk = False  # the spool file exists (until linked or removed)
+        self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
 
     def write(self, data: bytes) -> None:
         self._pending.append(data)
@@ -79,14 +74,7 @@ class Spool:
             self._write_pending()
 
     def _write_pending(self) -> None:
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, _SPOOL_FLAGS, FILE_MODE)
-            except FileNotFoundError:
-                # The Maildir was removed while the server ran: make it again.
-                self.store.make_maildir(self.maildir)
-                self._fd = os.open(self.path, _SPOOL_FLAGS, FILE_MODE)
-            self._on_disk = True
+        assert self._fd is not None
         data = memoryview(b"".join(self._pending))
         self._pending.clear()
         self._pending_size = 0
@@ -95,14 +83,19 @@ class Spool:
 
     def commit(self, boxes: Iterable[str]) -> list[Path]:
         """Make the message durable in each mailbox; return the paths in `new/`."""
+        assert self._fd is not None
         store = self.store
         made: list[str] = []
         try:
+            self._write_pending()
             maildirs = [store.ensure_maildir(box) for box in dict.fromkeys(boxes)]
             if store.fsync:
-                store.offload(self._store, maildirs, made)  # one trip to the threadpool
+                # One trip to the threadpool: fsync, the links, fsync of new/.
+                store.offload(self._make_durable, maildirs, made)
             else:
-                self._store(maildirs, made)
+                self._link_all(maildirs, made)
+            os.close(self._fd)
+            self._fd = None
         except BaseException as exc:
             # Also when the session is killed mid-commit (server stop): the client
             # was not told 250, so no mailbox may keep the message.
@@ -112,42 +105,37 @@ class Spool:
             if isinstance(exc, OSError):
                 raise StorageError(exc.errno, exc.strerror or str(exc), exc.filename) from exc
             raise
+        _unlink_quietly(self.path)
         return [Path(p) for p in made]
 
-    def _store(self, maildirs: list[str], made: list[str]) -> None:
-        """Write what is left, fsync, link into each `new/`, fsync those, drop the spool."""
-        self._write_pending()
+    def _make_durable(self, maildirs: list[str], made: list[str]) -> None:
         assert self._fd is not None
-        if self.store.fsync:
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        for i, maildir in enumerate(maildirs):
+        os.fsync(self._fd)
+        self._link_all(maildirs, made)
+        for maildir in maildirs:
+            _fsync_path(maildir + "/new")
+
+    def _link_all(self, maildirs: list[str], made: list[str]) -> None:
+        for maildir in maildirs:
             target = f"{maildir}/new/{self.name}"
-            last = i == len(maildirs) - 1  # the last one takes the spool's own name
             try:
-                self._place(target, maildir, last)
+                self._place(target, maildir)
             except FileNotFoundError:
                 if not os.path.exists(self.path):
                     raise
                 # The Maildir was removed while the server ran: make it again.
                 self.store.make_maildir(maildir)
-                self._place(target, maildir, last)
+                self._place(target, maildir)
             made.append(target)
-        if self.store.fsync:
-            for maildir in maildirs:
-                _fsync_path(maildir + "/new")
-        _unlink_quietly(self.path)  # gone already unless the last one was a copy
-        self._on_disk = False
 
-    def _place(self, target: str, maildir: str, last: bool) -> None:
+    def _place(self, target: str, maildir: str) -> None:
         try:
-            (os.rename if last else os.link)(self.path, target)
+            os.link(self.path, target)
             return
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
-        # A hard link (or a rename) is impossible here: copy through this Maildir's tmp/.
+        # A hard link is impossible here: copy through this Maildir's tmp/.
         tmp = f"{maildir}/tmp/{self.store.unique_name()}"
         shutil.copyfile(self.path, tmp)
         try:
@@ -162,16 +150,13 @@ class Spool:
     def discard(self) -> None:
         """Drop the message (aborted, too big, client gone): remove the spool file."""
         self._pending.clear()
-        self._pending_size = 0
         if self._fd is not None:
             try:
                 os.close(self._fd)
             except OSError:
                 pass
             self._fd = None
-        if self._on_disk:
-            _unlink_quietly(self.path)
-            self._on_disk = False
+        _unlink_quietly(self.path)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -238,7 +223,14 @@ class MaildirStore:
             self.offload(_fsync_path, str(self.root))
 
     def open_spool(self, first_box: str) -> Spool:
-        return Spool(self, self.ensure_maildir(first_box), self.unique_name())
+        maildir = self.ensure_maildir(first_box)
+        name = self.unique_name()
+        try:
+            return Spool(self, f"{maildir}/tmp/{name}", name)
+        except FileNotFoundError:
+            # The Maildir was removed while the server ran: make it again.
+            self.make_maildir(maildir)
+            return Spool(self, f"{maildir}/tmp/{name}", name)
 
     def deliver(self, boxes: Iterable[str], data: bytes) -> list[Path]:
         """Store a whole message at once (for callers that have it in memory)."""
