@@ -227,6 +227,7 @@ class SMTPConnection:
         self._discarding_line = False  # an over-long line is being skipped
         # DATA state
         self._line_too_long = False  # the message has a line over limits.text_line
+        self._data_bol = True  # the message data so far ends with CRLF (or is empty)
         self._header_bytes: bytearray | None = None
 
     # ---------------------------------------------------------------- output
@@ -516,6 +517,7 @@ class SMTPConnection:
         assert self.envelope is not None
         self.state = State.DATA
         self._line_too_long = False
+        self._data_bol = True
         self._header_bytes = bytearray()
         self._send(R.START_DATA)
         self._events.append(MessageStart(self.envelope))
@@ -756,37 +758,43 @@ class SMTPConnection:
 
         Works on whole blocks of lines rather than line by line: only `<CRLF>.`
         needs attention (dot-unstuffing and the end marker). A bare CR or LF is
-        ordinary data and never ends the message.
+        ordinary data and never ends the message. A bare LF does end a line for
+        the text-line limit and for storage, as it does for the Maildir reader
+        (clients such as `curl -T` send LF-only files); `_data_bol` says whether
+        the data so far ended with CRLF, the only place a `.` line can start.
         """
         buf = self._buf
         envelope = self.envelope
         assert envelope is not None
         if self._discarding_line:
             # The rest of an over-long line: counted in the size, kept nowhere.
-            eol = buf.find(b"\r\n")
-            skip = eol + 2 if eol >= 0 else len(buf) - (1 if buf.endswith(b"\r") else 0)
+            eol = buf.find(b"\n")
+            skip = eol + 1 if eol >= 0 else len(buf) - (1 if buf.endswith(b"\r") else 0)
             envelope.size += skip
             if self._header_bytes is not None:
                 self._sniff_headers(bytes(buf[:skip]))
+            if eol >= 0:
+                self._data_bol = buf[eol - 1 : eol] == b"\r" if eol else False
             del buf[:skip]
             if eol < 0:
                 return False
             self._discarding_line = False
-        # The buffer now starts at the beginning of a line.
-        if buf.startswith(b".\r\n"):
+        # The buffer now starts at the beginning of a line (a CRLF one if _data_bol).
+        if self._data_bol and buf.startswith(b".\r\n"):
             end, block_len, consumed = True, 0, 3
         else:
             j = buf.find(b"\r\n.\r\n")
             if j >= 0:
                 end, block_len, consumed = True, j + 2, j + 5
             else:
-                last = buf.rfind(b"\r\n")
-                end, block_len = False, last + 2 if last >= 0 else 0
+                last = buf.rfind(b"\n")
+                end, block_len = False, last + 1 if last >= 0 else 0
                 consumed = block_len
                 tail = len(buf) - block_len
                 # The unfinished line may hold text_line - 2 octets, a CR waiting
                 # for its LF, and a transparency dot that does not count (§4.5.3.1.6).
-                dot = buf[block_len : block_len + 1] == b"."
+                at_bol = buf[block_len - 2 : block_len] == b"\r\n" if block_len else self._data_bol
+                dot = at_bol and buf[block_len : block_len + 1] == b"."
                 if tail > self.limits.text_line - 1 + dot:
                     self._line_too_long = True
                     self._discarding_line = True
@@ -811,23 +819,30 @@ class SMTPConnection:
         """Account for, check and emit a block of complete CRLF-terminated lines."""
         envelope = self.envelope
         assert envelope is not None
-        stuffed = block.count(b"\r\n.") + (block[:1] == b".")  # lines with a leading dot
+        bol = self._data_bol
+        self._data_bol = block.endswith(b"\r\n")
+        stuffed = block.count(b"\r\n.") + (bol and block[:1] == b".")  # lines with a leading dot
         envelope.size += len(block) - stuffed
         if self._line_too_long or envelope.size > self.limits.max_message_size:
             return  # refused: read to the end, keep nothing
-        lines = block.split(b"\r\n")
-        lines.pop()  # the block ends with CRLF
-        limit = self.limits.text_line - 2
-        if max(map(len, lines)) > limit and any(
-            # the dot doubled for transparency does not count (§4.5.3.1.6)
-            len(line) - (line[:1] == b".") > limit
-            for line in lines
+        # Lines end with CRLF or a bare LF: a CRLF line may hold text_line - 2
+        # octets and its CR; the dot doubled for transparency does not count.
+        limit = self.limits.text_line - 1
+        segments = block.split(b"\n")
+        if max(map(len, segments)) > limit and any(
+            len(seg) - (seg[:1] == b".") > limit for seg in segments
         ):
             self._line_too_long = True
             return
+        lines = block.split(b"\r\n")
+        ends_crlf = block.endswith(b"\r\n")
+        if ends_crlf:
+            lines.pop()  # the empty piece after the last CRLF
         if stuffed:
-            lines = [line[1:] if line[:1] == b"." else line for line in lines]
-        lines.append(b"")
+            first = 0 if bol else 1  # a line continued from the last block is not stuffed
+            lines[first:] = [line[1:] if line[:1] == b"." else line for line in lines[first:]]
+        if ends_crlf:
+            lines.append(b"")
         self._events.append(MessageData(b"\n".join(lines)))
 
     def _sniff_headers(self, data: bytes) -> None:

@@ -217,3 +217,24 @@ def test_ipv4_and_ipv6_listeners_together(make_server):
             )
     bodies = sorted(m.get_payload() for m in read_back(server, "bob"))
     assert bodies == ["127.0.0.1\n", "::1\n"]
+
+
+def test_curl_with_an_lf_only_file(server, tmp_path):
+    """A message file written with LF line ends (as editors and heredocs make it)."""
+    curl = need("curl")
+    message = tmp_path / "msg.txt"
+    lines = [b"From: carol@remote.example", b"Subject: lf file", b""]
+    lines += [b"line %d of a file longer than one SMTP line" % i for i in range(100)]
+    message.write_bytes(b"\n".join(lines) + b"\n")
+    result = run(
+        [curl, "--silent", "--show-error", "--max-time", "30",
+         f"smtp://{server.host}:{server.port}/curl.example",
+         "--mail-from", "carol@remote.example", "--mail-rcpt", "bob@test.example",
+         "-T", str(message)]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    (msg,) = read_back(server, "bob")
+    assert msg["Subject"] == "lf file"
+    body = msg.get_payload().splitlines()
+    assert body[0] == "line 0 of a file longer than one SMTP line"
+    assert "line 99 of a file longer than one SMTP line" in body[-2:]

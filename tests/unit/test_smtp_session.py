@@ -1173,3 +1173,37 @@ def test_replies_do_not_depend_on_how_input_is_cut():
         cuts = sorted(rng.sample(range(1, len(script)), rng.randint(1, 10)))
         assert _cut_run(script, cuts) == expected, (script, cuts)
         assert _cut_run(script, list(range(1, len(script)))) == expected, script
+
+
+# ------------------------------------------------- bare LF line ends in DATA
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lf_only_message_longer_than_a_line_is_accepted(mode):
+    # curl -T sends a file as it is; an LF-only file is many short lines, not one
+    # long one, for the text-line limit (as for the Maildir reader).
+    body = b"Subject: lf\n\n" + b"".join(b"line %d of an LF-only file\n" % i for i in range(200))
+    # curl ends the data with CRLF . CRLF after the file, whatever its line ends.
+    res = run([*TXN, body + b"\r\n.\r\n"], mode)
+    assert after_ehlo(res) == SENDER_OK + RCPT_OK + GO_AHEAD + QUEUED
+    (message,) = res.messages
+    assert message == body + b"\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lf_only_line_over_the_limit_is_refused(mode):
+    body = b"Subject: lf\n\n" + b"x" * 1000 + b"\nshort\n"
+    res = run([*TXN, body + b"\r\n.\r\n", b"NOOP\r\n"], mode)
+    assert after_ehlo(res).endswith(
+        GO_AHEAD + b"500 5.5.2 Error: message has a line longer than the limit\r\n250 2.0.0 Ok\r\n"
+    )
+    assert res.messages == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dot_after_a_bare_lf_is_neither_an_end_nor_unstuffed(mode):
+    res = run([*TXN, b"a\n.\r\n..b\n.c\r\n.\r\n"], mode)
+    assert after_ehlo(res) == SENDER_OK + RCPT_OK + GO_AHEAD + QUEUED
+    (message,) = res.messages
+    # Only a line after CRLF can end the data or lose its transparency dot.
+    assert message == b"a\n.\n.b\n.c\n"
