@@ -28,10 +28,6 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def is_password_hash(text: str) -> bool:
-    return text.startswith("$argon2")
-
-
 class UserDB:
     """User name -> password hash, from the config's `users:` section."""
 

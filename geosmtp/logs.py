@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from loguru import logger
@@ -118,7 +117,3 @@ def setup(log: Log, *, console: bool = True) -> None:
         _handler_ids.append(
             logger.add(sys.stderr, level=log.level, format=_SERVER_FORMAT, filter=_is_server)
         )
-
-
-def addresses(items: Iterable[Any]) -> list[str]:
-    return [f"<{item}>" for item in items]

@@ -117,6 +117,18 @@ def _port_accepts(host: str, port: int) -> bool:
         return False
 
 
+def run_cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`python -m geosmtp ARGS` to its end, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "geosmtp", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def write_config(root: Path, overrides: dict | None = None, port: int | None = None) -> Path:
     config = {
         "hostname": HOSTNAME,

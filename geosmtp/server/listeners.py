@@ -64,8 +64,7 @@ class MailServer:
             offload=_threadpool_apply,
         )
         self.sessions: Group = Group()
-        self._live: dict[gevent.Greenlet, SMTPSession] = {}
-        self.by_id: dict[str, SMTPSession] = {}  # open sessions, for the admin API
+        self.by_id: dict[str, SMTPSession] = {}  # open sessions: the cap, stop, the admin API
         self.servers: list[StreamServer] = []
         self.stopping = False
         self._access_writer: gevent.Greenlet | None = None
@@ -100,21 +99,24 @@ class MailServer:
     def security(self, listener: Listener, peer: str) -> Security:
         """What a client on `listener` from `peer` may do; see `Security`."""
         config = self.config
-        try:
-            address = ipaddress.ip_address(peer.partition("%")[0])
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         return Security(
             tls_available=self.tls_context is not None,
             tls_active=listener.role == "submissions",
             auth_available=bool(self.users),
             auth_plaintext=config.auth.allow_plaintext,
             auth_required=listener.role != "mx",
-            trusted=address is not None and any(address in n for n in self.trusted_networks),
+            trusted=bool(self.trusted_networks) and self._trusted(peer),
             sender_must_match=config.auth.sender_must_match,
         )
+
+    def _trusted(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.trusted_networks)
 
     def new_connection(self, listener: Listener, peer: str) -> SMTPConnection:
         return SMTPConnection(
@@ -203,10 +205,6 @@ class MailServer:
 
         return handle
 
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return [s.socket.getsockname()[:2] for s in self.servers]
-
     def _refuse(self, client: socket.socket, address: tuple) -> None:
         """Over the cap: answer 421 and close (RFC 5321 §3.1), never leave it hanging."""
         reply = R.SHUTTING_DOWN if self.stopping else R.TOO_MANY_CLIENTS
@@ -223,23 +221,19 @@ class MailServer:
         self, client: socket.socket, address: tuple, listener: Listener, lm: ListenerMetrics
     ) -> None:
         # Checked and counted with no switch in between, so the cap is exact.
-        if self.stopping or len(self._live) >= self.config.max_clients:
+        if self.stopping or len(self.by_id) >= self.config.max_clients:
             lm.refused.inc()
             self._refuse(client, address)
             return
-        greenlet = gevent.getcurrent()
         session = SMTPSession(self, client, address, listener, lm)
-        session.greenlet = greenlet  # type: ignore[assignment]
-        self._live[greenlet] = session
         self.by_id[session.id] = session
-        self.sessions.add(greenlet)  # type: ignore[arg-type]
+        self.sessions.add(gevent.getcurrent())  # type: ignore[arg-type]
         lm.connections.inc()
         lm.current.inc()
         try:
             session.run()
         finally:
             lm.current.dec()
-            del self._live[greenlet]
             del self.by_id[session.id]
 
     # --------------------------------------------------------------- stop
@@ -262,7 +256,7 @@ class MailServer:
         if self.sessions:
             logger.info("stopping: waiting up to {}s for {} sessions", grace, len(self.sessions))
             self.sessions.join(timeout=grace)
-        for session in list(self._live.values()):
+        for session in list(self.by_id.values()):
             session.shutdown()
         # Sessions that were delivering finish that message, then see the flag.
         self.sessions.join(timeout=max(5.0, self.config.timeouts.command / 60))

@@ -96,7 +96,6 @@ class SMTPSession:
         self.conn: SMTPConnection = server.new_connection(listener, self.peer)
         self.spool: Spool | _FailedSpool | None = None
         self.queue_id: str | None = None
-        self.greenlet: gevent.Greenlet | None = None
         self.data_started = 0.0
         self.reading = False
         self.shutdown_pending = False

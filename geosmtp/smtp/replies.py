@@ -17,10 +17,6 @@ class Reply:
     lines: tuple[str, ...]
 
     @property
-    def is_error(self) -> bool:
-        return self.code >= 400
-
-    @property
     def text(self) -> str:
         return "\n".join(self.lines)
 
@@ -54,9 +50,7 @@ def reply(code: int, status: str | None, *lines: str) -> Reply:
 
 # Replies that are the same for every session. Ones that carry the hostname,
 # an address or a number are built where they are sent.
-OK = reply(250, "2.0.0", "Ok")
-RSET_OK = reply(250, "2.0.0", "Ok")
-NOOP_OK = reply(250, "2.0.0", "Ok")
+OK = reply(250, "2.0.0", "Ok")  # RSET, NOOP
 SENDER_OK = reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = reply(250, "2.1.5", "Ok")
 START_DATA = reply(354, None, "End data with <CR><LF>.<CR><LF>")
@@ -71,7 +65,6 @@ UNKNOWN_COMMAND = reply(500, "5.5.2", "Error: command not recognized")
 COMMAND_TOO_LONG = reply(500, "5.5.2", "Error: command line too long")
 TEXT_LINE_TOO_LONG = reply(500, "5.5.2", "Error: message has a line longer than the limit")
 BAD_NUL = reply(500, "5.5.2", "Error: NUL character in command")
-NOT_IMPLEMENTED = reply(502, "5.5.1", "Error: command not implemented")
 
 SYNTAX_HELO = reply(501, "5.5.4", "Syntax: HELO hostname")
 SYNTAX_EHLO = reply(501, "5.5.4", "Syntax: EHLO hostname")

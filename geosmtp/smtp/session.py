@@ -531,10 +531,10 @@ class SMTPConnection:
             self._error(R.SYNTAX_RSET)
             return
         self._reset_transaction()
-        self._send(R.RSET_OK)
+        self._send(R.OK)
 
     def _do_NOOP(self, arg: bytes) -> None:
-        self._send(R.NOOP_OK)  # an argument is allowed and ignored (§4.1.1.9)
+        self._send(R.OK)  # an argument is allowed and ignored (§4.1.1.9)
 
     def _do_QUIT(self, arg: bytes) -> None:
         if arg:

@@ -6,15 +6,13 @@ import json
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from geosmtp import __version__
 from geosmtp import config as cfg
-from tests.conftest import free_port, users, wait_until, write_config
+from tests.conftest import free_port, run_cli, users, wait_until, write_config
 from tests.integration.adminapi import TOKEN, admin_of, with_admin
 from tests.integration.wire import Wire
 
@@ -108,14 +106,7 @@ def test_token_file_is_made_and_never_shown(make_server):
 def test_non_loopback_admin_without_token_does_not_start(tmp_path):
     port = free_port()
     path = write_config(tmp_path, {"admin": {"enabled": True, "address": "0.0.0.0"}}, port=port)
-    result = subprocess.run(
-        [sys.executable, "-m", "geosmtp", "-c", str(path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_cli("-c", str(path), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("geosmtp: admin.token:"), result.stderr
     assert "token_file" in result.stderr
@@ -126,14 +117,7 @@ def test_token_file_that_cannot_be_made_stops_the_start(tmp_path):
     path = write_config(
         tmp_path, {"admin": {"enabled": True, "port": free_port(), "token_file": "no/such/tok"}}
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "geosmtp", "-c", str(path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_cli("-c", str(path), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().endswith(
         f"geosmtp: admin.token_file: cannot create '{tmp_path / 'no/such/tok'}': "
@@ -455,14 +439,7 @@ def test_admin_port_in_use_stops_the_start(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         path = write_config(tmp_path, {"admin": {"enabled": True, "port": port, "token": TOKEN}})
-        result = subprocess.run(
-            [sys.executable, "-m", "geosmtp", "-c", str(path)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
+        result = run_cli("-c", str(path), cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"geosmtp: cannot listen on [127.0.0.1]:{port}: Address already in use"

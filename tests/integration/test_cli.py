@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from geosmtp import __version__
-from tests.conftest import _port_open, free_port, start_server, wait_until
-
-
-def run_cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "geosmtp", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+from tests.conftest import _port_open, free_port, run_cli, start_server, wait_until
 
 
 def _config(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:

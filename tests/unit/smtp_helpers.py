@@ -230,7 +230,7 @@ def run(
     replies = b"".join(out)
     if mode == "pipelined":
         assert not conn.in_data, "a pipelined script must not end inside DATA or BDAT"
-        noop = R.NOOP_OK.to_bytes(conn.extensions.enhancedstatuscodes)
+        noop = R.OK.to_bytes(conn.extensions.enhancedstatuscodes)
         assert replies.startswith(noop)
         replies = replies[len(noop) :]
         if conn.state is State.CLOSED or waiting_for_tls(conn, events):
