@@ -117,15 +117,18 @@ def _port_accepts(host: str, port: int) -> bool:
         return False
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess:
-    """`python -m geosmtp ARGS` to its end, output captured as text."""
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 30, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m geosmtp ARGS` to its end, output captured as text; `stdin` fed in."""
     return subprocess.run(
         [sys.executable, "-m", "geosmtp", *args],
         cwd=cwd,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else None,
     )
 
 

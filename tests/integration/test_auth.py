@@ -5,14 +5,12 @@ from __future__ import annotations
 import base64
 import smtplib
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
-from tests.conftest import free_port, listeners, password_hash, users, wait_until
+from tests.conftest import free_port, listeners, password_hash, run_cli, users, wait_until
 from tests.integration.wire import Wire
 
 PASSWORD = "Tr0ub4dor&3 alice"
@@ -284,21 +282,9 @@ def test_passwords_and_auth_arguments_never_reach_the_logs(auth_server, certs):
 # ------------------------------------------------------- geosmtp passwd
 
 
-def run_geosmtp(*args: str, cwd, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "geosmtp", *args],
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL if stdin is None else None,
-    )
-
-
 def test_passwd_prints_a_hash_the_server_accepts(tmp_path, make_server):
     secret = "from stdin: ünïcode & spaces"
-    result = run_geosmtp("passwd", cwd=tmp_path, stdin=secret + "\n")
+    result = run_cli("passwd", cwd=tmp_path, stdin=secret + "\n")
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
     assert line.startswith("$argon2id$")
@@ -314,7 +300,7 @@ def test_passwd_prints_a_hash_the_server_accepts(tmp_path, make_server):
 
 
 def test_passwd_refuses_an_empty_password(tmp_path):
-    result = run_geosmtp("passwd", cwd=tmp_path, stdin="\n")
+    result = run_cli("passwd", cwd=tmp_path, stdin="\n")
     assert result.returncode == 2
     assert result.stdout == ""
     assert "empty password" in result.stderr
@@ -341,7 +327,7 @@ def test_a_password_that_is_not_a_hash_is_refused(tmp_path, password):
         },
     )
     for extra in (["--check-config"], []):
-        result = run_geosmtp("-c", str(path), *extra, cwd=tmp_path)
+        result = run_cli("-c", str(path), *extra, cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         (line,) = result.stderr.splitlines()
         assert line.startswith("geosmtp: users.alice.password: "), line
@@ -382,7 +368,7 @@ def test_bad_users_file_exits_2(tmp_path, content, message):
     if content is not None:
         _write(tmp_path, content, "users.yaml")
     path = _write(tmp_path, {"auth": {"users_file": "users.yaml"}})
-    result = run_geosmtp("-c", str(path), "--check-config", cwd=tmp_path)
+    result = run_cli("-c", str(path), "--check-config", cwd=tmp_path)
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert message in line, line
