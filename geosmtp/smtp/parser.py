@@ -38,17 +38,15 @@ class Mailbox:
 # UTF-8 character is also allowed in atext and sub-domains.
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _DOT_STRING_RE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_DOT_STRING_UTF8_RE = re.compile(
-    rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*"
-)
+# Non-ASCII characters SMTPUTF8 allows, less the C1 controls and the Unicode line
+# and paragraph separators: an address is copied as it is into Return-Path: and
+# Received:, where those could start a line for some header parsers.
+_UTF8 = "\u00a0-\u2027\u202a-\U0010ffff"
+_DOT_STRING_UTF8_RE = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*")
 _QUOTED_STRING_RE = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*)"')
-_QUOTED_STRING_UTF8_RE = re.compile(
-    r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*)"'
-)
+_QUOTED_STRING_UTF8_RE = re.compile(rf'"((?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*)"')
 _SUBDOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_SUBDOMAIN_UTF8 = (
-    r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?"
-)
+_SUBDOMAIN_UTF8 = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9{_UTF8}-]*[A-Za-z0-9{_UTF8}])?"
 _DOMAIN_RE = re.compile(rf"{_SUBDOMAIN}(?:\.{_SUBDOMAIN})*")
 _DOMAIN_UTF8_RE = re.compile(rf"{_SUBDOMAIN_UTF8}(?:\.{_SUBDOMAIN_UTF8})*")
 _ADDRESS_LITERAL_RE = re.compile(r"\[([^\[\]\\\s]+)\]")

@@ -14,12 +14,29 @@ from .session import Envelope
 # comment that holds them.
 _UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f()\\\u2028\u2029]")
 
+# What could end or fold a header line, for text outside a comment.
+_UNSAFE_LINE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def header_safe(text: str) -> str:
+    """Text a client chose, made safe to stand inside a header comment."""
     return _UNSAFE_RE.sub("?", text)
+
+
+def _path(address: str) -> str:
+    """A reverse- or forward-path as it was given: bounces go to exactly this address.
+
+    The parser has validated it (no controls, no line separators), and in a path
+    parentheses and backslashes are ordinary quoted characters, not comment
+    syntax, so it is copied exactly. Only an address that never came through the
+    parser could hold a line break; that one is made safe rather than trusted.
+    """
+    if _UNSAFE_LINE_RE.search(address):
+        return header_safe(address)
+    return address
 
 
 def rfc5322_date(timestamp: float) -> str:
@@ -51,10 +68,12 @@ _last_date: list = [None, ""]
 
 
 def with_protocol(envelope: Envelope, tls: bool = False, authenticated: bool = False) -> str:
-    """`SMTP`, or `ESMTP` with the RFC 3848 suffixes S (TLS) and A (AUTH)."""
+    """The `with` keyword: `SMTP`, `ESMTP` or, for a message sent with SMTPUTF8,
+    `UTF8SMTP` (RFC 6531 §3.7.3), with the RFC 3848 suffixes S (TLS) and A (AUTH)."""
     if not envelope.esmtp:
         return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+    base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
 def trace_headers(
@@ -70,13 +89,13 @@ def trace_headers(
     """`Return-Path:` and `Received:` lines, LF-terminated, to put before the message."""
     date = rfc5322_date(timestamp)
     lines = [
-        f"Return-Path: <{header_safe(envelope.sender_address)}>",
+        f"Return-Path: <{_path(envelope.sender_address)}>",
         f"Received: from {header_safe(envelope.helo)} ([{header_safe(client_ip)}])",
         f"\tby {header_safe(hostname)} (geosmtp) with "
         f"{with_protocol(envelope, tls, authenticated)} id {queue_id}",
     ]
     if len(envelope.recipients) == 1:
-        lines.append(f"\tfor <{header_safe(envelope.recipients[0].mailbox.address)}>; {date}")
+        lines.append(f"\tfor <{_path(envelope.recipients[0].mailbox.address)}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")

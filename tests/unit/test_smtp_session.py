@@ -1050,10 +1050,10 @@ def test_trace_headers_cannot_be_injected(evil):
         line.startswith(("Return-Path: ", "Received: ", "\t")) for line in text.split("\n")[:-1]
     )
     assert [k for k, _ in _headers(raw)] == ["Return-Path", "Received", "Subject"]
-    received = text.split("\n", 1)[1]
-    # The client's text sits in a comment "( ... )" next to the IP; it must not close it.
-    assert received.count("(") == received.count(")") == 2
-    assert "\\" not in received
+    received_from = text.split("\n")[1]
+    # The client's HELO sits in a comment "( ... )" with the IP; it must not close it.
+    assert received_from.count("(") == received_from.count(")") == 1
+    assert "\\" not in received_from
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1067,8 +1067,51 @@ def test_trace_headers_from_a_real_session(mode):
         end.envelope, hostname=HOST, client_ip="192.0.2.1", queue_id="Q1", timestamp=0.0
     )
     assert b"from evil?name??" in raw
-    assert raw.startswith(b'Return-Path: <"a??b"@example.org>\n')
+    # The reverse-path is copied exactly: a bounce must reach this very address.
+    assert raw.startswith(b'Return-Path: <"a)(b"@example.org>\n')
     assert raw.count(b"\n") == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trace_headers_copy_paths_exactly(mode):
+    sender = '"a b)(c\\\\d"@example.org'  # quoted: space, parentheses, an escaped backslash
+    res = run([EHLO, f"MAIL FROM:<{sender}>\r\n".encode(), RCPT, DATA, b".\r\n"], mode)
+    (end,) = res.of(MessageEnd)
+    raw = trace_headers(
+        end.envelope, hostname=HOST, client_ip="192.0.2.1", queue_id="Q1", timestamp=0.0
+    ).decode()
+    assert raw.startswith(f"Return-Path: <{sender}>\n")
+    # The forward-path in "for <...>" too (a valid quoted local part, as a policy
+    # that maps it to a mailbox would see it).
+    env = _envelope("c", None, Mailbox("x)(y", DOMAIN))
+    raw = trace_headers(env, hostname=HOST, client_ip="::1", queue_id="Q2", timestamp=0.0)
+    assert f'\tfor <"x)(y"@{DOMAIN}>; '.encode() in raw
+
+
+@pytest.mark.parametrize(
+    ("esmtp", "smtputf8", "tls", "auth", "keyword"),
+    [
+        (False, False, False, False, "SMTP"),
+        (True, False, False, False, "ESMTP"),
+        (True, False, True, True, "ESMTPSA"),
+        (True, True, False, False, "UTF8SMTP"),
+        (True, True, True, False, "UTF8SMTPS"),
+        (True, True, False, True, "UTF8SMTPA"),
+        (True, True, True, True, "UTF8SMTPSA"),
+    ],
+)
+def test_with_protocol_keywords(esmtp, smtputf8, tls, auth, keyword):
+    """RFC 3848 and, for SMTPUTF8 mail, RFC 6531 §3.7.3."""
+    env = Envelope("c", esmtp=esmtp, smtputf8=smtputf8)
+    assert with_protocol(env, tls=tls, authenticated=auth) == keyword
+
+
+@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029", "\x9b"], ids=repr)
+@pytest.mark.parametrize("mode", MODES)
+def test_line_separators_are_not_allowed_in_utf8_addresses(char, mode):
+    mail = f'MAIL FROM:<"a{char}b"@example.org> SMTPUTF8\r\n'.encode()
+    res = run([EHLO, mail], mode)
+    assert res.lines[-1] == b"501 5.1.7 Bad sender address syntax"
 
 
 def test_header_safe_keeps_ordinary_text():
