@@ -227,6 +227,7 @@ class SMTPConnection:
         self._discarding_line = False  # an over-long line is being skipped
         # DATA state
         self._line_too_long = False  # the message has a line over limits.text_line
+        self._chunk_line = 0  # BDAT: octets of the unfinished line so far
         self._data_bol = True  # the message data so far ends with CRLF (or is empty)
         self._header_bytes: bytearray | None = None
 
@@ -691,6 +692,8 @@ class SMTPConnection:
             assert envelope is not None
             self.state = State.BDAT
             self._cr_pending = False
+            self._line_too_long = False
+            self._chunk_line = 0
             self._header_bytes = bytearray()
             self._events.append(MessageStart(envelope))
         self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
@@ -710,7 +713,8 @@ class SMTPConnection:
             envelope.size += take
             if self._header_bytes is not None:
                 self._sniff_headers(piece)
-            if envelope.size <= self.limits.max_message_size:
+            self._check_chunk_lines(piece)
+            if envelope.size <= self.limits.max_message_size and not self._line_too_long:
                 # Stored with LF line ends like DATA; a CRLF may straddle two pieces.
                 if self._cr_pending:
                     piece = b"\r" + piece
@@ -724,6 +728,27 @@ class SMTPConnection:
             self._end_chunk()
         return True
 
+    def _check_chunk_lines(self, piece: bytes) -> None:
+        """The text-line limit (RFC 5321 §4.5.3.1.6) holds for BDAT as for DATA.
+
+        Without BINARYMIME a BDAT message is text like any other; a line may
+        straddle chunks and pieces, so the length of the unfinished one is kept.
+        As in DATA, a line ends at LF and may hold text_line - 2 octets and a CR.
+        """
+        limit = self.limits.text_line - 1
+        if self._line_too_long:
+            return
+        if b"\n" not in piece:
+            self._chunk_line += len(piece)
+            self._line_too_long = self._chunk_line > limit
+            return
+        segments = piece.split(b"\n")
+        first = self._chunk_line + len(segments[0])
+        self._chunk_line = len(segments[-1])
+        self._line_too_long = (
+            first > limit or self._chunk_line > limit or max(map(len, segments)) > limit
+        )
+
     def _end_chunk(self) -> None:
         refusal = self._chunk_refusal
         envelope = self.envelope
@@ -733,12 +758,16 @@ class SMTPConnection:
             return
         assert envelope is not None
         if envelope.size > self.limits.max_message_size:
+            refusal = R.MESSAGE_TOO_BIG
+        elif self._line_too_long:
+            refusal = R.TEXT_LINE_TOO_LONG
+        if refusal is not None:
             # The transaction has failed; chunks the client pipelined behind this
             # one are read and refused with "need MAIL" (RFC 3030 §4.2).
             self.state = State.GREETED
             self.envelope = None
-            self._events.append(TransactionRejected(envelope, R.MESSAGE_TOO_BIG, "BDAT"))
-            self._error(R.MESSAGE_TOO_BIG)
+            self._events.append(TransactionRejected(envelope, refusal, "BDAT"))
+            self._error(refusal)
             return
         if not self._chunk_last:
             self._send(R.reply(250, "2.0.0", f"Ok: {envelope.size} octets received"))

@@ -246,6 +246,23 @@ def test_bdat_over_the_size_limit_is_552_and_the_next_chunk_is_discarded(esmtp_s
     assert esmtp_server.tmp_files() == []
 
 
+def test_a_long_line_is_refused_by_bdat_as_by_data(esmtp_server):
+    """RFC 5321 §4.5.3.1.6 without BINARYMIME: the verb that carries the line does not matter."""
+    line = b"z" * (MAX_SIZE // 2) + b"\r\n"
+    with Wire.connect(esmtp_server.host, esmtp_server.port) as wire:
+        start_transaction(wire, "longline")
+        wire.expect("DATA", 354)
+        code, text = wire.cmd(b"Subject: long\r\n\r\n" + line + b".")
+        assert code == 500 and text.startswith("5.5.2"), text
+        wire.expect("MAIL FROM:<carol@remote.example>", 250)
+        wire.expect("RCPT TO:<longline@test.example>", 250)
+        code, text = bdat(wire, b"Subject: long\r\n\r\n" + line, last=True)
+        assert code == 500 and text.startswith("5.5.2"), text
+        wire.expect("NOOP", 250)
+    assert esmtp_server.messages("longline") == []
+    assert esmtp_server.tmp_files() == []
+
+
 def test_data_after_bdat_is_503(esmtp_server):
     with Wire.connect(esmtp_server.host, esmtp_server.port) as wire:
         start_transaction(wire, "mixed")

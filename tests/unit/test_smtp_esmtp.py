@@ -763,6 +763,49 @@ def test_bdat_of_exactly_the_maximum_size_is_accepted(mode):
     assert tail(res, 1) == [QUEUED] and res.messages == [b"0123456789"]
 
 
+LINE_TOO_LONG = b"500 5.5.2 Error: message has a line longer than the limit\r\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bdat_enforces_the_text_line_limit(mode):
+    """RFC 5321 §4.5.3.1.6 applies to BDAT too (no BINARYMIME is offered)."""
+    res = run([*BDAT_TXN, chunk(b"x" * 1_000_000 + b"\r\n", last=True), b"NOOP\r\n"], mode)
+    assert tail(res, 2) == [LINE_TOO_LONG, OK]
+    (rejected,) = res.of(TransactionRejected)
+    assert rejected.stage == "BDAT" and rejected.reply is R.TEXT_LINE_TOO_LONG
+    assert not res.of(MessageEnd)
+    assert sum(len(e.data) for e in res.of(MessageData)) <= 1000  # nothing kept beyond a line
+    assert res.conn.state is State.GREETED
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("chunks", "ok"),
+    [
+        ([b"a" * 998 + b"\r\n"], True),  # exactly 1000 octets with the CRLF
+        ([b"a" * 999 + b"\r\n"], False),
+        ([b"a" * 500, b"a" * 498 + b"\r\nb"], True),  # a line straddling two chunks
+        ([b"a" * 500, b"a" * 499 + b"\r\n"], False),
+        ([b"a" * 600, b"b" * 600], False),  # an unfinished last line counts too
+        ([b"a\n" + b"b" * 999 + b"\n"], True),  # a bare LF ends a line, as in DATA
+        ([b"a\n" + b"b" * 1000 + b"\n"], False),
+    ],
+)
+def test_bdat_text_line_limit_across_chunks(mode, chunks, ok):
+    steps = [chunk(c) for c in chunks[:-1]] + [chunk(chunks[-1], last=True)]
+    res = run([*BDAT_TXN, *steps], mode)
+    assert tail(res, 1) == [QUEUED if ok else LINE_TOO_LONG]
+    assert len(res.of(MessageEnd)) == (1 if ok else 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bdat_long_line_refuses_the_chunks_pipelined_after_it(mode):
+    script = [*BDAT_TXN, chunk(b"y" * 2000), chunk(b"ok\r\n", last=True), MAIL, RCPT]
+    res = run([*script, chunk(b"fine\r\n", last=True)], mode)
+    assert tail(res, 5) == [LINE_TOO_LONG, NEED_MAIL, SENDER_OK, RCPT_OK, QUEUED]
+    assert res.messages == [b"fine\n"]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_data_after_bdat_is_503_and_bdat_goes_on(mode):
     res = run([*BDAT_TXN, chunk(b"abc"), DATA, b"BDAT 0 LAST\r\n"], mode)
