@@ -174,6 +174,7 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
     except (OSError, ValueError) as exc:
         print(f"geosmtp: log: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    logs.capture_hub_errors(gevent.get_hub())
     nofile = raise_open_files_limit()
     try:
         loader = None

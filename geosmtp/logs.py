@@ -94,6 +94,36 @@ def _is_server(record: dict) -> bool:
     return not record["extra"].get("access")
 
 
+class LogWriter:
+    """A file-like object that writes each line it is given to the server log.
+
+    For libraries that log to a stream: gevent's WSGI server (the admin API's
+    request and error lines) would otherwise write to stderr or nowhere.
+    """
+
+    def __init__(self, level: str, prefix: str) -> None:
+        self.level = level
+        self.prefix = prefix
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            if line.strip():
+                logger.log(self.level, "{}: {}", self.prefix, clean(line, 2000))
+
+    def flush(self) -> None:
+        pass
+
+
+def capture_hub_errors(hub: Any) -> None:
+    """Tracebacks gevent's hub would print to stderr (an exception nothing caught
+    in a greenlet) go to the server log instead, where an operator looks."""
+
+    def print_exception(context: Any, kind: Any, value: Any, tb: Any) -> None:
+        logger.opt(exception=(kind, value, tb)).error("unhandled error in {!r}", context)
+
+    hub.print_exception = print_exception
+
+
 _handler_ids: list[int] = []
 
 

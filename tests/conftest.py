@@ -157,7 +157,10 @@ def start_server(
     overrides: dict | None = None,
     extra_args: list[str] | None = None,
     wait: bool = True,
+    launcher: list[str] | None = None,
 ) -> RunningServer:
+    """Start geosmtp through its CLI; `launcher` replaces `python -m geosmtp`
+    (a test that must plant a fault in the running process uses `python -c`)."""
     root.mkdir(parents=True, exist_ok=True)
     path = write_config(root, overrides)
     config = yaml.safe_load(path.read_text())
@@ -166,7 +169,12 @@ def start_server(
     # pipe would stall the server on its next log line.
     with open(root / "stdout.txt", "wb") as out, open(root / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "geosmtp", "-c", str(path), *(extra_args or [])],
+            [
+                *(launcher or [sys.executable, "-m", "geosmtp"]),
+                "-c",
+                str(path),
+                *(extra_args or []),
+            ],
             cwd=root,
             stdin=subprocess.DEVNULL,
             stdout=out,

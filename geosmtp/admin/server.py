@@ -10,6 +10,7 @@ from gevent.pywsgi import WSGIServer
 from loguru import logger
 
 from ..config import Admin, ConfigError
+from ..logs import LogWriter
 from .api import AdminAPI
 
 if TYPE_CHECKING:
@@ -46,7 +47,12 @@ def admin_token(admin: Admin, create: bool = True) -> str:
 def start_admin(server: MailServer) -> WSGIServer:
     admin = server.config.admin
     app = AdminAPI(server, admin_token(admin))
-    wsgi = WSGIServer((admin.address, admin.port), app, log=None, error_log=None)
+    wsgi = WSGIServer(
+        (admin.address, admin.port),
+        app,
+        log=LogWriter("DEBUG", "admin"),  # one line per request
+        error_log=LogWriter("WARNING", "admin"),  # malformed requests, handler errors
+    )
     try:
         wsgi.start()
     except OSError as exc:

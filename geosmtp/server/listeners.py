@@ -31,6 +31,7 @@ from ..smtp import replies as R
 from ..storage.maildir import MaildirStore
 from . import tls
 from .smtp import SMTPSession
+from .threads import in_thread
 
 
 def raise_open_files_limit() -> int:
@@ -47,10 +48,6 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def _threadpool_apply(fn, *args):  # type: ignore[no-untyped-def]
-    return gevent.get_hub().threadpool.apply(fn, args)
-
-
 class MailServer:
     def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
         self.config = config
@@ -61,7 +58,7 @@ class MailServer:
             config.mail_dir,
             fsync=config.fsync,
             hostname=config.hostname,
-            offload=_threadpool_apply,
+            offload=in_thread,
         )
         self.sessions: Group = Group()
         self.by_id: dict[str, SMTPSession] = {}  # open sessions: the cap, stop, the admin API
@@ -128,9 +125,8 @@ class MailServer:
             vrfy=self.config.vrfy,
         )
 
-    def run_blocking(self, fn, *args):  # type: ignore[no-untyped-def]
-        """Run CPU-heavy or blocking work in the hub's threadpool."""
-        return _threadpool_apply(fn, *args)
+    #: CPU-heavy or blocking work (password checks) in the hub's threadpool.
+    run_blocking = staticmethod(in_thread)
 
     def change_config(self, new: Config, *, allow_restart_keys: bool = False) -> list[str]:
         """Apply `new` to new sessions (open ones keep theirs; timeouts apply to all).

@@ -24,12 +24,12 @@ from ..smtp import (
     NEED_DATA,
     AuthRequest,
     CloseConnection,
-    MessageAborted,
     MessageData,
     MessageEnd,
     MessageStart,
     SMTPConnection,
     StartTLS,
+    TransactionAborted,
     TransactionRejected,
 )
 from ..smtp import replies as R
@@ -96,6 +96,10 @@ class SMTPSession:
         self.conn: SMTPConnection = server.new_connection(listener, self.peer)
         self.spool: Spool | _FailedSpool | None = None
         self.queue_id: str | None = None
+        # The access log has one line per transaction: refused recipients wait
+        # here for it, and the envelope whose line is written is remembered.
+        self.refused: list[str] = []
+        self.logged: Envelope | None = None
         self.data_started = 0.0
         self.reading = False
         self.shutdown_pending = False
@@ -236,16 +240,16 @@ class SMTPSession:
                         break
                     conn.receive_data(data)
                 elif type(event) is MessageData:
-                    assert self.spool is not None
-                    self.spool.write(event.data)
+                    self._spool_write(event.data)
                 elif type(event) is MessageStart:
                     self._start_message(event.envelope)
                 elif type(event) is MessageEnd:
                     self._deliver(event.envelope)
                 elif type(event) is TransactionRejected:
                     self._rejected(event)
-                elif type(event) is MessageAborted:
+                elif type(event) is TransactionAborted:
                     self._discard_spool()
+                    self._log_transaction(event.envelope, "aborted", reason=event.by)
                 elif type(event) is StartTLS:
                     self._flush()
                     self._handshake()
@@ -268,13 +272,25 @@ class SMTPSession:
         except HandshakeFailed as exc:
             self.outcome = "tls_failed"
             logger.debug("session {}: TLS handshake failed: {}", self.id, exc)
-        except (OSError, StorageError) as exc:
-            self.outcome = "error" if isinstance(exc, StorageError) else "lost"
+        except OSError as exc:  # the socket: storage errors are StorageError, handled above
+            self.outcome = "lost"
             logger.debug("session {} socket error: {}", self.id, exc)
+        except Exception:
+            # A bug in the core or in this shell: the client hears 421 (RFC 5321
+            # §3.8), the log gets the traceback, other sessions go on.
+            self.outcome = "error"
+            logger.exception("session {} [{}]: internal error", self.id, self.peer)
+            self._close_with(R.INTERNAL_ERROR)
         finally:
             self._sync_metrics()
             self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
             self._discard_spool()
+            envelope = self.conn.envelope
+            if envelope is not None and envelope is not self.logged:
+                # The session ended inside a transaction: QUIT, a lost client, a
+                # timeout, a stop, a kick, too many errors.
+                stage = (self.conn.closed_in or self.conn.state).name
+                self._log_transaction(envelope, "aborted", stage=stage, reason=self.outcome)
             try:
                 self.sock.close()
             except OSError:
@@ -288,11 +304,17 @@ class SMTPSession:
             )
 
     def _close_with(self, reply: R.Reply) -> None:
-        self.conn.close_with(reply)
         try:
+            self.conn.close_with(reply)
             self._flush()
         except (OSError, ClientTimeout):
             pass
+        except Exception:  # the core is in a state it cannot close from: send it raw
+            logger.exception("session {}: cannot close cleanly", self.id)
+            try:
+                self.sock.send(reply.to_bytes())
+            except OSError:
+                pass
 
     # ------------------------------------------------------ TLS and AUTH
 
@@ -347,12 +369,10 @@ class SMTPSession:
         self.queue_id = new_queue_id()
         try:
             self.spool = self.server.store.open_spool(envelope.recipients[0].box)
-        except OSError as exc:
-            # The core is already in DATA; remember the failure and answer 451 at the end.
-            logger.error("session {}: cannot open spool: {}", self.id, exc)
-            self.spool = _FailedSpool(exc)
+        except StorageError as exc:
+            self._spool_failed(exc)
             return
-        self.spool.write(
+        self._spool_write(
             trace_headers(
                 envelope,
                 hostname=self.server.config.hostname,
@@ -364,6 +384,25 @@ class SMTPSession:
             )
         )
 
+    def _spool_write(self, data: bytes) -> None:
+        assert self.spool is not None
+        try:
+            self.spool.write(data)
+        except StorageError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, error: StorageError) -> None:
+        """The spool cannot take the message: read it to its end, then answer 4xx.
+
+        The client is in the middle of DATA and cannot be answered before the
+        end of it (RFC 5321 §4.1.1.4); the partial file is removed at once so the
+        space it took is free again.
+        """
+        logger.error("session {}: cannot spool the message: {}", self.id, error)
+        if self.spool is not None:
+            self.spool.discard()
+        self.spool = _FailedSpool(error)
+
     def _deliver(self, envelope: Envelope) -> None:
         spool, self.spool = self.spool, None
         assert spool is not None and self.queue_id is not None
@@ -374,35 +413,46 @@ class SMTPSession:
             if isinstance(spool, _FailedSpool):
                 raise spool.error
             spool.commit(boxes)
-        except OSError as exc:
-            logger.error("session {}: delivery failed: {}", self.id, exc)
+        except StorageError as exc:
+            reply = R.INSUFFICIENT_STORAGE if exc.no_space else R.LOCAL_ERROR
+            logger.error("session {}: delivery failed ({}): {}", self.id, reply.code, exc)
             spool.discard()
-            self.conn.message_failed(R.LOCAL_ERROR)
+            self.conn.message_failed(reply)
             metrics.messages_rejected.labels("storage").inc()
-            self._access(envelope, R.LOCAL_ERROR.code, queue=self.queue_id)
+            self._log_transaction(envelope, reply.code, queue=self.queue_id)
             return
         metrics.delivery_seconds.observe(time.perf_counter() - started)
         metrics.messages_accepted.inc()
         metrics.recipients.inc(len(boxes))
         metrics.message_size.observe(envelope.size)
         self.conn.message_stored(self.queue_id)
-        self._access(envelope, 250, queue=self.queue_id)
+        self._log_transaction(envelope, 250, queue=self.queue_id)
         self._sync_metrics()
 
     def _rejected(self, event: TransactionRejected) -> None:
         self.server.metrics.messages_rejected.labels(event.stage).inc()
-        if event.stage in ("DATA", "BDAT"):
-            self._discard_spool()
-        address = {"MAIL": "from", "RCPT": "to"}.get(event.stage)
-        extra = {address: f"<{event.address}>"} if address and event.address is not None else {}
-        self._access(event.envelope, event.reply.code, stage=event.stage, **extra)
+        if event.stage == "RCPT":  # the transaction goes on; its line lists the refusal
+            self.refused.append(f"<{event.address}>:{event.reply.code}")
+            return
+        if event.stage == "MAIL":  # no transaction was opened: this is its one line
+            self._access(None, event.reply.code, stage="MAIL", **{"from": f"<{event.address}>"})
+            return
+        self._discard_spool()
+        assert event.envelope is not None
+        self._log_transaction(event.envelope, event.reply.code, stage=event.stage)
 
     def _discard_spool(self) -> None:
         if self.spool is not None:
             self.spool.discard()
             self.spool = None
 
-    def _access(self, envelope: Envelope | None, code: int, **extra: str | None) -> None:
+    def _log_transaction(self, envelope: Envelope, result: int | str, **extra: str | None) -> None:
+        """The one access-log line of a transaction, with how it ended."""
+        refused, self.refused = self.refused, []
+        self.logged = envelope
+        self._access(envelope, result, refused=refused or None, **extra)
+
+    def _access(self, envelope: Envelope | None, result: int | str, **extra) -> None:  # type: ignore[no-untyped-def]
         conn = self.conn
         fields: dict = {
             "session": self.id,
@@ -413,17 +463,17 @@ class SMTPSession:
         }
         if envelope is not None:
             fields["from"] = f"<{envelope.sender_address}>"
-            fields["to"] = [f"<{r.mailbox.address}>" for r in envelope.recipients]
+            fields["to"] = [f"<{r.mailbox.address}>" for r in envelope.recipients] or None
             fields["size"] = envelope.size or None
             fields["msgid"] = envelope.message_id
-        fields.update(extra)  # a refused address replaces the envelope's
-        logs.access_log.write(logs.access_line(**fields, result=str(code)))
+        fields.update(extra)
+        logs.access_log.write(logs.access_line(**fields, result=str(result)))
 
 
 class _FailedSpool:
-    """Stands in for a spool that could not be opened; the message is read and refused."""
+    """Stands in for a spool that failed; the rest of the message is read and refused."""
 
-    def __init__(self, error: OSError) -> None:
+    def __init__(self, error: StorageError) -> None:
         self.error = error
 
     def write(self, data: bytes) -> None:

@@ -14,13 +14,13 @@ from .session import (
     Envelope,
     Extensions,
     Limits,
-    MessageAborted,
     MessageData,
     MessageEnd,
     MessageStart,
     Security,
     SMTPConnection,
     StartTLS,
+    TransactionAborted,
     TransactionRejected,
 )
 from .state import State
@@ -34,7 +34,6 @@ __all__ = [
     "Extensions",
     "Limits",
     "Mailbox",
-    "MessageAborted",
     "MessageData",
     "MessageEnd",
     "MessageStart",
@@ -46,6 +45,7 @@ __all__ = [
     "StartTLS",
     "State",
     "SyntaxProblem",
+    "TransactionAborted",
     "TransactionRejected",
     "safe_mailbox_name",
 ]

@@ -86,6 +86,8 @@ TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
 SIZE_DECLARED_TOO_BIG = reply(552, "5.3.4", "Error: message size exceeds fixed maximum")
 LOCAL_ERROR = reply(451, "4.3.0", "Error: local error in processing; try again later")
+# RFC 5321 §4.2.2 452, RFC 3463 X.3.1 "mail system full": the disk or a quota
+INSUFFICIENT_STORAGE = reply(452, "4.3.1", "Error: insufficient system storage; try again later")
 
 # STARTTLS (RFC 3207)
 STARTTLS_READY = reply(220, "2.0.0", "Ready to start TLS")
@@ -117,3 +119,4 @@ TOO_MANY_ERRORS = reply(421, "4.7.0", "Error: too many errors; closing connectio
 TOO_MANY_CLIENTS = reply(421, "4.7.0", "Error: too many connections; try again later")
 TIMEOUT = reply(421, "4.4.2", "Error: timeout exceeded; closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2", "Server shutting down; closing connection")
+INTERNAL_ERROR = reply(421, "4.3.0", "Error: internal server error; closing connection")

@@ -13,7 +13,8 @@ Events the shell acts on:
   calls `message_stored()` or `message_failed()`.
 - `TransactionRejected`: a message or recipient was refused (access log);
   after a started message it also means "discard the spool".
-- `MessageAborted`: a BDAT transaction was abandoned (RSET, EHLO): discard the spool.
+- `TransactionAborted`: a transaction (MAIL given) was abandoned by RSET, EHLO or
+  HELO: discard the spool of a BDAT message, log the transaction's end.
 - `StartTLS`: 220 is queued; flush it, do the handshake, call `tls_started()`
   (or close on failure). Input that came with the STARTTLS line is discarded.
 - `AuthRequest`: check the credentials, then call `auth_result()`.
@@ -123,8 +124,9 @@ class TransactionRejected:
 
 
 @dataclass(frozen=True)
-class MessageAborted:
+class TransactionAborted:
     envelope: Envelope
+    by: str  # the verb that abandoned it: "RSET", "EHLO", "HELO"
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ Event = (
     | MessageData
     | MessageEnd
     | TransactionRejected
-    | MessageAborted
+    | TransactionAborted
     | StartTLS
     | AuthRequest
     | CloseConnection
@@ -205,6 +207,7 @@ class SMTPConnection:
         self.security = security or Security()
         self.vrfy = vrfy
         self.state = State.CONNECTED
+        self.closed_in: State | None = None  # the state the session was closed in
         self.helo: str | None = None
         self.esmtp = False
         self.envelope: Envelope | None = None
@@ -258,6 +261,7 @@ class SMTPConnection:
     def _close(self, reply: R.Reply | None) -> None:
         if reply is not None:
             self._send(reply)
+        self.closed_in = self.state
         self.state = State.CLOSED
         self._buf.clear()
         self._events.append(CloseConnection(reply))
@@ -357,7 +361,7 @@ class SMTPConnection:
             self._error(R.SYNTAX_EHLO if esmtp else R.SYNTAX_HELO)
             return
         self.helo, self.esmtp = name, esmtp
-        self._reset_transaction()
+        self._reset_transaction("EHLO" if esmtp else "HELO")
         self.state = State.GREETED
         if not esmtp:
             self._send(R.reply(250, None, self.hostname))
@@ -409,9 +413,9 @@ class SMTPConnection:
             keywords.append("CHUNKING")
         return keywords
 
-    def _reset_transaction(self) -> None:
-        if self.state is State.BDAT and self.envelope is not None:
-            self._events.append(MessageAborted(self.envelope))
+    def _reset_transaction(self, by: str) -> None:
+        if self.state in TRANSACTION_STATES and self.envelope is not None:
+            self._events.append(TransactionAborted(self.envelope, by))
         self.envelope = None
         if self.state in TRANSACTION_STATES:
             self.state = State.GREETED
@@ -531,7 +535,7 @@ class SMTPConnection:
         if arg:
             self._error(R.SYNTAX_RSET)
             return
-        self._reset_transaction()
+        self._reset_transaction("RSET")
         self._send(R.OK)
 
     def _do_NOOP(self, arg: bytes) -> None:
@@ -613,7 +617,7 @@ class SMTPConnection:
         self.tls = True
         self.helo, self.esmtp = None, False
         self.auth_user = None  # a login made in the clear (auth_plaintext) is forgotten too
-        self._reset_transaction()
+        self._reset_transaction("STARTTLS")
         self.state = State.CONNECTED
 
     # ------------------------------------------------------------------ AUTH

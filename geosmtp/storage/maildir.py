@@ -9,6 +9,12 @@ or not at all, and a failed commit removes the links it made.
 
 Blocking calls that can take long (fsync) go through `offload`, which the
 gevent shell sets to its threadpool so one slow disk does not stall the hub.
+`offload` must run the work to its end even when its caller is interrupted
+(the shell's `threads.in_thread` does): a commit that fails or is stopped
+undoes its links only once the thread that makes them is done.
+
+Errors are `StorageError`, never a bare `OSError`, so the shell can tell a
+full disk from a lost client.
 """
 
 from __future__ import annotations
@@ -32,8 +38,30 @@ def _direct(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-class StorageError(OSError):
-    """Delivery failed; the message is not stored anywhere."""
+class StorageError(Exception):
+    """Spooling or delivery failed; the message is not stored anywhere.
+
+    Deliberately not an `OSError`: the session treats socket errors as a lost
+    client, and a full disk must never be mistaken for one (the client gets a
+    `452`/`451` instead). `errno` says which, `no_space` whether it is a
+    matter of room (disk or quota full).
+    """
+
+    def __init__(self, errno_: int | None, message: str, filename: str | None = None) -> None:
+        super().__init__(message if filename is None else f"{message}: '{filename}'")
+        self.errno = errno_
+        self.filename = filename
+
+    @classmethod
+    def wrap(cls, exc: OSError) -> StorageError:
+        return cls(exc.errno, exc.strerror or str(exc), exc.filename)
+
+    @property
+    def no_space(self) -> bool:
+        return self.errno in _NO_SPACE
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 FILE_MODE = 0o600  # mail is private to the server's user, as Postfix and Dovecot keep it
@@ -67,11 +95,15 @@ class Spool:
         self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
 
     def write(self, data: bytes) -> None:
+        """Take a piece of the message; StorageError when the disk refuses it."""
         self._pending.append(data)
         self._pending_size += len(data)
         self.size += len(data)
         if self._pending_size >= _WRITE_BUFFER:
-            self._write_pending()
+            try:
+                self._write_pending()
+            except OSError as exc:
+                raise StorageError.wrap(exc) from exc
 
     def _write_pending(self) -> None:
         assert self._fd is not None
@@ -103,7 +135,7 @@ class Spool:
                 _unlink_quietly(path)
             self.discard()
             if isinstance(exc, OSError):
-                raise StorageError(exc.errno, exc.strerror or str(exc), exc.filename) from exc
+                raise StorageError.wrap(exc) from exc
             raise
         _unlink_quietly(self.path)
         return [Path(p) for p in made]
@@ -223,14 +255,18 @@ class MaildirStore:
             self.offload(_fsync_path, str(self.root))
 
     def open_spool(self, first_box: str) -> Spool:
-        maildir = self.ensure_maildir(first_box)
-        name = self.unique_name()
+        """A new spool file for a message; StorageError when it cannot be made."""
         try:
-            return Spool(self, f"{maildir}/tmp/{name}", name)
-        except FileNotFoundError:
-            # The Maildir was removed while the server ran: make it again.
-            self.make_maildir(maildir)
-            return Spool(self, f"{maildir}/tmp/{name}", name)
+            maildir = self.ensure_maildir(first_box)
+            name = self.unique_name()
+            try:
+                return Spool(self, f"{maildir}/tmp/{name}", name)
+            except FileNotFoundError:
+                # The Maildir was removed while the server ran: make it again.
+                self.make_maildir(maildir)
+                return Spool(self, f"{maildir}/tmp/{name}", name)
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
 
     def deliver(self, boxes: Iterable[str], data: bytes) -> list[Path]:
         """Store a whole message at once (for callers that have it in memory)."""
@@ -238,7 +274,7 @@ class MaildirStore:
         spool = self.open_spool(boxes[0])
         try:
             spool.write(data)
-        except OSError:
+        except StorageError:
             spool.discard()
             raise
         return spool.commit(boxes)

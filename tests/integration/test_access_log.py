@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 import smtplib
 
 from tests.conftest import wait_until
@@ -70,13 +71,13 @@ def test_rejected_transactions_are_logged(make_server):
         w.expect("DATA", 354)
         code, _ = w.cmd(b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 20 + b".")
         assert code == 552
-    relay, too_big = access_lines(server, 2)
-    assert relay["result"] == "550"
-    assert relay["stage"] == "RCPT"
-    assert relay["to"] == "<someone@foreign.example>"
-    assert relay["from"] == "<carol@remote.example>"
+    # One transaction, one line: the refused recipient is named in it.
+    (too_big,) = access_lines(server, 1)
     assert too_big["result"] == "552"
+    assert too_big["stage"] == "DATA"
+    assert too_big["from"] == "<carol@remote.example>"
     assert too_big["to"] == "<alice@test.example>"
+    assert too_big["refused"] == "<someone@foreign.example>:550"
     assert int(too_big["size"]) > 1000
     assert server.all_messages() == []
 
@@ -125,3 +126,100 @@ def test_server_log_records_start_and_stop(server):
     log = server.server_log()
     assert "signal received" in log
     assert log.rstrip().endswith("stopped")
+
+
+# ------------------------------------------- one line for every transaction
+
+
+def _open_transaction(w: Wire, box: str = "alice") -> None:
+    w.expect("EHLO client.example", 250)
+    w.expect("MAIL FROM:<carol@remote.example>", 250)
+    w.expect(f"RCPT TO:<{box}@test.example>", 250)
+
+
+def test_a_client_lost_in_the_middle_of_data_is_logged(server):
+    with Wire.connect(server.host, server.port) as w:
+        _open_transaction(w)
+        w.expect("DATA", 354)
+        w.send(b"Subject: cut short\r\n\r\nhalf a mess")
+    (line,) = access_lines(server, 1)
+    assert line["result"] == "aborted" and line["reason"] == "lost"
+    assert line["stage"] == "DATA" and line["to"] == "<alice@test.example>"
+    assert server.all_messages() == [] and server.tmp_files() == []
+
+
+def test_a_timeout_in_the_middle_of_data_is_logged(make_server):
+    server = make_server({"timeouts": {"data_block": 0.3}})
+    with Wire.connect(server.host, server.port) as w:
+        _open_transaction(w)
+        w.expect("DATA", 354)
+        w.send(b"Subject: slow\r\n")
+        code, text = w.reply()
+        assert code == 421 and text.startswith("4.4.2"), text
+    (line,) = access_lines(server, 1)
+    assert (line["result"], line["reason"], line["stage"]) == ("aborted", "timeout", "DATA")
+
+
+def test_a_stop_that_ends_a_data_is_logged(make_server):
+    server = make_server({"timeouts": {"shutdown_grace": 0}})
+    with Wire.connect(server.host, server.port) as w:
+        _open_transaction(w)
+        w.expect("DATA", 354)
+        w.send(b"Subject: interrupted\r\n\r\nbody\r\n")
+        server.process.send_signal(signal.SIGTERM)
+        code, text = w.reply()
+        assert code == 421 and text.startswith("4.3.2"), text
+    assert server.process.wait(timeout=30) == 0
+    (line,) = access_lines(server, 1)
+    assert (line["result"], line["reason"], line["stage"]) == ("aborted", "shutdown", "DATA")
+    assert server.all_messages() == [] and server.tmp_files() == []
+
+
+def test_data_after_bdat_and_quit_is_logged(server):
+    with Wire.connect(server.host, server.port) as w:
+        _open_transaction(w)
+        w.send(b"BDAT 3\r\nabc")
+        assert w.reply()[0] == 250
+        assert w.cmd("DATA")[0] == 503
+        assert w.cmd("QUIT")[0] == 221
+    (line,) = access_lines(server, 1)
+    assert (line["result"], line["reason"], line["stage"]) == ("aborted", "quit", "BDAT")
+    assert server.tmp_files() == []
+
+
+def test_rset_and_a_new_greeting_end_a_transaction_with_a_line(server):
+    with Wire.connect(server.host, server.port) as w:
+        _open_transaction(w)
+        w.expect("RSET", 250)
+        w.expect("MAIL FROM:<dave@remote.example>", 250)
+        w.expect("EHLO again.example", 250)  # abandons that transaction too
+        w.expect("MAIL FROM:<erin@remote.example>", 250)
+        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect("DATA", 354)
+        w.expect(b"Subject: kept\r\n\r\nbody\r\n.", 250)
+        w.expect("QUIT", 221)
+    rset, ehlo, kept = access_lines(server, 3)
+    assert (rset["result"], rset["reason"], rset["from"]) == (
+        "aborted",
+        "RSET",
+        "<carol@remote.example>",
+    )
+    assert (ehlo["result"], ehlo["reason"], ehlo["from"]) == (
+        "aborted",
+        "EHLO",
+        "<dave@remote.example>",
+    )
+    assert "to" not in ehlo  # no recipient had been given
+    assert kept["result"] == "250" and kept["from"] == "<erin@remote.example>"
+
+
+def test_refused_recipients_are_named_in_the_transactions_one_line(server):
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        client.ehlo("client.example")
+        refused = client.sendmail(
+            "carol@remote.example", ["alice@test.example", "x@foreign.example"], b"\r\nhi\r\n"
+        )
+        assert list(refused) == ["x@foreign.example"]
+    (line,) = access_lines(server, 1)
+    assert line["result"] == "250" and line["to"] == "<alice@test.example>"
+    assert line["refused"] == "<x@foreign.example>:550"

@@ -52,6 +52,23 @@ def test_every_request_needs_the_token(shared):
     assert "admin API listening" in server.server_log()
 
 
+def test_the_admin_listeners_own_log_goes_to_the_server_log(shared):
+    """gevent's WSGI server logs requests and bad input; those lines reach log.txt."""
+    server, api = shared
+    port = api.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert api.request("GET", "/api/v1/stats").status == 200
+    log = wait_until(
+        lambda: (text := server.server_log()) and "GET /api/v1/stats" in text and text,
+        what="the admin request in the server log",
+    )
+    assert "WARNING admin: " in log and "Invalid HTTP method" in log
+    assert "NOT HTTP AT ALL" in log
+
+
 def test_stats_snapshot(shared):
     _, api = shared
     stats = api.stats()

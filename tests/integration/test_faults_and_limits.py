@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -146,3 +149,99 @@ def test_maildir_removed_while_running_is_made_again(server, removed):
     # Removing new/ or the whole Maildir took the first message with it.
     assert bodies == ([b"first\n"] if removed == "alice/tmp" else []) + [b"second\n"]
     assert server.tmp_files() == []
+
+
+# ------------------------------------------------------------- a full disk
+
+MESSAGE = b"Subject: half a megabyte\r\n\r\n" + (b"x" * 76 + b"\r\n") * 6_800  # ~0.5 MB
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs where the server's mail_dir will be (needs root to mount)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    mount_point = tmp_path / "srv0" / "mail_dir"
+    mount_point.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_mid_data_is_452_and_the_server_recovers(small_disk, make_server):
+    server = make_server()
+    assert server.mail_dir == small_disk
+    expected_body = MESSAGE.replace(b"\r\n", b"\n")
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO client.example", 250)
+        replies = []
+        for _ in range(12):  # 3 MB holds five or six of them
+            replies.append(_transaction(w, ["alice"], MESSAGE))
+            if replies[-1][0] != 250:
+                break
+        code, text = replies[-1]
+        # The message was read to its end, then refused for want of room.
+        assert code == 452 and text.startswith("4.3.1"), replies
+        assert all(c == 250 for c, _ in replies[:-1]) and len(replies) >= 3, replies
+        w.expect("NOOP", 250)  # the session goes on
+        # Nothing partial anywhere: every stored message is whole, tmp/ is empty.
+        stored = server.messages("alice")
+        assert len(stored) == len(replies) - 1
+        assert all(p.read_bytes().endswith(expected_body) for p in stored)
+        assert server.tmp_files() == []
+        # Space comes back (the user fetched the mail): the same session delivers.
+        for path in stored:
+            path.unlink()
+        code, text = _transaction(w, ["alice"], MESSAGE)
+        assert code == 250, text
+    log = wait_until(lambda: "result=452" in server.access_log() and server.server_log())
+    assert " ERROR " in log and "No space left on device" in log
+    (path,) = server.messages("alice")
+    assert path.read_bytes().endswith(expected_body)
+
+
+# ------------------------------------------------------- a bug in the code
+
+# Plants a bug in the running server: "NOOP boom" raises inside the core.
+BUGGY = """
+import sys
+from geosmtp.smtp import session
+noop = session.SMTPConnection._do_NOOP
+def _do_NOOP(self, arg):
+    if arg == b"boom":
+        raise RuntimeError("a planted bug")
+    return noop(self, arg)
+session.SMTPConnection._do_NOOP = _do_NOOP
+from geosmtp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_in_a_session_is_421_and_a_logged_traceback(make_server):
+    server = make_server(launcher=[sys.executable, "-c", BUGGY])
+    with (
+        Wire.connect(server.host, server.port) as bystander,
+        Wire.connect(server.host, server.port) as victim,
+    ):
+        bystander.expect("EHLO bystander.example", 250)
+        victim.expect("EHLO victim.example", 250)
+        victim.expect("MAIL FROM:<carol@remote.example>", 250)
+        code, text = victim.cmd("NOOP boom")
+        assert code == 421 and text.startswith("4.3.0"), text
+        assert victim.is_closed()
+        # Every other client is served as before.
+        assert _transaction(bystander, ["alice"])[0] == 250
+    log = wait_until(
+        lambda: "RuntimeError: a planted bug" in server.server_log() and server.server_log()
+    )
+    assert "internal error" in log and "Traceback" in log
+    assert server.process.poll() is None
+    assert "failed with RuntimeError" not in server.stderr()  # gevent's own report
+    # The transaction it was in has its access-log line.
+    wait_until(lambda: "reason=error" in server.access_log(), what="the aborted transaction")

@@ -21,7 +21,6 @@ from geosmtp.smtp import (
     AuthRequest,
     Extensions,
     Limits,
-    MessageAborted,
     MessageData,
     MessageEnd,
     MessageStart,
@@ -30,6 +29,7 @@ from geosmtp.smtp import (
     SMTPConnection,
     StartTLS,
     State,
+    TransactionAborted,
     TransactionRejected,
 )
 from geosmtp.smtp import replies as R
@@ -119,7 +119,7 @@ class Result:
             elif isinstance(e, MessageEnd):
                 out.append(current)
                 current = None
-            elif isinstance(e, MessageAborted) or (
+            elif isinstance(e, TransactionAborted) or (
                 isinstance(e, TransactionRejected) and e.stage in ("DATA", "BDAT")
             ):
                 current = None

@@ -1,11 +1,16 @@
 """Maildir storage: spool once, link into every new/, nothing partial, names checked."""
 
+import errno
 import mailbox
 import os
+import threading
+import time
 from pathlib import Path
 
+import gevent
 import pytest
 
+from geosmtp.server.threads import in_thread
 from geosmtp.storage.maildir import MaildirStore, StorageError
 
 
@@ -109,3 +114,62 @@ def test_many_small_writes_make_one_file(store):
         spool.write(b"%d\n" % i)
     (path,) = spool.commit(["alice"])
     assert path.read_bytes() == b"".join(b"%d\n" % i for i in range(10_000))
+
+
+def test_storage_errors_are_not_socket_errors(store, monkeypatch):
+    """A full disk must never be taken for a lost client (an OSError in the shell)."""
+    spool = store.open_spool("alice")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(StorageError) as info:
+        spool.write(b"x" * 70_000)  # more than the write buffer: reaches the file
+    assert not isinstance(info.value, OSError)
+    assert info.value.no_space and info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    spool.discard()
+    assert not list(store.root.glob("*/tmp/*"))
+
+
+@pytest.mark.parametrize("stop_at", ["link", "fsync"])
+def test_a_commit_stopped_in_the_thread_leaves_all_or_nothing(tmp_path, monkeypatch, stop_at):
+    """The greenlet is killed while the threadpool is half-way through the commit.
+
+    The thread cannot be stopped; the greenlet's cleanup must wait for it, or it
+    would unlink and close under the thread's feet and leave a link behind.
+    """
+    store = MaildirStore(tmp_path / "mail", fsync=True, offload=in_thread)
+    spool = store.open_spool("alice")
+    spool.write(b"Subject: x\n\nbody\n")
+    inside, release = threading.Event(), threading.Event()
+    real_link, real_fsync = os.link, os.fsync
+
+    def slow_link(src, dst):
+        real_link(src, dst)  # the link exists before the commit records it
+        if stop_at == "link":
+            inside.set()
+            release.wait(10)
+
+    def slow_fsync(fd):
+        if stop_at == "fsync" and not inside.is_set():
+            inside.set()
+            release.wait(10)
+        real_fsync(fd)  # EBADF if the greenlet closed the descriptor meanwhile
+
+    monkeypatch.setattr(os, "link", slow_link)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    committer = gevent.spawn(spool.commit, ["alice", "bob", "carol"])
+    deadline = time.monotonic() + 10
+    while not inside.is_set():  # the thread is in the middle of the commit
+        assert time.monotonic() < deadline, "the commit never reached the thread"
+        gevent.sleep(0.001)
+    committer.kill(block=False)
+    gevent.idle()  # the kill is delivered: the greenlet now waits for the thread
+    release.set()
+    committer.join(timeout=10)
+    assert committer.dead
+    assert isinstance(committer.value, gevent.GreenletExit)  # never returned: no 250
+    assert list(store.root.glob("*/new/*")) == []  # nothing, not a partial delivery
+    assert list(store.root.glob("*/tmp/*")) == []

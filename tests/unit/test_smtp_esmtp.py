@@ -23,7 +23,6 @@ from geosmtp.smtp import (
     CloseConnection,
     Extensions,
     Limits,
-    MessageAborted,
     MessageData,
     MessageEnd,
     MessageStart,
@@ -32,6 +31,7 @@ from geosmtp.smtp import (
     SMTPConnection,
     StartTLS,
     State,
+    TransactionAborted,
     TransactionRejected,
     sasl,
 )
@@ -703,7 +703,7 @@ def test_bdat_chunk_bytes_are_never_commands(mode, content):
     res = run([*BDAT_TXN, chunk(content), chunk(content, last=True), b"NOOP\r\n"], mode)
     assert tail(res, 3) == [octets(len(content)), QUEUED, OK]
     assert res.messages == [(content * 2).replace(b"\r\n", b"\n")]
-    assert not res.of(CloseConnection) and not res.of(MessageAborted)
+    assert not res.of(CloseConnection) and not res.of(TransactionAborted)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -875,12 +875,12 @@ def test_rset_or_greeting_between_chunks_aborts(mode, reset, reply):
     assert kinds == [
         MessageStart,
         MessageData,
-        MessageAborted,
+        TransactionAborted,
         MessageStart,
         MessageData,
         MessageEnd,
     ]
-    aborted = res.of(MessageAborted)[0]
+    aborted = res.of(TransactionAborted)[0]
     assert aborted.envelope.size == 3
     assert res.messages == [b"z"]
     if reply is not None:
