@@ -9,7 +9,9 @@ threadpool so one login never stalls the other clients.
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -59,19 +61,46 @@ class UserDB:
         return len(self._hashes)
 
 
-@dataclass
+def throttle_key(address: str) -> str:
+    """The unit a client is counted by: an IPv4 address, or the /64 of an IPv6 one.
+
+    One subscriber usually holds a whole IPv6 /64 and can pick any address in
+    it, so counting single IPv6 addresses would let it guess without limit. An
+    IPv4-mapped address (`::ffff:192.0.2.1`) is its IPv4 address; a zone
+    (`fe80::1%eth0`) is dropped. Anything else (not an IP address) is its own key.
+    """
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is None:
+            return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+@dataclass(slots=True)
 class _Failures:
-    count: int
-    last: float
+    count: int  # failed or pending password checks in this window
+    last: float  # when the latest one was counted (the window runs from it)
 
 
 class AuthThrottle:
-    """Failed logins per client address: a growing delay, then disconnect.
+    """Failed logins per client (`throttle_key`): a growing delay, then disconnect.
 
-    After the n-th consecutive failure the reply is delayed by
-    `base_delay * 2**(n-1)` seconds (capped); from `max_failures` on, the client
-    gets `421` and is disconnected. The record is forgotten after `window`
-    seconds without failures, or on a successful login.
+    A password check is counted before it runs (`reserve`), so clients that log
+    in on many connections at once share `max_failures` checks per window
+    instead of each passing a "not blocked yet" test while the checks are in
+    flight. After the n-th failure the reply is delayed by
+    `base_delay * 2**(n-1)` seconds (capped at `max_delay`); the `max_failures`-th
+    ends the session, and further attempts get no password check until the
+    record expires, `window` seconds after its last failure, or a login
+    succeeds.
+
+    At most `max_tracked` clients are remembered: the least recently seen is
+    forgotten first, so a spray of addresses costs bounded memory and O(1) per
+    attempt. Expired records are dropped when next looked at.
     """
 
     def __init__(
@@ -80,42 +109,58 @@ class AuthThrottle:
         base_delay: float = 1.0,
         max_delay: float = 8.0,
         window: float = 600.0,
+        max_tracked: int = 100_000,
         clock=time.monotonic,  # type: ignore[no-untyped-def]
     ) -> None:
         self.max_failures = max_failures
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.window = window
+        self.max_tracked = max_tracked
         self.clock = clock
-        self._by_address: dict[str, _Failures] = {}
+        self._records: OrderedDict[str, _Failures] = OrderedDict()
 
-    def _current(self, address: str) -> _Failures | None:
-        record = self._by_address.get(address)
-        if record and self.clock() - record.last > self.window:
-            del self._by_address[address]
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _current(self, key: str) -> _Failures | None:
+        record = self._records.get(key)
+        if record is None:
             return None
+        if self.clock() - record.last > self.window:
+            del self._records[key]
+            return None
+        self._records.move_to_end(key)
         return record
 
-    def failed(self, address: str) -> tuple[float, bool]:
-        """Record a failure; return (seconds to delay the reply, disconnect?)."""
-        record = self._current(address)
+    def reserve(self, address: str) -> int | None:
+        """Count a password check before it runs: its number in the window, or None.
+
+        None means the client is at the limit and gets no check. Call `failed`
+        or `succeeded` with the outcome; a check that never reports one stays
+        counted as a failure. Does not yield, so concurrent callers can never
+        pass the limit together.
+        """
+        key = throttle_key(address)
+        record = self._current(key)
         if record is None:
-            record = self._by_address[address] = _Failures(0, 0.0)
-            if len(self._by_address) > 100_000:  # bounded memory under a spray of addresses
-                self._prune()
+            record = self._records[key] = _Failures(0, 0.0)
+            if len(self._records) > self.max_tracked:
+                self._records.popitem(last=False)
+        elif record.count >= self.max_failures:
+            return None
         record.count += 1
         record.last = self.clock()
-        delay = min(self.max_delay, self.base_delay * 2 ** (record.count - 1))
-        return delay, record.count >= self.max_failures
+        return record.count
 
-    def blocked(self, address: str) -> bool:
-        record = self._current(address)
-        return record is not None and record.count >= self.max_failures
+    def failed(self, address: str, attempt: int) -> tuple[float, bool]:
+        """The check numbered `attempt` failed: (seconds to delay the reply, disconnect?)."""
+        record = self._current(throttle_key(address))
+        if record is not None:  # else a login that succeeded meanwhile cleared it
+            record.last = self.clock()
+        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return delay, attempt >= self.max_failures
 
     def succeeded(self, address: str) -> None:
-        self._by_address.pop(address, None)
-
-    def _prune(self) -> None:
-        now = self.clock()
-        for address in [a for a, r in self._by_address.items() if now - r.last > self.window]:
-            del self._by_address[address]
+        """A login succeeded: forget the client's failures (and pending checks)."""
+        self._records.pop(throttle_key(address), None)

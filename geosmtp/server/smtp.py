@@ -333,12 +333,23 @@ class SMTPSession:
         self.metrics.tls.inc()
 
     def _authenticate(self, credentials: Credentials) -> None:
-        """Check a login in the threadpool; failures are delayed, then disconnected."""
+        """Check a login in the threadpool; failures are delayed, then disconnected.
+
+        The check is counted before it runs (the threadpool yields), so parallel
+        connections from one client get `max_failures` checks between them; a
+        client already at the limit gets 421 without a check.
+        """
         server = self.server
         throttle = server.auth_throttle
-        user = None
-        if not throttle.blocked(self.peer):
-            user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
+        attempt = throttle.reserve(self.peer)
+        if attempt is None:
+            server.metrics.auth_failure.inc()
+            logger.warning(
+                "session {}: [{}] authentication refused: too many failures", self.id, self.peer
+            )
+            self.conn.close_with(TOO_MANY_AUTH_FAILURES)
+            return
+        user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
         if user is not None:
             server.metrics.auth_success.inc()
             throttle.succeeded(self.peer)
@@ -352,7 +363,7 @@ class SMTPSession:
             self.conn.auth_result(user)
             return
         server.metrics.auth_failure.inc()
-        delay, disconnect = throttle.failed(self.peer)
+        delay, disconnect = throttle.failed(self.peer, attempt)
         # The login name is part of the AUTH arguments: it is not logged either.
         logger.warning("session {}: [{}] authentication failed", self.id, self.peer)
         self._flush()

@@ -213,11 +213,12 @@ def test_repeated_failures_end_in_421_and_the_address_is_blocked(throttled):
         assert wire.is_closed()
     # Each failure's reply was held back longer: 0.05 + 0.1 + 0.2 s at least.
     assert time.monotonic() - started >= 0.35
-    # The next connection from that address is refused even with the right password.
+    # The next connection from that address gets no password check, even with
+    # the right password: 421 at once, no 535 first.
     with connect_from("127.0.0.2", throttled.port) as wire:
         wire.expect("EHLO client.example", 250)
-        assert wire.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")[0] == 535
-        assert wire.reply()[0] == 421
+        code, text = wire.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+        assert code == 421 and text.startswith("4.7.0"), text
         assert wire.is_closed()
     # Another address is not affected.
     with connect_from("127.0.0.3", throttled.port) as wire:
@@ -241,6 +242,45 @@ def test_a_good_login_before_the_limit_resets_the_count(throttled):
         assert wire.cmd(f"AUTH LOGIN {b64('alice')}")[0] == 334
         assert wire.cmd(b64("bad5"))[0] == 535
         assert wire.reply()[0] == 421
+        assert wire.is_closed()
+
+
+def test_parallel_connections_share_the_failure_limit(make_server):
+    """N connections from one address in flight at once get max_failures password checks.
+
+    Each AUTH carries a pipelined NOOP: a connection still open after its 535
+    answers 250; one closed answers 421 and nothing more.
+    """
+    server = make_server(
+        {
+            "listeners": listeners("mx"),
+            "users": users(alice="pw"),
+            "auth": {"allow_plaintext": True, "max_failures": 3, "failure_delay": 0.05},
+        }
+    )
+    wires = [Wire.connect("127.0.0.1", server.port) for _ in range(8)]
+    try:
+        for wire in wires:
+            wire.expect("EHLO client.example", 250)
+        for wire in wires:  # all in flight before any reply is read
+            wire.send(f"AUTH PLAIN {plain('alice', 'wrong')}\r\nNOOP\r\n".encode())
+        seen = []
+        for wire in wires:
+            codes = [wire.reply()[0]]
+            while codes[-1] not in (250, 421):
+                codes.append(wire.reply()[0])
+            if codes[-1] == 421:
+                assert wire.is_closed(), codes
+            seen.append(codes)
+    finally:
+        for wire in wires:
+            wire.close()
+    assert sorted(seen) == [[421]] * 5 + [[535, 250]] * 2 + [[535, 421]], seen
+    # Within the window even the right password gets no check: 421 at once.
+    with Wire.connect("127.0.0.1", server.port) as wire:
+        wire.expect("EHLO client.example", 250)
+        code, text = wire.cmd(f"AUTH PLAIN {plain('alice', 'pw')}")
+        assert code == 421 and text.startswith("4.7.0"), text
         assert wire.is_closed()
 
 
