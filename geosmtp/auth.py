@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from .smtp.policy import safe_mailbox_name
+from .mail import Domains, safe_mailbox_name
 
 _hasher = PasswordHasher()
 # A hash to verify against when the user is unknown, so that the time taken
@@ -33,14 +33,14 @@ def hash_password(password: str) -> str:
 class UserDB:
     """User name -> password hash, from the config's `users:` section."""
 
-    def __init__(self, hashes: Mapping[str, str | None], local_domains: frozenset[str]) -> None:
+    def __init__(self, hashes: Mapping[str, str | None], local_domains: Domains) -> None:
         self._hashes = {name: h for name, h in hashes.items() if h}
         self._domains = local_domains
 
     def user_for_login(self, login: str) -> str | None:
         """`alice` or `alice@<local domain>` -> the mailbox name `alice`."""
         local, at, domain = login.rpartition("@") if "@" in login else (login, "", "")
-        if at and domain.lower() not in self._domains:
+        if at and domain not in self._domains:
             return None
         return safe_mailbox_name(local)
 

@@ -300,7 +300,7 @@ def _check(config: Config) -> None:
             raise ConfigError(
                 f"listeners[{i}].role: submissions needs tls.cert and tls.key (or tls.self_signed)"
             )
-    from .smtp.policy import safe_mailbox_name
+    from .mail import safe_mailbox_name
 
     for name in [*config.users, config.postmaster]:
         if safe_mailbox_name(name) != name:

@@ -25,6 +25,7 @@ from .. import config as cfg
 from .. import logs
 from ..auth import AuthThrottle, UserDB
 from ..config import Config, ConfigError, Listener
+from ..mail import Domains
 from ..metrics import ListenerMetrics, Metrics
 from ..smtp import Limits, RecipientPolicy, Security, SMTPConnection
 from ..smtp import replies as R
@@ -73,8 +74,9 @@ class MailServer:
     def apply_config(self, config: Config) -> None:
         """Derive what each new session needs from the config (sessions keep theirs)."""
         self.config = config
+        domains = Domains(config.domains)  # one IDNA-aware comparison for all
         self.policy = RecipientPolicy(
-            local_domains=frozenset(config.domains),
+            local_domains=domains,
             users=frozenset(config.users),
             accept_unknown=config.unknown_recipients == "accept",
             postmaster=config.postmaster,
@@ -84,7 +86,7 @@ class MailServer:
         self.extensions = config.extensions
         self.users = UserDB(
             {name: user.password for name, user in config.users.items()},
-            frozenset(config.domains),
+            domains,
         )
         # The throttle keeps its record of failures across config changes.
         self.auth_throttle.max_failures = config.auth.max_failures

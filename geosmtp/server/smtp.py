@@ -8,8 +8,8 @@ arrives, deliver it, log it. All protocol decisions are the core's.
 
 from __future__ import annotations
 
+import email.utils
 import itertools
-import os
 import socket
 import ssl
 import time
@@ -20,6 +20,8 @@ from gevent import socket as gsocket
 from loguru import logger
 
 from .. import logs
+from ..mail.headers import MessageIdSniffer
+from ..mail.ids import new_queue_id
 from ..smtp import (
     NEED_DATA,
     AuthRequest,
@@ -29,6 +31,7 @@ from ..smtp import (
     MessageStart,
     SMTPConnection,
     StartTLS,
+    State,
     TransactionAborted,
     TransactionRejected,
 )
@@ -38,8 +41,8 @@ from ..storage.maildir import Spool, StorageError
 
 if TYPE_CHECKING:
     from ..config import Listener
+    from ..mail import Envelope
     from ..metrics import ListenerMetrics
-    from ..smtp import Envelope
     from ..smtp.sasl import Credentials
     from .listeners import MailServer
 
@@ -63,14 +66,16 @@ KICKED = R.reply(421, "4.7.0", "Connection closed by the administrator")
 
 
 _session_ids = itertools.count(1)
-_queue_ids = itertools.count(1)
-# Unique across restarts and processes: the start time in microseconds and the pid.
-_QUEUE_PREFIX = f"{time.time_ns() // 1000:X}{os.getpid() & 0xFFFF:04X}"
+_last_date: tuple[int, str] = (-1, "")
 
 
-def new_queue_id() -> str:
-    """This process's prefix and a counter, in hex."""
-    return f"{_QUEUE_PREFIX}{next(_queue_ids):06X}"
+def received_date() -> str:
+    """Now as an RFC 5322 date-time in local time, for `Received:`; made once a second."""
+    global _last_date
+    now = int(time.time())
+    if _last_date[0] != now:
+        _last_date = (now, email.utils.formatdate(now, localtime=True))
+    return _last_date[1]
 
 
 class SMTPSession:
@@ -96,6 +101,7 @@ class SMTPSession:
         self.conn: SMTPConnection = server.new_connection(listener, self.peer)
         self.spool: Spool | _FailedSpool | None = None
         self.queue_id: str | None = None
+        self.sniffer: MessageIdSniffer | None = None  # the current message's Message-ID
         # The access log has one line per transaction: refused recipients wait
         # here for it, and the envelope whose line is written is remembered.
         self.refused: list[str] = []
@@ -240,16 +246,19 @@ class SMTPSession:
                         break
                     conn.receive_data(data)
                 elif type(event) is MessageData:
+                    self.sniffer.feed(event.data)  # type: ignore[union-attr]
                     self._spool_write(event.data)
                 elif type(event) is MessageStart:
                     self._start_message(event.envelope)
                 elif type(event) is MessageEnd:
-                    self._deliver(event.envelope)
+                    self._deliver(event.envelope, event.size)
                 elif type(event) is TransactionRejected:
                     self._rejected(event)
                 elif type(event) is TransactionAborted:
                     self._discard_spool()
-                    self._log_transaction(event.envelope, "aborted", reason=event.by)
+                    self._log_transaction(
+                        event.envelope, "aborted", size=event.size, reason=event.by
+                    )
                 elif type(event) is StartTLS:
                     self._flush()
                     self._handshake()
@@ -289,8 +298,11 @@ class SMTPSession:
             if envelope is not None and envelope is not self.logged:
                 # The session ended inside a transaction: QUIT, a lost client, a
                 # timeout, a stop, a kick, too many errors.
-                stage = (self.conn.closed_in or self.conn.state).name
-                self._log_transaction(envelope, "aborted", stage=stage, reason=self.outcome)
+                state = self.conn.closed_in or self.conn.state
+                size = self.conn.message_size if state in (State.DATA, State.BDAT) else 0
+                self._log_transaction(
+                    envelope, "aborted", size=size, stage=state.name, reason=self.outcome
+                )
             try:
                 self.sock.close()
             except OSError:
@@ -378,6 +390,7 @@ class SMTPSession:
         self.data_started = time.monotonic()
         self._discard_spool()
         self.queue_id = new_queue_id()
+        self.sniffer = MessageIdSniffer()
         try:
             self.spool = self.server.store.open_spool(envelope.recipients[0].box)
         except StorageError as exc:
@@ -389,7 +402,7 @@ class SMTPSession:
                 hostname=self.server.config.hostname,
                 client_ip=self.peer,
                 queue_id=self.queue_id,
-                timestamp=time.time(),
+                date=received_date(),
                 tls=envelope.tls,
                 authenticated=envelope.auth_user is not None,
             )
@@ -414,7 +427,7 @@ class SMTPSession:
             self.spool.discard()
         self.spool = _FailedSpool(error)
 
-    def _deliver(self, envelope: Envelope) -> None:
+    def _deliver(self, envelope: Envelope, size: int) -> None:
         spool, self.spool = self.spool, None
         assert spool is not None and self.queue_id is not None
         boxes = [r.box for r in envelope.recipients]
@@ -430,14 +443,14 @@ class SMTPSession:
             spool.discard()
             self.conn.message_failed(reply)
             metrics.messages_rejected.labels("storage").inc()
-            self._log_transaction(envelope, reply.code, queue=self.queue_id)
+            self._log_transaction(envelope, reply.code, size=size, queue=self.queue_id)
             return
         metrics.delivery_seconds.observe(time.perf_counter() - started)
         metrics.messages_accepted.inc()
         metrics.recipients.inc(len(boxes))
-        metrics.message_size.observe(envelope.size)
+        metrics.message_size.observe(size)
         self.conn.message_stored(self.queue_id)
-        self._log_transaction(envelope, 250, queue=self.queue_id)
+        self._log_transaction(envelope, 250, size=size, queue=self.queue_id)
         self._sync_metrics()
 
     def _rejected(self, event: TransactionRejected) -> None:
@@ -450,18 +463,27 @@ class SMTPSession:
             return
         self._discard_spool()
         assert event.envelope is not None
-        self._log_transaction(event.envelope, event.reply.code, stage=event.stage)
+        self._log_transaction(event.envelope, event.reply.code, size=event.size, stage=event.stage)
 
     def _discard_spool(self) -> None:
         if self.spool is not None:
             self.spool.discard()
             self.spool = None
 
-    def _log_transaction(self, envelope: Envelope, result: int | str, **extra: str | None) -> None:
+    def _log_transaction(
+        self, envelope: Envelope, result: int | str, size: int = 0, **extra: str | None
+    ) -> None:
         """The one access-log line of a transaction, with how it ended."""
         refused, self.refused = self.refused, []
+        sniffer, self.sniffer = self.sniffer, None
+        msgid = None
+        if sniffer is not None:
+            sniffer.close()
+            msgid = sniffer.message_id
         self.logged = envelope
-        self._access(envelope, result, refused=refused or None, **extra)
+        self._access(
+            envelope, result, refused=refused or None, size=size or None, msgid=msgid, **extra
+        )
 
     def _access(self, envelope: Envelope | None, result: int | str, **extra) -> None:  # type: ignore[no-untyped-def]
         conn = self.conn
@@ -475,8 +497,6 @@ class SMTPSession:
         if envelope is not None:
             fields["from"] = f"<{envelope.sender_address}>"
             fields["to"] = [f"<{r.mailbox.address}>" for r in envelope.recipients] or None
-            fields["size"] = envelope.size or None
-            fields["msgid"] = envelope.message_id
         fields.update(extra)
         logs.access_log.write(logs.access_line(**fields, result=str(result)))
 

@@ -1,17 +1,17 @@
 """The sans-I/O SMTP protocol core: bytes in, replies and events out.
 
-Imports only the standard library; no sockets, gevent, yaml, loguru or files.
+Imports only the standard library and the pure mail domain (`geosmtp.mail`);
+no sockets, gevent, yaml, loguru or files.
 """
 
-from .parser import Mailbox, SyntaxProblem
-from .policy import Recipient, RecipientPolicy, safe_mailbox_name
+from .parser import SyntaxProblem
+from .policy import RecipientPolicy
 from .replies import Reply
 from .session import (
     NEED_DATA,
     PAUSED,
     AuthRequest,
     CloseConnection,
-    Envelope,
     Extensions,
     Limits,
     MessageData,
@@ -30,14 +30,11 @@ __all__ = [
     "PAUSED",
     "AuthRequest",
     "CloseConnection",
-    "Envelope",
     "Extensions",
     "Limits",
-    "Mailbox",
     "MessageData",
     "MessageEnd",
     "MessageStart",
-    "Recipient",
     "RecipientPolicy",
     "Reply",
     "SMTPConnection",
@@ -47,5 +44,4 @@ __all__ = [
     "SyntaxProblem",
     "TransactionAborted",
     "TransactionRejected",
-    "safe_mailbox_name",
 ]

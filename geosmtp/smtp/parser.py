@@ -8,45 +8,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+
+from ..mail.address import DOT_STRING_RE, DOT_STRING_UTF8_RE, UTF8, Mailbox
 
 
 class SyntaxProblem(ValueError):
     """The argument does not match the RFC 5321 grammar."""
 
 
-@dataclass(frozen=True, slots=True)
-class Mailbox:
-    """`local-part@domain`; the local part as sent (unquoted), the domain lower-cased."""
-
-    local_part: str
-    domain: str  # "" only for the special forward-path <postmaster> (§4.5.1)
-    #: The address as it is written back (quoted when it must be); made once.
-    address: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        local = self.local_part
-        if self.domain and not _DOT_STRING_UTF8_RE.fullmatch(local):
-            local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        object.__setattr__(self, "address", f"{local}@{self.domain}" if self.domain else local)
-
-    def __str__(self) -> str:
-        return self.address
-
-
-# RFC 5321 §4.1.2 / RFC 5322 atext. With SMTPUTF8 (RFC 6531 §3.3) any non-ASCII
-# UTF-8 character is also allowed in atext and sub-domains.
-_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
-_DOT_STRING_RE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-# Non-ASCII characters SMTPUTF8 allows, less the C1 controls and the Unicode line
-# and paragraph separators: an address is copied as it is into Return-Path: and
-# Received:, where those could start a line for some header parsers.
-_UTF8 = "\u00a0-\u2027\u202a-\U0010ffff"
-_DOT_STRING_UTF8_RE = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*")
 _QUOTED_STRING_RE = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*)"')
-_QUOTED_STRING_UTF8_RE = re.compile(rf'"((?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*)"')
+_QUOTED_STRING_UTF8_RE = re.compile(rf'"((?:[\x20\x21\x23-\x5b\x5d-\x7e{UTF8}]|\\[\x20-\x7e])*)"')
 _SUBDOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_SUBDOMAIN_UTF8 = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9{_UTF8}-]*[A-Za-z0-9{_UTF8}])?"
+_SUBDOMAIN_UTF8 = rf"[A-Za-z0-9{UTF8}](?:[A-Za-z0-9{UTF8}-]*[A-Za-z0-9{UTF8}])?"
 _DOMAIN_RE = re.compile(rf"{_SUBDOMAIN}(?:\.{_SUBDOMAIN})*")
 _DOMAIN_UTF8_RE = re.compile(rf"{_SUBDOMAIN_UTF8}(?:\.{_SUBDOMAIN_UTF8})*")
 _ADDRESS_LITERAL_RE = re.compile(r"\[([^\[\]\\\s]+)\]")
@@ -109,7 +82,7 @@ def parse_mailbox(text: str, utf8: bool = False) -> Mailbox:
     quoted = (_QUOTED_STRING_UTF8_RE if utf8 else _QUOTED_STRING_RE).fullmatch(local_text)
     if quoted:
         local = re.sub(r"\\(.)", r"\1", quoted.group(1))
-    elif (_DOT_STRING_UTF8_RE if utf8 else _DOT_STRING_RE).fullmatch(local_text):
+    elif (DOT_STRING_UTF8_RE if utf8 else DOT_STRING_RE).fullmatch(local_text):
         local = local_text
     else:
         raise SyntaxProblem("bad local part")

@@ -23,13 +23,13 @@ Events the shell acts on:
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
+from ..mail import Envelope, Mailbox, safe_mailbox_name
 from . import replies as R
 from . import sasl
 from .parser import (
-    Mailbox,
     SyntaxProblem,
     parse_helo_name,
     parse_mail_from,
@@ -37,7 +37,7 @@ from .parser import (
     parse_rcpt_to,
     split_command,
 )
-from .policy import Recipient, RecipientPolicy, safe_mailbox_name
+from .policy import RecipientPolicy
 from .state import COMMAND_STATES, TRANSACTION_STATES, State, sequence_error
 
 
@@ -80,26 +80,6 @@ class Security:
     sender_must_match: bool = False  # an authenticated user sends only as themself
 
 
-@dataclass
-class Envelope:
-    helo: str
-    esmtp: bool
-    sender: Mailbox | None = None  # None is the null reverse-path <>
-    mail_params: dict[str, str | None] = field(default_factory=dict)
-    recipients: list[Recipient] = field(default_factory=list)
-    #: octets of message data with CRLF line ends, not counting the dots doubled
-    #: for transparency nor the final "." line (RFC 1870 §3)
-    size: int = 0
-    message_id: str | None = None
-    smtputf8: bool = False
-    auth_user: str | None = None
-    tls: bool = False
-
-    @property
-    def sender_address(self) -> str:
-        return self.sender.address if self.sender else ""
-
-
 @dataclass(frozen=True)
 class MessageStart:
     envelope: Envelope
@@ -113,6 +93,9 @@ class MessageData:
 @dataclass(frozen=True)
 class MessageEnd:
     envelope: Envelope
+    #: octets of message data with CRLF line ends, not counting the dots doubled
+    #: for transparency nor the final "." line (RFC 1870 §3)
+    size: int
 
 
 @dataclass(frozen=True)
@@ -121,12 +104,14 @@ class TransactionRejected:
     reply: R.Reply
     stage: str  # "MAIL", "RCPT", "DATA", "BDAT"
     address: str | None = None  # the refused sender (MAIL) or recipient (RCPT)
+    size: int = 0  # of the refused message (DATA, BDAT), as in MessageEnd
 
 
 @dataclass(frozen=True)
 class TransactionAborted:
     envelope: Envelope
     by: str  # the verb that abandoned it: "RSET", "EHLO", "HELO"
+    size: int = 0  # of the message data received so far (BDAT)
 
 
 @dataclass(frozen=True)
@@ -165,12 +150,6 @@ Event = (
     | AuthRequest
     | CloseConnection
 )
-
-_MESSAGE_ID_RE = re.compile(
-    rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
-)
-_HEADER_END_RE = re.compile(rb"\n\r?\n")  # the empty line after the header section
-_HEADER_SNIFF_LIMIT = 64 * 1024
 
 
 def _is_utf8(arg: bytes) -> bool:
@@ -232,7 +211,8 @@ class SMTPConnection:
         self._line_too_long = False  # the message has a line over limits.text_line
         self._chunk_line = 0  # BDAT: octets of the unfinished line so far
         self._data_bol = True  # the message data so far ends with CRLF (or is empty)
-        self._header_bytes: bytearray | None = None
+        self._size = 0  # octets of the current message so far, as MessageEnd.size
+        self._emitting = True  # the message is not refused yet: its data goes out
 
     # ---------------------------------------------------------------- output
 
@@ -290,6 +270,11 @@ class SMTPConnection:
             if not progressed:
                 return NEED_DATA
         return self._events.pop(0)
+
+    @property
+    def message_size(self) -> int:
+        """Octets of the current message so far (as `MessageEnd.size` counts them)."""
+        return self._size
 
     @property
     def in_data(self) -> bool:
@@ -415,7 +400,8 @@ class SMTPConnection:
 
     def _reset_transaction(self, by: str) -> None:
         if self.state in TRANSACTION_STATES and self.envelope is not None:
-            self._events.append(TransactionAborted(self.envelope, by))
+            size = self._size if self.state is State.BDAT else 0
+            self._events.append(TransactionAborted(self.envelope, by, size))
         self.envelope = None
         if self.state in TRANSACTION_STATES:
             self.state = State.GREETED
@@ -511,7 +497,7 @@ class SMTPConnection:
         if isinstance(resolved, R.Reply):
             self._reject(resolved, "RCPT", mailbox.address)
             return
-        envelope.recipients.append(resolved)
+        self.envelope = dataclasses.replace(envelope, recipients=(*envelope.recipients, resolved))
         self.state = State.RCPT
         self._send(R.RECIPIENT_OK)
 
@@ -523,7 +509,8 @@ class SMTPConnection:
         self.state = State.DATA
         self._line_too_long = False
         self._data_bol = True
-        self._header_bytes = bytearray()
+        self._size = 0
+        self._emitting = True
         self._send(R.START_DATA)
         self._events.append(MessageStart(self.envelope))
 
@@ -698,7 +685,8 @@ class SMTPConnection:
             self._cr_pending = False
             self._line_too_long = False
             self._chunk_line = 0
-            self._header_bytes = bytearray()
+            self._size = 0
+            self._emitting = True
             self._events.append(MessageStart(envelope))
         self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
         if size == 0:
@@ -713,12 +701,17 @@ class SMTPConnection:
         del buf[:take]
         self._chunk_left -= take
         envelope = self.envelope
-        if self._chunk_refusal is None and envelope is not None:
-            envelope.size += take
-            if self._header_bytes is not None:
-                self._sniff_headers(piece)
+        if self._chunk_refusal is not None or envelope is None:
+            pass
+        elif not self._emitting:  # refused: counted, kept nowhere
+            self._size += take
+        else:
+            before = self._size
+            self._size += take
             self._check_chunk_lines(piece)
-            if envelope.size <= self.limits.max_message_size and not self._line_too_long:
+            if self._size > self.limits.max_message_size or self._line_too_long:
+                self._emit_refused_prefix(piece.split(b"\n"), before)
+            else:
                 # Stored with LF line ends like DATA; a CRLF may straddle two pieces.
                 if self._cr_pending:
                     piece = b"\r" + piece
@@ -761,7 +754,7 @@ class SMTPConnection:
             self._error(refusal)
             return
         assert envelope is not None
-        if envelope.size > self.limits.max_message_size:
+        if self._size > self.limits.max_message_size:
             refusal = R.MESSAGE_TOO_BIG
         elif self._line_too_long:
             refusal = R.TEXT_LINE_TOO_LONG
@@ -770,19 +763,17 @@ class SMTPConnection:
             # one are read and refused with "need MAIL" (RFC 3030 §4.2).
             self.state = State.GREETED
             self.envelope = None
-            self._events.append(TransactionRejected(envelope, refusal, "BDAT"))
+            self._events.append(TransactionRejected(envelope, refusal, "BDAT", size=self._size))
             self._error(refusal)
             return
         if not self._chunk_last:
-            self._send(R.reply(250, "2.0.0", f"Ok: {envelope.size} octets received"))
+            self._send(R.reply(250, "2.0.0", f"Ok: {self._size} octets received"))
             return
         if self._cr_pending:
             self._cr_pending = False
             self._events.append(MessageData(b"\r"))
-        if self._header_bytes is not None:
-            self._sniff_headers(b"\n\n")
         self.state = State.DELIVERING
-        self._events.append(MessageEnd(envelope))
+        self._events.append(MessageEnd(envelope, self._size))
 
     # ------------------------------------------------------------------ DATA
 
@@ -803,9 +794,7 @@ class SMTPConnection:
             # The rest of an over-long line: counted in the size, kept nowhere.
             eol = buf.find(b"\n")
             skip = eol + 1 if eol >= 0 else len(buf) - (1 if buf.endswith(b"\r") else 0)
-            envelope.size += skip
-            if self._header_bytes is not None:
-                self._sniff_headers(bytes(buf[:skip]))
+            self._size += skip
             if eol >= 0:
                 self._data_bol = buf[eol - 1 : eol] == b"\r" if eol else False
             del buf[:skip]
@@ -833,14 +822,10 @@ class SMTPConnection:
                     self._discarding_line = True
                     consumed = len(buf) - (1 if buf.endswith(b"\r") else 0)
                     # Counted as _data_block counts a line: without the transparency dot.
-                    envelope.size += consumed - block_len - dot
+                    self._size += consumed - block_len - dot
                 if block_len == 0 and consumed == 0:
                     return False
         block = bytes(buf[:block_len])
-        if self._header_bytes is not None:
-            # Every octet of the message as it came, kept or not, so the Message-ID
-            # found does not depend on how the input was cut into reads.
-            self._sniff_headers(block if end else bytes(buf[:consumed]))
         del buf[:consumed]
         if block:
             self._data_block(block)
@@ -855,8 +840,9 @@ class SMTPConnection:
         bol = self._data_bol
         self._data_bol = block.endswith(b"\r\n")
         stuffed = block.count(b"\r\n.") + (bol and block[:1] == b".")  # lines with a leading dot
-        envelope.size += len(block) - stuffed
-        if self._line_too_long or envelope.size > self.limits.max_message_size:
+        before = self._size
+        self._size += len(block) - stuffed
+        if not self._emitting:
             return  # refused: read to the end, keep nothing
         # Lines end with CRLF or a bare LF: a CRLF line may hold text_line - 2
         # octets and its CR; the dot doubled for transparency does not count.
@@ -866,6 +852,8 @@ class SMTPConnection:
             len(seg) - (seg[:1] == b".") > limit for seg in segments
         ):
             self._line_too_long = True
+        if self._line_too_long or self._size > self.limits.max_message_size:
+            self._emit_refused_prefix(segments, before)
             return
         lines = block.split(b"\r\n")
         ends_crlf = block.endswith(b"\r\n")
@@ -878,43 +866,33 @@ class SMTPConnection:
             lines.append(b"")
         self._events.append(MessageData(b"\n".join(lines)))
 
-    def _sniff_headers(self, data: bytes) -> None:
-        """Keep the header section (up to a limit) to find the Message-ID for the log.
+    def _emit_refused_prefix(self, segments: list[bytes], size_before: int) -> None:
+        """The message is refused from here on: emit its complete lines before the
+        problem (a line too long, the size limit reached), then nothing more.
 
-        Fed the message's octets as they arrive (CRLF or bare LF line ends; in DATA
-        with the transparency dots still doubled), whether the message will be kept
-        or refused, so the result never depends on how the input was cut.
+        The shell discards them with the message; what they are for is the
+        header section, whose Message-ID the access log shows for refused mail
+        too, whatever reads the client's data came in.
         """
-        hb = self._header_bytes
-        assert hb is not None
-        start = len(hb)
-        hb += data
-        if hb[:1] == b"\n" or hb[:2] == b"\r\n":
-            end = 0  # the message starts with a blank line: no header section
-        else:
-            # The blank line ending the header section may straddle two pieces
-            # (one octet per piece when the client sends slowly): look back.
-            m = _HEADER_END_RE.search(hb, max(start - 2, 0))
-            end = m.start() + 1 if m else -1
-        if end < 0 and len(hb) <= _HEADER_SNIFF_LIMIT:
-            return
-        # A "Message-ID:" line in the body is not the message's; and only the first
-        # octets are searched, the same ones however the input was cut.
-        del hb[min(end if end >= 0 else len(hb), _HEADER_SNIFF_LIMIT) :]
-        m = _MESSAGE_ID_RE.search(hb)
-        if m and self.envelope is not None:
-            value = re.sub(rb"\s+", b" ", m.group(1)).strip()
-            self.envelope.message_id = value.decode("utf-8", "replace")[:998]
-        self._header_bytes = None
+        self._emitting = False
+        limit = self.limits.text_line - 1
+        room = self.limits.max_message_size - size_before
+        kept = taken = 0
+        for seg in segments[:-1]:  # the last piece has no LF: not a complete line
+            if len(seg) - (seg[:1] == b".") > limit or taken + len(seg) + 1 > room:
+                break
+            taken += len(seg) + 1
+            kept += 1
+        if kept:
+            data = b"\n".join(segments[:kept]) + b"\n"
+            self._events.append(MessageData(data.replace(b"\r\n", b"\n")))
 
     def _end_of_data(self) -> None:
         envelope = self.envelope
         assert envelope is not None
-        if self._header_bytes is not None:
-            self._sniff_headers(b"\n\n")
         # Both are decided on the whole message, so the reply does not depend on
         # how the client's data was cut into reads.
-        if envelope.size > self.limits.max_message_size:
+        if self._size > self.limits.max_message_size:
             reply = R.MESSAGE_TOO_BIG
         elif self._line_too_long:
             reply = R.TEXT_LINE_TOO_LONG
@@ -923,11 +901,11 @@ class SMTPConnection:
         if reply is not None:
             self.state = State.GREETED
             self.envelope = None
-            self._events.append(TransactionRejected(envelope, reply, "DATA"))
+            self._events.append(TransactionRejected(envelope, reply, "DATA", size=self._size))
             self._error(reply)
             return
         self.state = State.DELIVERING
-        self._events.append(MessageEnd(envelope))
+        self._events.append(MessageEnd(envelope, self._size))
 
     # ------------------------------------------------ the shell's verdicts
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-import time
 
-from .session import Envelope
+from ..mail import Envelope
 
 # Anything a client chose (HELO name, addresses) goes through this before it is
 # put in a header: control characters (CR and LF above all, but also NEL and the
@@ -16,9 +15,6 @@ _UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f()\\\u2028\u2029]")
 
 # What could end or fold a header line, for text outside a comment.
 _UNSAFE_LINE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def header_safe(text: str) -> str:
@@ -39,34 +35,6 @@ def _path(address: str) -> str:
     return address
 
 
-def rfc5322_date(timestamp: float) -> str:
-    """`Tue, 04 Jun 2024 10:00:00 +0200` in local time (RFC 5322 §3.3).
-
-    Written out here because `email.utils.formatdate` would import `socket`,
-    and the core imports nothing that does I/O; month and day names are fixed
-    English, never the locale's.
-    """
-    second = int(timestamp)
-    if _last_date[0] == second:  # one message after another: the same second
-        return _last_date[1]
-    t = time.localtime(second)
-    if t.tm_gmtoff is None:  # offset unknown: "-0000" says so (RFC 5322 §3.3)
-        zone = "-0000"
-    else:
-        minutes = t.tm_gmtoff // 60
-        sign = "+" if minutes >= 0 else "-"
-        zone = f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
-    text = (
-        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {zone}"
-    )
-    _last_date[:] = [second, text]
-    return text
-
-
-_last_date: list = [None, ""]
-
-
 def with_protocol(envelope: Envelope, tls: bool = False, authenticated: bool = False) -> str:
     """The `with` keyword: `SMTP`, `ESMTP` or, for a message sent with SMTPUTF8,
     `UTF8SMTP` (RFC 6531 §3.7.3), with the RFC 3848 suffixes S (TLS) and A (AUTH)."""
@@ -82,12 +50,15 @@ def trace_headers(
     hostname: str,
     client_ip: str,
     queue_id: str,
-    timestamp: float,
+    date: str,
     tls: bool = False,
     authenticated: bool = False,
 ) -> bytes:
-    """`Return-Path:` and `Received:` lines, LF-terminated, to put before the message."""
-    date = rfc5322_date(timestamp)
+    """`Return-Path:` and `Received:` lines, LF-terminated, to put before the message.
+
+    `date` is the RFC 5322 date-time of receipt (`email.utils.formatdate`); the
+    shell reads the clock, the core does not.
+    """
     lines = [
         f"Return-Path: <{_path(envelope.sender_address)}>",
         f"Received: from {header_safe(envelope.helo)} ([{header_safe(client_ip)}])",

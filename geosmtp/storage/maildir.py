@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..smtp.policy import safe_mailbox_name
+from ..mail import safe_mailbox_name
 
 Offload = Callable[..., Any]
 

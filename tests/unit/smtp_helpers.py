@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from geosmtp.mail.headers import MessageIdSniffer
 from geosmtp.smtp import (
     NEED_DATA,
     PAUSED,
@@ -123,6 +124,26 @@ class Result:
                 isinstance(e, TransactionRejected) and e.stage in ("DATA", "BDAT")
             ):
                 current = None
+        return out
+
+    @property
+    def message_ids(self) -> list[str | None]:
+        """The Message-ID the shell's sniffer finds in each message started, in order
+        (delivered or refused): what the access log would show."""
+        out: list[str | None] = []
+        sniffer = None
+        for e in self.events:
+            if isinstance(e, MessageStart):
+                sniffer = MessageIdSniffer()
+            elif isinstance(e, MessageData) and sniffer is not None:
+                sniffer.feed(e.data)
+            elif sniffer is not None and (
+                isinstance(e, MessageEnd | TransactionAborted)
+                or (isinstance(e, TransactionRejected) and e.stage in ("DATA", "BDAT"))
+            ):
+                sniffer.close()
+                out.append(sniffer.message_id)
+                sniffer = None
         return out
 
 

@@ -7,9 +7,10 @@ import unicodedata
 
 import pytest
 
+from geosmtp.mail import Mailbox, Recipient, safe_mailbox_name
+from geosmtp.mail.address import MAX_MAILBOX_NAME
 from geosmtp.smtp import replies as R
-from geosmtp.smtp.parser import Mailbox
-from geosmtp.smtp.policy import MAX_MAILBOX_NAME, Recipient, RecipientPolicy, safe_mailbox_name
+from geosmtp.smtp.policy import RecipientPolicy
 
 # ------------------------------------------------------------ safe_mailbox_name
 

@@ -1,0 +1,59 @@
+"""The envelope: who sent a message and to whom, fixed once it is handed on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .address import Mailbox
+
+_NO_PARAMS: Mapping[str, str | None] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    mailbox: Mailbox  # as the client wrote it
+    #: The local mailbox it is delivered to; None for a remote recipient.
+    box: str | None
+
+    @property
+    def is_local(self) -> bool:
+        return self.box is not None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An immutable envelope (RFC 5321 §2.3.1) and how it arrived.
+
+    The SMTP core builds a new one at each accepted command; an event that
+    carries one always carries the envelope as it was at that moment.
+    """
+
+    helo: str
+    esmtp: bool
+    sender: Mailbox | None = None  # None is the null reverse-path <>
+    #: MAIL parameters (SIZE, BODY, SMTPUTF8, AUTH, and later DSN's RET/ENVID)
+    mail_params: Mapping[str, str | None] = field(default_factory=lambda: _NO_PARAMS)
+    recipients: tuple[Recipient, ...] = ()
+    smtputf8: bool = False
+    auth_user: str | None = None
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mail_params, MappingProxyType):
+            object.__setattr__(self, "mail_params", MappingProxyType(dict(self.mail_params)))
+        if not isinstance(self.recipients, tuple):
+            object.__setattr__(self, "recipients", tuple(self.recipients))
+
+    @property
+    def sender_address(self) -> str:
+        return self.sender.address if self.sender else ""
+
+    @property
+    def local(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.box is not None)
+
+    @property
+    def remote(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.box is None)

@@ -1,0 +1,69 @@
+"""The mail domain: one domain comparison, immutable envelopes, the Message-ID sniffer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from geosmtp.auth import UserDB
+from geosmtp.mail import Domains, Envelope, Mailbox, Recipient
+from geosmtp.mail.headers import HEADER_LIMIT, MessageIdSniffer
+from geosmtp.smtp.policy import RecipientPolicy
+
+
+@pytest.mark.parametrize(
+    ("configured", "asked", "local"),
+    [
+        ("exämple.org", "xn--exmple-cua.org", True),
+        ("xn--exmple-cua.org", "EXÄMPLE.org", True),
+        ("Example.ORG", "example.org", True),
+        ("example.org", "example.org.", False),
+        ("example.org", "sub.example.org", False),
+    ],
+)
+def test_every_part_compares_domains_the_same_way(configured, asked, local):
+    domains = Domains([configured])
+    assert (asked in domains) is local
+    # The recipient policy and the login check agree with it.
+    assert RecipientPolicy(domains).is_local_domain(asked) is local
+    users = UserDB({"alice": "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g"}, domains)
+    assert (users.user_for_login(f"alice@{asked}") == "alice") is local
+
+
+def test_envelopes_are_immutable():
+    env = Envelope("c", True, Mailbox("s", "example.org"), {"SIZE": "10"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        env.recipients = ()  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        env.mail_params["SIZE"] = "20"  # type: ignore[index]
+    later = dataclasses.replace(env, recipients=(Recipient(Mailbox("a", "x.org"), None),))
+    assert env.recipients == () and later.remote and not later.local
+
+
+MESSAGE = b"Subject: s\nMessage-ID:\n  <folded@example.org>\nTo: t\n\nMessage-ID: <body@x>\n"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, len(MESSAGE)])
+def test_the_sniffer_finds_the_header_message_id_however_it_is_fed(cut):
+    sniffer = MessageIdSniffer()
+    for i in range(0, len(MESSAGE), cut):
+        sniffer.feed(MESSAGE[i : i + cut])
+    sniffer.close()
+    assert sniffer.message_id == "<folded@example.org>"
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (b"\nMessage-ID: <body@x>\n", None),  # no header section
+        (b"X-Message-ID: <no@x>\n\n", None),
+        (b"message-id:<lower@x>", "<lower@x>"),  # a header with no body, ended by close()
+        (b"X: " + b"p" * HEADER_LIMIT + b"\nMessage-ID: <late@x>\n\n", None),
+    ],
+)
+def test_the_sniffer_reads_only_the_header_section(message, expected):
+    sniffer = MessageIdSniffer()
+    sniffer.feed(message)
+    sniffer.close()
+    assert sniffer.message_id == expected
