@@ -192,8 +192,9 @@ def test_unusable_log_dir_exits_2_naming_it(tmp_path):
     path = _config(tmp_path, "log:\n  dir: afile/logs\n")
     result = run_cli("-c", str(path), "-l", "127.0.0.1", "-p", "0", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith("geosmtp: log: ")
-    assert str(tmp_path / "afile" / "logs") in result.stderr
+    assert result.stderr == (
+        f"geosmtp: log.dir: cannot create '{tmp_path / 'afile' / 'logs'}': Not a directory\n"
+    )
 
 
 def test_unusable_mail_dir_exits_1_naming_it(tmp_path):
@@ -201,4 +202,6 @@ def test_unusable_mail_dir_exits_1_naming_it(tmp_path):
     path = _config(tmp_path, "mail_dir: afile/mail\n")
     result = run_cli("-c", str(path), "-l", "127.0.0.1", "-p", "0", cwd=tmp_path)
     assert result.returncode == 1
-    assert f"geosmtp: Not a directory: '{tmp_path / 'afile' / 'mail'}'" in result.stderr
+    message = f"mail_dir: cannot create '{tmp_path / 'afile' / 'mail'}': Not a directory"
+    assert result.stderr.endswith(f"\ngeosmtp: {message}\n"), result.stderr
+    assert f"ERROR   cannot start: {message}\n" in (tmp_path / "logs" / "log.txt").read_text()
