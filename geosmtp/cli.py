@@ -227,8 +227,7 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
     def reload() -> None:
         try:
             restart = server.reload()
-        except ConfigError as exc:
-            logger.error("reload refused, configuration unchanged: {}", exc)
+        except ConfigError:  # logged by reload()
             return
         if restart:
             logger.warning("reloaded; these need a restart to change: {}", ", ".join(restart))
