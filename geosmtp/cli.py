@@ -156,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     return serve(config, config_path(args), args)
 
 
+def _make_folder(key: str, path: Path, mode: int = 0o777) -> None:
+    """Create a configured folder; an OSError whose message names the key and the path."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{key}: cannot create '{path}': {exc.strerror}") from None
+
+
 def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no-untyped-def]
     import signal
 
@@ -168,15 +176,22 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
     from .admin.server import start_admin
     from .config import ConfigError
     from .server.listeners import MailServer, raise_open_files_limit
+    from .storage.maildir import DIR_MODE
 
+    try:
+        _make_folder("log.dir", config.log.dir)
+    except OSError as exc:
+        print(f"geosmtp: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         logs.setup(config.log)
     except (OSError, ValueError) as exc:
-        print(f"geosmtp: log: {exc}", file=sys.stderr)
+        print(f"geosmtp: log: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     logs.capture_hub_errors(gevent.get_hub())
     nofile = raise_open_files_limit()
     try:
+        _make_folder("mail_dir", config.mail_dir, DIR_MODE)
         loader = None
         if path is not None:  # reload reads the file again, with the same -l/-p/-d
 
@@ -193,7 +208,7 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
         return EXIT_USAGE
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        if exc.filename is not None:  # mail_dir cannot be made: say which path
+        if exc.filename is not None:  # a path it could not use: say which
             reason = f"{reason}: '{exc.filename}'"
         logger.error("cannot start: {}", reason)
         print(f"geosmtp: {reason}", file=sys.stderr)
@@ -213,8 +228,7 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
     def reload() -> None:
         try:
             restart = server.reload()
-        except ConfigError as exc:
-            logger.error("reload refused, configuration unchanged: {}", exc)
+        except ConfigError:  # logged by reload()
             return
         if restart:
             logger.warning("reloaded; these need a restart to change: {}", ", ".join(restart))

@@ -1,15 +1,17 @@
 """The YAML configuration, loaded into frozen dataclasses.
 
 The dataclasses are the schema: every field has a type and a default (so an
-empty file runs), and `metadata` carries the extra checks (minimum, choices,
-path). Errors name the key path: `limits.max_message_size: expected a
-positive integer, got 'ten'`.
+empty file runs), and `metadata` carries the extra checks (every number's
+range, choices, path). Errors are one line that names the key path:
+`limits.max_message_size: expected a positive integer, got 'ten'`; a value
+quoted in one has its control characters escaped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import socket
 import types
@@ -25,12 +27,36 @@ from .smtp.session import Extensions
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message starts with the key path."""
+    """A configuration problem; the message starts with the key path.
+
+    It is printed and logged as one line: control characters in it (from a
+    value or a key it quotes) are escaped, so a NUL, an ESC or a CR/LF in the
+    config cannot reach a terminal or start a log line of its own.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
 
 
-def _positive(default: float, **extra: Any) -> Any:
-    """A number that must be above zero (an int field: at least 1)."""
-    return field(default=default, metadata={"positive": True, **extra})
+def printable(text: str) -> str:
+    """`text` with each non-printing character (controls, line breaks) as an escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+#: Seconds in a day: the longest any timeout may be.
+DAY = 86400
+
+
+def _positive(default: float, *, max: float) -> Any:
+    """A number above zero (an int field: at least 1), at most `max`."""
+    return field(default=default, metadata={"positive": True, "max": max})
+
+
+def _ranged(default: float, *, min: float, max: float) -> Any:
+    """A number from `min` to `max`, both included."""
+    return field(default=default, metadata={"min": min, "max": max})
 
 
 #: What a listener is for: `mx` takes mail for the local domains from anyone;
@@ -43,27 +69,30 @@ Role = Literal["mx", "submission", "submissions"]
 class Listener:
     #: IPv4 or IPv6 address to bind ("0.0.0.0" or "::" for all).
     address: str = "127.0.0.1"
-    port: int = field(default=2525, metadata={"min": 0, "max": 65535})
+    #: 0 to 65535; 0 takes any free port.
+    port: int = _ranged(2525, min=0, max=65535)
     role: Role = "mx"
 
 
 @dataclass(frozen=True)
 class Limits:
-    command_line: int = field(default=512, metadata={"min": 512})  # RFC 5321 §4.5.3.1.4
-    text_line: int = field(default=1000, metadata={"min": 1000})  # RFC 5321 §4.5.3.1.6
-    max_message_size: int = _positive(10 * 1024 * 1024)
-    max_recipients: int = _positive(100)  # RFC 5321 §4.5.3.1.8 asks for at least 100
-    max_errors: int = _positive(20)
+    """Octets and counts. The maxima bound what one session may hold in memory."""
+
+    command_line: int = _ranged(512, min=512, max=65536)  # RFC 5321 §4.5.3.1.4
+    text_line: int = _ranged(1000, min=1000, max=1024 * 1024)  # RFC 5321 §4.5.3.1.6
+    max_message_size: int = _positive(10 * 1024 * 1024, max=4 * 1024**3)
+    max_recipients: int = _positive(100, max=100_000)  # §4.5.3.1.8 asks for at least 100
+    max_errors: int = _positive(20, max=1000)
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. RFC 5321 §4.5.3.2 suggests the server waits 5 minutes for a command."""
+    """Seconds, at most a day. RFC 5321 §4.5.3.2 suggests 5 minutes for a command."""
 
-    command: float = _positive(300)
-    data_block: float = _positive(180)  # §4.5.3.2.5: between two reads of message data
-    data_total: float = _positive(600)  # the whole of DATA, however it trickles
-    shutdown_grace: float = field(default=10, metadata={"min": 0})
+    command: float = _positive(300, max=DAY)
+    data_block: float = _positive(180, max=DAY)  # §4.5.3.2.5: between two reads of data
+    data_total: float = _positive(600, max=DAY)  # the whole of DATA, however it trickles
+    shutdown_grace: float = _ranged(10, min=0, max=DAY)
 
 
 @dataclass(frozen=True)
@@ -79,7 +108,7 @@ class TLS:
     #: Without cert and key: make a throwaway self-signed certificate at start.
     self_signed: bool = False
     min_version: Literal["1.2", "1.3"] = "1.2"
-    handshake_timeout: float = _positive(10)
+    handshake_timeout: float = _positive(10, max=DAY)
 
 
 @dataclass(frozen=True)
@@ -91,9 +120,9 @@ class Auth:
     #: An authenticated user may send only as <user@local domain> (else 553 5.7.1).
     sender_must_match: bool = False
     #: Failed logins from one address before 421 and disconnect.
-    max_failures: int = _positive(5)
+    max_failures: int = _positive(5, max=1000)
     #: Seconds the reply to the first failure is held; doubles each time (at most 8 s).
-    failure_delay: float = field(default=1.0, metadata={"min": 0})
+    failure_delay: float = _ranged(1.0, min=0, max=8)
 
 
 @dataclass(frozen=True)
@@ -102,7 +131,7 @@ class Admin:
 
     enabled: bool = False
     address: str = "127.0.0.1"
-    port: int = field(default=8025, metadata={"min": 0, "max": 65535})
+    port: int = _ranged(8025, min=0, max=65535)
     #: The bearer token every request must carry. A secret: never shown by the API.
     token: str | None = field(default=None, metadata={"secret": True})
     #: A file holding the token; made with a random one (mode 0600) if missing.
@@ -116,7 +145,7 @@ class Log:
     #: When a log file is rotated: a size ("10 MB") or an interval ("1 day").
     rotation: str = field(default="10 MB", metadata={"pattern": "rotation"})
     #: How many rotated files to keep.
-    retention: int = _positive(10)
+    retention: int = _positive(10, max=10_000)
 
 
 @dataclass(frozen=True)
@@ -126,7 +155,7 @@ class Config:
     listeners: list[Listener] = field(
         default_factory=lambda: [Listener("127.0.0.1", 2525), Listener("::1", 2525)]
     )
-    max_clients: int = _positive(1000)
+    max_clients: int = _positive(1000, max=1_000_000)
     mail_dir: Path = field(default=Path("mail_dir"), metadata={"path": True})
     unknown_recipients: Literal["accept", "reject"] = "accept"
     users: dict[str, User] = field(default_factory=dict)
@@ -165,7 +194,8 @@ def _is_argon2_hash(text: str) -> bool:
 
 
 def _describe(value: Any) -> str:
-    return repr(value) if not isinstance(value, str) else f"'{value}'"
+    """A value as an error quotes it: repr, so control characters show as escapes."""
+    return repr(value)
 
 
 def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -> Any:
@@ -180,6 +210,8 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -
         return _convert(inner, value, path, meta, base)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, int | float) and not isinstance(value, bool) and str(value) in choices:
+            value = str(value)  # `tls.min_version: 1.2` unquoted is a YAML float
         if value not in choices:
             raise ConfigError(
                 f"{path}: expected one of {', '.join(map(str, choices))}, got {_describe(value)}"
@@ -207,8 +239,11 @@ def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or (tp is int and not isinstance(value, int))
-            or (meta.get("positive") and value <= 0)
         ):
+            raise ConfigError(f"{path}: expected {kind}, got {_describe(value)}")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every bound
+            raise ConfigError(f"{path}: expected a finite number, got {_describe(value)}")
+        if meta.get("positive") and value <= 0:
             raise ConfigError(f"{path}: expected {kind}, got {_describe(value)}")
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo:
@@ -260,17 +295,23 @@ def _build(cls: type, data: Any, path: str, base: Path) -> Any:
 
 
 def _check(config: Config) -> None:
-    """Checks that span keys or need more than a type."""
+    """Checks that span keys or need more than a type: the whole config, as it would run."""
     if not _HOSTNAME_RE.fullmatch(config.hostname):
-        raise ConfigError(f"hostname: not a valid host name: '{config.hostname}'")
+        raise ConfigError(f"hostname: not a valid host name: {_describe(config.hostname)}")
     if not config.domains:
         raise ConfigError("domains: at least one local domain is needed")
+    for i, name in enumerate(config.domains):
+        problem = _domain_problem(name)
+        if problem:
+            raise ConfigError(
+                f"domains[{i}]: not a valid domain name: {_describe(name)} ({problem})"
+            )
     for i, listener in enumerate(config.listeners):
         try:
             ipaddress.ip_address(listener.address)
         except ValueError:
             raise ConfigError(
-                f"listeners[{i}].address: not an IP address: '{listener.address}'"
+                f"listeners[{i}].address: not an IP address: {_describe(listener.address)}"
             ) from None
     if not config.listeners:
         raise ConfigError("listeners: at least one listener is needed")
@@ -278,18 +319,19 @@ def _check(config: Config) -> None:
         try:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise ConfigError(f"trusted_networks[{i}]: not a network: '{text}'") from None
+            raise ConfigError(f"trusted_networks[{i}]: not a network: {_describe(text)}") from None
         # Trusting a public range would make an open relay, whatever else is set.
         if not (net.is_loopback or net.is_private or net.is_link_local) or net.prefixlen < 8:
             raise ConfigError(
-                f"trusted_networks[{i}]: '{text}' is not a loopback or private network; "
+                f"trusted_networks[{i}]: {_describe(text)} is not a loopback or private network; "
                 "trusting it would make an open relay"
             )
     admin = config.admin
     try:
         ipaddress.ip_address(admin.address)
     except ValueError:
-        raise ConfigError(f"admin.address: not an IP address: '{admin.address}'") from None
+        raise ConfigError(f"admin.address: not an IP address: {_describe(admin.address)}") from None
+    _check_sockets(config)
     if admin.enabled and admin.token is None and admin.token_file is None:
         raise ConfigError("admin.token: the admin listener needs a token or a token_file")
     if admin.token is not None and len(admin.token) < 16:
@@ -306,6 +348,73 @@ def _check(config: Config) -> None:
         if safe_mailbox_name(name) != name:
             key = "postmaster" if name == config.postmaster else f"users.{name}"
             raise ConfigError(f"{key}: not a valid mailbox name (lower-case, no '/' or '..')")
+    for key, folder in (("mail_dir", config.mail_dir), ("log.dir", config.log.dir)):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{key}: {_describe(str(folder))} is not a directory")
+
+
+def _check_sockets(config: Config) -> None:
+    """Two listeners that cannot both bind fail here, naming both, not at the start.
+
+    The same address and port, or the same port on an address and the wildcard
+    of its family (binding 127.0.0.1:25 beside a listening 0.0.0.0:25 fails
+    even with SO_REUSEADDR). IPv6 sockets are IPv6-only, so the families never
+    collide; port 0 is a fresh port each time.
+    """
+    sockets = [(f"listeners[{i}]", li.address, li.port) for i, li in enumerate(config.listeners)]
+    if config.admin.enabled:
+        sockets.append(("admin", config.admin.address, config.admin.port))
+    seen: list[tuple[str, str, Any, int]] = []
+    for name, address, port in sockets:
+        ip = ipaddress.ip_address(address)
+        for other, other_address, other_ip, other_port in seen:
+            if port == 0 or port != other_port or ip.version != other_ip.version:
+                continue
+            if ip == other_ip:
+                raise ConfigError(
+                    f"{name}: same address and port as {other} ([{other_address}]:{port})"
+                )
+            if ip.is_unspecified or other_ip.is_unspecified:
+                every = f"every IPv{ip.version} address"
+                detail = (
+                    f"[{other_address}]:{port}, {every}"
+                    if other_ip.is_unspecified
+                    else f"[{other_address}]:{port}; [{address}] is {every}"
+                )
+                raise ConfigError(
+                    f"{name}: [{address}]:{port} cannot be bound beside {other} ({detail})"
+                )
+        seen.append((name, address, ip, port))
+
+
+_LDH_LABEL = re.compile(r"[a-z0-9-]+", re.IGNORECASE)
+
+
+def _domain_problem(name: str) -> str | None:
+    """Why `name` is not a domain name (RFC 1035 §2.3.1, RFC 5890 for IDNs), or None.
+
+    An internationalised name must encode with IDNA; it is kept as given.
+    """
+    if any(c.isspace() or not c.isprintable() for c in name):
+        return "no spaces or control characters"
+    if "" in name.split("."):
+        return "an empty label"
+    ascii_name = name
+    if not name.isascii():
+        try:
+            ascii_name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "not a valid internationalised name"
+    for label in ascii_name.split("."):
+        if len(label) > 63:
+            return "a label longer than 63 characters"
+        if not _LDH_LABEL.fullmatch(label):
+            return "a label may hold only letters, digits and '-'"
+        if label.startswith("-") or label.endswith("-"):
+            return "a label may not start or end with '-'"
+    if len(ascii_name) > 253:
+        return "longer than 253 characters"
+    return None
 
 
 def from_mapping(data: Any, base: Path = Path(".")) -> Config:
@@ -317,15 +426,61 @@ def from_mapping(data: Any, base: Path = Path(".")) -> Config:
     return config
 
 
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of them silently; in a config that hides a mistake
+    (two `domains:`, two `limits:` sections). Keys brought in by a merge
+    (`<<: *base`) may still be overridden.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {earlier.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str) -> tuple[Any, str]:
+    """(data, "") or (None, the problem as one line: ' at line 3, column 5: what')."""
+    try:
+        return yaml.load(text, Loader=StrictLoader), ""  # a SafeLoader: no Python objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = exc.problem or exc.context or "not YAML"
+        return None, f"{where}: {what}"
+    except yaml.reader.ReaderError as exc:
+        return None, f" at character {exc.position}: {exc.reason}"
+    except yaml.YAMLError as exc:
+        return None, ": " + " ".join(str(exc).split())
+
+
 def _users_file(config: Config) -> dict[str, User]:
     path = config.auth.users_file
     assert path is not None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data, problem = _parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"auth.users_file: cannot read '{path}': {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"auth.users_file: invalid YAML in '{path}': {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"auth.users_file: '{path}' is not UTF-8 (at byte {exc.start})") from None
+    if problem:
+        raise ConfigError(f"auth.users_file: invalid YAML in '{path}'{problem}")
     if not isinstance(data, dict) or set(data) - {"users"}:
         raise ConfigError(f"auth.users_file: '{path}' must hold one mapping, 'users:'")
     return _convert(dict[str, User], data.get("users") or {}, f"{path}: users", {}, path.parent)
@@ -399,8 +554,9 @@ def load(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte {exc.start})") from None
+    data, problem = _parse_yaml(text)
+    if problem:
+        raise ConfigError(f"{path}: invalid YAML{problem}")
     return from_mapping(data, path.parent)

@@ -2,12 +2,14 @@
 
 It reads the admin address and token from the same config file the server
 uses (`-c`, default ./config.yaml). Exit status 0 on success, 1 when the
-server cannot be reached or refuses the request, 2 on a usage error.
+server cannot be reached or refuses the request, 2 on a usage error. Every
+error is one line on stderr, `geosmtp ctl: ...`, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import time
@@ -23,6 +25,13 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 class CtlError(Exception):
     pass
+
+
+def one_line(text: str) -> str:
+    """A message as one printable line: line breaks folded, control characters escaped."""
+    from .config import printable
+
+    return printable(" ".join(str(text).split()))
 
 
 class Client:
@@ -46,16 +55,29 @@ class Client:
                 raise CtlError("the server refused the token (401 Unauthorized)") from None
             try:
                 message = json.loads(exc.read())["error"]
-            except (ValueError, KeyError, TypeError):
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
                 message = exc.reason
             raise CtlError(f"{exc.code}: {message}") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except http.client.HTTPException as exc:
+            # Something answered, but not in HTTP: an SMTP banner, a TLS port, noise.
+            got = str(exc).strip()
+            detail = f"{type(exc).__name__}: {got!r}" if got else type(exc).__name__
+            raise CtlError(
+                f"cannot reach the admin API at {self.url}: not an HTTP reply ({detail}); "
+                "is that the admin listener's address and port?"
+            ) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CtlError(
                 f"cannot reach the admin API at {self.url}: {reason} "
                 "(is geosmtp running, with admin.enabled?)"
             ) from None
-        return json.loads(raw) if kind.startswith("application/json") else raw.decode()
+        if not kind.startswith("application/json"):
+            return raw.decode(errors="replace")
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise CtlError(f"the admin API at {self.url} sent invalid JSON: {exc}") from None
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -237,11 +259,22 @@ def main(argv: list[str]) -> int:
     from .config import ConfigError
 
     args = _parser().parse_args(argv)
+    client = None
     try:
-        return args.func(_client(args), args)
+        client = _client(args)
+        return args.func(client, args)
     except ConfigError as exc:
-        print(f"geosmtp ctl: {exc}", file=sys.stderr)
+        print(f"geosmtp ctl: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except CtlError as exc:
-        print(f"geosmtp ctl: {exc}", file=sys.stderr)
+        print(f"geosmtp ctl: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        # A reply of the wrong shape: not this version's API, or not the API at all.
+        where = client.url if client is not None else "the server"
+        print(
+            f"geosmtp ctl: the admin API at {where} sent a reply ctl does not understand "
+            f"({one_line(f'{type(exc).__name__}: {exc}')})",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE

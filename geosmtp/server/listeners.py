@@ -135,7 +135,10 @@ class MailServer:
 
         Returns the changed keys that need a restart. Unless `allow_restart_keys`
         (reload: the rest is applied, those are reported), any such key makes
-        it a `ConfigError` and nothing changes.
+        it a `ConfigError` and nothing changes. The config that would run (with
+        those keys at their running values) must pass the start's whole-config
+        check: a file valid on its own may not leave a running listener unable
+        to serve (a `submissions` listener without TLS), else `ConfigError`.
         """
         old_map, new_map = cfg.to_mapping(self.config), cfg.to_mapping(new)
         changed = cfg.changed_keys(old_map, new_map)
@@ -147,6 +150,15 @@ class MailServer:
             if "log" in kept:
                 kept["log"] = dataclasses.replace(new.log, dir=self.config.log.dir)
             new = dataclasses.replace(new, **kept)
+            try:
+                cfg._check(new)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{exc} (keeping the running {', '.join(restart)}, "
+                    "which need a restart to change)"
+                ) from None
+        else:
+            cfg._check(new)
         tls_changed = any(k.startswith("tls.") for k in changed)
         context = tls.server_context(new.tls, new.hostname) if tls_changed else self.tls_context
         if new.log != self.config.log:
@@ -158,10 +170,14 @@ class MailServer:
         return restart
 
     def reload(self) -> list[str]:
-        """Re-read the config file; an invalid one changes nothing (ConfigError)."""
-        if self.loader is None:
-            raise ConfigError("reload: the server was started without a config file")
-        return self.change_config(self.loader(), allow_restart_keys=True)
+        """Re-read the config file; an invalid one changes nothing (ConfigError, logged)."""
+        try:
+            if self.loader is None:
+                raise ConfigError("reload: the server was started without a config file")
+            return self.change_config(self.loader(), allow_restart_keys=True)
+        except ConfigError as exc:
+            logger.error("reload refused, configuration unchanged: {}", exc)
+            raise
 
     # --------------------------------------------------------- listeners
 

@@ -32,8 +32,26 @@ def test_bundled_config_is_valid():
     mx = [li for li in config.listeners if li.role == "mx"]
     assert {(li.address, li.port) for li in mx} == {("127.0.0.1", 2525), ("::1", 2525)}
     roles = {li.role: li.port for li in config.listeners if li.role != "mx"}
-    assert roles == {"submission": 587, "submissions": 465}
+    # Ports any user may bind: the README's first command works without root.
+    assert roles == {"submission": 2587, "submissions": 2465}
+    assert all(li.port >= 1024 for li in config.listeners) and config.admin.port >= 1024
     assert config.tls.self_signed and all(u.password for u in config.users.values())
+
+
+def test_production_example_is_valid():
+    config = cfg.load(Path(__file__).parents[2] / "examples" / "config.production.yaml")
+    by_role: dict[str, set] = {}
+    for li in config.listeners:
+        by_role.setdefault(li.role, set()).add((li.address, li.port))
+    assert by_role == {
+        "mx": {("0.0.0.0", 25), ("::", 25)},
+        "submission": {("0.0.0.0", 587), ("::", 587)},
+        "submissions": {("0.0.0.0", 465), ("::", 465)},
+    }
+    assert config.users == {} and config.auth.users_file is None  # no demo accounts
+    assert not config.tls.self_signed
+    assert config.tls.cert is not None and config.tls.cert.is_absolute()
+    assert config.admin.address == "127.0.0.1"
 
 
 @pytest.mark.parametrize(
