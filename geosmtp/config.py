@@ -119,7 +119,7 @@ class Auth:
     users_file: Path | None = field(default=None, metadata={"path": True})
     #: An authenticated user may send only as <user@local domain> (else 553 5.7.1).
     sender_must_match: bool = False
-    #: Failed logins from one address before 421 and disconnect.
+    #: Failed logins from one client (IPv4 address, IPv6 /64) before 421 and disconnect.
     max_failures: int = _positive(5, max=1000)
     #: Seconds the reply to the first failure is held; doubles each time (at most 8 s).
     failure_delay: float = _ranged(1.0, min=0, max=8)
