@@ -174,9 +174,11 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
     from . import config as cfg
     from . import logs
     from .admin.server import start_admin
+    from .app import App
     from .config import ConfigError
-    from .server.listeners import MailServer, raise_open_files_limit
-    from .storage.maildir import DIR_MODE
+    from .server.listeners import raise_open_files_limit
+    from .storage import StorageError
+    from .storage.spool import DIR_MODE
 
     try:
         _make_folder("log.dir", config.log.dir)
@@ -192,6 +194,7 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
     nofile = raise_open_files_limit()
     try:
         _make_folder("mail_dir", config.mail_dir, DIR_MODE)
+        _make_folder("spool_dir", config.spool_path, DIR_MODE)
         loader = None
         if path is not None:  # reload reads the file again, with the same -l/-p/-d
 
@@ -199,13 +202,17 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
                 config = cfg.load(path)
                 return apply_overrides(config, args) if args is not None else config
 
-        server = MailServer(config, loader)
+        server = App(config, loader)
         server.start()
         admin = start_admin(server) if config.admin.enabled else None
     except ConfigError as exc:  # the TLS certificate or key, or the admin token
         logger.error("cannot start: {}", exc)
         print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageError as exc:  # the spool or mail_dir cannot be used
+        logger.error("cannot start: {}", exc)
+        print(f"geosmtp: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:
         reason = exc.strerror or str(exc)
         if exc.filename is not None:  # a path it could not use: say which
@@ -227,7 +234,7 @@ def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no
 
     def reload() -> None:
         try:
-            restart = server.reload()
+            restart = server.reload().restart
         except ConfigError:  # logged by reload()
             return
         if restart:

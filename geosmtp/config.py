@@ -64,6 +64,9 @@ def _ranged(default: float, *, min: float, max: float) -> Any:
 #: the same inside implicit TLS (RFC 8314).
 Role = Literal["mx", "submission", "submissions"]
 
+#: The protocol each role speaks (the session class `app.SESSIONS` runs for it).
+ROLE_PROTOCOL: dict[str, str] = {"mx": "smtp", "submission": "smtp", "submissions": "smtp"}
+
 
 @dataclass(frozen=True)
 class Listener:
@@ -72,6 +75,10 @@ class Listener:
     #: 0 to 65535; 0 takes any free port.
     port: int = _ranged(2525, min=0, max=65535)
     role: Role = "mx"
+
+    @property
+    def protocol(self) -> str:
+        return ROLE_PROTOCOL[self.role]
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,11 @@ class Config:
     )
     max_clients: int = _positive(1000, max=1_000_000)
     mail_dir: Path = field(default=Path("mail_dir"), metadata={"path": True})
+    #: Where messages are written while they arrive; unset: `<mail_dir>/.spool`.
+    #: Keep it on the filesystem of mail_dir (delivery is then a hard link).
+    spool_dir: Path | None = field(default=None, metadata={"path": True})
+    #: Connections the kernel may queue on each listener before accept (listen(2)).
+    listen_backlog: int = _ranged(1024, min=1, max=65535)
     unknown_recipients: Literal["accept", "reject"] = "accept"
     users: dict[str, User] = field(default_factory=dict)
     #: Client networks that may relay without AUTH: loopback and private ranges only.
@@ -171,6 +183,12 @@ class Config:
     extensions: Extensions = field(default_factory=Extensions)
     log: Log = field(default_factory=Log)
     admin: Admin = field(default_factory=Admin)
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool folder: `spool_dir`, or `.spool` inside `mail_dir` (no mailbox
+        name starts with a dot, so none can be it)."""
+        return self.spool_dir if self.spool_dir is not None else self.mail_dir / ".spool"
 
 
 _PATTERNS = {
@@ -348,7 +366,10 @@ def _check(config: Config) -> None:
         if safe_mailbox_name(name) != name:
             key = "postmaster" if name == config.postmaster else f"users.{name}"
             raise ConfigError(f"{key}: not a valid mailbox name (lower-case, no '/' or '..')")
-    for key, folder in (("mail_dir", config.mail_dir), ("log.dir", config.log.dir)):
+    folders = [("mail_dir", config.mail_dir), ("log.dir", config.log.dir)]
+    if config.spool_dir is not None:
+        folders.append(("spool_dir", config.spool_dir))
+    for key, folder in folders:
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{key}: {_describe(str(folder))} is not a directory")
 
@@ -489,7 +510,16 @@ def _users_file(config: Config) -> dict[str, User]:
 #: Settings that `PATCH /api/v1/config` and reload may change without a restart.
 #: The rest (where the server listens, where mail goes, the admin listener
 #: itself, the log folder) needs one.
-RESTART_ONLY = ("hostname", "listeners", "mail_dir", "log.dir", "admin", "fsync")
+RESTART_ONLY = (
+    "hostname",
+    "listeners",
+    "listen_backlog",
+    "mail_dir",
+    "spool_dir",
+    "log.dir",
+    "admin",
+    "fsync",
+)
 
 
 def to_mapping(config: Any, redact: bool = False) -> Any:

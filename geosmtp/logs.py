@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+import gevent
 from loguru import logger
 
 from .config import Log
@@ -31,6 +32,11 @@ _SERVER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 _ACCESS_FORMAT = "{message}"  # access lines carry their own time stamp
 
 access = logger.bind(access=True)
+
+
+#: Seconds between two writes of the gathered access lines: a line reaches
+#: the file at most this long after the transaction ended.
+FLUSH_INTERVAL = 0.1
 
 
 class AccessLog:
@@ -58,6 +64,13 @@ class AccessLog:
             batch = "".join(self._lines)
             self._lines.clear()
             access.opt(raw=True).info(batch)
+
+    def run(self, interval: float = FLUSH_INTERVAL) -> None:
+        """Write the gathered lines every `interval` seconds (the server's writer
+        greenlet runs this until it is killed at the stop)."""
+        while True:
+            gevent.sleep(interval)
+            self.flush()
 
 
 access_log = AccessLog()
@@ -124,26 +137,16 @@ def capture_hub_errors(hub: Any) -> None:
     hub.print_exception = print_exception
 
 
-_handler_ids: list[int] = []
-
-
 def setup(log: Log, *, console: bool = True) -> None:
     """(Re)configure the sinks from the `log:` section of the config."""
     logger.remove()  # also loguru's default stderr sink
-    _handler_ids.clear()
     log.dir.mkdir(parents=True, exist_ok=True)
     common = {"rotation": log.rotation, "retention": log.retention, "encoding": "utf-8"}
-    _handler_ids.append(
-        logger.add(
-            log.dir / "log.txt", level=log.level, format=_SERVER_FORMAT, filter=_is_server, **common
-        )
+    logger.add(
+        log.dir / "log.txt", level=log.level, format=_SERVER_FORMAT, filter=_is_server, **common
     )
-    _handler_ids.append(
-        logger.add(
-            log.dir / "access.log", level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **common
-        )
+    logger.add(
+        log.dir / "access.log", level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **common
     )
     if console:
-        _handler_ids.append(
-            logger.add(sys.stderr, level=log.level, format=_SERVER_FORMAT, filter=_is_server)
-        )
+        logger.add(sys.stderr, level=log.level, format=_SERVER_FORMAT, filter=_is_server)

@@ -74,7 +74,8 @@ class RunningServer:
         return sorted(self.mail_dir.glob("*/new/*"))
 
     def tmp_files(self) -> list[Path]:
-        return sorted(self.mail_dir.glob("*/tmp/*"))
+        """Files of messages not (yet) delivered: the spool, and any Maildir's tmp/."""
+        return sorted([*self.mail_dir.glob(".spool/*"), *self.mail_dir.glob("*/tmp/*")])
 
     def access_log(self) -> str:
         path = self.log_dir / "access.log"

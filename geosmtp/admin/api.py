@@ -21,7 +21,7 @@ from .. import __version__
 from .. import config as cfg
 
 if TYPE_CHECKING:
-    from ..server.listeners import MailServer
+    from ..app import App
 
 StartResponse = Callable[..., Any]
 MAX_BODY = 64 * 1024
@@ -39,7 +39,7 @@ class HTTPError(Exception):
 
 
 class AdminAPI:
-    def __init__(self, server: MailServer, token: str) -> None:
+    def __init__(self, server: App, token: str) -> None:
         self.server = server
         self._token = token.encode()
 
@@ -139,20 +139,22 @@ class AdminAPI:
         current = cfg.to_mapping(self.server.config)
         try:
             new = cfg.from_mapping(cfg.merged(current, patch))
-            changed = cfg.changed_keys(current, cfg.to_mapping(new))
-            self.server.change_config(new)
+            change = self.server.change_config(new)
         except cfg.ConfigError as exc:
             raise HTTPError("400 Bad Request", str(exc)) from None
-        return {"changed": changed, "config": cfg.to_mapping(self.server.config, redact=True)}
+        return {
+            "changed": change.changed,
+            "config": cfg.to_mapping(self.server.config, redact=True),
+        }
 
     def post_reload(self, environ: dict) -> dict:
-        before = cfg.to_mapping(self.server.config)
         try:
-            restart = self.server.reload()
+            change = self.server.reload()
         except cfg.ConfigError as exc:
             raise HTTPError("400 Bad Request", str(exc)) from None
-        changed = cfg.changed_keys(before, cfg.to_mapping(self.server.config))
-        return {"reloaded": True, "changed": changed, "restart_needed": restart}
+        # The keys that needed a restart kept their running values: not changed.
+        changed = [k for k in change.changed if k not in change.restart]
+        return {"reloaded": True, "changed": changed, "restart_needed": change.restart}
 
     def get_sessions(self, environ: dict) -> dict:
         sessions = [s.info() for s in list(self.server.by_id.values())]

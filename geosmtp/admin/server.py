@@ -14,7 +14,7 @@ from ..logs import LogWriter
 from .api import AdminAPI
 
 if TYPE_CHECKING:
-    from ..server.listeners import MailServer
+    from ..app import App
 
 
 def admin_token(admin: Admin, create: bool = True) -> str:
@@ -44,7 +44,7 @@ def admin_token(admin: Admin, create: bool = True) -> str:
     return token
 
 
-def start_admin(server: MailServer) -> WSGIServer:
+def start_admin(server: App) -> WSGIServer:
     admin = server.config.admin
     app = AdminAPI(server, admin_token(admin))
     wsgi = WSGIServer(

@@ -22,6 +22,7 @@ from loguru import logger
 from .. import logs
 from ..mail.headers import MessageIdSniffer
 from ..mail.ids import new_queue_id
+from ..pipeline import Message, Verdict
 from ..smtp import (
     NEED_DATA,
     AuthRequest,
@@ -37,14 +38,14 @@ from ..smtp import (
 )
 from ..smtp import replies as R
 from ..smtp.trace import trace_headers
-from ..storage.maildir import Spool, StorageError
+from ..storage import SpoolFile, StorageError
 
 if TYPE_CHECKING:
+    from ..app import App
     from ..config import Listener
     from ..mail import Envelope
     from ..metrics import ListenerMetrics
     from ..smtp.sasl import Credentials
-    from .listeners import MailServer
 
 READ_SIZE = 64 * 1024
 
@@ -81,7 +82,7 @@ def received_date() -> str:
 class SMTPSession:
     def __init__(
         self,
-        server: MailServer,
+        server: App,
         sock: socket.socket,
         address: tuple,
         listener: Listener,
@@ -99,7 +100,7 @@ class SMTPSession:
         self.id = f"{next(_session_ids):X}"
         self.started = time.monotonic()
         self.conn: SMTPConnection = server.new_connection(listener, self.peer)
-        self.spool: Spool | _FailedSpool | None = None
+        self.spool: SpoolFile | _FailedSpool | None = None
         self.queue_id: str | None = None
         self.sniffer: MessageIdSniffer | None = None  # the current message's Message-ID
         # The access log has one line per transaction: refused recipients wait
@@ -187,6 +188,11 @@ class SMTPSession:
         if counts:
             self.server.metrics.add_counts(counts)
             counts.clear()
+
+    @staticmethod
+    def refusal(stopping: bool) -> bytes:
+        """For a client over the connection cap, or arriving during a stop."""
+        return (R.SHUTTING_DOWN if stopping else R.TOO_MANY_CLIENTS).to_bytes()
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""
@@ -392,7 +398,7 @@ class SMTPSession:
         self.queue_id = new_queue_id()
         self.sniffer = MessageIdSniffer()
         try:
-            self.spool = self.server.store.open_spool(envelope.recipients[0].box)
+            self.spool = self.server.spool.open()
         except StorageError as exc:
             self._spool_failed(exc)
             return
@@ -409,9 +415,8 @@ class SMTPSession:
         )
 
     def _spool_write(self, data: bytes) -> None:
-        assert self.spool is not None
         try:
-            self.spool.write(data)
+            self.spool.write(data)  # type: ignore[union-attr]  # opened at MessageStart
         except StorageError as exc:
             self._spool_failed(exc)
 
@@ -428,29 +433,37 @@ class SMTPSession:
         self.spool = _FailedSpool(error)
 
     def _deliver(self, envelope: Envelope, size: int) -> None:
+        """Hand the whole message to the pipeline; answer what it decides."""
         spool, self.spool = self.spool, None
-        assert spool is not None and self.queue_id is not None
-        boxes = [r.box for r in envelope.recipients]
+        queue_id = self.queue_id or ""
         metrics = self.server.metrics
         started = time.perf_counter()
-        try:
-            if isinstance(spool, _FailedSpool):
-                raise spool.error
-            spool.commit(boxes)
-        except StorageError as exc:
-            reply = R.INSUFFICIENT_STORAGE if exc.no_space else R.LOCAL_ERROR
-            logger.error("session {}: delivery failed ({}): {}", self.id, reply.code, exc)
-            spool.discard()
+        if isinstance(spool, _FailedSpool) or spool is None:
+            error = spool.error if spool is not None else None
+            verdict = Verdict(False, True, str(error), no_space=bool(error and error.no_space))
+        else:
+            message = Message(envelope, spool, queue_id, size, self.peer, self.listener.role)
+            verdict = self.server.pipeline.process(message)
+        if not verdict.delivered:
+            if verdict.text is not None and verdict.code is not None:
+                reply = R.reply(verdict.code, verdict.status, verdict.text)
+            elif verdict.no_space:
+                reply = R.INSUFFICIENT_STORAGE
+            else:
+                reply = R.LOCAL_ERROR
+            logger.error(
+                "session {}: delivery failed ({}): {}", self.id, reply.code, verdict.reason
+            )
             self.conn.message_failed(reply)
             metrics.messages_rejected.labels("storage").inc()
-            self._log_transaction(envelope, reply.code, size=size, queue=self.queue_id)
+            self._log_transaction(envelope, reply.code, size=size, queue=queue_id)
             return
         metrics.delivery_seconds.observe(time.perf_counter() - started)
         metrics.messages_accepted.inc()
-        metrics.recipients.inc(len(boxes))
+        metrics.recipients.inc(len(envelope.recipients))
         metrics.message_size.observe(size)
-        self.conn.message_stored(self.queue_id)
-        self._log_transaction(envelope, 250, size=size, queue=self.queue_id)
+        self.conn.message_stored(queue_id)
+        self._log_transaction(envelope, 250, size=size, queue=queue_id)
         self._sync_metrics()
 
     def _rejected(self, event: TransactionRejected) -> None:

@@ -1,73 +1,43 @@
-"""Maildir delivery: spool once, fsync, link into every recipient's `new/`.
+"""Maildir: deliver a spooled message into every recipient's `new/`, and read
+mailboxes back (the read side POP3 uses).
 
-A message is written to `tmp/` of its first recipient's Maildir while it
-arrives, then (on `commit`) flushed and fsynced, hard-linked into `new/` of
-every recipient (copied where a link is impossible), the `new/` folders
-fsynced, and the spool name removed. Only after `commit` returns may the
-client be told `250`. Nothing in `new/` is ever partial: a link appears whole
-or not at all, and a failed commit removes the links it made.
+Delivery (`MaildirStore.deliver`): fsync the spool file, hard-link it into
+`new/` of every recipient (copied through that Maildir's `tmp/` where a link
+is impossible), fsync the `new/` folders. Only after it returns may the client
+be told `250`. Nothing in `new/` is ever partial: a link appears whole or not
+at all, and a failed delivery removes the links it made.
 
 Blocking calls that can take long (fsync) go through `offload`, which the
 gevent shell sets to its threadpool so one slow disk does not stall the hub.
 `offload` must run the work to its end even when its caller is interrupted
-(the shell's `threads.in_thread` does): a commit that fails or is stopped
+(the shell's `threads.in_thread` does): a delivery that fails or is stopped
 undoes its links only once the thread that makes them is done.
 
 Errors are `StorageError`, never a bare `OSError`, so the shell can tell a
-full disk from a lost client.
+full disk from a lost client. Mailbox names are checked here again
+(`safe_mailbox_name(box) == box`): no name from the network reaches the
+filesystem unchecked, whoever calls.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import shutil
-import socket
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..mail import safe_mailbox_name
+from .errors import StorageError
+from .spool import DIR_MODE, FILE_MODE, SpoolFile, UniqueNames
 
 Offload = Callable[..., Any]
 
 
 def _direct(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
-
-
-class StorageError(Exception):
-    """Spooling or delivery failed; the message is not stored anywhere.
-
-    Deliberately not an `OSError`: the session treats socket errors as a lost
-    client, and a full disk must never be mistaken for one (the client gets a
-    `452`/`451` instead). `errno` says which, `no_space` whether it is a
-    matter of room (disk or quota full).
-    """
-
-    def __init__(self, errno_: int | None, message: str, filename: str | None = None) -> None:
-        super().__init__(message if filename is None else f"{message}: '{filename}'")
-        self.errno = errno_
-        self.filename = filename
-
-    @classmethod
-    def wrap(cls, exc: OSError) -> StorageError:
-        return cls(exc.errno, exc.strerror or str(exc), exc.filename)
-
-    @property
-    def no_space(self) -> bool:
-        return self.errno in _NO_SPACE
-
-
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-FILE_MODE = 0o600  # mail is private to the server's user, as Postfix and Dovecot keep it
-DIR_MODE = 0o700
-_SPOOL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-_WRITE_BUFFER = 64 * 1024
 
 
 def _fsync_path(path: str, directory: bool = True) -> None:
@@ -78,124 +48,27 @@ def _fsync_path(path: str, directory: bool = True) -> None:
         os.close(fd)
 
 
-class Spool:
-    """A message being received: a file in some Maildir's `tmp/`.
-
-    Small writes are gathered up to 64 KiB before they reach the file, so a
-    short message is one `write` however the client cut it.
-    """
-
-    def __init__(self, store: MaildirStore, path: str, name: str) -> None:
-        self.store = store
-        self.path = path
-        self.name = name
-        self.size = 0
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
-
-    def write(self, data: bytes) -> None:
-        """Take a piece of the message; StorageError when the disk refuses it."""
-        self._pending.append(data)
-        self._pending_size += len(data)
-        self.size += len(data)
-        if self._pending_size >= _WRITE_BUFFER:
-            try:
-                self._write_pending()
-            except OSError as exc:
-                raise StorageError.wrap(exc) from exc
-
-    def _write_pending(self) -> None:
-        assert self._fd is not None
-        data = memoryview(b"".join(self._pending))
-        self._pending.clear()
-        self._pending_size = 0
-        while data:
-            data = data[os.write(self._fd, data) :]
-
-    def commit(self, boxes: Iterable[str]) -> list[Path]:
-        """Make the message durable in each mailbox; return the paths in `new/`."""
-        assert self._fd is not None
-        store = self.store
-        made: list[str] = []
-        try:
-            self._write_pending()
-            maildirs = [store.ensure_maildir(box) for box in dict.fromkeys(boxes)]
-            if store.fsync:
-                # One trip to the threadpool: fsync, the links, fsync of new/.
-                store.offload(self._make_durable, maildirs, made)
-            else:
-                self._link_all(maildirs, made)
-            os.close(self._fd)
-            self._fd = None
-        except BaseException as exc:
-            # Also when the session is killed mid-commit (server stop): the client
-            # was not told 250, so no mailbox may keep the message.
-            for path in made:
-                _unlink_quietly(path)
-            self.discard()
-            if isinstance(exc, OSError):
-                raise StorageError.wrap(exc) from exc
-            raise
-        _unlink_quietly(self.path)
-        return [Path(p) for p in made]
-
-    def _make_durable(self, maildirs: list[str], made: list[str]) -> None:
-        assert self._fd is not None
-        os.fsync(self._fd)
-        self._link_all(maildirs, made)
-        for maildir in maildirs:
-            _fsync_path(maildir + "/new")
-
-    def _link_all(self, maildirs: list[str], made: list[str]) -> None:
-        for maildir in maildirs:
-            target = f"{maildir}/new/{self.name}"
-            try:
-                self._place(target, maildir)
-            except FileNotFoundError:
-                if not os.path.exists(self.path):
-                    raise
-                # The Maildir was removed while the server ran: make it again.
-                self.store.make_maildir(maildir)
-                self._place(target, maildir)
-            made.append(target)
-
-    def _place(self, target: str, maildir: str) -> None:
-        try:
-            os.link(self.path, target)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-        # A hard link is impossible here: copy through this Maildir's tmp/.
-        tmp = f"{maildir}/tmp/{self.store.unique_name()}"
-        shutil.copyfile(self.path, tmp)
-        try:
-            os.chmod(tmp, FILE_MODE)
-            if self.store.fsync:
-                _fsync_path(tmp, False)
-            os.rename(tmp, target)
-        except OSError:
-            _unlink_quietly(tmp)
-            raise
-
-    def discard(self) -> None:
-        """Drop the message (aborted, too big, client gone): remove the spool file."""
-        self._pending.clear()
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
-        _unlink_quietly(self.path)
-
-
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+_CANNOT_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
+
+
+@dataclass
+class Delivery:
+    """The files one delivery put into `new/` folders, so it can be taken back."""
+
+    paths: list[str]
+
+    def undo(self) -> None:
+        """Remove them again: a later destination failed, so no one may keep it."""
+        for path in self.paths:
+            _unlink_quietly(path)
+        self.paths = []
 
 
 class MaildirStore:
@@ -206,26 +79,22 @@ class MaildirStore:
         root: Path,
         *,
         fsync: bool = True,
-        hostname: str | None = None,
+        names: UniqueNames | None = None,
         offload: Offload = _direct,
     ) -> None:
         self.root = Path(root).resolve()
         self.fsync = fsync
         self.offload = offload
-        # Maildir names carry the host; '/' and ':' are escaped as the spec says.
-        host = hostname or socket.gethostname()
-        self._host = host.replace("/", r"\057").replace(":", r"\072")
-        self._counter = itertools.count(1)
-        self._pid = os.getpid()
+        self.names = names or UniqueNames()
+        #: False when the spool is on another filesystem: copy instead of link.
+        self.link = True
         self._known: dict[str, str] = {}  # mailbox name -> its Maildir, checked and made
-        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
 
-    def unique_name(self) -> str:
-        """`<sec>.M<usec>P<pid>Q<n>.<host>`, the modern Maildir convention."""
-        now = time.time()
-        sec = int(now)
-        usec = int((now - sec) * 1_000_000)
-        return f"{sec}.M{usec}P{self._pid}Q{next(self._counter)}.{self._host}"
+    # ------------------------------------------------------------ names
 
     def mailbox_path(self, box: str) -> Path:
         """The Maildir of `box`; refuses any name that is not a safe directory name."""
@@ -254,27 +123,160 @@ class MaildirStore:
         if created and self.fsync:
             self.offload(_fsync_path, str(self.root))
 
-    def open_spool(self, first_box: str) -> Spool:
-        """A new spool file for a message; StorageError when it cannot be made."""
+    # ------------------------------------------------------------ write
+
+    def deliver(self, spool: SpoolFile, boxes: Iterable[str]) -> Delivery:
+        """Make the spooled message durable in each mailbox's `new/`.
+
+        All or nothing: on any error, and when the caller is stopped half-way,
+        every link made is removed again before the exception goes on.
+        """
+        made: list[str] = []
         try:
-            maildir = self.ensure_maildir(first_box)
-            name = self.unique_name()
+            spool.flush()
+            maildirs = [self.ensure_maildir(box) for box in dict.fromkeys(boxes)]
+            if self.fsync:
+                # One trip to the threadpool: the file's fsync, the links, new/'s fsync.
+                self.offload(self._make_durable, spool, maildirs, made)
+            else:
+                self._place_all(spool, maildirs, made)
+        except BaseException as exc:
+            # Also when the session is killed mid-delivery (server stop): the client
+            # was not told 250, so no mailbox may keep the message.
+            Delivery(made).undo()
+            if isinstance(exc, OSError):
+                raise StorageError.wrap(exc) from exc
+            raise
+        return Delivery(made)
+
+    def _make_durable(self, spool: SpoolFile, maildirs: list[str], made: list[str]) -> None:
+        spool.fsync()
+        self._place_all(spool, maildirs, made)
+        for maildir in maildirs:
+            _fsync_path(maildir + "/new")
+
+    def _place_all(self, spool: SpoolFile, maildirs: list[str], made: list[str]) -> None:
+        for maildir in maildirs:
+            target = f"{maildir}/new/{spool.name}"
             try:
-                return Spool(self, f"{maildir}/tmp/{name}", name)
+                self._place(spool, target, maildir)
             except FileNotFoundError:
+                if not os.path.exists(spool.path):
+                    raise
                 # The Maildir was removed while the server ran: make it again.
                 self.make_maildir(maildir)
-                return Spool(self, f"{maildir}/tmp/{name}", name)
+                self._place(spool, target, maildir)
+            made.append(target)
+
+    def _place(self, spool: SpoolFile, target: str, maildir: str) -> None:
+        if self.link:
+            try:
+                os.link(spool.path, target)
+                return
+            except OSError as exc:
+                if exc.errno not in _CANNOT_LINK:
+                    raise
+        # A hard link is impossible here: copy through this Maildir's tmp/.
+        tmp = f"{maildir}/tmp/{self.names()}"
+        shutil.copyfile(spool.path, tmp)
+        try:
+            os.chmod(tmp, FILE_MODE)
+            if self.fsync:
+                _fsync_path(tmp, False)
+            os.rename(tmp, target)
+        except OSError:
+            _unlink_quietly(tmp)
+            raise
+
+    # ------------------------------------------------------------- read
+
+    def maildir(self, box: str) -> Maildir:
+        """The read side of `box`'s Maildir (which may not exist yet: it is empty)."""
+        return Maildir(self.mailbox_path(box))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One message in a Maildir, as listed."""
+
+    key: str  # the unique name, without the ":2,..." info: stable across new/ -> cur/
+    subdir: str  # "new" or "cur"
+    filename: str  # the name in its folder (key plus info in cur/)
+    size: int  # octets on disk (LF line ends)
+    flags: str  # the Maildir info flags ("S" seen, "T" trashed, ...), sorted
+
+    @property
+    def relpath(self) -> str:
+        return f"{self.subdir}/{self.filename}"
+
+
+class Maildir:
+    """Read side of one Maildir: list, open, flag (new/ -> cur/), delete.
+
+    Follows maildir(5) as Dovecot and mutt use it: `tmp/` is never read;
+    `cur/` names carry `:2,<flags>`; the part before the colon is the key.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def list(self) -> list[StoredMessage]:
+        """Every message in `new/` and `cur/`, oldest delivery first."""
+        out = []
+        for subdir in ("new", "cur"):
+            try:
+                entries = list(os.scandir(self.path / subdir))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                key, _, info = entry.name.partition(":")
+                flags = "".join(sorted(info[2:])) if info.startswith("2,") else ""
+                try:
+                    size = entry.stat().st_size
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                out.append(StoredMessage(key, subdir, entry.name, size, flags))
+        out.sort(key=lambda m: _delivery_order(m.key))
+        return out
+
+    def __iter__(self) -> Iterator[StoredMessage]:
+        return iter(self.list())
+
+    def open(self, message: StoredMessage) -> BinaryIO:
+        """The message's bytes (a file object, read in pieces: never whole in memory)."""
+        try:
+            return open(self.path / message.relpath, "rb")  # the caller closes it
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
 
-    def deliver(self, boxes: Iterable[str], data: bytes) -> list[Path]:
-        """Store a whole message at once (for callers that have it in memory)."""
-        boxes = list(boxes)
-        spool = self.open_spool(boxes[0])
+    def set_flags(self, message: StoredMessage, flags: str) -> StoredMessage:
+        """Give the message these flags; a message in `new/` moves to `cur/` (seen by
+        a client), as maildir(5) asks."""
+        flags = "".join(sorted(set(flags)))
+        filename = f"{message.key}:2,{flags}"
+        if message.subdir == "cur" and message.filename == filename:
+            return message
         try:
-            spool.write(data)
-        except StorageError:
-            spool.discard()
-            raise
-        return spool.commit(boxes)
+            os.rename(self.path / message.relpath, self.path / "cur" / filename)
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+        return StoredMessage(message.key, "cur", filename, message.size, flags)
+
+    def delete(self, message: StoredMessage) -> None:
+        try:
+            os.unlink(self.path / message.relpath)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+
+
+def _delivery_order(key: str) -> tuple[int, int, str]:
+    """`<sec>.M<usec>P...` sorts by time; any other name after, by name."""
+    sec, _, rest = key.partition(".")
+    usec = rest[1:].split("P", 1)[0] if rest.startswith("M") else ""
+    if sec.isdigit() and usec.isdigit():
+        return int(sec), int(usec), key
+    return 1 << 62, 0, key

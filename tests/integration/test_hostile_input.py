@@ -175,7 +175,7 @@ def test_client_vanishing_mid_data_leaves_nothing(server, how):
         _start_data(w)
         w.send(b"Subject: gone\r\n\r\n" + b"partial line\r\n" * 200 + b"no end")
         # The spool file exists while the message arrives...
-        wait_until(lambda: server.tmp_files(), what="spool file in tmp/")
+        wait_until(lambda: server.tmp_files(), what="a spool file")
         if how == "reset":  # RST instead of FIN
             w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     # ...and is removed once the server notices the client is gone.

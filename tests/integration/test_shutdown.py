@@ -35,7 +35,7 @@ def test_sigterm_closes_idle_sessions_with_421(make_server):
         mid.expect("RCPT TO:<alice@test.example>", 250)
         mid.expect("DATA", 354)
         mid.send(b"Subject: never finished\r\n\r\nhalf a message\r\n")
-        wait_until(lambda: server.tmp_files(), what="spool file in tmp/")
+        wait_until(lambda: server.tmp_files(), what="a spool file")
         server.process.send_signal(signal.SIGTERM)
         wait_until(lambda: "signal received" in server.server_log(), what="signal logged")
         assert _refused(server.host, server.port)

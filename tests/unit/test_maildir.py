@@ -1,4 +1,4 @@
-"""Maildir storage: spool once, link into every new/, nothing partial, names checked."""
+"""Storage: the spool, Maildir delivery (all or nothing, names checked) and reading."""
 
 import errno
 import mailbox
@@ -11,81 +11,111 @@ import gevent
 import pytest
 
 from geosmtp.server.threads import in_thread
-from geosmtp.storage.maildir import MaildirStore, StorageError
+from geosmtp.storage import MaildirStore, Spool, StorageError
+from geosmtp.storage.spool import STALE_AFTER, UniqueNames
+
+NAMES = UniqueNames("host/with:chars")
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> MaildirStore:
-    return MaildirStore(tmp_path / "mail", fsync=True, hostname="host/with:chars")
+    return MaildirStore(tmp_path / "mail", fsync=True, names=NAMES)
 
 
-def test_deliver_links_one_file_into_each_mailbox(store):
-    paths = store.deliver(["alice", "bob", "alice"], b"Subject: x\n\nhello\n")
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "mail" / ".spool", NAMES)
+
+
+def spooled(spool: Spool, data: bytes):  # type: ignore[no-untyped-def]
+    f = spool.open()
+    f.write(data)
+    return f
+
+
+def test_deliver_links_one_file_into_each_mailbox(store, spool):
+    f = spooled(spool, b"Subject: x\n\nhello\n")
+    paths = [Path(p) for p in store.deliver(f, ["alice", "bob", "alice"]).paths]
     assert [p.parent.parent.name for p in paths] == ["alice", "bob"]  # alice once
-    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino
+    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino == os.stat(f.path).st_ino
+    f.remove()
     assert all(p.read_bytes() == b"Subject: x\n\nhello\n" for p in paths)
-    assert not list(store.root.glob("*/tmp/*"))
+    assert list(spool.root.iterdir()) == []
     for box in ("alice", "bob"):
         (msg,) = list(mailbox.Maildir(store.root / box, create=False))
         assert msg["Subject"] == "x"
 
 
-def test_unique_names_escape_slash_and_colon(store):
-    names = {store.unique_name() for _ in range(1000)}
+def test_unique_names_escape_slash_and_colon():
+    names = {NAMES() for _ in range(1000)}
     assert len(names) == 1000
     assert all("/" not in n and ":" not in n for n in names)
     assert all(n.endswith(r".host\057with\072chars") for n in names)
 
 
-@pytest.mark.parametrize("box", ["../evil", "a/b", "..", ".hidden", "a\0b", "", "A", "x\ny"])
-def test_unsafe_mailbox_names_never_touch_the_filesystem(store, box):
-    before = set(store.root.parent.rglob("*"))
+@pytest.mark.parametrize("box", ["../evil", "a/b", "..", ".hidden", ".spool", "a\0b", "", "A"])
+def test_unsafe_mailbox_names_never_touch_the_filesystem(store, spool, box):
+    f = spooled(spool, b"x\n")
+    before = set(store.root.rglob("*"))
     with pytest.raises(StorageError):
-        store.deliver([box], b"x\n")
-    assert set(store.root.parent.rglob("*")) == before
+        store.deliver(f, [box])
+    with pytest.raises(StorageError):
+        store.maildir(box)
+    assert set(store.root.rglob("*")) == before
 
 
-def test_discard_removes_the_spool(store):
-    spool = store.open_spool("alice")
-    spool.write(b"partial")
-    assert os.path.exists(spool.path)
-    spool.discard()
-    assert not os.path.exists(spool.path)
-    assert not list(store.root.glob("*/new/*"))
+def test_a_spool_file_is_private_and_removed(spool):
+    f = spooled(spool, b"partial")
+    assert os.stat(f.path).st_mode & 0o777 == 0o600
+    f.remove()
+    assert not os.path.exists(f.path)
 
 
-def test_failed_commit_leaves_nothing_in_new(store, monkeypatch):
-    spool = store.open_spool("alice")
-    spool.write(b"body\n")
+def test_failed_delivery_leaves_nothing_in_new(store, spool, monkeypatch):
+    f = spooled(spool, b"body\n")
     calls = []
     real_link = os.link
 
     def failing_link(src, dst):
         calls.append(dst)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real_link(src, dst)
 
     monkeypatch.setattr(os, "link", failing_link)
-    with pytest.raises(StorageError):
-        spool.commit(["alice", "bob"])
+    with pytest.raises(StorageError) as info:
+        store.deliver(f, ["alice", "bob"])
+    assert info.value.no_space
     assert len(calls) == 2
     assert not list(store.root.glob("*/new/*"))
-    assert not list(store.root.glob("*/tmp/*"))
 
 
-def test_copy_when_hard_links_are_impossible(store, monkeypatch):
+def test_undo_takes_a_delivery_back(store, spool):
+    delivery = store.deliver(spooled(spool, b"x\n"), ["alice", "bob"])
+    assert len(list(store.root.glob("*/new/*"))) == 2
+    delivery.undo()
+    assert not list(store.root.glob("*/new/*"))
+
+
+def test_copy_when_hard_links_are_impossible(store, spool, monkeypatch):
     def no_link(src, dst):
-        raise OSError(18, "Invalid cross-device link")
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", no_link)
-    paths = store.deliver(["alice", "bob"], b"copied\n")
-    assert [p.read_bytes() for p in paths] == [b"copied\n", b"copied\n"]
+    paths = store.deliver(spooled(spool, b"copied\n"), ["alice", "bob"]).paths
+    assert [Path(p).read_bytes() for p in paths] == [b"copied\n", b"copied\n"]
     assert os.stat(paths[0]).st_ino != os.stat(paths[1]).st_ino
     assert not list(store.root.glob("*/tmp/*"))
 
 
-def test_fsync_is_offloaded(tmp_path):
+def test_copy_everywhere_when_told_the_spool_is_elsewhere(store, spool, monkeypatch):
+    store.link = False
+    monkeypatch.setattr(os, "link", lambda *a: pytest.fail("no link may be tried"))
+    (path,) = store.deliver(spooled(spool, b"copied\n"), ["alice"]).paths
+    assert Path(path).read_bytes() == b"copied\n"
+
+
+def test_fsync_is_offloaded(tmp_path, spool):
     calls = []
 
     def offload(fn, *args):
@@ -93,61 +123,75 @@ def test_fsync_is_offloaded(tmp_path):
         return fn(*args)
 
     store = MaildirStore(tmp_path / "m", fsync=True, offload=offload)
-    store.deliver(["alice"], b"x\n")
+    store.deliver(spooled(spool, b"x\n"), ["alice"])
     # One trip to the threadpool does the file's fsync, the links and new/'s fsync.
     assert calls.count("_make_durable") == 1
     calls.clear()
-    MaildirStore(tmp_path / "n", fsync=False, offload=offload).deliver(["alice"], b"x\n")
+    lazy = MaildirStore(tmp_path / "n", fsync=False, offload=offload)
+    lazy.deliver(spooled(spool, b"x\n"), ["alice"])
     assert calls == []
 
 
-def test_mail_is_private_to_the_server_user(store):
-    (path,) = store.deliver(["alice"], b"secret\n")
+def test_mail_is_private_to_the_server_user(store, spool):
+    (path,) = store.deliver(spooled(spool, b"secret\n"), ["alice"]).paths
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert os.stat(store.root / "alice").st_mode & 0o777 == 0o700
     assert os.stat(store.root / "alice" / "new").st_mode & 0o777 == 0o700
 
 
-def test_many_small_writes_make_one_file(store):
-    spool = store.open_spool("alice")
+def test_many_small_writes_make_one_file(store, spool):
+    f = spool.open()
     for i in range(10_000):
-        spool.write(b"%d\n" % i)
-    (path,) = spool.commit(["alice"])
-    assert path.read_bytes() == b"".join(b"%d\n" % i for i in range(10_000))
+        f.write(b"%d\n" % i)
+    (path,) = store.deliver(f, ["alice"]).paths
+    assert Path(path).read_bytes() == b"".join(b"%d\n" % i for i in range(10_000))
 
 
-def test_storage_errors_are_not_socket_errors(store, monkeypatch):
+def test_storage_errors_are_not_socket_errors(spool, monkeypatch):
     """A full disk must never be taken for a lost client (an OSError in the shell)."""
-    spool = store.open_spool("alice")
+    f = spool.open()
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(StorageError) as info:
-        spool.write(b"x" * 70_000)  # more than the write buffer: reaches the file
+        f.write(b"x" * 70_000)  # more than the write buffer: reaches the file
     assert not isinstance(info.value, OSError)
     assert info.value.no_space and info.value.errno == errno.ENOSPC
     monkeypatch.undo()
-    spool.discard()
-    assert not list(store.root.glob("*/tmp/*"))
+    f.remove()
+    assert list(spool.root.iterdir()) == []
+
+
+def test_stale_spool_files_are_removed_at_start(spool):
+    old, fresh = spooled(spool, b"old"), spooled(spool, b"fresh")
+    old.close()
+    fresh.close()
+    long_ago = time.time() - STALE_AFTER - 60
+    os.utime(old.path, (long_ago, long_ago))
+    assert spool.remove_stale() == 1
+    assert [p.name for p in spool.root.iterdir()] == [fresh.name]
+
+
+def test_the_spool_knows_whether_it_can_link(spool, store):
+    assert spool.same_filesystem(store.root)
 
 
 @pytest.mark.parametrize("stop_at", ["link", "fsync"])
-def test_a_commit_stopped_in_the_thread_leaves_all_or_nothing(tmp_path, monkeypatch, stop_at):
-    """The greenlet is killed while the threadpool is half-way through the commit.
+def test_a_delivery_stopped_in_the_thread_leaves_all_or_nothing(tmp_path, monkeypatch, stop_at):
+    """The greenlet is killed while the threadpool is half-way through the delivery.
 
     The thread cannot be stopped; the greenlet's cleanup must wait for it, or it
-    would unlink and close under the thread's feet and leave a link behind.
+    would unlink under the thread's feet and leave a link behind.
     """
     store = MaildirStore(tmp_path / "mail", fsync=True, offload=in_thread)
-    spool = store.open_spool("alice")
-    spool.write(b"Subject: x\n\nbody\n")
+    f = spooled(Spool(tmp_path / "mail" / ".spool", NAMES), b"Subject: x\n\nbody\n")
     inside, release = threading.Event(), threading.Event()
     real_link, real_fsync = os.link, os.fsync
 
     def slow_link(src, dst):
-        real_link(src, dst)  # the link exists before the commit records it
+        real_link(src, dst)  # the link exists before the delivery records it
         if stop_at == "link":
             inside.set()
             release.wait(10)
@@ -156,14 +200,14 @@ def test_a_commit_stopped_in_the_thread_leaves_all_or_nothing(tmp_path, monkeypa
         if stop_at == "fsync" and not inside.is_set():
             inside.set()
             release.wait(10)
-        real_fsync(fd)  # EBADF if the greenlet closed the descriptor meanwhile
+        real_fsync(fd)
 
     monkeypatch.setattr(os, "link", slow_link)
     monkeypatch.setattr(os, "fsync", slow_fsync)
-    committer = gevent.spawn(spool.commit, ["alice", "bob", "carol"])
+    committer = gevent.spawn(store.deliver, f, ["alice", "bob", "carol"])
     deadline = time.monotonic() + 10
-    while not inside.is_set():  # the thread is in the middle of the commit
-        assert time.monotonic() < deadline, "the commit never reached the thread"
+    while not inside.is_set():  # the thread is in the middle of the delivery
+        assert time.monotonic() < deadline, "the delivery never reached the thread"
         gevent.sleep(0.001)
     committer.kill(block=False)
     gevent.idle()  # the kill is delivered: the greenlet now waits for the thread
@@ -172,4 +216,30 @@ def test_a_commit_stopped_in_the_thread_leaves_all_or_nothing(tmp_path, monkeypa
     assert committer.dead
     assert isinstance(committer.value, gevent.GreenletExit)  # never returned: no 250
     assert list(store.root.glob("*/new/*")) == []  # nothing, not a partial delivery
-    assert list(store.root.glob("*/tmp/*")) == []
+
+
+# ------------------------------------------------------------- reading
+
+
+def test_the_read_side_lists_opens_flags_and_deletes(store, spool):
+    for i in range(3):
+        store.deliver(spooled(spool, b"Subject: %d\n\nbody %d\n" % (i, i)), ["alice"])
+    box = store.maildir("alice")
+    listed = box.list()
+    assert [m.subdir for m in listed] == ["new"] * 3
+    assert [m.size for m in listed] == [len(b"Subject: 0\n\nbody 0\n")] * 3
+    with box.open(listed[1]) as f:
+        assert f.read() == b"Subject: 1\n\nbody 1\n"  # oldest delivery first
+    seen = box.set_flags(listed[1], "S")
+    assert (seen.subdir, seen.filename, seen.flags) == ("cur", f"{listed[1].key}:2,S", "S")
+    box.delete(listed[0])
+    again = box.list()
+    assert [m.key for m in again] == [listed[1].key, listed[2].key]
+    # Python's mailbox (and so mutt, Dovecot) sees the same Maildir.
+    reader = mailbox.Maildir(store.root / "alice", create=False)
+    assert sorted(m["Subject"] for m in reader) == ["1", "2"]
+    assert {m.get_flags() for m in reader} == {"S", ""}
+
+
+def test_a_mailbox_never_delivered_to_is_empty(store):
+    assert store.maildir("nobody").list() == []

@@ -1,0 +1,23 @@
+"""The mail pipeline: spool -> filter stages -> router -> destinations."""
+
+from .message import Message
+from .pipeline import DELIVERED, Pipeline, Verdict
+from .router import Destination, MaildirDestination, NoRoute, Router
+from .stages import Accept, Reject, Replace, Stage, StageResult, TempFail
+
+__all__ = [
+    "DELIVERED",
+    "Accept",
+    "Destination",
+    "MaildirDestination",
+    "Message",
+    "NoRoute",
+    "Pipeline",
+    "Reject",
+    "Replace",
+    "Router",
+    "Stage",
+    "StageResult",
+    "TempFail",
+    "Verdict",
+]

@@ -1,0 +1,98 @@
+"""One path from a received message to every destination.
+
+    spool ─► stages (filters) ─► router ─┬─► Maildir (local recipients)
+                                         ├─► outbound queue (later)
+                                         └─► LMTP (later)
+
+`Pipeline.process` takes a message that is whole in the spool and returns one
+`Verdict` for the whole message. `delivered` only once every destination has
+it durably (fsynced); if one destination fails, the others are taken back, so
+a retry by the client can never make a duplicate, and the verdict is a
+temporary failure. The spool file is removed once the message is delivered or
+refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..storage import StorageError
+from .message import Message
+from .router import NoRoute, Router
+from .stages import Accept, Reject, Replace, Stage, TempFail
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The pipeline's answer. The protocol shell words the reply: `delivered`
+    is its `250`; a failure carries the stage's own reply (filters) or none,
+    in which case the shell uses its wording for `no_space` / a local error."""
+
+    delivered: bool
+    temporary: bool = False  # 4xx (try again later) rather than 5xx
+    reason: str = ""  # for the server log
+    no_space: bool = False  # the disk or a quota is full: 452 4.3.1
+    code: int | None = None  # a stage's own reply, when it gave one
+    status: str | None = None
+    text: str | None = None
+    destinations: tuple[str, ...] = ()  # where it went, for logs and metrics
+
+
+DELIVERED = Verdict(True)
+
+
+class Pipeline:
+    def __init__(self, router: Router, stages: Sequence[Stage] = ()) -> None:
+        self.router = router
+        self.stages = list(stages)
+
+    def process(self, message: Message) -> Verdict:
+        """Filter, route and deliver `message`; the spool file is gone afterwards."""
+        try:
+            verdict = self._filter(message)
+            if verdict is None:
+                verdict = self._deliver(message)
+            return verdict
+        finally:
+            message.spool.remove()
+
+    def _filter(self, message: Message) -> Verdict | None:
+        for stage in self.stages:
+            result = stage.process(message)
+            if isinstance(result, Accept):
+                continue
+            if isinstance(result, Replace):
+                message.spool.remove()
+                message.spool = result.spool
+                continue
+            if not isinstance(result, TempFail | Reject):
+                raise TypeError(f"stage {stage.name!r} returned {result!r}")
+            return Verdict(
+                False,
+                isinstance(result, TempFail),
+                f"{stage.name}: {result.reason}",
+                code=result.code if result.text else None,
+                status=result.status if result.text else None,
+                text=result.text,
+            )
+        return None
+
+    def _deliver(self, message: Message) -> Verdict:
+        try:
+            routes = self.router.route(message.envelope.recipients)
+        except NoRoute as exc:
+            return Verdict(False, True, str(exc))
+        done = []
+        try:
+            for destination, recipients in routes:
+                done.append(destination.deliver(message, recipients))
+        except StorageError as exc:
+            for delivery in done:  # all or nothing: no destination keeps a copy
+                delivery.undo()
+            return Verdict(False, True, str(exc), no_space=exc.no_space)
+        except BaseException:
+            for delivery in done:
+                delivery.undo()
+            raise
+        return Verdict(True, destinations=tuple(d.name for d, _ in routes))

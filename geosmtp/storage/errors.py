@@ -1,0 +1,30 @@
+"""The one error type of the storage layer (spool, Maildir, later the queue)."""
+
+from __future__ import annotations
+
+import errno
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class StorageError(Exception):
+    """Spooling or delivery failed; the message is not stored anywhere.
+
+    Deliberately not an `OSError`: the session treats socket errors as a lost
+    client, and a full disk must never be mistaken for one (the client gets a
+    `452`/`451` instead). `errno` says which, `no_space` whether it is a
+    matter of room (disk or quota full).
+    """
+
+    def __init__(self, errno_: int | None, message: str, filename: str | None = None) -> None:
+        super().__init__(message if filename is None else f"{message}: '{filename}'")
+        self.errno = errno_
+        self.filename = filename
+
+    @classmethod
+    def wrap(cls, exc: OSError) -> StorageError:
+        return cls(exc.errno, exc.strerror or str(exc), exc.filename)
+
+    @property
+    def no_space(self) -> bool:
+        return self.errno in _NO_SPACE

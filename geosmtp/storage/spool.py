@@ -1,0 +1,153 @@
+"""The spool: where a message is written, once, while it arrives.
+
+A folder of its own (`spool_dir`, by default `mail_dir/.spool`: no mailbox
+name can start with a dot), on the same filesystem as the Maildirs so that
+delivery is a hard link. A spool file belongs to no mailbox: a message for
+remote recipients only (the outbound queue) is spooled the same way.
+
+The file is private (0600) and written through a raw descriptor, small writes
+gathered up to 64 KiB, so a short message is one `write` however the client
+cut it. It is made durable (`fsync`) by whoever keeps it (Maildir delivery,
+the queue), in the same threadpool trip as their own file work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+from .errors import StorageError
+
+FILE_MODE = 0o600  # mail is private to the server's user, as Postfix and Dovecot keep it
+DIR_MODE = 0o700
+_SPOOL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_WRITE_BUFFER = 64 * 1024
+#: A spool file this old belongs to no live session (a crash left it): removed
+#: at start, as Maildir readers treat tmp/ files (maildir(5): 36 hours).
+STALE_AFTER = 36 * 3600
+
+
+class UniqueNames:
+    """`<sec>.M<usec>P<pid>Q<n>.<host>`, the modern Maildir file name."""
+
+    def __init__(self, hostname: str | None = None) -> None:
+        host = hostname or socket.gethostname()
+        # '/' and ':' cannot stand in a Maildir name: escaped as the spec says.
+        self._host = host.replace("/", r"\057").replace(":", r"\072")
+        self._counter = itertools.count(1)
+        self._pid = os.getpid()
+
+    def __call__(self) -> str:
+        now = time.time()
+        sec = int(now)
+        usec = int((now - sec) * 1_000_000)
+        return f"{sec}.M{usec}P{self._pid}Q{next(self._counter)}.{self._host}"
+
+
+class SpoolFile:
+    """One message being received. Errors are `StorageError`."""
+
+    __slots__ = ("_fd", "_pending", "_pending_size", "name", "path")
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self.name = name
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise StorageError(None, "the spool file is closed", self.path)
+        return self._fd
+
+    def write(self, data: bytes) -> None:
+        """Take a piece of the message; StorageError when the disk refuses it."""
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= _WRITE_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what is gathered to the kernel (not yet durable: see `fsync`)."""
+        if not self._pending:
+            return
+        data = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        self._pending_size = 0
+        try:
+            fd = self.fd
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+
+    def fsync(self) -> None:
+        """Make the written message durable (blocking: call it in the threadpool)."""
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Close the descriptor; the file stays (a destination linked it)."""
+        self._pending.clear()
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def remove(self) -> None:
+        """The message is delivered everywhere, or given up: close and unlink."""
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    discard = remove
+
+
+class Spool:
+    """The spool folder: `open()` a file per message being received."""
+
+    def __init__(self, root: Path, names: UniqueNames) -> None:
+        self.root = Path(root)
+        self.names = names
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+        self._root = str(self.root)
+
+    def open(self) -> SpoolFile:
+        """A new spool file; StorageError when it cannot be made (disk full, gone)."""
+        name = self.names()
+        try:
+            try:
+                return SpoolFile(f"{self._root}/{name}", name)
+            except FileNotFoundError:  # the folder was removed while the server ran
+                self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+                return SpoolFile(f"{self._root}/{name}", name)
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+
+    def remove_stale(self, now: float | None = None) -> int:
+        """Remove spool files older than `STALE_AFTER` (left by a crash); how many."""
+        limit = (time.time() if now is None else now) - STALE_AFTER
+        removed = 0
+        for entry in os.scandir(self._root):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def same_filesystem(self, other: Path) -> bool:
+        """Whether files here can be hard-linked into `other`."""
+        return os.stat(self._root).st_dev == os.stat(other).st_dev

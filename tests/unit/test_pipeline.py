@@ -1,0 +1,147 @@
+"""The pipeline: stages, router, destinations; one verdict; all or nothing."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from geosmtp.mail import Envelope, Mailbox, Recipient
+from geosmtp.pipeline import (
+    Accept,
+    MaildirDestination,
+    Message,
+    Pipeline,
+    Reject,
+    Replace,
+    Router,
+    TempFail,
+)
+from geosmtp.storage import MaildirStore, Spool, StorageError
+from geosmtp.storage.maildir import Delivery
+from geosmtp.storage.spool import UniqueNames
+
+ALICE = Recipient(Mailbox("alice", "example.test"), "alice")
+BOB = Recipient(Mailbox("bob", "example.test"), "bob")
+REMOTE = Recipient(Mailbox("carol", "elsewhere.example"), None)
+
+
+@pytest.fixture
+def parts(tmp_path: Path):
+    names = UniqueNames("host")
+    store = MaildirStore(tmp_path / "mail", names=names)
+    spool = Spool(tmp_path / "mail" / ".spool", names)
+    return store, spool
+
+
+def message(spool: Spool, *recipients: Recipient, data: bytes = b"Subject: s\n\nbody\n"):
+    f = spool.open()
+    f.write(data)
+    env = Envelope("client.example", True, Mailbox("s", "example.org"), recipients=recipients)
+    return Message(env, f, "Q1", len(data))
+
+
+def stored(store: MaildirStore) -> dict[str, list[bytes]]:
+    return {
+        box.name: sorted(p.read_bytes() for p in (box / "new").iterdir())
+        for box in sorted(store.root.iterdir())
+        if not box.name.startswith(".")
+    }
+
+
+def test_local_recipients_are_delivered_and_the_spool_is_emptied(parts):
+    store, spool = parts
+    verdict = Pipeline(Router(MaildirDestination(store))).process(message(spool, ALICE, BOB))
+    assert verdict.delivered and verdict.destinations == ("maildir",)
+    assert stored(store) == {"alice": [b"Subject: s\n\nbody\n"], "bob": [b"Subject: s\n\nbody\n"]}
+    assert list(spool.root.iterdir()) == []
+
+
+def test_a_recipient_without_a_route_is_a_temporary_failure(parts):
+    store, spool = parts
+    verdict = Pipeline(Router(MaildirDestination(store))).process(message(spool, ALICE, REMOTE))
+    assert not verdict.delivered and verdict.temporary
+    assert "no route to <carol@elsewhere.example>" in verdict.reason
+    assert stored(store) == {} and list(spool.root.iterdir()) == []
+
+
+class Failing:
+    """A second destination that refuses: the first must take its copies back."""
+
+    name = "failing"
+
+    def __init__(self, no_space: bool) -> None:
+        self.errno = errno.ENOSPC if no_space else errno.EIO
+
+    def deliver(self, message, recipients) -> Delivery:
+        raise StorageError(self.errno, os.strerror(self.errno))
+
+
+class TwoWays(Router):
+    def __init__(self, first, second) -> None:
+        super().__init__(first)
+        self.second = second
+
+    def route(self, recipients):
+        return [(self.local, recipients[:1]), (self.second, recipients[1:])]
+
+
+@pytest.mark.parametrize("no_space", [True, False])
+def test_one_failed_destination_takes_the_others_back(parts, no_space):
+    store, spool = parts
+    pipeline = Pipeline(TwoWays(MaildirDestination(store), Failing(no_space)))
+    verdict = pipeline.process(message(spool, ALICE, BOB))
+    assert not verdict.delivered and verdict.temporary and verdict.no_space is no_space
+    assert list(store.root.glob("*/new/*")) == []  # alice's copy was taken back
+    assert list(spool.root.iterdir()) == []
+
+
+class Stage:
+    def __init__(self, name, result) -> None:
+        self.name = name
+        self.result = result
+        self.seen: list[bytes] = []
+
+    def process(self, message):
+        with open(message.spool.path, "rb") as f:
+            message.spool.flush()
+            self.seen.append(f.read())
+        return self.result(message) if callable(self.result) else self.result
+
+
+def test_stages_run_in_order_and_may_replace_the_message(parts):
+    store, spool = parts
+
+    def rewrite(msg):
+        new = spool.open()
+        new.write(b"Subject: [tagged] s\n\nbody\n")
+        return Replace(new)
+
+    first, second = Stage("tag", rewrite), Stage("check", Accept())
+    pipeline = Pipeline(Router(MaildirDestination(store)), [first, second])
+    original = message(spool, ALICE)
+    assert pipeline.process(original).delivered
+    assert second.seen == [b"Subject: [tagged] s\n\nbody\n"]
+    assert stored(store) == {"alice": [b"Subject: [tagged] s\n\nbody\n"]}
+    assert list(spool.root.iterdir()) == []  # the original and the rewrite both gone
+
+
+@pytest.mark.parametrize(
+    ("result", "temporary", "reply"),
+    [
+        (TempFail("scanner down"), True, None),
+        (Reject("virus", text="Message refused: virus found"), False, (554, "5.7.1")),
+        (TempFail("busy", 451, "4.7.1", "Try later"), True, (451, "4.7.1")),
+    ],
+)
+def test_a_stage_that_refuses_decides(parts, result, temporary, reply):
+    store, spool = parts
+    never = Stage("never", Accept())
+    pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("filter", result), never])
+    verdict = pipeline.process(message(spool, ALICE))
+    assert not verdict.delivered and verdict.temporary is temporary
+    assert verdict.reason.startswith("filter: ")
+    assert ((verdict.code, verdict.status) if verdict.text else None) == reply
+    assert never.seen == [] and stored(store) == {} and list(spool.root.iterdir()) == []
