@@ -20,7 +20,7 @@ import time
 
 from . import report
 from .scenarios import SCENARIOS, Options
-from .servers import SERVERS, cleanup_all, machine, source_version
+from .servers import SERVERS, cleanup_all, machine, server_class, source_version
 
 POSTFIX_SCENARIOS = {"throughput", "fanout", "scaling", "large"}
 DEFAULT_SERVERS = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
@@ -130,10 +130,11 @@ def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict
     fn = SCENARIOS[args.scenario]
     rows: list[dict] = []
     ok = True
+    classes = {name: server_class(name) for name in servers}
     for rnd in range(1, args.rounds + 1):
         order = servers if rnd % 2 else list(reversed(servers))
         for name in order:
-            cls = SERVERS[name]
+            cls = classes[name]
             print(f"== {args.scenario}: round {rnd}/{args.rounds}, {name}", file=sys.stderr)
             t0 = time.monotonic()
             try:
@@ -164,8 +165,11 @@ def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict
 def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
     out = []
     for n in names:
+        if n.startswith("geosmtp@"):  # an older geosmtp beside today's
+            out.append(n)
+            continue
         if n not in SERVERS:
-            raise SystemExit(f"unknown server {n!r}; known: {', '.join(SERVERS)}")
+            raise SystemExit(f"unknown server {n!r}; known: {', '.join(SERVERS)}, geosmtp@REV")
         if not SERVERS[n].available():
             print(f"({n} is not installed here: skipped)", file=sys.stderr)
             continue

@@ -186,6 +186,10 @@ class Server:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def env(self) -> dict[str, str]:
+        """Extra environment for the server process."""
+        return {}
+
     def start(self, timeout: float = 20.0) -> None:
         self.proc = subprocess.Popen(
             self.command(),
@@ -193,7 +197,7 @@ class Server:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env()},
         )
         self.wait_ready(timeout)
 
@@ -488,3 +492,39 @@ SERVERS: dict[str, type[Server]] = {
     "postfix": Postfix,
     "smtp-sink": SmtpSink,
 }
+
+
+def geosmtp_at(rev: str) -> type[Server]:
+    """geosmtp as it was at commit `rev`, beside today's in the same run: the
+    before/after measurement a hot-path change needs (`--servers
+    geosmtp@HEAD~1,geosmtp`). Its `geosmtp/` is exported with `git archive`."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", f"{rev}^{{commit}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
+    if not commit:
+        raise SystemExit(f"geosmtp@{rev}: not a commit of this repository")
+    src = Path(tempfile.mkdtemp(prefix=f"bench-src-{commit}-"))
+    archive = subprocess.run(
+        ["git", "archive", commit, "geosmtp"], cwd=REPO, capture_output=True, timeout=60
+    )
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
+    _to_clean.append(src)
+
+    class GeosmtpAt(Geosmtp):
+        name = f"geosmtp@{rev}"
+
+        def env(self) -> dict[str, str]:
+            return {"PYTHONPATH": str(src)}
+
+    return GeosmtpAt
+
+
+def server_class(name: str) -> type[Server]:
+    """A server by name: one of SERVERS, or `geosmtp@REV` (that commit's geosmtp)."""
+    if name.startswith("geosmtp@"):
+        return geosmtp_at(name.partition("@")[2])
+    return SERVERS[name]
