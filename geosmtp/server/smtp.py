@@ -61,10 +61,6 @@ class HandshakeFailed(Exception):
     """TLS could not be set up with the client; the session ends without a reply."""
 
 
-TOO_MANY_AUTH_FAILURES = R.reply(421, "4.7.0", "Error: too many authentication failures")
-KICKED = R.reply(421, "4.7.0", "Connection closed by the administrator")
-
-
 _session_ids = itertools.count(1)
 _last_date: tuple[int, str] = (-1, "")
 
@@ -206,7 +202,7 @@ class SMTPSession:
 
     def kick(self) -> None:
         """The administrator closes this session: 421 at its next read."""
-        self.close_reply = KICKED
+        self.close_reply = R.KICKED
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -276,7 +272,7 @@ class SMTPSession:
             self.outcome = "timeout"
             self._close_with(R.TIMEOUT)
         except ShutdownRequested:
-            self.outcome = "kicked" if self.close_reply is KICKED else "shutdown"
+            self.outcome = "kicked" if self.close_reply is R.KICKED else "shutdown"
             self._close_with(self.close_reply)
         except HandshakeFailed as exc:
             self.outcome = "tls_failed"
@@ -359,7 +355,7 @@ class SMTPSession:
             logger.warning(
                 "session {}: [{}] authentication refused: too many failures", self.id, self.peer
             )
-            self.conn.close_with(TOO_MANY_AUTH_FAILURES)
+            self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
         user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
         if user is not None:
@@ -382,7 +378,7 @@ class SMTPSession:
         gevent.sleep(delay)
         self.conn.auth_result(None)
         if disconnect:
-            self.conn.close_with(TOO_MANY_AUTH_FAILURES)
+            self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
 
     # ----------------------------------------------------------- messages
 

@@ -219,7 +219,7 @@ class SMTPConnection:
     def greeting(self) -> bytes:
         """The 220 banner (RFC 5321 §4.3.1), sent before any input; counted as a reply."""
         self.counts["2xx"] = self.counts.get("2xx", 0) + 1
-        return R.reply(220, None, f"{self.hostname} ESMTP geosmtp").to_bytes()
+        return R.greeting(self.hostname).to_bytes()
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
@@ -303,7 +303,7 @@ class SMTPConnection:
             self._discarding_line = False
             if self._sasl is not None:
                 self._sasl = None
-                self._error(sasl.LINE_TOO_LONG)
+                self._error(R.AUTH_LINE_TOO_LONG)
             else:
                 self._error(R.COMMAND_TOO_LONG)
             return True
@@ -349,9 +349,9 @@ class SMTPConnection:
         self._reset_transaction("EHLO" if esmtp else "HELO")
         self.state = State.GREETED
         if not esmtp:
-            self._send(R.reply(250, None, self.hostname))
+            self._send(R.helo(self.hostname))
             return
-        self._send(R.reply(250, None, self.hostname, *self.ehlo_keywords()))
+        self._send(R.ehlo(self.hostname, self.ehlo_keywords()))
 
     def _verb_enabled(self, verb: str) -> bool:
         """Verbs of extensions that are switched off are unknown commands."""
@@ -532,7 +532,7 @@ class SMTPConnection:
         if arg:
             self._error(R.SYNTAX_QUIT)
             return
-        self._close(R.reply(221, "2.0.0", f"{self.hostname} closing connection"))
+        self._close(R.closing(self.hostname))
 
     def _do_HELP(self, arg: bytes) -> None:
         verbs = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
@@ -542,16 +542,8 @@ class SMTPConnection:
             verbs += " STARTTLS"
         if self.auth_offered:
             verbs += " AUTH"
-        self._send(
-            R.reply(
-                214,
-                "2.0.0",
-                f"{self.hostname} geosmtp; supported commands:",
-                verbs,
-                "Extensions: " + " ".join(k.split()[0] for k in self.ehlo_keywords()),
-                "See RFC 5321",
-            )
-        )
+        extensions = [k.split()[0] for k in self.ehlo_keywords()]
+        self._send(R.help_list(self.hostname, verbs.split(), extensions))
 
     def _do_VRFY(self, arg: bytes) -> None:
         if not arg:
@@ -572,11 +564,11 @@ class SMTPConnection:
         name = safe_mailbox_name(mailbox.local_part if mailbox else text)
         if name is not None and self.policy.is_known_user(name):
             domain = mailbox.domain if mailbox else min(self.policy.local_domains, default="")
-            self._send(R.reply(250, "2.1.5", f"<{name}@{domain}>" if domain else f"<{name}>"))
+            self._send(R.user_known(f"{name}@{domain}" if domain else name))
         elif self.policy.accept_unknown and name is not None:
             self._send(R.VRFY_CANNOT)
         else:
-            self._error(R.reply(550, "5.1.1", "User unknown"))
+            self._error(R.VRFY_UNKNOWN_USER)
 
     # -------------------------------------------------------------- STARTTLS
 
@@ -767,7 +759,7 @@ class SMTPConnection:
             self._error(refusal)
             return
         if not self._chunk_last:
-            self._send(R.reply(250, "2.0.0", f"Ok: {self._size} octets received"))
+            self._send(R.chunk_received(self._size))
             return
         if self._cr_pending:
             self._cr_pending = False
@@ -912,7 +904,7 @@ class SMTPConnection:
     def message_stored(self, queue_id: str) -> None:
         """The message is durable in every mailbox: answer 250 (RFC 5321 §4.1.1.4)."""
         assert self.state is State.DELIVERING
-        self._send(R.reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+        self._send(R.queued(queue_id))
         self.state = State.GREETED
         self.envelope = None
 
