@@ -179,10 +179,9 @@ class SMTPSession:
         if self.bytes_out != self._counted_out:
             lm.bytes_out.inc(self.bytes_out - self._counted_out)
             self._counted_out = self.bytes_out
-        counts = self.conn.counts
+        counts = self.conn.take_counts()
         if counts:
             self.server.metrics.add_counts(counts)
-            counts.clear()
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""

@@ -191,9 +191,9 @@ class SMTPConnection:
         self.esmtp = False
         self.envelope: Envelope | None = None
         self.errors = 0
-        #: Commands by verb and replies by class ("2xx") since the shell last took
-        #: them (for metrics); the shell empties it.
-        self.counts: dict[str, int] = {}
+        # Commands by verb and replies by class ("2xx") since the shell last took
+        # them (for metrics): see take_counts().
+        self._counts: dict[str, int] = {}
         self.tls = self.security.tls_active
         self.auth_user: str | None = None
         self._paused = False  # waiting for the shell: TLS handshake or password check
@@ -218,7 +218,7 @@ class SMTPConnection:
 
     def greeting(self) -> bytes:
         """The 220 banner (RFC 5321 §4.3.1), sent before any input; counted as a reply."""
-        self.counts["2xx"] = self.counts.get("2xx", 0) + 1
+        self._counts["2xx"] = self._counts.get("2xx", 0) + 1
         return R.greeting(self.hostname).to_bytes()
 
     def data_to_send(self) -> bytes:
@@ -226,10 +226,21 @@ class SMTPConnection:
         self._out.clear()
         return out
 
+    def take_counts(self) -> dict[str, int]:
+        """The tally since the last call, and a fresh one started: commands by verb
+        (`"MAIL"`, `"UNKNOWN"` for what is not one) and replies by class (`"2xx"`).
+
+        May be called in any state, as often as the shell likes (it adds them to
+        its metrics once per message and at the end). The dict returned is the
+        caller's: the connection never touches it again.
+        """
+        counts, self._counts = self._counts, {}
+        return counts
+
     def _send(self, reply: R.Reply) -> None:
         self._out.append(reply.to_bytes(self.extensions.enhancedstatuscodes))
         key = _REPLY_CLASS[reply.code // 100]
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def _error(self, reply: R.Reply) -> None:
         """Send an error reply and count it against the session's error budget."""
@@ -323,10 +334,10 @@ class SMTPConnection:
         verb, arg = split_command(line)
         handler = getattr(self, f"_do_{verb}", None) if verb.isalpha() else None
         if handler is None or not self._verb_enabled(verb):
-            self.counts["UNKNOWN"] = self.counts.get("UNKNOWN", 0) + 1
+            self._counts["UNKNOWN"] = self._counts.get("UNKNOWN", 0) + 1
             self._error(R.UNKNOWN_COMMAND)
             return
-        self.counts[verb] = self.counts.get(verb, 0) + 1
+        self._counts[verb] = self._counts.get(verb, 0) + 1
         wrong_time = sequence_error(verb, self.state) if verb != "BDAT" else None
         if wrong_time is not None:
             self._error(wrong_time)
