@@ -38,7 +38,7 @@ from .parser import (
     split_command,
 )
 from .policy import RecipientPolicy
-from .state import COMMAND_STATES, TRANSACTION_STATES, State, sequence_error
+from .state import COMMAND_STATES, SEQUENCE, TRANSACTION_STATES, State
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,19 @@ Event = (
     | AuthRequest
     | CloseConnection
 )
+
+
+def _chunk_header(arg: bytes) -> tuple[int, bool] | None:
+    """BDAT's `chunk-size [LAST]` (RFC 3030 §2) as (size, last), or None."""
+    parts = arg.split()
+    if (
+        not 1 <= len(parts) <= 2
+        or not parts[0].isdigit()
+        or len(parts[0]) > 18
+        or (len(parts) == 2 and parts[1].upper() != b"LAST")
+    ):
+        return None
+    return int(parts[0]), len(parts) == 2
 
 
 def _is_utf8(arg: bytes) -> bool:
@@ -332,17 +345,26 @@ class SMTPConnection:
             self._error(R.BAD_NUL)
             return
         verb, arg = split_command(line)
-        handler = getattr(self, f"_do_{verb}", None) if verb.isalpha() else None
-        if handler is None or not self._verb_enabled(verb):
+        command = _COMMANDS.get(verb)
+        if command is None or not self._verb_enabled(verb):
             self._counts["UNKNOWN"] = self._counts.get("UNKNOWN", 0) + 1
             self._error(R.UNKNOWN_COMMAND)
             return
         self._counts[verb] = self._counts.get(verb, 0) + 1
-        wrong_time = sequence_error(verb, self.state) if verb != "BDAT" else None
-        if wrong_time is not None:
-            self._error(wrong_time)
+        handler, check, rule = command
+        # A few refusals come before the state table's: a command this connection
+        # cannot take at all (TLS already on, AUTH not enabled), or a BDAT whose
+        # chunk cannot be skipped because its size is unreadable.
+        refusal = check(self, arg) if check is not None else None
+        if refusal is None:
+            refusal = rule.refused.get(self.state)
+            if refusal is not None and rule.payload:
+                self._refuse_chunk(arg, refusal)  # BDAT: read the chunk, then refuse
+                return
+        if refusal is not None:
+            self._error(refusal)
             return
-        handler(arg)
+        handler(self, arg)
 
     def _do_EHLO(self, arg: bytes) -> None:
         self._greet(arg, esmtp=True)
@@ -372,6 +394,14 @@ class SMTPConnection:
         if verb == "STARTTLS":
             return ext.starttls
         return True
+
+    def _verb_offered(self, verb: str) -> bool:
+        """The verb may succeed on this connection now: HELP lists it."""
+        if verb == "STARTTLS":
+            return self.starttls_offered
+        if verb == "AUTH":
+            return self.auth_offered
+        return self._verb_enabled(verb)
 
     @property
     def starttls_offered(self) -> bool:
@@ -546,15 +576,9 @@ class SMTPConnection:
         self._close(R.closing(self.hostname))
 
     def _do_HELP(self, arg: bytes) -> None:
-        verbs = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
-        if self.extensions.chunking:
-            verbs += " BDAT"
-        if self.starttls_offered:
-            verbs += " STARTTLS"
-        if self.auth_offered:
-            verbs += " AUTH"
+        verbs = [verb for verb in _COMMANDS if self._verb_offered(verb)]
         extensions = [k.split()[0] for k in self.ehlo_keywords()]
-        self._send(R.help_list(self.hostname, verbs.split(), extensions))
+        self._send(R.help_list(self.hostname, verbs, extensions))
 
     def _do_VRFY(self, arg: bytes) -> None:
         if not arg:
@@ -583,22 +607,24 @@ class SMTPConnection:
 
     # -------------------------------------------------------------- STARTTLS
 
-    def _do_STARTTLS(self, arg: bytes) -> None:
+    def _check_STARTTLS(self, arg: bytes) -> R.Reply | None:
+        """Refusals that come before the state table's (see _handle_command)."""
         if arg:
-            self._error(R.SYNTAX_STARTTLS)
-        elif self.tls:
-            self._error(R.TLS_ALREADY_ACTIVE)
-        elif self.state in TRANSACTION_STATES:
-            self._error(R.TRANSACTION_IN_PROGRESS)
-        elif not self.starttls_offered:
+            return R.SYNTAX_STARTTLS
+        if self.tls:
+            return R.TLS_ALREADY_ACTIVE
+        return None
+
+    def _do_STARTTLS(self, arg: bytes) -> None:
+        if not self.starttls_offered:
             self._error(R.TLS_NOT_AVAILABLE)
-        else:
-            self._send(R.STARTTLS_READY)
-            # Whatever came behind STARTTLS in the clear must not be run after the
-            # handshake as if it were protected (CVE-2011-0411, CVE-2024-34083).
-            self._buf.clear()
-            self._paused = True
-            self._events.append(StartTLS())
+            return
+        self._send(R.STARTTLS_READY)
+        # Whatever came behind STARTTLS in the clear must not be run after the
+        # handshake as if it were protected (CVE-2011-0411, CVE-2024-34083).
+        self._buf.clear()
+        self._paused = True
+        self._events.append(StartTLS())
 
     def tls_started(self) -> None:
         """The handshake succeeded: forget everything said before it (RFC 3207 §4.2)."""
@@ -612,30 +638,32 @@ class SMTPConnection:
 
     # ------------------------------------------------------------------ AUTH
 
+    def _check_AUTH(self, arg: bytes) -> R.Reply | None:
+        """Refusals that come before the state table's (see _handle_command)."""
+        if not (self.extensions.auth and self.security.auth_available):
+            return R.AUTH_NOT_ENABLED
+        if not self.esmtp:
+            # AUTH needs EHLO (RFC 4954 §4); the state does not tell it from HELO.
+            return R.BAD_SEQUENCE_HELO
+        if self.auth_user is not None:
+            return R.AUTH_ALREADY
+        return None
+
     def _do_AUTH(self, arg: bytes) -> None:
-        sec = self.security
-        if not (self.extensions.auth and sec.auth_available):
-            self._error(R.AUTH_NOT_ENABLED)
-        elif not self.esmtp:
-            self._error(R.BAD_SEQUENCE_HELO)  # AUTH needs EHLO (RFC 4954 §4)
-        elif self.auth_user is not None:
-            self._error(R.AUTH_ALREADY)
-        elif self.state in TRANSACTION_STATES:
-            self._error(R.TRANSACTION_IN_PROGRESS)
-        elif not self.auth_offered:
+        if not self.auth_offered:  # what is left of it after _check_AUTH: TLS
             self._error(R.AUTH_NEEDS_TLS)
-        else:
-            mechanism, _, initial = arg.partition(b" ")
-            initial = initial.strip()
-            if not mechanism:
-                self._error(R.SYNTAX_AUTH)
-                return
-            name = mechanism.decode("ascii", "replace").upper()
+            return
+        mechanism, _, initial = arg.partition(b" ")
+        initial = initial.strip()
+        if not mechanism:
+            self._error(R.SYNTAX_AUTH)
+            return
+        name = mechanism.decode("ascii", "replace").upper()
 
-            def start(exchange: sasl.SASLExchange) -> R.Reply | sasl.Credentials:
-                return exchange.start(initial or None)
+        def start(exchange: sasl.SASLExchange) -> R.Reply | sasl.Credentials:
+            return exchange.start(initial or None)
 
-            self._auth_step(start, name)
+        self._auth_step(start, name)
 
     def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
         """Run one step of the AUTH exchange and act on what it gives."""
@@ -666,22 +694,13 @@ class SMTPConnection:
 
     # ------------------------------------------------------------------ BDAT
 
+    def _check_BDAT(self, arg: bytes) -> R.Reply | None:
+        """Without a size the chunk cannot be skipped: a syntax error comes before
+        the state table's refusal, and what follows is read as commands."""
+        return R.SYNTAX_BDAT if _chunk_header(arg) is None else None
+
     def _do_BDAT(self, arg: bytes) -> None:
-        parts = arg.split()
-        if (
-            not 1 <= len(parts) <= 2
-            or not parts[0].isdigit()
-            or len(parts[0]) > 18
-            or (len(parts) == 2 and parts[1].upper() != b"LAST")
-        ):
-            # Without a size the chunk cannot be skipped; what follows is read as commands.
-            self._error(R.SYNTAX_BDAT)
-            return
-        size, last = int(parts[0]), len(parts) == 2
-        # The chunk is always read, even when it will be refused, so that its
-        # octets are never taken for commands (RFC 3030 §3).
-        refusal = sequence_error("BDAT", self.state)
-        if refusal is None and self.state is State.RCPT:
+        if self.state is State.RCPT:  # the first chunk: the message starts
             envelope = self.envelope
             assert envelope is not None
             self.state = State.BDAT
@@ -691,6 +710,15 @@ class SMTPConnection:
             self._size = 0
             self._emitting = True
             self._events.append(MessageStart(envelope))
+        self._read_chunk(arg, None)
+
+    def _refuse_chunk(self, arg: bytes, refusal: R.Reply) -> None:
+        """BDAT at the wrong time: its chunk is still read, so that its octets
+        are never taken for commands (RFC 3030 §3); `refusal` is sent after it."""
+        self._read_chunk(arg, refusal)
+
+    def _read_chunk(self, arg: bytes, refusal: R.Reply | None) -> None:
+        size, last = _chunk_header(arg)  # type: ignore[misc]  # _check_BDAT let it through
         self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
         if size == 0:
             self._end_chunk()
@@ -925,3 +953,15 @@ class SMTPConnection:
         self.state = State.GREETED
         self.envelope = None
         self._error(reply)
+
+
+#: The dispatcher: verb -> (its handler, the refusals that come before the state
+#: table's or None, its rule in the table). In the table's order, which is HELP's.
+_COMMANDS = {
+    verb: (
+        getattr(SMTPConnection, f"_do_{verb}"),
+        getattr(SMTPConnection, f"_check_{verb}", None),
+        rule,
+    )
+    for verb, rule in SEQUENCE.items()
+}

@@ -1,14 +1,16 @@
-"""SMTP session states and the command sequencing table (RFC 5321 §4.1.4, §4.3.2).
+"""SMTP session states and the command table (RFC 5321 §4.1.4, §4.3.2).
 
-The table says, for each verb that depends on the transaction state, in which
-states it is accepted and which reply a client gets when it is not. Verbs not
-in the table (RSET, NOOP, QUIT, HELP, VRFY, EHLO, HELO) are valid in any
-command state.
+`SEQUENCE` lists every command the server knows, in the order HELP shows
+them, with the states it may run in and the reply a client gets in each other
+command state. The session consults it for every command before the
+command's handler runs; no handler checks the state itself.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from . import replies as R
 
@@ -24,55 +26,72 @@ class State(enum.Enum):
     CLOSED = "closed"  # 221 or 421 sent; nothing more is read
 
 
-#: verb -> (states where it is accepted, {other command state: reply})
-SEQUENCE: dict[str, tuple[frozenset[State], dict[State, R.Reply]]] = {
-    "MAIL": (
-        frozenset({State.GREETED}),
+#: States in which the session reads command lines.
+COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.BDAT})
+#: States with a transaction (MAIL given) that RSET, EHLO or HELO abandon.
+TRANSACTION_STATES = frozenset({State.MAIL, State.RCPT, State.BDAT})
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a command may run: in every command state but those in `refused`,
+    which gives the reply for each of them."""
+
+    refused: Mapping[State, R.Reply] = field(default_factory=dict)
+    #: Data follows the command whatever the verdict (BDAT's chunk): it is read,
+    #: then refused, so that it is never taken for commands (RFC 3030 §3).
+    payload: bool = False
+
+
+_ANY_TIME = Rule()
+_NOT_IN_A_TRANSACTION = {state: R.TRANSACTION_IN_PROGRESS for state in TRANSACTION_STATES}
+
+#: verb -> when it may run, for every verb the server knows, in HELP's order.
+SEQUENCE: dict[str, Rule] = {
+    "EHLO": _ANY_TIME,
+    "HELO": _ANY_TIME,
+    "MAIL": Rule(
         {
             State.CONNECTED: R.BAD_SEQUENCE_HELO,
             State.MAIL: R.BAD_SEQUENCE_NESTED_MAIL,
             State.RCPT: R.BAD_SEQUENCE_NESTED_MAIL,
             State.BDAT: R.BAD_SEQUENCE_NESTED_MAIL,
-        },
+        }
     ),
-    "RCPT": (
-        frozenset({State.MAIL, State.RCPT}),
+    "RCPT": Rule(
         {
             State.CONNECTED: R.BAD_SEQUENCE_NEED_MAIL,
             State.GREETED: R.BAD_SEQUENCE_NEED_MAIL,
             State.BDAT: R.BAD_SEQUENCE_BDAT_IN_PROGRESS,
-        },
+        }
     ),
-    "DATA": (
-        frozenset({State.RCPT}),
+    "DATA": Rule(
         {
             State.CONNECTED: R.BAD_SEQUENCE_NEED_MAIL,
             State.GREETED: R.BAD_SEQUENCE_NEED_MAIL,
             State.MAIL: R.BAD_SEQUENCE_NEED_RCPT,
             State.BDAT: R.BAD_SEQUENCE_DATA_AFTER_BDAT,
-        },
+        }
     ),
-    # BDAT's chunk is read whatever the state; its handler asks this table after.
-    "BDAT": (
-        frozenset({State.RCPT, State.BDAT}),
+    "RSET": _ANY_TIME,
+    "NOOP": _ANY_TIME,
+    "QUIT": _ANY_TIME,
+    "VRFY": _ANY_TIME,
+    "HELP": _ANY_TIME,
+    "BDAT": Rule(
         {
             State.CONNECTED: R.BAD_SEQUENCE_NEED_MAIL,
             State.GREETED: R.BAD_SEQUENCE_NEED_MAIL,
             State.MAIL: R.BAD_SEQUENCE_NEED_RCPT,
         },
+        payload=True,
     ),
+    # RFC 3207 §4 and RFC 4954 §4: not inside a mail transaction.
+    "STARTTLS": Rule(_NOT_IN_A_TRANSACTION),
+    "AUTH": Rule({State.CONNECTED: R.BAD_SEQUENCE_HELO, **_NOT_IN_A_TRANSACTION}),
 }
 
 
 def sequence_error(verb: str, state: State) -> R.Reply | None:
-    """The 503 reply for `verb` in `state`, or None when the verb may run now."""
-    rule = SEQUENCE.get(verb)
-    if rule is None or state in rule[0]:
-        return None
-    return rule[1][state]
-
-
-#: States in which the session reads command lines.
-COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.BDAT})
-#: States with a transaction (MAIL given) that RSET, EHLO or HELO abandon.
-TRANSACTION_STATES = frozenset({State.MAIL, State.RCPT, State.BDAT})
+    """The reply refusing `verb` in `state`, or None when the verb may run now."""
+    return SEQUENCE[verb].refused.get(state)
