@@ -23,7 +23,7 @@ from .session import (
     TransactionAborted,
     TransactionRejected,
 )
-from .state import State
+from .state import ProtocolError, State
 
 __all__ = [
     "NEED_DATA",
@@ -35,6 +35,7 @@ __all__ = [
     "MessageData",
     "MessageEnd",
     "MessageStart",
+    "ProtocolError",
     "RecipientPolicy",
     "Reply",
     "SMTPConnection",

@@ -38,7 +38,15 @@ from .parser import (
     split_command,
 )
 from .policy import RecipientPolicy
-from .state import COMMAND_STATES, SEQUENCE, TRANSACTION_STATES, State
+from .state import (
+    COMMAND_STATES,
+    SEQUENCE,
+    TRANSACTION_STATES,
+    TRANSITIONS,
+    WAITING_STATES,
+    ProtocolError,
+    State,
+)
 
 
 @dataclass(frozen=True)
@@ -199,7 +207,8 @@ class SMTPConnection:
         self.security = security or Security()
         self.vrfy = vrfy
         self.state = State.CONNECTED
-        self.closed_in: State | None = None  # the state the session was closed in
+        #: The state the session was in when it closed or failed (ERROR); None before.
+        self.closed_in: State | None = None
         self.helo: str | None = None
         self.esmtp = False
         self.envelope: Envelope | None = None
@@ -209,7 +218,7 @@ class SMTPConnection:
         self._counts: dict[str, int] = {}
         self.tls = self.security.tls_active
         self.auth_user: str | None = None
-        self._paused = False  # waiting for the shell: TLS handshake or password check
+        self._greeted = False  # greeting() was called
         self._sasl: sasl.SASLExchange | None = None  # an AUTH exchange wants a response
         # BDAT (RFC 3030): octets of the current chunk still to read, and its fate
         self._chunk_left = 0
@@ -230,11 +239,26 @@ class SMTPConnection:
     # ---------------------------------------------------------------- output
 
     def greeting(self) -> bytes:
-        """The 220 banner (RFC 5321 §4.3.1), sent before any input; counted as a reply."""
+        """The 220 banner (RFC 5321 §4.3.1), for the shell to send before anything else.
+
+        Called once, while the connection is still in `CONNECTED` (on an
+        implicit-TLS listener after the handshake); counted as a reply. Raises
+        `ProtocolError` on a second call or in another state.
+        """
+        if self._greeted or self.state is not State.CONNECTED:
+            raise self._misuse(f"greeting() again or in state {self.state.name}")
+        self._greeted = True
         self._counts["2xx"] = self._counts.get("2xx", 0) + 1
         return R.greeting(self.hostname).to_bytes()
 
     def data_to_send(self) -> bytes:
+        """The replies queued since the last call, as bytes to write (b"" if none).
+
+        May be called in any state, `ERROR` and `CLOSED` included (replies to
+        commands processed before a misuse, the reply of `close_with()`). The
+        shell calls it before it reads, so a pipelined batch is answered in one
+        write (RFC 2920), and before it closes.
+        """
         out = b"".join(self._out)
         self._out.clear()
         return out
@@ -265,25 +289,82 @@ class SMTPConnection:
     def _close(self, reply: R.Reply | None) -> None:
         if reply is not None:
             self._send(reply)
-        self.closed_in = self.state
-        self.state = State.CLOSED
+        self._move("close")
         self._buf.clear()
         self._events.append(CloseConnection(reply))
 
     def close_with(self, reply: R.Reply) -> None:
-        """The shell ends the session (timeout, shutdown): queue `reply` and close."""
+        """The shell ends the session (timeout, shutdown, kick, its own error):
+        queue `reply` (a 421) and close.
+
+        May be called in any state: it is the one way out of `ERROR`, and it
+        works while the connection waits for a verdict. The next event is the
+        `CloseConnection`; flush `data_to_send()` and close the socket. On a
+        connection that is already closed it does nothing, so a shell may call
+        it from every error path without asking first.
+        """
         if self.state is not State.CLOSED:
             self._close(reply)
+
+    # ---------------------------------------------------------------- states
+
+    def _move(self, step: str) -> None:
+        """Take `step` in the transition table: every change of state goes here.
+
+        A step the table does not have from the current state is a misuse:
+        `ProtocolError`, and the connection is in `ERROR`.
+        """
+        state = self.state
+        after = TRANSITIONS[state].get(step)
+        if after is None:
+            raise self._misuse(f"{step} is not possible in state {state.name}")
+        if after is State.CLOSED:
+            self.closed_in = self.closed_in or state
+        self.state = after
+
+    def _misuse(self, what: str) -> ProtocolError:
+        """Enter `ERROR` (a closed connection stays `CLOSED`) and return the
+        exception to raise. Nothing more is read or handed out; replies already
+        queued stay queued, for `close_with()` to follow."""
+        if self.state is not State.CLOSED:
+            self.closed_in = self.closed_in or self.state
+            self.state = State.ERROR
+            self._buf.clear()
+            self._events.clear()
+            self._sasl = None
+        return ProtocolError(what)
 
     # ----------------------------------------------------------------- input
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is not State.CLOSED:
-            self._buf += data
+        """Bytes read from the client, in order; nothing is processed until
+        `next_event()`.
+
+        May be called whenever the connection is open, also while it waits for
+        a verdict (the input waits in turn; after STARTTLS it is discarded).
+        Raises `ProtocolError` once the connection is `CLOSED` or in `ERROR`.
+        """
+        state = self.state
+        if state is State.CLOSED or state is State.ERROR:
+            raise self._misuse(f"receive_data() in state {state.name}")
+        self._buf += data
 
     def next_event(self) -> Event | _Sentinel:
+        """Process buffered input and return the next event, or a sentinel.
+
+        - an event (see the module docstring): act on it, then call again;
+        - `NEED_DATA`: all complete input is processed; flush `data_to_send()`,
+          read, `receive_data()`;
+        - `PAUSED`: the connection waits for the shell's verdict on the last
+          event (`message_stored()`/`message_failed()`, `auth_result()`,
+          `tls_started()`), or, in `ERROR`, for `close_with()`.
+          In `CLOSED` it returns `PAUSED` too: nothing more will happen.
+
+        Never raises for anything the client sends: that gets replies.
+        """
         while not self._events:
-            if self._paused or self.state is State.CLOSED or self.state is State.DELIVERING:
+            state = self.state
+            if state in WAITING_STATES or state is State.CLOSED:
                 return PAUSED
             if self._chunk_left:
                 progressed = self._process_chunk()
@@ -297,13 +378,24 @@ class SMTPConnection:
 
     @property
     def message_size(self) -> int:
-        """Octets of the current message so far (as `MessageEnd.size` counts them)."""
+        """Octets of the current (or last) message so far, as `MessageEnd.size`
+        counts them; the shell logs it for a session that ends in DATA or BDAT."""
         return self._size
 
     @property
     def in_data(self) -> bool:
-        """Message data is being read (the shell's data timeouts apply)."""
+        """Message data is being read: after 354, or inside a BDAT chunk (the
+        shell's data timeouts apply rather than the command timeout)."""
         return self.state is State.DATA or self._chunk_left > 0
+
+    @property
+    def _txn(self) -> Envelope:
+        """The open transaction's envelope. The tables admit its callers only
+        when there is one; None here is a bug in this module."""
+        envelope = self.envelope
+        if envelope is None:
+            raise RuntimeError(f"no mail transaction in state {self.state.name}")
+        return envelope
 
     # -------------------------------------------------------------- commands
 
@@ -380,7 +472,7 @@ class SMTPConnection:
             return
         self.helo, self.esmtp = name, esmtp
         self._reset_transaction("EHLO" if esmtp else "HELO")
-        self.state = State.GREETED
+        self._move("greet")
         if not esmtp:
             self._send(R.helo(self.hostname))
             return
@@ -445,7 +537,7 @@ class SMTPConnection:
             self._events.append(TransactionAborted(self.envelope, by, size))
         self.envelope = None
         if self.state in TRANSACTION_STATES:
-            self.state = State.GREETED
+            self._move("reset")
 
     def _do_MAIL(self, arg: bytes) -> None:
         if self.security.auth_required and self.auth_user is None:
@@ -475,7 +567,7 @@ class SMTPConnection:
             auth_user=self.auth_user,
             tls=self.tls,
         )
-        self.state = State.MAIL
+        self._move("mail")
         self._send(R.SENDER_OK)
 
     def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
@@ -515,8 +607,7 @@ class SMTPConnection:
         return None
 
     def _do_RCPT(self, arg: bytes) -> None:
-        envelope = self.envelope
-        assert envelope is not None
+        envelope = self._txn
         try:
             mailbox, params = parse_rcpt_to(arg, utf8=envelope.smtputf8)
         except SyntaxProblem:
@@ -539,21 +630,21 @@ class SMTPConnection:
             self._reject(resolved, "RCPT", mailbox.address)
             return
         self.envelope = dataclasses.replace(envelope, recipients=(*envelope.recipients, resolved))
-        self.state = State.RCPT
+        self._move("rcpt")
         self._send(R.RECIPIENT_OK)
 
     def _do_DATA(self, arg: bytes) -> None:
         if arg:
             self._error(R.SYNTAX_DATA)
             return
-        assert self.envelope is not None
-        self.state = State.DATA
+        envelope = self._txn
+        self._move("data")
         self._line_too_long = False
         self._data_bol = True
         self._size = 0
         self._emitting = True
         self._send(R.START_DATA)
-        self._events.append(MessageStart(self.envelope))
+        self._events.append(MessageStart(envelope))
 
     @property
     def may_relay(self) -> bool:
@@ -623,18 +714,22 @@ class SMTPConnection:
         # Whatever came behind STARTTLS in the clear must not be run after the
         # handshake as if it were protected (CVE-2011-0411, CVE-2024-34083).
         self._buf.clear()
-        self._paused = True
+        self._move("starttls")
         self._events.append(StartTLS())
 
     def tls_started(self) -> None:
-        """The handshake succeeded: forget everything said before it (RFC 3207 §4.2)."""
+        """The TLS handshake after `StartTLS` succeeded: forget everything said
+        before it (RFC 3207 §4.2) and start again in `CONNECTED`, with `tls` set.
+
+        Only while the connection waits for it (`TLS_HANDSHAKE`); else raises
+        `ProtocolError`. Input received in the clear meanwhile is discarded. When
+        the handshake fails the shell closes the socket: nothing is sent.
+        """
+        self._move("tls_started")
         self._buf.clear()
-        self._paused = False
         self.tls = True
         self.helo, self.esmtp = None, False
         self.auth_user = None  # a login made in the clear (auth_plaintext) is forgotten too
-        self._reset_transaction("STARTTLS")
-        self.state = State.CONNECTED
 
     # ------------------------------------------------------------------ AUTH
 
@@ -679,13 +774,17 @@ class SMTPConnection:
             self._send(result)
             return
         self._sasl = None
-        self._paused = True
+        self._move("auth")
         self._events.append(AuthRequest(result))
 
     def auth_result(self, user: str | None) -> None:
-        """The shell checked the credentials: `user` on success, None on failure."""
-        assert self._paused
-        self._paused = False
+        """The shell's verdict on an `AuthRequest`: the user's name on success
+        (235; `auth_user` is set), None on failure (535, counted as an error).
+
+        Only while the connection waits for it (`AUTHENTICATING`); else raises
+        `ProtocolError`. The shell may instead `close_with()` (too many failures).
+        """
+        self._move("auth_result")
         if user is None:
             self._error(R.AUTH_FAILED)
             return
@@ -701,9 +800,8 @@ class SMTPConnection:
 
     def _do_BDAT(self, arg: bytes) -> None:
         if self.state is State.RCPT:  # the first chunk: the message starts
-            envelope = self.envelope
-            assert envelope is not None
-            self.state = State.BDAT
+            envelope = self._txn
+            self._move("bdat")
             self._cr_pending = False
             self._line_too_long = False
             self._chunk_line = 0
@@ -779,12 +877,11 @@ class SMTPConnection:
 
     def _end_chunk(self) -> None:
         refusal = self._chunk_refusal
-        envelope = self.envelope
         self._chunk_refusal = None
         if refusal is not None:
             self._error(refusal)
             return
-        assert envelope is not None
+        envelope = self._txn
         if self._size > self.limits.max_message_size:
             refusal = R.MESSAGE_TOO_BIG
         elif self._line_too_long:
@@ -792,7 +889,7 @@ class SMTPConnection:
         if refusal is not None:
             # The transaction has failed; chunks the client pipelined behind this
             # one are read and refused with "need MAIL" (RFC 3030 §4.2).
-            self.state = State.GREETED
+            self._move("message_refused")
             self.envelope = None
             self._events.append(TransactionRejected(envelope, refusal, "BDAT", size=self._size))
             self._error(refusal)
@@ -803,7 +900,7 @@ class SMTPConnection:
         if self._cr_pending:
             self._cr_pending = False
             self._events.append(MessageData(b"\r"))
-        self.state = State.DELIVERING
+        self._move("message_end")
         self._events.append(MessageEnd(envelope, self._size))
 
     # ------------------------------------------------------------------ DATA
@@ -819,8 +916,6 @@ class SMTPConnection:
         the data so far ended with CRLF, the only place a `.` line can start.
         """
         buf = self._buf
-        envelope = self.envelope
-        assert envelope is not None
         if self._discarding_line:
             # The rest of an over-long line: counted in the size, kept nowhere.
             eol = buf.find(b"\n")
@@ -866,8 +961,6 @@ class SMTPConnection:
 
     def _data_block(self, block: bytes) -> None:
         """Account for, check and emit a block of complete CRLF-terminated lines."""
-        envelope = self.envelope
-        assert envelope is not None
         bol = self._data_bol
         self._data_bol = block.endswith(b"\r\n")
         stuffed = block.count(b"\r\n.") + (bol and block[:1] == b".")  # lines with a leading dot
@@ -919,8 +1012,7 @@ class SMTPConnection:
             self._events.append(MessageData(data.replace(b"\r\n", b"\n")))
 
     def _end_of_data(self) -> None:
-        envelope = self.envelope
-        assert envelope is not None
+        envelope = self._txn
         # Both are decided on the whole message, so the reply does not depend on
         # how the client's data was cut into reads.
         if self._size > self.limits.max_message_size:
@@ -930,27 +1022,41 @@ class SMTPConnection:
         else:
             reply = None
         if reply is not None:
-            self.state = State.GREETED
+            self._move("message_refused")
             self.envelope = None
             self._events.append(TransactionRejected(envelope, reply, "DATA", size=self._size))
             self._error(reply)
             return
-        self.state = State.DELIVERING
+        self._move("message_end")
         self._events.append(MessageEnd(envelope, self._size))
 
     # ------------------------------------------------ the shell's verdicts
 
     def message_stored(self, queue_id: str) -> None:
-        """The message is durable in every mailbox: answer 250 (RFC 5321 §4.1.1.4)."""
-        assert self.state is State.DELIVERING
+        """The shell's verdict on a `MessageEnd`: the message is durable in every
+        mailbox. Queues `250 ... queued as <queue_id>` (RFC 5321 §4.1.1.4); the
+        transaction is over (`GREETED`, no envelope) and input waiting behind
+        the message is processed at the next `next_event()`.
+
+        Only while the connection waits for it (`DELIVERING`); else raises
+        `ProtocolError`.
+        """
+        self._move("message_stored")
         self._send(R.queued(queue_id))
-        self.state = State.GREETED
         self.envelope = None
 
     def message_failed(self, reply: R.Reply = R.LOCAL_ERROR) -> None:
-        """Storing failed: a 4xx so the client keeps the message and retries."""
-        assert self.state is State.DELIVERING
-        self.state = State.GREETED
+        """The shell's verdict on a `MessageEnd`: the message could not be kept.
+        Queues `reply`, a 4xx so that the client keeps the message and retries
+        (452 for a full disk), or a 5xx for a refusal; counted as an error. The
+        transaction is over, as after `message_stored()`.
+
+        Only while the connection waits for it (`DELIVERING`), and only with a
+        4xx or 5xx reply; else raises `ProtocolError`.
+        """
+        if not 400 <= reply.code < 600:
+            raise self._misuse(f"message_failed() with a {reply.code} reply")
+        self._move("message_failed")
         self.envelope = None
         self._error(reply)
 

@@ -1,9 +1,17 @@
-"""SMTP session states and the command table (RFC 5321 §4.1.4, §4.3.2).
+"""SMTP session states and the two tables that govern them.
 
-`SEQUENCE` lists every command the server knows, in the order HELP shows
-them, with the states it may run in and the reply a client gets in each other
-command state. The session consults it for every command before the
-command's handler runs; no handler checks the state itself.
+`SEQUENCE` (RFC 5321 §4.1.4, §4.3.2) lists every command the server knows, in
+the order HELP shows them, with the states it may run in and the reply a
+client gets in each other command state. The session consults it for every
+command before the command's handler runs; no handler checks the state itself.
+
+`TRANSITIONS` says where each step leads from each state: a command accepted,
+a message ended, a verdict from the shell, the end of the connection. Every
+change of `SMTPConnection.state` is a step in it; a step the table does not
+have from the current state is a misuse of the connection (`ProtocolError`)
+and leaves it in `ERROR`, from which only closing is possible. The client
+cannot cause one: its commands are checked against `SEQUENCE` first and
+refused with a reply.
 """
 
 from __future__ import annotations
@@ -15,6 +23,16 @@ from dataclasses import dataclass, field
 from . import replies as R
 
 
+class ProtocolError(Exception):
+    """The shell called the connection at a time it may not (h11's
+    LocalProtocolError): a verdict nobody asked for, input after the end.
+
+    The connection is left in `State.ERROR` (a closed one stays closed), where
+    it reads nothing and the only thing left to do is `close_with()`. The
+    client's mistakes never raise: they get replies.
+    """
+
+
 class State(enum.Enum):
     CONNECTED = "connected"  # greeting sent, no EHLO/HELO yet
     GREETED = "greeted"  # EHLO/HELO accepted, no transaction
@@ -23,13 +41,20 @@ class State(enum.Enum):
     DATA = "data"  # reading the message after 354
     BDAT = "bdat"  # a message is arriving in BDAT chunks (RFC 3030); commands between
     DELIVERING = "delivering"  # end of data seen; waiting for the shell's verdict
-    CLOSED = "closed"  # 221 or 421 sent; nothing more is read
+    AUTHENTICATING = "authenticating"  # AuthRequest given; waiting for auth_result()
+    TLS_HANDSHAKE = "tls_handshake"  # StartTLS given (220 queued); waiting for tls_started()
+    CLOSED = "closed"  # 221 or 421 sent, or the client closed its side; nothing more is read
+    ERROR = "error"  # the shell misused the connection (ProtocolError); it may only close
 
 
 #: States in which the session reads command lines.
 COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.BDAT})
 #: States with a transaction (MAIL given) that RSET, EHLO or HELO abandon.
 TRANSACTION_STATES = frozenset({State.MAIL, State.RCPT, State.BDAT})
+#: States in which the connection waits for the shell; nothing is read meanwhile.
+WAITING_STATES = frozenset(
+    {State.DELIVERING, State.AUTHENTICATING, State.TLS_HANDSHAKE, State.ERROR}
+)
 
 
 @dataclass(frozen=True)
@@ -95,3 +120,56 @@ SEQUENCE: dict[str, Rule] = {
 def sequence_error(verb: str, state: State) -> R.Reply | None:
     """The reply refusing `verb` in `state`, or None when the verb may run now."""
     return SEQUENCE[verb].refused.get(state)
+
+
+# Reading input, the session may close (QUIT, too many errors, the shell's
+# close_with).
+_READING = {"close": State.CLOSED}
+
+#: state -> {step: the state it leads to}. Steps: greet (EHLO/HELO accepted),
+#: reset (RSET/EHLO/HELO abandon a transaction), mail, rcpt, data, bdat (the
+#: first chunk), starttls, auth (the commands accepted), message_end,
+#: message_refused (at its end: too big, a line too long), then the shell's
+#: calls: message_stored, message_failed, auth_result, tls_started, close.
+TRANSITIONS: dict[State, dict[str, State]] = {
+    State.CONNECTED: {
+        "greet": State.GREETED,
+        "starttls": State.TLS_HANDSHAKE,
+        **_READING,
+    },
+    State.GREETED: {
+        "greet": State.GREETED,
+        "mail": State.MAIL,
+        "starttls": State.TLS_HANDSHAKE,
+        "auth": State.AUTHENTICATING,
+        **_READING,
+    },
+    State.MAIL: {"rcpt": State.RCPT, "reset": State.GREETED, **_READING},
+    State.RCPT: {
+        "rcpt": State.RCPT,
+        "data": State.DATA,
+        "bdat": State.BDAT,
+        "reset": State.GREETED,
+        **_READING,
+    },
+    State.DATA: {
+        "message_end": State.DELIVERING,
+        "message_refused": State.GREETED,
+        **_READING,
+    },
+    State.BDAT: {
+        "message_end": State.DELIVERING,
+        "message_refused": State.GREETED,
+        "reset": State.GREETED,
+        **_READING,
+    },
+    State.DELIVERING: {
+        "message_stored": State.GREETED,
+        "message_failed": State.GREETED,
+        "close": State.CLOSED,
+    },
+    State.AUTHENTICATING: {"auth_result": State.GREETED, "close": State.CLOSED},
+    State.TLS_HANDSHAKE: {"tls_started": State.CONNECTED, "close": State.CLOSED},
+    State.ERROR: {"close": State.CLOSED},
+    State.CLOSED: {},
+}

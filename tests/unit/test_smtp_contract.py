@@ -6,18 +6,39 @@ calls something at the wrong time; the per-command tally.
 
 from __future__ import annotations
 
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import geosmtp
+import geosmtp.smtp
+import geosmtp.smtp.session
 from geosmtp.smtp import (
+    NEED_DATA,
+    PAUSED,
     AuthRequest,
     CloseConnection,
     Extensions,
+    MessageEnd,
+    ProtocolError,
     Security,
     SMTPConnection,
     StartTLS,
     State,
 )
-from geosmtp.smtp.state import COMMAND_STATES, SEQUENCE
+from geosmtp.smtp import replies as R
+from geosmtp.smtp.state import (
+    COMMAND_STATES,
+    SEQUENCE,
+    TRANSACTION_STATES,
+    TRANSITIONS,
+    WAITING_STATES,
+)
 
 from .smtp_helpers import (
     DATA,
@@ -192,3 +213,265 @@ def test_every_verb_help_lists_is_a_command(security):
     for verb in _help_verbs(make_conn(security=security)).split():
         res = run([verb + b"\r\n"], "whole", make_conn(security=security))
         assert not res.replies.startswith(b"500 "), verb
+
+
+# ------------------------------------------------- misuse: ProtocolError, ERROR
+
+
+def _until(conn: SMTPConnection, data: bytes, kind: type | None) -> None:
+    """Feed `data` and take events up to one of `kind` (None: until NEED_DATA),
+    answering nothing: the test decides what the shell says next."""
+    conn.receive_data(data)
+    while True:
+        event = conn.next_event()
+        if kind is not None and isinstance(event, kind):
+            return
+        assert event is not PAUSED, "paused before the event"
+        if event is NEED_DATA:
+            assert kind is None, f"no {kind.__name__}"
+            return
+
+
+#: How to bring a connection into each state (the shell silent after the event).
+REACH = {
+    State.CONNECTED: (b"", None),
+    State.GREETED: (EHLO, None),
+    State.MAIL: (EHLO + MAIL, None),
+    State.RCPT: (EHLO + MAIL + RCPT, None),
+    State.DATA: (EHLO + MAIL + RCPT + DATA + b"half a mess", None),
+    State.BDAT: (EHLO + MAIL + RCPT + b"BDAT 10\r\nhalf", None),
+    State.DELIVERING: (EHLO + MAIL + RCPT + DATA + b"x\r\n.\r\n", MessageEnd),
+    State.AUTHENTICATING: (EHLO + b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", AuthRequest),
+    State.TLS_HANDSHAKE: (EHLO + STARTTLS, StartTLS),
+    State.CLOSED: (EHLO + b"QUIT\r\n", CloseConnection),
+}
+
+
+def reach(state: State) -> SMTPConnection:
+    """A connection in `state`, its replies so far taken."""
+    conn = make_conn(security=BOTH)
+    data, kind = REACH[state]
+    _until(conn, data, kind)
+    assert conn.state is state
+    conn.data_to_send()
+    return conn
+
+
+#: The shell's calls, each with the one state it is allowed in (None: see below).
+CALLS = {
+    "message_stored": (lambda c: c.message_stored("Q1"), State.DELIVERING),
+    "message_failed": (lambda c: c.message_failed(), State.DELIVERING),
+    "auth_result": (lambda c: c.auth_result("alice"), State.AUTHENTICATING),
+    "auth_result(None)": (lambda c: c.auth_result(None), State.AUTHENTICATING),
+    "tls_started": (lambda c: c.tls_started(), State.TLS_HANDSHAKE),
+}
+
+MISUSES = [
+    (name, state) for name, (_, allowed) in CALLS.items() for state in REACH if state is not allowed
+]
+
+
+def test_every_state_can_be_reached_for_the_misuse_tests():
+    assert set(REACH) == set(State) - {State.ERROR}
+
+
+@pytest.mark.parametrize(("name", "state"), MISUSES, ids=lambda x: getattr(x, "name", x))
+def test_a_call_at_the_wrong_time_raises_and_leaves_error(name, state):
+    conn = reach(state)
+    call, _ = CALLS[name]
+    with pytest.raises(ProtocolError):
+        call(conn)
+    if state is State.CLOSED:
+        assert conn.state is State.CLOSED  # nothing left to fail
+        return
+    assert conn.state is State.ERROR and conn.closed_in is state
+    assert conn.data_to_send() == b""  # nothing was answered
+    # In ERROR nothing is read or handed out, and every call but close_with fails.
+    assert conn.next_event() is PAUSED
+    for other, _ in CALLS.values():
+        with pytest.raises(ProtocolError):
+            other(conn)
+    with pytest.raises(ProtocolError):
+        conn.receive_data(b"NOOP\r\n")
+    assert conn.state is State.ERROR and conn.next_event() is PAUSED
+    # The one way out: close, with a reply.
+    conn.close_with(R.INTERNAL_ERROR)
+    assert conn.data_to_send() == R.INTERNAL_ERROR.to_bytes()
+    assert conn.next_event() == CloseConnection(R.INTERNAL_ERROR)
+    assert conn.state is State.CLOSED and conn.closed_in is state
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_each_call_works_in_its_state(name):
+    """The misuse test above is not met by a call that always fails."""
+    call, allowed = CALLS[name]
+    conn = reach(allowed)
+    call(conn)
+    assert conn.state in (State.GREETED, State.CONNECTED)
+    assert conn.next_event() is NEED_DATA
+
+
+def test_a_verdict_given_twice_is_a_misuse():
+    conn = reach(State.DELIVERING)
+    conn.message_stored("Q1")
+    with pytest.raises(ProtocolError):
+        conn.message_failed()
+    assert conn.state is State.ERROR
+    assert conn.data_to_send().endswith(b"250 2.0.0 Ok: queued as Q1\r\n")  # still owed
+
+
+@pytest.mark.parametrize("reply", [R.OK, R.START_DATA, R.AUTH_ASK_USERNAME])
+def test_message_failed_needs_a_failure(reply):
+    conn = reach(State.DELIVERING)
+    with pytest.raises(ProtocolError):
+        conn.message_failed(reply)
+    assert conn.state is State.ERROR and conn.data_to_send() == b""
+
+
+@pytest.mark.parametrize("reply", [R.LOCAL_ERROR, R.INSUFFICIENT_STORAGE, R.MESSAGE_TOO_BIG])
+def test_message_failed_takes_a_4xx_or_5xx(reply):
+    conn = reach(State.DELIVERING)
+    conn.message_failed(reply)
+    assert conn.state is State.GREETED and conn.envelope is None
+    assert conn.data_to_send() == reply.to_bytes()
+
+
+def test_greeting_once_and_first():
+    conn = make_conn()
+    assert conn.greeting().startswith(b"220 ")
+    with pytest.raises(ProtocolError):
+        conn.greeting()
+    assert conn.state is State.ERROR
+    late = reach(State.GREETED)
+    with pytest.raises(ProtocolError):
+        late.greeting()
+    assert late.state is State.ERROR and late.closed_in is State.GREETED
+
+
+def test_receive_data_after_close_with():
+    conn = reach(State.MAIL)
+    conn.close_with(R.TIMEOUT)
+    with pytest.raises(ProtocolError):
+        conn.receive_data(RCPT)
+    assert conn.state is State.CLOSED and conn.closed_in is State.MAIL
+
+
+@pytest.mark.parametrize("state", list(REACH), ids=lambda s: s.name)
+def test_close_with_works_in_every_state(state):
+    conn = reach(state)
+    conn.close_with(R.SHUTTING_DOWN)
+    assert conn.state is State.CLOSED
+    if state is State.CLOSED:  # already closed: nothing more is sent
+        assert conn.data_to_send() == b""
+    else:
+        assert conn.data_to_send() == R.SHUTTING_DOWN.to_bytes()
+        assert conn.next_event() == CloseConnection(R.SHUTTING_DOWN)
+        assert conn.closed_in is state
+
+
+def test_no_assert_in_the_core():
+    """Checks that `python -O` would strip cannot guard anything in the core."""
+    core = Path(geosmtp.smtp.__file__).parent
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(core.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert found == []
+
+
+_UNDER_O = """
+import sys
+assert not __debug__, "asserts are on"
+from geosmtp.smtp import ProtocolError, RecipientPolicy, SMTPConnection
+from geosmtp.smtp import replies as R
+conn = SMTPConnection("mx.test", RecipientPolicy(local_domains=frozenset({"example.test"})))
+for name, call in [
+    ("message_stored", lambda: conn.message_stored("Q1")),
+    ("message_failed", lambda: conn.message_failed()),
+    ("auth_result", lambda: conn.auth_result("alice")),
+    ("tls_started", lambda: conn.tls_started()),
+]:
+    try:
+        call()
+    except ProtocolError:
+        print(name, conn.state.name)
+    else:
+        print(name, "did not raise")
+conn.close_with(R.TIMEOUT)  # the way out of ERROR; then nothing may be fed
+try:
+    conn.receive_data(b"NOOP\\r\\n")
+except ProtocolError:
+    print("receive_data", conn.state.name)
+"""
+
+
+def test_misuse_raises_under_python_O():
+    env = {**os.environ, "PYTHONPATH": str(Path(geosmtp.__file__).parent.parent)}
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", _UNDER_O],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split("\n") == [
+        "message_stored ERROR",
+        "message_failed ERROR",
+        "auth_result ERROR",
+        "tls_started ERROR",
+        "receive_data CLOSED",
+        "",
+    ]
+
+
+# ------------------------------------------------------- the transition table
+
+
+def test_commands_lead_where_the_command_table_admits_them():
+    """A command the sequencing table accepts has its step in the transition
+    table from exactly those states, and from no other."""
+    steps = {"MAIL": "mail", "RCPT": "rcpt", "DATA": "data", "STARTTLS": "starttls"}
+    steps |= {"AUTH": "auth"}
+    for verb, step in steps.items():
+        accepted = COMMAND_STATES - set(SEQUENCE[verb].refused)
+        assert accepted == {s for s in State if step in TRANSITIONS[s]}, verb
+    # BDAT's first chunk starts the message; later ones keep the state.
+    assert COMMAND_STATES - set(SEQUENCE["BDAT"].refused) == {State.RCPT, State.BDAT}
+    assert {s for s in State if "bdat" in TRANSITIONS[s]} == {State.RCPT}
+    # EHLO and HELO abandon a transaction first (reset), then greet.
+    greet = {s for s in State if "greet" in TRANSITIONS[s]}
+    assert greet == COMMAND_STATES - TRANSACTION_STATES
+    assert {s for s in State if "reset" in TRANSITIONS[s]} == TRANSACTION_STATES
+
+
+def test_every_state_is_reachable_and_can_close():
+    seen, todo = {State.CONNECTED}, [State.CONNECTED]
+    while todo:
+        for after in TRANSITIONS[todo.pop()].values():
+            if after not in seen:
+                seen.add(after)
+                todo.append(after)
+    assert seen == set(State) - {State.ERROR}  # ERROR is entered on misuse only
+    for state in State:
+        assert (TRANSITIONS[state].get("close") is State.CLOSED) == (state is not State.CLOSED)
+    assert TRANSITIONS[State.ERROR] == {"close": State.CLOSED}
+    assert TRANSITIONS[State.CLOSED] == {}
+
+
+def test_waiting_states_take_only_their_verdicts():
+    assert set(TRANSITIONS[State.DELIVERING]) == {"message_stored", "message_failed", "close"}
+    assert set(TRANSITIONS[State.AUTHENTICATING]) == {"auth_result", "close"}
+    assert set(TRANSITIONS[State.TLS_HANDSHAKE]) == {"tls_started", "close"}
+    assert WAITING_STATES.isdisjoint(COMMAND_STATES)
+
+
+def test_the_session_takes_exactly_the_tables_steps():
+    """Every state change in session.py is a step the table has, and every
+    step in the table is taken somewhere."""
+    source = Path(geosmtp.smtp.session.__file__).read_text()
+    taken = set(re.findall(r'_move\("(\w+)"\)', source))
+    assert taken == {step for steps in TRANSITIONS.values() for step in steps}
+    assert re.findall(r"self\.state = (?!after\b|State\.ERROR\b|State\.CONNECTED\b)", source) == []

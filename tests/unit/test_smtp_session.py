@@ -27,6 +27,7 @@ from geosmtp.smtp import (
     MessageData,
     MessageEnd,
     MessageStart,
+    ProtocolError,
     State,
     TransactionRejected,
 )
@@ -50,6 +51,7 @@ from .smtp_helpers import (
     Result,
     after_ehlo,
     drain,
+    feed,
     make_conn,
     run,
     store_q1,
@@ -155,10 +157,14 @@ def test_quit_with_argument_is_501_and_keeps_session(mode):
     assert not res.of(CloseConnection)
 
 
-def test_after_close_input_is_ignored():
+def test_after_close_input_is_refused():
+    """Feeding a closed connection is the shell's mistake: it raises, and the
+    input is neither kept nor run."""
     res = run(b"QUIT\r\n", "whole")
     conn = res.conn
-    conn.receive_data(b"NOOP\r\n")
+    with pytest.raises(ProtocolError):
+        conn.receive_data(b"NOOP\r\n")
+    assert conn.state is State.CLOSED  # a closed connection stays closed
     assert conn.next_event() is PAUSED
     assert conn.data_to_send() == b""
     assert len(conn._buf) == 0
@@ -1190,7 +1196,8 @@ def _cut_run(script: bytes, cuts: list[int]) -> tuple:
     events: list = []
     out = []
     for start, stop in zip([0, *cuts], [*cuts, len(script)], strict=True):
-        conn.receive_data(script[start:stop])
+        if not feed(conn, script[start:stop]):
+            break
         drain(conn, events, store_q1)
         out.append(conn.data_to_send())
     result = Result(conn, b"", events)
