@@ -26,6 +26,7 @@ from ..smtp import (
     NEED_DATA,
     AuthRequest,
     CloseConnection,
+    ConnectionClosed,
     MessageData,
     MessageEnd,
     MessageStart,
@@ -235,11 +236,9 @@ class SMTPSession:
                 event = conn.next_event()
                 if event is NEED_DATA:
                     self._flush()
-                    data = self._read()
-                    if not data:
-                        logger.debug("session {} lost the client", self.id)
-                        break
-                    conn.receive_data(data)
+                    # b"" when the client has closed its side: the core then
+                    # answers ConnectionClosed.
+                    conn.receive_data(self._read())
                 elif type(event) is MessageData:
                     self.sniffer.feed(event.data)  # type: ignore[union-attr]
                     self._spool_write(event.data)
@@ -265,8 +264,14 @@ class SMTPSession:
                     code = event.reply.code if event.reply else 221
                     self.outcome = "quit" if code == 221 else "errors"
                     break
-                else:  # PAUSED outside delivery: nothing more will come
+                elif type(event) is ConnectionClosed:
+                    logger.debug("session {} lost the client", self.id)
+                    self._flush()  # a half-closed client may still read
                     break
+                else:
+                    # PAUSED: every branch above gives the core its verdict before
+                    # asking for the next event, so a wait here is a bug.
+                    raise RuntimeError(f"the SMTP core waits for a verdict in {conn.state}")
         except ClientTimeout:
             self.outcome = "timeout"
             self._close_with(R.TIMEOUT)

@@ -1,24 +1,38 @@
 """The sans-I/O SMTP server session (RFC 5321), in the manner of h11.
 
-The shell feeds received bytes with `receive_data()`, then calls
-`next_event()` until it returns `NEED_DATA` (read more) or `PAUSED` (act on
-the last event first), and writes out `data_to_send()`. Replies are queued
-as commands are processed, so a pipelined batch (RFC 2920) is answered in one
-write when the input runs dry.
+The shell feeds what it reads with `receive_data()` (`b""` when the client
+has closed its side) and calls `next_event()` for the next event until it
+returns `NEED_DATA`: then it writes out `data_to_send()` and reads again.
+Replies are queued as commands are processed, so a pipelined batch (RFC 2920)
+is answered in one write when the input runs dry.
 
-Events the shell acts on:
-- `MessageStart`: 354 was sent; open a spool file.
+Some events ask the shell for a verdict (below); until it gives it,
+`next_event()` returns `PAUSED` and processes nothing. A method called at a
+time it may not be raises `ProtocolError` and leaves the connection in
+`State.ERROR`, from which only `close_with()` leads out. Nothing the client
+sends raises: its mistakes get replies. The states and both tables (commands,
+transitions) are in `state.py`, the wording of every reply in `replies.py`.
+
+Events (immutable values) the shell acts on:
+- `MessageStart`: 354 was sent, or the first BDAT chunk is coming; open a spool.
 - `MessageData`: a piece of the message, dot-unstuffed, LF line endings.
-- `MessageEnd`: the message is complete; the core pauses until the shell
-  calls `message_stored()` or `message_failed()`.
+- `MessageEnd`: the message is complete. Verdict: `message_stored()` or
+  `message_failed()`.
 - `TransactionRejected`: a message or recipient was refused (access log);
   after a started message it also means "discard the spool".
 - `TransactionAborted`: a transaction (MAIL given) was abandoned by RSET, EHLO or
   HELO: discard the spool of a BDAT message, log the transaction's end.
-- `StartTLS`: 220 is queued; flush it, do the handshake, call `tls_started()`
-  (or close on failure). Input that came with the STARTTLS line is discarded.
-- `AuthRequest`: check the credentials, then call `auth_result()`.
-- `CloseConnection`: 221/421 is queued; flush and close.
+- `StartTLS`: 220 is queued; flush it and do the handshake. Verdict:
+  `tls_started()`, or on failure close the socket. Input that came with the
+  STARTTLS line is discarded.
+- `AuthRequest`: check the credentials. Verdict: `auth_result()`, or
+  `close_with()`.
+- `CloseConnection`: the server ends the session; 221/421 is queued. Flush
+  and close.
+- `ConnectionClosed`: the client closed its side and all complete input before
+  that is processed (an unfinished line, chunk or message is dropped); the
+  session is over, close the socket. Once it is over, either way, every later
+  `next_event()` returns a `ConnectionClosed`.
 """
 
 from __future__ import annotations
@@ -137,6 +151,11 @@ class CloseConnection:
     reply: R.Reply | None
 
 
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """End of input: the client closed its side (or the session has ended)."""
+
+
 class _Sentinel:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -157,6 +176,7 @@ Event = (
     | StartTLS
     | AuthRequest
     | CloseConnection
+    | ConnectionClosed
 )
 
 
@@ -219,6 +239,7 @@ class SMTPConnection:
         self.tls = self.security.tls_active
         self.auth_user: str | None = None
         self._greeted = False  # greeting() was called
+        self._end_of_input = False  # receive_data(b""): the client closed its side
         self._sasl: sasl.SASLExchange | None = None  # an AUTH exchange wants a response
         # BDAT (RFC 3030): octets of the current chunk still to read, and its fate
         self._chunk_left = 0
@@ -337,17 +358,23 @@ class SMTPConnection:
     # ----------------------------------------------------------------- input
 
     def receive_data(self, data: bytes) -> None:
-        """Bytes read from the client, in order; nothing is processed until
-        `next_event()`.
+        """Bytes read from the client, in order; `b""` when the client has closed
+        its side (end of input). Nothing is processed until `next_event()`.
 
         May be called whenever the connection is open, also while it waits for
         a verdict (the input waits in turn; after STARTTLS it is discarded).
-        Raises `ProtocolError` once the connection is `CLOSED` or in `ERROR`.
+        Raises `ProtocolError` once the connection is `CLOSED` or in `ERROR`,
+        and for data after the end of input (another `b""` is harmless).
         """
         state = self.state
         if state is State.CLOSED or state is State.ERROR:
             raise self._misuse(f"receive_data() in state {state.name}")
-        self._buf += data
+        if not data:
+            self._end_of_input = True
+        elif self._end_of_input:
+            raise self._misuse("receive_data() after the end of input")
+        else:
+            self._buf += data
 
     def next_event(self) -> Event | _Sentinel:
         """Process buffered input and return the next event, or a sentinel.
@@ -357,15 +384,20 @@ class SMTPConnection:
           read, `receive_data()`;
         - `PAUSED`: the connection waits for the shell's verdict on the last
           event (`message_stored()`/`message_failed()`, `auth_result()`,
-          `tls_started()`), or, in `ERROR`, for `close_with()`.
-          In `CLOSED` it returns `PAUSED` too: nothing more will happen.
+          `tls_started()`), or, in `ERROR`, for `close_with()`. It means
+          nothing else.
+        - `ConnectionClosed`: the end of input was reached (the state is now
+          `CLOSED`), and on every call once the session is over.
 
-        Never raises for anything the client sends: that gets replies.
+        May be called in any state. Never raises for anything the client sends:
+        that gets replies.
         """
         while not self._events:
             state = self.state
-            if state in WAITING_STATES or state is State.CLOSED:
+            if state in WAITING_STATES:
                 return PAUSED
+            if state is State.CLOSED:
+                return ConnectionClosed()
             if self._chunk_left:
                 progressed = self._process_chunk()
             elif self.state is State.DATA:
@@ -373,6 +405,10 @@ class SMTPConnection:
             else:
                 progressed = self._process_line()
             if not progressed:
+                if self._end_of_input:  # what is left can never be completed
+                    self._move("end_of_input")
+                    self._buf.clear()
+                    return ConnectionClosed()
                 return NEED_DATA
         return self._events.pop(0)
 

@@ -123,14 +123,15 @@ def sequence_error(verb: str, state: State) -> R.Reply | None:
 
 
 # Reading input, the session may close (QUIT, too many errors, the shell's
-# close_with).
-_READING = {"close": State.CLOSED}
+# close_with) or find the input at its end (the client closed its side).
+_READING = {"close": State.CLOSED, "end_of_input": State.CLOSED}
 
 #: state -> {step: the state it leads to}. Steps: greet (EHLO/HELO accepted),
 #: reset (RSET/EHLO/HELO abandon a transaction), mail, rcpt, data, bdat (the
 #: first chunk), starttls, auth (the commands accepted), message_end,
 #: message_refused (at its end: too big, a line too long), then the shell's
-#: calls: message_stored, message_failed, auth_result, tls_started, close.
+#: calls: message_stored, message_failed, auth_result, tls_started, close, and
+#: end_of_input (receive_data(b"") and all complete input before it processed).
 TRANSITIONS: dict[State, dict[str, State]] = {
     State.CONNECTED: {
         "greet": State.GREETED,

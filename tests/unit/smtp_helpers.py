@@ -22,6 +22,7 @@ from geosmtp.smtp import (
     PAUSED,
     AuthRequest,
     CloseConnection,
+    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,
@@ -189,7 +190,7 @@ def drain(
             on_end(conn, event)
         elif isinstance(event, AuthRequest):
             on_auth(conn, event)
-        elif isinstance(event, CloseConnection):
+        elif isinstance(event, CloseConnection | ConnectionClosed):
             assert conn.state is State.CLOSED
             return
 

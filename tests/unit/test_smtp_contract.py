@@ -23,8 +23,11 @@ from geosmtp.smtp import (
     PAUSED,
     AuthRequest,
     CloseConnection,
+    ConnectionClosed,
     Extensions,
+    MessageData,
     MessageEnd,
+    MessageStart,
     ProtocolError,
     Security,
     SMTPConnection,
@@ -43,12 +46,18 @@ from geosmtp.smtp.state import (
 from .smtp_helpers import (
     DATA,
     EHLO,
+    GO_AHEAD,
     HANDSHAKE,
     MAIL,
     MODES,
     OK,
     QUEUED,
     RCPT,
+    RCPT_OK,
+    SENDER_OK,
+    Result,
+    drain,
+    feed,
     make_conn,
     run,
 )
@@ -221,12 +230,14 @@ def test_every_verb_help_lists_is_a_command(security):
 def _until(conn: SMTPConnection, data: bytes, kind: type | None) -> None:
     """Feed `data` and take events up to one of `kind` (None: until NEED_DATA),
     answering nothing: the test decides what the shell says next."""
-    conn.receive_data(data)
+    if data:
+        conn.receive_data(data)
     while True:
         event = conn.next_event()
         if kind is not None and isinstance(event, kind):
             return
         assert event is not PAUSED, "paused before the event"
+        assert not isinstance(event, ConnectionClosed)
         if event is NEED_DATA:
             assert kind is None, f"no {kind.__name__}"
             return
@@ -475,3 +486,153 @@ def test_the_session_takes_exactly_the_tables_steps():
     taken = set(re.findall(r'_move\("(\w+)"\)', source))
     assert taken == {step for steps in TRANSITIONS.values() for step in steps}
     assert re.findall(r"self\.state = (?!after\b|State\.ERROR\b|State\.CONNECTED\b)", source) == []
+
+
+# ------------------------------------------------------ end of input is an event
+
+
+def to_the_end(steps: list[bytes], mode: str) -> Result:
+    """Feed `steps`, then the end of input (`b""`), answering like the shell.
+
+    whole: a step per receive_data; bytewise: an octet each; pipelined: all of
+    it and the end of input before the first next_event()."""
+    conn = make_conn(security=BOTH)
+    data = b"".join(steps)
+    chunks = {
+        "whole": list(steps),
+        "bytewise": [data[i : i + 1] for i in range(len(data))],
+        "pipelined": [data],
+    }[mode]
+    events: list = []
+    for chunk in chunks:
+        feed(conn, chunk)
+        if mode != "pipelined":
+            drain(conn, events)
+    if feed(conn, b""):  # the shell does not read after CloseConnection
+        drain(conn, events)
+    return Result(conn, conn.data_to_send(), events)
+
+
+TXN_OPEN = [EHLO, MAIL, RCPT]
+EHLO_REPLY = run(EHLO, "whole", make_conn(security=BOTH)).replies
+OPEN_REPLIES = EHLO_REPLY + SENDER_OK + RCPT_OK
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("steps", "replies", "kinds", "closed_in"),
+    [
+        ([], b"", [], State.CONNECTED),
+        ([b"NOO"], b"", [], State.CONNECTED),  # an unfinished command is dropped
+        ([EHLO], EHLO_REPLY, [], State.GREETED),
+        ([EHLO, b"NOOP\r\nRSE"], EHLO_REPLY + OK, [], State.GREETED),
+        ([EHLO, MAIL], EHLO_REPLY + SENDER_OK, [], State.MAIL),
+        (TXN_OPEN, OPEN_REPLIES, [], State.RCPT),
+        # in DATA: the complete lines are handed out, the unfinished one dropped
+        ([*TXN_OPEN, DATA, b"Subject: s\r\n\r\nhalf a mess"], OPEN_REPLIES + GO_AHEAD,
+         [MessageStart, MessageData], State.DATA),
+        ([*TXN_OPEN, DATA, b"body\r\n."], OPEN_REPLIES + GO_AHEAD, [MessageStart, MessageData],
+         State.DATA),
+        ([*TXN_OPEN, DATA, b"body\r\n.\r"], OPEN_REPLIES + GO_AHEAD,
+         [MessageStart, MessageData], State.DATA),
+        # in a BDAT chunk, and between two
+        ([*TXN_OPEN, b"BDAT 10\r\nhalf"], OPEN_REPLIES, [MessageStart, MessageData], State.BDAT),
+        ([*TXN_OPEN, b"BDAT 3\r\nabc"], OPEN_REPLIES + b"250 2.0.0 Ok: 3 octets received\r\n",
+         [MessageStart, MessageData], State.BDAT),
+        # a refused chunk: its 503 would follow the chunk, which never ends
+        ([EHLO, b"BDAT 10\r\nQUIT\r\n"], EHLO_REPLY, [], State.GREETED),
+        # in an AUTH exchange
+        ([EHLO, b"AUTH LOGIN\r\n", b"YWxp"], EHLO_REPLY + b"334 VXNlcm5hbWU6\r\n", [],
+         State.GREETED),
+    ],
+)  # fmt: skip
+def test_end_of_input_in_every_state(mode, steps, replies, kinds, closed_in):
+    res = to_the_end(steps, mode)
+    conn = res.conn
+    assert res.replies == replies
+    assert [type(e) for e in res.events] == [*kinds, ConnectionClosed]
+    assert conn.state is State.CLOSED and conn.closed_in is closed_in
+    assert conn.next_event() == ConnectionClosed()  # and again: it is over
+    with pytest.raises(ProtocolError):
+        conn.receive_data(b"NOOP\r\n")
+    # The shell logs a transaction the client walked away from.
+    assert (conn.envelope is not None) == (closed_in in TRANSACTION_STATES | {State.DATA})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_end_of_input_in_data_keeps_the_size_of_what_came(mode):
+    res = to_the_end([*TXN_OPEN, DATA, b"Subject: s\r\n\r\nhalf a mess"], mode)
+    assert res.conn.message_size == len(b"Subject: s\r\n\r\n")
+    assert b"".join(e.data for e in res.of(MessageData)) == b"Subject: s\n\n"
+    assert not res.of(MessageEnd)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_end_of_input_in_a_chunk_keeps_the_size_of_what_came(mode):
+    res = to_the_end([*TXN_OPEN, b"BDAT 3\r\nabc", b"BDAT 10\r\nhalf"], mode)
+    assert res.conn.message_size == 7
+    assert b"".join(e.data for e in res.of(MessageData)) == b"abchalf"
+    assert not res.of(MessageEnd)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_commands_before_the_end_of_input_are_all_answered(mode):
+    """A client that sends its last commands and closes at once (a half-close):
+    everything complete is processed and answered before ConnectionClosed."""
+    steps = [EHLO, MAIL, RCPT, DATA, b"x\r\n.\r\n", b"NOOP\r\n", b"QUIT\r\n"]
+    res = to_the_end(steps, mode)
+    assert res.replies.endswith(QUEUED + OK + b"221 2.0.0 mx.example.test closing connection\r\n")
+    # QUIT closed the session first: the end of input was never needed.
+    assert [type(e) for e in res.events][-2:] == [MessageEnd, CloseConnection]
+    assert res.conn.next_event() == ConnectionClosed()
+    res = to_the_end(steps[:-1], mode)
+    assert res.replies.endswith(QUEUED + OK)
+    assert [type(e) for e in res.events][-2:] == [MessageEnd, ConnectionClosed]
+    assert res.conn.closed_in is State.GREETED and res.conn.envelope is None
+
+
+@pytest.mark.parametrize(
+    ("state", "verdict"),
+    [
+        (State.DELIVERING, lambda c: c.message_stored("Q1")),
+        (State.AUTHENTICATING, lambda c: c.auth_result("alice")),
+        (State.TLS_HANDSHAKE, lambda c: c.tls_started()),
+    ],
+    ids=["delivering", "authenticating", "tls"],
+)
+def test_end_of_input_while_waiting_for_a_verdict(state, verdict):
+    """The end of input waits behind the verdict like any input; PAUSED means
+    only 'waiting for the shell'."""
+    conn = reach(state)
+    conn.receive_data(b"NOOP\r\n")
+    conn.receive_data(b"")
+    assert conn.next_event() is PAUSED and conn.state is state
+    verdict(conn)
+    if state is State.TLS_HANDSHAKE:  # the NOOP came in the clear: discarded
+        assert conn.next_event() == ConnectionClosed()
+        assert conn.data_to_send() == b""
+    else:
+        assert conn.next_event() == ConnectionClosed()
+        assert conn.data_to_send().endswith(OK)  # the NOOP before the end was run
+    assert conn.state is State.CLOSED
+
+
+def test_data_after_the_end_of_input_is_a_misuse():
+    conn = reach(State.GREETED)
+    conn.receive_data(b"NOOP\r\n")
+    conn.receive_data(b"")
+    conn.receive_data(b"")  # saying it twice is harmless
+    with pytest.raises(ProtocolError):
+        conn.receive_data(b"RSET\r\n")
+    assert conn.state is State.ERROR and conn.next_event() is PAUSED
+    assert conn.data_to_send() == b""  # neither the NOOP nor the RSET ran
+
+
+def test_no_paused_for_a_closed_connection():
+    """PAUSED means 'waiting for a verdict'; a session that is over says so."""
+    for script in (b"QUIT\r\n", b""):
+        conn = make_conn()
+        conn.receive_data(script)
+        while not isinstance(conn.next_event(), CloseConnection | ConnectionClosed):
+            pass
+        assert [conn.next_event() for _ in range(3)] == [ConnectionClosed()] * 3

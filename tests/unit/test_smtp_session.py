@@ -22,6 +22,7 @@ from geosmtp.smtp import (
     NEED_DATA,
     PAUSED,
     CloseConnection,
+    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,
@@ -146,7 +147,7 @@ def test_quit_221_closes_and_nothing_after_runs(mode, quit_):
     closes = res.of(CloseConnection)
     assert len(closes) == 1 and closes[0].reply.code == 221
     assert res.events[-1] == closes[0]
-    assert res.conn.next_event() is PAUSED
+    assert res.conn.next_event() == ConnectionClosed()  # over: nothing more will happen
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -165,7 +166,7 @@ def test_after_close_input_is_refused():
     with pytest.raises(ProtocolError):
         conn.receive_data(b"NOOP\r\n")
     assert conn.state is State.CLOSED  # a closed connection stays closed
-    assert conn.next_event() is PAUSED
+    assert conn.next_event() == ConnectionClosed()
     assert conn.data_to_send() == b""
     assert len(conn._buf) == 0
 
@@ -177,7 +178,7 @@ def test_close_with_queues_421_once():
     assert conn.data_to_send() == b"421 4.4.2 Error: timeout exceeded; closing connection\r\n"
     event = conn.next_event()
     assert isinstance(event, CloseConnection) and event.reply is R.TIMEOUT
-    assert conn.next_event() is PAUSED
+    assert conn.next_event() == ConnectionClosed()
 
 
 @pytest.mark.parametrize("mode", MODES)
