@@ -483,7 +483,7 @@ class SMTPConnection:
         # A few refusals come before the state table's: a command this connection
         # cannot take at all (TLS already on, AUTH not enabled), or a BDAT whose
         # chunk cannot be skipped because its size is unreadable.
-        refusal = check(self, arg) if check is not None else None
+        refusal = getattr(self, check)(arg) if check is not None else None
         if refusal is None:
             refusal = rule.refused.get(self.state)
             if refusal is not None and rule.payload:
@@ -492,7 +492,7 @@ class SMTPConnection:
         if refusal is not None:
             self._error(refusal)
             return
-        handler(self, arg)
+        getattr(self, handler)(arg)
 
     def _do_EHLO(self, arg: bytes) -> None:
         self._greet(arg, esmtp=True)
@@ -1097,12 +1097,14 @@ class SMTPConnection:
         self._error(reply)
 
 
-#: The dispatcher: verb -> (its handler, the refusals that come before the state
-#: table's or None, its rule in the table). In the table's order, which is HELP's.
+#: The dispatcher: verb -> (its handler's name, the name of the method with the
+#: refusals that come before the state table's or None, its rule in the table).
+#: In the table's order, which is HELP's. Methods are looked up by name on the
+#: connection, so a subclass (or a test planting a bug) may replace one.
 _COMMANDS = {
     verb: (
-        getattr(SMTPConnection, f"_do_{verb}"),
-        getattr(SMTPConnection, f"_check_{verb}", None),
+        f"_do_{verb}",
+        f"_check_{verb}" if hasattr(SMTPConnection, f"_check_{verb}") else None,
         rule,
     )
     for verb, rule in SEQUENCE.items()

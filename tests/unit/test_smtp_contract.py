@@ -123,6 +123,18 @@ def test_every_verb_has_a_handler_and_a_rule():
     assert {"STARTTLS", "AUTH", "BDAT"} <= set(SEQUENCE)
 
 
+def test_handlers_are_looked_up_on_the_connection():
+    """A subclass (or a test planting a bug in a running server) may replace one."""
+
+    class Loud(SMTPConnection):
+        def _do_NOOP(self, arg: bytes) -> None:
+            self._send(R.VRFY_CANNOT)
+
+    conn = Loud("mx.test", make_conn().policy)
+    res = run(b"NOOP\r\n", "whole", conn)
+    assert res.replies == R.VRFY_CANNOT.to_bytes()
+
+
 def test_the_table_speaks_only_of_command_states():
     assert set(TO_STATE) == COMMAND_STATES
     for verb, rule in SEQUENCE.items():
