@@ -104,16 +104,22 @@ class Security:
 
 @dataclass(frozen=True)
 class MessageStart:
+    """The message of `envelope` begins (354 sent, or its first BDAT chunk)."""
+
     envelope: Envelope
 
 
 @dataclass(frozen=True)
 class MessageData:
+    """A piece of the message: dot-unstuffed, LF line ends."""
+
     data: bytes
 
 
 @dataclass(frozen=True)
 class MessageEnd:
+    """The message is complete; the connection waits for the shell's verdict."""
+
     envelope: Envelope
     #: octets of message data with CRLF line ends, not counting the dots doubled
     #: for transparency nor the final "." line (RFC 1870 §3)
@@ -122,6 +128,8 @@ class MessageEnd:
 
 @dataclass(frozen=True)
 class TransactionRejected:
+    """A sender, a recipient or a message was refused with `reply`."""
+
     envelope: Envelope | None
     reply: R.Reply
     stage: str  # "MAIL", "RCPT", "DATA", "BDAT"
@@ -131,6 +139,8 @@ class TransactionRejected:
 
 @dataclass(frozen=True)
 class TransactionAborted:
+    """The client abandoned the transaction of `envelope`."""
+
     envelope: Envelope
     by: str  # the verb that abandoned it: "RSET", "EHLO", "HELO"
     size: int = 0  # of the message data received so far (BDAT)
@@ -138,16 +148,20 @@ class TransactionAborted:
 
 @dataclass(frozen=True)
 class StartTLS:
-    pass
+    """220 is queued: the shell does the handshake, then calls `tls_started()`."""
 
 
 @dataclass(frozen=True)
 class AuthRequest:
+    """Credentials to check; the shell answers with `auth_result()`."""
+
     credentials: sasl.Credentials
 
 
 @dataclass(frozen=True)
 class CloseConnection:
+    """The server ends the session; `reply` (221 or 421) is queued."""
+
     reply: R.Reply | None
 
 
@@ -164,7 +178,9 @@ class _Sentinel:
         return self.name
 
 
+#: next_event(): all complete input is processed; read more.
 NEED_DATA = _Sentinel("NEED_DATA")
+#: next_event(): the connection waits for the shell's verdict (or, in ERROR, its close).
 PAUSED = _Sentinel("PAUSED")
 
 Event = (
@@ -208,7 +224,15 @@ _REPLY_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
 
 class SMTPConnection:
-    """One SMTP server session: bytes in, replies and events out."""
+    """One SMTP server session: bytes in, replies and events out.
+
+    Built by the shell per client, with the server's `hostname`, the recipient
+    `policy`, and the `limits`, `extensions` and `security` that hold for it.
+    The shell may read, never write: `state` (a `State`), `closed_in` (where
+    the session closed or failed), `helo` and `esmtp` (the client's greeting),
+    `envelope` (the open transaction's, else None), `tls`, `auth_user`, and
+    `errors` (error replies so far, against `limits.max_errors`).
+    """
 
     def __init__(
         self,
@@ -421,8 +445,9 @@ class SMTPConnection:
     @property
     def in_data(self) -> bool:
         """Message data is being read: after 354, or inside a BDAT chunk (the
-        shell's data timeouts apply rather than the command timeout)."""
-        return self.state is State.DATA or self._chunk_left > 0
+        shell's data timeouts apply rather than the command timeout). False once
+        the session is over."""
+        return self.state is State.DATA or (self._chunk_left > 0 and self.state in COMMAND_STATES)
 
     @property
     def _txn(self) -> Envelope:
@@ -533,10 +558,13 @@ class SMTPConnection:
 
     @property
     def starttls_offered(self) -> bool:
+        """STARTTLS is advertised and may succeed now: on, a certificate, no TLS yet."""
         return self.extensions.starttls and self.security.tls_available and not self.tls
 
     @property
     def auth_offered(self) -> bool:
+        """AUTH is advertised and may succeed now: on, some user has a password,
+        TLS is up (or plaintext AUTH is allowed) and nobody is logged in yet."""
         sec = self.security
         return (
             self.extensions.auth
@@ -546,6 +574,7 @@ class SMTPConnection:
         )
 
     def ehlo_keywords(self) -> list[str]:
+        """The extension keywords of the EHLO reply now, in the order they are sent."""
         ext = self.extensions
         keywords = []
         if ext.pipelining:
@@ -684,6 +713,8 @@ class SMTPConnection:
 
     @property
     def may_relay(self) -> bool:
+        """This client may send mail for other domains: it logged in or is
+        trusted (`policy.resolve` decides what such a recipient gets)."""
         return self.auth_user is not None or self.security.trusted
 
     def _do_RSET(self, arg: bytes) -> None:

@@ -648,3 +648,19 @@ def test_no_paused_for_a_closed_connection():
         while not isinstance(conn.next_event(), CloseConnection | ConnectionClosed):
             pass
         assert [conn.next_event() for _ in range(3)] == [ConnectionClosed()] * 3
+
+
+@pytest.mark.parametrize("end", ["close_with", "end_of_input", "misuse"])
+def test_not_in_data_once_over(end):
+    conn = reach(State.BDAT)
+    assert conn.in_data
+    if end == "close_with":
+        conn.close_with(R.TIMEOUT)
+    elif end == "end_of_input":
+        conn.receive_data(b"")
+        assert conn.next_event() == ConnectionClosed()
+    else:
+        with pytest.raises(ProtocolError):
+            conn.tls_started()
+    assert not conn.in_data
+    assert conn.message_size == 4  # "half" of the chunk came: the shell logs it
