@@ -46,6 +46,10 @@ class State(enum.Enum):
     CLOSED = "closed"  # 221 or 421 sent, or the client closed its side; nothing more is read
     ERROR = "error"  # the shell misused the connection (ProtocolError); it may only close
 
+    # Members are singletons compared by identity, so the identity hash agrees
+    # with ==; Enum's own __hash__ is a Python call, paid on every table lookup.
+    __hash__ = object.__hash__
+
 
 #: States in which the session reads command lines.
 COMMAND_STATES = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.BDAT})
