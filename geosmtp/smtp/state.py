@@ -4,6 +4,8 @@
 the order HELP shows them, with the states it may run in and the reply a
 client gets in each other command state. The session consults it for every
 command before the command's handler runs; no handler checks the state itself.
+(A few refusals that do not depend on the state, such as STARTTLS with TLS
+already on, come before it: see `SMTPConnection._handle_command`.)
 
 `TRANSITIONS` says where each step leads from each state: a command accepted,
 a message ended, a verdict from the shell, the end of the connection. Every
