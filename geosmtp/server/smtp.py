@@ -27,6 +27,7 @@ from ..smtp import (
     NEED_DATA,
     AuthRequest,
     CloseConnection,
+    ConnectionClosed,
     MessageData,
     MessageEnd,
     MessageStart,
@@ -60,10 +61,6 @@ class ShutdownRequested(Exception):
 
 class HandshakeFailed(Exception):
     """TLS could not be set up with the client; the session ends without a reply."""
-
-
-TOO_MANY_AUTH_FAILURES = R.reply(421, "4.7.0", "Error: too many authentication failures")
-KICKED = R.reply(421, "4.7.0", "Connection closed by the administrator")
 
 
 _session_ids = itertools.count(1)
@@ -184,10 +181,9 @@ class SMTPSession:
         if self.bytes_out != self._counted_out:
             lm.bytes_out.inc(self.bytes_out - self._counted_out)
             self._counted_out = self.bytes_out
-        counts = self.conn.counts
+        counts = self.conn.take_counts()
         if counts:
             self.server.metrics.add_counts(counts)
-            counts.clear()
 
     @staticmethod
     def refusal(stopping: bool) -> bytes:
@@ -212,7 +208,7 @@ class SMTPSession:
 
     def kick(self) -> None:
         """The administrator closes this session: 421 at its next read."""
-        self.close_reply = KICKED
+        self.close_reply = R.KICKED
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -246,11 +242,9 @@ class SMTPSession:
                 event = conn.next_event()
                 if event is NEED_DATA:
                     self._flush()
-                    data = self._read()
-                    if not data:
-                        logger.debug("session {} lost the client", self.id)
-                        break
-                    conn.receive_data(data)
+                    # b"" when the client has closed its side: the core then
+                    # answers ConnectionClosed.
+                    conn.receive_data(self._read())
                 elif type(event) is MessageData:
                     self.sniffer.feed(event.data)  # type: ignore[union-attr]
                     self._spool_write(event.data)
@@ -276,13 +270,19 @@ class SMTPSession:
                     code = event.reply.code if event.reply else 221
                     self.outcome = "quit" if code == 221 else "errors"
                     break
-                else:  # PAUSED outside delivery: nothing more will come
+                elif type(event) is ConnectionClosed:
+                    logger.debug("session {} lost the client", self.id)
+                    self._flush()  # a half-closed client may still read
                     break
+                else:
+                    # PAUSED: every branch above gives the core its verdict before
+                    # asking for the next event, so a wait here is a bug.
+                    raise RuntimeError(f"the SMTP core waits for a verdict in {conn.state}")
         except ClientTimeout:
             self.outcome = "timeout"
             self._close_with(R.TIMEOUT)
         except ShutdownRequested:
-            self.outcome = "kicked" if self.close_reply is KICKED else "shutdown"
+            self.outcome = "kicked" if self.close_reply is R.KICKED else "shutdown"
             self._close_with(self.close_reply)
         except HandshakeFailed as exc:
             self.outcome = "tls_failed"
@@ -365,7 +365,7 @@ class SMTPSession:
             logger.warning(
                 "session {}: [{}] authentication refused: too many failures", self.id, self.peer
             )
-            self.conn.close_with(TOO_MANY_AUTH_FAILURES)
+            self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
         user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
         if user is not None:
@@ -388,7 +388,7 @@ class SMTPSession:
         gevent.sleep(delay)
         self.conn.auth_result(None)
         if disconnect:
-            self.conn.close_with(TOO_MANY_AUTH_FAILURES)
+            self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
 
     # ----------------------------------------------------------- messages
 

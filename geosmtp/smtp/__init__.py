@@ -12,6 +12,7 @@ from .session import (
     PAUSED,
     AuthRequest,
     CloseConnection,
+    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,
@@ -23,18 +24,20 @@ from .session import (
     TransactionAborted,
     TransactionRejected,
 )
-from .state import State
+from .state import ProtocolError, State
 
 __all__ = [
     "NEED_DATA",
     "PAUSED",
     "AuthRequest",
     "CloseConnection",
+    "ConnectionClosed",
     "Extensions",
     "Limits",
     "MessageData",
     "MessageEnd",
     "MessageStart",
+    "ProtocolError",
     "RecipientPolicy",
     "Reply",
     "SMTPConnection",

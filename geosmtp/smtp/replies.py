@@ -1,7 +1,12 @@
 """SMTP replies (RFC 5321 §4.2) with enhanced status codes (RFC 2034, RFC 3463).
 
-Every reply the server sends is built here or from a `Reply` made in the core,
-so the wire format (multi-line continuation, enhanced codes) lives in one place.
+The wording of every reply the server can send is in this file: constants for
+the fixed ones, small functions for those with a variable part (a hostname, a
+queue id, a size). The only text from elsewhere is what those functions are
+given: the EHLO keywords, which are the extensions' registered names (chosen by
+the session from its settings), and HELP's list of verbs (from the session's
+dispatcher). The wire format (multi-line continuation, enhanced codes) lives
+here too.
 """
 
 from __future__ import annotations
@@ -48,13 +53,64 @@ def reply(code: int, status: str | None, *lines: str) -> Reply:
     return Reply(code, status, tuple(lines) or ("",))
 
 
-# Replies that are the same for every session. Ones that carry the hostname,
-# an address or a number are built where they are sent.
+# ------------------------------------------------ replies with a variable part
+
+
+def greeting(hostname: str) -> Reply:
+    """The 220 banner (RFC 5321 §4.3.1); no enhanced code before EHLO."""
+    return reply(220, None, f"{hostname} ESMTP geosmtp")
+
+
+def helo(hostname: str) -> Reply:
+    """HELO's 250: no enhanced code in the reply to HELO or EHLO (RFC 2034 §3)."""
+    return reply(250, None, hostname)
+
+
+def ehlo(hostname: str, keywords: list[str]) -> Reply:
+    """EHLO's multi-line 250: the hostname, then one extension keyword a line."""
+    return reply(250, None, hostname, *keywords)
+
+
+def closing(hostname: str) -> Reply:
+    """QUIT's 221 (RFC 5321 §4.1.1.10)."""
+    return reply(221, "2.0.0", f"{hostname} closing connection")
+
+
+def queued(queue_id: str) -> Reply:
+    """The message is durable in every mailbox (the 250 after DATA or BDAT LAST)."""
+    return reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def chunk_received(size: int) -> Reply:
+    """A BDAT chunk that is not the last (RFC 3030 §2): octets of the message so far."""
+    return reply(250, "2.0.0", f"Ok: {size} octets received")
+
+
+def user_known(address: str) -> Reply:
+    """VRFY of a known user: its address in angle brackets (RFC 5321 §3.5.1)."""
+    return reply(250, "2.1.5", f"<{address}>")
+
+
+def help_list(hostname: str, verbs: list[str], extensions: list[str]) -> Reply:
+    """HELP's 214: the commands this session takes and the extensions it offers."""
+    return reply(
+        214,
+        "2.0.0",
+        f"{hostname} geosmtp; supported commands:",
+        " ".join(verbs),
+        "Extensions: " + " ".join(extensions),
+        "See RFC 5321",
+    )
+
+
+# ---------------------------------------------------------------- fixed replies
+
 OK = reply(250, "2.0.0", "Ok")  # RSET, NOOP
 SENDER_OK = reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = reply(250, "2.1.5", "Ok")
 START_DATA = reply(354, None, "End data with <CR><LF>.<CR><LF>")
 VRFY_CANNOT = reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_UNKNOWN_USER = reply(550, "5.1.1", "User unknown")
 
 BAD_SEQUENCE_HELO = reply(503, "5.5.1", "Error: send HELO/EHLO first")
 BAD_SEQUENCE_NESTED_MAIL = reply(503, "5.5.1", "Error: nested MAIL command")
@@ -106,6 +162,15 @@ AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
 SYNTAX_AUTH = reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 SENDER_NOT_OWNED = reply(553, "5.7.1", "Sender address rejected: not owned by the logged-in user")
 RELAY_UNAVAILABLE = reply(451, "4.3.2", "Relaying is not available yet; try again later")
+# The SASL exchange (RFC 4954 §4; sasl.py)
+AUTH_CANCELLED = reply(501, "5.7.0", "Authentication cancelled")
+AUTH_BAD_BASE64 = reply(501, "5.5.2", "Cannot decode response")
+AUTH_BAD_RESPONSE = reply(501, "5.5.2", "Malformed authentication response")
+AUTH_BAD_MECHANISM = reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_LINE_TOO_LONG = reply(500, "5.5.6", "Authentication exchange line is too long")
+AUTH_ASK_USERNAME = reply(334, None, "VXNlcm5hbWU6")  # base64("Username:"), LOGIN
+AUTH_ASK_PASSWORD = reply(334, None, "UGFzc3dvcmQ6")  # base64("Password:"), LOGIN
+AUTH_EMPTY_CHALLENGE = reply(334, None, "")  # PLAIN without an initial response
 
 # SMTPUTF8 (RFC 6531 §3.5)
 NEEDS_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
@@ -120,3 +185,5 @@ TOO_MANY_CLIENTS = reply(421, "4.7.0", "Error: too many connections; try again l
 TIMEOUT = reply(421, "4.4.2", "Error: timeout exceeded; closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2", "Server shutting down; closing connection")
 INTERNAL_ERROR = reply(421, "4.3.0", "Error: internal server error; closing connection")
+TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0", "Error: too many authentication failures")
+KICKED = reply(421, "4.7.0", "Connection closed by the administrator")

@@ -17,16 +17,6 @@ MECHANISMS = ("PLAIN", "LOGIN")
 #: RFC 4954 §4: a server must accept AUTH command and response lines this long.
 MAX_AUTH_LINE = 12288
 
-CANCELLED = R.reply(501, "5.7.0", "Authentication cancelled")
-BAD_BASE64 = R.reply(501, "5.5.2", "Cannot decode response")
-BAD_RESPONSE = R.reply(501, "5.5.2", "Malformed authentication response")
-BAD_MECHANISM = R.reply(504, "5.5.4", "Unrecognized authentication type")
-LINE_TOO_LONG = R.reply(500, "5.5.6", "Authentication exchange line is too long")
-
-_USERNAME = R.reply(334, None, "VXNlcm5hbWU6")  # base64("Username:")
-_PASSWORD = R.reply(334, None, "UGFzc3dvcmQ6")  # base64("Password:")
-_EMPTY_CHALLENGE = R.reply(334, None, "")
-
 
 @dataclass(frozen=True)
 class Credentials:
@@ -45,31 +35,31 @@ def decode(response: bytes) -> bytes:
     """A client response: base64, `=` for empty, `*` to cancel (RFC 4954 §4)."""
     response = response.strip()
     if response == b"*":
-        raise SASLError(CANCELLED)
+        raise SASLError(R.AUTH_CANCELLED)
     if response == b"=":
         return b""
     try:
         return binascii.a2b_base64(response, strict_mode=True)
     except (binascii.Error, ValueError):
-        raise SASLError(BAD_BASE64) from None
+        raise SASLError(R.AUTH_BAD_BASE64) from None
 
 
 def _text(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SASLError(BAD_RESPONSE) from None
+        raise SASLError(R.AUTH_BAD_RESPONSE) from None
 
 
 def parse_plain(message: bytes) -> Credentials:
     """`[authzid] NUL authcid NUL passwd` (RFC 4616 §2)."""
     parts = message.split(b"\0")
     if len(parts) != 3 or not parts[1] or not parts[2]:
-        raise SASLError(BAD_RESPONSE)
+        raise SASLError(R.AUTH_BAD_RESPONSE)
     authzid, authcid, password = (_text(p) for p in parts)
     if authzid and authzid != authcid:
         # Acting for another user is not supported: refuse rather than ignore it.
-        raise SASLError(R.reply(535, "5.7.8", "Authentication credentials invalid"))
+        raise SASLError(R.AUTH_FAILED)
     return Credentials("PLAIN", authcid, password)
 
 
@@ -82,17 +72,17 @@ class SASLExchange:
 
     def __init__(self, mechanism: str) -> None:
         if mechanism not in MECHANISMS:
-            raise SASLError(BAD_MECHANISM)
+            raise SASLError(R.AUTH_BAD_MECHANISM)
         self.mechanism = mechanism
         self._login: str | None = None
 
     def start(self, initial: bytes | None) -> R.Reply | Credentials:
         if self.mechanism == "PLAIN":
             if initial is None:
-                return _EMPTY_CHALLENGE
+                return R.AUTH_EMPTY_CHALLENGE
             return parse_plain(decode(initial))
         if initial is None:
-            return _USERNAME
+            return R.AUTH_ASK_USERNAME
         return self.respond(initial)
 
     def respond(self, line: bytes) -> R.Reply | Credentials:
@@ -102,6 +92,6 @@ class SASLExchange:
         if self._login is None:
             self._login = _text(data)
             if not self._login:
-                raise SASLError(BAD_RESPONSE)
-            return _PASSWORD
+                raise SASLError(R.AUTH_BAD_RESPONSE)
+            return R.AUTH_ASK_PASSWORD
         return Credentials("LOGIN", self._login, _text(data))

@@ -1,24 +1,38 @@
 """The sans-I/O SMTP server session (RFC 5321), in the manner of h11.
 
-The shell feeds received bytes with `receive_data()`, then calls
-`next_event()` until it returns `NEED_DATA` (read more) or `PAUSED` (act on
-the last event first), and writes out `data_to_send()`. Replies are queued
-as commands are processed, so a pipelined batch (RFC 2920) is answered in one
-write when the input runs dry.
+The shell feeds what it reads with `receive_data()` (`b""` when the client
+has closed its side) and calls `next_event()` for the next event until it
+returns `NEED_DATA`: then it writes out `data_to_send()` and reads again.
+Replies are queued as commands are processed, so a pipelined batch (RFC 2920)
+is answered in one write when the input runs dry.
 
-Events the shell acts on:
-- `MessageStart`: 354 was sent; open a spool file.
+Some events ask the shell for a verdict (below); until it gives it,
+`next_event()` returns `PAUSED` and processes nothing. A method called at a
+time it may not be raises `ProtocolError` and leaves the connection in
+`State.ERROR`, from which only `close_with()` leads out. Nothing the client
+sends raises: its mistakes get replies. The states and both tables (commands,
+transitions) are in `state.py`, the wording of every reply in `replies.py`.
+
+Events (immutable values) the shell acts on:
+- `MessageStart`: 354 was sent, or the first BDAT chunk is coming; open a spool.
 - `MessageData`: a piece of the message, dot-unstuffed, LF line endings.
-- `MessageEnd`: the message is complete; the core pauses until the shell
-  calls `message_stored()` or `message_failed()`.
+- `MessageEnd`: the message is complete. Verdict: `message_stored()` or
+  `message_failed()`.
 - `TransactionRejected`: a message or recipient was refused (access log);
   after a started message it also means "discard the spool".
 - `TransactionAborted`: a transaction (MAIL given) was abandoned by RSET, EHLO or
   HELO: discard the spool of a BDAT message, log the transaction's end.
-- `StartTLS`: 220 is queued; flush it, do the handshake, call `tls_started()`
-  (or close on failure). Input that came with the STARTTLS line is discarded.
-- `AuthRequest`: check the credentials, then call `auth_result()`.
-- `CloseConnection`: 221/421 is queued; flush and close.
+- `StartTLS`: 220 is queued; flush it and do the handshake. Verdict:
+  `tls_started()`, or on failure close the socket. Input that came with the
+  STARTTLS line is discarded.
+- `AuthRequest`: check the credentials. Verdict: `auth_result()`, or
+  `close_with()`.
+- `CloseConnection`: the server ends the session; 221/421 is queued. Flush
+  and close.
+- `ConnectionClosed`: the client closed its side and all complete input before
+  that is processed (an unfinished line, chunk or message is dropped); the
+  session is over, close the socket. Once it is over, either way, every later
+  `next_event()` returns a `ConnectionClosed`.
 """
 
 from __future__ import annotations
@@ -38,7 +52,15 @@ from .parser import (
     split_command,
 )
 from .policy import RecipientPolicy
-from .state import COMMAND_STATES, TRANSACTION_STATES, State, sequence_error
+from .state import (
+    COMMAND_STATES,
+    SEQUENCE,
+    TRANSACTION_STATES,
+    TRANSITIONS,
+    WAITING_STATES,
+    ProtocolError,
+    State,
+)
 
 
 @dataclass(frozen=True)
@@ -82,16 +104,22 @@ class Security:
 
 @dataclass(frozen=True)
 class MessageStart:
+    """The message of `envelope` begins (354 sent, or its first BDAT chunk)."""
+
     envelope: Envelope
 
 
 @dataclass(frozen=True)
 class MessageData:
+    """A piece of the message: dot-unstuffed, LF line ends."""
+
     data: bytes
 
 
 @dataclass(frozen=True)
 class MessageEnd:
+    """The message is complete; the connection waits for the shell's verdict."""
+
     envelope: Envelope
     #: octets of message data with CRLF line ends, not counting the dots doubled
     #: for transparency nor the final "." line (RFC 1870 §3)
@@ -100,6 +128,8 @@ class MessageEnd:
 
 @dataclass(frozen=True)
 class TransactionRejected:
+    """A sender, a recipient or a message was refused with `reply`."""
+
     envelope: Envelope | None
     reply: R.Reply
     stage: str  # "MAIL", "RCPT", "DATA", "BDAT"
@@ -109,6 +139,8 @@ class TransactionRejected:
 
 @dataclass(frozen=True)
 class TransactionAborted:
+    """The client abandoned the transaction of `envelope`."""
+
     envelope: Envelope
     by: str  # the verb that abandoned it: "RSET", "EHLO", "HELO"
     size: int = 0  # of the message data received so far (BDAT)
@@ -116,17 +148,26 @@ class TransactionAborted:
 
 @dataclass(frozen=True)
 class StartTLS:
-    pass
+    """220 is queued: the shell does the handshake, then calls `tls_started()`."""
 
 
 @dataclass(frozen=True)
 class AuthRequest:
+    """Credentials to check; the shell answers with `auth_result()`."""
+
     credentials: sasl.Credentials
 
 
 @dataclass(frozen=True)
 class CloseConnection:
+    """The server ends the session; `reply` (221 or 421) is queued."""
+
     reply: R.Reply | None
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """End of input: the client closed its side (or the session has ended)."""
 
 
 class _Sentinel:
@@ -137,7 +178,9 @@ class _Sentinel:
         return self.name
 
 
+#: next_event(): all complete input is processed; read more.
 NEED_DATA = _Sentinel("NEED_DATA")
+#: next_event(): the connection waits for the shell's verdict (or, in ERROR, its close).
 PAUSED = _Sentinel("PAUSED")
 
 Event = (
@@ -149,7 +192,21 @@ Event = (
     | StartTLS
     | AuthRequest
     | CloseConnection
+    | ConnectionClosed
 )
+
+
+def _chunk_header(arg: bytes) -> tuple[int, bool] | None:
+    """BDAT's `chunk-size [LAST]` (RFC 3030 §2) as (size, last), or None."""
+    parts = arg.split()
+    if (
+        not 1 <= len(parts) <= 2
+        or not parts[0].isdigit()
+        or len(parts[0]) > 18
+        or (len(parts) == 2 and parts[1].upper() != b"LAST")
+    ):
+        return None
+    return int(parts[0]), len(parts) == 2
 
 
 def _is_utf8(arg: bytes) -> bool:
@@ -167,7 +224,15 @@ _REPLY_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
 
 class SMTPConnection:
-    """One SMTP server session: bytes in, replies and events out."""
+    """One SMTP server session: bytes in, replies and events out.
+
+    Built by the shell per client, with the server's `hostname`, the recipient
+    `policy`, and the `limits`, `extensions` and `security` that hold for it.
+    The shell may read, never write: `state` (a `State`), `closed_in` (where
+    the session closed or failed), `helo` and `esmtp` (the client's greeting),
+    `envelope` (the open transaction's, else None), `tls`, `auth_user`, and
+    `errors` (error replies so far, against `limits.max_errors`).
+    """
 
     def __init__(
         self,
@@ -186,17 +251,19 @@ class SMTPConnection:
         self.security = security or Security()
         self.vrfy = vrfy
         self.state = State.CONNECTED
-        self.closed_in: State | None = None  # the state the session was closed in
+        #: The state the session was in when it closed or failed (ERROR); None before.
+        self.closed_in: State | None = None
         self.helo: str | None = None
         self.esmtp = False
         self.envelope: Envelope | None = None
         self.errors = 0
-        #: Commands by verb and replies by class ("2xx") since the shell last took
-        #: them (for metrics); the shell empties it.
-        self.counts: dict[str, int] = {}
+        # Commands by verb and replies by class ("2xx") since the shell last took
+        # them (for metrics): see take_counts().
+        self._counts: dict[str, int] = {}
         self.tls = self.security.tls_active
         self.auth_user: str | None = None
-        self._paused = False  # waiting for the shell: TLS handshake or password check
+        self._greeted = False  # greeting() was called
+        self._end_of_input = False  # receive_data(b""): the client closed its side
         self._sasl: sasl.SASLExchange | None = None  # an AUTH exchange wants a response
         # BDAT (RFC 3030): octets of the current chunk still to read, and its fate
         self._chunk_left = 0
@@ -217,19 +284,45 @@ class SMTPConnection:
     # ---------------------------------------------------------------- output
 
     def greeting(self) -> bytes:
-        """The 220 banner (RFC 5321 §4.3.1), sent before any input; counted as a reply."""
-        self.counts["2xx"] = self.counts.get("2xx", 0) + 1
-        return R.reply(220, None, f"{self.hostname} ESMTP geosmtp").to_bytes()
+        """The 220 banner (RFC 5321 §4.3.1), for the shell to send before anything else.
+
+        Called once, while the connection is still in `CONNECTED` (on an
+        implicit-TLS listener after the handshake); counted as a reply. Raises
+        `ProtocolError` on a second call or in another state.
+        """
+        if self._greeted or self.state is not State.CONNECTED:
+            raise self._misuse(f"greeting() again or in state {self.state.name}")
+        self._greeted = True
+        self._counts["2xx"] = self._counts.get("2xx", 0) + 1
+        return R.greeting(self.hostname).to_bytes()
 
     def data_to_send(self) -> bytes:
+        """The replies queued since the last call, as bytes to write (b"" if none).
+
+        May be called in any state, `ERROR` and `CLOSED` included (replies to
+        commands processed before a misuse, the reply of `close_with()`). The
+        shell calls it before it reads, so a pipelined batch is answered in one
+        write (RFC 2920), and before it closes.
+        """
         out = b"".join(self._out)
         self._out.clear()
         return out
 
+    def take_counts(self) -> dict[str, int]:
+        """The tally since the last call, and a fresh one started: commands by verb
+        (`"MAIL"`, `"UNKNOWN"` for what is not one) and replies by class (`"2xx"`).
+
+        May be called in any state, as often as the shell likes (it adds them to
+        its metrics once per message and at the end). The dict returned is the
+        caller's: the connection never touches it again.
+        """
+        counts, self._counts = self._counts, {}
+        return counts
+
     def _send(self, reply: R.Reply) -> None:
         self._out.append(reply.to_bytes(self.extensions.enhancedstatuscodes))
         key = _REPLY_CLASS[reply.code // 100]
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def _error(self, reply: R.Reply) -> None:
         """Send an error reply and count it against the session's error budget."""
@@ -241,26 +334,94 @@ class SMTPConnection:
     def _close(self, reply: R.Reply | None) -> None:
         if reply is not None:
             self._send(reply)
-        self.closed_in = self.state
-        self.state = State.CLOSED
+        self._move("close")
         self._buf.clear()
         self._events.append(CloseConnection(reply))
 
     def close_with(self, reply: R.Reply) -> None:
-        """The shell ends the session (timeout, shutdown): queue `reply` and close."""
+        """The shell ends the session (timeout, shutdown, kick, its own error):
+        queue `reply` (a 421) and close.
+
+        May be called in any state: it is the one way out of `ERROR`, and it
+        works while the connection waits for a verdict. The next event is the
+        `CloseConnection`; flush `data_to_send()` and close the socket. On a
+        connection that is already closed it does nothing, so a shell may call
+        it from every error path without asking first.
+        """
         if self.state is not State.CLOSED:
             self._close(reply)
+
+    # ---------------------------------------------------------------- states
+
+    def _move(self, step: str) -> None:
+        """Take `step` in the transition table: every change of state goes here.
+
+        A step the table does not have from the current state is a misuse:
+        `ProtocolError`, and the connection is in `ERROR`.
+        """
+        state = self.state
+        after = TRANSITIONS[state].get(step)
+        if after is None:
+            raise self._misuse(f"{step} is not possible in state {state.name}")
+        if after is State.CLOSED:
+            self.closed_in = self.closed_in or state
+        self.state = after
+
+    def _misuse(self, what: str) -> ProtocolError:
+        """Enter `ERROR` (a closed connection stays `CLOSED`) and return the
+        exception to raise. Nothing more is read or handed out; replies already
+        queued stay queued, for `close_with()` to follow."""
+        if self.state is not State.CLOSED:
+            self.closed_in = self.closed_in or self.state
+            self.state = State.ERROR
+            self._buf.clear()
+            self._events.clear()
+            self._sasl = None
+        return ProtocolError(what)
 
     # ----------------------------------------------------------------- input
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is not State.CLOSED:
+        """Bytes read from the client, in order; `b""` when the client has closed
+        its side (end of input). Nothing is processed until `next_event()`.
+
+        May be called whenever the connection is open, also while it waits for
+        a verdict (the input waits in turn; after STARTTLS it is discarded).
+        Raises `ProtocolError` once the connection is `CLOSED` or in `ERROR`,
+        and for data after the end of input (another `b""` is harmless).
+        """
+        state = self.state
+        if state is State.CLOSED or state is State.ERROR:
+            raise self._misuse(f"receive_data() in state {state.name}")
+        if not data:
+            self._end_of_input = True
+        elif self._end_of_input:
+            raise self._misuse("receive_data() after the end of input")
+        else:
             self._buf += data
 
     def next_event(self) -> Event | _Sentinel:
+        """Process buffered input and return the next event, or a sentinel.
+
+        - an event (see the module docstring): act on it, then call again;
+        - `NEED_DATA`: all complete input is processed; flush `data_to_send()`,
+          read, `receive_data()`;
+        - `PAUSED`: the connection waits for the shell's verdict on the last
+          event (`message_stored()`/`message_failed()`, `auth_result()`,
+          `tls_started()`), or, in `ERROR`, for `close_with()`. It means
+          nothing else.
+        - `ConnectionClosed`: the end of input was reached (the state is now
+          `CLOSED`), and on every call once the session is over.
+
+        May be called in any state. Never raises for anything the client sends:
+        that gets replies.
+        """
         while not self._events:
-            if self._paused or self.state is State.CLOSED or self.state is State.DELIVERING:
+            state = self.state
+            if state in WAITING_STATES:
                 return PAUSED
+            if state is State.CLOSED:
+                return ConnectionClosed()
             if self._chunk_left:
                 progressed = self._process_chunk()
             elif self.state is State.DATA:
@@ -268,18 +429,34 @@ class SMTPConnection:
             else:
                 progressed = self._process_line()
             if not progressed:
+                if self._end_of_input:  # what is left can never be completed
+                    self._move("end_of_input")
+                    self._buf.clear()
+                    return ConnectionClosed()
                 return NEED_DATA
         return self._events.pop(0)
 
     @property
     def message_size(self) -> int:
-        """Octets of the current message so far (as `MessageEnd.size` counts them)."""
+        """Octets of the current (or last) message so far, as `MessageEnd.size`
+        counts them; the shell logs it for a session that ends in DATA or BDAT."""
         return self._size
 
     @property
     def in_data(self) -> bool:
-        """Message data is being read (the shell's data timeouts apply)."""
-        return self.state is State.DATA or self._chunk_left > 0
+        """Message data is being read: after 354, or inside a BDAT chunk (the
+        shell's data timeouts apply rather than the command timeout). False once
+        the session is over."""
+        return self.state is State.DATA or (self._chunk_left > 0 and self.state in COMMAND_STATES)
+
+    @property
+    def _txn(self) -> Envelope:
+        """The open transaction's envelope. The tables admit its callers only
+        when there is one; None here is a bug in this module."""
+        envelope = self.envelope
+        if envelope is None:
+            raise RuntimeError(f"no mail transaction in state {self.state.name}")
+        return envelope
 
     # -------------------------------------------------------------- commands
 
@@ -303,7 +480,7 @@ class SMTPConnection:
             self._discarding_line = False
             if self._sasl is not None:
                 self._sasl = None
-                self._error(sasl.LINE_TOO_LONG)
+                self._error(R.AUTH_LINE_TOO_LONG)
             else:
                 self._error(R.COMMAND_TOO_LONG)
             return True
@@ -321,17 +498,26 @@ class SMTPConnection:
             self._error(R.BAD_NUL)
             return
         verb, arg = split_command(line)
-        handler = getattr(self, f"_do_{verb}", None) if verb.isalpha() else None
-        if handler is None or not self._verb_enabled(verb):
-            self.counts["UNKNOWN"] = self.counts.get("UNKNOWN", 0) + 1
+        command = _COMMANDS.get(verb)
+        if command is None or not self._verb_enabled(verb):
+            self._counts["UNKNOWN"] = self._counts.get("UNKNOWN", 0) + 1
             self._error(R.UNKNOWN_COMMAND)
             return
-        self.counts[verb] = self.counts.get(verb, 0) + 1
-        wrong_time = sequence_error(verb, self.state) if verb != "BDAT" else None
-        if wrong_time is not None:
-            self._error(wrong_time)
+        self._counts[verb] = self._counts.get(verb, 0) + 1
+        handler, check, rule = command
+        # A few refusals come before the state table's: a command this connection
+        # cannot take at all (TLS already on, AUTH not enabled), or a BDAT whose
+        # chunk cannot be skipped because its size is unreadable.
+        refusal = getattr(self, check)(arg) if check is not None else None
+        if refusal is None:
+            refusal = rule.refused.get(self.state)
+            if refusal is not None and rule.payload:
+                self._refuse_chunk(arg, refusal)  # BDAT: read the chunk, then refuse
+                return
+        if refusal is not None:
+            self._error(refusal)
             return
-        handler(arg)
+        getattr(self, handler)(arg)
 
     def _do_EHLO(self, arg: bytes) -> None:
         self._greet(arg, esmtp=True)
@@ -347,11 +533,11 @@ class SMTPConnection:
             return
         self.helo, self.esmtp = name, esmtp
         self._reset_transaction("EHLO" if esmtp else "HELO")
-        self.state = State.GREETED
+        self._move("greet")
         if not esmtp:
-            self._send(R.reply(250, None, self.hostname))
+            self._send(R.helo(self.hostname))
             return
-        self._send(R.reply(250, None, self.hostname, *self.ehlo_keywords()))
+        self._send(R.ehlo(self.hostname, self.ehlo_keywords()))
 
     def _verb_enabled(self, verb: str) -> bool:
         """Verbs of extensions that are switched off are unknown commands."""
@@ -362,12 +548,23 @@ class SMTPConnection:
             return ext.starttls
         return True
 
+    def _verb_offered(self, verb: str) -> bool:
+        """The verb may succeed on this connection now: HELP lists it."""
+        if verb == "STARTTLS":
+            return self.starttls_offered
+        if verb == "AUTH":
+            return self.auth_offered
+        return self._verb_enabled(verb)
+
     @property
     def starttls_offered(self) -> bool:
+        """STARTTLS is advertised and may succeed now: on, a certificate, no TLS yet."""
         return self.extensions.starttls and self.security.tls_available and not self.tls
 
     @property
     def auth_offered(self) -> bool:
+        """AUTH is advertised and may succeed now: on, some user has a password,
+        TLS is up (or plaintext AUTH is allowed) and nobody is logged in yet."""
         sec = self.security
         return (
             self.extensions.auth
@@ -377,6 +574,7 @@ class SMTPConnection:
         )
 
     def ehlo_keywords(self) -> list[str]:
+        """The extension keywords of the EHLO reply now, in the order they are sent."""
         ext = self.extensions
         keywords = []
         if ext.pipelining:
@@ -404,7 +602,7 @@ class SMTPConnection:
             self._events.append(TransactionAborted(self.envelope, by, size))
         self.envelope = None
         if self.state in TRANSACTION_STATES:
-            self.state = State.GREETED
+            self._move("reset")
 
     def _do_MAIL(self, arg: bytes) -> None:
         if self.security.auth_required and self.auth_user is None:
@@ -434,7 +632,7 @@ class SMTPConnection:
             auth_user=self.auth_user,
             tls=self.tls,
         )
-        self.state = State.MAIL
+        self._move("mail")
         self._send(R.SENDER_OK)
 
     def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
@@ -474,8 +672,7 @@ class SMTPConnection:
         return None
 
     def _do_RCPT(self, arg: bytes) -> None:
-        envelope = self.envelope
-        assert envelope is not None
+        envelope = self._txn
         try:
             mailbox, params = parse_rcpt_to(arg, utf8=envelope.smtputf8)
         except SyntaxProblem:
@@ -498,24 +695,26 @@ class SMTPConnection:
             self._reject(resolved, "RCPT", mailbox.address)
             return
         self.envelope = dataclasses.replace(envelope, recipients=(*envelope.recipients, resolved))
-        self.state = State.RCPT
+        self._move("rcpt")
         self._send(R.RECIPIENT_OK)
 
     def _do_DATA(self, arg: bytes) -> None:
         if arg:
             self._error(R.SYNTAX_DATA)
             return
-        assert self.envelope is not None
-        self.state = State.DATA
+        envelope = self._txn
+        self._move("data")
         self._line_too_long = False
         self._data_bol = True
         self._size = 0
         self._emitting = True
         self._send(R.START_DATA)
-        self._events.append(MessageStart(self.envelope))
+        self._events.append(MessageStart(envelope))
 
     @property
     def may_relay(self) -> bool:
+        """This client may send mail for other domains: it logged in or is
+        trusted (`policy.resolve` decides what such a recipient gets)."""
         return self.auth_user is not None or self.security.trusted
 
     def _do_RSET(self, arg: bytes) -> None:
@@ -532,26 +731,12 @@ class SMTPConnection:
         if arg:
             self._error(R.SYNTAX_QUIT)
             return
-        self._close(R.reply(221, "2.0.0", f"{self.hostname} closing connection"))
+        self._close(R.closing(self.hostname))
 
     def _do_HELP(self, arg: bytes) -> None:
-        verbs = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
-        if self.extensions.chunking:
-            verbs += " BDAT"
-        if self.starttls_offered:
-            verbs += " STARTTLS"
-        if self.auth_offered:
-            verbs += " AUTH"
-        self._send(
-            R.reply(
-                214,
-                "2.0.0",
-                f"{self.hostname} geosmtp; supported commands:",
-                verbs,
-                "Extensions: " + " ".join(k.split()[0] for k in self.ehlo_keywords()),
-                "See RFC 5321",
-            )
-        )
+        verbs = [verb for verb in _COMMANDS if self._verb_offered(verb)]
+        extensions = [k.split()[0] for k in self.ehlo_keywords()]
+        self._send(R.help_list(self.hostname, verbs, extensions))
 
     def _do_VRFY(self, arg: bytes) -> None:
         if not arg:
@@ -572,67 +757,75 @@ class SMTPConnection:
         name = safe_mailbox_name(mailbox.local_part if mailbox else text)
         if name is not None and self.policy.is_known_user(name):
             domain = mailbox.domain if mailbox else min(self.policy.local_domains, default="")
-            self._send(R.reply(250, "2.1.5", f"<{name}@{domain}>" if domain else f"<{name}>"))
+            self._send(R.user_known(f"{name}@{domain}" if domain else name))
         elif self.policy.accept_unknown and name is not None:
             self._send(R.VRFY_CANNOT)
         else:
-            self._error(R.reply(550, "5.1.1", "User unknown"))
+            self._error(R.VRFY_UNKNOWN_USER)
 
     # -------------------------------------------------------------- STARTTLS
 
-    def _do_STARTTLS(self, arg: bytes) -> None:
+    def _check_STARTTLS(self, arg: bytes) -> R.Reply | None:
+        """Refusals that come before the state table's (see _handle_command)."""
         if arg:
-            self._error(R.SYNTAX_STARTTLS)
-        elif self.tls:
-            self._error(R.TLS_ALREADY_ACTIVE)
-        elif self.state in TRANSACTION_STATES:
-            self._error(R.TRANSACTION_IN_PROGRESS)
-        elif not self.starttls_offered:
+            return R.SYNTAX_STARTTLS
+        if self.tls:
+            return R.TLS_ALREADY_ACTIVE
+        return None
+
+    def _do_STARTTLS(self, arg: bytes) -> None:
+        if not self.starttls_offered:
             self._error(R.TLS_NOT_AVAILABLE)
-        else:
-            self._send(R.STARTTLS_READY)
-            # Whatever came behind STARTTLS in the clear must not be run after the
-            # handshake as if it were protected (CVE-2011-0411, CVE-2024-34083).
-            self._buf.clear()
-            self._paused = True
-            self._events.append(StartTLS())
+            return
+        self._send(R.STARTTLS_READY)
+        # Whatever came behind STARTTLS in the clear must not be run after the
+        # handshake as if it were protected (CVE-2011-0411, CVE-2024-34083).
+        self._buf.clear()
+        self._move("starttls")
+        self._events.append(StartTLS())
 
     def tls_started(self) -> None:
-        """The handshake succeeded: forget everything said before it (RFC 3207 §4.2)."""
+        """The TLS handshake after `StartTLS` succeeded: forget everything said
+        before it (RFC 3207 §4.2) and start again in `CONNECTED`, with `tls` set.
+
+        Only while the connection waits for it (`TLS_HANDSHAKE`); else raises
+        `ProtocolError`. Input received in the clear meanwhile is discarded. When
+        the handshake fails the shell closes the socket: nothing is sent.
+        """
+        self._move("tls_started")
         self._buf.clear()
-        self._paused = False
         self.tls = True
         self.helo, self.esmtp = None, False
         self.auth_user = None  # a login made in the clear (auth_plaintext) is forgotten too
-        self._reset_transaction("STARTTLS")
-        self.state = State.CONNECTED
 
     # ------------------------------------------------------------------ AUTH
 
+    def _check_AUTH(self, arg: bytes) -> R.Reply | None:
+        """Refusals that come before the state table's (see _handle_command)."""
+        if not (self.extensions.auth and self.security.auth_available):
+            return R.AUTH_NOT_ENABLED
+        if not self.esmtp:
+            # AUTH needs EHLO (RFC 4954 §4); the state does not tell it from HELO.
+            return R.BAD_SEQUENCE_HELO
+        if self.auth_user is not None:
+            return R.AUTH_ALREADY
+        return None
+
     def _do_AUTH(self, arg: bytes) -> None:
-        sec = self.security
-        if not (self.extensions.auth and sec.auth_available):
-            self._error(R.AUTH_NOT_ENABLED)
-        elif not self.esmtp:
-            self._error(R.BAD_SEQUENCE_HELO)  # AUTH needs EHLO (RFC 4954 §4)
-        elif self.auth_user is not None:
-            self._error(R.AUTH_ALREADY)
-        elif self.state in TRANSACTION_STATES:
-            self._error(R.TRANSACTION_IN_PROGRESS)
-        elif not self.auth_offered:
+        if not self.auth_offered:  # what is left of it after _check_AUTH: TLS
             self._error(R.AUTH_NEEDS_TLS)
-        else:
-            mechanism, _, initial = arg.partition(b" ")
-            initial = initial.strip()
-            if not mechanism:
-                self._error(R.SYNTAX_AUTH)
-                return
-            name = mechanism.decode("ascii", "replace").upper()
+            return
+        mechanism, _, initial = arg.partition(b" ")
+        initial = initial.strip()
+        if not mechanism:
+            self._error(R.SYNTAX_AUTH)
+            return
+        name = mechanism.decode("ascii", "replace").upper()
 
-            def start(exchange: sasl.SASLExchange) -> R.Reply | sasl.Credentials:
-                return exchange.start(initial or None)
+        def start(exchange: sasl.SASLExchange) -> R.Reply | sasl.Credentials:
+            return exchange.start(initial or None)
 
-            self._auth_step(start, name)
+        self._auth_step(start, name)
 
     def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
         """Run one step of the AUTH exchange and act on what it gives."""
@@ -648,13 +841,17 @@ class SMTPConnection:
             self._send(result)
             return
         self._sasl = None
-        self._paused = True
+        self._move("auth")
         self._events.append(AuthRequest(result))
 
     def auth_result(self, user: str | None) -> None:
-        """The shell checked the credentials: `user` on success, None on failure."""
-        assert self._paused
-        self._paused = False
+        """The shell's verdict on an `AuthRequest`: the user's name on success
+        (235; `auth_user` is set), None on failure (535, counted as an error).
+
+        Only while the connection waits for it (`AUTHENTICATING`); else raises
+        `ProtocolError`. The shell may instead `close_with()` (too many failures).
+        """
+        self._move("auth_result")
         if user is None:
             self._error(R.AUTH_FAILED)
             return
@@ -663,31 +860,30 @@ class SMTPConnection:
 
     # ------------------------------------------------------------------ BDAT
 
+    def _check_BDAT(self, arg: bytes) -> R.Reply | None:
+        """Without a size the chunk cannot be skipped: a syntax error comes before
+        the state table's refusal, and what follows is read as commands."""
+        return R.SYNTAX_BDAT if _chunk_header(arg) is None else None
+
     def _do_BDAT(self, arg: bytes) -> None:
-        parts = arg.split()
-        if (
-            not 1 <= len(parts) <= 2
-            or not parts[0].isdigit()
-            or len(parts[0]) > 18
-            or (len(parts) == 2 and parts[1].upper() != b"LAST")
-        ):
-            # Without a size the chunk cannot be skipped; what follows is read as commands.
-            self._error(R.SYNTAX_BDAT)
-            return
-        size, last = int(parts[0]), len(parts) == 2
-        # The chunk is always read, even when it will be refused, so that its
-        # octets are never taken for commands (RFC 3030 §3).
-        refusal = sequence_error("BDAT", self.state)
-        if refusal is None and self.state is State.RCPT:
-            envelope = self.envelope
-            assert envelope is not None
-            self.state = State.BDAT
+        if self.state is State.RCPT:  # the first chunk: the message starts
+            envelope = self._txn
+            self._move("bdat")
             self._cr_pending = False
             self._line_too_long = False
             self._chunk_line = 0
             self._size = 0
             self._emitting = True
             self._events.append(MessageStart(envelope))
+        self._read_chunk(arg, None)
+
+    def _refuse_chunk(self, arg: bytes, refusal: R.Reply) -> None:
+        """BDAT at the wrong time: its chunk is still read, so that its octets
+        are never taken for commands (RFC 3030 §3); `refusal` is sent after it."""
+        self._read_chunk(arg, refusal)
+
+    def _read_chunk(self, arg: bytes, refusal: R.Reply | None) -> None:
+        size, last = _chunk_header(arg)  # type: ignore[misc]  # _check_BDAT let it through
         self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
         if size == 0:
             self._end_chunk()
@@ -748,12 +944,11 @@ class SMTPConnection:
 
     def _end_chunk(self) -> None:
         refusal = self._chunk_refusal
-        envelope = self.envelope
         self._chunk_refusal = None
         if refusal is not None:
             self._error(refusal)
             return
-        assert envelope is not None
+        envelope = self._txn
         if self._size > self.limits.max_message_size:
             refusal = R.MESSAGE_TOO_BIG
         elif self._line_too_long:
@@ -761,18 +956,18 @@ class SMTPConnection:
         if refusal is not None:
             # The transaction has failed; chunks the client pipelined behind this
             # one are read and refused with "need MAIL" (RFC 3030 §4.2).
-            self.state = State.GREETED
+            self._move("message_refused")
             self.envelope = None
             self._events.append(TransactionRejected(envelope, refusal, "BDAT", size=self._size))
             self._error(refusal)
             return
         if not self._chunk_last:
-            self._send(R.reply(250, "2.0.0", f"Ok: {self._size} octets received"))
+            self._send(R.chunk_received(self._size))
             return
         if self._cr_pending:
             self._cr_pending = False
             self._events.append(MessageData(b"\r"))
-        self.state = State.DELIVERING
+        self._move("message_end")
         self._events.append(MessageEnd(envelope, self._size))
 
     # ------------------------------------------------------------------ DATA
@@ -788,8 +983,6 @@ class SMTPConnection:
         the data so far ended with CRLF, the only place a `.` line can start.
         """
         buf = self._buf
-        envelope = self.envelope
-        assert envelope is not None
         if self._discarding_line:
             # The rest of an over-long line: counted in the size, kept nowhere.
             eol = buf.find(b"\n")
@@ -835,8 +1028,6 @@ class SMTPConnection:
 
     def _data_block(self, block: bytes) -> None:
         """Account for, check and emit a block of complete CRLF-terminated lines."""
-        envelope = self.envelope
-        assert envelope is not None
         bol = self._data_bol
         self._data_bol = block.endswith(b"\r\n")
         stuffed = block.count(b"\r\n.") + (bol and block[:1] == b".")  # lines with a leading dot
@@ -888,8 +1079,7 @@ class SMTPConnection:
             self._events.append(MessageData(data.replace(b"\r\n", b"\n")))
 
     def _end_of_data(self) -> None:
-        envelope = self.envelope
-        assert envelope is not None
+        envelope = self._txn
         # Both are decided on the whole message, so the reply does not depend on
         # how the client's data was cut into reads.
         if self._size > self.limits.max_message_size:
@@ -899,26 +1089,54 @@ class SMTPConnection:
         else:
             reply = None
         if reply is not None:
-            self.state = State.GREETED
+            self._move("message_refused")
             self.envelope = None
             self._events.append(TransactionRejected(envelope, reply, "DATA", size=self._size))
             self._error(reply)
             return
-        self.state = State.DELIVERING
+        self._move("message_end")
         self._events.append(MessageEnd(envelope, self._size))
 
     # ------------------------------------------------ the shell's verdicts
 
     def message_stored(self, queue_id: str) -> None:
-        """The message is durable in every mailbox: answer 250 (RFC 5321 §4.1.1.4)."""
-        assert self.state is State.DELIVERING
-        self._send(R.reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
-        self.state = State.GREETED
+        """The shell's verdict on a `MessageEnd`: the message is durable in every
+        mailbox. Queues `250 ... queued as <queue_id>` (RFC 5321 §4.1.1.4); the
+        transaction is over (`GREETED`, no envelope) and input waiting behind
+        the message is processed at the next `next_event()`.
+
+        Only while the connection waits for it (`DELIVERING`); else raises
+        `ProtocolError`.
+        """
+        self._move("message_stored")
+        self._send(R.queued(queue_id))
         self.envelope = None
 
     def message_failed(self, reply: R.Reply = R.LOCAL_ERROR) -> None:
-        """Storing failed: a 4xx so the client keeps the message and retries."""
-        assert self.state is State.DELIVERING
-        self.state = State.GREETED
+        """The shell's verdict on a `MessageEnd`: the message could not be kept.
+        Queues `reply`, a 4xx so that the client keeps the message and retries
+        (452 for a full disk), or a 5xx for a refusal; counted as an error. The
+        transaction is over, as after `message_stored()`.
+
+        Only while the connection waits for it (`DELIVERING`), and only with a
+        4xx or 5xx reply; else raises `ProtocolError`.
+        """
+        if not 400 <= reply.code < 600:
+            raise self._misuse(f"message_failed() with a {reply.code} reply")
+        self._move("message_failed")
         self.envelope = None
         self._error(reply)
+
+
+#: The dispatcher: verb -> (its handler's name, the name of the method with the
+#: refusals that come before the state table's or None, its rule in the table).
+#: In the table's order, which is HELP's. Methods are looked up by name on the
+#: connection, so a subclass (or a test planting a bug) may replace one.
+_COMMANDS = {
+    verb: (
+        f"_do_{verb}",
+        f"_check_{verb}" if hasattr(SMTPConnection, f"_check_{verb}") else None,
+        rule,
+    )
+    for verb, rule in SEQUENCE.items()
+}

@@ -6,8 +6,9 @@ between two other commands. The replies and events must not depend on how
 the bytes were cut up.
 
 The harness plays the shell: it stores each message (`on_end`), checks
-passwords (`on_auth`), and does the TLS handshake where the script says
-`HANDSHAKE`.
+passwords (`on_auth`), does the TLS handshake where the script says
+`HANDSHAKE`, and, like the shell, stops at `CloseConnection`: it feeds nothing
+after it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from geosmtp.smtp import (
     NEED_DATA,
     PAUSED,
     AuthRequest,
+    CloseConnection,
+    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,
@@ -158,14 +161,11 @@ def check_password(conn: SMTPConnection, event: AuthRequest) -> None:
 
 
 def waiting_for_tls(conn: SMTPConnection, events: list) -> bool:
-    """The last event was StartTLS and no handshake followed: the core waits for
-    `tls_started()` (a second STARTTLS inside TLS is refused, so `tls` tells)."""
-    return (
-        bool(events)
-        and isinstance(events[-1], StartTLS)
-        and not conn.tls
-        and conn.state is not State.CLOSED
-    )
+    """A StartTLS was the last event and the core waits for `tls_started()`."""
+    if conn.state is not State.TLS_HANDSHAKE:
+        return False
+    assert events and isinstance(events[-1], StartTLS)
+    return True
 
 
 def drain(
@@ -174,14 +174,13 @@ def drain(
     on_end: Callable[[SMTPConnection, MessageEnd], None] = store_q1,
     on_auth: Callable[[SMTPConnection, AuthRequest], None] = check_password,
 ) -> None:
+    """Take events until the core needs data, waits for the handshake, or ends."""
     while True:
         event = conn.next_event()
         if event is NEED_DATA:
             return
         if event is PAUSED:
-            assert conn.state is State.CLOSED or waiting_for_tls(conn, events), (
-                "paused without an event to answer"
-            )
+            assert waiting_for_tls(conn, events), "paused without an event to answer"
             return
         if isinstance(event, MessageData) and events and isinstance(events[-1], MessageData):
             events[-1] = MessageData(events[-1].data + event.data)
@@ -191,6 +190,18 @@ def drain(
             on_end(conn, event)
         elif isinstance(event, AuthRequest):
             on_auth(conn, event)
+        elif isinstance(event, CloseConnection | ConnectionClosed):
+            assert conn.state is State.CLOSED
+            return
+
+
+def feed(conn: SMTPConnection, data: bytes) -> bool:
+    """`receive_data` as a shell does it: not after the session has ended.
+    False when it has, and `data` was not given to the core."""
+    if conn.state is State.CLOSED:
+        return False
+    conn.receive_data(data)
+    return True
 
 
 def _phases(steps: Sequence) -> list[list[bytes]]:
@@ -229,6 +240,8 @@ def run(
     out = []
     phases = _phases(steps)
     for n, phase in enumerate(phases):
+        if conn.state is State.CLOSED:
+            break
         if n:
             assert waiting_for_tls(conn, events), "HANDSHAKE without a STARTTLS to answer"
             conn.tls_started()
@@ -245,7 +258,8 @@ def run(
         else:  # pragma: no cover
             raise ValueError(mode)
         for chunk in chunks:
-            conn.receive_data(chunk)
+            if not feed(conn, chunk):
+                break
             drain(conn, events, on_end, on_auth)
             out.append(conn.data_to_send())
     replies = b"".join(out)

@@ -53,6 +53,7 @@ from .smtp_helpers import (
     TXN,
     Result,
     drain,
+    feed,
     make_conn,
     run,
 )
@@ -1595,7 +1596,8 @@ def _cut_run(script: bytes, cuts: list[int]) -> tuple:
     events: list = []
     out = []
     for start, stop in zip([0, *cuts], [*cuts, len(script)], strict=True):
-        conn.receive_data(script[start:stop])
+        if not feed(conn, script[start:stop]):
+            break
         drain(conn, events)
         out.append(conn.data_to_send())
     result = Result(conn, b"", events)

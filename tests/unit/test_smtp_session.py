@@ -22,11 +22,13 @@ from geosmtp.smtp import (
     NEED_DATA,
     PAUSED,
     CloseConnection,
+    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,
     MessageEnd,
     MessageStart,
+    ProtocolError,
     State,
     TransactionRejected,
 )
@@ -50,6 +52,7 @@ from .smtp_helpers import (
     Result,
     after_ehlo,
     drain,
+    feed,
     make_conn,
     run,
     store_q1,
@@ -144,7 +147,7 @@ def test_quit_221_closes_and_nothing_after_runs(mode, quit_):
     closes = res.of(CloseConnection)
     assert len(closes) == 1 and closes[0].reply.code == 221
     assert res.events[-1] == closes[0]
-    assert res.conn.next_event() is PAUSED
+    assert res.conn.next_event() == ConnectionClosed()  # over: nothing more will happen
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -155,11 +158,15 @@ def test_quit_with_argument_is_501_and_keeps_session(mode):
     assert not res.of(CloseConnection)
 
 
-def test_after_close_input_is_ignored():
+def test_after_close_input_is_refused():
+    """Feeding a closed connection is the shell's mistake: it raises, and the
+    input is neither kept nor run."""
     res = run(b"QUIT\r\n", "whole")
     conn = res.conn
-    conn.receive_data(b"NOOP\r\n")
-    assert conn.next_event() is PAUSED
+    with pytest.raises(ProtocolError):
+        conn.receive_data(b"NOOP\r\n")
+    assert conn.state is State.CLOSED  # a closed connection stays closed
+    assert conn.next_event() == ConnectionClosed()
     assert conn.data_to_send() == b""
     assert len(conn._buf) == 0
 
@@ -171,7 +178,7 @@ def test_close_with_queues_421_once():
     assert conn.data_to_send() == b"421 4.4.2 Error: timeout exceeded; closing connection\r\n"
     event = conn.next_event()
     assert isinstance(event, CloseConnection) and event.reply is R.TIMEOUT
-    assert conn.next_event() is PAUSED
+    assert conn.next_event() == ConnectionClosed()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1190,7 +1197,8 @@ def _cut_run(script: bytes, cuts: list[int]) -> tuple:
     events: list = []
     out = []
     for start, stop in zip([0, *cuts], [*cuts, len(script)], strict=True):
-        conn.receive_data(script[start:stop])
+        if not feed(conn, script[start:stop]):
+            break
         drain(conn, events, store_q1)
         out.append(conn.data_to_send())
     result = Result(conn, b"", events)
