@@ -446,7 +446,7 @@ class SMTPSession:
             verdict = self.server.pipeline.process(message)
         if not verdict.delivered:
             if verdict.text is not None and verdict.code is not None:
-                reply = R.reply(verdict.code, verdict.status, verdict.text)
+                reply = R.refused_by_stage(verdict.code, verdict.status, verdict.text)
             elif verdict.no_space:
                 reply = R.INSUFFICIENT_STORAGE
             else:

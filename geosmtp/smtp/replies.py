@@ -91,6 +91,12 @@ def user_known(address: str) -> Reply:
     return reply(250, "2.1.5", f"<{address}>")
 
 
+def refused_by_stage(code: int, status: str | None, text: str) -> Reply:
+    """A filter stage's refusal in its own words (a program's first stderr line,
+    sanitised by the stage): the one reply whose text does not come from here."""
+    return reply(code, status, text)
+
+
 def help_list(hostname: str, verbs: list[str], extensions: list[str]) -> Reply:
     """HELP's 214: the commands this session takes and the extensions it offers."""
     return reply(
