@@ -31,7 +31,7 @@ from .server import tls
 from .server.listeners import Listeners, Session
 from .server.smtp import SMTPSession
 from .server.threads import in_thread
-from .smtp import Limits, RecipientPolicy, Security, SMTPConnection
+from .smtp import RecipientPolicy, Security, SMTPConnection
 from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
 
@@ -78,8 +78,8 @@ class App:
             accept_unknown=config.unknown_recipients == "accept",
             postmaster=config.postmaster,
         )
-        # The config's sections and the core's settings have the same fields.
-        self.limits = Limits(**dataclasses.asdict(config.limits))
+        # The config's `limits:` and `extensions:` are the core's own dataclasses.
+        self.limits = config.limits
         self.extensions = config.extensions
         self.users = UserDB(
             {name: user.password for name, user in config.users.items()},

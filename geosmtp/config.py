@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-# The `extensions:` section is the core's own switchboard: one dataclass for both.
-from .smtp.session import Extensions
+# The `extensions:` and `limits:` sections are the core's own dataclasses: defined once.
+from .smtp.session import Extensions, Limits
 
 
 class ConfigError(ValueError):
@@ -79,17 +79,6 @@ class Listener:
     @property
     def protocol(self) -> str:
         return ROLE_PROTOCOL[self.role]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Octets and counts. The maxima bound what one session may hold in memory."""
-
-    command_line: int = _ranged(512, min=512, max=65536)  # RFC 5321 §4.5.3.1.4
-    text_line: int = _ranged(1000, min=1000, max=1024 * 1024)  # RFC 5321 §4.5.3.1.6
-    max_message_size: int = _positive(10 * 1024 * 1024, max=4 * 1024**3)
-    max_recipients: int = _positive(100, max=100_000)  # §4.5.3.1.8 asks for at least 100
-    max_errors: int = _positive(20, max=1000)
 
 
 @dataclass(frozen=True)

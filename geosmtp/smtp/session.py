@@ -37,8 +37,7 @@ Events (immutable values) the shell acts on:
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..mail import Envelope, Mailbox, safe_mailbox_name
 from . import replies as R
@@ -65,13 +64,25 @@ from .state import (
 
 @dataclass(frozen=True)
 class Limits:
-    """Protocol limits; RFC 5321 §4.5.3.1 gives the minimums servers must accept."""
+    """Protocol limits; RFC 5321 §4.5.3.1 gives the minimums servers must accept.
 
-    command_line: int = 512  # §4.5.3.1.4, including CRLF
-    text_line: int = 1000  # §4.5.3.1.6, including CRLF
-    max_message_size: int = 10 * 1024 * 1024  # octets; advertised by SIZE (RFC 1870)
-    max_recipients: int = 100  # §4.5.3.1.8: at least 100 must be accepted
-    max_errors: int = 20  # error replies before 421 and disconnect (like Postfix)
+    Also the `limits:` section of the configuration: each field's metadata is
+    the range the config accepts (`min`/`max`, or `positive`), so the limits
+    are defined once. The maxima bound what one session may hold in memory.
+    """
+
+    #: §4.5.3.1.4: a command line, in octets including CRLF
+    command_line: int = field(default=512, metadata={"min": 512, "max": 65536})
+    #: §4.5.3.1.6: a line of message text, in octets including CRLF
+    text_line: int = field(default=1000, metadata={"min": 1000, "max": 1024 * 1024})
+    #: octets; advertised by SIZE (RFC 1870)
+    max_message_size: int = field(
+        default=10 * 1024 * 1024, metadata={"positive": True, "max": 4 * 1024**3}
+    )
+    #: §4.5.3.1.8: at least 100 must be accepted
+    max_recipients: int = field(default=100, metadata={"positive": True, "max": 100_000})
+    #: error replies before 421 and disconnect (like Postfix)
+    max_errors: int = field(default=20, metadata={"positive": True, "max": 1000})
 
 
 @dataclass(frozen=True)
@@ -694,7 +705,7 @@ class SMTPConnection:
         if isinstance(resolved, R.Reply):
             self._reject(resolved, "RCPT", mailbox.address)
             return
-        self.envelope = dataclasses.replace(envelope, recipients=(*envelope.recipients, resolved))
+        self.envelope = envelope.with_recipient(resolved)
         self._move("rcpt")
         self._send(R.RECIPIENT_OK)
 

@@ -67,3 +67,14 @@ def test_the_sniffer_reads_only_the_header_section(message, expected):
     sniffer.feed(message)
     sniffer.close()
     assert sniffer.message_id == expected
+
+
+def test_with_recipient_is_replace_with_one_more():
+    env = Envelope("c", True, Mailbox("s", "example.org"), {"SIZE": "10"}, tls=True)
+    one = Recipient(Mailbox("a", "example.test"), "a")
+    two = Recipient(Mailbox("b", "example.test"), "b")
+    grown = env.with_recipient(one).with_recipient(two)
+    assert grown == dataclasses.replace(env, recipients=(one, two))
+    assert env.recipients == () and grown.recipients == (one, two)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grown.tls = False  # type: ignore[misc]
