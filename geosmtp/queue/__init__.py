@@ -1,0 +1,1 @@
+"""The outbound queue: records, retry schedule, delivery, bounces."""
