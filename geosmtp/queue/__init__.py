@@ -1,0 +1,1 @@
+"""The outbound relay: retry schedule, MX resolution, SMTP delivery attempts, the queue."""
