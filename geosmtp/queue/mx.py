@@ -148,8 +148,10 @@ class Resolver:
     """MX and address lookups for outbound delivery.
 
     `nameservers`: entries `"ip"` or `"ip:port"` (`"[::1]:5353"` for IPv6 with
-    a port); None uses the system's `/etc/resolv.conf`. `timeout` bounds each
-    DNS question (dnspython's lifetime; it retries within it).
+    a port); None uses the system's `/etc/resolv.conf` (dnspython raises
+    `NoResolverConfiguration` here when there is none). `timeout` bounds each
+    DNS question (dnspython's lifetime; it retries within it); a domain takes
+    one MX question and two address questions per MX host.
 
     Address order: IPv4 first, then IPv6 (`prefer_ipv6=True` turns it round).
     Mail is judged by the reputation and reverse DNS of the sending address, and

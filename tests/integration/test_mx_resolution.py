@@ -249,5 +249,5 @@ def test_gevent_monkey_patched_lookups_cooperate(dns):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert "timed out" in result["slow"]
-    assert result["ticks_while_stuck"] >= 20  # the hub kept running while DNS waited
+    assert result["ticks_while_stuck"] >= 20  # the hub ran while DNS waited (blocked: 1 or 2)
     assert result["fast"] == [["mx1.two.test", "mx2.two.test"]] * 5

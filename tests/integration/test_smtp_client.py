@@ -257,7 +257,7 @@ def test_connection_dropped_in_the_middle_of_data():
 def test_a_server_that_stalls_past_the_timeout(step, stage):
     with Sink(Script(stall_at=step)) as sink:
         started = time.monotonic()
-        result = send(sink, ["a@sink.test"], timeouts=Timeouts.all(0.5))
+        result = send(sink, ["a@sink.test"], timeouts=Timeouts.all(1))
         assert time.monotonic() - started < 10
     r = result["a@sink.test"]
     assert (r.outcome, r.status) == (Outcome.TEMPORARY, "4.4.2")
@@ -314,7 +314,7 @@ def test_when_no_address_takes_the_mail_everyone_waits_with_the_last_reason():
         result = deliver(
             [Host("mx1.test", ("127.0.0.2",)), Host("mx2.test", ("127.0.0.3",))],
             port, SENDER, ["a@dest.test", "b@dest.test"], io.BytesIO(MESSAGE),
-            helo_name=HELO, timeouts=Timeouts.all(0.5),
+            helo_name=HELO, timeouts=Timeouts.all(1),
         )  # fmt: skip
     assert result.temporary == ["a@dest.test", "b@dest.test"]
     assert result.remote_host is None and result.relay == "none"
@@ -754,4 +754,4 @@ def test_deliveries_cooperate_under_gevent_monkey_patching():
     assert outcome == "temporary" and "timed out while sending MAIL FROM" in diagnostic
     assert [v[0] for v in result["fast"]] == ["delivered"] * 5
     assert result["completed"] == 5
-    assert result["ticks"] >= 50  # the hub ran while a delivery waited a whole second
+    assert result["ticks"] >= 20  # the hub ran while a delivery waited (blocked: 1 or 2)
