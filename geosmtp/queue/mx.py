@@ -1,0 +1,393 @@
+"""Where to deliver mail for a domain: MX lookup and address resolution (RFC 5321 §5.1).
+
+DNS is dnspython's synchronous resolver. It talks through `socket` and
+`selectors`, so once the process is monkey-patched (the CLI's first statement)
+a lookup waits cooperatively like any other socket; unpatched (tests, scripts)
+it simply blocks. This module never patches anything itself.
+
+What `Resolver.resolve_mx` answers, and why:
+
+- MX records sorted by preference, lowest first (RFC 5321 §5.1). Records of
+  equal preference are shuffled ("the SMTP client SHOULD randomize them to
+  spread the load", §5.1) with the `random.Random` the resolver was given, so
+  a test can make the order deterministic.
+- Each MX host resolved to its addresses, IPv4 first then IPv6 (see
+  `Resolver` for why); the client tries every address of every host in the
+  order given. A host whose lookup fails is left out, as long as another host
+  has an address.
+- No MX records (the name exists, NOERROR/NODATA): the domain itself is the
+  "implicit MX" with preference 0 (§5.1), looked up for A and AAAA.
+- Null MX (RFC 7505 §3: one MX record, preference 0, exchange "."): the domain
+  accepts no mail; a permanent failure, status 5.1.10 (RFC 7505 §4.2). A "."
+  exchange among other MX records is malformed (§3: "MUST NOT have any other
+  MX RRs"); those "." records are skipped and the others used.
+- NXDOMAIN: permanent (5.1.2, "bad destination system address", RFC 3463).
+  Names without any usable address: permanent (5.4.4, "unable to route").
+- Timeouts, SERVFAIL, REFUSED, unreachable nameservers: temporary (4.4.3,
+  "directory server failure", RFC 3463); the message stays queued.
+- Internationalised domains are looked up by their A-label (RFC 5890 §2.3.2.1),
+  converted by dnspython's IDNA 2008 codec (UTS #46 mapping, non-transitional;
+  IDNA 2003 when the `idna` package is missing). A name that cannot be
+  converted is a permanent failure.
+- An address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, RFC 5321 §4.1.3)
+  is the one address to use, without DNS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+#: dnspython's default per-try timeout; a lookup may retry within `timeout`.
+_PER_TRY = 2.0
+
+#: RFC 3463 enhanced status codes for the DSN (RFC 3464 §2.3.4 Status).
+STATUS_NO_DOMAIN = "5.1.2"  # X.1.2 bad destination system address
+STATUS_NULL_MX = "5.1.10"  # RFC 7505 §4.2: recipient address has null MX
+STATUS_NO_ROUTE = "5.4.4"  # X.4.4 unable to route
+STATUS_DNS_TEMPORARY = "4.4.3"  # X.4.3 directory server failure
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One place to deliver to: an MX host (or a smarthost) and its addresses in order.
+
+    `name` is the host's name as it goes in the DSN's `Remote-MTA: dns; ...`
+    and in TLS's server name (A-label, no trailing dot). An empty `addresses`
+    means "connect by name": the system's resolver (getaddrinfo) finds them at
+    connect time, as for a smarthost named in the config.
+    """
+
+    name: str
+    addresses: tuple[str, ...] = ()
+    preference: int = 0
+
+
+class DNSError(Exception):
+    """A lookup that gave no host to deliver to; `str()` is fit for a DSN and the log."""
+
+    temporary: bool = False
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status  # RFC 3463 enhanced status code
+
+    @property
+    def diagnostic(self) -> str:
+        """The RFC 3464 §2.3.6 `Diagnostic-Code` value (a non-SMTP diagnostic type)."""
+        return f"x-geosmtp; {self.message}"
+
+
+class DNSPermanentError(DNSError):
+    """The domain cannot receive mail (NXDOMAIN, null MX, no address): bounce now."""
+
+
+class DNSTemporaryError(DNSError):
+    """The lookup failed for now (timeout, SERVFAIL, REFUSED): try again later."""
+
+    temporary = True
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """`"ip"`, `"ip:port"`, `"[ipv6]:port"` or a bare IPv6 address -> (ip, port)."""
+    spec = spec.strip()
+    host, port = spec, 53
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close < 0:
+            raise ValueError(f"nameserver {spec!r}: missing ']'")
+        host, rest = spec[1:close], spec[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"nameserver {spec!r}: expected ':port' after ']'")
+            port = _port(spec, rest[1:])
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+        port = _port(spec, port_text)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"nameserver {spec!r}: not an IP address") from None
+    return str(address), port
+
+
+def _port(spec: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"nameserver {spec!r}: bad port {text!r}")
+    return int(text)
+
+
+def address_literal(domain: str) -> str | None:
+    """The address of an RFC 5321 §4.1.3 address literal (`[1.2.3.4]`,
+    `[IPv6:...]`), or None when `domain` is not one."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        try:
+            return str(ipaddress.IPv6Address(inner[5:]))
+        except ValueError:
+            return None
+    try:
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        return None
+
+
+class Resolver:
+    """MX and address lookups for outbound delivery.
+
+    `nameservers`: entries `"ip"` or `"ip:port"` (`"[::1]:5353"` for IPv6 with
+    a port); None uses the system's `/etc/resolv.conf` (dnspython raises
+    `NoResolverConfiguration` here when there is none). `timeout` bounds each
+    DNS question (dnspython's lifetime; it retries within it); a domain takes
+    one MX question and two address questions per MX host.
+
+    Address order: IPv4 first, then IPv6 (`prefer_ipv6=True` turns it round).
+    Mail is judged by the reputation and reverse DNS of the sending address, and
+    many hosts that have IPv6 at all have a less well-kept IPv6 identity (no
+    PTR, no SPF for it), which large receivers refuse outright; Postfix
+    operators set `smtp_address_preference = ipv4` for that reason. IPv6 is
+    still tried, right after, when IPv4 fails; a host without IPv6 connectivity
+    loses nothing (the connect fails at once).
+
+    `rng` shuffles MX hosts of equal preference (RFC 5321 §5.1); `max_hosts`
+    caps the MX hosts looked up, lowest preference first, so a domain with
+    hundreds of MX records cannot hold an attempt for hours.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | None = None,
+        timeout: float = 5.0,
+        *,
+        prefer_ipv6: bool = False,
+        rng: random.Random | None = None,
+        max_hosts: int = 10,
+        cache: bool = True,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError("timeout must be > 0")
+        if isinstance(nameservers, str):
+            raise TypeError("nameservers is a list of strings")
+        if nameservers is None:
+            resolver = dns.resolver.Resolver(configure=True)
+        else:
+            if not nameservers:
+                raise ValueError("nameservers: an empty list (None means the system's)")
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*parse_nameserver(spec)) for spec in nameservers
+            ]
+        resolver.timeout = min(_PER_TRY, timeout)
+        resolver.lifetime = timeout
+        if cache:
+            resolver.cache = dns.resolver.LRUCache(4096)
+        self._resolver = resolver
+        self._families = (
+            (dns.rdatatype.AAAA, dns.rdatatype.A)
+            if prefer_ipv6
+            else (dns.rdatatype.A, dns.rdatatype.AAAA)
+        )
+        self._rng = rng if rng is not None else random.Random()
+        self.max_hosts = max_hosts
+
+    @property
+    def nameservers(self) -> list[str]:
+        """The nameservers asked, as "ip:port" (for the log)."""
+        out = []
+        for ns in self._resolver.nameservers:
+            if isinstance(ns, dns.nameserver.Do53Nameserver):
+                host = f"[{ns.address}]" if ":" in ns.address else ns.address
+                out.append(f"{host}:{ns.port}")
+            else:
+                out.append(str(ns))
+        return out
+
+    # ------------------------------------------------------------------ lookups
+
+    def resolve_mx(self, domain: str) -> list[Host]:
+        """The hosts to try for mail to `domain`, in order, each with its addresses.
+
+        Raises `DNSPermanentError` (bounce) or `DNSTemporaryError` (retry later).
+        """
+        literal = address_literal(domain)
+        if literal is not None:
+            return [Host(domain, (literal,))]
+        name = _qname(domain)
+        try:
+            answer = self._query(name, dns.rdatatype.MX)
+        except _NoData:
+            return [self._implicit_mx(name)]
+        records = list(answer)
+        exchanges = [(r.preference, r.exchange) for r in records]
+        if len(exchanges) == 1 and exchanges[0][1] == dns.name.root:
+            # RFC 7505 §3; §4.2: "556 5.1.10" at the sender's end.
+            raise DNSPermanentError(
+                f"{_text(name)} does not accept mail (null MX, RFC 7505)", STATUS_NULL_MX
+            )
+        exchanges = [(pref, ex) for pref, ex in exchanges if ex != dns.name.root]
+        if not exchanges:  # only "." records, several of them: still no mail
+            raise DNSPermanentError(
+                f"{_text(name)} does not accept mail (null MX, RFC 7505)", STATUS_NULL_MX
+            )
+        ordered = self._order(exchanges)[: self.max_hosts]
+        hosts: list[Host] = []
+        temporary: DNSTemporaryError | None = None
+        for preference, exchange in ordered:
+            try:
+                addresses = self._addresses(exchange)
+            except DNSTemporaryError as exc:
+                temporary = exc
+                continue
+            except DNSPermanentError:
+                continue
+            hosts.append(Host(_text(exchange), addresses, preference))
+        if hosts:
+            return hosts
+        if temporary is not None:
+            raise DNSTemporaryError(
+                f"no address for any MX host of {_text(name)} for now: {temporary.message}",
+                STATUS_DNS_TEMPORARY,
+            )
+        names = ", ".join(_text(ex) for _, ex in ordered)
+        raise DNSPermanentError(
+            f"no MX host of {_text(name)} has an address ({names})", STATUS_NO_ROUTE
+        )
+
+    def resolve_host(self, name: str) -> Host:
+        """A and AAAA of one host (a smarthost named in the config, say), in order."""
+        literal = address_literal(name)
+        if literal is not None:
+            return Host(name, (literal,))
+        try:
+            return Host(name, (str(ipaddress.ip_address(name)),))
+        except ValueError:
+            pass
+        qname = _qname(name)
+        return Host(_text(qname), self._addresses(qname))
+
+    # ---------------------------------------------------------------- internals
+
+    def _order(self, exchanges: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:
+        """By preference; equal preferences shuffled (RFC 5321 §5.1); each name once."""
+        seen: set[dns.name.Name] = set()
+        ordered: list[tuple[int, dns.name.Name]] = []
+        exchanges = sorted(exchanges, key=lambda e: e[0])
+        for _, group in itertools.groupby(exchanges, key=lambda e: e[0]):
+            items = [e for e in group if e[1] not in seen]
+            seen.update(e[1] for e in items)
+            # sorted first, so the shuffle's input does not depend on the DNS answer's order
+            items.sort(key=lambda e: e[1].to_text())
+            self._rng.shuffle(items)
+            ordered.extend(items)
+        return ordered
+
+    def _implicit_mx(self, name: dns.name.Name) -> Host:
+        """RFC 5321 §5.1: no MX, so the domain itself, preference 0."""
+        try:
+            addresses = self._addresses(name)
+        except DNSPermanentError as exc:
+            raise DNSPermanentError(
+                f"{_text(name)} has no MX and no address: {exc.message}", exc.status
+            ) from None
+        return Host(_text(name), addresses, 0)
+
+    def _addresses(self, name: dns.name.Name) -> tuple[str, ...]:
+        """Every A and AAAA address of `name`, in the preferred family order."""
+        addresses: list[str] = []
+        failure: DNSError | None = None
+        for rdtype in self._families:
+            try:
+                answer = self._query(name, rdtype)
+            except _NoData:
+                continue
+            except DNSPermanentError as exc:  # NXDOMAIN: the other family will say so too
+                failure = exc
+                break
+            except DNSTemporaryError as exc:
+                failure = exc
+                continue
+            for record in answer:
+                if record.address not in addresses:
+                    addresses.append(record.address)
+        if addresses:
+            return tuple(addresses)
+        if failure is not None:
+            raise failure
+        raise DNSPermanentError(f"{_text(name)} has no A or AAAA record", STATUS_NO_ROUTE)
+
+    def _query(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer:
+        """One question; every outcome but an answer is one of our exceptions."""
+        what = f"{_text(name)} {dns.rdatatype.to_text(rdtype)}"
+        try:
+            return self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            raise _NoData from None
+        except dns.resolver.NXDOMAIN:
+            raise DNSPermanentError(
+                f"{_text(name)}: no such domain (DNS: NXDOMAIN for {what})", STATUS_NO_DOMAIN
+            ) from None
+        except dns.resolver.YXDOMAIN:
+            raise DNSPermanentError(
+                f"{_text(name)}: name too long after DNAME substitution ({what})",
+                STATUS_NO_DOMAIN,
+            ) from None
+        except dns.resolver.NoNameservers as exc:
+            raise DNSTemporaryError(
+                f"DNS lookup of {what} failed: no nameserver answered it"
+                f" (SERVFAIL or REFUSED: {_errors(exc)})",
+                STATUS_DNS_TEMPORARY,
+            ) from None
+        except dns.exception.Timeout:
+            raise DNSTemporaryError(
+                f"DNS lookup of {what} timed out (nameservers: {', '.join(self.nameservers)})",
+                STATUS_DNS_TEMPORARY,
+            ) from None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise DNSTemporaryError(
+                f"DNS lookup of {what} failed: {exc}", STATUS_DNS_TEMPORARY
+            ) from None
+
+
+class _NoData(Exception):
+    """The name exists but has no record of the type asked (NOERROR, empty answer)."""
+
+
+def _qname(domain: str) -> dns.name.Name:
+    """The absolute DNS name of `domain`, by its A-labels (RFC 5890 §2.3.2.1)."""
+    try:
+        # dnspython's default codec: IDNA 2008 with UTS #46 mapping when `idna`
+        # is installed, else IDNA 2003; an ASCII name is taken as it is.
+        name = dns.name.from_text(domain.strip())
+    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+        raise DNSPermanentError(
+            f"{domain!r} is not a valid domain name ({exc})", STATUS_NO_DOMAIN
+        ) from None
+    if name == dns.name.root:
+        raise DNSPermanentError("an empty domain name", STATUS_NO_DOMAIN)
+    return name
+
+
+def _text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True)
+
+
+def _errors(exc: dns.resolver.NoNameservers) -> str:
+    """The nameservers' answers, briefly: "127.0.0.1:5353 SERVFAIL"."""
+    parts: list[str] = []
+    for err in exc.kwargs.get("errors") or ():
+        part = f"{err[0]}:{err[2]} {err[3]}"
+        if part not in parts:
+            parts.append(part)
+    return "; ".join(parts[:5]) or "no detail"

@@ -1,0 +1,135 @@
+"""The retry schedule (geosmtp.queue.schedule): pure arithmetic on given times."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from geosmtp.queue import schedule
+from geosmtp.queue.schedule import (
+    DEFAULT_DELAY_WARNING,
+    DEFAULT_MAX_LIFETIME,
+    DEFAULT_RETRY_DELAYS,
+    RetrySchedule,
+    delay_warning_due,
+)
+
+T0 = 1_700_000_000.0  # a wall-clock time, as a queue record stores it
+DAY = 86400.0
+
+
+def test_defaults_are_minutes_then_hours_for_five_days():
+    s = RetrySchedule()
+    assert s.delays == DEFAULT_RETRY_DELAYS == (60, 300, 900, 1800, 3600, 7200, 14400)
+    assert s.max_lifetime == DEFAULT_MAX_LIFETIME == 5 * DAY
+    assert DEFAULT_DELAY_WARNING == 4 * 3600
+
+
+def test_each_delay_follows_its_attempt_and_the_last_repeats():
+    s = RetrySchedule([10, 20, 30], max_lifetime=DAY)
+    assert [s.delay_after(n) for n in range(0, 7)] == [0, 10, 20, 30, 30, 30, 30]
+
+
+def test_next_attempt_is_now_plus_the_delay():
+    s = RetrySchedule([60, 300], max_lifetime=DAY)
+    assert s.next_attempt(T0, 1, T0 + 5) == T0 + 65
+    assert s.next_attempt(T0, 2, T0 + 70) == T0 + 370
+    assert s.next_attempt(T0, 9, T0 + 1000) == T0 + 1300
+
+
+def test_never_tried_is_now():
+    assert RetrySchedule([60], DAY).next_attempt(T0, 0, T0) == T0
+
+
+def test_give_up_once_the_next_attempt_would_be_past_the_lifetime():
+    s = RetrySchedule([100], max_lifetime=1000)
+    # exactly at the end of the lifetime is still an attempt
+    assert s.next_attempt(T0, 3, T0 + 900) == T0 + 1000
+    assert s.next_attempt(T0, 3, T0 + 900.5) is None
+    assert s.next_attempt(T0, 3, T0 + 5000) is None
+    assert s.expires(T0) == T0 + 1000
+
+
+def test_default_schedule_attempts_over_five_days():
+    """Walking the default schedule: the attempt times, and the give-up."""
+    s = RetrySchedule()
+    now, attempts, times = T0, 0, []
+    for _ in range(1000):  # bounded: 5 days of 4-hour waits is 36 attempts
+        at = s.next_attempt(T0, attempts, now)
+        if at is None:
+            break
+        times.append(at - T0)
+        now, attempts = at, attempts + 1
+    else:
+        pytest.fail("the schedule never gave up")
+    assert times[:8] == [0, 60, 360, 1260, 3060, 6660, 13860, 28260]
+    assert all(b - a == 14400 for a, b in itertools.pairwise(times[7:]))
+    assert times[-1] <= 5 * DAY < times[-1] + 14400
+    assert len(times) == 36  # 8 attempts in the first 8 hours, then 28 every 4 hours
+
+
+def test_a_clock_that_went_back_still_schedules():
+    s = RetrySchedule([60], DAY)
+    assert s.next_attempt(T0, 1, T0 - 3600) == T0 - 3540
+
+
+@pytest.mark.parametrize(
+    ("delays", "lifetime"),
+    [
+        ([], DAY),
+        ("60", DAY),
+        ([60, 0], DAY),
+        ([-1], DAY),
+        ([math.nan], DAY),
+        ([math.inf], DAY),
+        ([60], 0),
+        ([60], -5),
+        ([60], math.inf),
+        ([60], math.nan),
+    ],
+)
+def test_nonsense_is_refused(delays, lifetime):
+    with pytest.raises(ValueError):
+        RetrySchedule(delays, lifetime)
+
+
+def test_negative_attempts_are_refused():
+    with pytest.raises(ValueError):
+        RetrySchedule().next_attempt(T0, -1, T0)
+
+
+def test_equality_and_repr():
+    assert RetrySchedule([1, 2], 10) == RetrySchedule((1.0, 2.0), 10.0)
+    assert RetrySchedule([1, 2], 10) != RetrySchedule([1, 3], 10)
+    assert hash(RetrySchedule([1], 5)) == hash(RetrySchedule([1.0], 5.0))
+    assert "max_lifetime=10.0" in repr(RetrySchedule([1, 2], 10))
+
+
+def test_delay_warning_is_due_once_after_the_delay():
+    assert not delay_warning_due(T0, T0 + 3599, 3600, warned=False)
+    assert delay_warning_due(T0, T0 + 3600, 3600, warned=False)
+    assert delay_warning_due(T0, T0 + 9999, 3600, warned=False)
+    assert not delay_warning_due(T0, T0 + 9999, 3600, warned=True)
+
+
+@pytest.mark.parametrize("off", [0, -1, math.nan])
+def test_delay_warning_off(off):
+    assert not delay_warning_due(T0, T0 + 10 * DAY, off, warned=False)
+
+
+def test_schedule_is_pure():
+    """Standard library only, and no clock: times are always passed in."""
+    tree = ast.parse(Path(schedule.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+    assert not imported & {"time", "datetime", "random", "os", "socket"}
