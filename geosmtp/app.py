@@ -13,7 +13,11 @@ config, the services, the open sessions, and live configuration changes.
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import ipaddress
+import os
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,19 +28,50 @@ from . import config as cfg
 from . import logs
 from .auth import AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
-from .mail import Domains
+from .mail import Domains, Envelope, Recipient
+from .mail.ids import new_queue_id
 from .metrics import Metrics
-from .pipeline import MaildirDestination, Pipeline, Router
+from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
+from .queue.dsn import RecipientStatus, write_dsn
+from .queue.mx import Resolver
+from .queue.runner import QueueRunner, RunnerSettings
+from .queue.schedule import RetrySchedule
+from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
 from .server.listeners import Listeners, Session
 from .server.smtp import SMTPSession
 from .server.threads import in_thread
 from .smtp import RecipientPolicy, Security, SMTPConnection
+from .smtp.parser import parse_mailbox
 from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
 
 #: The session class of each protocol a listener can speak.
 SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession}  # type: ignore[dict-item]
+
+
+def runner_settings(config: Config) -> RunnerSettings:
+    """The queue runner's settings from the `relay:` section."""
+    relay = config.relay
+    auth = None
+    if relay.smarthost_auth is not None:
+        a = relay.smarthost_auth
+        password = a.password
+        if a.password_file is not None:
+            password = a.password_file.read_text(encoding="utf-8").strip()
+        auth = (a.user or "", password or "")
+    return RunnerSettings(
+        hostname=config.hostname,
+        schedule=RetrySchedule(relay.retry_schedule, relay.max_lifetime),
+        delay_warning=relay.delay_warning,
+        concurrency=relay.concurrency,
+        per_domain_concurrency=relay.per_domain_concurrency,
+        mx_port=relay.mx_port,
+        smarthost=cfg.host_port(relay.smarthost) if relay.smarthost else None,
+        smarthost_tls=relay.smarthost_tls,
+        smarthost_auth=auth,
+        max_received=relay.max_received,
+    )
 
 
 @dataclass(frozen=True)
@@ -61,7 +96,20 @@ class App:
             config.mail_dir, fsync=config.fsync, names=names, offload=in_thread
         )
         self.spool = Spool(config.spool_path, names)
-        self.pipeline = Pipeline(Router(local=MaildirDestination(self.store)))
+        # The outbound queue: remote recipients of clients that may relay.
+        self.queue_store = QueueStore(config.queue_path, fsync=config.fsync, offload=in_thread)
+        self.queue = QueueRunner(
+            self.queue_store,
+            runner_settings(config),
+            Resolver(config.dns.nameservers, config.dns.timeout),
+            self.report,
+        )
+        self.pipeline = Pipeline(
+            Router(
+                local=MaildirDestination(self.store),
+                remote=QueueDestination(self.queue_store, self.queue),
+            )
+        )
         self.listeners = Listeners(self, SESSIONS)
         self._access_writer: gevent.Greenlet | None = None
         self.apply_config(config)
@@ -77,6 +125,7 @@ class App:
             users=frozenset(config.users),
             accept_unknown=config.unknown_recipients == "accept",
             postmaster=config.postmaster,
+            relay=True,  # the outbound queue takes remote recipients
         )
         # The config's `limits:` and `extensions:` are the core's own dataclasses.
         self.limits = config.limits
@@ -176,6 +225,76 @@ class App:
             logger.error("reload refused, configuration unchanged: {}", exc)
             raise
 
+    # ----------------------------------------------------------- reports
+
+    def report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
+        """A delivery status notification (RFC 3464) about `rcpts` of a queued
+        message, to its sender, through the pipeline like any message: into the
+        sender's mailbox when it is local, else into the queue (sent from <>,
+        so it can never cause a report of its own)."""
+        sender = parse_mailbox(record.sender, utf8=True)
+        recipient = self.policy.resolve(sender, may_relay=True)
+        if not isinstance(recipient, Recipient):
+            logger.warning("queue {}: no way to report to <{}>", record.id, record.sender)
+            return
+        now = time.time()
+        statuses = [
+            RecipientStatus(
+                final_recipient=r.address,
+                action=kind,  # type: ignore[arg-type]
+                status=r.status or {"failed": "5.0.0", "delayed": "4.0.0"}.get(kind, "2.0.0"),
+                original_recipient=r.orcpt,
+                remote_mta=r.remote_mta.removeprefix("dns; ") if r.remote_mta else None,
+                diagnostic_code=r.last_error,
+                last_attempt_date=email.utils.formatdate(now, localtime=True),
+                will_retry_until=(
+                    email.utils.formatdate(record.arrival + self.config.relay.max_lifetime, True)
+                    if kind == "delayed"
+                    else None
+                ),
+            )
+            for r in rcpts
+        ]
+        queue_id = new_queue_id()
+        date = email.utils.formatdate(now, localtime=True)
+        spool = self.spool.open()
+        try:
+            # Sent from <>: the trace lines a local delivery keeps (the queue
+            # drops the Return-Path when the report goes on to another server).
+            spool.write(
+                f"Return-Path: <>\nReceived: by {self.config.hostname} (geosmtp) "
+                f"id {queue_id}; {date}\n".encode()
+            )
+            with self.queue_store.open_message(record.id) as original:
+                write_dsn(
+                    spool,
+                    reporting_mta=self.config.hostname,
+                    original_envelope_id=record.envid,
+                    sender=record.sender,
+                    arrival_date=email.utils.formatdate(record.arrival, localtime=True),
+                    recipients=statuses,
+                    kind=kind,  # type: ignore[arg-type]
+                    original=original,
+                    ret=record.ret or "HDRS",
+                    max_full_size=self.config.limits.max_message_size // 2,
+                    date=date,
+                    message_id=f"<{queue_id}@{self.config.hostname}>",
+                    boundary=f"{queue_id}/{secrets.token_hex(8)}",
+                )
+            size = os.fstat(spool.fd).st_size + spool.pending_size
+        except BaseException:
+            spool.remove()
+            raise
+        envelope = Envelope(self.config.hostname, True, None, recipients=(recipient,))
+        verdict = self.pipeline.process(Message(envelope, spool, queue_id, size))
+        logger.info(
+            "queue {}: {} report to <{}>: {}",
+            record.id,
+            kind,
+            record.sender,
+            f"queued as {queue_id}" if verdict.delivered else verdict.reason,
+        )
+
     # ---------------------------------------------------------- running
 
     @property
@@ -185,6 +304,7 @@ class App:
 
     def start(self) -> None:
         """Check the storage, then listen. OSError when a listener cannot bind."""
+        self.queue_store.link = self.spool.same_filesystem(self.queue_store.root)
         if not self.spool.same_filesystem(self.store.root):
             self.store.link = False
             logger.warning(
@@ -198,11 +318,13 @@ class App:
             logger.info("removed {} stale spool files (never acknowledged)", stale)
         self._access_writer = gevent.spawn(logs.access_log.run)
         self.listeners.start()
+        self.queue.start()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let sessions finish for `grace` seconds, then stop the rest."""
         grace = self.config.timeouts.shutdown_grace if grace is None else grace
         self.listeners.stop(grace)
+        self.queue.stop(timeout=grace)
         if self._access_writer is not None:
             self._access_writer.kill()
         logs.access_log.flush()

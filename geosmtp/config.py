@@ -122,6 +122,53 @@ class Auth:
 
 
 @dataclass(frozen=True)
+class SmarthostAuth:
+    """AUTH on the smarthost: a user and a password, or a file holding it."""
+
+    user: str | None = None
+    password: str | None = field(default=None, metadata={"secret": True})
+    password_file: Path | None = field(default=None, metadata={"path": True})
+
+
+#: Seconds between delivery attempts (the last repeats): minutes first, then
+#: hours, as Postfix and chasquid do (see geosmtp/queue/schedule.py).
+DEFAULT_RETRY_SCHEDULE = (60, 300, 900, 1800, 3600, 7200, 14400)
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Mail for other domains, from clients that may relay: the outbound queue."""
+
+    #: "host:port": send all such mail there (Postfix's relayhost); unset: each
+    #: domain's MX (RFC 5321 §5).
+    smarthost: str | None = None
+    smarthost_tls: Literal["none", "starttls", "tls"] = "starttls"
+    smarthost_auth: SmarthostAuth | None = None
+    #: The port MX hosts are reached on (25; another only for tests on loopback).
+    mx_port: int = _ranged(25, min=1, max=65535)
+    retry_schedule: list[float] = field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
+    #: Seconds in the queue before a message is given up and bounced (5 days).
+    max_lifetime: float = _positive(5 * DAY, max=60 * DAY)
+    #: Seconds before a delay warning (RFC 3464 "delayed") goes to the sender; 0: never.
+    delay_warning: float = _ranged(4 * 3600, min=0, max=60 * DAY)
+    #: Deliveries at once, in all; and to one destination domain.
+    concurrency: int = _positive(20, max=10_000)
+    per_domain_concurrency: int = _positive(20, max=10_000)
+    #: More Received: headers than this is a mail loop (RFC 5321 §6.3): bounced.
+    max_received: int = _positive(50, max=1000)
+    #: The queue's folder; unset: `.queue` inside mail_dir (same filesystem: links).
+    queue_dir: Path | None = field(default=None, metadata={"path": True})
+
+
+@dataclass(frozen=True)
+class DNS:
+    #: "ip" or "ip:port" ("[::1]:5353"); unset: the system's (/etc/resolv.conf).
+    nameservers: list[str] | None = None
+    #: Seconds one lookup may take.
+    timeout: float = _positive(5, max=300)
+
+
+@dataclass(frozen=True)
 class Admin:
     """The management API and /metrics (HTTP/JSON); see docs/management.md."""
 
@@ -172,6 +219,15 @@ class Config:
     extensions: Extensions = field(default_factory=Extensions)
     log: Log = field(default_factory=Log)
     admin: Admin = field(default_factory=Admin)
+    relay: Relay = field(default_factory=Relay)
+    dns: DNS = field(default_factory=DNS)
+
+    @property
+    def queue_path(self) -> Path:
+        """The outbound queue's folder: `relay.queue_dir`, or `.queue` in `mail_dir`."""
+        if self.relay.queue_dir is not None:
+            return self.relay.queue_dir
+        return self.mail_dir / ".queue"
 
     @property
     def spool_path(self) -> Path:
@@ -355,12 +411,64 @@ def _check(config: Config) -> None:
         if safe_mailbox_name(name) != name:
             key = "postmaster" if name == config.postmaster else f"users.{name}"
             raise ConfigError(f"{key}: not a valid mailbox name (lower-case, no '/' or '..')")
+    _check_relay(config)
     folders = [("mail_dir", config.mail_dir), ("log.dir", config.log.dir)]
     if config.spool_dir is not None:
         folders.append(("spool_dir", config.spool_dir))
+    if config.relay.queue_dir is not None:
+        folders.append(("relay.queue_dir", config.relay.queue_dir))
     for key, folder in folders:
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{key}: {_describe(str(folder))} is not a directory")
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port); ValueError when it is neither."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or any(c.isspace() for c in host):
+        raise ValueError("expected host:port")
+    return host, int(port)
+
+
+def _check_relay(config: Config) -> None:
+    relay = config.relay
+    if relay.smarthost is not None:
+        try:
+            host_port(relay.smarthost)
+        except ValueError:
+            raise ConfigError(
+                f"relay.smarthost: expected host:port, got {_describe(relay.smarthost)}"
+            ) from None
+    auth = relay.smarthost_auth
+    if auth is not None:
+        if not auth.user:
+            raise ConfigError("relay.smarthost_auth.user: a user name is needed")
+        if (auth.password is None) == (auth.password_file is None):
+            raise ConfigError("relay.smarthost_auth: give password or password_file (one)")
+    if not relay.retry_schedule:
+        raise ConfigError("relay.retry_schedule: at least one delay is needed")
+    for i, delay in enumerate(relay.retry_schedule):
+        if not 0 < delay <= 60 * DAY:
+            raise ConfigError(
+                f"relay.retry_schedule[{i}]: expected more than 0 and at most {60 * DAY} "
+                f"seconds, got {_describe(delay)}"
+            )
+    for i, spec in enumerate(config.dns.nameservers or []):
+        host, _, port = (
+            spec.rpartition(":") if spec.count(":") == 1 or "]" in spec else ("", "", "")
+        )
+        address = (host or spec).strip("[]")
+        try:
+            ipaddress.ip_address(address)
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"dns.nameservers[{i}]: expected an IP address or ip:port, got {_describe(spec)}"
+            ) from None
 
 
 def _check_sockets(config: Config) -> None:
@@ -508,6 +616,8 @@ RESTART_ONLY = (
     "log.dir",
     "admin",
     "fsync",
+    "relay",
+    "dns",
 )
 
 

@@ -28,6 +28,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def have_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
@@ -142,6 +148,9 @@ def write_config(root: Path, overrides: dict | None = None, port: int | None = N
         "log": {"dir": "logs", "level": "DEBUG"},
         "fsync": True,
         "users": {"alice": {}, "bob": {}},
+        # Relayed mail looks its MX up here: a loopback port where nothing answers,
+        # so no test ever sends a DNS question (or mail) off this machine.
+        "dns": {"nameservers": [f"127.0.0.1:{free_udp_port()}"], "timeout": 1},
     }
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -16,6 +16,10 @@ class Recipient:
     mailbox: Mailbox  # as the client wrote it
     #: The local mailbox it is delivered to; None for a remote recipient.
     box: str | None
+    #: RFC 3461 NOTIFY (NEVER, or some of SUCCESS, FAILURE, DELAY); None: not given
+    notify: frozenset[str] | None = None
+    #: RFC 3461 ORCPT as received ("rfc822;alice@example.org", xtext)
+    orcpt: str | None = None
 
     @property
     def is_local(self) -> bool:

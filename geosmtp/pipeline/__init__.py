@@ -2,7 +2,7 @@
 
 from .message import Message
 from .pipeline import DELIVERED, Pipeline, Verdict
-from .router import Destination, MaildirDestination, NoRoute, Router
+from .router import Destination, MaildirDestination, NoRoute, QueueDestination, Router
 from .stages import Accept, Reject, Replace, Stage, StageResult, TempFail
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Message",
     "NoRoute",
     "Pipeline",
+    "QueueDestination",
     "Reject",
     "Replace",
     "Router",

@@ -95,4 +95,6 @@ class Pipeline:
             for delivery in done:
                 delivery.undo()
             raise
+        for delivery in done:
+            delivery.commit()
         return Verdict(True, destinations=tuple(d.name for d, _ in routes))

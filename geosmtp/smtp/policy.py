@@ -21,6 +21,9 @@ class RecipientPolicy:
     users: frozenset[str] = frozenset()
     accept_unknown: bool = True
     postmaster: str = "postmaster"
+    #: An outbound queue takes mail for other domains; without one, a client
+    #: that may relay is told 451 4.3.2 rather than have its mail accepted.
+    relay: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.local_domains, Domains):
@@ -34,13 +37,16 @@ class RecipientPolicy:
 
         The relay decision: a domain that is not local is refused with 550 5.7.1
         unless `may_relay` (an authenticated client, or one from a trusted
-        network). Until the outbound queue exists, relayable mail gets 451 4.3.2
+        network). With an outbound queue (`relay`) a remote recipient is accepted
+        with no mailbox (`box` None); without one it gets 451 4.3.2
         rather than being accepted and dropped.
         """
         if not mailbox.domain:  # RCPT TO:<postmaster> (§4.5.1)
             return Recipient(mailbox, self.postmaster)
         if not self.is_local_domain(mailbox.domain):
-            return R.RELAY_UNAVAILABLE if may_relay else R.RELAY_DENIED
+            if not may_relay:
+                return R.RELAY_DENIED
+            return Recipient(mailbox, None) if self.relay else R.RELAY_UNAVAILABLE
         name = safe_mailbox_name(mailbox.local_part)
         if name is None:
             return R.BAD_MAILBOX_NAME

@@ -37,6 +37,8 @@ Events (immutable values) the shell acts on:
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from ..mail import Envelope, Mailbox, safe_mailbox_name
@@ -97,6 +99,7 @@ class Extensions:
     chunking: bool = True
     starttls: bool = True
     auth: bool = True
+    dsn: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,15 @@ def _chunk_header(arg: bytes) -> tuple[int, bool] | None:
     ):
         return None
     return int(parts[0]), len(parts) == 2
+
+
+_NOTIFY = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
+# RFC 3461 §4: xtext is printable ASCII less "+" and "=", with "+XX" hex escapes.
+_XTEXT_RE = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
+
+
+def _is_xtext(text: str) -> bool:
+    return _XTEXT_RE.fullmatch(text) is not None
 
 
 def _is_utf8(arg: bytes) -> bool:
@@ -601,6 +613,8 @@ class SMTPConnection:
             keywords.append("ENHANCEDSTATUSCODES")
         if ext.eightbitmime:
             keywords.append("8BITMIME")
+        if ext.dsn:
+            keywords.append("DSN")  # RFC 3461; in Postfix's order, after 8BITMIME
         if ext.smtputf8:
             keywords.append("SMTPUTF8")
         if ext.chunking:
@@ -678,9 +692,35 @@ class SMTPConnection:
                     return R.BAD_PARAMETER_VALUE
             elif key == "AUTH" and ext.auth and self.esmtp:
                 pass  # RFC 4954 §5: the submitter's identity; we record our own login
+            elif key == "RET" and ext.dsn and self.esmtp:
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    return R.BAD_PARAMETER_VALUE  # RFC 3461 §4.3
+            elif key == "ENVID" and ext.dsn and self.esmtp:
+                if value is None or len(value) > 100 or not _is_xtext(value):
+                    return R.BAD_PARAMETER_VALUE  # RFC 3461 §4.4: xtext, at most 100
             else:
                 return R.BAD_PARAMETER
         return None
+
+    def _rcpt_params(self, params: dict[str, str | None]) -> tuple[frozenset | None, str | None]:
+        """NOTIFY and ORCPT (RFC 3461 §4.1, §4.2); SyntaxProblem for anything else."""
+        notify: frozenset[str] | None = None
+        orcpt: str | None = None
+        for key, value in params.items():
+            if key == "NOTIFY" and self.extensions.dsn and self.esmtp and value:
+                words = frozenset(value.upper().split(","))
+                if not words <= _NOTIFY or ("NEVER" in words and len(words) > 1):
+                    raise SyntaxProblem("NOTIFY: NEVER, or SUCCESS/FAILURE/DELAY")
+                notify = words
+            elif key == "ORCPT" and self.extensions.dsn and self.esmtp and value:
+                addr_type, _, address = value.partition(";")
+                ok = addr_type and address and len(value) <= 500 and _is_xtext(address)
+                if not ok or not addr_type.replace("-", "").isalnum():
+                    raise SyntaxProblem("ORCPT: addr-type;xtext")
+                orcpt = value
+            else:
+                raise SyntaxProblem(f"unknown parameter {key}")
+        return notify, orcpt
 
     def _do_RCPT(self, arg: bytes) -> None:
         envelope = self._txn
@@ -694,8 +734,11 @@ class SMTPConnection:
             else:
                 self._error(R.BAD_RECIPIENT_SYNTAX)
             return
-        if params:
-            self._error(R.BAD_PARAMETER)
+        try:
+            notify, orcpt = self._rcpt_params(params)
+        except SyntaxProblem:
+            known = set(params) <= {"NOTIFY", "ORCPT"} and self.extensions.dsn and self.esmtp
+            self._error(R.BAD_PARAMETER_VALUE if known else R.BAD_PARAMETER)
             return
         if len(envelope.recipients) >= self.limits.max_recipients:
             # §4.5.3.1.10: a temporary reply; the client sends the rest later.
@@ -705,6 +748,8 @@ class SMTPConnection:
         if isinstance(resolved, R.Reply):
             self._reject(resolved, "RCPT", mailbox.address)
             return
+        if notify is not None or orcpt is not None:
+            resolved = dataclasses.replace(resolved, notify=notify, orcpt=orcpt)
         self.envelope = envelope.with_recipient(resolved)
         self._move("rcpt")
         self._send(R.RECIPIENT_OK)

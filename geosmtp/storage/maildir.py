@@ -32,6 +32,8 @@ from typing import Any, BinaryIO
 from ..mail import safe_mailbox_name
 from .errors import StorageError
 from .spool import DIR_MODE, FILE_MODE, SpoolFile, UniqueNames
+from .spool import fsync_path as _fsync_path
+from .spool import unlink_quietly as _unlink_quietly
 
 Offload = Callable[..., Any]
 
@@ -40,29 +42,21 @@ def _direct(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _fsync_path(path: str, directory: bool = True) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 _CANNOT_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
 
 
 @dataclass
 class Delivery:
-    """The files one delivery put into `new/` folders, so it can be taken back."""
+    """The files one delivery made durable (in `new/` folders, or the queue), so
+    it can be taken back until the whole message is delivered everywhere."""
 
     paths: list[str]
+    #: Called once every destination has the message (the queue starts work).
+    on_commit: Callable[[], None] | None = None
+
+    def commit(self) -> None:
+        if self.on_commit is not None:
+            self.on_commit()
 
     def undo(self) -> None:
         """Remove them again: a later destination failed, so no one may keep it."""

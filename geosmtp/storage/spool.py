@@ -30,6 +30,22 @@ _WRITE_BUFFER = 64 * 1024
 STALE_AFTER = 36 * 3600
 
 
+def fsync_path(path: str, directory: bool = True) -> None:
+    """fsync a folder (after names in it changed) or a file, by path."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class UniqueNames:
     """`<sec>.M<usec>P<pid>Q<n>.<host>`, the modern Maildir file name."""
 
@@ -58,6 +74,11 @@ class SpoolFile:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
+
+    @property
+    def pending_size(self) -> int:
+        """Octets written but not yet handed to the kernel."""
+        return self._pending_size
 
     @property
     def fd(self) -> int:
@@ -103,10 +124,7 @@ class SpoolFile:
     def remove(self) -> None:
         """The message is delivered everywhere, or given up: close and unlink."""
         self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unlink_quietly(self.path)
 
     discard = remove
 

@@ -90,6 +90,7 @@ def test_switched_off_extensions_vanish(make_server, certs):
                 "chunking": False,
                 "starttls": False,
                 "auth": False,
+                "dsn": False,
             },
         }
     )

@@ -78,16 +78,19 @@ def test_submission_after_auth_delivers_locally(roles_server, certs):
     assert "user=alice" in access_lines(roles_server, "<sub-local@test.example>")[-1]
 
 
-def test_submission_to_an_external_domain_is_451_for_now(roles_server, certs):
+def test_submission_to_an_external_domain_is_queued(roles_server, certs):
     with submission_client(roles_server, certs) as client:
         assert client.mail("alice@test.example")[0] == 250
-        code, text = client.rcpt("someone@remote.example")
-        assert (code, text[:5]) == (451, b"4.3.2"), text
-        # A local recipient in the same transaction still goes through.
+        assert client.rcpt("someone@remote.example")[0] == 250
+        # A local recipient in the same transaction is delivered at once.
         assert client.rcpt("sub-mixed@test.example")[0] == 250
-        assert client.data(b"Subject: mixed\r\n\r\nx\r\n")[0] == 250
+        code, text = client.data(b"Subject: mixed\r\n\r\nx\r\n")
+        assert code == 250, text
     assert len(roles_server.messages("sub-mixed")) == 1
     assert roles_server.messages("someone") == []
+    queue_id = text.decode().rsplit(" ", 1)[1]
+    record = roles_server.mail_dir / ".queue" / "records" / f"{queue_id}.json"
+    assert b'"address": "someone@remote.example"' in record.read_bytes()
 
 
 def test_submission_without_sender_must_match_lets_alice_send_as_bob(roles_server, certs):
@@ -121,18 +124,18 @@ def test_mx_refuses_to_relay_for_strangers(roles_server):
     assert "result=aborted" in line and "reason=lost" in line  # closed without QUIT
 
 
-def test_mx_lets_an_authenticated_user_relay_but_there_is_no_queue(roles_server, certs):
+def test_mx_lets_an_authenticated_user_relay(roles_server, certs):
     with smtplib.SMTP("127.0.0.1", roles_server.ports["mx"], timeout=10) as client:
         client.starttls(context=certs.client_context())
         client.login("bob", BOB_PW)
         assert client.mail("bob@test.example")[0] == 250
         code, text = client.rcpt("friend@remote.example")
-        assert (code, text[:5]) == (451, b"4.3.2"), text
+        assert (code, text[:5]) == (250, b"2.1.5"), text  # queued for relay
 
 
 def test_trusted_network_is_by_address(roles_server):
-    """127.0.0.2 is trusted: it may relay (451, no queue yet); 127.0.0.1 may not (550)."""
-    for source, expected in (("127.0.0.2", (451, "4.3.2")), ("127.0.0.1", (550, "5.7.1"))):
+    """127.0.0.2 is trusted: it may relay (250, queued); 127.0.0.1 may not (550)."""
+    for source, expected in (("127.0.0.2", (250, "2.1.5")), ("127.0.0.1", (550, "5.7.1"))):
         sock = socket.create_connection(
             ("127.0.0.1", roles_server.ports["mx"]), timeout=10, source_address=(source, 0)
         )
@@ -150,7 +153,7 @@ def test_trusted_networks_loopback_range(make_server):
         client.ehlo("client.example")
         assert client.mail("app@test.example")[0] == 250
         code, text = client.rcpt("out@remote.example")
-        assert (code, text[:5]) == (451, b"4.3.2"), text
+        assert (code, text[:5]) == (250, b"2.1.5"), text
         assert client.rcpt("alice@test.example")[0] == 250
 
 

@@ -75,6 +75,7 @@ def test_ehlo_multiline_250(mode):
         b"250-VRFY",
         b"250-ENHANCEDSTATUSCODES",
         b"250-8BITMIME",
+        b"250-DSN",
         b"250-SMTPUTF8",
         b"250 CHUNKING",
     ]
@@ -92,6 +93,7 @@ def test_ehlo_advertises_configured_size_and_extensions(mode):
             enhancedstatuscodes=False,
             smtputf8=False,
             chunking=False,
+            dsn=False,
         ),
     )
     res = run([EHLO, b"NOOP\r\n"], mode, conn)
@@ -388,7 +390,10 @@ def test_bad_syntax_501_leaves_state(mode, setup, cmd, expected):
     ("cmd", "expected"),
     [
         (b"MAIL FROM:<s@example.org> FOO=BAR\r\n", b"555 5.5.4 "),
-        (b"MAIL FROM:<s@example.org> SIZE=10 RET=HDRS\r\n", b"555 5.5.4 "),
+        (b"MAIL FROM:<s@example.org> SIZE=10 MT-PRIORITY=1\r\n", b"555 5.5.4 "),
+        (b"MAIL FROM:<s@example.org> RET=ALL\r\n", b"501 5.5.4 Bad parameter value\r\n"),
+        (b"MAIL FROM:<s@example.org> ENVID=a+zz\r\n", b"501 5.5.4 Bad parameter value\r\n"),
+        (b"MAIL FROM:<s@example.org> ENVID=" + b"x" * 101 + b"\r\n", b"501 5.5.4 "),
         (b"MAIL FROM:<s@example.org> SIZE=abc\r\n", b"501 5.5.4 Bad parameter value\r\n"),
         (b"MAIL FROM:<s@example.org> SIZE\r\n", b"501 5.5.4 Bad parameter value\r\n"),
         (b"MAIL FROM:<s@example.org> SIZE=-1\r\n", b"501 5.5.4 Bad parameter value\r\n"),
@@ -422,8 +427,41 @@ def test_esmtp_parameters_need_ehlo(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_dsn_parameters_are_kept(mode):
+    """RFC 3461: RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT, stored as received."""
+    mail = b"MAIL FROM:<s@example.org> RET=HDRS ENVID=QQ+2B1\r\n"
+    rcpt = (
+        b"RCPT TO:<alice@example.test> NOTIFY=SUCCESS,delay ORCPT=rfc822;Alice+2Bx@example.test\r\n"
+    )
+    res = run([EHLO, mail, rcpt, b"RCPT TO:<bob@example.test> NOTIFY=NEVER\r\n"], mode)
+    assert after_ehlo(res) == SENDER_OK + RCPT_OK + RCPT_OK
+    env = res.conn.envelope
+    assert env.mail_params == {"RET": "HDRS", "ENVID": "QQ+2B1"}
+    alice, bob = env.recipients
+    assert alice.notify == {"SUCCESS", "DELAY"} and alice.orcpt == "rfc822;Alice+2Bx@example.test"
+    assert bob.notify == {"NEVER"} and bob.orcpt is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "param",
+    [
+        b"NOTIFY=NEVER,SUCCESS",
+        b"NOTIFY=SOMETIMES",
+        b"NOTIFY",
+        b"ORCPT=alice@example.test",
+        b"ORCPT=rfc822;a+zz",
+        b"ORCPT=;x",
+    ],
+)
+def test_bad_dsn_parameters_are_501(mode, param):
+    res = run([EHLO, MAIL, b"RCPT TO:<alice@example.test> " + param + b"\r\n"], mode)
+    assert after_ehlo(res) == SENDER_OK + b"501 5.5.4 Bad parameter value\r\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_rcpt_parameters_555(mode):
-    res = run([EHLO, MAIL, b"RCPT TO:<alice@example.test> NOTIFY=NEVER\r\n", DATA], mode)
+    res = run([EHLO, MAIL, b"RCPT TO:<alice@example.test> MT-PRIORITY=1\r\n", DATA], mode)
     assert after_ehlo(res) == (
         SENDER_OK
         + b"555 5.5.4 Unsupported MAIL/RCPT parameter\r\n"

@@ -1,0 +1,374 @@
+"""The queue runner: delivers queued messages, retries, gives up, reports.
+
+One greenlet keeps the schedule: it wakes when the earliest entry is due (or
+when a new one arrives) and starts an attempt for every due entry, at most
+`concurrency` at once, and at most `per_domain_concurrency` connections to
+one destination domain at once. An attempt takes an entry's pending
+recipients domain by domain (all of one domain in one SMTP transaction, the
+client splitting nothing: RFC 5321 §4.5.3.1.8 says servers take 100), finds
+the hosts (the smarthost, or the domain's MX per RFC 5321 §5), and applies the
+outcome per recipient: delivered (the record is rewritten and fsynced at
+once), a permanent failure (bounced), or a temporary one (retried on the
+schedule until the lifetime is over, then bounced).
+
+Reports to the sender (RFC 3461/3464) are made by the `report` callable the
+app gives, which builds the DSN and puts it through the mail pipeline like
+any other message; never to the null sender.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.lock import BoundedSemaphore
+from gevent.pool import Pool
+from loguru import logger
+
+from .. import logs
+from ..storage import StorageError
+from .client import AttemptResult, Outcome, deliver
+from .mx import DNSError, DNSPermanentError, Host, Resolver
+from .schedule import RetrySchedule, delay_warning_due
+from .store import DELIVERED, FAILED, PENDING, QueuedRecipient, QueueRecord, QueueStore
+
+#: How a finished recipient is reported: ("failed" | "delayed" | "delivered").
+Report = Callable[[QueueRecord, list[QueuedRecipient], str], None]
+
+
+@dataclass
+class RunnerSettings:
+    """What the `relay:` section of the config says about delivering."""
+
+    hostname: str
+    schedule: RetrySchedule
+    delay_warning: float = 4 * 3600
+    concurrency: int = 20
+    per_domain_concurrency: int = 20
+    mx_port: int = 25
+    smarthost: tuple[str, int] | None = None
+    smarthost_tls: str = "starttls"
+    smarthost_auth: tuple[str, str] | None = None
+    max_received: int = 50
+    #: the client's timeouts; None: RFC 5321 §4.5.3.2's
+    timeouts: Any = None
+    tls_context: Any = None  # for a smarthost's certificate; MX delivery is opportunistic
+
+
+def skip_return_path(message: Any) -> None:
+    """Position `message` after its `Return-Path:` line, if it starts with one.
+
+    Messages are spooled with the Return-Path that final delivery into a
+    Maildir needs; a relaying server must not pass it on (RFC 5321 §4.4)."""
+    first = message.readline(8192)
+    if not first.lower().startswith(b"return-path:"):
+        message.seek(0)
+
+
+@dataclass(order=True)
+class _Due:
+    at: float
+    queue_id: str = field(compare=False)
+
+
+class QueueRunner:
+    def __init__(
+        self,
+        store: QueueStore,
+        settings: RunnerSettings,
+        resolver: Resolver,
+        report: Report,
+        *,
+        metrics: Any = None,
+        send: Callable[..., AttemptResult] = deliver,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.resolver = resolver
+        self.report = report
+        self.metrics = metrics
+        self.send = send
+        self.clock = clock
+        self.records: dict[str, QueueRecord] = {}
+        self._heap: list[_Due] = []
+        self._busy: set[str] = set()  # entries with an attempt in flight
+        self._wake = Event()
+        self._pool = Pool(settings.concurrency)
+        self._domains: dict[str, BoundedSemaphore] = defaultdict(
+            lambda: BoundedSemaphore(self.settings.per_domain_concurrency)
+        )
+        self._loop: gevent.Greenlet | None = None
+
+    # ---------------------------------------------------------- control
+
+    def start(self) -> None:
+        """Read the queue from disk and start delivering."""
+        loaded = self.store.load()
+        for problem in loaded.quarantined:
+            logger.error("queue: moved to quarantine: {}", problem)
+        if loaded.orphans:
+            logger.info("queue: removed {} messages never acknowledged", loaded.orphans)
+        for record in loaded.records:
+            self._track(record)
+        if loaded.records:
+            logger.info("queue: {} messages to deliver", len(loaded.records))
+        self._loop = gevent.spawn(self._run)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop starting attempts; let those in flight finish for `timeout` seconds.
+        Anything still running then is killed: its recipients stay pending on
+        disk and are tried again after a restart."""
+        if self._loop is not None:
+            self._loop.kill()
+        self._pool.join(timeout=timeout)
+        self._pool.kill(block=True, timeout=5)
+
+    def submit(self, record: QueueRecord) -> None:
+        """A new entry (already durable on disk): try it now."""
+        self._track(record)
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Try now, whatever the schedule says: one entry, or all. How many."""
+        ids = [queue_id] if queue_id is not None else list(self.records)
+        now = self.clock()
+        count = 0
+        for qid in ids:
+            record = self.records.get(qid)
+            if record is None:
+                continue
+            for rcpt in record.pending:
+                rcpt.next_attempt = now
+            heapq.heappush(self._heap, _Due(now, qid))
+            count += 1
+        self._wake.set()
+        return count
+
+    # ------------------------------------------------------------- loop
+
+    def _track(self, record: QueueRecord) -> None:
+        self.records[record.id] = record
+        heapq.heappush(self._heap, _Due(self._due(record), record.id))
+        self._wake.set()
+
+    @staticmethod
+    def _due(record: QueueRecord) -> float:
+        return min((r.next_attempt for r in record.pending), default=0.0)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            while self._heap and self._heap[0].at <= now:
+                due = heapq.heappop(self._heap)
+                record = self.records.get(due.queue_id)
+                if record is None or record.held or record.id in self._busy:
+                    continue
+                if self._due(record) > now:  # rescheduled meanwhile: a later entry is there
+                    continue
+                self._busy.add(record.id)
+                self._pool.spawn(self._attempt, record)
+            wait = self._heap[0].at - now if self._heap else None
+            self._wake.wait(timeout=None if wait is None else max(wait, 0.01))
+
+    def _attempt(self, record: QueueRecord) -> None:
+        try:
+            self._try(record)
+        except Exception:  # a bug must not stop the queue: the entry is retried later
+            logger.exception("queue {}: attempt failed with an internal error", record.id)
+            now = self.clock()
+            for rcpt in record.pending:
+                rcpt.next_attempt = now + self.settings.schedule.delay_after(max(rcpt.attempts, 1))
+        finally:
+            self._busy.discard(record.id)
+            if record.id in self.records:
+                if record.done:
+                    self._finish(record)
+                else:
+                    heapq.heappush(self._heap, _Due(self._due(record), record.id))
+                    self._wake.set()
+
+    def _try(self, record: QueueRecord) -> None:
+        now = self.clock()
+        by_domain: dict[str, list[QueuedRecipient]] = defaultdict(list)
+        for rcpt in record.pending:
+            if rcpt.next_attempt <= now:
+                by_domain[rcpt.domain].append(rcpt)
+        failed: list[QueuedRecipient] = []
+        delivered: list[QueuedRecipient] = []
+        for domain, rcpts in by_domain.items():
+            with self._domains[domain]:
+                outcome = self._deliver_domain(record, domain, rcpts)
+            failed += [r for r in rcpts if r.state == FAILED]
+            delivered += [r for r in rcpts if r.state == DELIVERED]
+            try:
+                self.store.save(record)  # delivered recipients are never sent twice
+            except StorageError as exc:
+                logger.error("queue {}: cannot save its record: {}", record.id, exc)
+            logger.debug("queue {}: {} to {}", record.id, outcome, domain)
+        self._reports(record, failed, delivered)
+
+    def _deliver_domain(self, record: QueueRecord, domain: str, rcpts: list[QueuedRecipient]):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        try:
+            hosts, port, tls = self._route(domain)
+        except DNSError as exc:
+            permanent = isinstance(exc, DNSPermanentError)
+            for rcpt in rcpts:
+                self._apply(
+                    record,
+                    rcpt,
+                    Outcome.PERMANENT if permanent else Outcome.TEMPORARY,
+                    exc.status,
+                    exc.diagnostic,
+                    None,
+                )
+            return "dns: " + str(exc)
+        with self.store.open_message(record.id) as message:
+            skip_return_path(message)
+            result = self._send(record, rcpts, hosts, port, tls, message)
+        if self.metrics is not None:
+            self.metrics.relay_attempt_seconds.observe(time.perf_counter() - started)
+        for rcpt in rcpts:
+            r = result[rcpt.address]
+            self._apply(record, rcpt, r.outcome, r.status, r.diagnostic, result.remote_mta)
+            logs.access_log.write(
+                logs.access_line(
+                    queue=record.id,
+                    to=f"<{rcpt.address}>",
+                    relay=result.relay,
+                    tls=result.tls,
+                    status=r.status,
+                    outcome=r.outcome.value,
+                    reply=r.diagnostic,
+                )
+            )
+        return result.relay
+
+    def _send(self, record, rcpts, hosts, port, tls, message) -> AttemptResult:  # type: ignore[no-untyped-def]
+        settings = self.settings
+        return self.send(
+            hosts,
+            port,
+            record.sender,
+            [r.address for r in rcpts],
+            message,
+            helo_name=settings.hostname,
+            tls=tls,
+            tls_context=settings.tls_context if settings.smarthost else None,
+            auth=settings.smarthost_auth if settings.smarthost else None,
+            timeouts=settings.timeouts,
+            needs_smtputf8=record.smtputf8,
+            needs_8bitmime=record.body == "8BITMIME",
+            size=record.size or None,
+            max_received=settings.max_received,
+        )
+
+    def _route(self, domain: str) -> tuple[list[Host], int, str]:
+        settings = self.settings
+        if settings.smarthost is not None:
+            host, port = settings.smarthost
+            return [Host(host)], port, settings.smarthost_tls
+        return self.resolver.resolve_mx(domain), settings.mx_port, "opportunistic"
+
+    def _apply(  # type: ignore[no-untyped-def]
+        self, record: QueueRecord, rcpt: QueuedRecipient, outcome, status, diagnostic, remote_mta
+    ) -> None:
+        now = self.clock()
+        rcpt.attempts += 1
+        rcpt.status = status
+        rcpt.remote_mta = remote_mta
+        if outcome is Outcome.DELIVERED:
+            rcpt.state = DELIVERED
+            rcpt.last_error = None
+            self._count("sent")
+            return
+        rcpt.last_error = diagnostic
+        if outcome is Outcome.TEMPORARY:
+            later = self.settings.schedule.next_attempt(record.arrival, rcpt.attempts, now)
+            if later is not None:
+                rcpt.next_attempt = later
+                self._count("deferred")
+                return
+            rcpt.last_error = f"{diagnostic} (given up after {rcpt.attempts} attempts)"
+            rcpt.status = "4.4.7" if status.startswith("4") else status  # X.4.7: expired
+        rcpt.state = FAILED
+        self._count("bounced")
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.relay_deliveries.labels(result).inc()
+
+    # ---------------------------------------------------------- reports
+
+    def _reports(
+        self, record: QueueRecord, failed: list[QueuedRecipient], delivered: list[QueuedRecipient]
+    ) -> None:
+        def wants(rcpt: QueuedRecipient, what: str, default: bool) -> bool:
+            if rcpt.notify is None:
+                return default
+            return what in rcpt.notify
+
+        if failed:
+            self._report(record, [r for r in failed if wants(r, "FAILURE", True)], "failed")
+        if delivered:
+            self._report(record, [r for r in delivered if wants(r, "SUCCESS", False)], "delivered")
+        now = self.clock()
+        if self.settings.delay_warning:
+            late = [
+                r
+                for r in record.pending
+                if not r.delay_warned
+                and delay_warning_due(record.arrival, now, self.settings.delay_warning, False)
+                and wants(r, "DELAY", True)
+            ]
+            if late:
+                for r in late:
+                    r.delay_warned = True
+                self._report(record, late, "delayed")
+                try:
+                    self.store.save(record)
+                except StorageError as exc:
+                    logger.error("queue {}: cannot save its record: {}", record.id, exc)
+
+    def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
+        if not rcpts:
+            return
+        if not record.sender:  # never a report to the null sender (RFC 5321 §6.1)
+            logger.warning(
+                "queue {}: {} for {} not reported: the sender is <>",
+                record.id,
+                kind,
+                ", ".join(r.address for r in rcpts),
+            )
+            return
+        try:
+            self.report(record, rcpts, kind)
+        except Exception:
+            logger.exception(
+                "queue {}: could not report {} to <{}>", record.id, kind, record.sender
+            )
+
+    def _finish(self, record: QueueRecord) -> None:
+        self.records.pop(record.id, None)
+        self.store.remove(record.id)
+        states = ", ".join(f"<{r.address}>: {r.state}" for r in record.recipients)
+        logger.info("queue {}: done ({})", record.id, states)
+
+    # ------------------------------------------------------------ views
+
+    def pending_count(self) -> int:
+        return len(self.records)
+
+    def oldest_age(self) -> float:
+        now = self.clock()
+        return max((now - r.arrival for r in self.records.values()), default=0.0)
+
+
+__all__ = ["PENDING", "QueueRunner", "RunnerSettings"]

@@ -1,0 +1,142 @@
+"""The outbound relay end to end: submission -> queue -> MX (real DNS) -> sink.
+
+A private dnsmasq serves the MX records; the receiving servers are scripted
+sinks on 127.0.0.x (tests/integration/smtp_sink.py). geosmtp is started
+through its CLI, its mail to remote.test goes to whatever the MX says, on
+`relay.mx_port`.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+
+import pytest
+
+from tests.conftest import listeners, users, wait_until
+from tests.integration.dns_server import Zone, dns_server
+from tests.integration.smtp_sink import Script, Sink, free_port_on
+
+PASSWORD = "relay-test-pw"
+MESSAGE = (
+    b"From: alice@test.example\r\nSubject: out\r\nMessage-ID: <out@test.example>\r\n\r\nhi\r\n"
+)
+
+
+@pytest.fixture
+def relay_setup(make_server, tmp_path):
+    """A sink as remote.test's MX on 127.0.0.2, and a geosmtp that relays to it."""
+
+    def start(script: Script, **relay):  # type: ignore[no-untyped-def]
+        port = free_port_on("127.0.0.2")
+        sink = Sink(script, address="127.0.0.2", port=port)
+        zone = Zone(
+            mx={"remote.test": [(10, "mx.remote.test")]}, hosts={"mx.remote.test": ["127.0.0.2"]}
+        )
+        dns = dns_server(zone, tmp_path / "dns")
+        server_dns = dns.__enter__()
+        config = {
+            "listeners": listeners("submission"),
+            "users": users(alice=PASSWORD),
+            "auth": {"allow_plaintext": True},
+            "relay": {"mx_port": port, "retry_schedule": [0.5], **relay},
+            "dns": {"nameservers": [server_dns.nameserver], "timeout": 5},
+        }
+        server = make_server(config)
+        cleanups.append(lambda: dns.__exit__(None, None, None))
+        cleanups.append(sink.close)
+        return server, sink
+
+    cleanups: list = []
+    yield start
+    for cleanup in reversed(cleanups):
+        cleanup()
+
+
+def submit(server, rcpts: list[str], message: bytes = MESSAGE, **options) -> None:  # type: ignore[no-untyped-def]
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=10) as client:
+        client.login("alice", PASSWORD)
+        refused = client.sendmail("alice@test.example", rcpts, message, **options)
+        assert refused == {}
+
+
+def queue_empty(server) -> bool:  # type: ignore[no-untyped-def]
+    return not any((server.mail_dir / ".queue" / "records").glob("*.json"))
+
+
+def test_relayed_mail_reaches_the_mx_exactly(relay_setup):
+    server, sink = relay_setup(Script())
+    submit(server, ["bob@remote.test", "carol@remote.test", "bob@test.example"])
+    (tx,) = wait_until(lambda: sink.completed, what="the sink to receive the message")
+    assert tx.sender == "alice@test.example"
+    assert tx.rcpts == ["bob@remote.test", "carol@remote.test"]  # one transaction
+    # The content is what was submitted, behind our Return-Path/Received headers.
+    head, _, _body = tx.data.partition(b"\r\n\r\n")
+    assert tx.data.endswith(MESSAGE.split(b"\r\n\r\n", 1)[1])
+    assert b"Received: from " in head and b"Subject: out" in head
+    assert not tx.bad_line_ends
+    assert not tx.data.startswith(b"Return-Path:")  # a relay adds none (RFC 5321 §4.4)
+    # The local recipient got it at once, the queue is empty once delivered.
+    assert len(server.messages("bob")) == 1
+    wait_until(lambda: queue_empty(server), what="the queue to empty")
+    log = wait_until(lambda: "outcome=delivered" in server.access_log() and server.access_log())
+    assert "to=<bob@remote.test>" in log and "relay=mx.remote.test[127.0.0.2]" in log
+
+
+def test_a_451_is_retried_and_delivered_once(relay_setup):
+    server, sink = relay_setup(Script(final_replies=["451 4.3.0 try later", "250 2.0.0 ok"]))
+    submit(server, ["bob@remote.test"])
+    wait_until(lambda: sink.completed, timeout=20, what="the retry to be delivered")
+    wait_until(lambda: queue_empty(server), what="the queue to empty")
+    assert len(sink.completed) == 1
+    assert [t.final_reply[:3] for t in sink.transactions if t.complete] == ["451", "250"]
+    assert server.messages("alice") == []  # no bounce, no delay notice
+
+
+def test_a_550_bounces_to_the_sender_with_an_rfc3464_report(relay_setup):
+    script = Script(rcpt_replies={"bob@remote.test": "550 5.1.1 <bob@remote.test>: no such user"})
+    server, sink = relay_setup(script)
+    submit(server, ["bob@remote.test", "carol@remote.test"])
+    (bounce_path,) = wait_until(lambda: server.messages("alice"), what="the bounce")
+    wait_until(lambda: queue_empty(server), what="the queue to empty")
+    assert [t.rcpts for t in sink.completed] == [["carol@remote.test"]]
+    raw = bounce_path.read_bytes()
+    assert raw.startswith(b"Return-Path: <>\n")
+    bounce = email.message_from_bytes(raw, policy=email.policy.default)
+    assert bounce.get_content_type() == "multipart/report"
+    assert bounce.get_param("report-type") == "delivery-status"
+    assert bounce["Auto-Submitted"] == "auto-replied"
+    _, status, original = bounce.iter_parts()
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    recipient = blocks[1]
+    assert recipient["Final-Recipient"] == "rfc822; bob@remote.test"
+    assert recipient["Action"] == "failed"
+    assert recipient["Status"] == "5.1.1"
+    assert "550 5.1.1" in recipient["Diagnostic-Code"]
+    assert len(blocks) == 2  # carol was delivered: not in the report
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert b"Message-ID: <out@test.example>" in original.get_payload(decode=True) or (
+        "<out@test.example>" in str(original)
+    )
+
+
+def test_notify_never_means_no_bounce(relay_setup):
+    script = Script(rcpt_replies={"bob@remote.test": "550 5.1.1 no such user"})
+    server, _sink = relay_setup(script)
+    submit(server, ["bob@remote.test"], rcpt_options=["NOTIFY=NEVER"])
+    wait_until(lambda: queue_empty(server), what="the queue to give the message up")
+    wait_until(lambda: "outcome=permanent" in server.access_log(), what="the attempt logged")
+    assert server.messages("alice") == []
+
+
+def test_without_a_login_nothing_is_relayed(relay_setup):
+    server, sink = relay_setup(Script())
+    with (
+        smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=10) as client,
+        pytest.raises(smtplib.SMTPSenderRefused) as refused,
+    ):
+        client.sendmail("x@remote.test", ["bob@remote.test"], MESSAGE)
+    assert refused.value.smtp_code == 530
+    assert sink.connections == 0 and queue_empty(server)
