@@ -32,8 +32,7 @@ from typing import Any
 
 from ..storage import SpoolFile, StorageError
 from ..storage.maildir import Delivery
-from ..storage.spool import DIR_MODE, FILE_MODE
-from ..storage.spool import fsync_path
+from ..storage.spool import DIR_MODE, FILE_MODE, fsync_path
 from ..storage.spool import unlink_quietly as _unlink_quietly
 
 Offload = Callable[..., Any]
