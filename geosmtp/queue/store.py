@@ -117,7 +117,8 @@ class QueueStore:
         self.records = str(self.root / "records")
         self.quarantine_dir = str(self.root / "quarantine")
         try:
-            for folder in (self.messages, self.records, self.quarantine_dir):
+            # makedirs gives `mode` only to the last folder: make each level itself.
+            for folder in (str(self.root), self.messages, self.records, self.quarantine_dir):
                 os.makedirs(folder, mode=DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
