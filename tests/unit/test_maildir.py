@@ -243,11 +243,3 @@ def test_the_read_side_lists_opens_flags_and_deletes(store, spool):
 
 def test_a_mailbox_never_delivered_to_is_empty(store):
     assert store.maildir("nobody").list() == []
-
-
-def test_the_queue_folders_are_private(tmp_path):
-    from geosmtp.queue.store import QueueStore
-
-    store = QueueStore(tmp_path / "mail" / ".queue")
-    for folder in (store.root, *(store.root / n for n in ("messages", "records", "quarantine"))):
-        assert os.stat(folder).st_mode & 0o777 == 0o700, folder

@@ -1,0 +1,163 @@
+"""The queue runner's decisions, with a scripted SMTP client and a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from geosmtp.queue.client import AttemptResult, Outcome, RecipientResult
+from geosmtp.queue.mx import DNSPermanentError, Host
+from geosmtp.queue.runner import QueueRunner, RunnerSettings
+from geosmtp.queue.schedule import RetrySchedule
+from geosmtp.queue.store import DELIVERED, FAILED, PENDING, QueuedRecipient, QueueRecord, QueueStore
+from geosmtp.storage import Spool
+from geosmtp.storage.spool import UniqueNames
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Resolver:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def resolve_mx(self, domain: str) -> list[Host]:
+        if self.error:
+            raise self.error
+        return [Host(f"mx.{domain}", ("127.0.0.9",))]
+
+
+class Client:
+    """Answers each recipient from `outcomes` (address -> (Outcome, status))."""
+
+    def __init__(self, outcomes: dict[str, tuple[Outcome, str]]) -> None:
+        self.outcomes = outcomes
+        self.calls: list[tuple[str, list[str], bytes]] = []
+
+    def __call__(self, hosts, port, sender, recipients, message, **kw) -> AttemptResult:
+        self.calls.append((sender, list(recipients), message.read()))
+        results = tuple(
+            RecipientResult(r, *self.outcomes[r], diagnostic=f"smtp; {self.outcomes[r][1]} x")
+            for r in recipients
+        )
+        return AttemptResult(results, remote_host=hosts[0].name, remote_address="127.0.0.9")
+
+
+@pytest.fixture
+def make(tmp_path: Path):
+    def factory(outcomes, *, sender="alice@example.test", notify=None, resolver=None, delays=(60,)):
+        store = QueueStore(tmp_path / ".queue")
+        spool = Spool(tmp_path / ".spool", UniqueNames("h"))
+        f = spool.open()
+        f.write(b"Return-Path: <alice@example.test>\nSubject: s\n\nbody\n")
+        rcpts = [QueuedRecipient(a, a.split("@")[1], notify=notify) for a in outcomes]
+        record = QueueRecord("Q1", sender, 1000.0, rcpts)
+        store.add(f, record)
+        f.remove()
+        reports: list[tuple[str, list[str]]] = []
+        clock = Clock()
+        client = Client(outcomes)
+        runner = QueueRunner(
+            store,
+            RunnerSettings("mx.example.test", RetrySchedule(delays, 3600), delay_warning=0),
+            resolver or Resolver(),
+            lambda rec, rs, kind: reports.append((kind, [r.address for r in rs])),
+            send=client,
+            clock=clock,
+        )
+        runner.records[record.id] = record
+        return runner, record, client, reports, clock, store
+
+    return factory
+
+
+def test_one_transaction_per_domain_and_no_return_path(make):
+    ok = (Outcome.DELIVERED, "2.0.0")
+    runner, record, client, reports, _, store = make(
+        {"b@remote.test": ok, "c@remote.test": ok, "d@other.test": ok}
+    )
+    runner._attempt(record)
+    assert sorted(rcpts for _, rcpts, _ in client.calls) == [
+        ["b@remote.test", "c@remote.test"],
+        ["d@other.test"],
+    ]
+    assert all(data == b"Subject: s\n\nbody\n" for _, _, data in client.calls)
+    assert reports == [] and "Q1" not in runner.records
+    assert store.load().records == []  # finished: removed from disk
+
+
+def test_a_temporary_failure_is_retried_on_the_schedule_and_saved(make):
+    runner, record, _, reports, clock, store = make({"b@remote.test": (Outcome.TEMPORARY, "4.3.0")})
+    runner._attempt(record)
+    (rcpt,) = record.recipients
+    assert (rcpt.state, rcpt.attempts, rcpt.next_attempt) == (PENDING, 1, clock.now + 60)
+    assert store.load().records[0].recipients[0].attempts == 1  # on disk
+    assert reports == []
+
+
+def test_past_its_lifetime_it_fails_with_4_4_7_and_is_reported(make):
+    runner, record, _, reports, clock, _ = make({"b@remote.test": (Outcome.TEMPORARY, "4.3.0")})
+    clock.now = 1000.0 + 3600 - 10  # the next retry would fall past the lifetime
+    runner._attempt(record)
+    (rcpt,) = record.recipients
+    assert (rcpt.state, rcpt.status) == (FAILED, "4.4.7")
+    assert "given up" in rcpt.last_error
+    assert reports == [("failed", ["b@remote.test"])]
+
+
+def test_a_permanent_failure_is_reported_once_and_the_delivered_not_resent(make):
+    runner, record, client, reports, _, _ = make(
+        {
+            "b@remote.test": (Outcome.PERMANENT, "5.1.1"),
+            "c@remote.test": (Outcome.DELIVERED, "2.0.0"),
+        }
+    )
+    runner._attempt(record)
+    assert reports == [("failed", ["b@remote.test"])]
+    assert [r.state for r in record.recipients] == [FAILED, DELIVERED]
+    assert len(client.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("notify", "expected"),
+    [(None, [("failed", ["b@remote.test"])]), (["NEVER"], []), (["SUCCESS"], [])],
+)
+def test_notify_decides_the_failure_report(make, notify, expected):
+    runner, record, _, reports, _, _ = make(
+        {"b@remote.test": (Outcome.PERMANENT, "5.1.1")}, notify=notify
+    )
+    runner._attempt(record)
+    assert reports == expected
+
+
+def test_notify_success_gets_a_delivery_report(make):
+    runner, record, _, reports, _, _ = make(
+        {"b@remote.test": (Outcome.DELIVERED, "2.0.0")}, notify=["SUCCESS", "FAILURE"]
+    )
+    runner._attempt(record)
+    assert reports == [("delivered", ["b@remote.test"])]
+
+
+def test_nothing_is_ever_reported_to_the_null_sender(make):
+    runner, record, _, reports, _, _ = make(
+        {"b@remote.test": (Outcome.PERMANENT, "5.1.1")}, sender=""
+    )
+    runner._attempt(record)
+    assert reports == [] and record.recipients[0].state == FAILED
+
+
+def test_a_null_mx_fails_without_a_connection(make):
+    error = DNSPermanentError("remote.test has a null MX (RFC 7505)", "5.1.10")
+    runner, record, client, reports, _, _ = make(
+        {"b@remote.test": (Outcome.DELIVERED, "2.0.0")}, resolver=Resolver(error)
+    )
+    runner._attempt(record)
+    assert client.calls == []
+    assert (record.recipients[0].state, record.recipients[0].status) == (FAILED, "5.1.10")
+    assert reports == [("failed", ["b@remote.test"])]
