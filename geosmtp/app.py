@@ -108,7 +108,8 @@ class App:
             Router(
                 local=MaildirDestination(self.store),
                 remote=QueueDestination(self.queue_store, self.queue),
-            )
+            ),
+            after_delivery=self.report_local,
         )
         self.listeners = Listeners(self, SESSIONS)
         self._access_writer: gevent.Greenlet | None = None
@@ -229,19 +230,13 @@ class App:
 
     def report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
         """A delivery status notification (RFC 3464) about `rcpts` of a queued
-        message, to its sender, through the pipeline like any message: into the
-        sender's mailbox when it is local, else into the queue (sent from <>,
-        so it can never cause a report of its own)."""
-        sender = parse_mailbox(record.sender, utf8=True)
-        recipient = self.policy.resolve(sender, may_relay=True)
-        if not isinstance(recipient, Recipient):
-            logger.warning("queue {}: no way to report to <{}>", record.id, record.sender)
-            return
+        message, to its sender. A success here is `relayed` (RFC 3461 §6.2.2.2):
+        the DSN request is not passed on to the next server."""
         now = time.time()
         statuses = [
             RecipientStatus(
                 final_recipient=r.address,
-                action=kind,  # type: ignore[arg-type]
+                action="relayed" if kind == "delivered" else kind,  # type: ignore[arg-type]
                 status=r.status or {"failed": "5.0.0", "delayed": "4.0.0"}.get(kind, "2.0.0"),
                 original_recipient=r.orcpt,
                 remote_mta=r.remote_mta.removeprefix("dns; ") if r.remote_mta else None,
@@ -255,27 +250,88 @@ class App:
             )
             for r in rcpts
         ]
+        self._send_report(
+            record.id,
+            record.sender,
+            record.envid,
+            record.ret,
+            record.arrival,
+            statuses,
+            kind,
+            lambda: self.queue_store.open_message(record.id),
+        )
+
+    def report_local(self, message: Message) -> None:
+        """NOTIFY=SUCCESS on a local recipient: a `delivered` report (RFC 3461
+        §6.2.2.1) once the message is in the mailbox. Called by the pipeline
+        while the spool file still exists; a failure here never undoes the
+        delivery, it is logged."""
+        env = message.envelope
+        rcpts = [
+            r for r in env.recipients if r.box is not None and r.notify and "SUCCESS" in r.notify
+        ]
+        if not rcpts or not env.sender:
+            return
+        now = time.time()
+        statuses = [
+            RecipientStatus(
+                final_recipient=r.mailbox.address,
+                action="delivered",
+                status="2.0.0",
+                original_recipient=r.orcpt,
+                last_attempt_date=email.utils.formatdate(now, localtime=True),
+            )
+            for r in rcpts
+        ]
+        params = {k.upper(): v for k, v in env.mail_params.items()}
+        try:
+            self._send_report(
+                message.queue_id,
+                env.sender_address,
+                params.get("ENVID"),
+                params.get("RET"),
+                now,
+                statuses,
+                "delivered",
+                lambda: open(message.spool.path, "rb"),  # noqa: SIM115 - closed by the caller
+            )
+        except Exception:
+            logger.exception(
+                "{}: could not report the delivery to <{}>", message.queue_id, env.sender_address
+            )
+
+    def _send_report(  # type: ignore[no-untyped-def]
+        self, about, sender, envid, ret, arrival, statuses, kind, open_original
+    ) -> None:
+        """Write the report into a spool file and put it through the pipeline from
+        <>: into the sender's mailbox when it is local, else into the queue (a
+        report can never cause a report of its own)."""
+        recipient = self.policy.resolve(parse_mailbox(sender, utf8=True), may_relay=True)
+        if not isinstance(recipient, Recipient):
+            logger.warning("{}: no way to report to <{}>", about, sender)
+            return
+        now = time.time()
         queue_id = new_queue_id()
         date = email.utils.formatdate(now, localtime=True)
         spool = self.spool.open()
         try:
-            # Sent from <>: the trace lines a local delivery keeps (the queue
-            # drops the Return-Path when the report goes on to another server).
+            # The trace lines a local delivery keeps (the queue drops the
+            # Return-Path when the report goes on to another server).
             spool.write(
                 f"Return-Path: <>\nReceived: by {self.config.hostname} (geosmtp) "
                 f"id {queue_id}; {date}\n".encode()
             )
-            with self.queue_store.open_message(record.id) as original:
+            with open_original() as original:
                 write_dsn(
                     spool,
                     reporting_mta=self.config.hostname,
-                    original_envelope_id=record.envid,
-                    sender=record.sender,
-                    arrival_date=email.utils.formatdate(record.arrival, localtime=True),
+                    original_envelope_id=envid,
+                    sender=sender,
+                    arrival_date=email.utils.formatdate(arrival, localtime=True),
                     recipients=statuses,
-                    kind=kind,  # type: ignore[arg-type]
+                    kind=kind,
                     original=original,
-                    ret=record.ret or "HDRS",
+                    ret=ret or "HDRS",
                     max_full_size=self.config.limits.max_message_size // 2,
                     date=date,
                     message_id=f"<{queue_id}@{self.config.hostname}>",
@@ -288,10 +344,10 @@ class App:
         envelope = Envelope(self.config.hostname, True, None, recipients=(recipient,))
         verdict = self.pipeline.process(Message(envelope, spool, queue_id, size))
         logger.info(
-            "queue {}: {} report to <{}>: {}",
-            record.id,
+            "{}: {} report to <{}>: {}",
+            about,
             kind,
-            record.sender,
+            sender,
             f"queued as {queue_id}" if verdict.delivered else verdict.reason,
         )
 

@@ -14,7 +14,7 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..storage import StorageError
@@ -43,9 +43,17 @@ DELIVERED = Verdict(True)
 
 
 class Pipeline:
-    def __init__(self, router: Router, stages: Sequence[Stage] = ()) -> None:
+    def __init__(
+        self,
+        router: Router,
+        stages: Sequence[Stage] = (),
+        after_delivery: Callable[[Message], None] | None = None,
+    ) -> None:
         self.router = router
         self.stages = list(stages)
+        #: Called once a message is delivered everywhere, its spool file still
+        #: there (success reports for NOTIFY=SUCCESS).
+        self.after_delivery = after_delivery
 
     def process(self, message: Message) -> Verdict:
         """Filter, route and deliver `message`; the spool file is gone afterwards."""
@@ -97,4 +105,6 @@ class Pipeline:
             raise
         for delivery in done:
             delivery.commit()
+        if self.after_delivery is not None:
+            self.after_delivery(message)
         return Verdict(True, destinations=tuple(d.name for d, _ in routes))

@@ -140,3 +140,22 @@ def test_without_a_login_nothing_is_relayed(relay_setup):
         client.sendmail("x@remote.test", ["bob@remote.test"], MESSAGE)
     assert refused.value.smtp_code == 530
     assert sink.connections == 0 and queue_empty(server)
+
+
+def test_notify_success_on_a_local_recipient_gets_a_delivered_report(relay_setup):
+    server, _sink = relay_setup(Script())
+    submit(
+        server,
+        ["bob@test.example"],
+        mail_options=["RET=HDRS", "ENVID=QQ314159"],
+        rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;bob@test.example"],
+    )
+    assert len(server.messages("bob")) == 1
+    (report_path,) = wait_until(lambda: server.messages("alice"), what="the delivery report")
+    report = email.message_from_bytes(report_path.read_bytes(), policy=email.policy.default)
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    _, status, _ = report.iter_parts()
+    per_message, recipient = status.get_payload()
+    assert per_message["Original-Envelope-Id"] == "QQ314159"
+    assert recipient["Action"] == "delivered" and recipient["Status"] == "2.0.0"
+    assert recipient["Original-Recipient"] == "rfc822; bob@test.example"
