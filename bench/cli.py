@@ -22,7 +22,8 @@ from . import report
 from .scenarios import SCENARIOS, Options
 from .servers import SERVERS, cleanup_all, machine, server_class, source_version
 
-POSTFIX_SCENARIOS = {"throughput", "fanout", "scaling", "large"}
+POSTFIX_SCENARIOS = {"throughput", "fanout", "scaling", "large", "relay"}
+RELAY_SERVERS = {"geosmtp", "postfix"}  # the relay scenario: servers with an outbound queue
 DEFAULT_SERVERS = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
 REQUIRED = {"geosmtp", "aiosmtpd"}
 
@@ -147,6 +148,12 @@ def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict
             for r in got:
                 r["round"] = rnd
                 state = "ok" if r.get("ok") else "FAILED"
+                if "delivery_per_s" in r:
+                    print(
+                        f"   {name}: accepted {r['accept_per_s']:,.0f} msgs/s, delivered "
+                        f"{r['delivery_per_s']:,.0f} msgs/s ({r['delivery_s']:.1f} s)",
+                        file=sys.stderr,
+                    )
                 print(
                     f"   {name} c={r.get('clients')}: {r.get('msgs_per_s', 0):,.0f} msgs/s "
                     f"p99 {r.get('p99_ms', float('nan')):.1f} ms · {r.get('verify')} · {state} "
@@ -170,6 +177,9 @@ def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
             continue
         if n not in SERVERS:
             raise SystemExit(f"unknown server {n!r}; known: {', '.join(SERVERS)}, geosmtp@REV")
+        if args.scenario == "relay" and n not in RELAY_SERVERS:
+            print(f"({n}: not run for relay: it has no outbound queue)", file=sys.stderr)
+            continue
         if not SERVERS[n].available():
             print(f"({n} is not installed here: skipped)", file=sys.stderr)
             continue

@@ -171,6 +171,7 @@ class Outcome:
     examples: list[str] = field(default_factory=list)
     acked: dict[int, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)
+    ack_times: list[float] = field(default_factory=list)
     client_cpu: float = 0.0
     connected: int = 0
     connect_retries: int = 0
@@ -203,6 +204,7 @@ class Outcome:
         for n in result["acked"]:
             self.acked[n] = (size, tuple(messages.recipients(n, nr, boxes)))
         self.refused.update(result["refused"])
+        self.ack_times.extend(result.get("ack_times", []))
         self.client_cpu += result["cpu"]
         self.connected += result.get("connected", 0)
         self.connect_retries += result.get("connect_retries", 0)

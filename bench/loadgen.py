@@ -77,6 +77,7 @@ class Stats:
         self.errors: Counter[str] = Counter()
         self.examples: list[str] = []
         self.acked: list[int] = []
+        self.ack_times: list[float] = []  # time.time() of each 250 (the relay scenario)
         self.refused: list[int] = []
         self.connect_retries = 0
         self.start = time.time()
@@ -151,6 +152,7 @@ class Job:
         self.nrcpt = int(spec.get("rcpts", 1))
         self.boxes = int(spec.get("mailboxes", messages.MAILBOXES))
         self.pipelining = bool(spec.get("pipelining", True))
+        self.domain = str(spec.get("domain", messages.DOMAIN))  # relay: a remote domain
 
     # ------------------------------------------------------------ helpers
 
@@ -183,7 +185,7 @@ class Job:
 
     def commands(self, rcpts: tuple[str, ...]) -> list[bytes]:
         out = [f"MAIL FROM:<{messages.SENDER}>\r\n".encode()]
-        out += [f"RCPT TO:<{r}@{messages.DOMAIN}>\r\n".encode() for r in rcpts]
+        out += [f"RCPT TO:<{r}@{self.domain}>\r\n".encode() for r in rcpts]
         out.append(b"DATA\r\n")
         return out
 
@@ -225,6 +227,7 @@ class Job:
             st.bytes += msg.wire_len()
             st.acked.append(n)
             st.end = time.time()
+            st.ack_times.append(st.end)
         else:
             st.refused.append(n)
             st.error(f"DATA answered {code}", n)
@@ -447,6 +450,7 @@ class Job:
                 "errors": dict(st.errors),
                 "examples": st.examples,
                 "acked": st.acked,
+                "ack_times": [round(t, 4) for t in st.ack_times],
                 "refused": st.refused,
                 "connect_retries": st.connect_retries,
                 "connected": self.connected,

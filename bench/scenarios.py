@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from . import messages
 from .driver import Outcome, Progress, Worker, pump, run_jobs, split_load
-from .servers import HOST, SMTP_SOURCE, Server
+from .servers import HOST, SMTP_SOURCE, RelaySink, Server
 from .verify import Verdict, verify_bench_mail, verify_count
 
 MB = 1024 * 1024
@@ -389,6 +389,157 @@ def slow(server_cls: type[Server], opts: Options) -> list[dict]:
             server.cleanup()
 
 
+RELAY_DOMAIN = "remote.test"
+ACCEPT_TAIL = 250  # the acceptance rate is measured until the last 250
+
+
+def relay(server_cls: type[Server], opts: Options) -> list[dict]:
+    """100 sessions submit 10,000 messages for a remote domain; relayed to a local sink."""
+    clients = opts.pick(100, 100, opts.clients)
+    count = opts.pick(10000, 2000, opts.messages)
+    size = opts.size or 1024
+    sink = RelaySink()
+    server = server_cls(fsync=opts.fsync, max_size=64 * MB)
+    server.relay_port = sink.port
+    label = f"relay/{server.name} c={clients}"
+    try:
+        sink.start()
+        server.start()
+        run_id = new_run_id("relay", server.name)
+        spec = {
+            "kind": "load",
+            "host": HOST,
+            "port": server.port,
+            "run_id": run_id,
+            "clients": clients,
+            "ids": [0, count, 1],
+            "size": size,
+            "rcpts": 1,
+            "pipelining": opts.pipelining,
+            "deadline": opts.time_limit,
+            "io_timeout": 120,
+            "mailboxes": opts.mailboxes,
+            "domain": RELAY_DOMAIN,
+        }
+        sink_cpu0 = sink.cpu()
+        server_cpu0 = server.cpu()
+        outcome, srv = run_jobs(
+            split_load(spec, opts.workers), label, opts.time_limit + 60, server, total=count
+        )
+        # Delivery: until the sink has every acknowledged message and the queue is empty.
+        # A queue that stays empty while the sink lacks messages has lost them: stop then.
+        acked = len(outcome.acked)
+        progress = Progress(label + " delivering", acked)
+        deadline = time.monotonic() + opts.time_limit
+        empty_since: float | None = None
+        queue_empty_at = float("nan")
+        while time.monotonic() < deadline:
+            got = sink.received()
+            queued = server.queued()
+            progress.show(got, 0, f"  queued {queued}")
+            if queued == 0:
+                if empty_since is None:
+                    empty_since = time.monotonic()
+                    queue_empty_at = time.time()
+                if got >= acked or time.monotonic() - empty_since > 10:
+                    break
+            else:
+                empty_since = None
+                queue_empty_at = float("nan")
+            time.sleep(0.1)
+        progress.show(sink.received(), 0, f"  queued {server.queued()}", force=True)
+        still_queued = server.queued()
+        sink_cpu = sink.cpu() - sink_cpu0
+        server_cpu = server.cpu() - server_cpu0
+        server.stop()
+        sink.stop()
+        row = _relay_row(server, outcome, srv, sink.records(), run_id, still_queued)
+        row["queue_empty_s"] = queue_empty_at - outcome.start
+        row["sink_cpu_pct"] = 100 * sink_cpu / max(1e-9, row["delivery_s"])
+        if server.measurable:  # over acceptance and delivery both
+            row["server_cpu_s"] = server_cpu
+            row["server_cpu_pct"] = 100 * server_cpu / max(1e-9, row["delivery_s"])
+        row["ok"] = row["ok"] and outcome.ok == count and still_queued == 0
+        row.update(clients=clients, size=size, rcpts=1, pipelining=opts.pipelining)
+        row["client"] = f"bench ({opts.workers} proc)"
+        return [row]
+    finally:
+        server.stop()
+        sink.stop()
+        if not opts.keep:
+            server.cleanup()
+            sink.cleanup()
+
+
+def _relay_row(
+    server: Server,
+    outcome: Outcome,
+    srv: dict,
+    received: list[tuple[str, float]],
+    run_id: str,
+    still_queued: int,
+) -> dict:
+    """Acceptance and delivery rates; the sink's ids against the acknowledged ones."""
+    m = outcome.metrics()
+    prefix = run_id + "."
+    seen: dict[int, int] = {}
+    foreign = 0
+    for ident, _t in received:
+        if ident.startswith(prefix) and ident[len(prefix) :].isdigit():
+            n = int(ident[len(prefix) :])
+            seen[n] = seen.get(n, 0) + 1
+        else:
+            foreign += 1
+    sent = set(outcome.acked)
+    missing = sorted(sent - set(seen))
+    duplicates = sorted(n for n, k in seen.items() if k > 1)
+    unacked = sorted(set(seen) - sent)  # delivered, though the client saw no 250
+    # Acceptance: acked messages up to the last 250 but the last ACCEPT_TAIL.
+    acks = sorted(outcome.ack_times) if outcome.ack_times else []
+    if len(acks) > ACCEPT_TAIL:
+        accept_rate = (len(acks) - ACCEPT_TAIL) / max(1e-9, acks[-ACCEPT_TAIL - 1] - outcome.start)
+    else:
+        accept_rate = m["msgs_per_s"]
+    last = max((t for _i, t in received), default=float("nan"))
+    delivery_s = last - outcome.start
+    row = {
+        "scenario": "relay",
+        "server": server.name,
+        **m,
+        **_server_figures(srv, m["duration_s"]),
+        "accept_per_s": accept_rate,
+        "accept_all_per_s": m["msgs_per_s"],
+        "delivery_s": delivery_s,
+        "delivery_per_s": len(seen) / max(1e-9, delivery_s),
+        "sink_received": len(received),
+        "missing": len(missing),
+        "duplicates": len(duplicates),
+        "unacked_delivered": len(unacked),
+        "foreign": foreign,
+        "still_queued": still_queued,
+    }
+    row["client_cpu_pct"] = 100 * outcome.client_cpu / m["duration_s"]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (lost), e.g. {missing[:5]}")
+    if duplicates:
+        problems.append(f"{len(duplicates)} duplicated, e.g. {duplicates[:5]}")
+    if unacked:
+        problems.append(f"{len(unacked)} delivered without a 250, e.g. {unacked[:5]}")
+    if foreign:
+        problems.append(f"{foreign} messages without this run's X-Bench-Id")
+    if still_queued:
+        problems.append(f"{still_queued} still queued")
+    row["verify"] = (
+        f"sink: {len(seen)} of {len(sent)} acknowledged, no loss, no duplicate"
+        if not problems
+        else "sink: " + "; ".join(problems)
+    )
+    row["verify_examples"] = problems
+    row["ok"] = not problems and not outcome.errors
+    return row
+
+
 SCENARIOS = {
     "throughput": throughput,
     "fanout": fanout,
@@ -396,4 +547,5 @@ SCENARIOS = {
     "idle": idle,
     "large": large,
     "slow": slow,
+    "relay": relay,
 }

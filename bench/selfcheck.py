@@ -2,7 +2,9 @@
 
 The wire form of each message, un-stuffed and with LF endings the way a
 server stores it, must pass the verifier; a flipped byte, a duplicate, a
-missing or an extra message must each fail it.
+missing or an extra message must each fail it. The relay sink must record
+every message's id once, pipelined or not, and the relay check must report a
+lost, a duplicated and an unacknowledged message.
 """
 
 from __future__ import annotations
@@ -72,8 +74,76 @@ def main() -> int:
         expect_failure("not acknowledged", "not acknowledged")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    failures += check_relay_sink()
     for f in failures:
         print("selfcheck FAILED:", f)
     if not failures:
-        print("selfcheck ok: messages round-trip through un-stuffing; the verifier catches faults")
+        print(
+            "selfcheck ok: messages round-trip through un-stuffing; the verifier catches faults; "
+            "the relay sink records every id; the relay check catches loss and duplicates"
+        )
     return 1 if failures else 0
+
+
+def check_relay_sink() -> list[str]:
+    """Messages pipelined several to a write, and one by smtplib, reach the sink's
+    record once each; the relay check flags loss, duplicates, unacknowledged."""
+    import smtplib
+    import socket
+
+    from .driver import Outcome
+    from .scenarios import _relay_row
+    from .servers import HOST, RelaySink
+
+    failures: list[str] = []
+    run = "selfcheck-relay"
+    sink = RelaySink()
+    try:
+        sink.start()
+        wire = b""
+        for n in range(5):
+            msg = messages.build(run, n, [10, 1024, 70_000][n % 3], ["u000"])
+            wire += (
+                b"MAIL FROM:<a@b>\r\nRCPT TO:<u000@remote.test>\r\nDATA\r\n" + msg.wire() + b".\r\n"
+            )
+        with socket.create_connection((HOST, sink.port), timeout=10) as s:
+            s.sendall(b"EHLO selfcheck\r\n" + wire + b"QUIT\r\n")
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        if got.count(b"\r\n250 2.0.0 Ok: queued") != 5:
+            failures.append(f"sink: 5 pipelined messages, replies {got[-300:]!r}")
+        with smtplib.SMTP(HOST, sink.port, timeout=10) as c:
+            c.sendmail("a@b", ["u001@remote.test"], messages.build(run, 5, 2000, ["u001"]).wire())
+        sink.stop()
+        ids = [i for i, _t in sink.records()]
+        if sorted(ids) != [f"{run}.{n}" for n in range(6)]:
+            failures.append(f"sink recorded {ids}")
+        records = sink.records()
+    except Exception as exc:
+        failures.append(f"sink: {exc!r}")
+        return failures
+    finally:
+        sink.stop()
+        shutil.rmtree(sink.root, ignore_errors=True)
+
+    class _Srv:
+        name = "selfcheck"
+
+    def verdict(acked: range, recs: list[tuple[str, float]]) -> dict:
+        o = Outcome(start=records[0][1] - 1, end=records[-1][1])
+        o.acked = {n: (100, ("u000",)) for n in acked}
+        return _relay_row(_Srv(), o, {}, recs, run, 0)  # type: ignore[arg-type]
+
+    if not verdict(range(6), records)["ok"]:
+        failures.append("relay check: a clean run fails")
+    r = verdict(range(6), records[1:])
+    if r["ok"] or r["missing"] != 1:
+        failures.append("relay check: a lost message not caught")
+    r = verdict(range(6), records + records[:1])
+    if r["ok"] or r["duplicates"] != 1:
+        failures.append("relay check: a duplicate not caught")
+    r = verdict(range(5), records)
+    if r["ok"] or r["unacked_delivered"] != 1:
+        failures.append("relay check: an unacknowledged delivery not caught")
+    return failures

@@ -31,6 +31,8 @@ SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Deliveries at once to the relay sink: Postfix's default destination concurrency.
+RELAY_CONCURRENCY = 20
 
 
 def free_port() -> int:
@@ -168,6 +170,8 @@ class Server:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.stopped = False
+        #: The relay scenario: the sink's port, where mail for other domains goes.
+        self.relay_port: int | None = None
         self.log = open(self.root / "server.out", "wb")  # noqa: SIM115
 
     @classmethod
@@ -227,6 +231,10 @@ class Server:
     def drain(self, expected_files: int, timeout: float = 180.0) -> None:
         """Wait until delivery is complete (only Postfix delivers after its 250)."""
 
+    def queued(self) -> int:
+        """Messages in the outbound queue (the relay scenario)."""
+        return 0
+
     def stop(self) -> None:
         if self.stopped:
             return
@@ -262,6 +270,14 @@ class Geosmtp(Server):
             "limits": {"max_message_size": self.max_size, "max_recipients": 100},
             "log": {"dir": "logs", "level": "WARNING"},
         }
+        if self.relay_port is not None:
+            config["trusted_networks"] = ["127.0.0.0/8"]
+            config["relay"] = {
+                "smarthost": f"{HOST}:{self.relay_port}",
+                "smarthost_tls": "none",
+                "concurrency": RELAY_CONCURRENCY,
+                "per_domain_concurrency": RELAY_CONCURRENCY,
+            }
         path = self.root / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         pool = os.environ.get("BENCH_GEOSMTP_THREADPOOL")
@@ -273,6 +289,45 @@ class Geosmtp(Server):
             )
             return [sys.executable, "-c", code, pool, "-c", str(path)]
         return [sys.executable, "-m", "geosmtp", "-c", str(path)]
+
+    def queued(self) -> int:
+        """Files in .queue/records: one per queued message."""
+        try:
+            return sum(1 for e in os.scandir(self.mail_dir / ".queue" / "records") if e.is_file())
+        except OSError:
+            return 0
+
+
+class RelaySink(Server):
+    """The relay scenario's remote domain: `bench/sink.py`, records each accepted
+    message's X-Bench-Id (with the time) in `ids.txt`, stores nothing else."""
+
+    name = "sink"
+    stores = False
+
+    @property
+    def ids_file(self) -> Path:
+        return self.root / "ids.txt"
+
+    def command(self) -> list[str]:
+        sink = str(BENCH_DIR / "sink.py")
+        return [sys.executable, sink, "--port", str(self.port), "--out", str(self.ids_file)]
+
+    def received(self) -> int:
+        """Messages accepted so far (lines in ids.txt)."""
+        try:
+            with open(self.ids_file, "rb") as f:
+                return f.read().count(b"\n")
+        except OSError:
+            return 0
+
+    def records(self) -> list[tuple[str, float]]:
+        out = []
+        with open(self.ids_file) as f:
+            for line in f:
+                ident, _, t = line.rstrip("\n").partition(" ")
+                out.append((ident, float(t)))
+        return out
 
 
 class Aiosmtpd(Server):
@@ -365,7 +420,8 @@ mynetworks = 127.0.0.0/8
 alias_maps =
 alias_database =
 local_recipient_maps =
-relayhost =
+relayhost = {relayhost}
+default_destination_concurrency_limit = {relay_concurrency}
 smtputf8_enable = no
 biff = no
 smtpd_banner = $myhostname ESMTP
@@ -421,6 +477,8 @@ class Postfix(Server):
                 procs=5100,
                 uid=owner.pw_uid,
                 gid=owner.pw_gid,
+                relayhost=f"[{HOST}]:{self.relay_port}" if self.relay_port else "",
+                relay_concurrency=RELAY_CONCURRENCY,
             )
         )
         (etc / "master.cf").write_text(MASTER_CF.format(host=HOST, port=self.port))
