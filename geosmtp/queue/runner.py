@@ -202,16 +202,23 @@ class QueueRunner:
                 by_domain[rcpt.domain].append(rcpt)
         failed: list[QueuedRecipient] = []
         delivered: list[QueuedRecipient] = []
-        for domain, rcpts in by_domain.items():
+        groups = list(by_domain.items())
+        for i, (domain, rcpts) in enumerate(groups):
             with self._domains[domain]:
                 outcome = self._deliver_domain(record, domain, rcpts)
             failed += [r for r in rcpts if r.state == FAILED]
             delivered += [r for r in rcpts if r.state == DELIVERED]
+            logger.debug("queue {}: {} to {}", record.id, outcome, domain)
+            if i == len(groups) - 1 and all(r.state == DELIVERED for r in record.recipients):
+                # Delivered everywhere: the entry is removed next, so rewriting
+                # its record first would only cost a pair of fsyncs. A crash
+                # before the removal re-sends this last attempt, the one in
+                # flight, which is what may be sent twice.
+                break
             try:
                 self.store.save(record)  # delivered recipients are never sent twice
             except StorageError as exc:
                 logger.error("queue {}: cannot save its record: {}", record.id, exc)
-            logger.debug("queue {}: {} to {}", record.id, outcome, domain)
         self._reports(record, failed, delivered)
 
     def _deliver_domain(self, record: QueueRecord, domain: str, rcpts: list[QueuedRecipient]):  # type: ignore[no-untyped-def]
