@@ -40,7 +40,7 @@ from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
 from .server.listeners import Listeners, Session
 from .server.smtp import SMTPSession
-from .server.threads import in_thread
+from .server.threads import Pulse, in_thread
 from .smtp import RecipientPolicy, Security, SMTPConnection
 from .smtp.parser import parse_mailbox
 from .storage import MaildirStore, Spool
@@ -88,6 +88,7 @@ class App:
         self.loader = loader  # reads the config again, for reload()
         self.metrics = Metrics()
         self.auth_throttle = AuthThrottle()
+        self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
         self.tls_context = tls.server_context(config.tls, config.hostname)  # may raise ConfigError
         # Storage: the spool and the Maildirs share one naming scheme and, when they
         # are on one filesystem, delivery is a hard link.

@@ -82,17 +82,27 @@ def throttle_key(address: str) -> str:
 
 @dataclass(slots=True)
 class _Failures:
-    count: int  # failed or pending password checks in this window
+    count: int  # failed password checks in this window
     last: float  # when the latest one was counted (the window runs from it)
+    pending: int = 0  # checks running now, each of which may still fail
+
+
+#: `reserve`'s answer when checks already running could use up what is left of
+#: the client's allowance: wait for one of them to end, then ask again.
+BUSY = 0
 
 
 class AuthThrottle:
     """Failed logins per client (`throttle_key`): a growing delay, then disconnect.
 
-    A password check is counted before it runs (`reserve`), so clients that log
-    in on many connections at once share `max_failures` checks per window
+    A password check is counted before it runs (`reserve`): failures and checks
+    still running together never exceed `max_failures`, so parallel
+    connections from one client share `max_failures` guesses per window
     instead of each passing a "not blocked yet" test while the checks are in
-    flight. After the n-th failure the reply is delayed by
+    flight. A check that would go over answers `BUSY`: the caller waits for a
+    running one to end and asks again (a mail program's parallel logins with
+    the right password all succeed, one allowance at a time). After the n-th
+    failure the reply is delayed by
     `base_delay * 2**(n-1)` seconds (capped at `max_delay`); the `max_failures`-th
     ends the session, and further attempts get no password check until the
     record expires, `window` seconds after its last failure, or a login
@@ -134,12 +144,14 @@ class AuthThrottle:
         return record
 
     def reserve(self, address: str) -> int | None:
-        """Count a password check before it runs: its number in the window, or None.
+        """Count a password check before it runs.
 
-        None means the client is at the limit and gets no check. Call `failed`
-        or `succeeded` with the outcome; a check that never reports one stays
-        counted as a failure. Does not yield, so concurrent callers can never
-        pass the limit together.
+        Returns its number in the window (failures so far plus the checks
+        running, this one included); `BUSY` (0) when running checks could use
+        up the allowance (wait for one to end, ask again); None when the client
+        is at the limit and gets no check. Call `failed` or `succeeded` with the
+        outcome; a check that never reports one stays counted. Does not yield,
+        so concurrent callers can never pass the limit together.
         """
         key = throttle_key(address)
         record = self._current(key)
@@ -149,18 +161,33 @@ class AuthThrottle:
                 self._records.popitem(last=False)
         elif record.count >= self.max_failures:
             return None
-        record.count += 1
+        elif record.count + record.pending >= self.max_failures:
+            return BUSY
+        record.pending += 1
         record.last = self.clock()
-        return record.count
+        return record.count + record.pending
 
     def failed(self, address: str, attempt: int) -> tuple[float, bool]:
-        """The check numbered `attempt` failed: (seconds to delay the reply, disconnect?)."""
+        """A check failed: (seconds to delay the reply, disconnect?)."""
         record = self._current(throttle_key(address))
-        if record is not None:  # else a login that succeeded meanwhile cleared it
+        if record is None:  # forgotten meanwhile (expired, evicted): judge by its number
+            failures = attempt
+        else:
+            record.pending = max(0, record.pending - 1)
+            record.count += 1
             record.last = self.clock()
-        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return delay, attempt >= self.max_failures
+            failures = record.count
+        delay = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
+        return delay, failures >= self.max_failures
 
     def succeeded(self, address: str) -> None:
-        """A login succeeded: forget the client's failures (and pending checks)."""
-        self._records.pop(throttle_key(address), None)
+        """A login succeeded: forget the client's failures; checks still running
+        keep their places."""
+        key = throttle_key(address)
+        record = self._records.get(key)
+        if record is None:
+            return
+        record.count = 0
+        record.pending = max(0, record.pending - 1)
+        if not record.pending:
+            del self._records[key]

@@ -20,6 +20,7 @@ from gevent import socket as gsocket
 from loguru import logger
 
 from .. import logs
+from ..auth import BUSY
 from ..mail.headers import MessageIdSniffer
 from ..mail.ids import new_queue_id
 from ..pipeline import Message, Verdict
@@ -354,23 +355,37 @@ class SMTPSession:
         """Check a login in the threadpool; failures are delayed, then disconnected.
 
         The check is counted before it runs (the threadpool yields), so parallel
-        connections from one client get `max_failures` checks between them; a
-        client already at the limit gets 421 without a check.
+        connections from one client get `max_failures` checks between them: a
+        check that could go over the allowance waits for one of the client's
+        running checks to end; a client at the limit gets 421 without a check.
         """
         server = self.server
         throttle = server.auth_throttle
+        deadline = time.monotonic() + server.config.timeouts.command
         attempt = throttle.reserve(self.peer)
-        if attempt is None:
+        while attempt == BUSY and time.monotonic() < deadline:
+            server.auth_checks.wait(deadline - time.monotonic())
+            attempt = throttle.reserve(self.peer)
+        if attempt is None or attempt == BUSY:
             server.metrics.auth_failure.inc()
             logger.warning(
                 "session {}: [{}] authentication refused: too many failures", self.id, self.peer
             )
             self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
-        user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
+        user = None
+        try:
+            user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
+        finally:
+            # The outcome is counted (a check that never ended, as a failure),
+            # then the client's waiting checks may ask again.
+            if user is not None:
+                throttle.succeeded(self.peer)
+            else:
+                delay, disconnect = throttle.failed(self.peer, attempt)
+            server.auth_checks.pulse()
         if user is not None:
             server.metrics.auth_success.inc()
-            throttle.succeeded(self.peer)
             logger.info(
                 "session {}: [{}] authenticated as {} ({})",
                 self.id,
@@ -381,7 +396,6 @@ class SMTPSession:
             self.conn.auth_result(user)
             return
         server.metrics.auth_failure.inc()
-        delay, disconnect = throttle.failed(self.peer, attempt)
         # The login name is part of the AUTH arguments: it is not logged either.
         logger.warning("session {}: [{}] authentication failed", self.id, self.peer)
         self._flush()

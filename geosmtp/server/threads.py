@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gevent
+import gevent.event
 
 T = TypeVar("T")
 
@@ -29,3 +30,21 @@ def in_thread(fn: Callable[..., T], *args: Any) -> T:
             except BaseException:  # a second kill: the thread still runs, so wait on
                 continue
         raise
+
+
+class Pulse:
+    """Wakes every greenlet waiting on it, each time `pulse()` is called.
+
+    (A `gevent.event.Event` set and cleared at once would wake only those that
+    already run; each pulse here ends one Event and starts the next.)
+    """
+
+    def __init__(self) -> None:
+        self._event = gevent.event.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def pulse(self) -> None:
+        event, self._event = self._event, gevent.event.Event()
+        event.set()

@@ -284,6 +284,29 @@ def test_parallel_connections_share_the_failure_limit(make_server):
         assert wire.is_closed()
 
 
+def test_parallel_logins_with_the_right_password_all_succeed(make_server):
+    """A mail program (or an office behind one address) logs in on many connections
+    at once: more than max_failures of them must not be taken for an attack."""
+    server = make_server(
+        {
+            "listeners": listeners("mx"),
+            "users": users(alice="pw"),
+            "auth": {"allow_plaintext": True, "max_failures": 3, "failure_delay": 0.05},
+        }
+    )
+    wires = [Wire.connect("127.0.0.1", server.port) for _ in range(10)]
+    try:
+        for wire in wires:
+            wire.expect("EHLO client.example", 250)
+        for wire in wires:  # all in flight before any reply is read
+            wire.send(f"AUTH PLAIN {plain('alice', 'pw')}\r\n".encode())
+        codes = [wire.reply()[0] for wire in wires]
+    finally:
+        for wire in wires:
+            wire.close()
+    assert codes == [235] * 10
+
+
 # ------------------------------------------------------------- secrets
 
 

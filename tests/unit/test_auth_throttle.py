@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from geosmtp.auth import AuthThrottle, throttle_key
+from geosmtp.auth import BUSY, AuthThrottle, throttle_key
 
 
 class Clock:
@@ -38,14 +38,26 @@ def test_reservations_before_any_result_are_limited_to_max_failures(clock):
     t = throttle(clock)
     # Eight parallel logins all reserve before any check has finished.
     attempts = [t.reserve("192.0.2.1") for _ in range(8)]
-    assert attempts == [1, 2, 3, None, None, None, None, None]
+    assert attempts == [1, 2, 3, BUSY, BUSY, BUSY, BUSY, BUSY]  # the rest wait
     assert [t.failed("192.0.2.1", n) for n in (1, 2, 3)] == [
         (1.0, False),
         (2.0, False),
         (4.0, True),
     ]
-    assert t.reserve("192.0.2.1") is None
+    assert t.reserve("192.0.2.1") is None  # now blocked: no check at all
     assert t.reserve("192.0.2.2") == 1  # another client is not affected
+
+
+def test_parallel_logins_with_the_right_password_all_get_their_turn(clock):
+    t = throttle(clock)
+    running = [t.reserve("192.0.2.1") for _ in range(3)]
+    assert running == [1, 2, 3] and t.reserve("192.0.2.1") == BUSY
+    for _ in range(8):  # each success frees a place for a waiting login
+        t.succeeded("192.0.2.1")
+        assert t.reserve("192.0.2.1") == 3
+    for _ in range(3):
+        t.succeeded("192.0.2.1")
+    assert len(t) == 0
 
 
 def test_the_delay_doubles_up_to_max_delay(clock):
@@ -61,15 +73,15 @@ def test_success_clears_the_record_and_releases_the_reservation(clock):
     assert t.reserve("192.0.2.1") == 3  # the last check allowed ...
     t.succeeded("192.0.2.1")  # ... was the right password
     assert len(t) == 0
-    assert [t.reserve("192.0.2.1") for _ in range(4)] == [1, 2, 3, None]
+    assert [t.reserve("192.0.2.1") for _ in range(4)] == [1, 2, 3, BUSY]
 
 
 def test_a_failure_after_a_parallel_success_is_not_counted_again(clock):
     t = throttle(clock)
     first, second = t.reserve("192.0.2.1"), t.reserve("192.0.2.1")
-    t.succeeded("192.0.2.1")
-    assert t.failed("192.0.2.1", second) == (2.0, False)  # its own delay still applies
-    assert first == 1 and len(t) == 0
+    t.succeeded("192.0.2.1")  # the first: failures forgotten, the second still runs
+    assert t.failed("192.0.2.1", second) == (1.0, False)  # counted from the success on
+    assert first == 1 and t.reserve("192.0.2.1") == 2
 
 
 def test_the_record_expires_a_window_after_the_last_failure(clock):
@@ -116,11 +128,11 @@ def test_the_table_is_capped_and_forgets_the_least_recently_seen(clock):
         fail(t, address)
         fail(t, address)
     clock.now += 1
-    t.reserve("192.0.2.1")  # touched: now the most recently seen (and at the limit)
+    assert t.reserve("192.0.2.1") == 3  # touched: now the most recently seen (one running)
     fail(t, "192.0.2.4")  # over the cap: .2, the least recently seen, goes
     assert len(t) == 3
     # The others keep their counts (each reserve below touches one).
-    assert t.reserve("192.0.2.1") is None
+    assert t.reserve("192.0.2.1") == BUSY  # two failures and one check running
     assert t.reserve("192.0.2.3") == 3
     assert t.reserve("192.0.2.4") == 2
     assert t.reserve("192.0.2.2") == 1  # forgotten: counting starts again
