@@ -17,6 +17,7 @@ import email.utils
 import ipaddress
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,13 @@ def runner_settings(config: Config) -> RunnerSettings:
         if a.password_file is not None:
             password = a.password_file.read_text(encoding="utf-8").strip()
         auth = (a.user or "", password or "")
+    tls_context = None
+    if relay.smarthost_ca_file is not None:
+        # The smarthost's certificate is checked against these CAs only.
+        try:
+            tls_context = ssl.create_default_context(cafile=str(relay.smarthost_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"relay.smarthost_ca_file: {exc}") from None
     return RunnerSettings(
         hostname=config.hostname,
         schedule=RetrySchedule(relay.retry_schedule, relay.max_lifetime),
@@ -71,6 +79,7 @@ def runner_settings(config: Config) -> RunnerSettings:
         smarthost_tls=relay.smarthost_tls,
         smarthost_auth=auth,
         max_received=relay.max_received,
+        tls_context=tls_context,
     )
 
 

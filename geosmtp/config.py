@@ -144,6 +144,9 @@ class Relay:
     smarthost: str | None = None
     smarthost_tls: Literal["none", "starttls", "tls"] = "starttls"
     smarthost_auth: SmarthostAuth | None = None
+    #: CA certificates (PEM) that the smarthost's certificate is checked
+    #: against; unset: the system's.
+    smarthost_ca_file: Path | None = field(default=None, metadata={"path": True})
     #: The port MX hosts are reached on (25; another only for tests on loopback).
     mx_port: int = _ranged(25, min=1, max=65535)
     retry_schedule: list[float] = field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))

@@ -107,6 +107,11 @@ class _Handler(socketserver.BaseRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a queue that connects 20 at once the
+    # moment a sink starts would overflow it, and Linux then leaves the client
+    # "established" while the server holds the connection in SYN-RECV (the
+    # client waits for a greeting for minutes).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], sink: Sink) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
