@@ -593,7 +593,7 @@ class _Attempt:
                 Outcome.PERMANENT,
                 "5.4.6",  # RFC 3463 X.4.6 routing loop detected
                 f"x-geosmtp; more than {self.max_received} Received: header fields"
-                " (RFC 5321 §6.3): the message is looping",
+                " (RFC 5321 section 6.3): the message is looping",
             )
         if _bad_address(self.sender):
             return self._everyone(
