@@ -217,9 +217,10 @@ class AdminAPI:
         return queue_id
 
     def get_entry(self, environ: dict) -> dict:
-        entry = self.server.queue.entry(self._queue_id(environ))
-        if entry is None:  # delivered or deleted since
-            raise HTTPError("404 Not Found", f"no queued message {environ['geosmtp.queue_id']}")
+        queue_id = self._queue_id(environ)
+        entry = self.server.queue.entry(queue_id)
+        if entry is None:  # cannot happen: no greenlet switch since the check
+            raise HTTPError("404 Not Found", f"no queued message {queue_id}")
         return entry
 
     def flush_queue(self, environ: dict) -> dict:
