@@ -113,6 +113,7 @@ class App:
             runner_settings(config),
             Resolver(config.dns.nameservers, config.dns.timeout),
             self.report,
+            metrics=self.metrics,
         )
         self.pipeline = Pipeline(
             Router(

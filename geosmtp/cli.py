@@ -3,6 +3,7 @@
     geosmtp [-c config.yaml] [-l ADDR] [-p PORT] [-d DIR] [--check-config]
     geosmtp passwd            print a password hash for the config's users
     geosmtp ctl ...           talk to a running server's management API
+    geosmtp queue ...         list, show, flush, delete, hold, release queued mail
 
 Exit status: 0 on a clean stop, 1 when the server cannot start (a port in
 use), 2 on a usage or configuration error, with a one-line message.
@@ -127,7 +128,13 @@ def ctl(argv: list[str]) -> int:
     return ctl_main(argv)
 
 
-SUBCOMMANDS = {"passwd": passwd, "ctl": ctl}
+def queue(argv: list[str]) -> int:
+    from .queuectl import main as queue_main
+
+    return queue_main(argv)
+
+
+SUBCOMMANDS = {"passwd": passwd, "ctl": ctl, "queue": queue}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,11 +226,16 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="geosmtp ctl", description="Manage a running geosmtp.")
+def add_client_options(p: argparse.ArgumentParser) -> None:
+    """-c, --url, --token: where the admin API is and its token (`ctl`, `queue`)."""
     p.add_argument("-c", "--config", metavar="FILE", help="the server's config (./config.yaml)")
     p.add_argument("--url", help="admin API base URL (default: from the config)")
     p.add_argument("--token", help="bearer token (default: admin.token / admin.token_file)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geosmtp ctl", description="Manage a running geosmtp.")
+    add_client_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("stats", help="counters; --watch for a live view")
     s.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
@@ -256,24 +261,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    return run(_parser().parse_args(argv), "geosmtp ctl")
+
+
+def run(args: argparse.Namespace, prog: str) -> int:
+    """Call `args.func(client, args)`; errors as one line, `PROG: ...`, and the exit status."""
     from .config import ConfigError
 
-    args = _parser().parse_args(argv)
     client = None
     try:
         client = _client(args)
         return args.func(client, args)
     except ConfigError as exc:
-        print(f"geosmtp ctl: {one_line(str(exc))}", file=sys.stderr)
+        print(f"{prog}: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except CtlError as exc:
-        print(f"geosmtp ctl: {one_line(str(exc))}", file=sys.stderr)
+        print(f"{prog}: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         # A reply of the wrong shape: not this version's API, or not the API at all.
         where = client.url if client is not None else "the server"
         print(
-            f"geosmtp ctl: the admin API at {where} sent a reply ctl does not understand "
+            f"{prog}: the admin API at {where} sent a reply {prog} does not understand "
             f"({one_line(f'{type(exc).__name__}: {exc}')})",
             file=sys.stderr,
         )

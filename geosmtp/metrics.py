@@ -28,6 +28,11 @@ disable_created_metrics()
 SIZE_BUCKETS = (1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900)
 DELIVERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+#: One relay attempt: DNS, connection, TLS, the transaction (timeouts are minutes).
+ATTEMPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+#: What became of a relayed recipient after an attempt (the `result` label).
+RELAY_RESULTS = ("sent", "deferred", "bounced")
 
 #: How a session ended (the `outcome` label).
 OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
@@ -97,10 +102,43 @@ class Metrics:
             buckets=DELIVERY_BUCKETS,
             registry=r,
         )
+        # The outbound queue. The gauges are read from the runner at scrape time
+        # (`watch_queue`); the runner counts deliveries and times attempts.
+        self.queue_entries = Gauge(
+            "geosmtp_queue_entries", "Messages in the outbound queue", registry=r
+        )
+        self.queue_held = Gauge(
+            "geosmtp_queue_held_entries", "Queued messages held by the administrator", registry=r
+        )
+        self.queue_oldest_age = Gauge(
+            "geosmtp_queue_oldest_age_seconds",
+            "Age of the oldest message in the outbound queue (0 when empty)",
+            registry=r,
+        )
+        self.relay_deliveries = Counter(
+            "geosmtp_relay_deliveries",
+            "Relay attempt outcomes per recipient: sent, deferred (retried later), bounced",
+            ["result"],
+            registry=r,
+        )
+        for result in RELAY_RESULTS:  # every result shows, at 0 until it happens
+            self.relay_deliveries.labels(result)
+        self.relay_attempt_seconds = Histogram(
+            "geosmtp_relay_attempt_seconds",
+            "One delivery attempt to one destination domain: DNS, connection, transaction",
+            buckets=ATTEMPT_BUCKETS,
+            registry=r,
+        )
         self.auth_success = self.auth.labels("success")
         self.auth_failure = self.auth.labels("failure")
         # add_counts' labelled children: a `labels()` lookup costs more than the `inc()`.
         self._count_children: dict[str, Any] = {}
+
+    def watch_queue(self, queue: Any) -> None:
+        """Read the queue gauges from `queue` (a QueueRunner) at each scrape."""
+        self.queue_entries.set_function(queue.pending_count)
+        self.queue_held.set_function(queue.held_count)
+        self.queue_oldest_age.set_function(queue.oldest_age)
 
     def listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(self, name)

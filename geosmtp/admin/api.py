@@ -19,6 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .. import __version__
 from .. import config as cfg
+from ..metrics import RELAY_RESULTS
+from ..queue.runner import QueueBusy
 
 if TYPE_CHECKING:
     from ..app import App
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 StartResponse = Callable[..., Any]
 MAX_BODY = 64 * 1024
 _SESSION_RE = re.compile(r"/api/v1/sessions/([0-9A-Fa-f]+)")
+_QUEUE_RE = re.compile(r"/api/v1/queue/([^/]+)(/flush|/hold|/release)?")
 
 
 class HTTPError(Exception):
@@ -42,6 +45,8 @@ class AdminAPI:
     def __init__(self, server: App, token: str) -> None:
         self.server = server
         self._token = token.encode()
+        # The queue gauges are read from the runner when scraped; scrapes come here.
+        server.metrics.watch_queue(server.queue)
 
     # ------------------------------------------------------------- WSGI
 
@@ -83,11 +88,22 @@ class AdminAPI:
             "/api/v1/config": {"GET": self.get_config, "PATCH": self.patch_config},
             "/api/v1/reload": {"POST": self.post_reload},
             "/api/v1/sessions": {"GET": self.get_sessions},
+            "/api/v1/queue": {"GET": self.get_queue},
+            "/api/v1/queue/flush": {"POST": self.flush_queue},
         }
         match = _SESSION_RE.fullmatch(path)
         if match:
             environ["geosmtp.session_id"] = match.group(1).upper()
             routes[path] = {"DELETE": self.delete_session}
+        match = _QUEUE_RE.fullmatch(path)
+        if match and path not in routes:
+            environ["geosmtp.queue_id"] = match.group(1)
+            action = match.group(2)
+            routes[path] = (
+                {"POST": getattr(self, f"{action[1:]}_entry")}
+                if action
+                else {"GET": self.get_entry, "DELETE": self.delete_entry}
+            )
         methods = routes.get(path)
         if methods is None:
             raise HTTPError("404 Not Found", f"no such endpoint: {path}")
@@ -109,6 +125,7 @@ class AdminAPI:
             value = snap.get(name, 0)
             return sum(value.values()) if isinstance(value, dict) else value
 
+        deliveries = snap.get("geosmtp_relay_deliveries_total", {})
         return {
             "version": __version__,
             "uptime_seconds": round(time.time() - metrics.started, 3),
@@ -125,6 +142,14 @@ class AdminAPI:
             "bytes": {
                 "received": int(total("geosmtp_received_bytes_total")),
                 "sent": int(total("geosmtp_sent_bytes_total")),
+            },
+            "queue": {
+                "entries": int(total("geosmtp_queue_entries")),
+                "held": int(total("geosmtp_queue_held_entries")),
+                "oldest_age_seconds": round(total("geosmtp_queue_oldest_age_seconds"), 3),
+                "deliveries": {
+                    result: int(deliveries.get(f"result={result}", 0)) for result in RELAY_RESULTS
+                },
             },
             "metrics": snap,
         }
@@ -168,6 +193,68 @@ class AdminAPI:
         session.kick()
         logger.info("admin closed session {} ([{}])", session_id, session.peer)
         return {"closed": session_id}
+
+    # ------------------------------------------------------------ queue
+
+    def get_queue(self, environ: dict) -> dict:
+        queue = self.server.queue
+        entries = queue.entries()
+        return {
+            "count": len(entries),
+            "held": sum(1 for e in entries if e["held"]),
+            "oldest_age_seconds": max((e["age_seconds"] for e in entries), default=0.0),
+            "entries": entries,
+        }
+
+    def _queue_id(self, environ: dict) -> str:
+        """The id in the path, as the queue knows it (ids are upper-case hex)."""
+        queue_id = environ["geosmtp.queue_id"]
+        records = self.server.queue.records
+        if queue_id not in records and queue_id.upper() in records:
+            queue_id = queue_id.upper()
+        if queue_id not in records:
+            raise HTTPError("404 Not Found", f"no queued message {cfg.printable(queue_id)}")
+        return queue_id
+
+    def get_entry(self, environ: dict) -> dict:
+        queue_id = self._queue_id(environ)
+        entry = self.server.queue.entry(queue_id)
+        if entry is None:  # cannot happen: no greenlet switch since the check
+            raise HTTPError("404 Not Found", f"no queued message {queue_id}")
+        return entry
+
+    def flush_queue(self, environ: dict) -> dict:
+        queue = self.server.queue
+        held = queue.held_count()
+        count = queue.flush()
+        logger.info("admin flushed the queue ({} messages)", count)
+        return {"flushed": count - held, "held": held}
+
+    def flush_entry(self, environ: dict) -> dict:
+        queue_id = self._queue_id(environ)
+        queue = self.server.queue
+        held = queue.records[queue_id].held
+        queue.flush(queue_id)
+        logger.info("admin flushed queue entry {}", queue_id)
+        return {"flushed": queue_id, "held": held}
+
+    def hold_entry(self, environ: dict) -> dict:
+        queue_id = self._queue_id(environ)
+        changed = self.server.queue.hold(queue_id)
+        return {"held": queue_id, "changed": changed}
+
+    def release_entry(self, environ: dict) -> dict:
+        queue_id = self._queue_id(environ)
+        changed = self.server.queue.release(queue_id)
+        return {"released": queue_id, "changed": changed}
+
+    def delete_entry(self, environ: dict) -> dict:
+        queue_id = self._queue_id(environ)
+        try:
+            record = self.server.queue.delete(queue_id)
+        except QueueBusy as exc:
+            raise HTTPError("409 Conflict", str(exc)) from None
+        return {"deleted": queue_id, "pending": [r.address for r in record.pending]}
 
 
 def _read_json(environ: dict) -> Any:

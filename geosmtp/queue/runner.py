@@ -18,11 +18,13 @@ any other message; never to the null sender.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import gevent
@@ -377,5 +379,160 @@ class QueueRunner:
         now = self.clock()
         return max((now - r.arrival for r in self.records.values()), default=0.0)
 
+    def held_count(self) -> int:
+        return sum(1 for r in self.records.values() if r.held)
 
-__all__ = ["PENDING", "QueueRunner", "RunnerSettings"]
+    # ------------------------------------------------------- operations
+    # What `geosmtp queue` and /api/v1/queue do. An unknown id is a KeyError.
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, oldest first, as `queue list` shows it."""
+        now = self.clock()
+        records = sorted(self.records.values(), key=lambda r: (r.arrival, r.id))
+        return [self._summary(r, now) for r in records]
+
+    def entry(self, queue_id: str) -> dict[str, Any] | None:
+        """One entry in full (`queue show`), or None."""
+        record = self.records.get(queue_id)
+        if record is None:
+            return None
+        out = self._summary(record, self.clock())
+        out.update(
+            envid=record.envid,
+            ret=record.ret,
+            smtputf8=record.smtputf8,
+            body=record.body,
+            client=record.client,
+            auth_user=record.auth_user,
+        )
+        for view, rcpt in zip(out["recipients"], record.recipients, strict=True):
+            view.update(
+                notify=rcpt.notify,
+                orcpt=rcpt.orcpt,
+                remote_mta=rcpt.remote_mta,
+                delay_warned=rcpt.delay_warned,
+            )
+        return out
+
+    def _summary(self, record: QueueRecord, now: float) -> dict[str, Any]:
+        return {
+            "id": record.id,
+            "sender": record.sender,
+            "arrival": _iso(record.arrival),
+            "age_seconds": round(max(now - record.arrival, 0.0), 3),
+            "size": record.size,
+            "held": record.held,
+            "in_flight": record.id in self._busy,
+            "recipients": [
+                {
+                    "address": r.address,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "next_attempt": (
+                        None if r.state != PENDING or record.held else _iso(r.next_attempt)
+                    ),
+                    "status": r.status,
+                    "last_error": r.last_error,
+                }
+                for r in record.recipients
+            ],
+        }
+
+    def _get(self, queue_id: str) -> QueueRecord:
+        record = self.records.get(queue_id)
+        if record is None:
+            raise KeyError(queue_id)
+        return record
+
+    def hold(self, queue_id: str) -> bool:
+        """No more attempts for this entry until `release`; kept on disk, so a
+        restart keeps it held. An attempt already in flight ends as it would
+        (its outcome is applied). False if it was held already."""
+        record = self._get(queue_id)
+        if record.held:
+            return False
+        record.held = True  # first: the loop starts nothing held from here on
+        self._save_when_idle(record)
+        logger.info("queue {}: held by the administrator", queue_id)
+        return True
+
+    def release(self, queue_id: str) -> bool:
+        """Undo `hold`: the entry is tried at once. False if it was not held."""
+        record = self._get(queue_id)
+        if not record.held:
+            return False
+
+        def released() -> None:
+            if self.records.get(queue_id) is not record:  # deleted meanwhile
+                return
+            # Saved as released while still held in memory: no attempt (which
+            # saves the record too) can start before the write is done.
+            self._save(dataclasses.replace(record, held=False))
+            record.held = False
+            self.flush(queue_id)
+
+        self._when_idle(record, released)
+        logger.info("queue {}: released by the administrator", queue_id)
+        return True
+
+    def delete(self, queue_id: str) -> QueueRecord:
+        """Remove an entry from the queue and the disk, reporting nothing to the
+        sender. Refused (`QueueBusy`) while an attempt is in flight: that attempt
+        may be handing the message to the remote server right now."""
+        record = self._get(queue_id)
+        if queue_id in self._busy:
+            raise QueueBusy(queue_id)
+        self.records.pop(queue_id, None)
+        self.store.remove(queue_id)
+        pending = ", ".join(f"<{r.address}>" for r in record.pending) or "none"
+        logger.info("queue {}: deleted by the administrator (pending: {})", queue_id, pending)
+        return record
+
+    def _save(self, record: QueueRecord) -> None:
+        try:
+            self.store.save(record)
+        except StorageError as exc:
+            logger.error("queue {}: cannot save its record: {}", record.id, exc)
+        if record.id not in self.records:  # deleted while it was being written
+            self.store.remove(record.id)
+
+    def _save_when_idle(self, record: QueueRecord) -> None:
+        def save() -> None:
+            if self.records.get(record.id) is record:
+                self._save(record)
+
+        self._when_idle(record, save)
+
+    def _when_idle(self, record: QueueRecord, action: Callable[[], None]) -> None:
+        """Run `action` now, or once the attempt in flight has ended (and saved
+        the record itself: two writers of one record at once would share its
+        temporary file)."""
+        if record.id not in self._busy:
+            action()
+            return
+
+        def later() -> None:
+            while record.id in self._busy:
+                gevent.sleep(0.05)
+            action()
+
+        gevent.spawn(later)
+
+
+class QueueBusy(Exception):
+    """The entry has a delivery attempt in flight."""
+
+    def __init__(self, queue_id: str) -> None:
+        super().__init__(
+            f"queue {queue_id}: a delivery attempt is in flight; try again when it ends "
+            "(hold it first to stop further attempts)"
+        )
+        self.queue_id = queue_id
+
+
+def _iso(t: float) -> str:
+    """A time as ISO 8601 in UTC, to the second: 2026-12-01T12:44:03Z."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+__all__ = ["PENDING", "QueueBusy", "QueueRunner", "RunnerSettings"]

@@ -84,3 +84,53 @@ def test_exposition_parses():
     assert families["geosmtp_connections_current"].type == "gauge"
     (ehlo,) = families["geosmtp_commands"].samples
     assert ehlo.labels == {"verb": "EHLO"}
+
+
+class _Queue:
+    """What watch_queue reads of a QueueRunner."""
+
+    def __init__(self) -> None:
+        self.entries, self.held, self.age = 0, 0, 0.0
+
+    def pending_count(self) -> int:
+        return self.entries
+
+    def held_count(self) -> int:
+        return self.held
+
+    def oldest_age(self) -> float:
+        return self.age
+
+
+def test_queue_gauges_are_read_at_scrape_time():
+    m = Metrics()
+    snap = m.snapshot()
+    assert snap["geosmtp_queue_entries"] == 0.0  # no queue watched: 0
+    queue = _Queue()
+    m.watch_queue(queue)
+    queue.entries, queue.held, queue.age = 3, 1, 42.5
+    snap = m.snapshot()
+    assert snap["geosmtp_queue_entries"] == 3.0
+    assert snap["geosmtp_queue_held_entries"] == 1.0
+    assert snap["geosmtp_queue_oldest_age_seconds"] == 42.5
+    queue.entries = 0
+    assert "geosmtp_queue_entries 0.0" in m.exposition().decode().splitlines()
+
+
+def test_relay_deliveries_and_attempts():
+    m = Metrics()
+    # Every result is there from the start, at 0.
+    assert m.snapshot()["geosmtp_relay_deliveries_total"] == {
+        "result=sent": 0.0,
+        "result=deferred": 0.0,
+        "result=bounced": 0.0,
+    }
+    m.relay_deliveries.labels("sent").inc()  # as the runner counts
+    m.relay_deliveries.labels("deferred").inc(2)
+    m.relay_attempt_seconds.observe(0.3)
+    text = m.exposition().decode().splitlines()
+    assert 'geosmtp_relay_deliveries_total{result="sent"} 1.0' in text
+    assert 'geosmtp_relay_deliveries_total{result="deferred"} 2.0' in text
+    assert 'geosmtp_relay_attempt_seconds_bucket{le="0.25"} 0.0' in text
+    assert 'geosmtp_relay_attempt_seconds_bucket{le="0.5"} 1.0' in text
+    assert "geosmtp_relay_attempt_seconds_count 1.0" in text

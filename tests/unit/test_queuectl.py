@@ -1,0 +1,75 @@
+"""`geosmtp queue`'s output: the list table and the record as `show` prints it."""
+
+from __future__ import annotations
+
+from geosmtp.queuectl import format_entry, format_list, human_age
+
+
+def test_human_age():
+    assert [human_age(s) for s in (0, 59.9, 60, 185, 3600, 7620, 86400, 97200)] == [
+        "0s",
+        "59s",
+        "1m00s",
+        "3m05s",
+        "1h00m",
+        "2h07m",
+        "1d00h",
+        "1d03h",
+    ]
+
+
+def _entry(**extra):  # type: ignore[no-untyped-def]
+    return {
+        "id": "ABC1",
+        "sender": "",
+        "arrival": "2026-12-01T12:00:00Z",
+        "age_seconds": 65.2,
+        "size": 2048,
+        "held": False,
+        "in_flight": False,
+        "recipients": [
+            {
+                "address": "bob@remote.test",
+                "state": "pending",
+                "attempts": 2,
+                "next_attempt": "2026-12-01T13:00:00Z",
+                "status": "4.3.0",
+                "last_error": "smtp; 451 4.3.0 later",
+            },
+            {
+                "address": "carol@remote.test",
+                "state": "delivered",
+                "attempts": 1,
+                "next_attempt": None,
+                "status": "2.0.0",
+                "last_error": None,
+            },
+        ],
+        **extra,
+    }
+
+
+def test_format_list():
+    text = format_list(
+        {"count": 1, "held": 1, "oldest_age_seconds": 65.2, "entries": [_entry(held=True)]}
+    )
+    assert text.splitlines() == [
+        "ID      AGE     SIZE  STATE  SENDER  RECIPIENTS",
+        "ABC1  1m05s  2.0 KiB  held   <>      bob@remote.test  pending, 2 attempts, "
+        "next 2026-12-01T13:00:00Z: smtp; 451 4.3.0 later",
+        "                                     carol@remote.test  delivered, 1 attempt",
+        "1 message, 1 held, oldest 1m05s",
+    ]
+    assert format_list({"count": 0, "held": 0, "oldest_age_seconds": 0, "entries": []}) == (
+        "the queue is empty"
+    )
+
+
+def test_format_entry():
+    text = format_entry(_entry(in_flight=True, client="127.0.0.1", auth_user="alice"))
+    lines = text.splitlines()
+    assert lines[:3] == ["id           ABC1", "state        sending", "sender       <>"]
+    assert "arrival      2026-12-01T12:00:00Z (1m05s ago)" in lines
+    assert "envid        -" in lines and "auth_user    alice" in lines
+    assert lines[lines.index("recipients") + 1] == "  <bob@remote.test>"
+    assert "    last_error   smtp; 451 4.3.0 later" in lines
