@@ -115,6 +115,7 @@ class App:
             self.report,
             metrics=self.metrics,
         )
+        self.metrics.watch_queue(self.queue)  # the queue gauges, read at scrape time
         self.pipeline = Pipeline(
             Router(
                 local=MaildirDestination(self.store),

@@ -45,8 +45,6 @@ class AdminAPI:
     def __init__(self, server: App, token: str) -> None:
         self.server = server
         self._token = token.encode()
-        # The queue gauges are read from the runner when scraped; scrapes come here.
-        server.metrics.watch_queue(server.queue)
 
     # ------------------------------------------------------------- WSGI
 

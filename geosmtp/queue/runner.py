@@ -101,6 +101,8 @@ class QueueRunner:
         self.records: dict[str, QueueRecord] = {}
         self._heap: list[_Due] = []
         self._busy: set[str] = set()  # entries with an attempt in flight
+        #: what an operator asked while an attempt was in flight, to do at its end
+        self._after_attempt: dict[str, list[Callable[[], None]]] = {}
         self._wake = Event()
         self._pool = Pool(settings.concurrency)
         self._domains: dict[str, BoundedSemaphore] = defaultdict(
@@ -188,7 +190,7 @@ class QueueRunner:
             for rcpt in record.pending:
                 rcpt.next_attempt = now + self.settings.schedule.delay_after(max(rcpt.attempts, 1))
         finally:
-            self._busy.discard(record.id)
+            self._attempt_ended(record.id)
             if record.id in self.records:
                 if record.done:
                     self._finish(record)
@@ -503,6 +505,12 @@ class QueueRunner:
 
         self._when_idle(record, save)
 
+    def _attempt_ended(self, queue_id: str) -> None:
+        """The entry's attempt is over: do what was asked meanwhile."""
+        self._busy.discard(queue_id)
+        for action in self._after_attempt.pop(queue_id, ()):
+            action()
+
     def _when_idle(self, record: QueueRecord, action: Callable[[], None]) -> None:
         """Run `action` now, or once the attempt in flight has ended (and saved
         the record itself: two writers of one record at once would share its
@@ -510,13 +518,7 @@ class QueueRunner:
         if record.id not in self._busy:
             action()
             return
-
-        def later() -> None:
-            while record.id in self._busy:
-                gevent.sleep(0.05)
-            action()
-
-        gevent.spawn(later)
+        self._after_attempt.setdefault(record.id, []).append(action)
 
 
 class QueueBusy(Exception):
