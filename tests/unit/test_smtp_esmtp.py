@@ -1504,6 +1504,58 @@ def test_no_open_relay_whatever_the_settings(attempt):
     assert sessions == 8 * (64 if attempt != "authenticated" else 28)
 
 
+@pytest.mark.parametrize(
+    "attempt", ["anonymous", "failed-login", "claims-auth", "trusted", "authenticated"]
+)
+def test_no_open_relay_with_the_outbound_queue(attempt):
+    """The same property once a queue takes remote mail (`RecipientPolicy.relay`):
+    a recipient outside the local domains is accepted only from a client that
+    may relay, and then only as a remote recipient (no mailbox); everyone else
+    gets a 5xx for each of them."""
+    may_relay = attempt in ("trusted", "authenticated")
+    rcpts = b"".join(b"RCPT TO:" + a.encode() + b"\r\n" for a in NON_LOCAL)
+    mail = b"MAIL FROM:<> SMTPUTF8"
+    if attempt == "claims-auth":
+        mail += b" AUTH=alice@example.test"
+    sessions = accepted_somewhere = 0
+    for security, policy in itertools.product(_flag_combinations(), _policies()):
+        policy = dataclasses.replace(policy, relay=True)
+        if attempt == "trusted":
+            security = dataclasses.replace(security, trusted=True)
+        conn = SMTPConnection(
+            HOST, policy, Limits(max_errors=10_000, max_recipients=10_000), security=security
+        )
+        script = [EHLO]
+        if conn.starttls_offered:
+            script += [STARTTLS, HANDSHAKE, EHLO]
+        if attempt == "authenticated":
+            sec = security
+            if not (
+                sec.auth_available and (sec.auth_plaintext or sec.tls_available or sec.tls_active)
+            ):
+                continue
+            script.append(auth_plain())
+        elif attempt == "failed-login":
+            script += [auth_plain("alice", "wrong"), b"AUTH LOGIN\r\n", b"*\r\n"]
+        script += [mail + b"\r\n", rcpts]
+        res = run(script, "whole", conn)
+        sessions += 1
+        assert conn.may_relay == may_relay
+        replies = res.reply_lines[-len(NON_LOCAL) :]
+        accepted = conn.envelope.recipients if conn.envelope is not None else ()
+        if not may_relay:
+            assert all(r[0][:1] == b"5" for r in replies), (security, policy)
+            assert accepted == ()
+        else:
+            # Whatever it took, it took for the queue: never into a local mailbox.
+            assert all(r.box is None for r in accepted), (security, policy, accepted)
+            assert all(not policy.is_local_domain(r.mailbox.domain) for r in accepted)
+            accepted_somewhere += bool(accepted)
+    assert sessions == 8 * (64 if attempt != "authenticated" else 28)
+    # ... and a client that may relay does get remote mail queued (not refused).
+    assert (accepted_somewhere > 0) == may_relay
+
+
 def test_local_recipients_still_work_under_every_setting():
     """The property above is not met by refusing everything."""
     for security, policy in itertools.product(_flag_combinations(), _policies()):
