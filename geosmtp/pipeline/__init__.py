@@ -1,12 +1,11 @@
 """The mail pipeline: spool -> filter stages -> router -> destinations."""
 
 from .message import Message
-from .pipeline import DELIVERED, Pipeline, Verdict
+from .pipeline import Pipeline, Verdict
 from .router import Destination, MaildirDestination, NoRoute, QueueDestination, Router
 from .stages import Accept, Reject, Replace, Stage, StageResult, TempFail
 
 __all__ = [
-    "DELIVERED",
     "Accept",
     "Destination",
     "MaildirDestination",

@@ -39,9 +39,6 @@ class Verdict:
     destinations: tuple[str, ...] = ()  # where it went, for logs and metrics
 
 
-DELIVERED = Verdict(True)
-
-
 class Pipeline:
     def __init__(
         self,

@@ -28,7 +28,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Kind = Literal["failed", "delayed", "delivered"]
 #: RFC 3464 §2.3.3.
@@ -326,45 +326,12 @@ def write_dsn(
     )
 
 
-def build_dsn(
-    *,
-    reporting_mta: str,
-    original_envelope_id: str | None,
-    sender: str,
-    arrival_date: str,
-    recipients: Sequence[RecipientStatus],
-    kind: Kind,
-    original: _Readable,
-    ret: str | None = "HDRS",
-    max_full_size: int,
-    date: str,
-    message_id: str,
-    boundary: str,
-    postmaster_address: str | None = None,
-    crlf: bool = False,
-    max_header_size: int = MAX_HEADER_SIZE,
-) -> bytes:
-    """`write_dsn` into memory: the report as bytes. For a report that may hold
-    a large original (RET=FULL), write it to a file with `write_dsn` instead."""
+def build_dsn(**keywords: Any) -> bytes:
+    """`write_dsn` into memory, with the same keywords: the report as bytes. For a
+    report that may hold a large original (RET=FULL), write it to a file with
+    `write_dsn` instead."""
     buf = BytesIO()
-    write_dsn(
-        buf,
-        reporting_mta=reporting_mta,
-        original_envelope_id=original_envelope_id,
-        sender=sender,
-        arrival_date=arrival_date,
-        recipients=recipients,
-        kind=kind,
-        original=original,
-        ret=ret,
-        max_full_size=max_full_size,
-        date=date,
-        message_id=message_id,
-        boundary=boundary,
-        postmaster_address=postmaster_address,
-        crlf=crlf,
-        max_header_size=max_header_size,
-    )
+    write_dsn(buf, **keywords)
     return buf.getvalue()
 
 

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,9 +235,6 @@ class QueueStore:
             return open(self.message_path(queue_id), "rb")
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
-
-    def __iter__(self) -> Iterator[str]:
-        return (n.removesuffix(".json") for n in os.listdir(self.records) if n.endswith(".json"))
 
 
 def _copy(src: str, dst: str, fsync: bool) -> None:

@@ -245,36 +245,45 @@ def test_a_good_login_before_the_limit_resets_the_count(throttled):
         assert wire.is_closed()
 
 
+# Three failures allowed, a short delay: what the parallel-login tests need.
+PARALLEL = {
+    "listeners": listeners("mx"),
+    "users": users(alice="pw"),
+    "auth": {"allow_plaintext": True, "max_failures": 3, "failure_delay": 0.05},
+}
+
+
+def parallel_auth(server, password: str, count: int, after: str = "") -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """`count` connections send AUTH PLAIN (and `after`) before any reply is read;
+    each one's reply codes up to a 235, a 250 (the command after) or a 421."""
+    wires = [Wire.connect("127.0.0.1", server.port) for _ in range(count)]
+    try:
+        for wire in wires:
+            wire.expect("EHLO client.example", 250)
+        for wire in wires:  # all in flight before any reply is read
+            wire.send(f"AUTH PLAIN {plain('alice', password)}\r\n{after}".encode())
+        seen = []
+        for wire in wires:
+            codes = [wire.reply()[0]]
+            while codes[-1] not in (235, 250, 421):
+                codes.append(wire.reply()[0])
+            if codes[-1] == 421:
+                assert wire.is_closed(), codes
+            seen.append(codes)
+        return seen
+    finally:
+        for wire in wires:
+            wire.close()
+
+
 def test_parallel_connections_share_the_failure_limit(make_server):
     """N connections from one address in flight at once get max_failures password checks.
 
     Each AUTH carries a pipelined NOOP: a connection still open after its 535
     answers 250; one closed answers 421 and nothing more.
     """
-    server = make_server(
-        {
-            "listeners": listeners("mx"),
-            "users": users(alice="pw"),
-            "auth": {"allow_plaintext": True, "max_failures": 3, "failure_delay": 0.05},
-        }
-    )
-    wires = [Wire.connect("127.0.0.1", server.port) for _ in range(8)]
-    try:
-        for wire in wires:
-            wire.expect("EHLO client.example", 250)
-        for wire in wires:  # all in flight before any reply is read
-            wire.send(f"AUTH PLAIN {plain('alice', 'wrong')}\r\nNOOP\r\n".encode())
-        seen = []
-        for wire in wires:
-            codes = [wire.reply()[0]]
-            while codes[-1] not in (250, 421):
-                codes.append(wire.reply()[0])
-            if codes[-1] == 421:
-                assert wire.is_closed(), codes
-            seen.append(codes)
-    finally:
-        for wire in wires:
-            wire.close()
+    server = make_server(PARALLEL)
+    seen = parallel_auth(server, "wrong", 8, after="NOOP\r\n")
     assert sorted(seen) == [[421]] * 5 + [[535, 250]] * 2 + [[535, 421]], seen
     # Within the window even the right password gets no check: 421 at once.
     with Wire.connect("127.0.0.1", server.port) as wire:
@@ -287,24 +296,8 @@ def test_parallel_connections_share_the_failure_limit(make_server):
 def test_parallel_logins_with_the_right_password_all_succeed(make_server):
     """A mail program (or an office behind one address) logs in on many connections
     at once: more than max_failures of them must not be taken for an attack."""
-    server = make_server(
-        {
-            "listeners": listeners("mx"),
-            "users": users(alice="pw"),
-            "auth": {"allow_plaintext": True, "max_failures": 3, "failure_delay": 0.05},
-        }
-    )
-    wires = [Wire.connect("127.0.0.1", server.port) for _ in range(10)]
-    try:
-        for wire in wires:
-            wire.expect("EHLO client.example", 250)
-        for wire in wires:  # all in flight before any reply is read
-            wire.send(f"AUTH PLAIN {plain('alice', 'pw')}\r\n".encode())
-        codes = [wire.reply()[0] for wire in wires]
-    finally:
-        for wire in wires:
-            wire.close()
-    assert codes == [235] * 10
+    server = make_server(PARALLEL)
+    assert parallel_auth(server, "pw", 10) == [[235]] * 10
 
 
 # ------------------------------------------------------------- secrets

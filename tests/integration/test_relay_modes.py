@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.servers import MASTER_CF
 from tests.conftest import listeners, users, wait_until
 from tests.integration.dns_server import Zone, dns_server
 from tests.integration.smtp_sink import Script, Sink, free_port_on
@@ -218,32 +219,7 @@ virtual_minimum_uid = 1
 
 # inet_interfaces must name an address an interface has (127.0.0.3 is only
 # inside lo's 127.0.0.0/8, and postfix refuses it, saying so only to syslog);
-# master.cf's smtpd listens on 127.0.0.3 all the same.
-POSTFIX_MASTER_CF = """\
-{host}:{port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# master.cf's smtpd (the bench's, bench/servers.py) listens on 127.0.0.3 all the same.
 
 
 def _greets(host: str, port: int) -> bool:
@@ -279,7 +255,7 @@ def postfix():
     (etc / "main.cf").write_text(
         POSTFIX_MAIN_CF.format(root=root, host=POSTFIX_HOST, uid=owner.pw_uid, gid=owner.pw_gid)
     )
-    (etc / "master.cf").write_text(POSTFIX_MASTER_CF.format(host=POSTFIX_HOST, port=port))
+    (etc / "master.cf").write_text(MASTER_CF.format(host=POSTFIX_HOST, port=port))
     (etc / "vmailbox").write_text("bob@remote.test bob/\ncarol@remote.test carol/\n")
     started = subprocess.run(
         [POSTFIX, "-c", str(etc), "start"], capture_output=True, text=True, timeout=60
