@@ -27,7 +27,7 @@ from loguru import logger
 
 from . import config as cfg
 from . import logs
-from .auth import AuthThrottle, UserDB
+from .auth import BUSY, AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
 from .mail import Domains, Envelope, Recipient
 from .mail.ids import new_queue_id
@@ -44,6 +44,7 @@ from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread
 from .smtp import RecipientPolicy, Security, SMTPConnection
 from .smtp.parser import parse_mailbox
+from .smtp.sasl import Credentials
 from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
 
@@ -81,6 +82,16 @@ def runner_settings(config: Config) -> RunnerSettings:
         max_received=relay.max_received,
         tls_context=tls_context,
     )
+
+
+@dataclass(frozen=True)
+class Login:
+    """The outcome of `App.check_login`."""
+
+    user: str | None  # the mailbox name logged in as, None when refused
+    delay: float = 0.0  # seconds to hold the refusal (doubles with each failure)
+    disconnect: bool = False  # that was the last failure allowed: close after the refusal
+    throttled: bool = False  # too many failures already: refused without a check
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,55 @@ class App:
 
     #: CPU-heavy or blocking work (password checks) in the hub's threadpool.
     run_blocking = staticmethod(in_thread)
+
+    def check_login(self, session: str, peer: str, credentials: Credentials) -> Login:
+        """Check a login from `peer` (SMTP AUTH, POP3 USER/PASS and AUTH alike) in
+        the threadpool, under the failure throttle; the caller holds a failure's
+        reply for `Login.delay` seconds.
+
+        The check is counted before it runs (the threadpool yields), so parallel
+        connections from one client get `max_failures` checks between them: a
+        check that could go over the allowance waits for one of the client's
+        running checks to end; a client at the limit is refused without a check.
+        """
+        throttle = self.auth_throttle
+        deadline = time.monotonic() + self.config.timeouts.command
+        attempt = throttle.reserve(peer)
+        while attempt == BUSY and time.monotonic() < deadline:
+            self.auth_checks.wait(deadline - time.monotonic())
+            attempt = throttle.reserve(peer)
+        if attempt is None or attempt == BUSY:
+            self.metrics.auth_failure.inc()
+            logger.warning(
+                "session {}: [{}] authentication refused: too many failures", session, peer
+            )
+            return Login(None, throttled=True)
+        user = None
+        delay, disconnect = 0.0, False
+        try:
+            user = self.run_blocking(self.users.verify, credentials.login, credentials.password)
+        finally:
+            # The outcome is counted (a check that never ended, as a failure),
+            # then the client's waiting checks may ask again.
+            if user is not None:
+                throttle.succeeded(peer)
+            else:
+                delay, disconnect = throttle.failed(peer, attempt)
+            self.auth_checks.pulse()
+        if user is not None:
+            self.metrics.auth_success.inc()
+            logger.info(
+                "session {}: [{}] authenticated as {} ({})",
+                session,
+                peer,
+                user,
+                credentials.mechanism,
+            )
+            return Login(user)
+        self.metrics.auth_failure.inc()
+        # The login name is part of the AUTH arguments: it is not logged either.
+        logger.warning("session {}: [{}] authentication failed", session, peer)
+        return Login(None, delay=delay, disconnect=disconnect)
 
     def change_config(self, new: Config, *, allow_restart_keys: bool = False) -> ConfigChange:
         """Apply `new` to new sessions (open ones keep theirs; timeouts apply to all).

@@ -9,18 +9,14 @@ arrives, deliver it, log it. All protocol decisions are the core's.
 from __future__ import annotations
 
 import email.utils
-import itertools
 import socket
-import ssl
 import time
 from typing import TYPE_CHECKING
 
 import gevent
-from gevent import socket as gsocket
 from loguru import logger
 
 from .. import logs
-from ..auth import BUSY
 from ..mail.headers import MessageIdSniffer
 from ..mail.ids import new_queue_id
 from ..pipeline import Message, Verdict
@@ -41,6 +37,7 @@ from ..smtp import (
 from ..smtp import replies as R
 from ..smtp.trace import trace_headers
 from ..storage import SpoolFile, StorageError
+from .stream import ClientTimeout, HandshakeFailed, ShutdownRequested, StreamSession
 
 if TYPE_CHECKING:
     from ..app import App
@@ -49,22 +46,6 @@ if TYPE_CHECKING:
     from ..metrics import ListenerMetrics
     from ..smtp.sasl import Credentials
 
-READ_SIZE = 64 * 1024
-
-
-class ClientTimeout(Exception):
-    """The client was silent for longer than the configured timeout."""
-
-
-class ShutdownRequested(Exception):
-    """The server is stopping and the grace period is over."""
-
-
-class HandshakeFailed(Exception):
-    """TLS could not be set up with the client; the session ends without a reply."""
-
-
-_session_ids = itertools.count(1)
 _last_date: tuple[int, str] = (-1, "")
 
 
@@ -77,7 +58,7 @@ def received_date() -> str:
     return _last_date[1]
 
 
-class SMTPSession:
+class SMTPSession(StreamSession):
     def __init__(
         self,
         server: App,
@@ -86,17 +67,7 @@ class SMTPSession:
         listener: Listener,
         metrics: ListenerMetrics,
     ) -> None:
-        self.metrics = metrics
-        self.outcome = "lost"  # how the session ended, for metrics
-        self._counted_in = self._counted_out = 0  # bytes already added to the metrics
-        self.close_reply = R.SHUTTING_DOWN  # what shutdown() answers
-        self.server = server
-        self.sock = sock
-        self.peer = address[0]
-        self.peer_port = address[1]
-        self.listener = listener
-        self.id = f"{next(_session_ids):X}"
-        self.started = time.monotonic()
+        super().__init__(server, sock, address, listener, metrics)
         self.conn: SMTPConnection = server.new_connection(listener, self.peer)
         self.spool: SpoolFile | _FailedSpool | None = None
         self.queue_id: str | None = None
@@ -106,10 +77,6 @@ class SMTPSession:
         self.refused: list[str] = []
         self.logged: Envelope | None = None
         self.data_started = 0.0
-        self.reading = False
-        self.shutdown_pending = False
-        self.bytes_in = 0
-        self.bytes_out = 0
 
     # -------------------------------------------------------------- I/O
 
@@ -120,53 +87,10 @@ class SMTPSession:
             return max(0.0, min(timeouts.data_block, left))
         return timeouts.command
 
-    def _read(self) -> bytes:
-        """One `recv` under the timeout the session's state calls for.
-
-        The timeout is the socket's own: gevent arms a `Timeout` only when the
-        read has to wait, where a `with gevent.Timeout` would cost two timer
-        operations on every read, also when the data is already there.
-        """
-        if self.shutdown_pending:
-            raise ShutdownRequested
-        timeout = self._timeout()
-        if timeout <= 0:  # data_total used up: settimeout(0) would mean non-blocking
-            raise ClientTimeout
-        self.reading = True
-        try:
-            self.sock.settimeout(timeout)
-            data = self.sock.recv(READ_SIZE)
-        except TimeoutError:
-            raise ClientTimeout from None
-        except OSError:
-            # gevent cancels a blocked recv with EBADF when the read side is shut.
-            if self.shutdown_pending:
-                raise ShutdownRequested from None
-            raise
-        finally:
-            self.reading = False
-        # Checked here, at a point of our choosing, so a stop never interrupts a
-        # delivery half-way (see shutdown()).
-        if self.shutdown_pending:
-            raise ShutdownRequested
-        self.bytes_in += len(data)
-        return data
-
     def _flush(self) -> None:
         out = self.conn.data_to_send()
-        if not out:
-            return
-        # Replies are small: one send nearly always takes them whole, and costs
-        # less than sendall (which asks the kernel for SO_SNDBUF every call).
-        sock = self.sock
-        try:
-            sock.settimeout(self.server.config.timeouts.command)
-            sent = sock.send(out)
-            if sent < len(out):
-                sock.sendall(out[sent:])
-        except TimeoutError:
-            raise ClientTimeout from None
-        self.bytes_out += len(out)
+        if out:
+            self._send(out)
 
     def _sync_metrics(self) -> None:
         """Add this session's byte and command tallies to the server's counters.
@@ -175,13 +99,7 @@ class SMTPSession:
         read and write: the counters lag by at most one transaction, and the
         per-message cost of counting drops to a few calls.
         """
-        lm = self.metrics
-        if self.bytes_in != self._counted_in:
-            lm.bytes_in.inc(self.bytes_in - self._counted_in)
-            self._counted_in = self.bytes_in
-        if self.bytes_out != self._counted_out:
-            lm.bytes_out.inc(self.bytes_out - self._counted_out)
-            self._counted_out = self.bytes_out
+        self._sync_bytes()
         counts = self.conn.take_counts()
         if counts:
             self.server.metrics.add_counts(counts)
@@ -199,34 +117,13 @@ class SMTPSession:
             "port": self.peer_port,
             "listener": self.metrics.name,
             "state": self.conn.state.value,
-            "age_seconds": round(time.monotonic() - self.started, 3),
+            "age_seconds": self._age(),
             "user": self.conn.auth_user,
             "tls": self.conn.tls,
             "helo": self.conn.helo,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
-
-    def kick(self) -> None:
-        """The administrator closes this session: 421 at its next read."""
-        self.close_reply = R.KICKED
-        self.shutdown()
-
-    def shutdown(self) -> None:
-        """Ask the session to end with 421 before its next read.
-
-        A session blocked in `recv` is woken by shutting the socket's read side
-        (the `recv` returns); nothing is thrown into the greenlet, so a session in
-        the middle of storing a message finishes it first.
-        """
-        self.shutdown_pending = True
-        if self.reading:
-            try:
-                # The plain socket's shutdown, under TLS too: SSLSocket.shutdown drops
-                # the TLS state, and the 421 would then go out in the clear.
-                gsocket.socket.shutdown(self.sock, socket.SHUT_RD)
-            except OSError:
-                pass
 
     # ------------------------------------------------------------ the loop
 
@@ -283,8 +180,8 @@ class SMTPSession:
             self.outcome = "timeout"
             self._close_with(R.TIMEOUT)
         except ShutdownRequested:
-            self.outcome = "kicked" if self.close_reply is R.KICKED else "shutdown"
-            self._close_with(self.close_reply)
+            self.outcome = "kicked" if self.kicked else "shutdown"
+            self._close_with(R.KICKED if self.kicked else R.SHUTTING_DOWN)
         except HandshakeFailed as exc:
             self.outcome = "tls_failed"
             logger.debug("session {}: TLS handshake failed: {}", self.id, exc)
@@ -310,10 +207,7 @@ class SMTPSession:
                 self._log_transaction(
                     envelope, "aborted", size=size, stage=state.name, reason=self.outcome
                 )
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            self._close_socket()
             logger.debug(
                 "session {} closed after {:.3f}s, in={} out={}",
                 self.id,
@@ -337,71 +231,19 @@ class SMTPSession:
 
     # ------------------------------------------------------ TLS and AUTH
 
-    def _handshake(self) -> None:
-        context = self.server.tls_context
-        assert context is not None
-        try:
-            with gevent.Timeout(self.server.config.tls.handshake_timeout, HandshakeFailed):
-                tls_sock = context.wrap_socket(
-                    self.sock, server_side=True, do_handshake_on_connect=False
-                )
-                self.sock = tls_sock
-                tls_sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            raise HandshakeFailed(str(exc)) from None
-        self.metrics.tls.inc()
-
     def _authenticate(self, credentials: Credentials) -> None:
-        """Check a login in the threadpool; failures are delayed, then disconnected.
-
-        The check is counted before it runs (the threadpool yields), so parallel
-        connections from one client get `max_failures` checks between them: a
-        check that could go over the allowance waits for one of the client's
-        running checks to end; a client at the limit gets 421 without a check.
-        """
-        server = self.server
-        throttle = server.auth_throttle
-        deadline = time.monotonic() + server.config.timeouts.command
-        attempt = throttle.reserve(self.peer)
-        while attempt == BUSY and time.monotonic() < deadline:
-            server.auth_checks.wait(deadline - time.monotonic())
-            attempt = throttle.reserve(self.peer)
-        if attempt is None or attempt == BUSY:
-            server.metrics.auth_failure.inc()
-            logger.warning(
-                "session {}: [{}] authentication refused: too many failures", self.id, self.peer
-            )
+        """Check a login (`App.check_login`); a failure's reply is held, then may disconnect."""
+        login = self.server.check_login(self.id, self.peer, credentials)
+        if login.throttled:
             self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
-        user = None
-        try:
-            user = server.run_blocking(server.users.verify, credentials.login, credentials.password)
-        finally:
-            # The outcome is counted (a check that never ended, as a failure),
-            # then the client's waiting checks may ask again.
-            if user is not None:
-                throttle.succeeded(self.peer)
-            else:
-                delay, disconnect = throttle.failed(self.peer, attempt)
-            server.auth_checks.pulse()
-        if user is not None:
-            server.metrics.auth_success.inc()
-            logger.info(
-                "session {}: [{}] authenticated as {} ({})",
-                self.id,
-                self.peer,
-                user,
-                credentials.mechanism,
-            )
-            self.conn.auth_result(user)
+        if login.user is not None:
+            self.conn.auth_result(login.user)
             return
-        server.metrics.auth_failure.inc()
-        # The login name is part of the AUTH arguments: it is not logged either.
-        logger.warning("session {}: [{}] authentication failed", self.id, self.peer)
         self._flush()
-        gevent.sleep(delay)
+        gevent.sleep(login.delay)
         self.conn.auth_result(None)
-        if disconnect:
+        if login.disconnect:
             self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
 
     # ----------------------------------------------------------- messages

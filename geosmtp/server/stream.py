@@ -1,0 +1,176 @@
+"""What every protocol's session shares: the client's socket and its life.
+
+A session (SMTP, POP3) runs in its own greenlet: it reads under a timeout,
+feeds its protocol core, and sends what the core queued. This base holds the
+part that does not depend on the protocol: reads under the socket's own
+timeout, sends, the TLS handshake, the byte counts, and the way the server
+asks a session to stop (`shutdown`, `kick`) without interrupting it half-way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent import socket as gsocket
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..config import Listener
+    from ..metrics import ListenerMetrics
+
+READ_SIZE = 64 * 1024
+
+
+class ClientTimeout(Exception):
+    """The client was silent for longer than the configured timeout."""
+
+
+class ShutdownRequested(Exception):
+    """The server is stopping (or the administrator kicked the session)."""
+
+
+class HandshakeFailed(Exception):
+    """TLS could not be set up with the client; the session ends without a reply."""
+
+
+#: Session ids, unique in the process across protocols (the admin API keys on them).
+_session_ids = itertools.count(1)
+
+
+class StreamSession:
+    """One client connection; subclasses add the protocol."""
+
+    def __init__(
+        self,
+        server: App,
+        sock: socket.socket,
+        address: tuple,
+        listener: Listener,
+        metrics: ListenerMetrics,
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = address[0]
+        self.peer_port = address[1]
+        self.listener = listener
+        self.metrics = metrics
+        self.id = f"{next(_session_ids):X}"
+        self.started = time.monotonic()
+        self.outcome = "lost"  # how the session ended, for metrics
+        self.kicked = False  # the administrator closed it (else: the server stops)
+        self.reading = False
+        self.shutdown_pending = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._counted_in = self._counted_out = 0  # bytes already added to the metrics
+
+    def _timeout(self) -> float:
+        """Seconds the next read may wait (the protocol's state decides)."""
+        return self.server.config.timeouts.command
+
+    def _read(self) -> bytes:
+        """One `recv` under the timeout the session's state calls for.
+
+        The timeout is the socket's own: gevent arms a `Timeout` only when the
+        read has to wait, where a `with gevent.Timeout` would cost two timer
+        operations on every read, also when the data is already there.
+        """
+        if self.shutdown_pending:
+            raise ShutdownRequested
+        timeout = self._timeout()
+        if timeout <= 0:  # a total time used up: settimeout(0) would mean non-blocking
+            raise ClientTimeout
+        self.reading = True
+        try:
+            self.sock.settimeout(timeout)
+            data = self.sock.recv(READ_SIZE)
+        except TimeoutError:
+            raise ClientTimeout from None
+        except OSError:
+            # gevent cancels a blocked recv with EBADF when the read side is shut.
+            if self.shutdown_pending:
+                raise ShutdownRequested from None
+            raise
+        finally:
+            self.reading = False
+        # Checked here, at a point of our choosing, so a stop never interrupts a
+        # delivery half-way (see shutdown()).
+        if self.shutdown_pending:
+            raise ShutdownRequested
+        self.bytes_in += len(data)
+        return data
+
+    def _send(self, out: bytes) -> None:
+        """Send `out` whole, under the command timeout."""
+        # Replies are small: one send nearly always takes them whole, and costs
+        # less than sendall (which asks the kernel for SO_SNDBUF every call).
+        sock = self.sock
+        try:
+            sock.settimeout(self.server.config.timeouts.command)
+            sent = sock.send(out)
+            if sent < len(out):
+                sock.sendall(out[sent:])
+        except TimeoutError:
+            raise ClientTimeout from None
+        self.bytes_out += len(out)
+
+    def _handshake(self) -> None:
+        """TLS on the socket, as the server side (STARTTLS/STLS or implicit TLS)."""
+        context = self.server.tls_context
+        if context is None:
+            raise HandshakeFailed("TLS is not configured")
+        try:
+            with gevent.Timeout(self.server.config.tls.handshake_timeout, HandshakeFailed):
+                tls_sock = context.wrap_socket(
+                    self.sock, server_side=True, do_handshake_on_connect=False
+                )
+                self.sock = tls_sock
+                tls_sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            raise HandshakeFailed(str(exc)) from None
+        self.metrics.tls.inc()
+
+    def _sync_bytes(self) -> None:
+        """Add the bytes moved since the last call to the listener's counters."""
+        lm = self.metrics
+        if self.bytes_in != self._counted_in:
+            lm.bytes_in.inc(self.bytes_in - self._counted_in)
+            self._counted_in = self.bytes_in
+        if self.bytes_out != self._counted_out:
+            lm.bytes_out.inc(self.bytes_out - self._counted_out)
+            self._counted_out = self.bytes_out
+
+    def _close_socket(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _age(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+    def kick(self) -> None:
+        """The administrator closes this session, at its next read."""
+        self.kicked = True
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Ask the session to end (with the protocol's reply) before its next read.
+
+        A session blocked in `recv` is woken by shutting the socket's read side
+        (the `recv` returns); nothing is thrown into the greenlet, so a session in
+        the middle of storing a message finishes it first.
+        """
+        self.shutdown_pending = True
+        if self.reading:
+            try:
+                # The plain socket's shutdown, under TLS too: SSLSocket.shutdown drops
+                # the TLS state, and the reply would then go out in the clear.
+                gsocket.socket.shutdown(self.sock, socket.SHUT_RD)
+            except OSError:
+                pass
