@@ -40,6 +40,8 @@ from .queue.schedule import RetrySchedule
 from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
 from .server.listeners import Listeners, Session
+from .pop3 import POP3Connection, POP3Security
+from .server.pop3 import POP3Session
 from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread
 from .smtp import RecipientPolicy, Security, SMTPConnection
@@ -49,7 +51,7 @@ from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
 
 #: The session class of each protocol a listener can speak.
-SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession}  # type: ignore[dict-item]
+SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}  # type: ignore[dict-item]
 
 
 def runner_settings(config: Config) -> RunnerSettings:
@@ -170,7 +172,7 @@ class App:
         config = self.config
         return Security(
             tls_available=self.tls_context is not None,
-            tls_active=listener.role == "submissions",
+            tls_active=listener.role in cfg.IMPLICIT_TLS_ROLES,
             auth_available=bool(self.users),
             auth_plaintext=config.auth.allow_plaintext,
             auth_required=listener.role != "mx",
@@ -196,6 +198,17 @@ class App:
             self.extensions,
             self.security(listener, peer),
             vrfy=self.config.vrfy,
+        )
+
+    def new_pop3_connection(self, listener: Listener) -> POP3Connection:
+        """The POP3 core for a new client on `listener`, with today's settings."""
+        return POP3Connection(
+            self.config.hostname,
+            POP3Security(
+                tls_available=self.tls_context is not None,
+                tls_active=listener.role in cfg.IMPLICIT_TLS_ROLES,
+                auth_plaintext=self.config.auth.allow_plaintext,
+            ),
         )
 
     #: CPU-heavy or blocking work (password checks) in the hub's threadpool.

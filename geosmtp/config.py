@@ -61,11 +61,21 @@ def _ranged(default: float, *, min: float, max: float) -> Any:
 
 #: What a listener is for: `mx` takes mail for the local domains from anyone;
 #: `submission` (port 587) wants AUTH before MAIL; `submissions` (port 465) is
-#: the same inside implicit TLS (RFC 8314).
-Role = Literal["mx", "submission", "submissions"]
+#: the same inside implicit TLS (RFC 8314); `pop3` (port 110) lets users read
+#: their mailboxes, with STLS (RFC 2595); `pop3s` (port 995) is POP3 inside
+#: implicit TLS.
+Role = Literal["mx", "submission", "submissions", "pop3", "pop3s"]
 
 #: The protocol each role speaks (the session class `app.SESSIONS` runs for it).
-ROLE_PROTOCOL: dict[str, str] = {"mx": "smtp", "submission": "smtp", "submissions": "smtp"}
+ROLE_PROTOCOL: dict[str, str] = {
+    "mx": "smtp",
+    "submission": "smtp",
+    "submissions": "smtp",
+    "pop3": "pop3",
+    "pop3s": "pop3",
+}
+#: Roles whose listeners speak TLS from the first byte (RFC 8314).
+IMPLICIT_TLS_ROLES = frozenset({"submissions", "pop3s"})
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,9 @@ class Timeouts:
     data_block: float = _positive(180, max=DAY)  # §4.5.3.2.5: between two reads of data
     data_total: float = _positive(600, max=DAY)  # the whole of DATA, however it trickles
     shutdown_grace: float = _ranged(10, min=0, max=DAY)
+    #: A logged-in POP3 client silent this long is logged out (RFC 1939 §3 asks
+    #: for at least 10 minutes); before login, `command` applies.
+    pop3_autologout: float = _positive(600, max=DAY)
 
 
 @dataclass(frozen=True)
@@ -404,9 +417,10 @@ def _check(config: Config) -> None:
         raise ConfigError("admin.token: use at least 16 characters")
     has_tls = config.tls.cert is not None or config.tls.self_signed
     for i, listener in enumerate(config.listeners):
-        if listener.role == "submissions" and not has_tls:
+        if listener.role in IMPLICIT_TLS_ROLES and not has_tls:
             raise ConfigError(
-                f"listeners[{i}].role: submissions needs tls.cert and tls.key (or tls.self_signed)"
+                f"listeners[{i}].role: {listener.role} needs tls.cert and tls.key "
+                "(or tls.self_signed)"
             )
     from .mail import safe_mailbox_name
 

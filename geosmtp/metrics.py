@@ -129,6 +129,28 @@ class Metrics:
             buckets=ATTEMPT_BUCKETS,
             registry=r,
         )
+        # POP3, per listener.
+        self.pop3_commands = Counter(
+            "geosmtp_pop3_commands", "POP3 commands received", listener, registry=r
+        )
+        self.pop3_logins = Counter(
+            "geosmtp_pop3_logins", "POP3 logins, by result", ["listener", "result"], registry=r
+        )
+        self.pop3_retrieved = Counter(
+            "geosmtp_pop3_retrieved_messages", "Messages sent whole (RETR)", listener, registry=r
+        )
+        self.pop3_retrieved_bytes = Counter(
+            "geosmtp_pop3_retrieved_bytes",
+            "Octets of messages sent (RETR and TOP, as on the wire)",
+            listener,
+            registry=r,
+        )
+        self.pop3_deleted = Counter(
+            "geosmtp_pop3_deleted_messages",
+            "Messages removed from maildrops at QUIT",
+            listener,
+            registry=r,
+        )
         self.auth_success = self.auth.labels("success")
         self.auth_failure = self.auth.labels("failure")
         # add_counts' labelled children: a `labels()` lookup costs more than the `inc()`.
@@ -142,6 +164,9 @@ class Metrics:
 
     def listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(self, name)
+
+    def pop3_listener(self, name: str) -> POP3Metrics:
+        return POP3Metrics(self, name)
 
     def add_counts(self, counts: Mapping[str, int]) -> None:
         """Add the core's per-command tallies ("MAIL", "2xx", ...), then they restart."""
@@ -188,3 +213,15 @@ class ListenerMetrics:
     def session_ended(self, outcome: str, seconds: float) -> None:
         self._outcomes[outcome].inc()
         self.metrics.session_duration.observe(seconds)
+
+
+class POP3Metrics:
+    """The POP3 counters of one listener, bound once."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.commands = metrics.pop3_commands.labels(name)
+        self.logins_ok = metrics.pop3_logins.labels(name, "success")
+        self.logins_failed = metrics.pop3_logins.labels(name, "failure")
+        self.retrieved = metrics.pop3_retrieved.labels(name)
+        self.retrieved_bytes = metrics.pop3_retrieved_bytes.labels(name)
+        self.deleted = metrics.pop3_deleted.labels(name)

@@ -196,7 +196,9 @@ def start_server(
         server.ports.setdefault(item.get("role", "mx"), item["port"])
     # An implicit-TLS listener says nothing before a handshake: probe another one,
     # or (when there is none) only see that it accepts connections.
-    plain = [li for li in config["listeners"] if li.get("role", "mx") != "submissions"]
+    plain = [
+        li for li in config["listeners"] if li.get("role", "mx") not in ("submissions", "pop3s")
+    ]
     probe = plain[0] if plain else listener
     if wait:
 

@@ -1,0 +1,358 @@
+"""The gevent side of a POP3 session (RFC 1939): socket in, core, socket out.
+
+One `POP3Session` per client, run in its own greenlet over the sans-I/O core
+(`geosmtp/pop3/`), which makes every protocol decision. This shell acts on
+the core's events: check a login (the same users, throttle and threadpool as
+SMTP AUTH), lock and list the maildrop, stream a message from its Maildir
+file, and delete the marked messages once the client has said QUIT.
+
+The maildrop lock (`Maildir.lock`, a `flock` that other processes see too)
+is held from a successful login to the end of the session, whatever ends it;
+a connection that drops deletes nothing (RFC 1939 §6).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from loguru import logger
+
+from .. import logs
+from ..pop3 import (
+    NEED_DATA,
+    AuthRequest,
+    CloseConnection,
+    ConnectionClosed,
+    Listing,
+    LoginFailure,
+    POP3Connection,
+    Retrieve,
+    StartTLS,
+    Update,
+)
+from ..pop3.stuffing import MessageEncoder
+from ..storage import StorageError
+from ..storage.maildir import MaildropBusy, uid_for
+from .stream import READ_SIZE, ClientTimeout, HandshakeFailed, ShutdownRequested, StreamSession
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..config import Listener
+    from ..metrics import ListenerMetrics
+    from ..smtp.sasl import Credentials
+    from ..storage.maildir import Maildir, MaildropLock, StoredMessage
+
+
+class POP3Session(StreamSession):
+    def __init__(
+        self,
+        server: App,
+        sock: socket.socket,
+        address: tuple,
+        listener: Listener,
+        metrics: ListenerMetrics,
+    ) -> None:
+        super().__init__(server, sock, address, listener, metrics)
+        self.conn: POP3Connection = server.new_pop3_connection(listener)
+        self.pm = server.metrics.pop3_listener(metrics.name)
+        self.maildir: Maildir | None = None
+        self.lock: MaildropLock | None = None
+        self.messages: list[StoredMessage] = []
+        # What the session did, for the access log's logout line (as Dovecot's).
+        self.retr = [0, 0]  # messages, octets sent
+        self.top = [0, 0]
+        self.deleted = 0
+        self._commands_counted = 0
+
+    # -------------------------------------------------------------- I/O
+
+    def _timeout(self) -> float:
+        """Before login, the command timeout; after it, the autologout timer
+        (RFC 1939 §3: at least 10 minutes)."""
+        timeouts = self.server.config.timeouts
+        return timeouts.pop3_autologout if self.conn.user is not None else timeouts.command
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            self._send(out)
+
+    def _sync_metrics(self) -> None:
+        self._sync_bytes()
+        commands = self.conn.commands
+        if commands != self._commands_counted:
+            self.pm.commands.inc(commands - self._commands_counted)
+            self._commands_counted = commands
+
+    @staticmethod
+    def refusal(stopping: bool) -> bytes:
+        """For a client over the connection cap, or arriving during a stop."""
+        return POP3Connection.refusal_line(stopping)
+
+    def info(self) -> dict:
+        """What the admin API shows of this session (never message data or secrets)."""
+        return {
+            "id": self.id,
+            "protocol": "pop3",
+            "peer": self.peer,
+            "port": self.peer_port,
+            "listener": self.metrics.name,
+            "state": self.conn.state.value,
+            "age_seconds": self._age(),
+            "user": self.conn.user,
+            "tls": self.conn.tls,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        conn = self.conn
+        logger.debug("pop3 session {} connect from [{}]:{}", self.id, self.peer, self.peer_port)
+        try:
+            if conn.tls:  # an implicit-TLS listener (pop3s): handshake before the greeting
+                self._handshake()
+            self._send(conn.greeting())
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    self._flush()
+                    conn.receive_data(self._read())
+                elif type(event) is Retrieve:
+                    self._retrieve(event)
+                elif type(event) is AuthRequest:
+                    self._login(event.credentials)
+                elif type(event) is Update:
+                    self._update(event)
+                elif type(event) is StartTLS:
+                    self._flush()
+                    self._handshake()
+                    conn.tls_started()
+                elif type(event) is CloseConnection:
+                    self._flush()
+                    if self.outcome == "lost":
+                        self.outcome = "quit" if conn.quit else "errors"
+                    break
+                elif type(event) is ConnectionClosed:
+                    logger.debug("pop3 session {} lost the client", self.id)
+                    self._flush()
+                    break
+                else:
+                    raise RuntimeError(f"the POP3 core waits for a verdict in {conn.state}")
+        except ClientTimeout:
+            self.outcome = "timeout"
+            self._close_with("Disconnected for inactivity.")
+        except ShutdownRequested:
+            self.outcome = "kicked" if self.kicked else "shutdown"
+            self._close_with(
+                "Disconnected by the administrator."
+                if self.kicked
+                else "Server shutting down; try again later."
+            )
+        except HandshakeFailed as exc:
+            self.outcome = "tls_failed"
+            logger.debug("pop3 session {}: TLS handshake failed: {}", self.id, exc)
+        except OSError as exc:  # the socket: storage errors are StorageError, handled where met
+            self.outcome = "lost"
+            logger.debug("pop3 session {} socket error: {}", self.id, exc)
+        except Exception:
+            # A bug in the core or in this shell: the client hears -ERR, the log
+            # gets the traceback, other sessions go on; nothing is deleted.
+            self.outcome = "error"
+            logger.exception("pop3 session {} [{}]: internal error", self.id, self.peer)
+            self._close_with("Internal server error; closing connection.")
+        finally:
+            self._release()
+            self._sync_metrics()
+            self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
+            if self.conn.user is not None:
+                self._access(
+                    self.outcome,
+                    retr=f"{self.retr[0]}/{self.retr[1]}",
+                    top=f"{self.top[0]}/{self.top[1]}",
+                    dele=f"{self.deleted}/{len(self.messages)}",
+                )
+            self._close_socket()
+            logger.debug(
+                "pop3 session {} closed after {:.3f}s, in={} out={}",
+                self.id,
+                time.monotonic() - self.started,
+                self.bytes_in,
+                self.bytes_out,
+            )
+
+    def _close_with(self, text: str) -> None:
+        try:
+            self.conn.close_with(text)
+            self._flush()
+        except (OSError, ClientTimeout):
+            pass
+        except Exception:  # the core is in a state it cannot close from: send it raw
+            logger.exception("pop3 session {}: cannot close cleanly", self.id)
+            try:
+                self.sock.send(f"-ERR [SYS/TEMP] {text}\r\n".encode())
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------ login
+
+    def _login(self, credentials: Credentials) -> None:
+        """Check the password, then lock and list the maildrop (RFC 1939 §4)."""
+        conn = self.conn
+        login = self.server.check_login(self.id, self.peer, credentials)
+        if login.throttled:
+            self.pm.logins_failed.inc()
+            self._access("auth-throttled")
+            conn.login_failed(LoginFailure.TEMP, "Too many authentication failures; try later.")
+            conn.close_with("Too many authentication failures.", "AUTH")
+            return
+        if login.user is None:
+            self.pm.logins_failed.inc()
+            self._access("auth-failed")
+            self._flush()
+            gevent.sleep(login.delay)
+            conn.login_failed(LoginFailure.AUTH)
+            if login.disconnect:
+                conn.close_with("Too many authentication failures.", "AUTH")
+            return
+        user = login.user
+        maildir = self.server.store.maildir(user)
+        try:
+            self.lock = maildir.lock()
+        except MaildropBusy:
+            self.pm.logins_failed.inc()
+            self._access("in-use", user=user)
+            conn.login_failed(LoginFailure.IN_USE)
+            return
+        except StorageError as exc:
+            logger.error("pop3 session {}: cannot lock the maildrop of {}: {}", self.id, user, exc)
+            self.pm.logins_failed.inc()
+            conn.login_failed(LoginFailure.TEMP)
+            return
+        try:
+            # Listing a big maildrop is many syscalls: off the hub.
+            self.messages, listing = self.server.run_blocking(self._scan, maildir)
+        except (StorageError, OSError) as exc:
+            self._release()
+            logger.error("pop3 session {}: cannot read the maildrop of {}: {}", self.id, user, exc)
+            self.pm.logins_failed.inc()
+            conn.login_failed(LoginFailure.TEMP)
+            return
+        self.maildir = maildir
+        self.pm.logins_ok.inc()
+        conn.login_ok(listing)
+        self._access("login", user=user, messages=len(listing))
+
+    @staticmethod
+    def _scan(maildir: Maildir) -> tuple[list[StoredMessage], list[Listing]]:
+        """The maildrop as POP3 numbers it: its messages and their listing.
+
+        Sizes come from the `,W=` in the file names (written at delivery); a
+        message delivered by another program without one is read once.
+        """
+        messages = maildir.list()
+        return messages, [Listing(maildir.virtual_size(m), uid_for(m)) for m in messages]
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # -------------------------------------------------------- retrieval
+
+    def _retrieve(self, event: Retrieve) -> None:
+        """RETR or TOP: stream the file, CRLF line ends and dot-stuffed, in
+        pieces (a message costs no more memory for being large)."""
+        assert self.maildir is not None
+        message = self.messages[event.index]
+        try:
+            f = self.maildir.open(message)
+        except StorageError as exc:
+            # Removed or renamed by another program since the login.
+            logger.warning(
+                "pop3 session {}: message {} is gone: {}", self.id, message.relpath, exc
+            )
+            self.conn.retrieve_result(False)
+            return
+        with f:
+            self.conn.retrieve_result(True)
+            self._flush()
+            encoder = MessageEncoder(event.lines)
+            sent = self.bytes_out
+            while not encoder.done:
+                chunk = f.read(READ_SIZE)
+                if not chunk:
+                    break
+                out = encoder.feed(chunk)
+                if out:
+                    self._send(out)
+            self._send(encoder.end())
+            sent = self.bytes_out - sent
+        self.pm.retrieved_bytes.inc(sent)
+        if event.lines is None:
+            self.retr[0] += 1
+            self.retr[1] += sent
+            self.pm.retrieved.inc()
+            self._mark_seen(event.index)
+        else:
+            self.top[0] += 1
+            self.top[1] += sent
+
+    def _mark_seen(self, index: int) -> None:
+        """A retrieved message is seen: `cur/<name>:2,S`, as Dovecot leaves it."""
+        assert self.maildir is not None
+        message = self.messages[index]
+        if "S" in message.flags and message.subdir == "cur":
+            return
+        try:
+            self.messages[index] = self.maildir.set_flags(message, message.flags + "S")
+        except StorageError as exc:  # the flag is a courtesy: the session goes on
+            logger.warning("pop3 session {}: cannot flag {}: {}", self.id, message.relpath, exc)
+
+    # ----------------------------------------------------------- update
+
+    def _update(self, event: Update) -> None:
+        """The UPDATE state (RFC 1939 §6): remove the messages marked deleted."""
+        if not event.deleted:
+            self.conn.update_result(True)
+            return
+        assert self.maildir is not None
+        doomed = [self.messages[i] for i in event.deleted]
+        failed = self.server.run_blocking(self._delete_all, self.maildir, doomed)
+        self.deleted = len(doomed) - failed
+        self.pm.deleted.inc(self.deleted)
+        if failed:
+            logger.error(
+                "pop3 session {}: {} of {} messages could not be deleted",
+                self.id,
+                failed,
+                len(doomed),
+            )
+        self.conn.update_result(not failed, failed)
+
+    @staticmethod
+    def _delete_all(maildir: Maildir, messages: list[StoredMessage]) -> int:
+        failed = 0
+        for message in messages:
+            try:
+                maildir.delete(message)
+            except StorageError:
+                failed += 1
+        return failed
+
+    # ------------------------------------------------------- access log
+
+    def _access(self, result: str, **extra: object) -> None:
+        fields: dict = {
+            "proto": "pop3",
+            "session": self.id,
+            "client": self.peer,
+            "user": self.conn.user,
+            "tls": "yes" if self.conn.tls else None,
+        }
+        fields.update(extra)
+        logs.access_log.write(logs.access_line(**fields, result=result))

@@ -1,0 +1,409 @@
+"""POP3 against the real server: mail in over SMTP, read back with real clients.
+
+Python's `poplib` over plain POP3, STLS and implicit TLS (a trustme CA), and
+a raw client for what poplib will not send. Every message is checked
+byte-exact against the Maildir file it was stored in.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import signal
+import socket
+
+import pytest
+
+from tests.conftest import listeners, users, wait_until
+from tests.integration.adminapi import admin_of, admin_section
+from tests.integration.pop3_client import POP3Wire, send_mail, stored_as_sent
+
+PASSWORD = "pop3 secret"
+
+
+def body(n: int, extra: bytes = b"") -> bytes:
+    return (
+        f"From: sender@example.org\r\nTo: alice@test.example\r\nSubject: message {n}\r\n"
+        f"Message-ID: <m{n}@example.org>\r\n\r\nline one of {n}\r\n".encode()
+        + extra
+        + b".a line that starts with a dot\r\nlast line\r\n"
+    )
+
+
+@pytest.fixture
+def pop_server(make_server, certs):
+    """mx, pop3 (STLS) and pop3s listeners; alice and bob with passwords; no
+    passwords in the clear (the default)."""
+    return make_server(
+        {
+            "listeners": listeners("mx", "pop3", "pop3s"),
+            "tls": certs.tls_config,
+            "users": users(alice=PASSWORD, bob=PASSWORD),
+            "timeouts": {"shutdown_grace": 0.5},
+            **admin_section(),
+        }
+    )
+
+
+@pytest.fixture
+def plain_server(make_server):
+    """mx and pop3 with passwords allowed in the clear (loopback testing)."""
+    return make_server(
+        {
+            "listeners": listeners("mx", "pop3"),
+            "users": users(alice=PASSWORD, bob=PASSWORD),
+            "auth": {"allow_plaintext": True},
+        }
+    )
+
+
+def stored(server, box: str = "alice") -> list[bytes]:
+    """The Maildir files of `box` (new/ and cur/), in delivery order, as POP3 sends them."""
+    files = sorted(
+        [*(server.mail_dir / box / "new").glob("*"), *(server.mail_dir / box / "cur").glob("*")],
+        key=lambda p: p.name,
+    )
+    return [stored_as_sent(p.read_bytes()) for p in files]
+
+
+def login_plain(server) -> poplib.POP3:
+    client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
+    client.user("alice")
+    client.pass_(PASSWORD)
+    return client
+
+
+def test_poplib_fetches_mail_sent_over_smtp_byte_exact(plain_server):
+    for n in range(3):
+        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
+    expected = stored(plain_server)
+    assert len(expected) == 3
+    client = login_plain(plain_server)
+    count, octets = client.stat()
+    assert count == 3
+    assert octets == sum(len(m) for m in expected)  # CRLF line ends counted (RFC 1939 §11)
+    _, listing, _ = client.list()
+    assert [int(x.split()[1]) for x in listing] == [len(m) for m in expected]
+    for n in range(3):
+        _, lines, octets = client.retr(n + 1)
+        text = b"\r\n".join(lines) + b"\r\n"
+        assert text == expected[n]
+        # The message as the client sent it, below the trace headers geosmtp added.
+        assert text.endswith(body(n))
+    client.quit()
+
+
+def test_sizes_count_crlf_and_retr_restores_the_message(plain_server):
+    tricky = body(9, b"..two dots\r\n.\r\n\r\n \r\nbare\rcr\r\n")
+    send_mail(plain_server.ports["mx"], "alice@test.example", tricky)
+    client = login_plain(plain_server)
+    _, octets = client.stat()
+    _, lines, _ = client.retr(1)
+    text = b"\r\n".join(lines) + b"\r\n"
+    assert text.endswith(tricky)
+    assert octets == len(text)
+    client.quit()
+
+
+def test_top_sends_headers_and_n_lines(plain_server):
+    send_mail(plain_server.ports["mx"], "alice@test.example", body(1))
+    client = login_plain(plain_server)
+    _, lines, _ = client.top(1, 1)
+    blank = lines.index(b"")
+    assert lines[blank + 1 :] == [b"line one of 1"]
+    assert b"Subject: message 1" in lines[:blank]
+    _, lines, _ = client.top(1, 0)
+    assert lines[-1] == b""
+    client.quit()
+
+
+def test_uidl_is_unique_and_stable_across_sessions_and_restarts(make_server):
+    overrides = {
+        "listeners": listeners("mx", "pop3"),
+        "users": users(alice=PASSWORD),
+        "auth": {"allow_plaintext": True},
+    }
+    server = make_server(overrides)
+    for n in range(4):
+        send_mail(server.ports["mx"], "alice@test.example", body(n))
+    client = login_plain(server)
+    _, first, _ = client.uidl()
+    client.retr(2)  # moves it to cur/ with the seen flag: the uid stays
+    client.quit()
+    uids = [line.split()[1] for line in first]
+    assert len(set(uids)) == 4
+    assert all(0 < len(u) <= 70 and all(0x21 <= b <= 0x7E for b in u) for u in uids)
+    client = login_plain(server)
+    assert client.uidl()[1] == first
+    client.quit()
+    assert server.stop() == 0
+    # The same folder, a new process.
+    restarted = make_server({**overrides, "mail_dir": str(server.mail_dir)})
+    client = login_plain(restarted)
+    assert client.uidl()[1] == first
+    client.quit()
+
+
+def test_retr_marks_the_message_seen_in_cur(plain_server):
+    send_mail(plain_server.ports["mx"], "alice@test.example", body(1))
+    send_mail(plain_server.ports["mx"], "alice@test.example", body(2))
+    new_before = list((plain_server.mail_dir / "alice" / "new").iterdir())
+    assert len(new_before) == 2
+    client = login_plain(plain_server)
+    client.retr(1)
+    client.quit()
+    cur = list((plain_server.mail_dir / "alice" / "cur").iterdir())
+    assert len(cur) == 1
+    assert cur[0].name.endswith(":2,S")
+    assert cur[0].name.split(":")[0] == sorted(new_before)[0].name
+    assert len(list((plain_server.mail_dir / "alice" / "new").iterdir())) == 1
+
+
+def test_dele_takes_effect_only_after_quit(plain_server):
+    for n in range(3):
+        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
+    # A dropped connection deletes nothing (RFC 1939 §6).
+    client = login_plain(plain_server)
+    client.dele(1)
+    client.dele(2)
+    client.sock.close()
+    wait_until(lambda: "dele=0/3" in plain_server.access_log(), what="the logout line")
+    assert len(stored(plain_server)) == 3
+    # RSET unmarks.
+    client = login_plain(plain_server)
+    client.dele(1)
+    client.rset()
+    assert client.stat()[0] == 3
+    client.dele(2)
+    with pytest.raises(poplib.error_proto, match=b"-ERR"):
+        client.retr(2)
+    assert client.stat()[0] == 2
+    client.quit()
+    left = stored(plain_server)
+    assert len(left) == 2
+    assert all(b"Subject: message 1" not in m for m in left)
+
+
+def test_second_login_to_the_same_maildrop_is_in_use(plain_server):
+    first = login_plain(plain_server)
+    second = poplib.POP3("127.0.0.1", plain_server.ports["pop3"], timeout=10)
+    second.user("alice")
+    with pytest.raises(poplib.error_proto, match=rb"\[IN-USE\]"):
+        second.pass_(PASSWORD)
+    first.quit()
+    # Released at QUIT: the next login works.
+    second.user("alice")
+    assert second.pass_(PASSWORD).startswith(b"+OK")
+    second.quit()
+
+
+def test_the_lock_is_released_when_the_client_vanishes(plain_server):
+    client = login_plain(plain_server)
+    client.sock.shutdown(socket.SHUT_RDWR)
+    client.sock.close()
+
+    def can_login() -> bool:
+        try:
+            login_plain(plain_server).quit()
+            return True
+        except poplib.error_proto:
+            return False
+
+    wait_until(can_login, what="the lock to be released")
+
+
+def test_wrong_password_is_auth_error_and_logged(plain_server):
+    client = poplib.POP3("127.0.0.1", plain_server.ports["pop3"], timeout=10)
+    client.user("alice")
+    with pytest.raises(poplib.error_proto, match=rb"\[AUTH\]"):
+        client.pass_("wrong")
+    client.quit()
+    wait_until(lambda: "result=auth-failed" in plain_server.access_log(), what="access line")
+
+
+def test_no_password_in_the_clear_without_tls(pop_server):
+    with POP3Wire.connect(pop_server.ports["pop3"]) as wire:
+        status, capa = wire.multi("CAPA")
+        assert status.startswith(b"+OK")
+        assert b"STLS" in capa
+        assert not any(c.startswith((b"USER", b"SASL")) for c in capa)
+        assert wire.cmd("USER alice").startswith(b"-ERR")
+        assert wire.cmd("AUTH PLAIN AGFsaWNlAHBvcDMgc2VjcmV0").startswith(b"-ERR")
+
+
+def test_stls_then_login(pop_server, certs):
+    client = poplib.POP3("127.0.0.1", pop_server.ports["pop3"], timeout=10)
+    client.stls(context=certs.client_context())
+    assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
+    assert "STLS" not in client.capa()
+    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
+    client.user("alice")
+    client.pass_(PASSWORD)
+    _, lines, _ = client.retr(1)
+    assert (b"\r\n".join(lines) + b"\r\n").endswith(body(1))
+    client.quit()
+
+
+def test_implicit_tls_pop3s(pop_server, certs):
+    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
+    client = poplib.POP3_SSL(
+        "127.0.0.1", pop_server.ports["pop3s"], timeout=10, context=certs.client_context()
+    )
+    client.user("alice")
+    client.pass_(PASSWORD)
+    assert client.stat()[0] == 1
+    client.dele(1)
+    client.quit()
+    assert stored(pop_server) == []
+
+
+def test_auth_plain_and_login_over_pop3s(pop_server, certs):
+    import base64
+
+    ctx = certs.client_context()
+    with POP3Wire.connect(pop_server.ports["pop3s"], context=ctx) as wire:
+        status, mechs = wire.multi("AUTH")
+        assert status.startswith(b"+OK")
+        assert {b"PLAIN", b"LOGIN"} <= set(mechs)
+        token = base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode()
+        assert wire.cmd(f"AUTH PLAIN {token}").startswith(b"+OK")
+        assert wire.cmd("QUIT").startswith(b"+OK")
+    with POP3Wire.connect(pop_server.ports["pop3s"], context=ctx) as wire:
+        assert wire.cmd("AUTH LOGIN").startswith(b"+ ")
+        assert wire.cmd(base64.b64encode(b"alice").decode()).startswith(b"+ ")
+        assert wire.cmd(base64.b64encode(PASSWORD.encode()).decode()).startswith(b"+OK")
+        assert wire.cmd("STAT").startswith(b"+OK 0 0")
+        assert wire.cmd("QUIT").startswith(b"+OK")
+
+
+def test_pipelined_commands_come_back_in_order(plain_server):
+    for n in range(3):
+        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
+    expected = stored(plain_server)
+    with POP3Wire.connect(plain_server.ports["pop3"]) as wire:
+        assert b"PIPELINING" in wire.multi("CAPA")[1]
+        wire.send(
+            f"USER alice\r\nPASS {PASSWORD}\r\nSTAT\r\nRETR 1\r\nRETR 3\r\nDELE 2\r\n"
+            "LIST\r\nQUIT\r\n".encode()
+        )
+        assert wire.line().startswith(b"+OK")  # USER
+        assert wire.line().startswith(b"+OK")  # PASS
+        assert wire.line().startswith(b"+OK 3 ")
+        for n in (0, 2):
+            assert wire.line().startswith(b"+OK")
+            assert b"\r\n".join(wire.lines()) + b"\r\n" == expected[n]
+        assert wire.line().startswith(b"+OK")  # DELE
+        assert wire.line().startswith(b"+OK")  # LIST
+        assert [x.split()[0] for x in wire.lines()] == [b"1", b"3"]
+        assert wire.line().startswith(b"+OK")  # QUIT
+        assert wire.closed()
+    assert len(stored(plain_server)) == 2
+
+
+def test_bad_input_gets_err_and_the_server_goes_on(plain_server):
+    with POP3Wire.connect(plain_server.ports["pop3"]) as wire:
+        assert wire.cmd("FROB").startswith(b"-ERR")
+        assert wire.cmd("").startswith(b"-ERR")
+        assert wire.cmd("STAT").startswith(b"-ERR")  # not before login
+        wire.send(b"USER " + b"x" * 5000 + b"\r\n")
+        assert wire.line().startswith(b"-ERR")
+        assert wire.cmd("\x00\xff".encode("latin-1").decode("latin-1")).startswith(b"-ERR")
+        assert wire.cmd("USER alice").startswith(b"+OK")
+        assert wire.cmd(f"PASS {PASSWORD}").startswith(b"+OK")
+        for bad in ("RETR", "RETR 0", "RETR 1", "RETR -1", "RETR x", "TOP 1", "DELE 99"):
+            assert wire.cmd(bad).startswith(b"-ERR"), bad
+        assert wire.cmd("NOOP").startswith(b"+OK")
+        assert wire.cmd("QUIT").startswith(b"+OK")
+    client = login_plain(plain_server)
+    client.quit()
+
+
+def test_autologout_deletes_nothing(make_server):
+    server = make_server(
+        {
+            "listeners": listeners("mx", "pop3"),
+            "users": users(alice=PASSWORD),
+            "auth": {"allow_plaintext": True},
+            "timeouts": {"pop3_autologout": 0.5},
+        }
+    )
+    send_mail(server.ports["mx"], "alice@test.example", body(1))
+    with POP3Wire.connect(server.ports["pop3"]) as wire:
+        wire.cmd("USER alice")
+        assert wire.cmd(f"PASS {PASSWORD}").startswith(b"+OK")
+        assert wire.cmd("DELE 1").startswith(b"+OK")
+        # Silent past the timer: logged out, and UPDATE never happens.
+        assert wire.line().startswith(b"-ERR")
+        assert wire.closed()
+    assert len(stored(server)) == 1
+    wait_until(lambda: "result=timeout" in server.access_log(), what="the logout line")
+
+
+def test_access_log_metrics_and_sessions(pop_server, certs):
+    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
+    client = poplib.POP3_SSL(
+        "127.0.0.1", pop_server.ports["pop3s"], timeout=10, context=certs.client_context()
+    )
+    client.user("alice")
+    client.pass_(PASSWORD)
+    admin = admin_of(pop_server)
+    sessions = admin.sessions()
+    pop = [s for s in sessions if s.get("protocol") == "pop3"]
+    assert len(pop) == 1
+    assert pop[0]["user"] == "alice" and pop[0]["tls"] is True
+    client.retr(1)
+    client.dele(1)
+    client.quit()
+
+    def logged_out() -> str:
+        lines = [x for x in pop_server.access_log().splitlines() if "proto=pop3" in x]
+        return "\n".join(lines) if any("result=quit" in x for x in lines) else ""
+
+    log = wait_until(logged_out, what="the logout line")
+    assert "result=login" in log and "user=alice" in log
+    assert "retr=1/" in log and "dele=1/1" in log
+    metrics = admin.exposition()
+    assert 'geosmtp_pop3_logins_total{listener="pop3s' in metrics
+    assert "geosmtp_pop3_retrieved_messages_total" in metrics
+    assert any(
+        line.startswith("geosmtp_pop3_deleted_messages_total") and line.endswith(" 1.0")
+        for line in metrics.splitlines()
+    )
+
+
+def test_retr_of_a_large_message_streams_in_bounded_memory(plain_server):
+    big = body(1, (b"x" * 998 + b"\r\n") * 20_000)  # 20 MB
+    send_mail(plain_server.ports["mx"], "alice@test.example", big)
+    pid = plain_server.process.pid
+
+    def rss_kb() -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
+
+    before = rss_kb()
+    with POP3Wire.connect(plain_server.ports["pop3"]) as wire:
+        wire.cmd("USER alice")
+        wire.cmd(f"PASS {PASSWORD}")
+        assert wire.cmd("RETR 1").startswith(b"+OK")
+        received = 0
+        while True:  # read the body without keeping it
+            line = wire.line()
+            if line == b".":
+                break
+            received += len(line) + 2
+        wire.cmd("QUIT")
+    assert received >= len(big)
+    assert rss_kb() - before < 16 * 1024  # far less than the 20 MB message
+
+
+def test_a_server_stop_gets_err_and_deletes_nothing(pop_server, certs):
+    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
+    ctx = certs.client_context()
+    with POP3Wire.connect(pop_server.ports["pop3s"], context=ctx) as wire:
+        wire.cmd("USER alice")
+        assert wire.cmd(f"PASS {PASSWORD}").startswith(b"+OK")
+        assert wire.cmd("DELE 1").startswith(b"+OK")
+        os.kill(pop_server.process.pid, signal.SIGTERM)
+        assert wire.line().startswith(b"-ERR")
+    assert pop_server.process.wait(timeout=30) == 0
+    assert len(stored(pop_server)) == 1
