@@ -113,6 +113,7 @@ class SMTPSession(StreamSession):
         """What the admin API shows of this session (never message data or secrets)."""
         return {
             "id": self.id,
+            "protocol": "smtp",
             "peer": self.peer,
             "port": self.peer_port,
             "listener": self.metrics.name,
