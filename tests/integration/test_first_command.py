@@ -34,6 +34,8 @@ PORTS = [
     ("::1", 2525, "smtp"),
     ("127.0.0.1", 2587, "smtp"),
     ("127.0.0.1", 2465, "smtps"),
+    ("127.0.0.1", 2110, "pop3"),
+    ("127.0.0.1", 2995, "pop3s"),
     ("127.0.0.1", 8025, "http"),
 ]
 
@@ -97,16 +99,38 @@ def _greets(address: str, port: int) -> None:
         w.expect("QUIT", 221)
 
 
-def _greets_inside_tls(address: str, port: int) -> None:
+def _tls(address: str, port: int) -> ssl.SSLSocket:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the bundled config's self-signed certificate
     raw = socket.create_connection((address, port), timeout=10)
-    with context.wrap_socket(raw) as tls:  # the handshake
+    return context.wrap_socket(raw)  # the handshake
+
+
+def _greets_inside_tls(address: str, port: int) -> None:
+    with _tls(address, port) as tls:
         w = Wire(tls)
         code, text = w.reply()
         assert code == 220, text
         w.expect("QUIT", 221)
+
+
+def _pop3_greets(address: str, port: int, tls: bool = False) -> None:
+    """A POP3 "+OK" greeting, then a demo user's login (after STLS or inside TLS)."""
+    import poplib
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if tls:
+        client = poplib.POP3_SSL(address, port, timeout=10, context=context)
+    else:
+        client = poplib.POP3(address, port, timeout=10)
+        client.stls(context=context)
+    assert client.getwelcome().startswith(b"+OK")
+    client.user("alice")
+    assert client.pass_("alice-demo").startswith(b"+OK")
+    client.quit()
 
 
 def _admin_answers(address: str, port: int) -> None:
@@ -153,7 +177,13 @@ def test_bundled_config_runs_unprivileged_and_every_listener_answers(workdir):
         wait_until(admin_up, timeout=30, what="the bundled config's listeners")
         assert _unprivileged(proc.pid), "the server ran with the right to bind ports below 1024"
         for address, port, kind in PORTS:
-            check = {"smtp": _greets, "smtps": _greets_inside_tls, "http": _admin_answers}[kind]
+            check = {
+                "smtp": _greets,
+                "smtps": _greets_inside_tls,
+                "pop3": _pop3_greets,
+                "pop3s": lambda a, p: _pop3_greets(a, p, tls=True),
+                "http": _admin_answers,
+            }[kind]
             check(address, port)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
