@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from ..mail import Envelope, Mailbox, safe_mailbox_name
 from . import replies as R
 from . import sasl
+from .connection import LINE_TOO_LONG, SansIOConnection
 from .parser import (
     SyntaxProblem,
     parse_helo_name,
@@ -59,7 +60,6 @@ from .state import (
     TRANSACTION_STATES,
     TRANSITIONS,
     WAITING_STATES,
-    ProtocolError,
     State,
 )
 
@@ -246,7 +246,7 @@ def _is_utf8(arg: bytes) -> bool:
 _REPLY_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
 
-class SMTPConnection:
+class SMTPConnection(SansIOConnection):
     """One SMTP server session: bytes in, replies and events out.
 
     Built by the shell per client, with the server's `hostname`, the recipient
@@ -256,6 +256,10 @@ class SMTPConnection:
     `envelope` (the open transaction's, else None), `tls`, `auth_user`, and
     `errors` (error replies so far, against `limits.max_errors`).
     """
+
+    TRANSITIONS = TRANSITIONS
+    CLOSED = State.CLOSED
+    ERROR = State.ERROR
 
     def __init__(
         self,
@@ -319,18 +323,6 @@ class SMTPConnection:
         self._counts["2xx"] = self._counts.get("2xx", 0) + 1
         return R.greeting(self.hostname).to_bytes()
 
-    def data_to_send(self) -> bytes:
-        """The replies queued since the last call, as bytes to write (b"" if none).
-
-        May be called in any state, `ERROR` and `CLOSED` included (replies to
-        commands processed before a misuse, the reply of `close_with()`). The
-        shell calls it before it reads, so a pipelined batch is answered in one
-        write (RFC 2920), and before it closes.
-        """
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
-
     def take_counts(self) -> dict[str, int]:
         """The tally since the last call, and a fresh one started: commands by verb
         (`"MAIL"`, `"UNKNOWN"` for what is not one) and replies by class (`"2xx"`).
@@ -374,54 +366,7 @@ class SMTPConnection:
         if self.state is not State.CLOSED:
             self._close(reply)
 
-    # ---------------------------------------------------------------- states
-
-    def _move(self, step: str) -> None:
-        """Take `step` in the transition table: every change of state goes here.
-
-        A step the table does not have from the current state is a misuse:
-        `ProtocolError`, and the connection is in `ERROR`.
-        """
-        state = self.state
-        after = TRANSITIONS[state].get(step)
-        if after is None:
-            raise self._misuse(f"{step} is not possible in state {state.name}")
-        if after is State.CLOSED:
-            self.closed_in = self.closed_in or state
-        self.state = after
-
-    def _misuse(self, what: str) -> ProtocolError:
-        """Enter `ERROR` (a closed connection stays `CLOSED`) and return the
-        exception to raise. Nothing more is read or handed out; replies already
-        queued stay queued, for `close_with()` to follow."""
-        if self.state is not State.CLOSED:
-            self.closed_in = self.closed_in or self.state
-            self.state = State.ERROR
-            self._buf.clear()
-            self._events.clear()
-            self._sasl = None
-        return ProtocolError(what)
-
     # ----------------------------------------------------------------- input
-
-    def receive_data(self, data: bytes) -> None:
-        """Bytes read from the client, in order; `b""` when the client has closed
-        its side (end of input). Nothing is processed until `next_event()`.
-
-        May be called whenever the connection is open, also while it waits for
-        a verdict (the input waits in turn; after STARTTLS it is discarded).
-        Raises `ProtocolError` once the connection is `CLOSED` or in `ERROR`,
-        and for data after the end of input (another `b""` is harmless).
-        """
-        state = self.state
-        if state is State.CLOSED or state is State.ERROR:
-            raise self._misuse(f"receive_data() in state {state.name}")
-        if not data:
-            self._end_of_input = True
-        elif self._end_of_input:
-            raise self._misuse("receive_data() after the end of input")
-        else:
-            self._buf += data
 
     def next_event(self) -> Event | _Sentinel:
         """Process buffered input and return the next event, or a sentinel.
@@ -484,23 +429,13 @@ class SMTPConnection:
     # -------------------------------------------------------------- commands
 
     def _process_line(self) -> bool:
-        buf = self._buf
-        nl = buf.find(b"\n")
         limit = self.limits.command_line - 2  # the limit counts the CRLF
         if self.auth_offered:
             limit = max(limit, sasl.MAX_AUTH_LINE - 2)  # AUTH lines may be longer
-        if nl < 0:
-            if len(buf) > limit + 1:  # +1: a CR may be waiting for its LF
-                # Over-long: drop what we have and skip to the end of the line.
-                self._discarding_line = True
-                del buf[:]
+        line = self._read_line(limit)
+        if line is None:
             return False
-        line = bytes(buf[:nl])
-        del buf[: nl + 1]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if self._discarding_line or len(line) > limit:
-            self._discarding_line = False
+        if line is LINE_TOO_LONG:
             if self._sasl is not None:
                 self._sasl = None
                 self._error(R.AUTH_LINE_TOO_LONG)

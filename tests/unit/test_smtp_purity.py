@@ -1,5 +1,7 @@
-"""The SMTP core is sans-I/O: it imports only the standard library and the pure
-mail domain (`geosmtp.mail`, less its id generator), and no I/O from either.
+"""The protocol cores (SMTP, POP3) are sans-I/O: they import only the standard
+library and the pure mail domain (`geosmtp.mail`, less its id generator), and
+no I/O from either. The POP3 core shares the SMTP core's pure pieces (SASL,
+ProtocolError), so both are checked as one.
 
 Checked in a fresh interpreter, since this test process has long since
 imported gevent, socket and friends for other tests.
@@ -14,13 +16,14 @@ import sys
 from pathlib import Path
 
 import geosmtp.mail
+import geosmtp.pop3
 import geosmtp.smtp
 
-CORE_DIR = Path(geosmtp.smtp.__file__).parent
+CORE_DIRS = (Path(geosmtp.smtp.__file__).parent, Path(geosmtp.pop3.__file__).parent)
 MAIL_DIR = Path(geosmtp.mail.__file__).parent
 # The id generator reads the clock and the pid: the shell's, never the core's.
 IMPURE = {MAIL_DIR / "ids.py"}
-PURE_FILES = sorted(p for d in (CORE_DIR, MAIL_DIR) for p in d.glob("*.py") if p not in IMPURE)
+PURE_FILES = sorted(p for d in (*CORE_DIRS, MAIL_DIR) for p in d.glob("*.py") if p not in IMPURE)
 CORE_MODULES = sorted(
     f"geosmtp.{p.parent.name}" + ("" if p.stem == "__init__" else "." + p.stem) for p in PURE_FILES
 )
@@ -36,7 +39,7 @@ paths = sysconfig.get_paths()
 stdlib = (paths["stdlib"], paths["platstdlib"])
 outside = []
 for name in new:
-    if name == "geosmtp" or name.startswith(("geosmtp.smtp", "geosmtp.mail")):
+    if name == "geosmtp" or name.startswith(("geosmtp.smtp", "geosmtp.pop3", "geosmtp.mail")):
         continue
     f = getattr(sys.modules[name], "__file__", None)
     if f is not None and (not f.startswith(stdlib) or "-packages" in f):
@@ -58,6 +61,7 @@ def _probe() -> dict:
 
 def test_core_modules_are_found():
     assert {"geosmtp.smtp", "geosmtp.smtp.session", "geosmtp.smtp.trace"} <= set(CORE_MODULES)
+    assert {"geosmtp.pop3", "geosmtp.pop3.session", "geosmtp.pop3.stuffing"} <= set(CORE_MODULES)
 
 
 def test_importing_the_core_pulls_in_no_io():
