@@ -288,13 +288,16 @@ def test_a_planted_symlink_is_refused_not_followed(alice, tmp_path):
 def test_a_child_process_does_not_inherit_the_lock(alice):
     lock = alice.lock()
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        [sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         close_fds=False,
     )
     try:
+        # Running its own code: past exec, where close-on-exec descriptors go.
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"
         lock.release()
-        alice.lock().release()  # the child's copy (had there been one) would hold it
+        alice.lock().release()  # the child's copy (had it one) would still hold it
     finally:
         child.communicate(b"", timeout=10)
 
