@@ -90,7 +90,10 @@ class UniqueNames:
 
 
 class SpoolFile:
-    """One message being received. Errors are `StorageError`."""
+    """One message being received. Errors are `StorageError`.
+
+    Everything goes through `write()`: `size` and `vsize` count what it saw.
+    """
 
     __slots__ = (
         "_after_cr",

@@ -88,6 +88,10 @@ def test_a_spool_on_another_filesystem_is_copied_and_said(make_server, tmp_path)
         assert alice.read_bytes().endswith(BODY.replace(b"\r\n", b"\n"))
         assert bob.read_bytes() == alice.read_bytes()
         assert os.stat(alice).st_ino != os.stat(bob).st_ino  # copies, not links
+        data = alice.read_bytes()  # LF line ends only: W= is the size plus one per line
+        vsize = len(data) + data.count(b"\n")
+        assert re.fullmatch(rf"[^,:]+,S={len(data)},W={vsize}", alice.name)
+        assert bob.name == alice.name  # named as a link would be
         assert "is not on the filesystem of mail_dir" in server.server_log()
         assert list(spool.iterdir()) == [] and server.tmp_files() == []
         server.stop()
