@@ -42,11 +42,22 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..mail import safe_mailbox_name
-from .errors import StorageError
+from .errors import MaildropBusy, StorageError
 from .lock import LOCK_NAME, MaildropLock
 from .spool import DIR_MODE, FILE_MODE, SpoolFile, UniqueNames, lone_lfs
 from .spool import fsync_path as _fsync_path
 from .spool import unlink_quietly as _unlink_quietly
+
+__all__ = [  # the lock's names too: a POP3 session finds all it needs here
+    "Delivery",
+    "Maildir",
+    "MaildirStore",
+    "MaildropBusy",
+    "MaildropLock",
+    "StoredMessage",
+    "make_maildir",
+    "uid_for",
+]
 
 Offload = Callable[..., Any]
 
