@@ -1,8 +1,20 @@
-"""Mail storage behind narrow interfaces: the spool (messages being received)
-and Maildir (write: deliver a spooled message; read: list, open, flag, delete)."""
+"""Mail storage behind narrow interfaces: the spool (messages being received),
+Maildir (write: deliver a spooled message; read: list, open, flag, delete, POP3
+sizes and UIDLs) and the maildrop lock."""
 
-from .errors import StorageError
-from .maildir import Maildir, MaildirStore, StoredMessage
+from .errors import MaildropBusy, StorageError
+from .lock import MaildropLock
+from .maildir import Maildir, MaildirStore, StoredMessage, uid_for
 from .spool import Spool, SpoolFile
 
-__all__ = ["Maildir", "MaildirStore", "Spool", "SpoolFile", "StorageError", "StoredMessage"]
+__all__ = [
+    "Maildir",
+    "MaildirStore",
+    "MaildropBusy",
+    "MaildropLock",
+    "Spool",
+    "SpoolFile",
+    "StorageError",
+    "StoredMessage",
+    "uid_for",
+]

@@ -1,4 +1,5 @@
-"""The one error type of the storage layer (spool, Maildir, later the queue)."""
+"""The one error type of the storage layer (spool, Maildir, the queue), and the
+one case a caller must tell apart: a maildrop another session holds."""
 
 from __future__ import annotations
 
@@ -28,3 +29,11 @@ class StorageError(Exception):
     @property
     def no_space(self) -> bool:
         return self.errno in _NO_SPACE
+
+
+class MaildropBusy(StorageError):
+    """The maildrop is locked by another session, in this process or another
+    (POP3 answers `-ERR [IN-USE]`, RFC 2449 §8.1.2)."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(errno.EWOULDBLOCK, "the maildrop is in use", filename)

@@ -7,11 +7,20 @@ is impossible), fsync the `new/` folders. Only after it returns may the client
 be told `250`. Nothing in `new/` is ever partial: a link appears whole or not
 at all, and a failed delivery removes the links it made.
 
+File names are Dovecot's: `new/<base>,S=<size>,W=<vsize>`, where `<base>` is
+the spool file's unique name, `S=` the size on disk (LF line ends) and `W=`
+the size with CRLF line ends, what POP3 reports (RFC 1939 §11). A reader
+flags a message by moving it to `cur/<base>,S=..,W=..:2,<flags>`. Listing a
+maildrop reads the sizes from the names: no message is opened or stat'ed for
+them, ours or Dovecot's. A POP3 UIDL is the base (`uid_for`), which neither
+the fields nor the flags change.
+
 Blocking calls that can take long (fsync) go through `offload`, which the
 gevent shell sets to its threadpool so one slow disk does not stall the hub.
 `offload` must run the work to its end even when its caller is interrupted
 (the shell's `threads.in_thread` does): a delivery that fails or is stopped
-undoes its links only once the thread that makes them is done.
+undoes its links only once the thread that makes them is done. The read side
+(`Maildir`) does its file work directly: the caller offloads what may be slow.
 
 Errors are `StorageError`, never a bare `OSError`, so the shell can tell a
 full disk from a lost client. Mailbox names are checked here again
@@ -22,18 +31,33 @@ filesystem unchecked, whoever calls.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import re
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..mail import safe_mailbox_name
-from .errors import StorageError
-from .spool import DIR_MODE, FILE_MODE, SpoolFile, UniqueNames
+from .errors import MaildropBusy, StorageError
+from .lock import LOCK_NAME, MaildropLock
+from .spool import DIR_MODE, FILE_MODE, SpoolFile, UniqueNames, lone_lfs
 from .spool import fsync_path as _fsync_path
 from .spool import unlink_quietly as _unlink_quietly
+
+__all__ = [  # the lock's names too: a POP3 session finds all it needs here
+    "Delivery",
+    "Maildir",
+    "MaildirStore",
+    "MaildropBusy",
+    "MaildropLock",
+    "StoredMessage",
+    "make_maildir",
+    "uid_for",
+]
 
 Offload = Callable[..., Any]
 
@@ -43,6 +67,22 @@ def _direct(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 _CANNOT_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
+
+
+def make_maildir(maildir: str) -> bool:
+    """Create `maildir` and its `tmp/`, `new/`, `cur/` (0700) where missing;
+    whether the Maildir itself was new (its parent then wants an fsync)."""
+    created = not os.path.isdir(maildir)
+    # makedirs gives `mode` only to the last folder: make each level itself.
+    os.makedirs(maildir, mode=DIR_MODE, exist_ok=True)
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(f"{maildir}/{sub}", mode=DIR_MODE, exist_ok=True)
+    return created
+
+
+def stored_name(spool: SpoolFile) -> str:
+    """The name in `new/`: `<base>,S=<size>,W=<vsize>`, as Dovecot writes it."""
+    return f"{spool.name},S={spool.size},W={spool.vsize}"
 
 
 @dataclass
@@ -109,18 +149,14 @@ class MaildirStore:
         return maildir
 
     def make_maildir(self, maildir: str) -> None:
-        created = not os.path.isdir(maildir)
-        # makedirs gives `mode` only to the last folder: make each level itself.
-        os.makedirs(maildir, mode=DIR_MODE, exist_ok=True)
-        for sub in ("tmp", "new", "cur"):
-            os.makedirs(f"{maildir}/{sub}", mode=DIR_MODE, exist_ok=True)
-        if created and self.fsync:
+        if make_maildir(maildir) and self.fsync:
             self.offload(_fsync_path, str(self.root))
 
     # ------------------------------------------------------------ write
 
     def deliver(self, spool: SpoolFile, boxes: Iterable[str]) -> Delivery:
-        """Make the spooled message durable in each mailbox's `new/`.
+        """Make the spooled message durable in each mailbox's `new/`, named
+        `<spool name>,S=<size>,W=<vsize>` (the spool file keeps its name).
 
         All or nothing: on any error, and when the caller is stopped half-way,
         every link made is removed again before the exception goes on.
@@ -150,8 +186,9 @@ class MaildirStore:
             _fsync_path(maildir + "/new")
 
     def _place_all(self, spool: SpoolFile, maildirs: list[str], made: list[str]) -> None:
+        name = stored_name(spool)  # after the flush: the sizes are final
         for maildir in maildirs:
-            target = f"{maildir}/new/{spool.name}"
+            target = f"{maildir}/new/{name}"
             try:
                 self._place(spool, target, maildir)
             except FileNotFoundError:
@@ -193,45 +230,151 @@ class MaildirStore:
 class StoredMessage:
     """One message in a Maildir, as listed."""
 
-    key: str  # the unique name, without the ":2,..." info: stable across new/ -> cur/
+    key: str  # the name without the ":2,..." info: stable across new/ -> cur/ and flags
     subdir: str  # "new" or "cur"
     filename: str  # the name in its folder (key plus info in cur/)
-    size: int  # octets on disk (LF line ends)
+    size: int  # octets on disk (LF line ends): `,S=` in the name, else stat'ed
     flags: str  # the Maildir info flags ("S" seen, "T" trashed, ...), sorted
+    #: Octets with CRLF line ends (POP3's size): `,W=` in the name, or known from
+    #: an earlier reading (`Maildir.virtual_size`); None: not known yet.
+    vsize: int | None = None
 
     @property
     def relpath(self) -> str:
         return f"{self.subdir}/{self.filename}"
 
+    @property
+    def base(self) -> str:
+        """The unique part of the name: the key up to its first ',' (Dovecot's
+        fields `S=`, `W=` follow it)."""
+        return self.key.partition(",")[0]
+
+
+_UIDL = re.compile(r"[\x21-\x7e]{1,70}")
+
+
+def uid_for(message: StoredMessage) -> str:
+    """The message's POP3 unique-id (UIDL, RFC 1939 §7): its base name when that
+    is 1-70 characters in 0x21-0x7E, else the SHA-256 of the base in hex.
+
+    Unique in the maildrop (a base is), and stable: across sessions and
+    restarts, the move from `new/` to `cur/` and flag changes (none of them
+    touches the base). geosmtp's own names always qualify unless the host name
+    is long; the digest covers foreign names (long, or with spaces).
+    """
+    base = message.base
+    if _UIDL.fullmatch(base):
+        return base
+    return hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+_FIELD = re.compile(r",([SW])=([0-9]+)(?=,|$)")
+
+
+def _name_sizes(key: str) -> tuple[int | None, int | None]:
+    """`S=` and `W=` from the fields after the base (`<base>,S=123,W=130`)."""
+    size = vsize = None
+    if "," in key:
+        for field, value in _FIELD.findall(key):
+            if field == "S":
+                size = int(value)
+            else:
+                vsize = int(value)
+    return size, vsize
+
+
+class _VirtualSizes:
+    """POP3 sizes of messages whose name does not carry them (foreign mail
+    without `W=`), learned by reading each once; shared by the process.
+
+    Keyed by (Maildir, key, size, mtime): a message changed in place is read
+    again. Bounded, the least recently used forgotten first. Threads may use it
+    at once (each `OrderedDict` call is atomic under the GIL).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sizes: OrderedDict[tuple[str, str, int, int], int] = OrderedDict()
+
+    def get(self, key: tuple[str, str, int, int]) -> int | None:
+        try:
+            vsize = self._sizes[key]
+            self._sizes.move_to_end(key)
+        except KeyError:  # absent, or forgotten meanwhile by another thread
+            return None
+        return vsize
+
+    def put(self, key: tuple[str, str, int, int], vsize: int) -> None:
+        self._sizes[key] = vsize
+        while len(self._sizes) > self.limit:
+            try:
+                self._sizes.popitem(last=False)
+            except KeyError:
+                break
+
+    def clear(self) -> None:
+        self._sizes.clear()
+
+
+#: About 150 bytes an entry: ~7 MB at the limit.
+VIRTUAL_SIZES = _VirtualSizes(50_000)
+_READ_CHUNK = 1 << 20
+
 
 class Maildir:
-    """Read side of one Maildir: list, open, flag (new/ -> cur/), delete.
+    """Read side of one Maildir: list, open, flag (new/ -> cur/), delete; sizes
+    for POP3; the maildrop lock.
 
     Follows maildir(5) as Dovecot and mutt use it: `tmp/` is never read;
     `cur/` names carry `:2,<flags>`; the part before the colon is the key.
+    Every method does blocking file work in the calling thread: the caller
+    offloads what may be slow (`virtual_size` of foreign mail reads the file).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._path = str(self.path)
+
+    def lock(self) -> MaildropLock:
+        """Lock the maildrop for one session (`MaildropBusy` if another has it),
+        creating the Maildir of a user who never got mail. Release it, or use it
+        in a `with`: `with maildir.lock(): ...`."""
+        try:
+            make_maildir(self._path)
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+        return MaildropLock(f"{self._path}/{LOCK_NAME}").acquire()
 
     def list(self) -> list[StoredMessage]:
-        """Every message in `new/` and `cur/`, oldest delivery first."""
+        """Every message in `new/` and `cur/`, oldest delivery first.
+
+        Dotfiles and anything not a regular file are skipped (and `tmp/` and the
+        lock file, outside both folders, never seen). A name with `,S=` is not
+        stat'ed; one without gets its vsize from `VIRTUAL_SIZES` when it was
+        read before.
+        """
         out = []
         for subdir in ("new", "cur"):
             try:
-                entries = list(os.scandir(self.path / subdir))
+                entries = list(os.scandir(f"{self._path}/{subdir}"))
             except FileNotFoundError:
                 continue
             for entry in entries:
-                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                name = entry.name
+                if name[0] == "." or not entry.is_file(follow_symlinks=False):
                     continue
-                key, _, info = entry.name.partition(":")
+                key, _, info = name.partition(":")
                 flags = "".join(sorted(info[2:])) if info.startswith("2,") else ""
-                try:
-                    size = entry.stat().st_size
-                except FileNotFoundError:  # removed meanwhile
-                    continue
-                out.append(StoredMessage(key, subdir, entry.name, size, flags))
+                size, vsize = _name_sizes(key)
+                if size is None:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # removed meanwhile
+                        continue
+                    size = st.st_size
+                    if vsize is None:
+                        vsize = VIRTUAL_SIZES.get((self._path, key, size, st.st_mtime_ns))
+                out.append(StoredMessage(key, subdir, name, size, flags, vsize))
         out.sort(key=lambda m: _delivery_order(m.key))
         return out
 
@@ -241,36 +384,70 @@ class Maildir:
     def open(self, message: StoredMessage) -> BinaryIO:
         """The message's bytes (a file object, read in pieces: never whole in memory)."""
         try:
-            return open(self.path / message.relpath, "rb")  # the caller closes it
+            return open(f"{self._path}/{message.relpath}", "rb")  # the caller closes it
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
 
+    def virtual_size(self, message: StoredMessage) -> int:
+        """The message's size with CRLF line ends, as POP3 counts it (RFC 1939 §11).
+
+        From the name (`,W=`) when it is there; else the file is read once (in
+        1 MiB pieces) and the answer kept in `VIRTUAL_SIZES`, so foreign mail
+        without `W=` is read once per process, not at every login. Reading
+        blocks: the caller offloads it.
+        """
+        if message.vsize is not None:
+            return message.vsize
+        path = f"{self._path}/{message.relpath}"
+        try:
+            st = os.stat(path)
+            cache_key = (self._path, message.key, st.st_size, st.st_mtime_ns)
+            vsize = VIRTUAL_SIZES.get(cache_key)
+            if vsize is not None:
+                return vsize
+            lone, after_cr = 0, False
+            with open(path, "rb") as f:
+                while chunk := f.read(_READ_CHUNK):
+                    lone += lone_lfs(chunk, after_cr)
+                    after_cr = chunk[-1] == 0x0D  # b"\r"
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+        vsize = st.st_size + lone
+        VIRTUAL_SIZES.put(cache_key, vsize)
+        return vsize
+
     def set_flags(self, message: StoredMessage, flags: str) -> StoredMessage:
         """Give the message these flags; a message in `new/` moves to `cur/` (seen by
-        a client), as maildir(5) asks."""
+        a client), as maildir(5) asks. Only the info after the colon changes: the
+        key, with its `,S=` and `,W=`, stays."""
         flags = "".join(sorted(set(flags)))
         filename = f"{message.key}:2,{flags}"
         if message.subdir == "cur" and message.filename == filename:
             return message
         try:
-            os.rename(self.path / message.relpath, self.path / "cur" / filename)
+            os.rename(f"{self._path}/{message.relpath}", f"{self._path}/cur/{filename}")
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
-        return StoredMessage(message.key, "cur", filename, message.size, flags)
+        return StoredMessage(message.key, "cur", filename, message.size, flags, message.vsize)
 
     def delete(self, message: StoredMessage) -> None:
+        """Remove the message; one already gone (another reader took it) is no error."""
         try:
-            os.unlink(self.path / message.relpath)
+            os.unlink(f"{self._path}/{message.relpath}")
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
 
 
+_ORDER = re.compile(r"([0-9]+)\.(?:M([0-9]+)P)?")
+
+
 def _delivery_order(key: str) -> tuple[int, int, str]:
-    """`<sec>.M<usec>P...` sorts by time; any other name after, by name."""
-    sec, _, rest = key.partition(".")
-    usec = rest[1:].split("P", 1)[0] if rest.startswith("M") else ""
-    if sec.isdigit() and usec.isdigit():
-        return int(sec), int(usec), key
-    return 1 << 62, 0, key
+    """`<sec>.M<usec>P...` sorts by time (a name with only `<sec>.` first, by its
+    second); any other name after, by name."""
+    match = _ORDER.match(key)
+    if match is None:
+        return 1 << 62, 0, key
+    sec, usec = match.groups()
+    return int(sec), int(usec or 0), key

@@ -9,6 +9,10 @@ The file is private (0600) and written through a raw descriptor, small writes
 gathered up to 64 KiB, so a short message is one `write` however the client
 cut it. It is made durable (`fsync`) by whoever keeps it (Maildir delivery,
 the queue), in the same threadpool trip as their own file work.
+
+While it is written the file counts its POP3 size as well (`vsize`: line ends
+as CRLF, RFC 1939 §11), so Maildir delivery can put it in the file name and
+no POP3 login ever reads a message to know its size.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ def fsync_path(path: str, directory: bool = True) -> None:
         os.close(fd)
 
 
+def lone_lfs(data: bytes, after_cr: bool = False) -> int:
+    """How many LFs in `data` are not preceded by a CR (`after_cr`: the byte
+    before `data` was one): what a CRLF wire form adds to the stored size.
+
+    The rule of the POP3 encoder (and Dovecot's): a LF alone becomes CRLF, a
+    CRLF stays, a CR alone stays. `bytes.count`, no loop in Python; the CRLFs
+    are counted only when there is a CR at all (`find` is a memchr), which in
+    the SMTP spool, where the core stores line ends as LF, is rare.
+    """
+    n = data.count(b"\n")
+    if data.find(b"\r") >= 0:
+        n -= data.count(b"\r\n")
+    if after_cr and data[:1] == b"\n":
+        n -= 1
+    return n
+
+
 def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -47,12 +68,17 @@ def unlink_quietly(path: str) -> None:
 
 
 class UniqueNames:
-    """`<sec>.M<usec>P<pid>Q<n>.<host>`, the modern Maildir file name."""
+    """`<sec>.M<usec>P<pid>Q<n>.<host>`, the modern Maildir file name.
+
+    This is the base name: Maildir delivery appends `,S=<size>,W=<vsize>` and
+    a reader flags after a colon, so the base holds no ',' either.
+    """
 
     def __init__(self, hostname: str | None = None) -> None:
         host = hostname or socket.gethostname()
-        # '/' and ':' cannot stand in a Maildir name: escaped as the spec says.
-        self._host = host.replace("/", r"\057").replace(":", r"\072")
+        # '/' and ':' cannot stand in a Maildir name: escaped as the spec says;
+        # ',' starts Dovecot's fields (S=, W=) after the base: escaped alike.
+        self._host = host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
         self._counter = itertools.count(1)
         self._pid = os.getpid()
 
@@ -64,21 +90,48 @@ class UniqueNames:
 
 
 class SpoolFile:
-    """One message being received. Errors are `StorageError`."""
+    """One message being received. Errors are `StorageError`.
 
-    __slots__ = ("_fd", "_pending", "_pending_size", "name", "path")
+    Everything goes through `write()`: `size` and `vsize` count what it saw.
+    """
+
+    __slots__ = (
+        "_after_cr",
+        "_fd",
+        "_lone_lfs",
+        "_pending",
+        "_pending_size",
+        "_written",
+        "name",
+        "path",
+    )
 
     def __init__(self, path: str, name: str) -> None:
         self.path = path
         self.name = name
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._written = 0  # octets handed to the kernel
+        self._lone_lfs = 0  # in those octets
+        self._after_cr = False  # the last of them was a CR
         self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
 
     @property
     def pending_size(self) -> int:
         """Octets written but not yet handed to the kernel."""
         return self._pending_size
+
+    @property
+    def size(self) -> int:
+        """Octets written so far (the file's size once flushed)."""
+        return self._written + self._pending_size
+
+    @property
+    def vsize(self) -> int:
+        """The size with every line end as CRLF, as POP3 counts it (RFC 1939 §11):
+        `size` plus the LFs not preceded by a CR (`lone_lfs`), across writes."""
+        pending = lone_lfs(b"".join(self._pending), self._after_cr) if self._pending else 0
+        return self.size + self._lone_lfs + pending
 
     @property
     def fd(self) -> int:
@@ -97,9 +150,15 @@ class SpoolFile:
         """Hand what is gathered to the kernel (not yet durable: see `fsync`)."""
         if not self._pending:
             return
-        data = memoryview(b"".join(self._pending))
+        joined = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
+        # Counted here, once per flush over the gathered bytes, not per write.
+        self._lone_lfs += lone_lfs(joined, self._after_cr)
+        if joined:
+            self._after_cr = joined[-1] == 0x0D  # b"\r"
+        self._written += len(joined)
+        data = memoryview(joined)
         try:
             fd = self.fd
             while data:

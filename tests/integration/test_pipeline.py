@@ -4,12 +4,14 @@ what happens when the spool is elsewhere, and what a crash left behind."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
 
 import pytest
 
+from geosmtp.storage import Maildir, uid_for
 from tests.conftest import wait_until
 from tests.integration.wire import Wire
 
@@ -41,8 +43,34 @@ def test_a_message_waits_in_the_spool_not_in_a_mailbox(make_server):
         w.expect(b".", 250)
     assert list(spool.iterdir()) == []
     alice, bob = server.messages("alice")[0], server.messages("bob")[0]
-    assert waiting.name == alice.name == bob.name
+    # The spool's name is the base of the name in new/ (Dovecot's ,S= and ,W= follow).
+    assert alice.name == bob.name
+    assert alice.name.startswith(waiting.name + ",S=")
     assert os.stat(alice).st_ino == os.stat(bob).st_ino  # one file, linked twice
+
+
+def test_a_delivered_name_carries_its_size_and_its_pop3_size(server):
+    """`new/<base>,S=<octets on disk>,W=<octets with CRLF line ends>` (RFC 1939 §11),
+    for CRLF text, a bare LF, a lone CR and lines of dots (stuffed on the wire)."""
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO client.example", 250)
+        w.expect("MAIL FROM:<carol@remote.example>", 250)
+        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect("DATA", 354)
+        w.expect(
+            b"Subject: sizes\r\n\r\ncrlf line\r\nbare lf\na lone\rcr\r\n..\r\n....\r\nend\r\n.",
+            250,
+        )
+    (path,) = server.messages("alice")
+    data = path.read_bytes()
+    assert data.endswith(b"Subject: sizes\n\ncrlf line\nbare lf\na lone\rcr\n.\n...\nend\n")
+    base, size, vsize = re.fullmatch(r"([^,:]+),S=(\d+),W=(\d+)", path.name).groups()
+    assert int(size) == len(data) == os.stat(path).st_size
+    # What a POP3 server sends: every LF not after a CR becomes CRLF, a lone CR stays.
+    assert int(vsize) == len(re.sub(rb"(?<!\r)\n", b"\r\n", data))
+    assert int(vsize) - int(size) == data.count(b"\n") - data.count(b"\r\n")
+    (listed,) = Maildir(server.mail_dir / "alice").list()
+    assert (listed.size, listed.vsize, uid_for(listed)) == (int(size), int(vsize), base)
 
 
 def test_a_spool_on_another_filesystem_is_copied_and_said(make_server, tmp_path):
@@ -60,6 +88,10 @@ def test_a_spool_on_another_filesystem_is_copied_and_said(make_server, tmp_path)
         assert alice.read_bytes().endswith(BODY.replace(b"\r\n", b"\n"))
         assert bob.read_bytes() == alice.read_bytes()
         assert os.stat(alice).st_ino != os.stat(bob).st_ino  # copies, not links
+        data = alice.read_bytes()  # LF line ends only: W= is the size plus one per line
+        vsize = len(data) + data.count(b"\n")
+        assert re.fullmatch(rf"[^,:]+,S={len(data)},W={vsize}", alice.name)
+        assert bob.name == alice.name  # named as a link would be
         assert "is not on the filesystem of mail_dir" in server.server_log()
         assert list(spool.iterdir()) == [] and server.tmp_files() == []
         server.stop()

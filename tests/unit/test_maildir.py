@@ -3,6 +3,8 @@
 import errno
 import mailbox
 import os
+import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -33,10 +35,22 @@ def spooled(spool: Spool, data: bytes):  # type: ignore[no-untyped-def]
     return f
 
 
+def crlf(data: bytes) -> bytes:
+    """What a POP3 server sends for stored bytes: a LF alone becomes CRLF."""
+    return re.sub(rb"(?<!\r)\n", b"\r\n", data)
+
+
+def stored_as(f, data: bytes) -> str:  # type: ignore[no-untyped-def]
+    return f"{f.name},S={len(data)},W={len(crlf(data))}"
+
+
 def test_deliver_links_one_file_into_each_mailbox(store, spool):
     f = spooled(spool, b"Subject: x\n\nhello\n")
     paths = [Path(p) for p in store.deliver(f, ["alice", "bob", "alice"]).paths]
     assert [p.parent.parent.name for p in paths] == ["alice", "bob"]  # alice once
+    # Dovecot's name: the spool's base, the size on disk, the size with CRLF.
+    assert [p.name for p in paths] == [f"{f.name},S=18,W=21"] * 2
+    assert Path(f.path).name == f.name  # the spool file keeps its own name
     assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino == os.stat(f.path).st_ino
     f.remove()
     assert all(p.read_bytes() == b"Subject: x\n\nhello\n" for p in paths)
@@ -46,11 +60,73 @@ def test_deliver_links_one_file_into_each_mailbox(store, spool):
         assert msg["Subject"] == "x"
 
 
-def test_unique_names_escape_slash_and_colon():
+def test_unique_names_escape_slash_colon_and_comma():
     names = {NAMES() for _ in range(1000)}
     assert len(names) == 1000
     assert all("/" not in n and ":" not in n for n in names)
     assert all(n.endswith(r".host\057with\072chars") for n in names)
+    # ',' would start Dovecot's fields (S=, W=) inside the base name.
+    assert UniqueNames("a,b").__call__().endswith(r".a\054b")
+
+
+# ------------------------------------------------------------- POP3 sizes
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"plain, no line end",
+        b"lf\nlf\n",
+        b"crlf\r\ncrlf\r\n",
+        b"lone\rcr\r",
+        b"\n\n\r\r\n\r\n\n\r",
+        b"..\n.\r\n...\n",
+    ],
+)
+def test_the_spool_counts_the_crlf_size_across_every_write_boundary(spool, data):
+    """One write, and every split into two (flushed in between or not): a CR at
+    the end of one piece and a LF at the start of the next are one CRLF."""
+    for cut in range(len(data) + 1):
+        for flush_between in (False, True):
+            f = spool.open()
+            f.write(data[:cut])
+            if flush_between:
+                f.flush()
+            f.write(data[cut:])
+            assert (f.size, f.vsize) == (len(data), len(crlf(data))), (cut, flush_between)
+            f.flush()  # the same once everything reached the file
+            assert (f.size, f.vsize) == (len(data), len(crlf(data)))
+            assert os.fstat(f.fd).st_size == len(data)
+            f.remove()
+
+
+def test_the_crlf_size_of_random_writes_matches_the_encoding(spool):
+    rng = random.Random(11)
+    for _ in range(200):
+        data = bytes(rng.choice(b"a.\r\n") for _ in range(rng.randrange(0, 300)))
+        f = spool.open()
+        at = 0
+        while at < len(data):
+            step = rng.randrange(0, 40)
+            f.write(data[at : at + step])
+            at += step
+            if rng.random() < 0.3:
+                f.flush()
+        assert (f.size, f.vsize) == (len(data), len(crlf(data))), data
+        f.remove()
+
+
+def test_a_large_message_is_counted_across_buffer_flushes(store, spool):
+    f = spool.open()
+    piece = b"x" * 1000 + b"\r"  # every write ends in CR, the next starts with LF
+    for _ in range(200):
+        f.write(piece)
+        f.write(b"\nline\n")
+    data = (piece + b"\nline\n") * 200
+    (path,) = store.deliver(f, ["alice"]).paths
+    assert Path(path).name == stored_as(f, data)
+    assert Path(path).read_bytes() == data
 
 
 @pytest.mark.parametrize("box", ["../evil", "a/b", "..", ".hidden", ".spool", "a\0b", "", "A"])
@@ -102,8 +178,10 @@ def test_copy_when_hard_links_are_impossible(store, spool, monkeypatch):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", no_link)
-    paths = store.deliver(spooled(spool, b"copied\n"), ["alice", "bob"]).paths
+    f = spooled(spool, b"copied\n")
+    paths = store.deliver(f, ["alice", "bob"]).paths
     assert [Path(p).read_bytes() for p in paths] == [b"copied\n", b"copied\n"]
+    assert [Path(p).name for p in paths] == [f"{f.name},S=7,W=8"] * 2  # as when linked
     assert os.stat(paths[0]).st_ino != os.stat(paths[1]).st_ino
     assert not list(store.root.glob("*/tmp/*"))
 
@@ -111,8 +189,10 @@ def test_copy_when_hard_links_are_impossible(store, spool, monkeypatch):
 def test_copy_everywhere_when_told_the_spool_is_elsewhere(store, spool, monkeypatch):
     store.link = False
     monkeypatch.setattr(os, "link", lambda *a: pytest.fail("no link may be tried"))
-    (path,) = store.deliver(spooled(spool, b"copied\n"), ["alice"]).paths
-    assert Path(path).read_bytes() == b"copied\n"
+    f = spooled(spool, b"copied\r\n")
+    (path,) = store.deliver(f, ["alice"]).paths
+    assert Path(path).read_bytes() == b"copied\r\n"
+    assert Path(path).name == f"{f.name},S=8,W=8"
 
 
 def test_fsync_is_offloaded(tmp_path, spool):
@@ -230,8 +310,10 @@ def test_the_read_side_lists_opens_flags_and_deletes(store, spool):
     assert [m.size for m in listed] == [len(b"Subject: 0\n\nbody 0\n")] * 3
     with box.open(listed[1]) as f:
         assert f.read() == b"Subject: 1\n\nbody 1\n"  # oldest delivery first
+    assert [m.vsize for m in listed] == [len(b"Subject: 0\r\n\r\nbody 0\r\n")] * 3
     seen = box.set_flags(listed[1], "S")
     assert (seen.subdir, seen.filename, seen.flags) == ("cur", f"{listed[1].key}:2,S", "S")
+    assert re.fullmatch(r"[^,]+,S=\d+,W=\d+:2,S", seen.filename)  # the sizes stay
     box.delete(listed[0])
     again = box.list()
     assert [m.key for m in again] == [listed[1].key, listed[2].key]

@@ -1,0 +1,364 @@
+"""The Maildir read side as POP3 uses it: sizes from names, UIDLs, flags, the lock."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geosmtp.storage import (
+    Maildir,
+    MaildirStore,
+    MaildropBusy,
+    MaildropLock,
+    Spool,
+    StorageError,
+    StoredMessage,
+    uid_for,
+)
+from geosmtp.storage import maildir as maildir_module
+from geosmtp.storage.lock import LOCK_NAME
+from geosmtp.storage.spool import UniqueNames
+
+NAMES = UniqueNames("mx.example")
+
+
+def crlf(data: bytes) -> bytes:
+    return re.sub(rb"(?<!\r)\n", b"\r\n", data)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MaildirStore:
+    return MaildirStore(tmp_path / "mail", fsync=False, names=NAMES)
+
+
+@pytest.fixture
+def deliver(store):  # type: ignore[no-untyped-def]
+    spool = Spool(store.root / ".spool", NAMES)
+
+    def deliver(data: bytes, box: str = "alice") -> None:
+        f = spool.open()
+        f.write(data)
+        store.deliver(f, [box])
+        f.remove()
+
+    return deliver
+
+
+@pytest.fixture
+def alice(store) -> Maildir:  # type: ignore[no-untyped-def]
+    box = store.maildir("alice")
+    store.ensure_maildir("alice")
+    return box
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():  # type: ignore[no-untyped-def]
+    maildir_module.VIRTUAL_SIZES.clear()
+    yield
+    maildir_module.VIRTUAL_SIZES.clear()
+
+
+def put(box: Maildir, relpath: str, data: bytes) -> Path:
+    path = box.path / relpath
+    path.write_bytes(data)
+    return path
+
+
+# ------------------------------------------------------------- sizes
+
+
+def test_sizes_come_from_the_name_without_opening_or_stating(alice):
+    # The name says 999/1000 while the file holds 3 octets: the name is believed,
+    # so list() did not stat it and virtual_size() did not read it.
+    put(alice, "new/1700000000.M1P2.mx,S=999,W=1000", b"x\n\n")
+    (m,) = alice.list()
+    assert (m.size, m.vsize) == (999, 1000)
+    assert alice.virtual_size(m) == 1000
+
+
+def test_dovecot_names_are_read_whole(alice):
+    put(alice, "cur/1700000000.M5P9.dove,S=5,W=7:2,ST", b"a\nb\nc")
+    (m,) = alice.list()
+    assert (m.key, m.base, m.subdir, m.flags) == (
+        "1700000000.M5P9.dove,S=5,W=7",
+        "1700000000.M5P9.dove",
+        "cur",
+        "ST",
+    )
+    assert (m.size, m.vsize) == (5, 7)
+
+
+def test_a_name_with_only_s_is_stated_for_nothing_and_read_for_w(alice):
+    put(alice, "new/1700000000.M1P2.mx,S=4", b"a\nb\n")
+    (m,) = alice.list()
+    assert (m.size, m.vsize) == (4, None)
+    assert alice.virtual_size(m) == 6
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"no end", b"a\nb\r\nc\rd\n", b"\r\n" * 3, b"\n" * 5, b".\n..\n"]
+)
+def test_foreign_mail_without_fields_is_read_once(alice, monkeypatch, data):
+    put(alice, "new/foreign-message", data)
+    (m,) = alice.list()
+    assert (m.size, m.vsize) == (len(data), None)
+    assert alice.virtual_size(m) == len(crlf(data))
+    # Known now for the whole process: any Maildir object on the path, no reading.
+    monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail("read again"))
+    again = Maildir(alice.path)
+    (m2,) = again.list()
+    assert m2.vsize == len(crlf(data))
+    assert again.virtual_size(m) == len(crlf(data))
+
+
+def test_a_large_foreign_message_is_counted_across_read_chunks(alice, monkeypatch):
+    monkeypatch.setattr(maildir_module, "_READ_CHUNK", 7)
+    data = b"abcdef\r\nabcde\r\n\n\r" * 50  # CR at chunk ends, LF at chunk starts
+    put(alice, "new/big", data)
+    (m,) = alice.list()
+    assert alice.virtual_size(m) == len(crlf(data))
+
+
+def test_a_message_changed_in_place_is_read_again(alice):
+    path = put(alice, "new/changing", b"a\n")
+    (m,) = alice.list()
+    assert alice.virtual_size(m) == 3
+    path.write_bytes(b"a\nb\nc\n")
+    (m,) = alice.list()
+    assert m.vsize is None  # another size: not the cached entry
+    assert alice.virtual_size(m) == 9
+
+
+def test_the_size_cache_forgets_the_least_recently_used():
+    cache = maildir_module._VirtualSizes(2)
+    cache.put(("m", "a", 1, 1), 10)
+    cache.put(("m", "b", 1, 1), 20)
+    assert cache.get(("m", "a", 1, 1)) == 10  # a is now the most recent
+    cache.put(("m", "c", 1, 1), 30)
+    assert cache.get(("m", "b", 1, 1)) is None
+    assert (cache.get(("m", "a", 1, 1)), cache.get(("m", "c", 1, 1))) == (10, 30)
+
+
+def test_a_vanished_message_is_a_storage_error(alice):
+    path = put(alice, "new/gone", b"x\n")
+    (m,) = alice.list()
+    path.unlink()
+    with pytest.raises(StorageError) as info:
+        alice.virtual_size(m)
+    assert not isinstance(info.value, OSError)
+
+
+# ------------------------------------------------------------- UIDL
+
+
+def test_the_uidl_is_the_base_and_survives_flags_and_moves(alice, deliver):
+    deliver(b"Subject: one\n\nbody\n")
+    deliver(b"Subject: two\n\nbody\n")
+    first, second = alice.list()
+    uid = uid_for(first)
+    assert uid == first.base == first.key.split(",")[0]
+    assert "," not in uid and re.fullmatch(r"[\x21-\x7e]{1,70}", uid)
+    assert uid != uid_for(second)
+    seen = alice.set_flags(first, "S")
+    assert uid_for(seen) == uid
+    trashed = alice.set_flags(seen, "ST")
+    assert uid_for(trashed) == uid
+    assert [uid_for(m) for m in Maildir(alice.path).list()] == [uid, uid_for(second)]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 71 + ",S=1", "with space", "caf\u00e9", "tab\there", "bad\udcffbyte"],
+)
+def test_a_base_that_cannot_be_a_uidl_is_digested(name):
+    m = StoredMessage(name, "new", name, 1, "")
+    uid = uid_for(m)
+    assert re.fullmatch(r"[0-9a-f]{64}", uid)
+    assert uid == uid_for(StoredMessage(name, "cur", name + ":2,S", 1, "S"))  # stable
+    other = StoredMessage("2" + name, "new", "2" + name, 1, "")
+    assert uid_for(other) != uid
+
+
+def test_a_base_of_exactly_70_characters_is_kept():
+    name = "y" * 70
+    assert uid_for(StoredMessage(name + ",S=3", "new", name, 3, "")) == name
+
+
+# ------------------------------------------------------------- list, flags, delete
+
+
+def test_list_skips_tmp_dotfiles_folders_links_and_the_lock(alice, deliver):
+    deliver(b"real\n")
+    put(alice, "tmp/1700000000.M1P1.mx", b"half")
+    put(alice, "new/.hidden", b"x")
+    put(alice, "cur/.also,S=1:2,S", b"x")
+    (alice.path / "new" / "a-folder").mkdir()
+    os.symlink("/etc/passwd", alice.path / "cur" / "link:2,S")
+    with alice.lock():
+        (m,) = alice.list()
+    assert m.subdir == "new" and (alice.path / m.relpath).read_bytes() == b"real\n"
+    assert (alice.path / LOCK_NAME).exists()
+
+
+def test_set_flags_changes_only_the_info(alice, deliver):
+    deliver(b"a\nb\n")
+    (m,) = alice.list()
+    seen = alice.set_flags(m, "S")
+    assert seen.filename == f"{m.key}:2,S" and seen.key == m.key
+    assert (seen.size, seen.vsize) == (4, 6)
+    flagged = alice.set_flags(seen, "FS")
+    assert flagged.filename == f"{m.key}:2,FS"
+    assert [x.filename for x in alice.list()] == [flagged.filename]
+    assert alice.set_flags(flagged, "SF") is flagged  # nothing to do: no rename
+
+
+def test_deleting_a_message_another_reader_took_is_no_error(alice, deliver):
+    deliver(b"x\n")
+    (m,) = alice.list()
+    os.unlink(alice.path / m.relpath)
+    alice.delete(m)
+    alice.delete(m)
+    assert alice.list() == []
+
+
+def test_odd_names_sort_without_error(alice):
+    for name in ["\u00b2.M1P1.x", "17.M\u00b2P1.x", "1700000000.27041_118.foo.org", "zzz"]:
+        put(alice, f"new/{name}", b"x")
+    put(alice, "new/1600000000.M5P1.mx,S=1,W=1", b"x")
+    keys = [m.key for m in alice.list()]
+    assert keys[:3] == [
+        "17.M\u00b2P1.x",
+        "1600000000.M5P1.mx,S=1,W=1",
+        "1700000000.27041_118.foo.org",
+    ]
+    assert sorted(keys[3:]) == ["zzz", "\u00b2.M1P1.x"]
+
+
+# ------------------------------------------------------------- the lock
+
+
+def test_the_lock_makes_the_maildir_of_a_user_who_never_got_mail(store):
+    box = store.maildir("newcomer")
+    assert box.list() == []
+    with box.lock() as lock:
+        assert lock.held
+        assert all((box.path / sub).is_dir() for sub in ("tmp", "new", "cur"))
+        assert os.stat(box.path).st_mode & 0o777 == 0o700
+        assert os.stat(box.path / LOCK_NAME).st_mode & 0o777 == 0o600
+        assert box.list() == []  # the lock file is no message
+    assert not lock.held
+
+
+def test_two_sessions_in_one_process_conflict(alice):
+    first = alice.lock()
+    with pytest.raises(MaildropBusy) as info:
+        Maildir(alice.path).lock()  # another object, another open file description
+    assert isinstance(info.value, StorageError) and info.value.filename.endswith(LOCK_NAME)
+    first.release()
+    first.release()  # idempotent
+    second = Maildir(alice.path).lock()
+    assert second.held
+    second.release()
+
+
+def test_the_lock_is_released_when_the_block_fails(alice):
+    with pytest.raises(RuntimeError), alice.lock():
+        raise RuntimeError("the session broke")
+    alice.lock().release()  # free again
+
+
+def test_a_dropped_lock_object_lets_go(alice):
+    alice.lock()  # never released, never kept: garbage at once
+    alice.lock().release()
+
+
+def test_a_planted_symlink_is_refused_not_followed(alice, tmp_path):
+    target = tmp_path / "elsewhere"
+    os.symlink(target, alice.path / LOCK_NAME)
+    with pytest.raises(StorageError) as info:
+        alice.lock()
+    assert not isinstance(info.value, MaildropBusy)
+    assert not target.exists()
+
+
+def test_a_child_process_does_not_inherit_the_lock(alice):
+    lock = alice.lock()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        close_fds=False,
+    )
+    try:
+        # Running its own code: past exec, where close-on-exec descriptors go.
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"
+        lock.release()
+        alice.lock().release()  # the child's copy (had it one) would still hold it
+    finally:
+        child.communicate(b"", timeout=10)
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from geosmtp.storage import Maildir
+lock = Maildir(Path(sys.argv[1])).lock()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_another_process_holds_the_lock_until_it_is_killed(alice):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(alice.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(MaildropBusy):
+            alice.lock()
+        holder.send_signal(signal.SIGKILL)  # no cleanup runs in the holder
+        assert holder.wait(timeout=10) == -signal.SIGKILL
+        with alice.lock() as lock:  # the kernel dropped the holder's lock
+            assert lock.held
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+
+
+def test_a_lock_held_by_this_process_blocks_another(alice):
+    with alice.lock():
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "try:\n"
+                "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "except BlockingIOError:\n"
+                "    sys.exit(3)\n",
+                str(alice.path / LOCK_NAME),
+            ],
+            timeout=10,
+        )
+    assert probe.returncode == 3
+
+
+def test_maildrop_lock_directly(tmp_path):
+    path = tmp_path / "x.lock"
+    with MaildropLock(path) as a:
+        b = MaildropLock(path)
+        with pytest.raises(MaildropBusy):
+            b.acquire()
+        assert not b.held
+        assert a.acquire() is a  # already held: nothing to do
+    assert b.acquire().held
+    b.release()
