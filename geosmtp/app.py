@@ -33,6 +33,7 @@ from .mail import Domains, Envelope, Recipient
 from .mail.ids import new_queue_id
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
+from .pop3 import POP3Connection, POP3Security
 from .queue.dsn import RecipientStatus, write_dsn
 from .queue.mx import Resolver
 from .queue.runner import QueueRunner, RunnerSettings
@@ -40,7 +41,6 @@ from .queue.schedule import RetrySchedule
 from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
 from .server.listeners import Listeners, Session
-from .pop3 import POP3Connection, POP3Security
 from .server.pop3 import POP3Session
 from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread

@@ -33,6 +33,7 @@ from ..pop3 import (
     StartTLS,
     Update,
 )
+from ..pop3 import replies as R
 from ..pop3.stuffing import MessageEncoder
 from ..storage import StorageError
 from ..storage.maildir import MaildropBusy, uid_for
@@ -61,6 +62,7 @@ class POP3Session(StreamSession):
         self.maildir: Maildir | None = None
         self.lock: MaildropLock | None = None
         self.messages: list[StoredMessage] = []
+        self.user: str | None = None  # the mailbox logged in to (the login may say more)
         # What the session did, for the access log's logout line (as Dovecot's).
         self.retr = [0, 0]  # messages, octets sent
         self.top = [0, 0]
@@ -73,7 +75,7 @@ class POP3Session(StreamSession):
         """Before login, the command timeout; after it, the autologout timer
         (RFC 1939 §3: at least 10 minutes)."""
         timeouts = self.server.config.timeouts
-        return timeouts.pop3_autologout if self.conn.user is not None else timeouts.command
+        return timeouts.pop3_autologout if self.user is not None else timeouts.command
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()
@@ -102,7 +104,7 @@ class POP3Session(StreamSession):
             "listener": self.metrics.name,
             "state": self.conn.state.value,
             "age_seconds": self._age(),
-            "user": self.conn.user,
+            "user": self.user,
             "tls": self.conn.tls,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -134,8 +136,9 @@ class POP3Session(StreamSession):
                     conn.tls_started()
                 elif type(event) is CloseConnection:
                     self._flush()
-                    if self.outcome == "lost":
-                        self.outcome = "quit" if conn.quit else "errors"
+                    if self.outcome == "lost":  # else set where the close was decided
+                        too_many = conn.bad_commands >= conn.max_bad_commands
+                        self.outcome = "errors" if too_many else "quit"
                     break
                 elif type(event) is ConnectionClosed:
                     logger.debug("pop3 session {} lost the client", self.id)
@@ -145,14 +148,10 @@ class POP3Session(StreamSession):
                     raise RuntimeError(f"the POP3 core waits for a verdict in {conn.state}")
         except ClientTimeout:
             self.outcome = "timeout"
-            self._close_with("Disconnected for inactivity.")
+            self._close_with(R.AUTOLOGOUT)
         except ShutdownRequested:
             self.outcome = "kicked" if self.kicked else "shutdown"
-            self._close_with(
-                "Disconnected by the administrator."
-                if self.kicked
-                else "Server shutting down; try again later."
-            )
+            self._close_with(R.KICKED if self.kicked else R.SHUTTING_DOWN)
         except HandshakeFailed as exc:
             self.outcome = "tls_failed"
             logger.debug("pop3 session {}: TLS handshake failed: {}", self.id, exc)
@@ -164,12 +163,12 @@ class POP3Session(StreamSession):
             # gets the traceback, other sessions go on; nothing is deleted.
             self.outcome = "error"
             logger.exception("pop3 session {} [{}]: internal error", self.id, self.peer)
-            self._close_with("Internal server error; closing connection.")
+            self._close_with(R.INTERNAL_ERROR)
         finally:
             self._release()
             self._sync_metrics()
             self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
-            if self.conn.user is not None:
+            if self.user is not None:
                 self._access(
                     self.outcome,
                     retr=f"{self.retr[0]}/{self.retr[1]}",
@@ -191,12 +190,8 @@ class POP3Session(StreamSession):
             self._flush()
         except (OSError, ClientTimeout):
             pass
-        except Exception:  # the core is in a state it cannot close from: send it raw
+        except Exception:  # a bug: the traceback is logged, the socket closed in run()
             logger.exception("pop3 session {}: cannot close cleanly", self.id)
-            try:
-                self.sock.send(f"-ERR [SYS/TEMP] {text}\r\n".encode())
-            except OSError:
-                pass
 
     # ------------------------------------------------------------ login
 
@@ -207,8 +202,9 @@ class POP3Session(StreamSession):
         if login.throttled:
             self.pm.logins_failed.inc()
             self._access("auth-throttled")
-            conn.login_failed(LoginFailure.TEMP, "Too many authentication failures; try later.")
-            conn.close_with("Too many authentication failures.", "AUTH")
+            self.outcome = "errors"
+            conn.login_failed(LoginFailure.TEMP, R.TOO_MANY_AUTH_FAILURES)
+            conn.close_with(R.TOO_MANY_AUTH_FAILURES, "AUTH")
             return
         if login.user is None:
             self.pm.logins_failed.inc()
@@ -217,7 +213,8 @@ class POP3Session(StreamSession):
             gevent.sleep(login.delay)
             conn.login_failed(LoginFailure.AUTH)
             if login.disconnect:
-                conn.close_with("Too many authentication failures.", "AUTH")
+                self.outcome = "errors"
+                conn.close_with(R.TOO_MANY_AUTH_FAILURES, "AUTH")
             return
         user = login.user
         maildir = self.server.store.maildir(user)
@@ -243,6 +240,7 @@ class POP3Session(StreamSession):
             conn.login_failed(LoginFailure.TEMP)
             return
         self.maildir = maildir
+        self.user = user
         self.pm.logins_ok.inc()
         conn.login_ok(listing)
         self._access("login", user=user, messages=len(listing))
@@ -273,9 +271,7 @@ class POP3Session(StreamSession):
             f = self.maildir.open(message)
         except StorageError as exc:
             # Removed or renamed by another program since the login.
-            logger.warning(
-                "pop3 session {}: message {} is gone: {}", self.id, message.relpath, exc
-            )
+            logger.warning("pop3 session {}: message {} is gone: {}", self.id, message.relpath, exc)
             self.conn.retrieve_result(False)
             return
         with f:
@@ -351,7 +347,7 @@ class POP3Session(StreamSession):
             "proto": "pop3",
             "session": self.id,
             "client": self.peer,
-            "user": self.conn.user,
+            "user": self.user,
             "tls": "yes" if self.conn.tls else None,
         }
         fields.update(extra)

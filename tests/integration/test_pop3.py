@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from geosmtp.storage.maildir import Maildir
 from tests.conftest import listeners, users, wait_until
 from tests.integration.adminapi import admin_of, admin_section
 from tests.integration.pop3_client import POP3Wire, send_mail, stored_as_sent
@@ -58,12 +59,10 @@ def plain_server(make_server):
 
 
 def stored(server, box: str = "alice") -> list[bytes]:
-    """The Maildir files of `box` (new/ and cur/), in delivery order, as POP3 sends them."""
-    files = sorted(
-        [*(server.mail_dir / box / "new").glob("*"), *(server.mail_dir / box / "cur").glob("*")],
-        key=lambda p: p.name,
-    )
-    return [stored_as_sent(p.read_bytes()) for p in files]
+    """The Maildir files of `box` (new/ and cur/), in the order POP3 numbers them
+    (delivery order), as POP3 must send them."""
+    maildir = Maildir(server.mail_dir / box)
+    return [stored_as_sent((maildir.path / m.relpath).read_bytes()) for m in maildir.list()]
 
 
 def login_plain(server) -> poplib.POP3:
@@ -166,7 +165,7 @@ def test_dele_takes_effect_only_after_quit(plain_server):
     client = login_plain(plain_server)
     client.dele(1)
     client.dele(2)
-    client.sock.close()
+    client.close()  # no QUIT
     wait_until(lambda: "dele=0/3" in plain_server.access_log(), what="the logout line")
     assert len(stored(plain_server)) == 3
     # RSET unmarks.
@@ -175,7 +174,7 @@ def test_dele_takes_effect_only_after_quit(plain_server):
     client.rset()
     assert client.stat()[0] == 3
     client.dele(2)
-    with pytest.raises(poplib.error_proto, match=b"-ERR"):
+    with pytest.raises(poplib.error_proto, match="-ERR"):
         client.retr(2)
     assert client.stat()[0] == 2
     client.quit()
@@ -188,7 +187,7 @@ def test_second_login_to_the_same_maildrop_is_in_use(plain_server):
     first = login_plain(plain_server)
     second = poplib.POP3("127.0.0.1", plain_server.ports["pop3"], timeout=10)
     second.user("alice")
-    with pytest.raises(poplib.error_proto, match=rb"\[IN-USE\]"):
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
         second.pass_(PASSWORD)
     first.quit()
     # Released at QUIT: the next login works.
@@ -215,7 +214,7 @@ def test_the_lock_is_released_when_the_client_vanishes(plain_server):
 def test_wrong_password_is_auth_error_and_logged(plain_server):
     client = poplib.POP3("127.0.0.1", plain_server.ports["pop3"], timeout=10)
     client.user("alice")
-    with pytest.raises(poplib.error_proto, match=rb"\[AUTH\]"):
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
         client.pass_("wrong")
     client.quit()
     wait_until(lambda: "result=auth-failed" in plain_server.access_log(), what="access line")
@@ -371,17 +370,25 @@ def test_access_log_metrics_and_sessions(pop_server, certs):
     )
 
 
-def test_retr_of_a_large_message_streams_in_bounded_memory(plain_server):
-    big = body(1, (b"x" * 998 + b"\r\n") * 20_000)  # 20 MB
-    send_mail(plain_server.ports["mx"], "alice@test.example", big)
-    pid = plain_server.process.pid
+def test_retr_of_a_large_message_streams_in_bounded_memory(make_server):
+    server = make_server(
+        {
+            "listeners": listeners("mx", "pop3"),
+            "users": users(alice=PASSWORD),
+            "auth": {"allow_plaintext": True},
+            "limits": {"max_message_size": 64 << 20},
+        }
+    )
+    big = body(1, (b"x" * 998 + b"\r\n") * 30_000)  # 30 MB
+    send_mail(server.ports["mx"], "alice@test.example", big)
+    pid = server.process.pid
 
     def rss_kb() -> int:
         with open(f"/proc/{pid}/status") as f:
             return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
 
     before = rss_kb()
-    with POP3Wire.connect(plain_server.ports["pop3"]) as wire:
+    with POP3Wire.connect(server.ports["pop3"]) as wire:
         wire.cmd("USER alice")
         wire.cmd(f"PASS {PASSWORD}")
         assert wire.cmd("RETR 1").startswith(b"+OK")
@@ -393,7 +400,7 @@ def test_retr_of_a_large_message_streams_in_bounded_memory(plain_server):
             received += len(line) + 2
         wire.cmd("QUIT")
     assert received >= len(big)
-    assert rss_kb() - before < 16 * 1024  # far less than the 20 MB message
+    assert rss_kb() - before < 16 * 1024  # far less than the 30 MB message
 
 
 def test_a_server_stop_gets_err_and_deletes_nothing(pop_server, certs):
