@@ -247,7 +247,7 @@ class Dovecot:
                 uid=self.uid,
                 gid=self.gid,
                 processes=self.sessions + 10,
-                clients=4 * (self.sessions + 10),
+                clients=2 * (self.sessions + 10) + 100,
                 users_block=users_block,
                 no_chroot=no_chroot,
                 login_mode=PERFORMANCE_LOGIN.format(cpus=cpus) if self.performance else "",
