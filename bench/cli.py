@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shlex
+import signal
 import sys
 import time
 
@@ -227,8 +228,16 @@ def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
     return out
 
 
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM (and SIGINT, which a shell ignores in background jobs): unwind, so
+    every server started is stopped and its temp dir removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     if args.cmd == "list":
         for name, fn in SCENARIOS.items():
             print(f"{name:12} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")

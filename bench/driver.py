@@ -181,6 +181,8 @@ class Outcome:
     sessions: int = 0  # pop3
     boxes_ok: int = 0  # pop3
     login_latencies: list[float] = field(default_factory=list)  # pop3
+    not_logged_in: int = 0  # pop3: sessions the server did not log in (tried again)
+    login_examples: list[str] = field(default_factory=list)  # pop3
 
     @property
     def duration(self) -> float:
@@ -216,6 +218,8 @@ class Outcome:
         self.sessions += result.get("sessions", 0)
         self.boxes_ok += result.get("boxes_ok", 0)
         self.login_latencies.extend(result.get("login_latencies", []))
+        self.not_logged_in += result.get("not_logged_in", 0)
+        self.login_examples.extend(result.get("login_examples", [])[: 5 - len(self.login_examples)])
 
     def percentile(self, q: float) -> float:
         """Nearest-rank percentile of the latencies, in milliseconds."""

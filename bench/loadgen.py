@@ -56,6 +56,15 @@ class ServerClosed(Exception):
     pass
 
 
+class NotLoggedIn(Exception):
+    """pop3: the session ended before PASS had its +OK (refused, dropped, timed out)."""
+
+
+#: pop3: attempts per mailbox when the server does not log the session in
+#: (as a mail program tries again at its next poll), a second apart.
+LOGIN_ATTEMPTS = 5
+
+
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
@@ -88,6 +97,8 @@ class Stats:
         self.sessions = 0  # pop3: sessions that ended with +OK to QUIT
         self.boxes_ok = 0  # pop3: mailboxes whose every message came back once, intact
         self.login_latencies: list[float] = []  # pop3: PASS to its +OK
+        self.not_logged_in = 0  # pop3: sessions that ended before login (tried again)
+        self.login_examples: list[str] = []
         self.start = time.time()
         self.end = self.start
 
@@ -436,34 +447,55 @@ class Job:
         boxes = iter(range(*self.spec["boxes"]))
         clients = int(self.spec["clients"])
 
+        st = self.stats
+
         def client(_k: int) -> None:
             for i in boxes:
-                try:
-                    self.pop3_session(i)
-                except (OSError, ServerClosed, ProtocolError, ConnectionError) as exc:
-                    self.stats.error(type(exc).__name__, f"{mailboxes.box(i)}: {exc}")
+                t0 = perf()
+                for attempt in range(1, LOGIN_ATTEMPTS + 1):
+                    try:
+                        self.pop3_session(i, t0)
+                    except NotLoggedIn as exc:
+                        st.not_logged_in += 1
+                        if len(st.login_examples) < 5:
+                            st.login_examples.append(f"{mailboxes.box(i)}: {exc}"[:300])
+                        if attempt == LOGIN_ATTEMPTS:
+                            st.error("no login", f"{mailboxes.box(i)}: {attempt} attempts")
+                        else:
+                            gevent.sleep(1.0)
+                            continue
+                    except (OSError, ServerClosed, ProtocolError, ConnectionError) as exc:
+                        st.error(type(exc).__name__, f"{mailboxes.box(i)}: {exc}")
+                    break
                 if self.stop.is_set():
                     return
 
         self.run_clients(client, clients)
 
-    def pop3_session(self, i: int) -> None:
-        """Empty mailbox i: log in, STAT, LIST, UIDL, RETR and check each, DELE each, QUIT."""
+    def pop3_session(self, i: int, t0: float) -> None:
+        """Empty mailbox i: log in, STAT, LIST, UIDL, RETR and check each, DELE each, QUIT.
+
+        NotLoggedIn when the session ends before PASS had its +OK."""
         st = self.stats
         name = mailboxes.box(i)
         per_box = int(self.spec["per_box"])
         fixed = self.spec.get("fixed_size")
         expected = range(i * per_box, (i + 1) * per_box)
         loopback = self.host.startswith("127.")
-        t0 = perf()
-        s = self.connect(f"127.0.0.{2 + i % 250}" if loopback else None)
+        try:
+            s = self.connect(f"127.0.0.{2 + i % 250}" if loopback else None)
+        except ConnectionError as exc:
+            raise NotLoggedIn(exc) from exc
         p = Pop3(s.sock)
         try:
             s.sock.settimeout(self.io_timeout)
-            p.ok("greeting")
-            p.command(f"USER {name}", "USER")
-            t1 = perf()
-            p.command(f"PASS {mailboxes.password(name)}", "PASS")
+            try:
+                p.ok("greeting")
+                p.command(f"USER {name}", "USER")
+                t1 = perf()
+                p.command(f"PASS {mailboxes.password(name)}", "PASS")
+            except (OSError, ServerClosed, ProtocolError) as exc:
+                raise NotLoggedIn(f"{type(exc).__name__}: {exc}") from exc
             st.login_latencies.append(perf() - t1)
             stat = p.command("STAT", "STAT").split()
             count, total = int(stat[1]), int(stat[2])
@@ -599,6 +631,8 @@ class Job:
                 "sessions": st.sessions,
                 "boxes_ok": st.boxes_ok,
                 "login_latencies": st.login_latencies,
+                "not_logged_in": st.not_logged_in,
+                "login_examples": st.login_examples,
                 "cpu": t.user + t.system - t0.user - t0.system,
             }
         )

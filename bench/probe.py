@@ -53,3 +53,13 @@ def process_tree(pid: int) -> list[int]:
             except (OSError, ValueError):
                 pass
     return out
+
+
+def started(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot), to tell it from a later
+    process with the same number; None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -594,6 +594,8 @@ def pop3(server_cls: type[Server], opts: Options) -> list[dict]:
             f"{outcome.boxes_ok:,} of {boxes:,} mailboxes retrieved whole and byte-exact; "
             + emptied.summary()
         )
+        if outcome.not_logged_in:
+            row["verify"] += f"; {outcome.not_logged_in:,} sessions not logged in (tried again)"
         row["verify_examples"] = emptied.examples
         row["ok"] = (
             emptied.ok
@@ -622,6 +624,8 @@ def _pop3_figures(outcome: Outcome, srv: dict) -> dict:
         sessions_per_s=outcome.sessions / d,
         login_p50_ms=nearest_rank(outcome.login_latencies, 50),
         login_p99_ms=nearest_rank(outcome.login_latencies, 99),
+        not_logged_in=outcome.not_logged_in,
+        login_examples=outcome.login_examples,
         client_cpu_pct=100 * outcome.client_cpu / d,
     )
     if "cpu_s" in srv:

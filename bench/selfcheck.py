@@ -6,7 +6,8 @@ missing or an extra message must each fail it. The relay sink must record
 every message's id once, pipelined or not, and the relay check must report a
 lost, a duplicated and an unacknowledged message. The POP3 client must empty
 a toy POP3 server's Maildirs cleanly, and catch a flipped byte, a line left
-unstuffed, a missing message, and messages left behind.
+unstuffed, a missing message, and messages left behind, and log in again
+after a refused login.
 """
 
 from __future__ import annotations
@@ -172,6 +173,9 @@ class _ToyPop3(socketserver.StreamRequestHandler):
             if cmd == "USER":
                 box = srv.mail_dir / arg  # type: ignore[attr-defined]
                 out = b"+OK\r\n"
+            elif cmd == "PASS" and fault == "busy" and box not in srv.refused:  # type: ignore[attr-defined]
+                srv.refused.add(box)  # type: ignore[attr-defined]
+                out = b"-ERR [SYS/TEMP] busy, try later\r\n"
             elif cmd == "PASS" and box is not None:
                 files = sorted((box / "new").iterdir())
                 if fault == "missing":
@@ -220,6 +224,7 @@ def check_pop3_client() -> list[str]:
         failures.append(f"pop3 sizes out of range: {min(sizes)}..{max(sizes)}")
     for fault, want in [
         ("none", None),
+        ("busy", None),  # each first login refused: tried again, then clean
         ("flip", "RETR: content differs"),
         ("nostuff", None),  # any error: the stream is out of step
         ("missing", "STAT/LIST/UIDL"),
@@ -230,6 +235,7 @@ def check_pop3_client() -> list[str]:
         server.daemon_threads = True
         server.mail_dir = root  # type: ignore[attr-defined]
         server.fault = fault  # type: ignore[attr-defined]
+        server.refused = set()  # type: ignore[attr-defined]
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         try:
             thread.start()
@@ -241,11 +247,13 @@ def check_pop3_client() -> list[str]:
             emptied = mailboxes.check_emptied(root, 3)
             errors = " ".join(outcome.errors)
             clean = not outcome.errors and outcome.boxes_ok == 3 and emptied.ok
-            if fault == "none" and not clean:
-                failures.append(f"pop3 client, clean: {outcome.examples} {emptied.summary()}")
+            if fault in ("none", "busy") and not clean:
+                failures.append(f"pop3 client, {fault}: {outcome.examples} {emptied.summary()}")
+            elif fault == "busy" and outcome.not_logged_in != 3:
+                failures.append(f"pop3 client: {outcome.not_logged_in} refused logins, not 3")
             elif fault == "keep" and emptied.ok:
                 failures.append("pop3 check: messages left behind not caught")
-            elif fault not in ("none", "keep") and (clean or (want and want not in errors)):
+            elif fault not in ("none", "busy", "keep") and (clean or (want and want not in errors)):
                 failures.append(f"pop3 client, fault {fault}: not caught ({errors or 'clean'})")
         finally:
             server.shutdown()

@@ -57,7 +57,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..probe import free_port, greets, process_tree
+from ..probe import free_port, greets, process_tree, started
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 UNPRIVILEGED = "nobody"  # the mail user when the caller is root
@@ -311,20 +311,24 @@ class Dovecot:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the master (it stops its children); SIGKILL to what is left."""
+        """SIGTERM to the master (it stops its children); then SIGKILL to any
+        process of the instance still there (a login process waiting for auth
+        may outlive the master)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            tree = process_tree(proc.pid)
+            tree = [(pid, started(pid)) for pid in process_tree(proc.pid)]
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                for pid in reversed(tree):  # children first; all of them ours
+                proc.kill()
+                proc.wait(timeout=10)
+            for pid, when in reversed(tree):  # all of them ours: the same PID, started then
+                if when is not None and started(pid) == when:
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                proc.wait(timeout=10)
         if self._out is not None:
             self._out.close()
             self._out = None
