@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shlex
+import signal
 import sys
 import time
 
@@ -24,8 +25,10 @@ from .servers import SERVERS, cleanup_all, machine, server_class, source_version
 
 POSTFIX_SCENARIOS = {"throughput", "fanout", "scaling", "large", "relay"}
 RELAY_SERVERS = {"geosmtp", "postfix"}  # the relay scenario: servers with an outbound queue
+POP3_SERVERS = {"geosmtp", "dovecot", "dovecot-perf"}  # the dovecots serve nothing else
 DEFAULT_SERVERS = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
-REQUIRED = {"geosmtp", "aiosmtpd"}
+DEFAULT_POP3_SERVERS = ["geosmtp", "dovecot"]
+REQUIRED = {"geosmtp", "aiosmtpd", "dovecot"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -48,7 +51,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=600, help="seconds per run (default 600)")
     p.add_argument("--keep", action="store_true", help="keep servers' temp dirs")
     p.add_argument(
-        "--mailboxes", type=int, default=100, help="spread recipients over N mailboxes (100)"
+        "--mailboxes",
+        type=int,
+        help="spread recipients over N mailboxes (100); pop3: N full mailboxes (1,000)",
+    )
+    p.add_argument(
+        "--hash",
+        choices=["passwd", "cheap"],
+        default="passwd",
+        help="pop3: the users' argon2id hashes: as `geosmtp passwd` makes them (default), "
+        "or cheap ones (t=1, 1 MiB) to measure the data path alone",
     )
     p.add_argument("--tag", default="", help="suffix for the result files")
 
@@ -66,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--rounds", type=int, default=3)
     cmp_.add_argument(
         "--servers",
-        default=",".join(DEFAULT_SERVERS),
-        help="comma-separated; postfix and smtp-sink are skipped when not installed",
+        help=f"comma-separated (default {','.join(DEFAULT_SERVERS)}; pop3: "
+        f"{','.join(DEFAULT_POP3_SERVERS)}); postfix and smtp-sink are skipped when not installed",
     )
     prof = sub.add_parser("profile", help="profile geosmtp under a scenario")
     _add_common(prof)
@@ -94,6 +106,7 @@ def _options(args: argparse.Namespace) -> Options:
         size=args.size,
         keep=args.keep,
         mailboxes=args.mailboxes,
+        hash=args.hash,
     )
 
 
@@ -110,6 +123,7 @@ def _meta(args: argparse.Namespace, servers: list[str]) -> dict:
         "fsync": args.fsync,
         "quick": args.quick,
         "client": args.client,
+        **({"hash": args.hash} if args.scenario == "pop3" else {}),
     }
 
 
@@ -119,6 +133,8 @@ def _name(args: argparse.Namespace, prefix: str = "") -> str:
         parts.append("quick")
     if args.client != "bench":
         parts.append(args.client)
+    if args.scenario == "pop3" and args.hash != "passwd":
+        parts.append(f"{args.hash}-hash")
     if not args.pipelining:
         parts.append("nopipe")
     if args.tag:
@@ -148,18 +164,26 @@ def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict
             for r in got:
                 r["round"] = rnd
                 state = "ok" if r.get("ok") else "FAILED"
-                if "delivery_per_s" in r:
+                if r.get("scenario") == "pop3":
                     print(
-                        f"   {name}: accepted {r['accept_per_s']:,.0f} msgs/s, delivered "
-                        f"{r['delivery_per_s']:,.0f} msgs/s ({r['delivery_s']:.1f} s)",
+                        f"   {name}: {r.get('sessions_per_s', 0):,.1f} sessions/s, "
+                        f"{r.get('mb_per_s', 0):,.1f} MB/s · {r.get('verify')} · {state} "
+                        f"({time.monotonic() - t0:.0f}s)",
                         file=sys.stderr,
                     )
-                print(
-                    f"   {name} c={r.get('clients')}: {r.get('msgs_per_s', 0):,.0f} msgs/s "
-                    f"p99 {r.get('p99_ms', float('nan')):.1f} ms · {r.get('verify')} · {state} "
-                    f"({time.monotonic() - t0:.0f}s)",
-                    file=sys.stderr,
-                )
+                else:
+                    if "delivery_per_s" in r:
+                        print(
+                            f"   {name}: accepted {r['accept_per_s']:,.0f} msgs/s, delivered "
+                            f"{r['delivery_per_s']:,.0f} msgs/s ({r['delivery_s']:.1f} s)",
+                            file=sys.stderr,
+                        )
+                    print(
+                        f"   {name} c={r.get('clients')}: {r.get('msgs_per_s', 0):,.0f} msgs/s "
+                        f"p99 {r.get('p99_ms', float('nan')):.1f} ms · {r.get('verify')} · "
+                        f"{state} ({time.monotonic() - t0:.0f}s)",
+                        file=sys.stderr,
+                    )
                 if not r.get("ok"):
                     for e in r.get("error_examples", [])[:5] + r.get("verify_examples", [])[:5]:
                         print(f"     {e}", file=sys.stderr)
@@ -180,6 +204,12 @@ def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
         if args.scenario == "relay" and n not in RELAY_SERVERS:
             print(f"({n}: not run for relay: it has no outbound queue)", file=sys.stderr)
             continue
+        if args.scenario == "pop3" and n not in POP3_SERVERS:
+            print(f"({n}: not run for pop3: it serves no POP3)", file=sys.stderr)
+            continue
+        if args.scenario != "pop3" and n in POP3_SERVERS - {"geosmtp"}:
+            print(f"({n}: not run for {args.scenario}: it serves POP3 only)", file=sys.stderr)
+            continue
         if not SERVERS[n].available():
             print(f"({n} is not installed here: skipped)", file=sys.stderr)
             continue
@@ -198,8 +228,16 @@ def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
     return out
 
 
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM (and SIGINT, which a shell ignores in background jobs): unwind, so
+    every server started is stopped and its temp dir removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     if args.cmd == "list":
         for name, fn in SCENARIOS.items():
             print(f"{name:12} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
@@ -232,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         servers = [args.server]
         prefix = f"run-{args.server}-"
     else:
-        servers = _servers_for(args, [s.strip() for s in args.servers.split(",") if s.strip()])
+        default = DEFAULT_POP3_SERVERS if args.scenario == "pop3" else DEFAULT_SERVERS
+        names = args.servers.split(",") if args.servers else default
+        servers = _servers_for(args, [s.strip() for s in names if s.strip()])
         prefix = ""
     try:
         rows, ok = _run_rounds(args, servers)

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .servers import REPO, Server
+from .servers import REPO, Server, machine_cpu
 
 
 class Worker:
@@ -33,6 +33,7 @@ class Worker:
         self.ok = 0
         self.err = 0
         self.connected = 0
+        self.sessions = 0  # pop3: sessions done
         self.ready = False
         self.result: dict | None = None
         self.send(json.dumps(spec))
@@ -57,6 +58,7 @@ class Worker:
             if t == "p":
                 self.ok, self.err = msg["ok"], msg["err"]
                 self.connected = msg.get("c", 0)
+                self.sessions = msg.get("s", 0)
             elif t == "ready":
                 self.ready = True
             elif t == "result":
@@ -116,10 +118,10 @@ def pump(
     until: Callable[[], bool],
     timeout: float,
     progress: Progress | None = None,
-    server: Server | None = None,
-    samples: list[int] | None = None,
+    sample: Callable[[], None] | None = None,
 ) -> bool:
-    """Read worker output until `until()` or `timeout`; sample the server's RSS meanwhile."""
+    """Read worker output until `until()` or `timeout`; call `sample` (the server's
+    memory) meanwhile."""
     sel = selectors.DefaultSelector()
     for w in workers:
         if w.proc.stdout is not None and not w.done:
@@ -141,13 +143,13 @@ def pump(
                     w.feed(data)
                 else:
                     sel.unregister(key.fileobj)
-            if server is not None and samples is not None and server.measurable:
-                rss = server.mem().get("VmRSS")
-                if rss:
-                    samples.append(rss)
+            if sample is not None:
+                sample()
             if progress is not None:
                 conn = sum(w.connected for w in workers)
                 extra = f"  connected {conn}" if conn else ""
+                sessions = sum(w.sessions for w in workers)
+                extra += f"  sessions {sessions}" if sessions else ""
                 progress.show(sum(w.ok for w in workers), sum(w.err for w in workers), extra)
             if all(w.proc.poll() is not None for w in workers) and not sel.get_map():
                 break
@@ -176,6 +178,11 @@ class Outcome:
     connected: int = 0
     connect_retries: int = 0
     workers: int = 0
+    sessions: int = 0  # pop3
+    boxes_ok: int = 0  # pop3
+    login_latencies: list[float] = field(default_factory=list)  # pop3
+    not_logged_in: int = 0  # pop3: sessions the server did not log in (tried again)
+    login_examples: list[str] = field(default_factory=list)  # pop3
 
     @property
     def duration(self) -> float:
@@ -208,14 +215,15 @@ class Outcome:
         self.client_cpu += result["cpu"]
         self.connected += result.get("connected", 0)
         self.connect_retries += result.get("connect_retries", 0)
+        self.sessions += result.get("sessions", 0)
+        self.boxes_ok += result.get("boxes_ok", 0)
+        self.login_latencies.extend(result.get("login_latencies", []))
+        self.not_logged_in += result.get("not_logged_in", 0)
+        self.login_examples.extend(result.get("login_examples", [])[: 5 - len(self.login_examples)])
 
     def percentile(self, q: float) -> float:
         """Nearest-rank percentile of the latencies, in milliseconds."""
-        if not self.latencies:
-            return float("nan")
-        xs = sorted(self.latencies)
-        k = min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))
-        return xs[k] * 1000
+        return nearest_rank(self.latencies, q)
 
     def metrics(self) -> dict:
         d = self.duration
@@ -237,16 +245,26 @@ class Outcome:
         }
 
 
-def split_load(spec: dict, workers: int) -> list[dict]:
-    """Share clients and message numbers among `workers` processes."""
-    start, stop = spec["ids"][0], spec["ids"][1]
+def nearest_rank(seconds: list[float], q: float) -> float:
+    """Nearest-rank percentile q of durations in seconds, in milliseconds."""
+    if not seconds:
+        return float("nan")
+    xs = sorted(seconds)
+    k = min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))
+    return xs[k] * 1000
+
+
+def split_load(spec: dict, workers: int, key: str = "ids") -> list[dict]:
+    """Share clients and the numbers in `spec[key]` (messages; pop3: mailboxes)
+    among `workers` processes."""
+    start, stop = spec[key][0], spec[key][1]
     clients = int(spec["clients"])
     workers = max(1, min(workers, clients))
     out = []
     for w in range(workers):
         part = dict(spec)
         part["clients"] = clients // workers + (1 if w < clients % workers else 0)
-        part["ids"] = [start + w, stop, workers]
+        part[key] = [start + w, stop, workers]
         out.append(part)
     return out
 
@@ -257,25 +275,53 @@ def run_jobs(
     timeout: float,
     server: Server | None = None,
     total: int | None = None,
+    tree: bool = False,
 ) -> tuple[Outcome, dict]:
-    """Run workers to completion; return their summed outcome and server figures."""
+    """Run workers to completion; return their summed outcome and server figures.
+
+    `tree`: the server is a tree of processes (Dovecot forks one per session):
+    its CPU and memory are summed over the tree (`tree_*` figures; PSS, so
+    the pages they share count once), sampled every half second. The whole
+    machine's busy CPU time is taken too, and the driver's own, so that what
+    other programs took meanwhile can be told (`machine_cpu_s`, `driver_cpu_s`).
+    """
     srv: dict = {}
     samples: list[int] = []
-    if server is not None and server.measurable:
+    sample = None
+    measured = server is not None and server.measurable
+    if measured and tree:
+        assert server is not None
+        first = server.tree_mem()
+        srv["tree_pss_before_kb"] = first["pss"]
+        peak = dict(first)
+        last = [0.0]
+
+        def sample() -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.5:
+                return
+            last[0] = now
+            m = server.tree_mem()
+            for k in peak:
+                peak[k] = max(peak[k], m[k])
+
+        cpu0 = server.tree_cpu()
+        machine0, driver0 = machine_cpu(), _own_cpu()
+    elif measured:
+        assert server is not None
         srv["rss_before_kb"] = server.mem().get("VmRSS", 0)
-        srv["peak_reset"] = server.measurable and _reset(server)
+        srv["peak_reset"] = _reset(server)
+
+        def sample() -> None:
+            rss = server.mem().get("VmRSS")
+            if rss:
+                samples.append(rss)
+
         cpu0 = server.cpu()
     workers = [Worker(s) for s in specs]
     progress = Progress(label, total)
     try:
-        pump(
-            workers,
-            lambda: all(w.done for w in workers),
-            timeout,
-            progress,
-            server,
-            samples,
-        )
+        pump(workers, lambda: all(w.done for w in workers), timeout, progress, sample)
         progress.show(sum(w.ok for w in workers), sum(w.err for w in workers), force=True)
     finally:
         for w in workers:
@@ -283,12 +329,26 @@ def run_jobs(
     outcome = Outcome()
     for w, s in zip(workers, specs, strict=True):
         outcome.add(w.result, s)
-    if server is not None and server.measurable:
+    if measured and tree:
+        assert server is not None
+        srv["cpu_s"] = server.tree_cpu() - cpu0
+        srv["machine_cpu_s"] = machine_cpu() - machine0
+        srv["driver_cpu_s"] = _own_cpu() - driver0
+        srv["tree_pss_peak_kb"] = peak["pss"]
+        srv["tree_rss_peak_kb"] = peak["rss"]
+        srv["tree_procs_peak"] = peak["procs"]
+    elif measured:
+        assert server is not None
         srv["cpu_s"] = server.cpu() - cpu0
         m = server.mem()
         srv["rss_after_kb"] = m.get("VmRSS", 0)
         srv["rss_peak_kb"] = max([m.get("VmHWM", 0) if srv["peak_reset"] else 0, *samples])
     return outcome, srv
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _reset(server: Server) -> bool:

@@ -1,4 +1,4 @@
-"""The load generator: one gevent process driving many SMTP clients over real sockets.
+"""The load generator: one gevent process driving many SMTP (or POP3) clients over real sockets.
 
 It is started by `bench.driver` (`python -m bench.loadgen`), reads its job as
 one JSON line on stdin, and reports JSON lines on stdout: `p` (progress,
@@ -14,6 +14,11 @@ Kinds of job:
 - `idle`: C sessions connect, EHLO and wait until told to stop, then QUIT.
 - `probe`: K fresh clients one after another, each a whole transaction
   (connect to 250), timed end to end.
+- `pop3`: C POP3 sessions share a list of full mailboxes (`bench.mailboxes`);
+  each takes the next one, logs in (USER/PASS), STAT, LIST, UIDL, RETRs every
+  message and checks it byte for byte against what the bench stored, DELEs
+  every message and QUITs; then the next mailbox. Each session comes from its
+  own loopback address (127.0.0.2-251) as different users' clients would.
 
 Every loop is bounded: by its list of messages, by `deadline` seconds for
 the whole job, and by `io_timeout` on every socket operation.
@@ -38,7 +43,7 @@ from gevent.event import Event  # noqa: E402
 from gevent.lock import Semaphore  # noqa: E402
 from gevent.pool import Group  # noqa: E402
 
-from bench import messages  # noqa: E402
+from bench import mailboxes, messages  # noqa: E402
 
 perf = time.perf_counter
 
@@ -49,6 +54,15 @@ class ProtocolError(Exception):
 
 class ServerClosed(Exception):
     pass
+
+
+class NotLoggedIn(Exception):
+    """pop3: the session ended before PASS had its +OK (refused, dropped, timed out)."""
+
+
+#: pop3: attempts per mailbox when the server does not log the session in
+#: (as a mail program tries again at its next poll), a second apart.
+LOGIN_ATTEMPTS = 5
 
 
 def raise_nofile() -> int:
@@ -80,6 +94,11 @@ class Stats:
         self.ack_times: list[float] = []  # time.time() of each 250 (the relay scenario)
         self.refused: list[int] = []
         self.connect_retries = 0
+        self.sessions = 0  # pop3: sessions that ended with +OK to QUIT
+        self.boxes_ok = 0  # pop3: mailboxes whose every message came back once, intact
+        self.login_latencies: list[float] = []  # pop3: PASS to its +OK
+        self.not_logged_in = 0  # pop3: sessions that ended before login (tried again)
+        self.login_examples: list[str] = []
         self.start = time.time()
         self.end = self.start
 
@@ -135,6 +154,57 @@ class Session:
             pass
 
 
+class Pop3:
+    """One POP3 client connection: status lines and multi-line blocks."""
+
+    __slots__ = ("buf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def fill(self) -> None:
+        data = self.sock.recv(262144)
+        if not data:
+            raise ServerClosed("server closed the connection")
+        self.buf += data
+
+    def line(self) -> bytes:
+        while True:
+            e = self.buf.find(b"\r\n")
+            if e >= 0:
+                line = bytes(self.buf[:e])
+                del self.buf[: e + 2]
+                return line
+            self.fill()
+
+    def ok(self, what: str) -> bytes:
+        line = self.line()
+        if not line.startswith(b"+OK"):
+            raise ProtocolError(f"{what}: {line[:200]!r}")
+        return line
+
+    def command(self, text: str, what: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.ok(what)
+
+    def block(self) -> bytes:
+        """The lines of a multi-line response up to the `.` line (CRLF, still stuffed)."""
+        buf = self.buf
+        start = 0
+        while True:
+            if buf[:3] == b".\r\n":  # an empty block (a lone "." inside is stuffed)
+                del buf[:3]
+                return b""
+            e = buf.find(b"\r\n.\r\n", start)
+            if e >= 0:
+                body = bytes(buf[: e + 2])
+                del buf[: e + 5]
+                return body
+            start = max(0, len(buf) - 4)
+            self.fill()
+
+
 class Job:
     def __init__(self, spec: dict) -> None:
         self.spec = spec
@@ -156,12 +226,15 @@ class Job:
 
     # ------------------------------------------------------------ helpers
 
-    def connect(self) -> Session:
+    def connect(self, source: str | None = None) -> Session:
         last: Exception | None = None
+        where = (source, 0) if source else None
         with self.connect_gate:
             for attempt in range(5):
                 try:
-                    sock = socket.create_connection((self.host, self.port), timeout=self.io_timeout)
+                    sock = socket.create_connection(
+                        (self.host, self.port), timeout=self.io_timeout, source_address=where
+                    )
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     return Session(sock, self.stats)
                 except OSError as exc:
@@ -368,6 +441,106 @@ class Job:
 
         self.run_clients(slow, clients)
 
+    # ------------------------------------------------------------ pop3
+
+    def run_pop3(self) -> None:
+        boxes = iter(range(*self.spec["boxes"]))
+        clients = int(self.spec["clients"])
+
+        st = self.stats
+
+        def client(_k: int) -> None:
+            for i in boxes:
+                t0 = perf()
+                for attempt in range(1, LOGIN_ATTEMPTS + 1):
+                    try:
+                        self.pop3_session(i, t0)
+                    except NotLoggedIn as exc:
+                        st.not_logged_in += 1
+                        if len(st.login_examples) < 5:
+                            st.login_examples.append(f"{mailboxes.box(i)}: {exc}"[:300])
+                        if attempt == LOGIN_ATTEMPTS:
+                            st.error("no login", f"{mailboxes.box(i)}: {attempt} attempts")
+                        else:
+                            gevent.sleep(1.0)
+                            continue
+                    except (OSError, ServerClosed, ProtocolError, ConnectionError) as exc:
+                        st.error(type(exc).__name__, f"{mailboxes.box(i)}: {exc}")
+                    break
+                if self.stop.is_set():
+                    return
+
+        self.run_clients(client, clients)
+
+    def pop3_session(self, i: int, t0: float) -> None:
+        """Empty mailbox i: log in, STAT, LIST, UIDL, RETR and check each, DELE each, QUIT.
+
+        NotLoggedIn when the session ends before PASS had its +OK."""
+        st = self.stats
+        name = mailboxes.box(i)
+        per_box = int(self.spec["per_box"])
+        fixed = self.spec.get("fixed_size")
+        expected = range(i * per_box, (i + 1) * per_box)
+        loopback = self.host.startswith("127.")
+        try:
+            s = self.connect(f"127.0.0.{2 + i % 250}" if loopback else None)
+        except ConnectionError as exc:
+            raise NotLoggedIn(exc) from exc
+        p = Pop3(s.sock)
+        try:
+            s.sock.settimeout(self.io_timeout)
+            try:
+                p.ok("greeting")
+                p.command(f"USER {name}", "USER")
+                t1 = perf()
+                p.command(f"PASS {mailboxes.password(name)}", "PASS")
+            except (OSError, ServerClosed, ProtocolError) as exc:
+                raise NotLoggedIn(f"{type(exc).__name__}: {exc}") from exc
+            st.login_latencies.append(perf() - t1)
+            stat = p.command("STAT", "STAT").split()
+            count, total = int(stat[1]), int(stat[2])
+            p.command("LIST", "LIST")
+            sizes = dict(line.split() for line in p.block().split(b"\r\n")[:-1])
+            p.command("UIDL", "UIDL")
+            uidls = dict(line.split() for line in p.block().split(b"\r\n")[:-1])
+            if count != per_box or len(sizes) != count or len(set(uidls.values())) != count:
+                st.error("STAT/LIST/UIDL", f"{name}: {count} {len(sizes)} {len(uidls)}")
+            if total != sum(int(v) for v in sizes.values()):
+                st.error("STAT size is not the sum of LIST", name)
+            seen: set[int] = set()
+            for m in range(1, count + 1):
+                p.command(f"RETR {m}", "RETR")
+                stored = mailboxes.decode(p.block())
+                eol = stored.find(b"\n")
+                if not stored.startswith(b"X-Bench-Id: "):
+                    st.error("RETR: not a bench message", f"{name} #{m}")
+                    continue
+                run, _, num = stored[12:eol].decode("ascii", "replace").rpartition(".")
+                n = int(num) if num.isdigit() else -1
+                if run != self.run_id or n not in expected or n in seen:
+                    st.error("RETR: foreign or repeated message", f"{name} #{m}: {run}.{num}")
+                    continue
+                if stored != mailboxes.content(self.run_id, n, name, fixed):
+                    st.error("RETR: content differs", f"{name} #{m}: message {n}")
+                    continue
+                if int(sizes.get(b"%d" % m, -1)) != mailboxes.crlf_size(stored):
+                    st.error("LIST size differs from the message's", f"{name} #{m}")
+                seen.add(n)
+                st.ok += 1
+                st.bytes += len(stored)
+            for m in range(1, count + 1):
+                p.command(f"DELE {m}", "DELE")
+            p.command("QUIT", "QUIT")
+            st.sessions += 1
+            st.latencies.append(perf() - t0)
+            st.end = time.time()
+            if len(seen) == per_box:
+                st.boxes_ok += 1
+            else:
+                st.error("mailbox not retrieved whole", f"{name}: {len(seen)} of {per_box}")
+        finally:
+            s.close()
+
     # ------------------------------------------------------------ running
 
     def run_clients(self, fn, count: int) -> None:  # type: ignore[no-untyped-def]
@@ -413,6 +586,7 @@ class Job:
                     "ok": self.stats.ok,
                     "err": sum(self.stats.errors.values()),
                     "c": self.connected,
+                    "s": self.stats.sessions,
                 }
             )
             if self.ready.is_set():
@@ -432,7 +606,7 @@ class Job:
         finally:
             reporter.kill()
             watcher.kill()
-        if kind != "load":
+        if kind not in ("load", "pop3"):  # those end at their last 250 / QUIT
             self.stats.end = time.time()
         t = os.times()
         st = self.stats
@@ -454,6 +628,11 @@ class Job:
                 "refused": st.refused,
                 "connect_retries": st.connect_retries,
                 "connected": self.connected,
+                "sessions": st.sessions,
+                "boxes_ok": st.boxes_ok,
+                "login_latencies": st.login_latencies,
+                "not_logged_in": st.not_logged_in,
+                "login_examples": st.login_examples,
                 "cpu": t.user + t.system - t0.user - t0.system,
             }
         )

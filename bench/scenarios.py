@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 
-from . import messages
-from .driver import Outcome, Progress, Worker, pump, run_jobs, split_load
-from .servers import HOST, SMTP_SOURCE, RelaySink, Server
+from . import mailboxes, messages
+from .driver import Outcome, Progress, Worker, nearest_rank, pump, run_jobs, split_load
+from .servers import HOST, SMTP_SOURCE, RelaySink, Server, free_port
 from .verify import Verdict, verify_bench_mail, verify_count
 
 MB = 1024 * 1024
@@ -34,7 +35,8 @@ class Options:
     clients: int | None = None
     size: int | None = None
     keep: bool = False  # keep the server's temp dir
-    mailboxes: int = 100  # recipients are spread over this many mailboxes
+    mailboxes: int | None = None  # recipients are spread over this many (100); pop3: 1,000
+    hash: str = "passwd"  # pop3: the users' argon2id hashes (bench.mailboxes.HASHES)
 
     def pick(self, full: int, quick: int, override: int | None = None) -> int:
         if override is not None:
@@ -117,7 +119,7 @@ def load_once(
             "pipelining": opts.pipelining,
             "deadline": opts.time_limit,
             "io_timeout": 120,
-            "mailboxes": max(opts.mailboxes, rcpts),
+            "mailboxes": max(opts.mailboxes or messages.MAILBOXES, rcpts),
         }
         outcome, srv = run_jobs(
             split_load(spec, opts.workers), label, opts.time_limit + 60, server, total=count
@@ -418,7 +420,7 @@ def relay(server_cls: type[Server], opts: Options) -> list[dict]:
             "pipelining": opts.pipelining,
             "deadline": opts.time_limit,
             "io_timeout": 120,
-            "mailboxes": opts.mailboxes,
+            "mailboxes": opts.mailboxes or messages.MAILBOXES,
             "domain": RELAY_DOMAIN,
         }
         sink_cpu0 = sink.cpu()
@@ -540,6 +542,106 @@ def _relay_row(
     return row
 
 
+def pop3(server_cls: type[Server], opts: Options) -> list[dict]:
+    """1,000 full mailboxes emptied by 200 concurrent POP3 sessions."""
+    boxes = opts.pick(1000, 100, opts.mailboxes)
+    per_box = opts.messages or mailboxes.PER_BOX
+    clients = min(boxes, opts.pick(200, 50, opts.clients))
+    server = server_cls(fsync=opts.fsync)
+    run_id = new_run_id("pop3", server.name)
+    label = f"pop3/{server.name} c={clients}"
+    row: dict = {"scenario": "pop3", "server": server.name, "clients": clients}
+    row.update(mailboxes=boxes, per_box=per_box, hash=opts.hash, size=opts.size)
+    row["client"] = f"bench ({opts.workers} proc)"
+    try:
+        server.pop3_port = free_port()
+        server.pop3_users = mailboxes.hashes(boxes, opts.hash, say=_say)
+        progress = Progress(label + " filling Maildirs", boxes * per_box)
+        files, octets = mailboxes.populate(
+            server.mail_dir,
+            run_id,
+            boxes,
+            per_box,
+            opts.size,
+            lambda done: progress.show(done * per_box, 0),
+        )
+        progress.show(files, 0, f"  {octets / 1e6:,.0f} MB", force=True)
+        row.update(stored_messages=files, stored_mb=octets / 1e6)
+        try:
+            server.start()
+        except RuntimeError as exc:  # e.g. a geosmtp without POP3: its row fails, others run
+            row.update(ok=False, verify=f"could not start: {str(exc).strip()[-300:]}")
+            row["errors"] = {"server did not start": 1}
+            return [row]
+        spec = {
+            "kind": "pop3",
+            "host": HOST,
+            "port": server.pop3_port,
+            "run_id": run_id,
+            "clients": clients,
+            "boxes": [0, boxes, 1],
+            "per_box": per_box,
+            "fixed_size": opts.size,
+            "deadline": opts.time_limit,
+            "io_timeout": 120,
+        }
+        specs = split_load(spec, opts.workers, key="boxes")
+        outcome, srv = run_jobs(specs, label, opts.time_limit + 60, server, total=files, tree=True)
+        server.stop()
+        emptied = mailboxes.check_emptied(server.mail_dir, boxes)
+        row.update(_pop3_figures(outcome, srv))
+        row["verify"] = (
+            f"{outcome.boxes_ok:,} of {boxes:,} mailboxes retrieved whole and byte-exact; "
+            + emptied.summary()
+        )
+        if outcome.not_logged_in:
+            row["verify"] += f"; {outcome.not_logged_in:,} sessions not logged in (tried again)"
+        row["verify_examples"] = emptied.examples
+        row["ok"] = (
+            emptied.ok
+            and not outcome.errors
+            and outcome.boxes_ok == boxes
+            and outcome.sessions == boxes
+            and outcome.ok == files
+        )
+        return [row]
+    finally:
+        server.stop()
+        if not opts.keep:
+            server.cleanup()
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _pop3_figures(outcome: Outcome, srv: dict) -> dict:
+    d = outcome.duration
+    out = outcome.metrics()  # messages, msgs/s, MB/s, session latencies (connect to QUIT)
+    del out["deliveries_per_s"]
+    out.update(
+        sessions=outcome.sessions,
+        sessions_per_s=outcome.sessions / d,
+        login_p50_ms=nearest_rank(outcome.login_latencies, 50),
+        login_p99_ms=nearest_rank(outcome.login_latencies, 99),
+        not_logged_in=outcome.not_logged_in,
+        login_examples=outcome.login_examples,
+        client_cpu_pct=100 * outcome.client_cpu / d,
+    )
+    if "cpu_s" in srv:
+        out["server_cpu_s"] = srv["cpu_s"]
+        out["server_cpu_pct"] = 100 * srv["cpu_s"] / d
+        out["pss_before_mb"] = srv["tree_pss_before_kb"] / 1024
+        out["pss_peak_mb"] = srv["tree_pss_peak_kb"] / 1024
+        out["rss_sum_peak_mb"] = srv["tree_rss_peak_kb"] / 1024
+        out["procs_peak"] = srv["tree_procs_peak"]
+        # What neither the server, the load generator nor the driver used: other programs.
+        others = srv["machine_cpu_s"] - srv["cpu_s"] - outcome.client_cpu - srv["driver_cpu_s"]
+        out["driver_cpu_pct"] = 100 * srv["driver_cpu_s"] / d
+        out["other_cpu_pct"] = 100 * max(0.0, others) / d
+    return out
+
+
 SCENARIOS = {
     "throughput": throughput,
     "fanout": fanout,
@@ -548,4 +650,5 @@ SCENARIOS = {
     "large": large,
     "slow": slow,
     "relay": relay,
+    "pop3": pop3,
 }

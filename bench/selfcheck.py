@@ -4,16 +4,22 @@ The wire form of each message, un-stuffed and with LF endings the way a
 server stores it, must pass the verifier; a flipped byte, a duplicate, a
 missing or an extra message must each fail it. The relay sink must record
 every message's id once, pipelined or not, and the relay check must report a
-lost, a duplicated and an unacknowledged message.
+lost, a duplicated and an unacknowledged message. The POP3 client must empty
+a toy POP3 server's Maildirs cleanly, and catch a flipped byte, a line left
+unstuffed, a missing message, and messages left behind, and log in again
+after a refused login.
 """
 
 from __future__ import annotations
 
 import shutil
+import socketserver
 import tempfile
+import threading
 from pathlib import Path
 
-from . import messages
+from . import mailboxes, messages
+from .mailboxes import crlf_size
 from .verify import verify_bench_mail
 
 
@@ -75,12 +81,14 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     failures += check_relay_sink()
+    failures += check_pop3_client()
     for f in failures:
         print("selfcheck FAILED:", f)
     if not failures:
         print(
             "selfcheck ok: messages round-trip through un-stuffing; the verifier catches faults; "
-            "the relay sink records every id; the relay check catches loss and duplicates"
+            "the relay sink records every id; the relay check catches loss and duplicates; "
+            "the POP3 client and the Maildir check catch corrupt, missing and left-over mail"
         )
     return 1 if failures else 0
 
@@ -146,4 +154,109 @@ def check_relay_sink() -> list[str]:
     r = verdict(range(5), records)
     if r["ok"] or r["unacked_delivered"] != 1:
         failures.append("relay check: an unacknowledged delivery not caught")
+    return failures
+
+
+class _ToyPop3(socketserver.StreamRequestHandler):
+    """Just enough POP3 (RFC 1939) over `server.mail_dir`, with one fault on demand."""
+
+    def handle(self) -> None:
+        srv = self.server
+        fault = srv.fault  # type: ignore[attr-defined]
+        self.wfile.write(b"+OK toy\r\n")
+        box: Path | None = None
+        files: list[Path] = []
+        deleted: set[int] = set()
+        for raw in self.rfile:
+            cmd, _, arg = raw.strip().decode().partition(" ")
+            cmd = cmd.upper()
+            if cmd == "USER":
+                box = srv.mail_dir / arg  # type: ignore[attr-defined]
+                out = b"+OK\r\n"
+            elif cmd == "PASS" and fault == "busy" and box not in srv.refused:  # type: ignore[attr-defined]
+                srv.refused.add(box)  # type: ignore[attr-defined]
+                out = b"-ERR [SYS/TEMP] busy, try later\r\n"
+            elif cmd == "PASS" and box is not None:
+                files = sorted((box / "new").iterdir())
+                if fault == "missing":
+                    files = files[1:]
+                out = b"+OK\r\n"
+            elif cmd == "STAT":
+                size = sum(crlf_size(f.read_bytes()) for f in files)
+                out = b"+OK %d %d\r\n" % (len(files), size)
+            elif cmd in ("LIST", "UIDL"):
+                out = b"+OK\r\n" + b"".join(
+                    b"%d %s\r\n"
+                    % (i, (b"%d" % crlf_size(f.read_bytes())) if cmd == "LIST" else f.name.encode())
+                    for i, f in enumerate(files, 1)
+                )
+                out += b".\r\n"
+            elif cmd == "RETR":
+                data = files[int(arg) - 1].read_bytes()
+                if fault == "flip" and arg == "2":
+                    data = data[:-5] + bytes([data[-5] ^ 1]) + data[-4:]
+                lines = data.split(b"\n")[:-1]
+                if fault != "nostuff":
+                    lines = [b"." + x if x.startswith(b".") else x for x in lines]
+                out = b"+OK\r\n" + b"".join(x + b"\r\n" for x in lines) + b".\r\n"
+            elif cmd == "DELE":
+                deleted.add(int(arg))
+                out = b"+OK\r\n"
+            elif cmd == "QUIT":
+                if fault != "keep":
+                    for i in deleted:
+                        files[i - 1].unlink()
+                self.wfile.write(b"+OK\r\n")
+                return
+            else:
+                out = b"-ERR\r\n"
+            self.wfile.write(out)
+
+
+def check_pop3_client() -> list[str]:
+    """The pop3 scenario's client against a toy server: clean, then each fault."""
+    from .driver import run_jobs
+    from .servers import HOST
+
+    failures: list[str] = []
+    sizes = [mailboxes.size(n) for n in range(2000)]
+    if min(sizes) < mailboxes.MIN_SIZE or max(sizes) > mailboxes.MAX_SIZE:
+        failures.append(f"pop3 sizes out of range: {min(sizes)}..{max(sizes)}")
+    for fault, want in [
+        ("none", None),
+        ("busy", None),  # each first login refused: tried again, then clean
+        ("flip", "RETR: content differs"),
+        ("nostuff", None),  # any error: the stream is out of step
+        ("missing", "STAT/LIST/UIDL"),
+        ("keep", "left"),
+    ]:
+        root = Path(tempfile.mkdtemp(prefix="bench-selfcheck-pop3-"))
+        server = socketserver.ThreadingTCPServer((HOST, 0), _ToyPop3)
+        server.daemon_threads = True
+        server.mail_dir = root  # type: ignore[attr-defined]
+        server.fault = fault  # type: ignore[attr-defined]
+        server.refused = set()  # type: ignore[attr-defined]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        try:
+            thread.start()
+            run = f"selfcheck-pop3-{fault}"
+            mailboxes.populate(root, run, 3, per_box=4)
+            spec = {"kind": "pop3", "host": HOST, "port": server.server_address[1]}
+            spec.update(run_id=run, clients=2, boxes=[0, 3, 1], per_box=4, deadline=60)
+            outcome, _ = run_jobs([spec], f"selfcheck pop3 {fault}", 90)
+            emptied = mailboxes.check_emptied(root, 3)
+            errors = " ".join(outcome.errors)
+            clean = not outcome.errors and outcome.boxes_ok == 3 and emptied.ok
+            if fault in ("none", "busy") and not clean:
+                failures.append(f"pop3 client, {fault}: {outcome.examples} {emptied.summary()}")
+            elif fault == "busy" and outcome.not_logged_in != 3:
+                failures.append(f"pop3 client: {outcome.not_logged_in} refused logins, not 3")
+            elif fault == "keep" and emptied.ok:
+                failures.append("pop3 check: messages left behind not caught")
+            elif fault not in ("none", "busy", "keep") and (clean or (want and want not in errors)):
+                failures.append(f"pop3 client, fault {fault}: not caught ({errors or 'clean'})")
+        finally:
+            server.shutdown()
+            server.server_close()
+            shutil.rmtree(root, ignore_errors=True)
     return failures

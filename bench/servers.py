@@ -8,6 +8,13 @@ loopback port, a subprocess, and "ready" once it answers 220.
   the temp dir) delivering to virtual Maildirs; needs root and the postfix
   package. Its 250 means "queued"; delivery to the Maildir follows, and the
   bench waits for the queue to drain before it checks the Maildir.
+- `dovecot`: POP3 only (the pop3 scenario): a private Dovecot
+  (`bench/peers/dovecot.py`) serving the same Maildirs and users, as
+  packaged (a process per connection); `dovecot-perf`: the same in its
+  high-performance mode.
+
+For the pop3 scenario a server gets `pop3_port` and `pop3_users` (user ->
+argon2id hash) before it starts; geosmtp then also listens for POP3.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +29,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+from . import probe
+from .peers import dovecot as dovecot_peer
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -36,29 +45,12 @@ RELAY_CONCURRENCY = 20
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    return probe.free_port(HOST)
 
 
 def greets(port: int, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            data = b""
-            while b"\r\n" not in data:
-                chunk = s.recv(1024)
-                if not chunk:
-                    return False
-                data += chunk
-            s.sendall(b"QUIT\r\n")
-            try:
-                s.recv(1024)
-            except OSError:
-                pass
-            return data.startswith(b"220")
-    except OSError:
-        return False
+    """Does an SMTP server answer 220 on the port?"""
+    return probe.greets(HOST, port, b"220", timeout)
 
 
 # ---------------------------------------------------------------- /proc
@@ -84,6 +76,47 @@ def proc_mem(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def tree_mem(pid: int) -> dict[str, int]:
+    """Rss and Pss in kB summed over `pid` and its descendants, and how many they are."""
+    out = {"rss": 0, "pss": 0, "procs": 0}
+    for p in probe.process_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("Rss", "Pss"):
+                        out[key.lower()] += int(rest.split()[0])
+            out["procs"] += 1
+        except (OSError, ValueError, IndexError):
+            pass  # ended meanwhile
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its descendants, the ended ones too
+    (as far as their parents reaped them: cutime and cstime)."""
+    total = 0
+    for p in probe.process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += sum(int(x) for x in fields[11:15])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / CLK_TCK
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 def reset_peak(pid: int) -> bool:
@@ -172,6 +205,9 @@ class Server:
         self.stopped = False
         #: The relay scenario: the sink's port, where mail for other domains goes.
         self.relay_port: int | None = None
+        #: The pop3 scenario: the POP3 port, and user -> argon2id password hash.
+        self.pop3_port: int | None = None
+        self.pop3_users: dict[str, str] = {}
         self.log = open(self.root / "server.out", "wb")  # noqa: SIM115
 
     @classmethod
@@ -210,7 +246,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.output()}")
-            if greets(self.port):
+            if greets(self.port) and (
+                self.pop3_port is None or probe.greets(HOST, self.pop3_port, b"+OK")
+            ):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not answer on port {self.port}: {self.output()}")
@@ -227,6 +265,12 @@ class Server:
 
     def cpu(self) -> float:
         return proc_cpu(self.pid) if self.measurable else 0.0
+
+    def tree_mem(self) -> dict[str, int]:
+        return tree_mem(self.pid)
+
+    def tree_cpu(self) -> float:
+        return tree_cpu(self.pid)
 
     def drain(self, expected_files: int, timeout: float = 180.0) -> None:
         """Wait until delivery is complete (only Postfix delivers after its 250)."""
@@ -270,6 +314,13 @@ class Geosmtp(Server):
             "limits": {"max_message_size": self.max_size, "max_recipients": 100},
             "log": {"dir": "logs", "level": "WARNING"},
         }
+        if self.pop3_port is not None:
+            # A POP3 listener beside SMTP; the users log in with USER/PASS over
+            # plain TCP on loopback (allow_plaintext), their hashes as `geosmtp passwd`
+            # makes them (or cheap ones: --hash cheap).
+            config["listeners"].append({"address": HOST, "port": self.pop3_port, "role": "pop3"})
+            config["users"] = {u: {"password": h} for u, h in self.pop3_users.items()}
+            config["auth"] = {"allow_plaintext": True}
         if self.relay_port is not None:
             config["trusted_networks"] = ["127.0.0.0/8"]
             config["relay"] = {
@@ -544,11 +595,68 @@ class Postfix(Server):
         self.log.close()
 
 
+class Dovecot(Server):
+    """POP3 only: a private Dovecot (`bench/peers/dovecot.py`) on `pop3_port`,
+    serving `mail_dir` to `pop3_users` (their argon2id hashes, as `{ARGON2ID}`)."""
+
+    name = "dovecot"
+    #: Dovecot's high-performance mode (long-lived login processes, pop3
+    #: processes reused) instead of the packaged default (a process each).
+    performance = False
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.instance: dovecot_peer.Dovecot | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return dovecot_peer.available()
+
+    @property
+    def pid(self) -> int:
+        assert self.instance is not None
+        return self.instance.pid
+
+    def start(self, timeout: float = 20.0) -> None:
+        if self.pop3_port is None:
+            raise RuntimeError("dovecot serves POP3 only (the pop3 scenario)")
+        os.chmod(self.root, 0o755)  # its mail user (nobody, under root) reaches mail_dir
+        self.instance = dovecot_peer.Dovecot(
+            self.mail_dir,
+            self.pop3_users,
+            host=HOST,
+            port=self.pop3_port,
+            root=self.root / "dovecot",
+            performance=self.performance,
+        )
+        self.instance.start(timeout)
+
+    def output(self) -> str:
+        return self.instance.log()[-2000:] if self.instance is not None else ""
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.instance is not None:
+            self.instance.stop()
+        self.log.close()
+
+
+class DovecotPerformance(Dovecot):
+    """The same, tuned as its documentation advises for a busy server."""
+
+    name = "dovecot-perf"
+    performance = True
+
+
 SERVERS: dict[str, type[Server]] = {
     "geosmtp": Geosmtp,
     "aiosmtpd": Aiosmtpd,
     "postfix": Postfix,
     "smtp-sink": SmtpSink,
+    "dovecot": Dovecot,
+    "dovecot-perf": DovecotPerformance,
 }
 
 
