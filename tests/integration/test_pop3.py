@@ -16,7 +16,7 @@ import pytest
 
 from geosmtp.storage.maildir import Maildir
 from tests.conftest import listeners, users, wait_until
-from tests.integration.adminapi import admin_of, admin_section
+from tests.integration.adminapi import admin_of, admin_section, ctl
 from tests.integration.pop3_client import POP3Wire, send_mail, stored_as_sent
 
 PASSWORD = "pop3 secret"
@@ -368,6 +368,26 @@ def test_access_log_metrics_and_sessions(pop_server, certs):
         line.startswith("geosmtp_pop3_deleted_messages_total") and line.endswith(" 1.0")
         for line in metrics.splitlines()
     )
+
+
+def test_ctl_lists_and_kicks_a_pop3_session(pop_server, certs):
+    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
+    admin = admin_of(pop_server)
+    admin.quiet()
+    with POP3Wire.connect(pop_server.ports["pop3s"], context=certs.client_context()) as wire:
+        wire.cmd("USER alice")
+        assert wire.cmd(f"PASS {PASSWORD}").startswith(b"+OK")
+        assert wire.cmd("DELE 1").startswith(b"+OK")
+        listing = ctl(pop_server, "sessions")
+        assert listing.returncode == 0, listing.stderr
+        (row,) = [line.split() for line in listing.stdout.splitlines() if "pop3s:" in line]
+        assert row[3] == "transaction" and row[-1] == "alice"
+        kick = ctl(pop_server, "kick", row[0])
+        assert kick.returncode == 0, kick.stderr
+        line = wire.line()
+        assert line.startswith(b"-ERR") and b"administrator" in line
+        assert wire.closed()
+    assert len(stored(pop_server)) == 1  # kicked before QUIT: nothing deleted
 
 
 def test_retr_of_a_large_message_streams_in_bounded_memory(make_server):
