@@ -33,7 +33,7 @@ def test_bundled_config_is_valid():
     assert {(li.address, li.port) for li in mx} == {("127.0.0.1", 2525), ("::1", 2525)}
     roles = {li.role: li.port for li in config.listeners if li.role != "mx"}
     # Ports any user may bind: the README's first command works without root.
-    assert roles == {"submission": 2587, "submissions": 2465}
+    assert roles == {"submission": 2587, "submissions": 2465, "pop3": 2110, "pop3s": 2995}
     assert all(li.port >= 1024 for li in config.listeners) and config.admin.port >= 1024
     assert config.tls.self_signed and all(u.password for u in config.users.values())
 
@@ -47,6 +47,8 @@ def test_production_example_is_valid():
         "mx": {("0.0.0.0", 25), ("::", 25)},
         "submission": {("0.0.0.0", 587), ("::", 587)},
         "submissions": {("0.0.0.0", 465), ("::", 465)},
+        "pop3": {("0.0.0.0", 110), ("::", 110)},
+        "pop3s": {("0.0.0.0", 995), ("::", 995)},
     }
     assert config.users == {} and config.auth.users_file is None  # no demo accounts
     assert not config.tls.self_signed
