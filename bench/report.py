@@ -141,12 +141,12 @@ def _pop3_table(agg: dict) -> str:
         "the messages retrieved, per second; login: PASS to its +OK; not logged in: sessions "
         "the server refused or dropped before PASS had its +OK (each tried again a second later, "
         "up to 5 times, as a mail program polls again); session: from the first connect to "
-        "QUIT's +OK; server CPU and peak PSS: "
-        "summed over the server's processes (sampled every 0.5 s); other CPU: what the rest "
-        "of the machine used meanwhile (all busy CPU but the server's, the load generator's and "
-        "the bench driver's; 200% = both cores): a run with much of it was disturbed; "
-        "processes: the most seen at once; check: every message came back once, byte-exact, "
-        "and every Maildir is empty."
+        "QUIT's +OK; server CPU and peak PSS: summed over the server's processes (sampled "
+        "every 0.5 s, less often when that is costly); other CPU: what the rest of the machine "
+        "used meanwhile (all busy CPU but the server's, the load generator's and the bench "
+        "driver's; 200% = both cores): a run with much of it was disturbed; processes: the "
+        "most seen at once; check: every message came back once, byte-exact, and every "
+        "Maildir is empty."
     )
     return "\n".join(lines) + "\n\n" + targets("pop3", agg)
 
