@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.client == "smtp-source" and args.scenario not in ("throughput", "fanout", "scaling"):
         print("--client smtp-source: only throughput, fanout and scaling", file=sys.stderr)
         return 2
+    if args.cmd == "profile" and args.scenario == "pop3":
+        print("profile: SMTP scenarios only", file=sys.stderr)
+        return 2
     if args.cmd == "profile":
         from .profile import profile
 

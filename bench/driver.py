@@ -281,7 +281,9 @@ def run_jobs(
 
     `tree`: the server is a tree of processes (Dovecot forks one per session):
     its CPU and memory are summed over the tree (`tree_*` figures; PSS, so
-    the pages they share count once), sampled every half second. The whole
+    the pages they share count once), sampled every half second, or less
+    often when a sample is costly (reading PSS of hundreds of processes):
+    the sampling takes at most 5% of a core. The whole
     machine's busy CPU time is taken too, and the driver's own, so that what
     other programs took meanwhile can be told (`machine_cpu_s`, `driver_cpu_s`).
     """
@@ -294,16 +296,17 @@ def run_jobs(
         first = server.tree_mem()
         srv["tree_pss_before_kb"] = first["pss"]
         peak = dict(first)
-        last = [0.0]
+        due = [0.0]
 
         def sample() -> None:
             now = time.monotonic()
-            if now - last[0] < 0.5:
+            if now < due[0]:
                 return
-            last[0] = now
             m = server.tree_mem()
             for k in peak:
                 peak[k] = max(peak[k], m[k])
+            took = time.monotonic() - now
+            due[0] = now + max(0.5, 20 * took)
 
         cpu0 = server.tree_cpu()
         machine0, driver0 = machine_cpu(), _own_cpu()

@@ -141,12 +141,12 @@ def _pop3_table(agg: dict) -> str:
         "the messages retrieved, per second; login: PASS to its +OK; not logged in: sessions "
         "the server refused or dropped before PASS had its +OK (each tried again a second later, "
         "up to 5 times, as a mail program polls again); session: from the first connect to "
-        "QUIT's +OK; server CPU and peak PSS: "
-        "summed over the server's processes (sampled every 0.5 s); other CPU: what the rest "
-        "of the machine used meanwhile (all busy CPU but the server's, the load generator's and "
-        "the bench driver's; 200% = both cores): a run with much of it was disturbed; "
-        "processes: the most seen at once; check: every message came back once, byte-exact, "
-        "and every Maildir is empty."
+        "QUIT's +OK; server CPU and peak PSS: summed over the server's processes (sampled "
+        "every 0.5 s, less often when that is costly); other CPU: what the rest of the machine "
+        "used meanwhile (all busy CPU but the server's, the load generator's and the bench "
+        "driver's; 200% = both cores): a run with much of it was disturbed; processes: the "
+        "most seen at once; check: every message came back once, byte-exact, and every "
+        "Maildir is empty."
     )
     return "\n".join(lines) + "\n\n" + targets("pop3", agg)
 
@@ -293,8 +293,13 @@ def targets(scenario: str, agg: dict) -> str:
             line(None, "geosmtp delivery rate ≥ Postfix's")
     if base == "pop3":
         dc = next((a for (s, _c), a in agg.items() if s == "dovecot"), None)
-        line(ref["ok"], "geosmtp: every message retrieved byte-exact, nothing left behind")
-        if dc is not None and _num(ref.get("sessions_per_s")):
+        ran = _num(ref.get("sessions")) and ref["sessions"] > 0
+        line(
+            ref["ok"] if ran else None,
+            "geosmtp: every message retrieved byte-exact, nothing left behind"
+            + ("" if ran else " (geosmtp did not run)"),
+        )
+        if dc is not None and ran:
             r = ref["sessions_per_s"] / max(1e-9, dc.get("sessions_per_s", 0))
             line(r >= 1, f"geosmtp sessions/s ≥ Dovecot's (measured {r:.2f}x)")
         else:
@@ -405,5 +410,8 @@ def _bars(ax, agg, servers, field, ylabel, label=None, shift=0.0):  # type: igno
         highs.append(max(every) - v if _num(v) else 0)
     xs = [i + shift for i in range(len(servers))]
     ax.bar(xs, vals, width=0.4 if shift else 0.6, yerr=[lows, highs], capsize=4, label=label)
+    for x, v in zip(xs, vals, strict=True):
+        if not _num(v):  # e.g. a server that could not start
+            ax.annotate("no result", (x, 0), ha="center", va="bottom", color="gray")
     ax.set_xticks(range(len(servers)), servers)
     ax.set_ylabel(ylabel)
