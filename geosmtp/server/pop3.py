@@ -14,8 +14,7 @@ a connection that drops deletes nothing (RFC 1939 §6).
 from __future__ import annotations
 
 import socket
-import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import gevent
 from loguru import logger
@@ -37,7 +36,7 @@ from ..pop3 import replies as R
 from ..pop3.stuffing import MessageEncoder
 from ..storage import StorageError
 from ..storage.maildir import MaildropBusy, uid_for
-from .stream import READ_SIZE, ClientTimeout, HandshakeFailed, ShutdownRequested, StreamSession
+from .stream import READ_SIZE, ClientTimeout, StreamSession
 
 if TYPE_CHECKING:
     from ..app import App
@@ -83,7 +82,7 @@ class POP3Session(StreamSession):
             self._send(out)
 
     def _sync_metrics(self) -> None:
-        self._sync_bytes()
+        super()._sync_metrics()
         commands = self.conn.commands
         if commands != self._commands_counted:
             self.pm.commands.inc(commands - self._commands_counted)
@@ -112,76 +111,56 @@ class POP3Session(StreamSession):
 
     # ------------------------------------------------------------ the loop
 
-    def run(self) -> None:
+    CLOSING: ClassVar[dict[str, object]] = {
+        "timeout": R.AUTOLOGOUT,
+        "shutdown": R.SHUTTING_DOWN,
+        "kicked": R.KICKED,
+        "error": R.INTERNAL_ERROR,
+    }
+    PROTOCOL = "pop3"
+
+    def _serve(self) -> None:
         conn = self.conn
-        logger.debug("pop3 session {} connect from [{}]:{}", self.id, self.peer, self.peer_port)
-        try:
-            if conn.tls:  # an implicit-TLS listener (pop3s): handshake before the greeting
+        if conn.tls:  # an implicit-TLS listener (pop3s): handshake before the greeting
+            self._handshake()
+        self._send(conn.greeting())
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                conn.receive_data(self._read())
+            elif type(event) is Retrieve:
+                self._retrieve(event)
+            elif type(event) is AuthRequest:
+                self._login(event.credentials)
+            elif type(event) is Update:
+                self._update(event)
+            elif type(event) is StartTLS:
+                self._flush()
                 self._handshake()
-            self._send(conn.greeting())
-            while True:
-                event = conn.next_event()
-                if event is NEED_DATA:
-                    self._flush()
-                    conn.receive_data(self._read())
-                elif type(event) is Retrieve:
-                    self._retrieve(event)
-                elif type(event) is AuthRequest:
-                    self._login(event.credentials)
-                elif type(event) is Update:
-                    self._update(event)
-                elif type(event) is StartTLS:
-                    self._flush()
-                    self._handshake()
-                    conn.tls_started()
-                elif type(event) is CloseConnection:
-                    self._flush()
-                    if self.outcome == "lost":  # else set where the close was decided
-                        too_many = conn.bad_commands >= conn.max_bad_commands
-                        self.outcome = "errors" if too_many else "quit"
-                    break
-                elif type(event) is ConnectionClosed:
-                    logger.debug("pop3 session {} lost the client", self.id)
-                    self._flush()
-                    break
-                else:
-                    raise RuntimeError(f"the POP3 core waits for a verdict in {conn.state}")
-        except ClientTimeout:
-            self.outcome = "timeout"
-            self._close_with(R.AUTOLOGOUT)
-        except ShutdownRequested:
-            self.outcome = "kicked" if self.kicked else "shutdown"
-            self._close_with(R.KICKED if self.kicked else R.SHUTTING_DOWN)
-        except HandshakeFailed as exc:
-            self.outcome = "tls_failed"
-            logger.debug("pop3 session {}: TLS handshake failed: {}", self.id, exc)
-        except OSError as exc:  # the socket: storage errors are StorageError, handled where met
-            self.outcome = "lost"
-            logger.debug("pop3 session {} socket error: {}", self.id, exc)
-        except Exception:
-            # A bug in the core or in this shell: the client hears -ERR, the log
-            # gets the traceback, other sessions go on; nothing is deleted.
-            self.outcome = "error"
-            logger.exception("pop3 session {} [{}]: internal error", self.id, self.peer)
-            self._close_with(R.INTERNAL_ERROR)
-        finally:
-            self._release()
-            self._sync_metrics()
-            self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
-            if self.user is not None:
-                self._access(
-                    self.outcome,
-                    retr=f"{self.retr[0]}/{self.retr[1]}",
-                    top=f"{self.top[0]}/{self.top[1]}",
-                    dele=f"{self.deleted}/{len(self.messages)}",
-                )
-            self._close_socket()
-            logger.debug(
-                "pop3 session {} closed after {:.3f}s, in={} out={}",
-                self.id,
-                time.monotonic() - self.started,
-                self.bytes_in,
-                self.bytes_out,
+                conn.tls_started()
+            elif type(event) is CloseConnection:
+                self._flush()
+                if self.outcome == "lost":  # else set where the close was decided
+                    too_many = conn.bad_commands >= conn.max_bad_commands
+                    self.outcome = "errors" if too_many else "quit"
+                break
+            elif type(event) is ConnectionClosed:
+                logger.debug("pop3 session {} lost the client", self.id)
+                self._flush()
+                break
+            else:
+                raise RuntimeError(f"the POP3 core waits for a verdict in {conn.state}")
+
+    def _ended(self) -> None:
+        """Release the maildrop (never deleting anything here) and log the logout."""
+        self._release()
+        if self.user is not None:
+            self._access(
+                self.outcome,
+                retr=f"{self.retr[0]}/{self.retr[1]}",
+                top=f"{self.top[0]}/{self.top[1]}",
+                dele=f"{self.deleted}/{len(self.messages)}",
             )
 
     def _close_with(self, text: str) -> None:

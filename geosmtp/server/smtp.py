@@ -11,7 +11,7 @@ from __future__ import annotations
 import email.utils
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import gevent
 from loguru import logger
@@ -37,7 +37,7 @@ from ..smtp import (
 from ..smtp import replies as R
 from ..smtp.trace import trace_headers
 from ..storage import SpoolFile, StorageError
-from .stream import ClientTimeout, HandshakeFailed, ShutdownRequested, StreamSession
+from .stream import ClientTimeout, StreamSession
 
 if TYPE_CHECKING:
     from ..app import App
@@ -128,93 +128,70 @@ class SMTPSession(StreamSession):
 
     # ------------------------------------------------------------ the loop
 
-    def run(self) -> None:
+    CLOSING: ClassVar[dict[str, object]] = {
+        "timeout": R.TIMEOUT,
+        "shutdown": R.SHUTTING_DOWN,
+        "kicked": R.KICKED,
+        "error": R.INTERNAL_ERROR,
+    }
+    PROTOCOL = "smtp"
+
+    def _serve(self) -> None:
         conn = self.conn
-        logger.debug("session {} connect from [{}]:{}", self.id, self.peer, self.peer_port)
-        try:
-            if self.conn.tls:  # an implicit-TLS listener: handshake before the greeting
+        if conn.tls:  # an implicit-TLS listener: handshake before the greeting
+            self._handshake()
+        greeting = conn.greeting()
+        self.sock.sendall(greeting)
+        self.bytes_out += len(greeting)
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                # b"" when the client has closed its side: the core then
+                # answers ConnectionClosed.
+                conn.receive_data(self._read())
+            elif type(event) is MessageData:
+                self.sniffer.feed(event.data)  # type: ignore[union-attr]
+                self._spool_write(event.data)
+            elif type(event) is MessageStart:
+                self._start_message(event.envelope)
+            elif type(event) is MessageEnd:
+                self._deliver(event.envelope, event.size)
+            elif type(event) is TransactionRejected:
+                self._rejected(event)
+            elif type(event) is TransactionAborted:
+                self._discard_spool()
+                self._log_transaction(event.envelope, "aborted", size=event.size, reason=event.by)
+            elif type(event) is StartTLS:
+                self._flush()
                 self._handshake()
-            greeting = conn.greeting()
-            self.sock.sendall(greeting)
-            self.bytes_out += len(greeting)
-            while True:
-                event = conn.next_event()
-                if event is NEED_DATA:
-                    self._flush()
-                    # b"" when the client has closed its side: the core then
-                    # answers ConnectionClosed.
-                    conn.receive_data(self._read())
-                elif type(event) is MessageData:
-                    self.sniffer.feed(event.data)  # type: ignore[union-attr]
-                    self._spool_write(event.data)
-                elif type(event) is MessageStart:
-                    self._start_message(event.envelope)
-                elif type(event) is MessageEnd:
-                    self._deliver(event.envelope, event.size)
-                elif type(event) is TransactionRejected:
-                    self._rejected(event)
-                elif type(event) is TransactionAborted:
-                    self._discard_spool()
-                    self._log_transaction(
-                        event.envelope, "aborted", size=event.size, reason=event.by
-                    )
-                elif type(event) is StartTLS:
-                    self._flush()
-                    self._handshake()
-                    conn.tls_started()
-                elif type(event) is AuthRequest:
-                    self._authenticate(event.credentials)
-                elif type(event) is CloseConnection:
-                    self._flush()
-                    code = event.reply.code if event.reply else 221
-                    self.outcome = "quit" if code == 221 else "errors"
-                    break
-                elif type(event) is ConnectionClosed:
-                    logger.debug("session {} lost the client", self.id)
-                    self._flush()  # a half-closed client may still read
-                    break
-                else:
-                    # PAUSED: every branch above gives the core its verdict before
-                    # asking for the next event, so a wait here is a bug.
-                    raise RuntimeError(f"the SMTP core waits for a verdict in {conn.state}")
-        except ClientTimeout:
-            self.outcome = "timeout"
-            self._close_with(R.TIMEOUT)
-        except ShutdownRequested:
-            self.outcome = "kicked" if self.kicked else "shutdown"
-            self._close_with(R.KICKED if self.kicked else R.SHUTTING_DOWN)
-        except HandshakeFailed as exc:
-            self.outcome = "tls_failed"
-            logger.debug("session {}: TLS handshake failed: {}", self.id, exc)
-        except OSError as exc:  # the socket: storage errors are StorageError, handled above
-            self.outcome = "lost"
-            logger.debug("session {} socket error: {}", self.id, exc)
-        except Exception:
-            # A bug in the core or in this shell: the client hears 421 (RFC 5321
-            # §3.8), the log gets the traceback, other sessions go on.
-            self.outcome = "error"
-            logger.exception("session {} [{}]: internal error", self.id, self.peer)
-            self._close_with(R.INTERNAL_ERROR)
-        finally:
-            self._sync_metrics()
-            self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
-            self._discard_spool()
-            envelope = self.conn.envelope
-            if envelope is not None and envelope is not self.logged:
-                # The session ended inside a transaction: QUIT, a lost client, a
-                # timeout, a stop, a kick, too many errors.
-                state = self.conn.closed_in or self.conn.state
-                size = self.conn.message_size if state in (State.DATA, State.BDAT) else 0
-                self._log_transaction(
-                    envelope, "aborted", size=size, stage=state.name, reason=self.outcome
-                )
-            self._close_socket()
-            logger.debug(
-                "session {} closed after {:.3f}s, in={} out={}",
-                self.id,
-                time.monotonic() - self.started,
-                self.bytes_in,
-                self.bytes_out,
+                conn.tls_started()
+            elif type(event) is AuthRequest:
+                self._authenticate(event.credentials)
+            elif type(event) is CloseConnection:
+                self._flush()
+                code = event.reply.code if event.reply else 221
+                self.outcome = "quit" if code == 221 else "errors"
+                break
+            elif type(event) is ConnectionClosed:
+                logger.debug("session {} lost the client", self.id)
+                self._flush()  # a half-closed client may still read
+                break
+            else:
+                # PAUSED: every branch above gives the core its verdict before
+                # asking for the next event, so a wait here is a bug.
+                raise RuntimeError(f"the SMTP core waits for a verdict in {conn.state}")
+
+    def _ended(self) -> None:
+        self._discard_spool()
+        envelope = self.conn.envelope
+        if envelope is not None and envelope is not self.logged:
+            # The session ended inside a transaction: QUIT, a lost client, a
+            # timeout, a stop, a kick, too many errors.
+            state = self.conn.closed_in or self.conn.state
+            size = self.conn.message_size if state in (State.DATA, State.BDAT) else 0
+            self._log_transaction(
+                envelope, "aborted", size=size, stage=state.name, reason=self.outcome
             )
 
     def _close_with(self, reply: R.Reply) -> None:

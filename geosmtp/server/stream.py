@@ -13,10 +13,11 @@ import itertools
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gevent
 from gevent import socket as gsocket
+from loguru import logger
 
 if TYPE_CHECKING:
     from ..app import App
@@ -43,7 +44,17 @@ _session_ids = itertools.count(1)
 
 
 class StreamSession:
-    """One client connection; subclasses add the protocol."""
+    """One client connection; subclasses add the protocol.
+
+    A subclass gives `_serve()` (the protocol loop), `_close_with(reply)`,
+    `CLOSING` (its closing reply for each way the server ends a session),
+    `_sync_metrics()` and `_ended()` (its own cleanup); `run()` turns the ways
+    a session can end into outcomes, the same for every protocol.
+    """
+
+    #: The reply the server closes with, by outcome: timeout, shutdown, kicked, error.
+    CLOSING: ClassVar[dict[str, Any]] = {}
+    PROTOCOL = ""
 
     def __init__(
         self,
@@ -174,3 +185,56 @@ class StreamSession:
                 gsocket.socket.shutdown(self.sock, socket.SHUT_RD)
             except OSError:
                 pass
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        logger.debug(
+            "{} session {} connect from [{}]:{}", self.PROTOCOL, self.id, self.peer, self.peer_port
+        )
+        try:
+            self._serve()
+        except ClientTimeout:
+            self.outcome = "timeout"
+            self._close_with(self.CLOSING["timeout"])
+        except ShutdownRequested:
+            self.outcome = "kicked" if self.kicked else "shutdown"
+            self._close_with(self.CLOSING[self.outcome])
+        except HandshakeFailed as exc:
+            self.outcome = "tls_failed"
+            logger.debug("session {}: TLS handshake failed: {}", self.id, exc)
+        except OSError as exc:  # the socket: storage errors are StorageError, handled where met
+            self.outcome = "lost"
+            logger.debug("session {} socket error: {}", self.id, exc)
+        except Exception:
+            # A bug in the core or in the shell: the client hears the protocol's
+            # "internal error", the log gets the traceback, other sessions go on.
+            self.outcome = "error"
+            logger.exception("session {} [{}]: internal error", self.id, self.peer)
+            self._close_with(self.CLOSING["error"])
+        finally:
+            self._sync_metrics()
+            self.metrics.session_ended(self.outcome, time.monotonic() - self.started)
+            self._ended()
+            self._close_socket()
+            logger.debug(
+                "session {} closed after {:.3f}s, in={} out={}",
+                self.id,
+                time.monotonic() - self.started,
+                self.bytes_in,
+                self.bytes_out,
+            )
+
+    def _serve(self) -> None:
+        """The protocol's loop, to the end of the session."""
+        raise NotImplementedError
+
+    def _close_with(self, reply: Any) -> None:
+        """Queue the protocol's closing `reply` and send it, if the client still listens."""
+        raise NotImplementedError
+
+    def _sync_metrics(self) -> None:
+        self._sync_bytes()
+
+    def _ended(self) -> None:
+        """The protocol's cleanup once the session is over (before the socket closes)."""
