@@ -14,6 +14,8 @@ it leaves.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import re
 import time
@@ -45,6 +47,8 @@ _BLOCK = 64 * 1024
 _HEADER_END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(\r\n|\r(?!\n)|\n)")
 
 Offload = Callable[..., object]
+#: copy_file_range(2) refused for the file, not for a fault: copy in blocks.
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 @dataclass
@@ -116,11 +120,9 @@ def write_spool(
             if keep(name, lines):
                 new.write(b"".join(lines))
         new.write(head.separator)
-        with open(path, "rb") as f:
-            f.seek(head.body_offset)
-            while block := f.read(_BLOCK):
-                new.write(block)
         new.flush()
+        with open(path, "rb") as f:
+            _copy_rest(f.fileno(), new.fd, head.body_offset)
     except OSError as exc:
         new.remove()
         raise StorageError.wrap(exc) from exc
@@ -128,6 +130,27 @@ def write_spool(
         new.remove()
         raise
     return new
+
+
+def _copy_rest(src: int, dst: int, offset: int) -> None:
+    """The file `src` from `offset` to its end, appended to `dst`: in the kernel
+    (copy_file_range(2): no copy through Python, a reflink where the filesystem
+    can), else in blocks."""
+    end = os.fstat(src).st_size
+    try:
+        while offset < end:
+            copied = os.copy_file_range(src, dst, end - offset, offset)
+            if copied == 0:
+                break
+            offset += copied
+        return
+    except (AttributeError, OSError) as exc:  # not Linux, or a filesystem without it
+        if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
+            raise
+    while offset < end and (block := os.pread(src, _BLOCK, offset)):
+        offset += len(block)
+        while block:
+            block = block[os.write(dst, block) :]
 
 
 def hash_bodies(path: str, offset: int, wanted: set) -> dict:

@@ -7,6 +7,8 @@ tests/integration/test_sender_auth.py.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import dkim
@@ -307,3 +309,15 @@ def test_build_signer_reads_the_configured_keys(tmp_path):
     )
     key = built.key_for("xn--bcher-kva.example")
     assert (key.domain, key.selector, built.headers) == ("xn--bcher-kva.example", "s1", [b"from"])
+
+
+def test_the_body_is_copied_whole_without_copy_file_range(spool, monkeypatch):
+    def refuse(*args):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    body = bytes(range(256)) * 1000 + b"\n"  # over one block, every octet value
+    message = spooled(spool, HEAD + b"\n" + body)
+    result, data = run(checks(spool), message)
+    assert isinstance(result, Replace)
+    assert data.endswith(HEAD + b"\n" + body)
