@@ -321,3 +321,23 @@ def test_the_body_is_copied_whole_without_copy_file_range(spool, monkeypatch):
     result, data = run(checks(spool), message)
     assert isinstance(result, Replace)
     assert data.endswith(HEAD + b"\n" + body)
+
+
+def test_a_large_message_is_worked_on_in_the_threadpool(spool, monkeypatch):
+    monkeypatch.setattr(stages, "INLINE_LIMIT", 100)
+    offloaded = []
+
+    def offload(fn, *args):  # type: ignore[no-untyped-def]
+        offloaded.append(fn.__name__)
+        return fn(*args)
+
+    stage = SenderChecks(AuthChecks(enabled=True), HOST, FakeResolver(ZONE), spool,
+                         lambda ip: False, offload)  # fmt: skip
+    result, _ = run(stage, spooled(spool, signed_by_dkimpy(HEAD)))
+    assert isinstance(result, Replace)
+    assert offloaded == ["read_head", "hash_bodies", "verify", "write_spool"]
+    offloaded.clear()
+    signer_stage = DKIMSign(signer(), spool, lambda ip: False, offload)
+    message = spooled(spool, HEAD + b"\n" + BODY, rcpts=(REMOTE,), auth_user="alice")
+    assert isinstance(run(signer_stage, message)[0], Replace)
+    assert offloaded == ["_sign"]
