@@ -334,3 +334,21 @@ def test_outgoing_mail_is_signed_and_verifies_elsewhere(make_server, dns, keygen
     # Our own inbound check agrees with dkimverify.
     send(recording, "alice@test.example", first.data)
     assert "dkim=pass header.d=test.example header.s=s1" in results(stored(recording, "outgoing"))
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["exa mple.org", "s1"], 2, "geosmtp dkim: exa mple.org: not a domain name"),
+        (["example.org", "bad_selector"], 2, "geosmtp dkim: bad_selector: not a selector"),
+        (["example.org", "s1", "--bits", "512"], 2, "geosmtp dkim: --bits: from 1024 to 4096"),
+        (["example.org", "taken"], 1, "exists; not overwritten"),
+    ],
+)
+def test_keygen_refuses_with_one_line(tmp_path, args, status, message):
+    (tmp_path / "example.org.taken.key").write_text("an older key")
+    result = run_cli("dkim", "keygen", *args, "--dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == status
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+    assert (tmp_path / "example.org.taken.key").read_text() == "an older key"
