@@ -302,7 +302,8 @@ class Server:
 class Geosmtp(Server):
     name = "geosmtp"
 
-    def command(self) -> list[str]:
+    def config(self) -> dict:
+        """The bench's geosmtp config (written to cfg.yaml at start)."""
         config = {
             "hostname": "bench.geosmtp.test",
             "domains": ["bench.test", "localhost"],
@@ -329,8 +330,11 @@ class Geosmtp(Server):
                 "concurrency": RELAY_CONCURRENCY,
                 "per_domain_concurrency": RELAY_CONCURRENCY,
             }
+        return config
+
+    def command(self) -> list[str]:
         path = self.root / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump(self.config()))
         pool = os.environ.get("BENCH_GEOSMTP_THREADPOOL")
         if pool:
             # What-if experiment only: a bigger gevent threadpool, geosmtp unchanged.
@@ -347,6 +351,98 @@ class Geosmtp(Server):
             return sum(1 for e in os.scandir(self.mail_dir / ".queue" / "records") if e.is_file())
         except OSError:
             return 0
+
+
+DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+
+
+class GeosmtpAuth(Geosmtp):
+    """geosmtp with the sender checks on (`auth_checks.enabled`: SPF, DKIM,
+    DMARC, one Authentication-Results field per message), its DNS a private
+    dnsmasq on loopback where the bench's sender domain publishes
+    `v=spf1 ip4:127.0.0.1 -all` and `v=DMARC1; p=reject`. The records have a
+    TTL of 0, so every message asks the DNS (SPF and DMARC: two TXT questions),
+    as for mail from many different domains. The bench's messages are not
+    DKIM-signed: `dkim=none` (what a signature costs on top:
+    bench/experiments/auth_cost.py)."""
+
+    name = "geosmtp+auth"
+    #: Seconds the records may be cached (dnsmasq's --local-ttl).
+    ttl = 0
+
+    @classmethod
+    def available(cls) -> bool:
+        return Path(DNSMASQ).exists()
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.dns_port = free_udp_port()
+        self.dns = subprocess.Popen(
+            [
+                DNSMASQ,
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--pid-file",
+                f"--listen-address={HOST}",
+                "--bind-interfaces",
+                f"--port={self.dns_port}",
+                "--local=/test/",
+                f"--local-ttl={self.ttl}",
+                "--txt-record=bench.test,v=spf1 ip4:127.0.0.1 -all",
+                "--txt-record=_dmarc.bench.test,v=DMARC1; p=reject",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while not dns_answers(HOST, self.dns_port):
+            if self.dns.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dnsmasq did not start: {self.output()}")
+            time.sleep(0.05)
+        super().start(timeout)
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "auth_checks": {"enabled": True},
+            "dns": {"nameservers": [f"{HOST}:{self.dns_port}"], "timeout": 5},
+        }
+
+    def stop(self) -> None:
+        super().stop()
+        dns = getattr(self, "dns", None)  # None when the start failed before it
+        if dns is not None and dns.poll() is None:
+            dns.terminate()
+            dns.wait(timeout=10)
+
+
+class GeosmtpAuthCached(GeosmtpAuth):
+    """`geosmtp+auth` with records that may be kept 5 minutes: after the first
+    message, geosmtp's resolver answers from its cache (dnspython's, by TTL), so
+    this is the checks' own cost, the DNS round trips left out."""
+
+    name = "geosmtp+auth-cached"
+    ttl = 300
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def dns_answers(host: str, port: int) -> bool:
+    """The nameserver answers (anything, even REFUSED) on UDP."""
+    import dns.message
+    import dns.query
+
+    try:
+        dns.query.udp(dns.message.make_query("bench.test.", "TXT"), host, port=port, timeout=0.2)
+        return True
+    except Exception:
+        return False
 
 
 class RelaySink(Server):
@@ -652,6 +748,8 @@ class DovecotPerformance(Dovecot):
 
 SERVERS: dict[str, type[Server]] = {
     "geosmtp": Geosmtp,
+    "geosmtp+auth": GeosmtpAuth,
+    "geosmtp+auth-cached": GeosmtpAuthCached,
     "aiosmtpd": Aiosmtpd,
     "postfix": Postfix,
     "smtp-sink": SmtpSink,

@@ -31,6 +31,7 @@ from .auth import BUSY, AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
 from .mail import Domains, Envelope, Recipient
 from .mail.ids import new_queue_id
+from .mailauth.stages import DKIMSign, SenderChecks, build_signer
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
 from .pop3 import POP3Connection, POP3Security
@@ -121,10 +122,13 @@ class App:
         self.spool = Spool(config.spool_path, names)
         # The outbound queue: remote recipients of clients that may relay.
         self.queue_store = QueueStore(config.queue_path, fsync=config.fsync, offload=in_thread)
+        # One resolver (dns.nameservers, dns.timeout) for the relay's MX lookups
+        # and the sender checks' SPF, DKIM and DMARC questions.
+        self.resolver = Resolver(config.dns.nameservers, config.dns.timeout)
         self.queue = QueueRunner(
             self.queue_store,
             runner_settings(config),
-            Resolver(config.dns.nameservers, config.dns.timeout),
+            self.resolver,
             self.report,
             metrics=self.metrics,
         )
@@ -144,6 +148,7 @@ class App:
 
     def apply_config(self, config: Config) -> None:
         """Derive what each new session needs from the config (sessions keep theirs)."""
+        stages = self.auth_stages(config)  # may raise ConfigError: before anything changes
         self.config = config
         domains = Domains(config.domains)  # one IDNA-aware comparison for all
         self.policy = RecipientPolicy(
@@ -166,6 +171,35 @@ class App:
         self.trusted_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
         ]
+        self.pipeline.stages = stages
+
+    def auth_stages(self, config: Config) -> list:
+        """The pipeline's stages for `auth_checks:` and `dkim:`: the sender checks
+        first (on the message as the sender made it), signing last (on the
+        message as it leaves). Filter stages go between them."""
+        stages: list = []
+        try:
+            if config.auth_checks.enabled:
+                stages.append(
+                    SenderChecks(
+                        config.auth_checks,
+                        config.hostname,
+                        self.resolver,
+                        self.spool,
+                        self._trusted,
+                        in_thread,
+                    )
+                )
+            signer = build_signer(config.dkim)
+        except OSError as exc:  # a key or the suffix list, gone since the config check
+            raise ConfigError(
+                f"auth_checks/dkim: cannot read '{exc.filename}': {exc.strerror}"
+            ) from None
+        except ValueError as exc:
+            raise ConfigError(f"dkim: {exc}") from None
+        if signer is not None:
+            stages.append(DKIMSign(signer, self.spool, self._trusted, in_thread))
+        return stages
 
     def security(self, listener: Listener, peer: str) -> Security:
         """What a client on `listener` from `peer` may do; see `Security`."""

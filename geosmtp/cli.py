@@ -4,6 +4,7 @@
     geosmtp passwd            print a password hash for the config's users
     geosmtp ctl ...           talk to a running server's management API
     geosmtp queue ...         list, show, flush, delete, hold, release queued mail
+    geosmtp dkim keygen D S   a DKIM signing key for domain D, selector S, and its DNS record
 
 Exit status: 0 on a clean stop, 1 when the server cannot start (a port in
 use), 2 on a usage or configuration error, with a one-line message.
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="geosmtp",
         description="geosmtp: an SMTP server that delivers to Maildirs.",
-        epilog="Other commands: 'geosmtp passwd' prints a password hash for users.<name>.password.",
+        epilog="Other commands: 'geosmtp passwd' prints a password hash for users.<name>.password; "
+        "'geosmtp dkim keygen DOMAIN SELECTOR' makes a DKIM signing key.",
     )
     p.add_argument("-v", "--version", action="version", version=f"geosmtp {__version__}")
     p.add_argument(
@@ -134,7 +136,13 @@ def queue(argv: list[str]) -> int:
     return queue_main(argv)
 
 
-SUBCOMMANDS = {"passwd": passwd, "ctl": ctl, "queue": queue}
+def dkim(argv: list[str]) -> int:
+    from .mailauth.keygen import main as dkim_main
+
+    return dkim_main(argv)
+
+
+SUBCOMMANDS = {"passwd": passwd, "ctl": ctl, "queue": queue, "dkim": dkim}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .mailauth.headers import DKIM_SIGNED_HEADERS, DKIM_UNSIGNED_HEADERS
+
 # The `extensions:` and `limits:` sections are the core's own dataclasses: defined once.
 from .smtp.session import Extensions, Limits
 
@@ -185,6 +187,62 @@ class DNS:
 
 
 @dataclass(frozen=True)
+class CheckPolicy:
+    """What one sender check (SPF, DKIM, DMARC) does besides recording its result."""
+
+    enabled: bool = True
+    #: On `fail`: `record` (the Authentication-Results field only), `tempfail`
+    #: (451: the sender keeps the message and retries) or `reject` (550).
+    #: DMARC's applies only to a domain whose policy is p=reject.
+    on_fail: Literal["record", "tempfail", "reject"] = "record"
+    #: On `temperror` (the DNS failed for now): `record` or `tempfail`.
+    on_temperror: Literal["record", "tempfail"] = "record"
+
+
+@dataclass(frozen=True)
+class AuthChecks:
+    """SPF, DKIM and DMARC on incoming mail, recorded in one Authentication-Results
+    field (RFC 8601); see docs/authentication.md."""
+
+    enabled: bool = False
+    #: The listener roles whose mail is checked. Mail from an authenticated
+    #: client or a trusted network never is.
+    roles: list[Role] = field(default_factory=lambda: ["mx"])
+    spf: CheckPolicy = field(default_factory=CheckPolicy)
+    dkim: CheckPolicy = field(default_factory=CheckPolicy)
+    dmarc: CheckPolicy = field(default_factory=CheckPolicy)
+    #: DKIM signatures verified per message (each costs a DNS question); the rest are not.
+    max_signatures: int = _ranged(5, min=1, max=50)
+    #: The Public Suffix List for DMARC's Organizational Domain; unset: the one
+    #: bundled with the publicsuffixlist package.
+    public_suffix_list: Path | None = field(default=None, metadata={"path": True})
+
+
+@dataclass(frozen=True)
+class DKIMDomain:
+    """The signing key of one sender domain."""
+
+    #: The selector: the key is published at <selector>._domainkey.<domain>.
+    selector: str | None = None
+    #: The RSA private key, PEM (`geosmtp dkim keygen` makes one).
+    key_file: Path | None = field(default=None, metadata={"path": True})
+
+
+@dataclass(frozen=True)
+class DKIMSigning:
+    """DKIM signatures on mail from authenticated clients and trusted networks
+    for remote recipients, by the domain of its From: address."""
+
+    domains: dict[str, DKIMDomain] = field(default_factory=dict)
+    #: The header fields signed (each instance present; From once more).
+    headers: list[str] = field(default_factory=lambda: list(DKIM_SIGNED_HEADERS))
+    #: c=: header/body canonicalization (RFC 6376 §3.4).
+    canonicalization: Literal[
+        "relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple"
+    ] = "relaxed/relaxed"
+
+
+@dataclass(frozen=True)
 class Admin:
     """The management API and /metrics (HTTP/JSON); see docs/management.md."""
 
@@ -237,6 +295,8 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     relay: Relay = field(default_factory=Relay)
     dns: DNS = field(default_factory=DNS)
+    auth_checks: AuthChecks = field(default_factory=AuthChecks)
+    dkim: DKIMSigning = field(default_factory=DKIMSigning)
 
     @property
     def queue_path(self) -> Path:
@@ -429,6 +489,7 @@ def _check(config: Config) -> None:
             key = "postmaster" if name == config.postmaster else f"users.{name}"
             raise ConfigError(f"{key}: not a valid mailbox name (lower-case, no '/' or '..')")
     _check_relay(config)
+    _check_mailauth(config)
     folders = [("mail_dir", config.mail_dir), ("log.dir", config.log.dir)]
     if config.spool_dir is not None:
         folders.append(("spool_dir", config.spool_dir))
@@ -486,6 +547,50 @@ def _check_relay(config: Config) -> None:
             raise ConfigError(
                 f"dns.nameservers[{i}]: expected an IP address or ip:port, got {_describe(spec)}"
             ) from None
+
+
+_SELECTOR_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+_FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+
+
+def _check_mailauth(config: Config) -> None:
+    """`auth_checks:` and `dkim:`; each signing key is read, so a bad one fails here."""
+    psl = config.auth_checks.public_suffix_list
+    if config.auth_checks.enabled and psl is not None and not psl.is_file():
+        raise ConfigError(f"auth_checks.public_suffix_list: no such file: {_describe(str(psl))}")
+    dkim = config.dkim
+    names = [h.lower() for h in dkim.headers]
+    for i, name in enumerate(names):
+        if not _FIELD_NAME_RE.fullmatch(name):
+            raise ConfigError(f"dkim.headers[{i}]: not a header field name: {_describe(name)}")
+        if name in DKIM_UNSIGNED_HEADERS:
+            raise ConfigError(f"dkim.headers[{i}]: {name} is changed in transit; never sign it")
+    if dkim.domains and "from" not in names:
+        raise ConfigError("dkim.headers: From must be signed (RFC 6376 §5.4)")
+    from .mailauth.dkim_sign import load_key
+
+    for domain, entry in dkim.domains.items():
+        key = f"dkim.domains.{domain}"
+        problem = _domain_problem(domain)
+        if problem:
+            raise ConfigError(f"{key}: not a valid domain name ({problem})")
+        if entry.selector is None or not _SELECTOR_RE.fullmatch(entry.selector):
+            raise ConfigError(
+                f"{key}.selector: expected a selector (letters, digits, '-', '.'), "
+                f"got {_describe(entry.selector)}"
+            )
+        if entry.key_file is None:
+            raise ConfigError(f"{key}.key_file: the domain's private key is needed")
+        try:
+            load_key(entry.key_file)
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}.key_file: cannot read '{entry.key_file}': {exc.strerror}"
+            ) from None
+        except ValueError as exc:
+            raise ConfigError(f"{key}.key_file: '{entry.key_file}': {exc}") from None
 
 
 def _check_sockets(config: Config) -> None:

@@ -4,7 +4,8 @@ A stage sees the envelope and the spooled message and answers one of:
 `Accept()` (go on), `Replace(spool_file)` (go on with a rewritten message),
 `TempFail(...)` (`4xx`, the client keeps the message and retries) or
 `Reject(...)` (`5xx`). Stages run in order; the first that does not accept
-decides. None are configured yet.
+decides. The sender checks and DKIM signing (`geosmtp.mailauth.stages`) are
+stages.
 """
 
 from __future__ import annotations

@@ -277,6 +277,21 @@ class Resolver:
         qname = _qname(name)
         return Host(_text(qname), self._addresses(qname))
 
+    def lookup(self, name: str, rdtype: str) -> list:
+        """The records of type `rdtype` ("TXT", "A", "MX", ...) at `name`, as
+        dnspython's rdata objects; [] when there are none (NODATA, NXDOMAIN, or
+        a name that is not a valid domain name).
+
+        For the sender checks (SPF, DKIM keys, DMARC), to which "no such name"
+        and "no such record" are the same answer. Raises `DNSTemporaryError`
+        when the question got no answer (timeout, SERVFAIL, REFUSED).
+        """
+        try:
+            answer = self._query(_qname(name), dns.rdatatype.from_text(rdtype))
+        except (_NoData, DNSPermanentError):
+            return []
+        return list(answer)
+
     # ---------------------------------------------------------------- internals
 
     def _order(self, exchanges: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:

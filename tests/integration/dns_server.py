@@ -30,6 +30,14 @@ import pytest
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
 
+def txt_record(text: str) -> str:
+    """A TXT record's text as `Zone.txt` takes it: over 255 octets, cut into the
+    strings of one record (RFC 1035 §3.3.14), as a DKIM key must be."""
+    if "," in text:
+        raise ValueError("dnsmasq would split the text at its commas")
+    return ",".join(text[i : i + 255] for i in range(0, len(text), 255))
+
+
 @dataclass
 class Zone:
     """The records a test's dnsmasq serves."""
@@ -38,7 +46,8 @@ class Zone:
     mx: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     #: name -> addresses; each is an A or AAAA record by its form.
     hosts: dict[str, list[str]] = field(default_factory=dict)
-    #: name -> TXT records, one per string.
+    #: name -> TXT records, one per item; a comma in an item starts another
+    #: string of the same record (`txt_record` cuts long texts so).
     txt: dict[str, list[str]] = field(default_factory=dict)
     #: alias -> target (dnsmasq serves a CNAME only to a name it knows).
     cname: dict[str, str] = field(default_factory=dict)

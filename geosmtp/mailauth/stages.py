@@ -1,0 +1,479 @@
+"""The two pipeline stages: sender checks on incoming mail, DKIM signing of outgoing.
+
+Both are `pipeline.Stage`s: `process(message)` answers `Accept`, `Replace`
+(a new spool file, the header added), `TempFail` or `Reject`. They wait on
+the DNS in the session's greenlet (dnspython's sockets are gevent's: the CLI
+patches the standard library first). The file and CPU work (reading the
+spool, hashing the body, dkimpy, RSA, writing the new spool file) of a
+message of `INLINE_LIMIT` octets or more goes to the hub's threadpool, so
+other sessions go on meanwhile; for a smaller one it is done in the greenlet,
+as the session writes the spool: a few page-cache reads and writes and well
+under a millisecond of CPU, less than a trip to the threadpool costs when the
+hub is busy (the thread waits for the GIL at every system call, up to the
+5 ms switch interval each time: measured, a third of the throughput).
+
+Order in the pipeline: the inbound checks first, before any filter can change
+what the sender signed; signing last, so the signature covers the message as
+it leaves.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import gevent
+from loguru import logger
+
+from ..config import AuthChecks, DKIMSigning
+from ..mail.address import canonical_domain
+from ..pipeline.message import Message
+from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail
+from ..queue.mx import DNSTemporaryError, Resolver
+from ..storage import Spool, SpoolFile, StorageError
+from . import dkim_verify, dmarc
+from .canon import BodyHasher, LineBlocks
+from .dkim_sign import Signer, SigningKey, load_key
+from .headers import authserv_id, crlf, field_groups, from_domains, header_lines
+from .headers import parse_header_section as parse_fields
+from .results import DKIMResult, DMARCResult, SPFResult, authentication_results
+from .spf_check import check_spf
+
+#: The most of a header section read; a larger one is refused (552 5.3.4): it
+#: could hide a field from the checks. Postfix's header_size_limit is 100 KiB.
+HEADER_LIMIT = 1024 * 1024
+_BLOCK = 64 * 1024
+#: Messages of this size or more have their file and CPU work done in the threadpool.
+INLINE_LIMIT = 256 * 1024
+#: The first empty line: two line ends in a row, each a CRLF, a CR or an LF.
+_HEADER_END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(\r\n|\r(?!\n)|\n)")
+
+T = TypeVar("T")
+Offload = Callable[..., Any]
+#: copy_file_range(2) refused for the file, not for a fault: copy in blocks.
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+@dataclass
+class Head:
+    """A stored message's header section, read whole, and where its body starts."""
+
+    return_path: bytes  # our own first line (`Return-Path:`), or b""
+    section: bytes  # the fields after it, as stored, with the last line's end
+    separator: bytes  # the empty line ("" when the message has no body)
+    body_offset: int  # in the file
+
+
+_LINE_END_RE = re.compile(rb"\r\n|\r(?!\n)|\n")
+
+
+def _split_head(buf: bytes, final: bool) -> tuple[bytes, bytes, int] | None:
+    """(section, the empty line, where the body starts) once `buf` holds the
+    empty line; None while more is needed (also when `buf` ends in a CR that
+    may be the first half of a CRLF)."""
+    first = _LINE_END_RE.match(buf)
+    if first is not None:  # an empty first line: no header fields
+        found = (b"", first.group(0), first.end())
+    else:
+        match = _HEADER_END_RE.search(buf)
+        if match is None:
+            return None
+        found = (buf[: match.start(1)], match.group(1), match.end())
+    if not final and found[2] == len(buf) and buf.endswith(b"\r"):
+        return None
+    return found
+
+
+def read_head(path: str, limit: int = HEADER_LIMIT) -> Head | None:
+    """The header section of the file at `path`; None when it is over `limit`.
+    Blocking file work."""
+    with open(path, "rb") as f:
+        buf = b""
+        while True:
+            block = f.read(_BLOCK)
+            buf += block
+            found = _split_head(buf, final=not block)
+            if found is None and not block:  # no empty line: the message is all header
+                found = (buf, b"", len(buf))
+            if found is not None:
+                break
+            if len(buf) > limit:
+                return None
+    section, separator, offset = found
+    if len(section) > limit:
+        return None
+    return_path = b""
+    lines = header_lines(section)
+    if lines and lines[0][:12].lower() == b"return-path:":
+        return_path = lines[0]
+        section = section[len(return_path) :]
+    return Head(return_path, section, separator, offset)
+
+
+def write_spool(
+    spool: Spool, path: str, head: Head, added: bytes, keep: Callable[[bytes | None, list], bool]
+) -> SpoolFile:
+    """A new spool file: the Return-Path line, `added`, the header fields that
+    `keep(name, lines)` keeps (as stored), the empty line, the body copied as
+    it is. Blocking file work. StorageError on a disk error."""
+    new = spool.open()
+    try:
+        new.write(head.return_path + added)
+        for name, lines in field_groups(header_lines(head.section)):
+            if keep(name, lines):
+                new.write(b"".join(lines))
+        new.write(head.separator)
+        new.flush()
+        with open(path, "rb") as f:
+            _copy_rest(f.fileno(), new.fd, head.body_offset)
+    except OSError as exc:
+        new.remove()
+        raise StorageError.wrap(exc) from exc
+    except BaseException:
+        new.remove()
+        raise
+    return new
+
+
+def _copy_rest(src: int, dst: int, offset: int) -> None:
+    """The file `src` from `offset` to its end, appended to `dst`: in the kernel
+    (copy_file_range(2): no copy through Python, a reflink where the filesystem
+    can), else in blocks."""
+    end = os.fstat(src).st_size
+    try:
+        while offset < end:
+            copied = os.copy_file_range(src, dst, end - offset, offset)
+            if copied == 0:
+                break
+            offset += copied
+        return
+    except (AttributeError, OSError) as exc:  # not Linux, or a filesystem without it
+        if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
+            raise
+    while offset < end and (block := os.pread(src, _BLOCK, offset)):
+        offset += len(block)
+        while block:
+            block = block[os.write(dst, block) :]
+
+
+def hash_bodies(path: str, offset: int, wanted: set) -> dict:
+    """The body hashes `wanted` ({(relaxed, hash, l=)}), one pass over the body."""
+    hashers = {k: BodyHasher(k[0], k[1], k[2]) for k in wanted}
+    lines = LineBlocks()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(_BLOCK):
+            text = lines.feed(block)
+            for h in hashers.values():
+                h.update(text)
+    text = lines.end()
+    for h in hashers.values():
+        h.update(text)
+    return {k: h.digest() for k, h in hashers.items()}
+
+
+def _inline(fn: Callable[..., T], *args: object) -> T:
+    return fn(*args)
+
+
+def _unreadable(queue_id: str, exc: Exception) -> TempFail:
+    logger.error("{}: cannot read or write the spooled message: {}", queue_id, exc)
+    return TempFail(f"spool: {exc}")
+
+
+# ------------------------------------------------------------ inbound checks
+
+
+class SenderChecks:
+    """SPF, DKIM and DMARC on mail arriving on the configured roles, written into
+    one `Authentication-Results:` field at the top; earlier ones that claim our
+    authserv-id are removed (RFC 8601 §5). Refuses when a check's policy says so.
+    Mail from an authenticated client or a trusted network is not checked."""
+
+    name = "sender-checks"
+
+    def __init__(
+        self,
+        settings: AuthChecks,
+        hostname: str,
+        resolver: Resolver,
+        spool: Spool,
+        trusted: Callable[[str], bool],
+        offload: Offload,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.hostname = hostname
+        self.authserv_id = hostname.lower().rstrip(".")
+        self.resolver = resolver
+        self.spool = spool
+        self.trusted = trusted
+        self.offload = offload
+        self.rng = rng
+        self.org = dmarc.public_suffixes(settings.public_suffix_list)
+
+    def applies(self, message: Message) -> bool:
+        env = message.envelope
+        return (
+            message.role in self.settings.roles
+            and env.auth_user is None
+            and not self.trusted(message.client)
+        )
+
+    def process(self, message: Message) -> StageResult:
+        if not self.applies(message):
+            return Accept()
+        path = message.spool.path
+        run = self.offload if message.size >= INLINE_LIMIT else _inline
+        try:
+            message.spool.flush()
+            head = run(read_head, path)
+        except (OSError, StorageError) as exc:
+            return _unreadable(message.queue_id, exc)
+        if head is None:
+            logger.warning(
+                "{}: header section over {} octets, refused", message.queue_id, HEADER_LIMIT
+            )
+            return Reject("header section too large", 552, "5.3.4", "Header section too large")
+        try:
+            spf, dkim, dmarc_results = self._check(message, head, run)
+        except (OSError, StorageError) as exc:
+            return _unreadable(message.queue_id, exc)
+        field = authentication_results(self.hostname, spf, dkim, dmarc_results)
+        logger.debug("{}: {}", message.queue_id, " ".join(field.decode("utf-8", "replace").split()))
+        refusal = self._refusal(message, spf, dkim, dmarc_results)
+        if refusal is not None:
+            logger.info("{}: refused: {}", message.queue_id, refusal.reason)
+            return refusal
+        try:
+            new = run(write_spool, self.spool, path, head, field, self._keep)
+        except StorageError as exc:
+            return _unreadable(message.queue_id, exc)
+        return Replace(new)
+
+    def _keep(self, name: bytes | None, lines: list) -> bool:
+        """Every field but an Authentication-Results that claims to be ours."""
+        if name is None or name.lower() != b"authentication-results":
+            return True
+        (f,) = parse_fields(b"".join(lines)) or (None,)
+        return f is None or authserv_id(f) != self.authserv_id
+
+    # ------------------------------------------------------------ checks
+
+    def _check(
+        self, message: Message, head: Head, run: Offload
+    ) -> tuple[SPFResult | None, list[DKIMResult] | None, list[DMARCResult] | None]:
+        settings = self.settings
+        fields = parse_fields(head.section)
+        sigs = (
+            dkim_verify.signatures(fields, settings.max_signatures) if settings.dkim.enabled else []
+        )
+        authors = from_domains(fields) if settings.dmarc.enabled else []
+        jobs: dict[str, gevent.Greenlet] = {}
+        if settings.spf.enabled:
+            jobs["spf"] = gevent.spawn(
+                check_spf, self.resolver, message.envelope, message.client, self.hostname
+            )
+        for name in dict.fromkeys(s.key_name for s in sigs if s.error is None):
+            jobs[f"key:{name}"] = gevent.spawn(self._key, name)
+        for domain in authors:
+            jobs[f"dmarc:{domain}"] = gevent.spawn(dmarc.find_policy, domain, self.org, self._txt)
+        try:
+            wanted = {s.body_key for s in sigs if s.error is None}
+            # A large body is hashed in the threadpool while the DNS answers come in.
+            hashes = (
+                run(hash_bodies, message.spool.path, head.body_offset, wanted) if wanted else {}
+            )
+            gevent.joinall(list(jobs.values()))
+        finally:
+            gevent.killall([g for g in jobs.values() if not g.dead], block=False)
+        for key, job in jobs.items():
+            if not job.successful():  # a bug: never a pass, and the traceback logged
+                logger.opt(exception=job.exception).error("{}: {} failed", message.queue_id, key)
+        spf = self._value(jobs.get("spf"), None)
+        if settings.spf.enabled and spf is None:
+            env = message.envelope
+            spf = SPFResult(
+                "temperror",
+                "mailfrom" if env.sender else "helo",
+                env.sender_address or env.helo,
+                "",
+                "check failed",
+            )
+        dkim: list[DKIMResult] | None = None
+        if settings.dkim.enabled:
+            keys = {
+                s.key_name: self._value(
+                    jobs.get(f"key:{s.key_name}"), dkim_verify.KeyTemporaryError("lookup failed")
+                )
+                for s in sigs
+                if s.error is None
+            }
+            section = crlf(head.section)
+            dkim = run(dkim_verify.verify, section, sigs, keys, hashes) if sigs else []
+        results: list[DMARCResult] | None = None
+        if settings.dmarc.enabled:
+            results = []
+            for domain in authors:
+                found = self._value(
+                    jobs[f"dmarc:{domain}"], DMARCResult("temperror", domain, reason="check failed")
+                )
+                results.append(dmarc.evaluate(domain, found, spf, dkim, self.org, self.rng))
+            if not authors:
+                results.append(DMARCResult("permerror", "", reason="no From: domain"))
+        return spf, dkim, results
+
+    @staticmethod
+    def _value(job: gevent.Greenlet | None, failed):  # type: ignore[no-untyped-def]
+        return job.value if job is not None and job.successful() else failed
+
+    def _txt(self, name: str) -> list[str]:
+        return [
+            b"".join(r.strings).decode("utf-8", "replace")
+            for r in self.resolver.lookup(name, "TXT")
+        ]
+
+    def _key(self, name: str) -> bytes | dkim_verify.KeyTemporaryError | None:
+        try:
+            records = self.resolver.lookup(name, "TXT")
+        except DNSTemporaryError as exc:
+            return dkim_verify.KeyTemporaryError(exc.message)
+        return dkim_verify.key_record([list(r.strings) for r in records])
+
+    # ------------------------------------------------------------ policy
+
+    def _refusal(
+        self,
+        message: Message,
+        spf: SPFResult | None,
+        dkim: list[DKIMResult] | None,
+        dmarc_results: list[DMARCResult] | None,
+    ) -> TempFail | Reject | None:
+        """What the configured policies make of the results: a refusal beats a
+        deferral (it is final either way), the first check's first."""
+        s = self.settings
+        refusals: list[TempFail | Reject | None] = []
+        if spf is not None:
+            if spf.result == "fail":
+                text = f"SPF: {message.client} is not allowed to send mail from {spf.domain}"
+                refusals.append(_on(s.spf.on_fail, "spf=fail", 550, "5.7.23", text))
+            elif spf.result == "temperror" and s.spf.on_temperror == "tempfail":
+                refusals.append(_defer("spf", spf.domain))
+        if dkim and not any(r.result == "pass" for r in dkim):
+            if any(r.result == "fail" for r in dkim):
+                text = "No passing DKIM signature found"
+                refusals.append(_on(s.dkim.on_fail, "dkim=fail", 550, "5.7.20", text))
+            elif any(r.result == "temperror" for r in dkim) and s.dkim.on_temperror == "tempfail":
+                refusals.append(_defer("dkim", dkim[0].domain))
+        for d in dmarc_results or ():
+            if d.result == "fail" and d.disposition == "reject":
+                text = f"Unauthenticated mail from {d.domain} refused by its DMARC policy"
+                refusals.append(_on(s.dmarc.on_fail, "dmarc=fail", 550, "5.7.1", text))
+            elif d.result == "temperror" and s.dmarc.on_temperror == "tempfail":
+                refusals.append(_defer("dmarc", d.domain))
+        final = [r for r in refusals if isinstance(r, Reject)]
+        deferred = [r for r in refusals if isinstance(r, TempFail)]
+        return (final or deferred or [None])[0]
+
+
+def _reply_text(text: str) -> str:
+    """A reply's text with what came from the client (a domain, a HELO name) made
+    printable US-ASCII, and short (RFC 5321 §4.5.3.1.5: a reply line is 512 octets)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:300]
+
+
+def _on(action: str, reason: str, code: int, status: str, text: str) -> TempFail | Reject | None:
+    text = _reply_text(text)
+    if action == "reject":
+        return Reject(reason, code, status, text)
+    if action == "tempfail":
+        return TempFail(reason, 451, "4" + status[1:], text + "; try again later")
+    return None
+
+
+def _defer(check: str, domain: str) -> TempFail:
+    text = f"{check.upper()} check of {domain or 'the sender'} failed for now; try again later"
+    return TempFail(f"{check}=temperror", 451, "4.4.3", _reply_text(text))
+
+
+# ------------------------------------------------------------ signing
+
+
+def build_signer(settings: DKIMSigning) -> Signer | None:
+    """The signer for `dkim:`, its keys read; None when no domain is configured.
+    OSError or ValueError when a key cannot be used (the config check says which)."""
+    if not settings.domains:
+        return None
+    keys = {}
+    for domain, entry in settings.domains.items():
+        name = canonical_domain(domain)
+        assert entry.selector is not None and entry.key_file is not None  # config._check
+        keys[name] = SigningKey(name, entry.selector, load_key(entry.key_file))
+    return Signer(keys, settings.headers, settings.canonicalization)
+
+
+class DKIMSign:
+    """Signs mail from authenticated clients and trusted networks that has a
+    remote recipient, with the key of its From: domain, before it is routed.
+    A message for local and remote recipients is one message in the pipeline:
+    the local copy carries the signature too, which does no harm."""
+
+    name = "dkim-sign"
+
+    def __init__(
+        self,
+        signer: Signer,
+        spool: Spool,
+        trusted: Callable[[str], bool],
+        offload: Offload,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.signer = signer
+        self.spool = spool
+        self.trusted = trusted
+        self.offload = offload
+        self.clock = clock
+
+    def applies(self, message: Message) -> bool:
+        env = message.envelope
+        if env.auth_user is None and not (message.client and self.trusted(message.client)):
+            return False
+        return any(r.box is None for r in env.recipients)
+
+    def process(self, message: Message) -> StageResult:
+        if not self.applies(message):
+            return Accept()
+        try:
+            message.spool.flush()
+            run = self.offload if message.size >= INLINE_LIMIT else _inline
+            new = run(self._sign, message)
+        except (OSError, StorageError) as exc:
+            return _unreadable(message.queue_id, exc)
+        return Accept() if new is None else Replace(new)
+
+    def _sign(self, message: Message) -> SpoolFile | None:
+        """Read, hash, sign, write (blocking); None when not signed."""
+        path = message.spool.path
+        head = read_head(path)
+        if head is None:
+            logger.warning("{}: header section too large to sign", message.queue_id)
+            return None
+        fields = parse_fields(head.section)
+        domains = from_domains(fields)
+        key = self.signer.key_for(domains[0]) if len(domains) == 1 else None
+        if key is None:
+            logger.debug("{}: not signed (From: domains {})", message.queue_id, domains or "none")
+            return None
+        (body_hash,) = hash_bodies(
+            path, head.body_offset, {(self.signer.relaxed_body, "sha256", None)}
+        ).values()
+        field = self.signer.signature_field(key, fields, body_hash, int(self.clock()))
+        new = write_spool(self.spool, path, head, field, lambda name, lines: True)
+        logger.debug("{}: signed for {} (s={})", message.queue_id, key.domain, key.selector)
+        return new
