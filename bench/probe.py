@@ -13,6 +13,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def greets(host: str, port: int, prefix: bytes, timeout: float = 2.0) -> bool:
     """Does a server on host:port send a first line starting with `prefix`
     (`220` for SMTP, `+OK` for POP3)? Then QUIT, which both understand."""

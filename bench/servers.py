@@ -375,7 +375,7 @@ class GeosmtpAuth(Geosmtp):
         return Path(DNSMASQ).exists()
 
     def start(self, timeout: float = 20.0) -> None:
-        self.dns_port = free_udp_port()
+        self.dns_port = probe.free_udp_port(HOST)
         self.dns = subprocess.Popen(
             [
                 DNSMASQ,
@@ -425,12 +425,6 @@ class GeosmtpAuthCached(GeosmtpAuth):
 
     name = "geosmtp+auth-cached"
     ttl = 300
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def dns_answers(host: str, port: int) -> bool:
