@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import StorageError
 
@@ -37,6 +38,22 @@ def fsync_path(path: str, directory: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_return_path(message: BinaryIO) -> bytes:
+    """The `Return-Path:` line a spooled message starts with, read past; or b""
+    with `message` back at its start when it has none.
+
+    Messages are spooled with the Return-Path that final delivery into a
+    Maildir needs (RFC 5321 §4.4); what relays or filters the message reads
+    it from the line after.
+    """
+    start = message.tell()
+    first = message.readline(8192)
+    if first.lower().startswith(b"return-path:"):
+        return first
+    message.seek(start)
+    return b""
 
 
 def unlink_quietly(path: str) -> None:
