@@ -29,6 +29,7 @@ from . import config as cfg
 from . import logs
 from .auth import AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
+from .filters.stages import Filters
 from .mail import Domains, Envelope, Recipient
 from .mail.ids import new_queue_id
 from .metrics import Metrics
@@ -116,12 +117,16 @@ class App:
             metrics=self.metrics,
         )
         self.metrics.watch_queue(self.queue)  # the queue gauges, read at scrape time
+        # Filter stages (the `filters:` section), rebuilt at each config change.
+        self.filters = Filters(self.spool)
+        self.metrics.watch_filters(self.filters.slots)
         self.pipeline = Pipeline(
             Router(
                 local=MaildirDestination(self.store),
                 remote=QueueDestination(self.queue_store, self.queue),
             ),
             after_delivery=self.report_local,
+            observer=self.metrics,
         )
         self.listeners = Listeners(self, SESSIONS)
         self._access_writer: gevent.Greenlet | None = None
@@ -153,6 +158,15 @@ class App:
         self.trusted_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
         ]
+        self.filters.configure(config)
+        for stage in self.filters.stages:
+            self.metrics.stage_declared(stage.name)
+        # Messages already in the pipeline go on with the stages they began with.
+        self.pipeline.stages = self.pipeline_stages()
+
+    def pipeline_stages(self) -> list:
+        """Every stage a message goes through, in order."""
+        return [*self.filters.stages]
 
     def security(self, listener: Listener, peer: str) -> Security:
         """What a client on `listener` from `peer` may do; see `Security`."""
