@@ -1,4 +1,4 @@
-"""One run of a filter program, through `gevent.subprocess`.
+"""One run of a filter program: `posix_spawn`, and gevent's child watcher.
 
 The spooled message goes to the program's stdin while its stdout goes into a
 new spool file, both at once (a program that writes before it has read
@@ -9,6 +9,17 @@ on a timeout, or when it writes more than it may, the whole group is killed;
 when the run ends, any process the program left in its group is killed too.
 The program itself is always reaped, and every pipe closed, whatever happens
 (the caller's greenlet killed included).
+
+Why not `gevent.subprocess`: it forks the whole server and runs Python in the
+child until the exec. With a server of some tens of MB, the page tables and
+the copy-on-write faults of the child's Python (every reference count it
+touches copies a page) cost about 5 ms of the server's CPU and 20 to 50 ms
+before the program even starts, each run. `posix_spawn` (a vfork in glibc)
+costs 0.4 ms and 2 ms. gevent's `fork_and_watch` takes any function that
+starts a child and returns its pid: with `posix_spawn` as that function the
+child watcher is set before the loop runs again, and `gevent.os.waitpid`
+waits for it cooperatively. The program inherits nothing but its three
+pipes: every descriptor Python, gevent and libev open is close-on-exec.
 """
 
 from __future__ import annotations
@@ -21,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import gevent
-from gevent import subprocess
+import gevent.os
+from gevent.fileobject import FileObjectPosix
 
 from ..storage import SpoolFile, StorageError
 
@@ -33,6 +45,9 @@ CHUNK = 64 * 1024
 STDERR_KEPT = 4096
 #: The PATH a program is given: the system's programs, nothing from the server's environment.
 PROGRAM_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Ignored in Python (so in the server), back to their defaults for the program,
+#: as subprocess's restore_signals does: a program writing to a closed pipe dies.
+_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class _Expired(Exception):
@@ -50,6 +65,54 @@ class ProgramRun:
     error: str = ""  # what went wrong, for the server log
 
 
+class _Child:
+    """A started program: its pid, and its three pipes as cooperative files."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        ends: list[int] = []
+        try:
+            stdin_r, stdin_w = os.pipe()  # close-on-exec, as every descriptor here
+            ends += (stdin_r, stdin_w)
+            stdout_r, stdout_w = os.pipe()
+            ends += (stdout_r, stdout_w)
+            stderr_r, stderr_w = os.pipe()
+            ends += (stderr_r, stderr_w)
+            actions = [
+                (os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                (os.POSIX_SPAWN_DUP2, stdout_w, 1),
+                (os.POSIX_SPAWN_DUP2, stderr_w, 2),
+            ]
+            gevent.get_hub().loop.install_sigchld()
+            self.pid: int = gevent.os.fork_and_watch(
+                fork=lambda: os.posix_spawn(
+                    argv[0],
+                    list(argv),
+                    dict(env),
+                    file_actions=actions,
+                    setsid=True,  # its own session and process group: killed as one
+                    setsigdef=_RESTORED_SIGNALS,
+                    setsigmask=(),
+                )
+            )
+        except BaseException:
+            for fd in ends:
+                os.close(fd)
+            raise
+        for fd in (stdin_r, stdout_w, stderr_w):  # the program's ends
+            os.close(fd)
+        self.stdin = FileObjectPosix(stdin_w, "wb", bufsize=0)
+        self.stdout = FileObjectPosix(stdout_r, "rb", bufsize=0)
+        self.stderr = FileObjectPosix(stderr_r, "rb", bufsize=0)
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        """Its exit status (negative: the signal that ended it), once it has ended."""
+        if self.returncode is None:
+            _, status = gevent.os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
 def run_program(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -59,21 +122,13 @@ def run_program(
     timeout: float,
     max_output: int,
 ) -> ProgramRun:
-    """Run `argv` with `source` (read from where it is) on its stdin, its stdout
-    appended to `output`. StorageError when `source` cannot be read or `output`
-    cannot be written; every other problem is in the `ProgramRun`."""
+    """Run `argv` (`argv[0]` a path) with `source` (read from where it is) on
+    its stdin, its stdout appended to `output`. StorageError when `source`
+    cannot be read or `output` cannot be written; every other problem is in
+    the `ProgramRun`."""
     run = ProgramRun()
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-            env=dict(env),
-            close_fds=True,
-            start_new_session=True,  # its own process group: killed as one
-        )
+        proc = _Child(argv, env)
     except OSError as exc:
         run.failure = "exec"
         run.error = f"cannot run {argv[0]}: {exc.strerror or exc}"
@@ -90,8 +145,9 @@ def run_program(
         run.failure = "timeout"
         run.error = f"no result after {timeout:g} s: killed"
     finally:
-        # Before the program is reaped its process group id cannot be taken by
-        # another, so killing the group cannot hit a stranger.
+        # Whatever is left in the program's group (all of it, at a timeout).
+        # While a process of the group lives, no other group can take its id;
+        # once none does, the kill finds nothing.
         _kill_group(proc)
         gevent.killall([feeder, reader, drainer])
         _reap(proc)
@@ -160,12 +216,12 @@ def _kill_group(proc: Any) -> None:
         pass  # nothing left in it
 
 
-def _reap(proc: Any) -> None:
+def _reap(proc: _Child) -> None:
     """Wait for the program to end (it was killed: at once). Interrupted (the
     caller's greenlet killed), it waits on, or the program would stay a zombie,
     and then lets the interruption go on."""
     interrupted: BaseException | None = None
-    while proc.poll() is None:
+    while proc.returncode is None:
         try:
             proc.wait()
         except BaseException as exc:

@@ -258,12 +258,11 @@ class ProgramStage(FilterStage):
         else:
             failure = f"exit={run.status}"
         logger.warning(
-            "{}: filter {}: {}{}{}",
+            "{}: filter {}: {}{}",
             message.queue_id,
             self.name,
             run.error or failure.replace("=", " "),
-            "; stderr: " if said else "",
-            logs.clean(said or "", 200),
+            _stderr_summary(run.stderr),
         )
         return failure
 
@@ -415,6 +414,17 @@ class PythonStage(FilterStage):
     def _log_failure(self, message: Message, failure: str, detail: str) -> str:
         logger.warning("{}: filter {}: {}", message.queue_id, self.name, detail)
         return failure
+
+
+def _stderr_summary(stderr: bytes) -> str:
+    """ "; stderr: first line ... last line" for the log (a traceback's last line
+    says what it was), or "" when it wrote nothing."""
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    shown = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return "; stderr: " + logs.clean(shown, 400)
 
 
 def _own_reply(code: Any, status: Any, kind: int, default_code: int, default_status: str):  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ processes at once), where a stage applies, and that nothing is left behind."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import smtplib
 import stat
@@ -488,3 +489,43 @@ def test_a_large_message_through_a_program_costs_no_memory(make_server):
     assert growth < 16 * 1024, f"peak RSS grew by {growth} kB"
     (path,) = [p for p in server.messages("alice") if p.stat().st_size > 20_000_000]
     assert path.read_bytes().endswith(body.replace(b"\r\n", b"\n"))
+
+
+def test_a_program_inherits_three_descriptors_and_default_signals(make_server, tmp_path):
+    """Nothing of the server's (sockets, log files, the spool) reaches a program;
+    the signals Python ignores (SIGPIPE, SIGXFSZ) are back to their defaults,
+    none is blocked; it leads a session of its own."""
+    fds, signals = tmp_path / "fds.json", tmp_path / "signals"
+    list_fds = f"""\
+import json, os
+fds = {{}}
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds[fd] = os.readlink(f"/proc/self/fd/{{fd}}")
+    except FileNotFoundError:  # the one listdir had open
+        pass
+json.dump(fds, open({str(fds)!r}, "w"))
+"""
+    # A shell, not Python: Python ignores SIGPIPE and SIGXFSZ itself when it starts.
+    show_signals = (
+        f"grep -E '^(SigIgn|SigBlk):' /proc/$$/status > {signals}; "
+        f"cut -d' ' -f6 /proc/$$/stat >> {signals}; echo $$ >> {signals}"
+    )
+    server = make_server(
+        {
+            "filters": [
+                stage("fds", [sys.executable, "-I", "-S", "-c", list_fds]),
+                stage("signals", ["sh", "-c", show_signals]),
+            ]
+        }
+    )
+    assert send(server)[0] == 250
+    inherited = json.loads(fds.read_text())
+    assert sorted(inherited) == ["0", "1", "2"], inherited
+    assert all(target.startswith("pipe:") for target in inherited.values())
+    *masks, session, pid = signals.read_text().splitlines()
+    mask = {line.split(":")[0]: int(line.split()[1], 16) for line in masks}
+    # glibc's posix_spawn leaves its own two signals (32, 33) ignored (glibc
+    # programs set them up themselves); none of the 31 classic ones is.
+    assert mask["SigIgn"] & 0x7FFFFFFF == 0 and mask["SigBlk"] == 0, masks
+    assert session == pid  # its own session

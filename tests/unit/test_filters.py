@@ -32,6 +32,8 @@ def spool(tmp_path: Path) -> Spool:
 
 
 def run(spool: Spool, argv, data: bytes, *, timeout: float = 10, max_output: int = 1 << 30):
+    """`argv` run on `data` (its program found on PATH, as the config does)."""
+    argv = [shutil.which(argv[0]) or argv[0], *argv[1:]]
     source = spool.root.parent / "source"
     source.write_bytes(data)
     out = spool.open()
@@ -116,7 +118,7 @@ def test_an_unreadable_message_is_a_storage_error(spool):
 
     out = spool.open()
     with pytest.raises(StorageError):
-        run_program(["cat"], ENV, Broken(), out, timeout=5, max_output=100)  # type: ignore[arg-type]
+        run_program([shutil.which("cat")], ENV, Broken(), out, timeout=5, max_output=100)  # type: ignore[arg-type]
     out.remove()
 
 
