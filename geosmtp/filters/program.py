@@ -1,41 +1,30 @@
-"""One run of a filter program: `posix_spawn`, and gevent's child watcher.
+"""One run of a filter program.
 
 The spooled message goes to the program's stdin while its stdout goes into a
 new spool file, both at once (a program that writes before it has read
 everything never deadlocks), 64 KiB at a time whatever the message's size.
 Its stderr is drained too, the first `STDERR_KEPT` octets kept for the reply
-text and the log. The program runs in a session and process group of its own:
-on a timeout, or when it writes more than it may, the whole group is killed;
-when the run ends, any process the program left in its group is killed too.
-The program itself is always reaped, and every pipe closed, whatever happens
-(the caller's greenlet killed included).
-
-Why not `gevent.subprocess`: it forks the whole server and runs Python in the
-child until the exec. With a server of some tens of MB, the page tables and
-the copy-on-write faults of the child's Python (every reference count it
-touches copies a page) cost about 5 ms of the server's CPU and 20 to 50 ms
-before the program even starts, each run. `posix_spawn` (a vfork in glibc)
-costs 0.4 ms and 2 ms. gevent's `fork_and_watch` takes any function that
-starts a child and returns its pid: with `posix_spawn` as that function the
-child watcher is set before the loop runs again, and `gevent.os.waitpid`
-waits for it cooperatively. The program inherits nothing but its three
-pipes: every descriptor Python, gevent and libev open is close-on-exec.
+text and the log. The program runs in a session and process group of its own
+(`spawn.py` starts it and reaps it): on a timeout, or when it writes more
+than it may, the whole group is killed; when the run ends, any process the
+program left in its group is killed too. The program itself is always
+reaped, and every pipe closed, whatever happens (the caller's greenlet
+killed included).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import gevent
-import gevent.os
 from gevent.fileobject import FileObjectPosix
 
 from ..storage import SpoolFile, StorageError
+from . import spawn
 
 #: Exit statuses a filter program answers with besides 0 (use stdout).
 EXIT_REJECT = 20  # refuse for good: 554 5.7.1 with the first stderr line (as chasquid's hooks)
@@ -45,9 +34,6 @@ CHUNK = 64 * 1024
 STDERR_KEPT = 4096
 #: The PATH a program is given: the system's programs, nothing from the server's environment.
 PROGRAM_PATH = "/usr/local/bin:/usr/bin:/bin"
-#: Ignored in Python (so in the server), back to their defaults for the program,
-#: as subprocess's restore_signals does: a program writing to a closed pipe dies.
-_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class _Expired(Exception):
@@ -69,47 +55,30 @@ class _Child:
     """A started program: its pid, and its three pipes as cooperative files."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        ends: list[int] = []
+        ours: list[int] = []  # the server's ends of stdin, stdout, stderr
+        theirs: list[int] = []  # the program's: spawn.start closes them
+        handed_over = False
         try:
-            stdin_r, stdin_w = os.pipe()  # close-on-exec, as every descriptor here
-            ends += (stdin_r, stdin_w)
-            stdout_r, stdout_w = os.pipe()
-            ends += (stdout_r, stdout_w)
-            stderr_r, stderr_w = os.pipe()
-            ends += (stderr_r, stderr_w)
-            actions = [
-                (os.POSIX_SPAWN_DUP2, stdin_r, 0),
-                (os.POSIX_SPAWN_DUP2, stdout_w, 1),
-                (os.POSIX_SPAWN_DUP2, stderr_w, 2),
-            ]
-            gevent.get_hub().loop.install_sigchld()
-            self.pid: int = gevent.os.fork_and_watch(
-                fork=lambda: os.posix_spawn(
-                    argv[0],
-                    list(argv),
-                    dict(env),
-                    file_actions=actions,
-                    setsid=True,  # its own session and process group: killed as one
-                    setsigdef=_RESTORED_SIGNALS,
-                    setsigmask=(),
-                )
-            )
+            for name in ("stdin", "stdout", "stderr"):  # close-on-exec, as all here
+                read_end, write_end = os.pipe()
+                ours.append(write_end if name == "stdin" else read_end)
+                theirs.append(read_end if name == "stdin" else write_end)
+            handed_over = True
+            pid = spawn.start(argv, env, theirs)
         except BaseException:
-            for fd in ends:
+            for fd in ours if handed_over else ours + theirs:
                 os.close(fd)
             raise
-        for fd in (stdin_r, stdout_w, stderr_w):  # the program's ends
-            os.close(fd)
-        self.stdin = FileObjectPosix(stdin_w, "wb", bufsize=0)
-        self.stdout = FileObjectPosix(stdout_r, "rb", bufsize=0)
-        self.stderr = FileObjectPosix(stderr_r, "rb", bufsize=0)
+        self.pid = pid
+        self.stdin = FileObjectPosix(ours[0], "wb", bufsize=0)
+        self.stdout = FileObjectPosix(ours[1], "rb", bufsize=0)
+        self.stderr = FileObjectPosix(ours[2], "rb", bufsize=0)
         self.returncode: int | None = None
 
     def wait(self) -> int:
         """Its exit status (negative: the signal that ended it), once it has ended."""
         if self.returncode is None:
-            _, status = gevent.os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+            self.returncode = os.waitstatus_to_exitcode(spawn.reaper().wait(self.pid))
         return self.returncode
 
 
@@ -148,7 +117,7 @@ def run_program(
         # Whatever is left in the program's group (all of it, at a timeout).
         # While a process of the group lives, no other group can take its id;
         # once none does, the kill finds nothing.
-        _kill_group(proc)
+        spawn.kill_group(proc.pid)
         gevent.killall([feeder, reader, drainer])
         _reap(proc)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
@@ -191,7 +160,7 @@ def _read_output(proc: Any, output: SpoolFile, max_output: int, run: ProgramRun)
         if run.output > max_output:
             run.failure = "output_limit"
             run.error = f"wrote more than max_output ({max_output} octets): killed"
-            _kill_group(proc)
+            spawn.kill_group(proc.pid)
             return
         output.write(data)
 
@@ -207,13 +176,6 @@ def _read_stderr(stderr: Any, run: ProgramRun) -> None:
             kept.append(data[: STDERR_KEPT - size])
             size += len(kept[-1])
     run.stderr = b"".join(kept)
-
-
-def _kill_group(proc: Any) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # nothing left in it
 
 
 def _reap(proc: _Child) -> None:

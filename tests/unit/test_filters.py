@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import textwrap
 import time
 from pathlib import Path
@@ -24,6 +25,14 @@ from geosmtp.storage.spool import UniqueNames, read_return_path
 from tests.conftest import wait_until
 
 ENV = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sigchld_back_to_default():
+    """The filter programs run here install libev's SIGCHLD handler in the test
+    process, which would reap any child a later test waits for itself."""
+    yield
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -120,6 +129,14 @@ def test_an_unreadable_message_is_a_storage_error(spool):
     with pytest.raises(StorageError):
         run_program([shutil.which("cat")], ENV, Broken(), out, timeout=5, max_output=100)  # type: ignore[arg-type]
     out.remove()
+
+
+def test_programs_that_end_at_once_are_never_lost(spool):
+    """A program can end before the thread that started it returns its pid:
+    its status is kept for the waiter all the same."""
+    for status in range(40):
+        result, _ = run(spool, ["sh", "-c", f"exit {status}"], b"")
+        assert (result.status, result.failure) == (status, None)
 
 
 def test_no_descriptor_is_left_open(spool):
