@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import signal
 import time
@@ -134,6 +135,7 @@ def start(argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int]) -> in
     killed), the program is killed and reaped once it has started, and the
     interruption goes on."""
     reaper()  # watching before any child can end
+    fds = _above_stdio(fds)
     path = os.fsencode(argv[0])
     c_argv = [os.fsencode(a) for a in argv]
     c_env = [os.fsencode(f"{k}={v}") for k, v in env.items()]
@@ -147,6 +149,20 @@ def start(argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int]) -> in
     if result < 0:
         raise OSError(-result, os.strerror(-result), argv[0])
     return result
+
+
+def _above_stdio(fds: Sequence[int]) -> list[int]:
+    """`fds` with any below 3 moved above (a server started with 0, 1 or 2
+    closed gets pipes there): else a dup2 onto 0, 1 or 2 could overwrite
+    one of them before it is itself dup2'd."""
+    out = []
+    for fd in fds:
+        if fd < 3:
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(fd)
+            fd = moved
+        out.append(fd)
+    return out
 
 
 def _abandon(pending: Any, fds: Sequence[int]) -> None:

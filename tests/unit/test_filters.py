@@ -7,6 +7,8 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -396,3 +398,31 @@ def test_the_bundled_config_has_the_cat_stage_ready_to_uncomment(tmp_path):
     assert stage.name == "cat" and Path(stage.command[0]).name == "cat"
     assert (stage.timeout, stage.max_output, stage.on_failure) == (120, None, "tempfail")
     assert (stage.roles, stage.mail, stage.enabled, stage.call) == (None, "all", True, None)
+
+
+def test_a_server_without_stdin_stdout_stderr_still_wires_the_pipes(tmp_path):
+    """A server started with 0, 1 and 2 closed gets its pipes there; the
+    program must still get stdin, stdout and stderr right."""
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+        for fd in (0, 1, 2):
+            os.close(fd)
+        from geosmtp.filters.program import run_program
+        from geosmtp.storage import Spool
+        from geosmtp.storage.spool import UniqueNames
+        spool = Spool({str(tmp_path / "spool")!r}, UniqueNames("h"))
+        out = spool.open()
+        with open({str(tmp_path / "in")!r}, "rb") as source:
+            run = run_program(["/bin/sh", "-c", "cat; echo oops >&2; exit 20"],
+                              {{"PATH": "/bin:/usr/bin"}}, source, out, timeout=10, max_output=100)
+        out.flush()
+        result = f"{{run.status}} {{run.stderr!r}} {{open(out.path, 'rb').read()!r}}"
+        open({str(tmp_path / "result")!r}, "w").write(result)
+        """
+    )
+    (tmp_path / "in").write_bytes(b"the message\n")
+    done = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert done.returncode == 0
+    assert (tmp_path / "result").read_text() == "20 b'oops\\n' b'the message\\n'"
