@@ -25,7 +25,7 @@ from .servers import SERVERS, cleanup_all, machine, server_class, source_version
 POSTFIX_SCENARIOS = {"throughput", "fanout", "scaling", "large", "relay"}
 RELAY_SERVERS = {"geosmtp", "postfix"}  # the relay scenario: servers with an outbound queue
 DEFAULT_SERVERS = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
-REQUIRED = {"geosmtp", "aiosmtpd"}
+REQUIRED = {"geosmtp", "geosmtp+cat", "aiosmtpd"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -97,11 +98,12 @@ def reset_peak(pid: int) -> bool:
 
 
 def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
+    """User + system CPU seconds of a process (all its threads), and of the
+    children it has reaped (a filter program's, for geosmtp+cat)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -257,6 +259,8 @@ class Server:
 
 class Geosmtp(Server):
     name = "geosmtp"
+    #: The `filters:` section, for a variant with filter stages.
+    filters: ClassVar[list[dict] | None] = None
 
     def command(self) -> list[str]:
         config = {
@@ -270,6 +274,8 @@ class Geosmtp(Server):
             "limits": {"max_message_size": self.max_size, "max_recipients": 100},
             "log": {"dir": "logs", "level": "WARNING"},
         }
+        if self.filters is not None:
+            config["filters"] = self.filters
         if self.relay_port is not None:
             config["trusted_networks"] = ["127.0.0.0/8"]
             config["relay"] = {
@@ -296,6 +302,14 @@ class Geosmtp(Server):
             return sum(1 for e in os.scandir(self.mail_dir / ".queue" / "records") if e.is_file())
         except OSError:
             return 0
+
+
+class GeosmtpCat(Geosmtp):
+    """geosmtp with one filter stage, `cat` (issue 12): every message through a
+    program and back. Its CPU counts the cat processes' (reaped children)."""
+
+    name = "geosmtp+cat"
+    filters: ClassVar[list[dict] | None] = [{"name": "cat", "command": ["cat"]}]
 
 
 class RelaySink(Server):
@@ -546,6 +560,7 @@ class Postfix(Server):
 
 SERVERS: dict[str, type[Server]] = {
     "geosmtp": Geosmtp,
+    "geosmtp+cat": GeosmtpCat,
     "aiosmtpd": Aiosmtpd,
     "postfix": Postfix,
     "smtp-sink": SmtpSink,
