@@ -316,7 +316,12 @@ class PythonStage(FilterStage):
         )
 
         def call() -> Any:
-            return self.function(message.envelope, source, context)
+            # An exception comes back as a value: raised in the greenlet or
+            # the thread, gevent would also log it as an unhandled error.
+            try:
+                return self.function(message.envelope, source, context)
+            except Exception as exc:
+                return _Raised(exc)
 
         if self.cooperative:
             return self._in_greenlet(message, call, timeout, source, context)
@@ -369,10 +374,11 @@ class PythonStage(FilterStage):
 
     def _outcome(self, message: Message, done: Any, context: StageContext) -> StageResult | str:
         """What the callable returned (or raised), as a verdict or a failure."""
-        if not done.successful():
+        result = done.value if done.successful() else _Raised(done.exception)
+        if isinstance(result, _Raised):
             context.discard_unused(None)
-            return self._raised(message, done.exception)
-        verdict = self._verdict(message, done.value, context)
+            return self._raised(message, result.exception)
+        verdict = self._verdict(message, result, context)
         context.discard_unused(verdict.spool if isinstance(verdict, Replace) else None)
         return verdict
 
@@ -414,6 +420,15 @@ class PythonStage(FilterStage):
     def _log_failure(self, message: Message, failure: str, detail: str) -> str:
         logger.warning("{}: filter {}: {}", message.queue_id, self.name, detail)
         return failure
+
+
+class _Raised:
+    """What a Python stage raised, returned from its greenlet or thread."""
+
+    __slots__ = ("exception",)
+
+    def __init__(self, exception: BaseException | None) -> None:
+        self.exception = exception
 
 
 def _stderr_summary(stderr: bytes) -> str:

@@ -248,3 +248,13 @@ def test_the_documented_example_stages(make_server, monkeypatch):
         assert w.cmd(b"Subject: bounce\r\n\r\nx\r\n.") == (554, "5.7.1 A bounce has one recipient")
     stages = [line["stages"] for line in access_lines(server, 2)]
     assert stages == ["external:replace,bounces:accept", "external:replace,bounces:reject"]
+
+
+def test_an_exception_is_logged_once_with_its_traceback(make_server, stages_module):
+    server = make_server({"filters": [call("bad", "boom", on_failure="pass")]})
+    assert send(server)[0] == 250
+    access_lines(server, 1)
+    log = server.server_log()
+    assert log.count("RuntimeError: boom") == 1, log  # the stage's WARNING, not gevent's too
+    assert "filter bad: the callable raised RuntimeError" in log
+    assert "unhandled error" not in log
