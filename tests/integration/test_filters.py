@@ -529,3 +529,26 @@ json.dump(fds, open({str(fds)!r}, "w"))
     # programs set them up themselves); none of the 31 classic ones is.
     assert mask["SigIgn"] & 0x7FFFFFFF == 0 and mask["SigBlk"] == 0, masks
     assert session == pid  # its own session
+
+
+def test_a_stop_during_a_run_leaves_no_program_behind(make_server, tmp_path):
+    """SIGTERM while a program runs: after the grace period and the session's
+    last chance the session is killed, and the program with it; the client,
+    never told 250, keeps its message."""
+    marker = f"{free_port()}.75"
+    slow = script(tmp_path, "slow", f"#!/bin/sh\nsleep {marker} &\nsleep {marker}\n")
+    server = make_server(
+        {"timeouts": {"shutdown_grace": 0.2}, "filters": [stage("slow", [slow], timeout=300)]}
+    )
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO client.example", 250)
+        w.expect("MAIL FROM:<carol@remote.example>", 250)
+        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect("DATA", 354)
+        w.send(MESSAGE + b".\r\n")
+        wait_until(lambda: len(processes_with(f"sleep\0{marker}")) == 2, what="the program")
+        assert server.stop() == 0
+        with pytest.raises((ConnectionError, OSError)):
+            w.reply(timeout=5)  # no 250: the connection just ends
+    wait_until(lambda: processes_with(f"sleep\0{marker}") == [], what="the sleeps to end")
+    assert server.all_messages() == [] and server.tmp_files() == []
