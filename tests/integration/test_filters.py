@@ -238,6 +238,27 @@ def test_the_environment_is_the_envelope_and_a_path(make_server, tmp_path):
     }
 
 
+def test_the_environment_of_a_submitted_message(make_server, tmp_path):
+    dump = tmp_path / "env"
+    program = script(tmp_path, "env", f"#!/bin/sh\nenv > {dump}\n")
+    server = make_server(
+        {
+            "listeners": [{"address": "127.0.0.1", "port": free_port(), "role": "submission"}],
+            "users": users(alice="pw"),
+            "auth": {"allow_plaintext": True},
+            "filters": [stage("env", [program])],
+        }
+    )
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        client.login("alice", "pw")
+        client.sendmail("alice@test.example", ["bob@test.example"], MESSAGE)
+    env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert env["GEOSMTP_AUTH_USER"] == "alice"
+    assert env["GEOSMTP_ROLE"] == "submission"
+    assert env["GEOSMTP_SENDER"] == "alice@test.example"
+    assert env["GEOSMTP_RECIPIENTS"] == "bob@test.example"
+
+
 # ------------------------------------------------------------- failures
 
 
