@@ -28,7 +28,7 @@ RELAY_SERVERS = {"geosmtp", "postfix"}  # the relay scenario: servers with an ou
 POP3_SERVERS = {"geosmtp", "dovecot", "dovecot-perf"}  # the dovecots serve nothing else
 DEFAULT_SERVERS = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink"]
 DEFAULT_POP3_SERVERS = ["geosmtp", "dovecot"]
-REQUIRED = {"geosmtp", "aiosmtpd", "dovecot"}
+REQUIRED = {"geosmtp", "geosmtp+cat", "aiosmtpd", "dovecot"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

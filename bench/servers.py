@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -130,11 +131,12 @@ def reset_peak(pid: int) -> bool:
 
 
 def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
+    """User + system CPU seconds of a process (all its threads), and of the
+    children it has reaped (a filter program's, for geosmtp+cat)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -301,6 +303,8 @@ class Server:
 
 class Geosmtp(Server):
     name = "geosmtp"
+    #: The `filters:` section, for a variant with filter stages.
+    filters: ClassVar[list[dict] | None] = None
 
     def config(self) -> dict:
         """The bench's geosmtp config (written to cfg.yaml at start)."""
@@ -322,6 +326,8 @@ class Geosmtp(Server):
             config["listeners"].append({"address": HOST, "port": self.pop3_port, "role": "pop3"})
             config["users"] = {u: {"password": h} for u, h in self.pop3_users.items()}
             config["auth"] = {"allow_plaintext": True}
+        if self.filters is not None:
+            config["filters"] = self.filters
         if self.relay_port is not None:
             config["trusted_networks"] = ["127.0.0.0/8"]
             config["relay"] = {
@@ -437,6 +443,14 @@ def dns_answers(host: str, port: int) -> bool:
         return True
     except Exception:
         return False
+
+
+class GeosmtpCat(Geosmtp):
+    """geosmtp with one filter stage, `cat` (issue 12): every message through a
+    program and back. Its CPU counts the cat processes' (reaped children)."""
+
+    name = "geosmtp+cat"
+    filters: ClassVar[list[dict] | None] = [{"name": "cat", "command": ["cat"]}]
 
 
 class RelaySink(Server):
@@ -744,6 +758,7 @@ SERVERS: dict[str, type[Server]] = {
     "geosmtp": Geosmtp,
     "geosmtp+auth": GeosmtpAuth,
     "geosmtp+auth-cached": GeosmtpAuthCached,
+    "geosmtp+cat": GeosmtpCat,
     "aiosmtpd": Aiosmtpd,
     "postfix": Postfix,
     "smtp-sink": SmtpSink,

@@ -29,6 +29,7 @@ from . import config as cfg
 from . import logs
 from .auth import BUSY, AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
+from .filters.stages import Filters
 from .mail import Domains, Envelope, Recipient
 from .mail.ids import new_queue_id
 from .mailauth.stages import DKIMSign, SenderChecks, build_signer
@@ -133,12 +134,16 @@ class App:
             metrics=self.metrics,
         )
         self.metrics.watch_queue(self.queue)  # the queue gauges, read at scrape time
+        # Filter stages (the `filters:` section), rebuilt at each config change.
+        self.filters = Filters(self.spool)
+        self.metrics.watch_filters(self.filters.slots)
         self.pipeline = Pipeline(
             Router(
                 local=MaildirDestination(self.store),
                 remote=QueueDestination(self.queue_store, self.queue),
             ),
             after_delivery=self.report_local,
+            observer=self.metrics,
         )
         self.listeners = Listeners(self, SESSIONS)
         self._access_writer: gevent.Greenlet | None = None
@@ -148,7 +153,7 @@ class App:
 
     def apply_config(self, config: Config) -> None:
         """Derive what each new session needs from the config (sessions keep theirs)."""
-        stages = self.auth_stages(config)  # may raise ConfigError: before anything changes
+        sender = self.auth_stages(config)  # may raise ConfigError: before anything changes
         self.config = config
         domains = Domains(config.domains)  # one IDNA-aware comparison for all
         self.policy = RecipientPolicy(
@@ -171,16 +176,24 @@ class App:
         self.trusted_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
         ]
-        self.pipeline.stages = stages
+        self.filters.configure(config)
+        self.pipeline.stages = self.pipeline_stages(*sender)
+        for stage in self.pipeline.stages:
+            self.metrics.stage_declared(stage.name)
 
-    def auth_stages(self, config: Config) -> list:
-        """The pipeline's stages for `auth_checks:` and `dkim:`: the sender checks
-        first (on the message as the sender made it), signing last (on the
-        message as it leaves). Filter stages go between them."""
-        stages: list = []
+    def pipeline_stages(self, checks: list, signing: list) -> list:
+        """Every stage a message goes through, in order: the sender checks first
+        (on the message as the sender made it), the filters, DKIM signing last
+        (on the message as it leaves). Messages already in the pipeline go on
+        with the stages they began with."""
+        return [*checks, *self.filters.stages, *signing]
+
+    def auth_stages(self, config: Config) -> tuple[list, list]:
+        """The stages of `auth_checks:` and `dkim:`: (the sender checks, signing)."""
+        checks: list = []
         try:
             if config.auth_checks.enabled:
-                stages.append(
+                checks.append(
                     SenderChecks(
                         config.auth_checks,
                         config.hostname,
@@ -197,9 +210,8 @@ class App:
             ) from None
         except ValueError as exc:
             raise ConfigError(f"dkim: {exc}") from None
-        if signer is not None:
-            stages.append(DKIMSign(signer, self.spool, self._trusted, in_thread))
-        return stages
+        signing = [] if signer is None else [DKIMSign(signer, self.spool, self._trusted, in_thread)]
+        return checks, signing
 
     def security(self, listener: Listener, peer: str) -> Security:
         """What a client on `listener` from `peer` may do; see `Security`."""

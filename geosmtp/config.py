@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 import re
+import shutil
 import socket
 import types
 import typing
@@ -266,6 +268,35 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Filter:
+    """One filter stage: an external program (`command`) or a Python callable
+    (`call`) that sees each message after DATA; see docs/filters.md."""
+
+    #: Names the stage in the access log, the metrics and the management API.
+    name: str = ""
+    #: argv (never a shell string): the message on stdin, the new one on stdout.
+    #: A first word with a "/" is a path (relative: to the config's folder),
+    #: else a program found on the server's PATH; made absolute at load.
+    command: list[str] | None = None
+    #: "package.module:function", imported at load.
+    call: str | None = None
+    #: Seconds one run may take; then the program is killed: `on_failure`.
+    timeout: float = _positive(120, max=DAY)
+    #: Octets the program may write; more: killed, `on_failure`. Unset: twice
+    #: limits.max_message_size.
+    max_output: int | None = field(default=None, metadata={"positive": True, "max": 2**40})
+    #: When the stage fails (crash, timeout, too much output, cannot run):
+    #: tempfail (451 4.3.0), reject (554 5.7.1) or pass (the message unchanged).
+    on_failure: Literal["tempfail", "reject", "pass"] = "tempfail"
+    #: The listener roles whose messages it sees; unset: every role.
+    roles: list[Role] | None = None
+    #: local: messages whose recipients are all local; outbound: messages with
+    #: at least one remote recipient; all.
+    mail: Literal["local", "outbound", "all"] = "all"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=socket.getfqdn)
     domains: list[str] = field(default_factory=lambda: ["localhost"])
@@ -297,6 +328,11 @@ class Config:
     dns: DNS = field(default_factory=DNS)
     auth_checks: AuthChecks = field(default_factory=AuthChecks)
     dkim: DKIMSigning = field(default_factory=DKIMSigning)
+    #: Filter stages, in the order they run (docs/filters.md).
+    filters: list[Filter] = field(default_factory=list)
+    #: Filter programs (and Python stages in threads) running at once, in all;
+    #: a message waits for a slot until its reply is due (timeouts.data_total).
+    filter_concurrency: int = _positive(16, max=10_000)
 
     @property
     def queue_path(self) -> Path:
@@ -657,9 +693,62 @@ def _domain_problem(name: str) -> str | None:
     return None
 
 
+_FILTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _filters(config: Config, base: Path) -> list[Filter]:
+    """The `filters:` stages checked, each program's path made absolute and each
+    callable imported (so a missing one stops the load, not the first message)."""
+    from .filters.calls import load_callable
+
+    out = []
+    seen: set[str] = set()
+    for i, stage in enumerate(config.filters):
+        key = f"filters[{i}]"
+        if not _FILTER_NAME_RE.fullmatch(stage.name):
+            raise ConfigError(
+                f"{key}.name: expected a name of letters, digits, '_', '.' and '-' "
+                f"(at most 64), got {_describe(stage.name)}"
+            )
+        if stage.name in seen:
+            raise ConfigError(f"{key}.name: {stage.name!r} names two filters")
+        seen.add(stage.name)
+        if (stage.command is None) == (stage.call is None):
+            raise ConfigError(f"{key}: give command (a program) or call (a Python callable)")
+        if stage.command is not None:
+            if not stage.command:
+                raise ConfigError(f"{key}.command: expected the program and its arguments")
+            program = _find_program(stage.command[0], base, f"{key}.command")
+            stage = dataclasses.replace(stage, command=[program, *stage.command[1:]])
+        else:
+            try:
+                load_callable(stage.call or "")
+            except ValueError as exc:
+                raise ConfigError(f"{key}.call: {exc}") from None
+        out.append(stage)
+    return out
+
+
+def _find_program(name: str, base: Path, key: str) -> str:
+    """A program's absolute path: `name` with a "/" is a path (relative to the
+    config's folder), else it is looked up on PATH."""
+    if "/" in name:
+        path = Path(name).expanduser()
+        found = str(path if path.is_absolute() else base / path)
+        if not (os.path.isfile(found) and os.access(found, os.X_OK)):
+            raise ConfigError(f"{key}: {_describe(found)} is not an executable file")
+        return found
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"{key}: no program {_describe(name)} on PATH")
+    return os.path.abspath(found)
+
+
 def from_mapping(data: Any, base: Path = Path(".")) -> Config:
     config = _build(Config, {} if data is None else data, "", base.resolve())
     config = dataclasses.replace(config, domains=[d.lower() for d in config.domains])
+    if config.filters:
+        config = dataclasses.replace(config, filters=_filters(config, base.resolve()))
     if config.auth.users_file is not None:
         config = dataclasses.replace(config, users={**config.users, **_users_file(config)})
     _check(config)

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,47 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_filters(client: Client, args: argparse.Namespace) -> int:
+    result = client.request("GET", "/api/v1/filters")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(
+        f"{'NAME':<20} {'KIND':<8} {'ENABLED':<8} {'ROLES':<24} {'MAIL':<9} "
+        f"{'ON_FAILURE':<10} {'RUNS':>8} {'REFUSED':>8} {'FAILED':>7}"
+    )
+    for f in result["filters"]:
+        runs = f["runs"]
+        print(
+            f"{f['name']:<20} {f['kind']:<8} {'yes' if f['enabled'] else 'no':<8} "
+            f"{','.join(f['roles']) if f['roles'] is not None else 'all':<24} {f['mail']:<9} "
+            f"{f['on_failure']:<10} {sum(runs.values()):>8} "
+            f"{runs.get('tempfail', 0) + runs.get('reject', 0):>8} "
+            f"{sum(f['failures'].values()):>7}"
+        )
+    c = result["concurrency"]
+    print(
+        f"{result['count']} filters; {c['running']} of {c['limit']} slots in use, "
+        f"{c['waiting']} waiting"
+    )
+    return EXIT_OK
+
+
+def cmd_filter(client: Client, args: argparse.Namespace) -> int:
+    name = urllib.parse.quote(args.name, safe="")
+    if args.action == "show":
+        print(json.dumps(client.request("GET", f"/api/v1/filters/{name}"), indent=2))
+        return EXIT_OK
+    enabled = args.action == "enable"
+    result = client.request("PATCH", f"/api/v1/filters/{name}", {"enabled": enabled})
+    state = "enabled" if enabled else "disabled"
+    if result["changed"]:
+        print(f"filter {result['name']} {state}")
+    else:
+        print(f"filter {result['name']} was already {state}")
+    return EXIT_OK
+
+
 def add_client_options(p: argparse.ArgumentParser) -> None:
     """-c, --url, --token: where the admin API is and its token (`ctl`, `queue`)."""
     p.add_argument("-c", "--config", metavar="FILE", help="the server's config (./config.yaml)")
@@ -257,6 +299,13 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kick", help="close a session with 421")
     k.add_argument("id")
     k.set_defaults(func=cmd_kick)
+    fs = sub.add_parser("filters", help="the filter stages, their state and counts")
+    fs.add_argument("--json", action="store_true")
+    fs.set_defaults(func=cmd_filters)
+    f = sub.add_parser("filter", help="filter enable NAME | filter disable NAME | filter show NAME")
+    f.add_argument("action", choices=["enable", "disable", "show"])
+    f.add_argument("name")
+    f.set_defaults(func=cmd_filter)
     return p
 
 

@@ -34,6 +34,12 @@ ATTEMPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 #: What became of a relayed recipient after an attempt (the `result` label).
 RELAY_RESULTS = ("sent", "deferred", "bounced")
 
+#: One run of a pipeline stage (a filter program: fork, exec, the whole message through it).
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+#: A stage's verdict (the `verdict` label).
+STAGE_VERDICTS = ("accept", "replace", "tempfail", "reject")
+
 #: How a session ended (the `outcome` label).
 OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
 
@@ -98,7 +104,7 @@ class Metrics:
         )
         self.delivery_seconds = Histogram(
             "geosmtp_delivery_seconds",
-            "From the end of the message to 250: the cost of durability",
+            "From the end of the message to 250: filter stages and durability",
             buckets=DELIVERY_BUCKETS,
             registry=r,
         )
@@ -151,6 +157,41 @@ class Metrics:
             listener,
             registry=r,
         )
+        # Pipeline stages (filters), by the stage's configured name.
+        self.stage_runs = Counter(
+            "geosmtp_stage_runs",
+            "Pipeline stage runs, by stage and verdict (accept, replace, tempfail, reject)",
+            ["stage", "verdict"],
+            registry=r,
+        )
+        self.stage_failures = Counter(
+            "geosmtp_stage_failures",
+            "Stage runs whose verdict is the failure policy, by what failed "
+            "(timeout, exit=N, signal=N, output_limit, exec, error, busy, storage)",
+            ["stage", "failure"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "geosmtp_stage_seconds",
+            "Time in a stage, waiting for a filter slot included",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.filter_running = Gauge(
+            "geosmtp_filter_running",
+            "Filter programs and Python stage threads running (holding a slot)",
+            registry=r,
+        )
+        self.filter_waiting = Gauge(
+            "geosmtp_filter_waiting",
+            "Messages waiting for a filter slot (filter_concurrency)",
+            registry=r,
+        )
+        self.filter_slots = Gauge(
+            "geosmtp_filter_slots", "The filter_concurrency limit", registry=r
+        )
+        self._stage_children: dict[tuple[str, str], Any] = {}
         self.auth_success = self.auth.labels("success")
         self.auth_failure = self.auth.labels("failure")
         # add_counts' labelled children: a `labels()` lookup costs more than the `inc()`.
@@ -161,6 +202,29 @@ class Metrics:
         self.queue_entries.set_function(queue.pending_count)
         self.queue_held.set_function(queue.held_count)
         self.queue_oldest_age.set_function(queue.oldest_age)
+
+    def watch_filters(self, slots: Any) -> None:
+        """Read the filter gauges from `slots` (filters.Slots) at each scrape."""
+        self.filter_running.set_function(lambda: slots.running)
+        self.filter_waiting.set_function(lambda: slots.waiting)
+        self.filter_slots.set_function(lambda: slots.limit)
+
+    def stage_done(self, stage: str, verdict: str, failure: str | None, seconds: float) -> None:
+        """A pipeline stage ran (the pipeline's observer)."""
+        key = (stage, verdict)
+        child = self._stage_children.get(key)
+        if child is None:
+            child = self._stage_children[key] = self.stage_runs.labels(stage, verdict)
+        child.inc()
+        if failure is not None:
+            self.stage_failures.labels(stage, failure).inc()
+        self.stage_seconds.labels(stage).observe(seconds)
+
+    def stage_declared(self, stage: str) -> None:
+        """Show a configured stage's counters at 0 before its first run."""
+        for verdict in STAGE_VERDICTS:
+            self.stage_runs.labels(stage, verdict)
+        self.stage_seconds.labels(stage)
 
     def listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(self, name)

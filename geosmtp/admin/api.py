@@ -29,6 +29,7 @@ StartResponse = Callable[..., Any]
 MAX_BODY = 64 * 1024
 _SESSION_RE = re.compile(r"/api/v1/sessions/([0-9A-Fa-f]+)")
 _QUEUE_RE = re.compile(r"/api/v1/queue/([^/]+)(/flush|/hold|/release)?")
+_FILTER_RE = re.compile(r"/api/v1/filters/([^/]+)")
 
 
 class HTTPError(Exception):
@@ -88,7 +89,12 @@ class AdminAPI:
             "/api/v1/sessions": {"GET": self.get_sessions},
             "/api/v1/queue": {"GET": self.get_queue},
             "/api/v1/queue/flush": {"POST": self.flush_queue},
+            "/api/v1/filters": {"GET": self.get_filters},
         }
+        match = _FILTER_RE.fullmatch(path)
+        if match:
+            environ["geosmtp.filter"] = match.group(1)
+            routes[path] = {"GET": self.get_filter, "PATCH": self.patch_filter}
         match = _SESSION_RE.fullmatch(path)
         if match:
             environ["geosmtp.session_id"] = match.group(1).upper()
@@ -253,6 +259,81 @@ class AdminAPI:
         except QueueBusy as exc:
             raise HTTPError("409 Conflict", str(exc)) from None
         return {"deleted": queue_id, "pending": [r.address for r in record.pending]}
+
+    # ---------------------------------------------------------- filters
+
+    def _filter_info(self, stage: Any, snap: dict) -> dict:
+        def by(metric: str, label: str) -> dict[str, int]:
+            out = {}
+            for key, value in snap.get(metric, {}).items():
+                labels = dict(part.split("=", 1) for part in key.split(","))
+                if labels.get("stage") == stage.name:
+                    out[labels[label]] = int(value)
+            return out
+
+        return {
+            **stage.info(),
+            "runs": by("geosmtp_stage_runs_total", "verdict"),
+            "failures": by("geosmtp_stage_failures_total", "failure"),
+        }
+
+    def get_filters(self, environ: dict) -> dict:
+        filters = self.server.filters
+        snap = self.server.metrics.snapshot()
+        slots = filters.slots
+        return {
+            "concurrency": {
+                "limit": slots.limit,
+                "running": slots.running,
+                "waiting": slots.waiting,
+            },
+            "count": len(filters.stages),
+            "filters": [self._filter_info(stage, snap) for stage in filters.stages],
+        }
+
+    def _stage(self, environ: dict) -> Any:
+        name = environ["geosmtp.filter"]
+        stage = self.server.filters.by_name(name)
+        if stage is None:
+            raise HTTPError("404 Not Found", f"no filter named {cfg.printable(name)!r}")
+        return stage
+
+    def get_filter(self, environ: dict) -> dict:
+        return self._filter_info(self._stage(environ), self.server.metrics.snapshot())
+
+    def patch_filter(self, environ: dict) -> dict:
+        """Change one stage's keys (`{"enabled": false}`) in the running config,
+        validated as the file is; a reload goes back to the file."""
+        name = self._stage(environ).name
+        patch = _read_json(environ)
+        if not isinstance(patch, dict):
+            raise HTTPError("400 Bad Request", "the body must be a JSON object")
+        if "name" in patch and patch["name"] != name:
+            raise HTTPError(
+                "400 Bad Request", "name: cannot be changed here; edit the config file and reload"
+            )
+        current = cfg.to_mapping(self.server.config)
+        index = next(i for i, f in enumerate(current["filters"]) if f["name"] == name)
+        before = current["filters"][index]
+        current["filters"][index] = cfg.merged(before, patch)
+        try:
+            self.server.change_config(cfg.from_mapping(current))
+        except cfg.ConfigError as exc:
+            raise HTTPError("400 Bad Request", str(exc)) from None
+        after = cfg.to_mapping(self.server.config)["filters"][index]
+        changed = cfg.changed_keys(before, after)
+        if changed:
+            logger.info(
+                "admin changed filter {}: {}",
+                name,
+                ", ".join(f"{k}={cfg.lookup(after, k)!r}" for k in changed),
+            )
+        stage = self.server.filters.by_name(name)
+        return {
+            "name": name,
+            "changed": changed,
+            "filter": self._filter_info(stage, self.server.metrics.snapshot()),
+        }
 
 
 def _read_json(environ: dict) -> Any:

@@ -1,9 +1,9 @@
 """The mail pipeline: spool -> filter stages -> router -> destinations."""
 
-from .message import Message
+from .message import Message, StageVerdict
 from .pipeline import Pipeline, Verdict
 from .router import Destination, MaildirDestination, NoRoute, QueueDestination, Router
-from .stages import Accept, Reject, Replace, Stage, StageResult, TempFail
+from .stages import Accept, Reject, Replace, Stage, StageResult, TempFail, verdict_name
 
 __all__ = [
     "Accept",
@@ -18,6 +18,8 @@ __all__ = [
     "Router",
     "Stage",
     "StageResult",
+    "StageVerdict",
     "TempFail",
     "Verdict",
+    "verdict_name",
 ]

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..mail import Envelope
 from ..storage import SpoolFile
+
+
+@dataclass(frozen=True)
+class StageVerdict:
+    """What one stage said about a message, for the access log: `name:verdict`,
+    with the failure that made it in parentheses (`scan:tempfail(timeout)`)."""
+
+    stage: str
+    verdict: str  # accept, replace, tempfail, reject
+    failure: str | None = None
+
+    def __str__(self) -> str:
+        tail = f"({self.failure})" if self.failure else ""
+        return f"{self.stage}:{self.verdict}{tail}"
 
 
 @dataclass
@@ -21,4 +35,9 @@ class Message:
     queue_id: str
     size: int  # octets as the client sent them (RFC 1870), for limits and logs
     client: str = ""  # the client's IP address
-    role: str = ""  # the listener role it arrived on (mx, submission, ...)
+    role: str = ""  # the listener role it arrived on (mx, submission, ...); "" for our own reports
+    #: time.monotonic() by which the client must have its reply: waiting for a
+    #: filter slot and running filters stop there; None: the stages' own limits only.
+    deadline: float | None = None
+    #: What each stage that ran said, in order (the access log names them).
+    verdicts: list[StageVerdict] = field(default_factory=list)

@@ -14,13 +14,15 @@ refused.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..storage import StorageError
-from .message import Message
+from .message import Message, StageVerdict
 from .router import NoRoute, Router
-from .stages import Accept, Reject, Replace, Stage, TempFail
+from .stages import Accept, Reject, Replace, Stage, TempFail, verdict_name
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,17 @@ class Verdict:
     temporary: bool = False  # 4xx (try again later) rather than 5xx
     reason: str = ""  # for the server log
     no_space: bool = False  # the disk or a quota is full: 452 4.3.1
-    code: int | None = None  # a stage's own reply, when it gave one
+    code: int | None = None  # a stage's refusal: its reply code and status,
     status: str | None = None
-    text: str | None = None
+    text: str | None = None  # and its text (None: the server's wording)
     destinations: tuple[str, ...] = ()  # where it went, for logs and metrics
+    stage: str | None = None  # the stage that refused it
+
+
+class StageObserver(Protocol):
+    """Told about every stage that ran (the server's metrics)."""
+
+    def stage_done(self, stage: str, verdict: str, failure: str | None, seconds: float) -> None: ...
 
 
 class Pipeline:
@@ -45,12 +54,16 @@ class Pipeline:
         router: Router,
         stages: Sequence[Stage] = (),
         after_delivery: Callable[[Message], None] | None = None,
+        observer: StageObserver | None = None,
     ) -> None:
         self.router = router
+        #: Replaced whole (never changed in place) when the configuration
+        #: changes: a message already in the stages goes on with the list it began.
         self.stages = list(stages)
         #: Called once a message is delivered everywhere, its spool file still
         #: there (success reports for NOTIFY=SUCCESS).
         self.after_delivery = after_delivery
+        self.observer = observer
 
     def process(self, message: Message) -> Verdict:
         """Filter, route and deliver `message`; the spool file is gone afterwards."""
@@ -63,25 +76,61 @@ class Pipeline:
             message.spool.remove()
 
     def _filter(self, message: Message) -> Verdict | None:
-        for stage in self.stages:
-            result = stage.process(message)
+        stages = self.stages
+        if not stages:
+            return None
+        try:
+            message.spool.flush()  # stages read the file: all of it must be there
+        except StorageError as exc:
+            return Verdict(False, True, str(exc), no_space=exc.no_space)
+        for stage in stages:
+            applies = getattr(stage, "applies", None)
+            if applies is not None and not applies(message):
+                continue
+            started = time.perf_counter()
+            result = None
+            try:
+                result = stage.process(message)
+                if isinstance(result, Replace):
+                    result.spool.flush()
+            except StorageError as exc:  # the stage could not write its rewrite
+                if isinstance(result, Replace):
+                    result.spool.remove()
+                self._observe(message, stage.name, "tempfail", "storage", started)
+                return Verdict(
+                    False,
+                    True,
+                    f"{stage.name}: {exc}",
+                    no_space=exc.no_space,
+                    stage=stage.name,
+                )
+            if not isinstance(result, Accept | Replace | TempFail | Reject):
+                raise TypeError(f"stage {stage.name!r} returned {result!r}")
+            failure = None if isinstance(result, Replace) else result.failure
+            self._observe(message, stage.name, verdict_name(result), failure, started)
             if isinstance(result, Accept):
                 continue
             if isinstance(result, Replace):
                 message.spool.remove()
                 message.spool = result.spool
                 continue
-            if not isinstance(result, TempFail | Reject):
-                raise TypeError(f"stage {stage.name!r} returned {result!r}")
             return Verdict(
                 False,
                 isinstance(result, TempFail),
                 f"{stage.name}: {result.reason}",
-                code=result.code if result.text else None,
-                status=result.status if result.text else None,
+                code=result.code,
+                status=result.status,
                 text=result.text,
+                stage=stage.name,
             )
         return None
+
+    def _observe(
+        self, message: Message, stage: str, verdict: str, failure: str | None, started: float
+    ) -> None:
+        message.verdicts.append(StageVerdict(stage, verdict, failure))
+        if self.observer is not None:
+            self.observer.stage_done(stage, verdict, failure, time.perf_counter() - started)
 
     def _deliver(self, message: Message) -> Verdict:
         try:

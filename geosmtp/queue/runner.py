@@ -35,6 +35,7 @@ from loguru import logger
 
 from .. import logs
 from ..storage import StorageError
+from ..storage.spool import read_return_path
 from .client import AttemptResult, Outcome, deliver
 from .mx import DNSError, DNSPermanentError, Host, Resolver
 from .schedule import RetrySchedule, delay_warning_due
@@ -61,16 +62,6 @@ class RunnerSettings:
     #: the client's timeouts; None: RFC 5321 §4.5.3.2's
     timeouts: Any = None
     tls_context: Any = None  # for a smarthost's certificate; MX delivery is opportunistic
-
-
-def skip_return_path(message: Any) -> None:
-    """Position `message` after its `Return-Path:` line, if it starts with one.
-
-    Messages are spooled with the Return-Path that final delivery into a
-    Maildir needs; a relaying server must not pass it on (RFC 5321 §4.4)."""
-    first = message.readline(8192)
-    if not first.lower().startswith(b"return-path:"):
-        message.seek(0)
 
 
 @dataclass(order=True)
@@ -242,7 +233,8 @@ class QueueRunner:
                 )
             return "dns: " + str(exc)
         with self.store.open_message(record.id) as message:
-            skip_return_path(message)
+            # A relaying server must not pass the Return-Path on (RFC 5321 §4.4).
+            read_return_path(message)
             result = self._send(record, rcpts, hosts, port, tls, message)
         if self.metrics is not None:
             self.metrics.relay_attempt_seconds.observe(time.perf_counter() - started)

@@ -272,32 +272,50 @@ class SMTPSession(StreamSession):
         queue_id = self.queue_id or ""
         metrics = self.server.metrics
         started = time.perf_counter()
+        stages = None
         if isinstance(spool, _FailedSpool) or spool is None:
             error = spool.error if spool is not None else None
             verdict = Verdict(False, True, str(error), no_space=bool(error and error.no_space))
         else:
-            message = Message(envelope, spool, queue_id, size, self.peer, self.listener.role)
+            message = Message(
+                envelope,
+                spool,
+                queue_id,
+                size,
+                self.peer,
+                self.listener.role,
+                # The client waits for the reply to its final dot (RFC 5321
+                # §4.5.3.2.6: 10 minutes); filters waiting for a slot stop here.
+                deadline=time.monotonic() + self.server.config.timeouts.data_total,
+            )
             verdict = self.server.pipeline.process(message)
+            stages = ",".join(map(str, message.verdicts)) or None
         if not verdict.delivered:
-            if verdict.text is not None and verdict.code is not None:
+            if verdict.code is not None:
                 reply = R.refused_by_stage(verdict.code, verdict.status, verdict.text)
             elif verdict.no_space:
                 reply = R.INSUFFICIENT_STORAGE
             else:
                 reply = R.LOCAL_ERROR
-            logger.error(
-                "session {}: delivery failed ({}): {}", self.id, reply.code, verdict.reason
-            )
+            if verdict.stage is not None and verdict.code is not None:
+                # A filter's judgement (or its failure policy, logged by the stage).
+                logger.info("session {}: refused ({}): {}", self.id, reply.code, verdict.reason)
+            else:
+                logger.error(
+                    "session {}: delivery failed ({}): {}", self.id, reply.code, verdict.reason
+                )
             self.conn.message_failed(reply)
-            metrics.messages_rejected.labels("storage").inc()
-            self._log_transaction(envelope, reply.code, size=size, queue=queue_id)
+            metrics.messages_rejected.labels(
+                "filter" if verdict.code is not None else "storage"
+            ).inc()
+            self._log_transaction(envelope, reply.code, size=size, queue=queue_id, stages=stages)
             return
         metrics.delivery_seconds.observe(time.perf_counter() - started)
         metrics.messages_accepted.inc()
         metrics.recipients.inc(len(envelope.recipients))
         metrics.message_size.observe(size)
         self.conn.message_stored(queue_id)
-        self._log_transaction(envelope, 250, size=size, queue=queue_id)
+        self._log_transaction(envelope, 250, size=size, queue=queue_id, stages=stages)
         self._sync_metrics()
 
     def _rejected(self, event: TransactionRejected) -> None:

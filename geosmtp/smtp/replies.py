@@ -91,9 +91,12 @@ def user_known(address: str) -> Reply:
     return reply(250, "2.1.5", f"<{address}>")
 
 
-def refused_by_stage(code: int, status: str | None, text: str) -> Reply:
-    """A filter stage's refusal in its own words (a program's first stderr line,
-    sanitised by the stage): the one reply whose text does not come from here."""
+def refused_by_stage(code: int, status: str | None, text: str | None) -> Reply:
+    """A pipeline stage's refusal in its own words (a filter program's first
+    stderr line, sanitised by the stage): the one reply whose text may come
+    from elsewhere. Without words of its own, the wording of its class."""
+    if not text:
+        text = STAGE_REFUSED_TEXT if code >= 500 else LOCAL_ERROR.text
     return reply(code, status, text)
 
 
@@ -148,6 +151,8 @@ TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
 SIZE_DECLARED_TOO_BIG = reply(552, "5.3.4", "Error: message size exceeds fixed maximum")
 LOCAL_ERROR = reply(451, "4.3.0", "Error: local error in processing; try again later")
+#: A stage's permanent refusal without text of its own (`refused_by_stage`).
+STAGE_REFUSED_TEXT = "Error: message refused"
 # RFC 5321 §4.2.2 452, RFC 3463 X.3.1 "mail system full": the disk or a quota
 INSUFFICIENT_STORAGE = reply(452, "4.3.1", "Error: insufficient system storage; try again later")
 

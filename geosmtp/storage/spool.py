@@ -22,6 +22,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import StorageError
 
@@ -58,6 +59,22 @@ def lone_lfs(data: bytes, after_cr: bool = False) -> int:
     if after_cr and data[:1] == b"\n":
         n -= 1
     return n
+
+
+def read_return_path(message: BinaryIO) -> bytes:
+    """The `Return-Path:` line a spooled message starts with, read past; or b""
+    with `message` back at its start when it has none.
+
+    Messages are spooled with the Return-Path that final delivery into a
+    Maildir needs (RFC 5321 §4.4); what relays or filters the message reads
+    it from the line after.
+    """
+    start = message.tell()
+    first = message.readline(8192)
+    if first.lower().startswith(b"return-path:"):
+        return first
+    message.seek(start)
+    return b""
 
 
 def unlink_quietly(path: str) -> None:

@@ -145,3 +145,93 @@ def test_a_stage_that_refuses_decides(parts, result, temporary, reply):
     assert verdict.reason.startswith("filter: ")
     assert ((verdict.code, verdict.status) if verdict.text else None) == reply
     assert never.seen == [] and stored(store) == {} and list(spool.root.iterdir()) == []
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def stage_done(self, stage, verdict, failure, seconds) -> None:
+        assert seconds >= 0
+        self.seen.append((stage, verdict, failure))
+
+
+class Choosy(Stage):
+    """A stage that applies only to messages with two recipients or more."""
+
+    def applies(self, message) -> bool:
+        return len(message.envelope.recipients) > 1
+
+
+def test_what_each_stage_said_is_recorded_and_observed(parts):
+    store, spool = parts
+    observer = Recorder()
+    stages = [
+        Stage("plain", Accept()),  # no applies(): runs for every message
+        Choosy("choosy", Reject("never")),
+        Stage("failed", Accept(failure="timeout")),
+        Stage("last", TempFail("busy", failure="busy")),
+    ]
+    pipeline = Pipeline(Router(MaildirDestination(store)), stages, observer=observer)
+    msg = message(spool, ALICE)
+    verdict = pipeline.process(msg)
+    assert not verdict.delivered and verdict.temporary and verdict.stage == "last"
+    assert [str(v) for v in msg.verdicts] == [
+        "plain:accept",
+        "failed:accept(timeout)",
+        "last:tempfail(busy)",
+    ]
+    assert observer.seen == [
+        ("plain", "accept", None),
+        ("failed", "accept", "timeout"),
+        ("last", "tempfail", "busy"),
+    ]
+    assert stages[1].seen == []  # choosy did not apply
+
+
+def test_a_refusal_without_words_keeps_its_code(parts):
+    store, spool = parts
+    pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("r", Reject("spam"))])
+    verdict = pipeline.process(message(spool, ALICE))
+    assert (verdict.code, verdict.status, verdict.text) == (554, "5.7.1", None)
+
+
+@pytest.mark.parametrize("no_space", [True, False])
+def test_a_stage_that_cannot_write_is_a_temporary_failure(parts, no_space):
+    store, spool = parts
+    made = []
+
+    def broken(msg):
+        new = spool.open()
+        made.append(new.path)
+        raise StorageError(errno.ENOSPC if no_space else errno.EIO, "cannot write")
+
+    observer = Recorder()
+    pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("w", broken)], observer=observer)
+    verdict = pipeline.process(message(spool, ALICE))
+    assert not verdict.delivered and verdict.temporary and verdict.no_space is no_space
+    assert verdict.code is None and verdict.stage == "w"
+    assert observer.seen == [("w", "tempfail", "storage")]
+    assert stored(store) == {}
+    assert [p for p in spool.root.iterdir() if str(p) not in made] == []
+
+
+def test_a_rewrite_is_flushed_before_the_next_stage_reads_it(parts):
+    store, spool = parts
+
+    def rewrite(msg):
+        new = spool.open()
+        new.write(b"Subject: new\n\nbody\n")  # gathered, not yet written
+        return Replace(new)
+
+    class Reader:
+        name = "reader"
+
+        def process(self, msg):
+            self.data = Path(msg.spool.path).read_bytes()  # no flush of its own
+            return Accept()
+
+    reader = Reader()
+    pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("w", rewrite), reader])
+    assert pipeline.process(message(spool, ALICE)).delivered
+    assert reader.data == b"Subject: new\n\nbody\n"

@@ -77,6 +77,12 @@ def test_the_check_finds_a_reply_built_in_place():
         (R.AUTH_EMPTY_CHALLENGE, b"334 \r\n"),
         (R.TOO_MANY_AUTH_FAILURES, b"421 4.7.0 Error: too many authentication failures\r\n"),
         (R.KICKED, b"421 4.7.0 Connection closed by the administrator\r\n"),
+        (R.refused_by_stage(554, "5.7.1", "Virus found"), b"554 5.7.1 Virus found\r\n"),
+        (R.refused_by_stage(550, "5.7.0", None), b"550 5.7.0 Error: message refused\r\n"),
+        (
+            R.refused_by_stage(451, "4.3.0", None),
+            b"451 4.3.0 Error: local error in processing; try again later\r\n",
+        ),
     ],
 )  # fmt: skip
 def test_wire_form(reply, wire):
