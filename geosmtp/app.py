@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
+from gevent.lock import BoundedSemaphore
 from loguru import logger
 
 from . import config as cfg
@@ -113,6 +114,7 @@ class App:
         self.metrics = Metrics()
         self.auth_throttle = AuthThrottle()
         self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
+        self.password_checks = BoundedSemaphore(os.cpu_count() or 1)
         self.tls_context = tls.server_context(config.tls, config.hostname)  # may raise ConfigError
         # Storage: the spool and the Maildirs share one naming scheme and, when they
         # are on one filesystem, delivery is a hard link.
@@ -285,7 +287,11 @@ class App:
         user = None
         delay, disconnect = 0.0, False
         try:
-            user = self.run_blocking(self.users.verify, credentials.login, credentials.password)
+            # One check per core at a time: each takes its hash's memory (64 MiB
+            # for the hashes `geosmtp passwd` makes) and a core; more at once
+            # would only hold more memory for the same rate.
+            with self.password_checks:
+                user = self.run_blocking(self.users.verify, credentials.login, credentials.password)
         finally:
             # The outcome is counted (a check that never ended, as a failure),
             # then the client's waiting checks may ask again.

@@ -7,6 +7,8 @@ import socket
 import ssl
 import time
 
+from tests.integration.wire import Wire
+
 #: What every helper waits for a reply at most.
 TIMEOUT = 10.0
 
@@ -22,54 +24,27 @@ def stored_as_sent(raw: bytes) -> bytes:
     return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-class POP3Wire:
-    """A raw POP3 client: send lines, read `+OK`/`-ERR` lines and dot-ended lists."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-        sock.settimeout(TIMEOUT)
+class POP3Wire(Wire):
+    """A raw POP3 client: send lines, read `+OK`/`-ERR` lines and dot-ended lists
+    (the SMTP test client's socket handling, POP3's replies)."""
 
     @classmethod
-    def connect(
+    def connect(  # type: ignore[override]
         cls, port: int, *, context: ssl.SSLContext | None = None, greet: bool = True
     ) -> POP3Wire:
         sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         if context is not None:
             sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
-        wire = cls(sock)
+        wire = cls(sock, TIMEOUT)
         if greet:
             assert wire.line().startswith(b"+OK")
         return wire
 
-    def __enter__(self) -> POP3Wire:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
     def line(self) -> bytes:
         """The next line, without its CRLF."""
-        deadline = time.monotonic() + TIMEOUT
-        while b"\r\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no complete line; have {self.buf[-200:]!r}")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"connection closed; have {self.buf[-200:]!r}")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
+        return self._line(time.monotonic() + TIMEOUT)
 
-    def cmd(self, text: str) -> bytes:
+    def cmd(self, text: str) -> bytes:  # type: ignore[override]
         """Send one command, return its status line."""
         self.send(text.encode() + b"\r\n")
         return self.line()
