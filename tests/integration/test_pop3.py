@@ -434,3 +434,21 @@ def test_a_server_stop_gets_err_and_deletes_nothing(pop_server, certs):
         assert wire.line().startswith(b"-ERR")
     assert pop_server.process.wait(timeout=30) == 0
     assert len(stored(pop_server)) == 1
+
+
+def test_over_the_cap_a_pop3_client_gets_err_at_once(make_server):
+    server = make_server(
+        {
+            "listeners": listeners("mx", "pop3"),
+            "users": users(alice=PASSWORD),
+            "auth": {"allow_plaintext": True},
+            "max_clients": 1,
+        }
+    )
+    with POP3Wire.connect(server.ports["pop3"]) as first:
+        assert first.cmd("NOOP").startswith(b"-ERR")  # the session is open
+        with POP3Wire.connect(server.ports["pop3"], greet=False) as second:
+            line = second.line()
+            assert line.startswith(b"-ERR [SYS/TEMP]"), line
+            assert second.closed()
+        assert first.cmd("USER alice").startswith(b"+OK")  # the first goes on
