@@ -243,7 +243,12 @@ class POP3Session(StreamSession):
 
     def _retrieve(self, event: Retrieve) -> None:
         """RETR or TOP: stream the file, CRLF line ends and dot-stuffed, in
-        pieces (a message costs no more memory for being large)."""
+        pieces (a message costs no more memory for being large).
+
+        The file is opened and read in this greenlet, as the SMTP side writes
+        its spool: a 64 KiB read from the page cache costs less than a trip to
+        the threadpool (see `mailauth.stages`); a read from a cold disk holds
+        the hub for that read."""
         assert self.maildir is not None
         message = self.messages[event.index]
         try:
