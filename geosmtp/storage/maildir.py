@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -377,9 +377,6 @@ class Maildir:
                 out.append(StoredMessage(key, subdir, name, size, flags, vsize))
         out.sort(key=lambda m: _delivery_order(m.key))
         return out
-
-    def __iter__(self) -> Iterator[StoredMessage]:
-        return iter(self.list())
 
     def open(self, message: StoredMessage) -> BinaryIO:
         """The message's bytes (a file object, read in pieces: never whole in memory)."""
