@@ -444,7 +444,7 @@ class DKIMSign:
         env = message.envelope
         if env.auth_user is None and not (message.client and self.trusted(message.client)):
             return False
-        return any(r.box is None for r in env.recipients)
+        return bool(env.remote)
 
     def process(self, message: Message) -> StageResult:
         if not self.applies(message):
