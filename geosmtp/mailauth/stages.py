@@ -34,7 +34,7 @@ from loguru import logger
 from ..config import AuthChecks, DKIMSigning
 from ..mail.address import canonical_domain
 from ..pipeline.message import Message
-from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail
+from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail, printable
 from ..queue.mx import DNSTemporaryError, Resolver
 from ..storage import Spool, SpoolFile, StorageError
 from . import dkim_verify, dmarc
@@ -385,7 +385,7 @@ class SenderChecks:
 def _reply_text(text: str) -> str:
     """A reply's text with what came from the client (a domain, a HELO name) made
     printable US-ASCII, and short (RFC 5321 §4.5.3.1.5: a reply line is 512 octets)."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:300]
+    return printable(text)[:300]
 
 
 def _on(action: str, reason: str, code: int, status: str, text: str) -> TempFail | Reject | None:
