@@ -37,6 +37,7 @@ from ..pipeline.message import Message
 from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail, printable
 from ..queue.mx import DNSTemporaryError, Resolver
 from ..storage import Spool, SpoolFile, StorageError
+from ..storage.spool import read_return_path
 from . import dkim_verify, dmarc
 from .canon import BodyHasher, LineBlocks
 from .dkim_sign import Signer, SigningKey, load_key
@@ -94,6 +95,7 @@ def read_head(path: str, limit: int = HEADER_LIMIT) -> Head | None:
     """The header section of the file at `path`; None when it is over `limit`.
     Blocking file work."""
     with open(path, "rb") as f:
+        return_path = read_return_path(f)
         buf = b""
         while True:
             block = f.read(_BLOCK)
@@ -103,17 +105,12 @@ def read_head(path: str, limit: int = HEADER_LIMIT) -> Head | None:
                 found = (buf, b"", len(buf))
             if found is not None:
                 break
-            if len(buf) > limit:
+            if len(return_path) + len(buf) > limit:
                 return None
     section, separator, offset = found
-    if len(section) > limit:
+    if len(return_path) + len(section) > limit:
         return None
-    return_path = b""
-    lines = header_lines(section)
-    if lines and lines[0][:12].lower() == b"return-path:":
-        return_path = lines[0]
-        section = section[len(return_path) :]
-    return Head(return_path, section, separator, offset)
+    return Head(return_path, section, separator, len(return_path) + offset)
 
 
 def write_spool(
