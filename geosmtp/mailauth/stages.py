@@ -179,6 +179,17 @@ def _inline(fn: Callable[..., T], *args: object) -> T:
     return fn(*args)
 
 
+def _runner(message: Message, offload: Offload) -> Offload:
+    """Where a message's file and CPU work runs: the threadpool from
+    `INLINE_LIMIT` octets, else the greenlet (the module's docstring says why)."""
+    return offload if message.size >= INLINE_LIMIT else _inline
+
+
+def _from_own_users(message: Message, trusted: Callable[[str], bool]) -> bool:
+    """Mail from an authenticated client or a trusted network: not checked, signed."""
+    return message.envelope.auth_user is not None or trusted(message.client)
+
+
 def _unreadable(queue_id: str, exc: Exception) -> TempFail:
     logger.error("{}: cannot read or write the spooled message: {}", queue_id, exc)
     return TempFail(f"spool: {exc}")
@@ -216,18 +227,13 @@ class SenderChecks:
         self.org = dmarc.public_suffixes(settings.public_suffix_list)
 
     def applies(self, message: Message) -> bool:
-        env = message.envelope
-        return (
-            message.role in self.settings.roles
-            and env.auth_user is None
-            and not self.trusted(message.client)
-        )
+        return message.role in self.settings.roles and not _from_own_users(message, self.trusted)
 
     def process(self, message: Message) -> StageResult:
         if not self.applies(message):
             return Accept()
         path = message.spool.path
-        run = self.offload if message.size >= INLINE_LIMIT else _inline
+        run = _runner(message, self.offload)
         try:
             message.spool.flush()
             head = run(read_head, path)
@@ -438,17 +444,14 @@ class DKIMSign:
         self.clock = clock
 
     def applies(self, message: Message) -> bool:
-        env = message.envelope
-        if env.auth_user is None and not (message.client and self.trusted(message.client)):
-            return False
-        return bool(env.remote)
+        return _from_own_users(message, self.trusted) and bool(message.envelope.remote)
 
     def process(self, message: Message) -> StageResult:
         if not self.applies(message):
             return Accept()
         try:
             message.spool.flush()
-            run = self.offload if message.size >= INLINE_LIMIT else _inline
+            run = _runner(message, self.offload)
             new = run(self._sign, message)
         except (OSError, StorageError) as exc:
             return _unreadable(message.queue_id, exc)
