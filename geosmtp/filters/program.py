@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import gevent
 from gevent.fileobject import FileObjectPosix
 
+from ..pipeline.stages import printable
 from ..storage import SpoolFile, StorageError
 from . import spawn
 
@@ -210,5 +211,5 @@ def reply_text(raw: bytes | str | None, limit: int = 200) -> str | None:
     for line in text.splitlines():
         line = line.strip()
         if line:
-            return "".join(c if " " <= c <= "~" else "?" for c in line)[:limit].rstrip()
+            return printable(line)[:limit].rstrip()
     return None

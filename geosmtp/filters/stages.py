@@ -146,7 +146,7 @@ class FilterStage:
             return False
         if conf.mail == "all":
             return True
-        outbound = any(r.box is None for r in message.envelope.recipients)
+        outbound = bool(message.envelope.remote)
         return outbound if conf.mail == "outbound" else not outbound
 
     def process(self, message: Message) -> StageResult:

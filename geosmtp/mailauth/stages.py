@@ -34,9 +34,10 @@ from loguru import logger
 from ..config import AuthChecks, DKIMSigning
 from ..mail.address import canonical_domain
 from ..pipeline.message import Message
-from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail
+from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail, printable
 from ..queue.mx import DNSTemporaryError, Resolver
 from ..storage import Spool, SpoolFile, StorageError
+from ..storage.spool import read_return_path
 from . import dkim_verify, dmarc
 from .canon import BodyHasher, LineBlocks
 from .dkim_sign import Signer, SigningKey, load_key
@@ -94,6 +95,7 @@ def read_head(path: str, limit: int = HEADER_LIMIT) -> Head | None:
     """The header section of the file at `path`; None when it is over `limit`.
     Blocking file work."""
     with open(path, "rb") as f:
+        return_path = read_return_path(f)
         buf = b""
         while True:
             block = f.read(_BLOCK)
@@ -103,17 +105,12 @@ def read_head(path: str, limit: int = HEADER_LIMIT) -> Head | None:
                 found = (buf, b"", len(buf))
             if found is not None:
                 break
-            if len(buf) > limit:
+            if len(return_path) + len(buf) > limit:
                 return None
     section, separator, offset = found
-    if len(section) > limit:
+    if len(return_path) + len(section) > limit:
         return None
-    return_path = b""
-    lines = header_lines(section)
-    if lines and lines[0][:12].lower() == b"return-path:":
-        return_path = lines[0]
-        section = section[len(return_path) :]
-    return Head(return_path, section, separator, offset)
+    return Head(return_path, section, separator, len(return_path) + offset)
 
 
 def write_spool(
@@ -182,6 +179,17 @@ def _inline(fn: Callable[..., T], *args: object) -> T:
     return fn(*args)
 
 
+def _runner(message: Message, offload: Offload) -> Offload:
+    """Where a message's file and CPU work runs: the threadpool from
+    `INLINE_LIMIT` octets, else the greenlet (the module's docstring says why)."""
+    return offload if message.size >= INLINE_LIMIT else _inline
+
+
+def _from_own_users(message: Message, trusted: Callable[[str], bool]) -> bool:
+    """Mail from an authenticated client or a trusted network: not checked, signed."""
+    return message.envelope.auth_user is not None or trusted(message.client)
+
+
 def _unreadable(queue_id: str, exc: Exception) -> TempFail:
     logger.error("{}: cannot read or write the spooled message: {}", queue_id, exc)
     return TempFail(f"spool: {exc}")
@@ -219,18 +227,13 @@ class SenderChecks:
         self.org = dmarc.public_suffixes(settings.public_suffix_list)
 
     def applies(self, message: Message) -> bool:
-        env = message.envelope
-        return (
-            message.role in self.settings.roles
-            and env.auth_user is None
-            and not self.trusted(message.client)
-        )
+        return message.role in self.settings.roles and not _from_own_users(message, self.trusted)
 
     def process(self, message: Message) -> StageResult:
         if not self.applies(message):
             return Accept()
         path = message.spool.path
-        run = self.offload if message.size >= INLINE_LIMIT else _inline
+        run = _runner(message, self.offload)
         try:
             message.spool.flush()
             head = run(read_head, path)
@@ -385,7 +388,7 @@ class SenderChecks:
 def _reply_text(text: str) -> str:
     """A reply's text with what came from the client (a domain, a HELO name) made
     printable US-ASCII, and short (RFC 5321 §4.5.3.1.5: a reply line is 512 octets)."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:300]
+    return printable(text)[:300]
 
 
 def _on(action: str, reason: str, code: int, status: str, text: str) -> TempFail | Reject | None:
@@ -441,17 +444,14 @@ class DKIMSign:
         self.clock = clock
 
     def applies(self, message: Message) -> bool:
-        env = message.envelope
-        if env.auth_user is None and not (message.client and self.trusted(message.client)):
-            return False
-        return any(r.box is None for r in env.recipients)
+        return _from_own_users(message, self.trusted) and bool(message.envelope.remote)
 
     def process(self, message: Message) -> StageResult:
         if not self.applies(message):
             return Accept()
         try:
             message.spool.flush()
-            run = self.offload if message.size >= INLINE_LIMIT else _inline
+            run = _runner(message, self.offload)
             new = run(self._sign, message)
         except (OSError, StorageError) as exc:
             return _unreadable(message.queue_id, exc)

@@ -65,6 +65,12 @@ class Reject:
 StageResult = Accept | Replace | TempFail | Reject
 
 
+def printable(text: str) -> str:
+    """`text` fit for an SMTP reply's text: printable US-ASCII, anything else
+    "?" (a stage's words, or a name that came from the client or the message)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
 def verdict_name(result: StageResult) -> str:
     """`accept`, `replace`, `tempfail` or `reject`: the result's kind, as logs and
     metrics name it."""
