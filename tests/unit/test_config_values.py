@@ -13,13 +13,11 @@ import yaml
 
 from geosmtp import config as cfg
 
+#: Every section of the config (`tls:`, `relay:`, `auth_checks:`, ...), from the schema.
 SECTIONS = {
-    "tls": cfg.TLS,
-    "auth": cfg.Auth,
-    "limits": cfg.Limits,
-    "timeouts": cfg.Timeouts,
-    "log": cfg.Log,
-    "admin": cfg.Admin,
+    f.name: tp
+    for f in dataclasses.fields(cfg.Config)
+    if dataclasses.is_dataclass(tp := typing.get_type_hints(cfg.Config)[f.name])
 }
 
 
