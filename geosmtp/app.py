@@ -65,7 +65,13 @@ def runner_settings(config: Config) -> RunnerSettings:
         a = relay.smarthost_auth
         password = a.password
         if a.password_file is not None:
-            password = a.password_file.read_text(encoding="utf-8").strip()
+            try:
+                password = a.password_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+                raise ConfigError(
+                    f"relay.smarthost_auth.password_file: cannot read '{a.password_file}': {reason}"
+                ) from None
         auth = (a.user or "", password or "")
     tls_context = None
     if relay.smarthost_ca_file is not None:

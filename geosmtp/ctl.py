@@ -296,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("sessions", help="open sessions")
     ss.add_argument("--json", action="store_true")
     ss.set_defaults(func=cmd_sessions)
-    k = sub.add_parser("kick", help="close a session with 421")
+    k = sub.add_parser("kick", help="close a session (SMTP: 421, POP3: -ERR)")
     k.add_argument("id")
     k.set_defaults(func=cmd_kick)
     fs = sub.add_parser("filters", help="the filter stages, their state and counts")

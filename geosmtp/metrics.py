@@ -3,8 +3,9 @@
 One `Metrics` object per server, on a registry of its own (not the library's
 global one), exposed at `/metrics` on the admin listener and as JSON by
 `/api/v1/stats`. Counting sits on the hot path, so sessions bind their
-labelled children once (`ListenerMetrics`) and per-command counts are kept
-by the protocol core in a plain dict and added here once per round trip.
+labelled children once (`ListenerMetrics`, `POP3Metrics`) and the SMTP
+core keeps its per-command counts in a plain dict, added here
+(`add_counts`) once per message and at the end of a session.
 """
 
 from __future__ import annotations

@@ -13,13 +13,11 @@ import yaml
 
 from geosmtp import config as cfg
 
+#: Every section of the config (`tls:`, `relay:`, `auth_checks:`, ...), from the schema.
 SECTIONS = {
-    "tls": cfg.TLS,
-    "auth": cfg.Auth,
-    "limits": cfg.Limits,
-    "timeouts": cfg.Timeouts,
-    "log": cfg.Log,
-    "admin": cfg.Admin,
+    f.name: tp
+    for f in dataclasses.fields(cfg.Config)
+    if dataclasses.is_dataclass(tp := typing.get_type_hints(cfg.Config)[f.name])
 }
 
 
@@ -319,3 +317,26 @@ def test_control_characters_are_escaped_in_messages(tmp_path):
     with pytest.raises(cfg.ConfigError) as err:
         cfg.from_mapping({"listeners": [{"address": "1.2.3.4\n5", "port": 1}]}, tmp_path)
     assert str(err.value) == "listeners[0].address: not an IP address: '1.2.3.4\\n5'"
+
+
+def test_an_unreadable_smarthost_password_file_names_its_key(tmp_path):
+    from geosmtp.app import runner_settings
+
+    smarthost = {"smarthost": "127.0.0.1:2525", "smarthost_auth": {"user": "u"}}
+    missing = {**smarthost, "smarthost_auth": {"user": "u", "password_file": "missing.pw"}}
+    with pytest.raises(cfg.ConfigError) as err:
+        runner_settings(load_data(tmp_path, {"relay": missing}))
+    assert str(err.value) == (
+        f"relay.smarthost_auth.password_file: cannot read '{tmp_path / 'missing.pw'}': "
+        "No such file or directory"
+    )
+    (tmp_path / "latin1.pw").write_bytes(b"caf\xe9")
+    latin1 = {**smarthost, "smarthost_auth": {"user": "u", "password_file": "latin1.pw"}}
+    with pytest.raises(cfg.ConfigError, match=r"latin1\.pw': not UTF-8 text$"):
+        runner_settings(load_data(tmp_path, {"relay": latin1}))
+    (tmp_path / "ok.pw").write_text("secret\n")
+    readable = {**smarthost, "smarthost_auth": {"user": "u", "password_file": "ok.pw"}}
+    assert runner_settings(load_data(tmp_path, {"relay": readable})).smarthost_auth == (
+        "u",
+        "secret",
+    )
