@@ -5,6 +5,7 @@ detection, SMTPUTF8 towards a server without it, and delay warnings.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import os
@@ -21,7 +22,7 @@ import pytest
 from bench.probe import greets
 from bench.servers import MAIN_CF, MASTER_CF, POSTFIX, RELAY_CONCURRENCY, Postfix
 from tests.conftest import listeners, users, wait_until
-from tests.integration.dns_server import Zone, dns_server
+from tests.integration.dns_server import dns_server, remote_mx
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 PASSWORD = "modes-test-pw"
@@ -44,22 +45,15 @@ def base_config(**relay) -> dict:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def mx_setup(make_server, tmp_path):
     """geosmtp relaying remote.test to its MX `mx_address` (a private dnsmasq)."""
-    cleanups: list = []
 
     def start(mx_address: str, port: int, **relay):  # type: ignore[no-untyped-def]
-        zone = Zone(
-            mx={"remote.test": [(10, "mx.remote.test")]}, hosts={"mx.remote.test": [mx_address]}
-        )
-        dns = dns_server(zone, tmp_path / "dns")
-        server_dns = dns.__enter__()
-        cleanups.append(lambda: dns.__exit__(None, None, None))
+        dns = stack.enter_context(dns_server(remote_mx(mx_address), tmp_path / "dns"))
         config = base_config(mx_port=port, **relay)
-        config["dns"] = {"nameservers": [server_dns.nameserver], "timeout": 5}
+        config["dns"] = dns.config()
         return make_server(config)
 
-    yield start
-    for cleanup in reversed(cleanups):
-        cleanup()
+    with contextlib.ExitStack() as stack:
+        yield start
 
 
 def submit(server, rcpts: list[str], message: bytes = MESSAGE, **options) -> None:  # type: ignore[no-untyped-def]
