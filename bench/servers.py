@@ -553,6 +553,8 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
+# Also the relay tests' receiving MX (tests/integration/test_relay_modes.py).
+# mydomain is left to Postfix's default: myhostname less its first label.
 MAIN_CF = """\
 compatibility_level = 3.6
 queue_directory = {root}/spool
@@ -565,8 +567,7 @@ mail_owner = postfix
 setgid_group = postdrop
 maillog_file = {root}/maillog
 maillog_file_prefixes = {root}
-myhostname = bench.postfix.test
-mydomain = postfix.test
+myhostname = {hostname}
 myorigin = $myhostname
 mydestination =
 inet_interfaces = 127.0.0.1
@@ -589,7 +590,7 @@ smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
 default_process_limit = {procs}
 in_flow_delay = 0
-virtual_mailbox_domains = bench.test
+virtual_mailbox_domains = {mail_domain}
 virtual_mailbox_base = {root}/mail_dir
 virtual_mailbox_maps = texthash:{root}/etc/vmailbox
 virtual_uid_maps = static:{uid}
@@ -628,6 +629,8 @@ class Postfix(Server):
         (etc / "main.cf").write_text(
             MAIN_CF.format(
                 root=self.root,
+                hostname="bench.postfix.test",
+                mail_domain="bench.test",
                 max_size=self.max_size,
                 procs=5100,
                 uid=owner.pw_uid,

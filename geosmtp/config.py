@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from .mailauth.headers import DKIM_SIGNED_HEADERS, DKIM_UNSIGNED_HEADERS
+from .queue.schedule import DEFAULT_DELAY_WARNING, DEFAULT_MAX_LIFETIME, DEFAULT_RETRY_DELAYS
 
 # The `extensions:` and `limits:` sections are the core's own dataclasses: defined once.
 from .smtp.session import Extensions, Limits
@@ -147,11 +148,6 @@ class SmarthostAuth:
     password_file: Path | None = field(default=None, metadata={"path": True})
 
 
-#: Seconds between delivery attempts (the last repeats): minutes first, then
-#: hours, as Postfix and chasquid do (see geosmtp/queue/schedule.py).
-DEFAULT_RETRY_SCHEDULE = (60, 300, 900, 1800, 3600, 7200, 14400)
-
-
 @dataclass(frozen=True)
 class Relay:
     """Mail for other domains, from clients that may relay: the outbound queue."""
@@ -166,11 +162,13 @@ class Relay:
     smarthost_ca_file: Path | None = field(default=None, metadata={"path": True})
     #: The port MX hosts are reached on (25; another only for tests on loopback).
     mx_port: int = _ranged(25, min=1, max=65535)
-    retry_schedule: list[float] = field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
+    #: Seconds between delivery attempts (the last repeats): minutes first, then
+    #: hours, as Postfix and chasquid do (see geosmtp/queue/schedule.py).
+    retry_schedule: list[float] = field(default_factory=lambda: list(DEFAULT_RETRY_DELAYS))
     #: Seconds in the queue before a message is given up and bounced (5 days).
-    max_lifetime: float = _positive(5 * DAY, max=60 * DAY)
+    max_lifetime: float = _positive(DEFAULT_MAX_LIFETIME, max=60 * DAY)
     #: Seconds before a delay warning (RFC 3464 "delayed") goes to the sender; 0: never.
-    delay_warning: float = _ranged(4 * 3600, min=0, max=60 * DAY)
+    delay_warning: float = _ranged(DEFAULT_DELAY_WARNING, min=0, max=60 * DAY)
     #: Deliveries at once, in all; and to one destination domain.
     concurrency: int = _positive(20, max=10_000)
     per_domain_concurrency: int = _positive(20, max=10_000)

@@ -229,15 +229,10 @@ class Resolver:
             answer = self._query(name, dns.rdatatype.MX)
         except _NoData:
             return [self._implicit_mx(name)]
-        records = list(answer)
-        exchanges = [(r.preference, r.exchange) for r in records]
-        if len(exchanges) == 1 and exchanges[0][1] == dns.name.root:
-            # RFC 7505 §3; §4.2: "556 5.1.10" at the sender's end.
-            raise DNSPermanentError(
-                f"{_text(name)} does not accept mail (null MX, RFC 7505)", STATUS_NULL_MX
-            )
-        exchanges = [(pref, ex) for pref, ex in exchanges if ex != dns.name.root]
-        if not exchanges:  # only "." records, several of them: still no mail
+        exchanges = [(r.preference, r.exchange) for r in answer if r.exchange != dns.name.root]
+        if not exchanges:
+            # A null MX (RFC 7505 §3), or several "." records: still no mail.
+            # §4.2: "556 5.1.10" at the sender's end.
             raise DNSPermanentError(
                 f"{_text(name)} does not accept mail (null MX, RFC 7505)", STATUS_NULL_MX
             )

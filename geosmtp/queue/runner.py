@@ -210,10 +210,7 @@ class QueueRunner:
                 # before the removal re-sends this last attempt, the one in
                 # flight, which is what may be sent twice.
                 break
-            try:
-                self.store.save(record)  # delivered recipients are never sent twice
-            except StorageError as exc:
-                logger.error("queue {}: cannot save its record: {}", record.id, exc)
+            self._save(record)  # delivered recipients are never sent twice
         self._reports(record, failed, delivered)
 
     def _deliver_domain(self, record: QueueRecord, domain: str, rcpts: list[QueuedRecipient]):  # type: ignore[no-untyped-def]
@@ -322,23 +319,13 @@ class QueueRunner:
             self._report(record, [r for r in failed if wants(r, "FAILURE", True)], "failed")
         if delivered:
             self._report(record, [r for r in delivered if wants(r, "SUCCESS", False)], "delivered")
-        now = self.clock()
-        if self.settings.delay_warning:
-            late = [
-                r
-                for r in record.pending
-                if not r.delay_warned
-                and delay_warning_due(record.arrival, now, self.settings.delay_warning, False)
-                and wants(r, "DELAY", True)
-            ]
+        if delay_warning_due(record.arrival, self.clock(), self.settings.delay_warning, False):
+            late = [r for r in record.pending if not r.delay_warned and wants(r, "DELAY", True)]
             if late:
                 for r in late:
                     r.delay_warned = True
                 self._report(record, late, "delayed")
-                try:
-                    self.store.save(record)
-                except StorageError as exc:
-                    logger.error("queue {}: cannot save its record: {}", record.id, exc)
+                self._save(record)
 
     def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
         if not rcpts:
@@ -483,6 +470,8 @@ class QueueRunner:
         return record
 
     def _save(self, record: QueueRecord) -> None:
+        """Write the record; a failure is logged (the entry stays in memory and
+        is retried as it would be). One deleted meanwhile is removed again."""
         try:
             self.store.save(record)
         except StorageError as exc:

@@ -72,6 +72,11 @@ class Zone:
         return args
 
 
+def remote_mx(address: str) -> Zone:
+    """remote.test's one MX, mx.remote.test, at `address`: the relay tests' destination."""
+    return Zone(mx={"remote.test": [(10, "mx.remote.test")]}, hosts={"mx.remote.test": [address]})
+
+
 @dataclass
 class DNSServer:
     process: subprocess.Popen
@@ -83,6 +88,10 @@ class DNSServer:
     def nameserver(self) -> str:
         """The server as `Resolver(nameservers=[...])` and `dns.nameservers` take it."""
         return f"{self.address}:{self.port}"
+
+    def config(self) -> dict:
+        """The `dns:` config section that sends a geosmtp's lookups here."""
+        return {"nameservers": [self.nameserver], "timeout": 5}
 
     def log(self) -> str:
         """dnsmasq's output: the queries it got and what it answered (--log-queries)."""

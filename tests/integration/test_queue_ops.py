@@ -8,6 +8,7 @@ admin API on, and a sink that answers 451 so entries stay queued
 
 from __future__ import annotations
 
+import contextlib
 import json
 import smtplib
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import listeners, start_server, users, wait_until
 from tests.integration.adminapi import TOKEN, admin_of, admin_section
-from tests.integration.dns_server import Zone, dns_server
+from tests.integration.dns_server import dns_server, remote_mx
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 PASSWORD = "queue-ops-pw"
@@ -31,32 +32,24 @@ def message(subject: str) -> bytes:
 @pytest.fixture
 def relay_setup(make_server, tmp_path):
     """A sink as remote.test's MX on 127.0.0.2, and a geosmtp relaying to it, admin on."""
-    cleanups: list = []
 
     def start(script: Script):  # type: ignore[no-untyped-def]
         port = free_port_on("127.0.0.2")
-        sink = Sink(script, address="127.0.0.2", port=port)
-        cleanups.append(sink.close)
-        zone = Zone(
-            mx={"remote.test": [(10, "mx.remote.test")]}, hosts={"mx.remote.test": ["127.0.0.2"]}
-        )
-        dns = dns_server(zone, tmp_path / "dns")
-        server_dns = dns.__enter__()
-        cleanups.append(lambda: dns.__exit__(None, None, None))
+        sink = stack.enter_context(Sink(script, address="127.0.0.2", port=port))
+        dns = stack.enter_context(dns_server(remote_mx("127.0.0.2"), tmp_path / "dns"))
         config = {
             "listeners": listeners("submission"),
             "users": users(alice=PASSWORD),
             "auth": {"allow_plaintext": True},
             "relay": {"mx_port": port, "retry_schedule": [3600]},
-            "dns": {"nameservers": [server_dns.nameserver], "timeout": 5},
+            "dns": dns.config(),
             **admin_section(),
         }
         server = make_server(config)
         return server, sink, admin_of(server), config
 
-    yield start
-    for cleanup in reversed(cleanups):
-        cleanup()
+    with contextlib.ExitStack() as stack:
+        yield start
 
 
 def submit(server, rcpts: list[str], subject: str) -> str:  # type: ignore[no-untyped-def]

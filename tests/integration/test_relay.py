@@ -8,6 +8,7 @@ through its CLI, its mail to remote.test goes to whatever the MX says, on
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import smtplib
@@ -15,7 +16,7 @@ import smtplib
 import pytest
 
 from tests.conftest import listeners, users, wait_until
-from tests.integration.dns_server import Zone, dns_server
+from tests.integration.dns_server import dns_server, remote_mx
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 PASSWORD = "relay-test-pw"
@@ -30,28 +31,19 @@ def relay_setup(make_server, tmp_path):
 
     def start(script: Script, **relay):  # type: ignore[no-untyped-def]
         port = free_port_on("127.0.0.2")
-        sink = Sink(script, address="127.0.0.2", port=port)
-        zone = Zone(
-            mx={"remote.test": [(10, "mx.remote.test")]}, hosts={"mx.remote.test": ["127.0.0.2"]}
-        )
-        dns = dns_server(zone, tmp_path / "dns")
-        server_dns = dns.__enter__()
+        sink = stack.enter_context(Sink(script, address="127.0.0.2", port=port))
+        dns = stack.enter_context(dns_server(remote_mx("127.0.0.2"), tmp_path / "dns"))
         config = {
             "listeners": listeners("submission"),
             "users": users(alice=PASSWORD),
             "auth": {"allow_plaintext": True},
             "relay": {"mx_port": port, "retry_schedule": [0.5], **relay},
-            "dns": {"nameservers": [server_dns.nameserver], "timeout": 5},
+            "dns": dns.config(),
         }
-        server = make_server(config)
-        cleanups.append(lambda: dns.__exit__(None, None, None))
-        cleanups.append(sink.close)
-        return server, sink
+        return make_server(config), sink
 
-    cleanups: list = []
-    yield start
-    for cleanup in reversed(cleanups):
-        cleanup()
+    with contextlib.ExitStack() as stack:
+        yield start
 
 
 def submit(server, rcpts: list[str], message: bytes = MESSAGE, **options) -> None:  # type: ignore[no-untyped-def]

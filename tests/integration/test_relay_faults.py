@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RunningServer, _port_open, listeners, users, wait_until
-from tests.integration.dns_server import Zone, dns_server
+from tests.integration.dns_server import dns_server, remote_mx
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 PASSWORD = "faults-test-pw"
@@ -41,8 +41,7 @@ def relay_down(make_server, tmp_path):
 
     def start(**relay):  # type: ignore[no-untyped-def]
         port = free_port_on(MX)
-        zone = Zone(mx={"remote.test": [(10, "mx.remote.test")]}, hosts={"mx.remote.test": [MX]})
-        dns = dns_server(zone, tmp_path / "dns")
+        dns = dns_server(remote_mx(MX), tmp_path / "dns")
         server_dns = dns.__enter__()
         cleanups.append(lambda: dns.__exit__(None, None, None))
         config = {
@@ -52,7 +51,7 @@ def relay_down(make_server, tmp_path):
             "auth": {"allow_plaintext": True, "max_failures": 20},
             "log": {"level": "INFO"},  # DEBUG: a line per session and attempt, slow at 1,000
             "relay": {"mx_port": port, "retry_schedule": [1], **relay},
-            "dns": {"nameservers": [server_dns.nameserver], "timeout": 5},
+            "dns": server_dns.config(),
         }
         server = make_server(config)
 

@@ -5,13 +5,13 @@ detection, SMTPUTF8 towards a server without it, and delay warnings.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import os
 import pwd
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.servers import MASTER_CF
+from bench.probe import greets
+from bench.servers import MAIN_CF, MASTER_CF, POSTFIX, RELAY_CONCURRENCY, Postfix
 from tests.conftest import listeners, users, wait_until
-from tests.integration.dns_server import Zone, dns_server
+from tests.integration.dns_server import dns_server, remote_mx
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 PASSWORD = "modes-test-pw"
@@ -44,22 +45,15 @@ def base_config(**relay) -> dict:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def mx_setup(make_server, tmp_path):
     """geosmtp relaying remote.test to its MX `mx_address` (a private dnsmasq)."""
-    cleanups: list = []
 
     def start(mx_address: str, port: int, **relay):  # type: ignore[no-untyped-def]
-        zone = Zone(
-            mx={"remote.test": [(10, "mx.remote.test")]}, hosts={"mx.remote.test": [mx_address]}
-        )
-        dns = dns_server(zone, tmp_path / "dns")
-        server_dns = dns.__enter__()
-        cleanups.append(lambda: dns.__exit__(None, None, None))
+        dns = stack.enter_context(dns_server(remote_mx(mx_address), tmp_path / "dns"))
         config = base_config(mx_port=port, **relay)
-        config["dns"] = {"nameservers": [server_dns.nameserver], "timeout": 5}
+        config["dns"] = dns.config()
         return make_server(config)
 
-    yield start
-    for cleanup in reversed(cleanups):
-        cleanup()
+    with contextlib.ExitStack() as stack:
+        yield start
 
 
 def submit(server, rcpts: list[str], message: bytes = MESSAGE, **options) -> None:  # type: ignore[no-untyped-def]
@@ -180,80 +174,42 @@ def test_smarthost_ca_file_missing_is_a_config_error(tmp_path):
 
 # ------------------------------------------------------- Postfix as the MX
 
-POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTFIX_HOST = "127.0.0.3"
-
-POSTFIX_MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {root}/spool
-data_directory = {root}/data
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = {root}/maillog
-maillog_file_prefixes = {root}
-myhostname = mx.remote.test
-mydomain = remote.test
-myorigin = $myhostname
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-alias_maps =
-alias_database =
-local_recipient_maps =
-relayhost =
-smtputf8_enable = no
-biff = no
-smtpd_banner = $myhostname ESMTP
-virtual_mailbox_domains = remote.test
-virtual_mailbox_base = {root}/mail
-virtual_mailbox_maps = texthash:{root}/etc/vmailbox
-virtual_uid_maps = static:{uid}
-virtual_gid_maps = static:{gid}
-virtual_minimum_uid = 1
-"""
 
 # inet_interfaces must name an address an interface has (127.0.0.3 is only
 # inside lo's 127.0.0.0/8, and postfix refuses it, saying so only to syslog);
-# master.cf's smtpd (the bench's, bench/servers.py) listens on 127.0.0.3 all the same.
-
-
-def _greets(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            s.settimeout(2)
-            ok = s.recv(1024).startswith(b"220")
-            s.sendall(b"QUIT\r\n")
-            return ok
-    except OSError:
-        return False
+# master.cf's smtpd listens on 127.0.0.3 all the same.
 
 
 @pytest.fixture
 def postfix():
     """A private Postfix on 127.0.0.3 delivering remote.test into a Maildir per user."""
-    if os.geteuid() != 0 or not os.access(POSTFIX, os.X_OK):
-        pytest.skip("a private Postfix needs root and /usr/sbin/postfix")
-    if not Path("/usr/lib/postfix/sbin/smtpd").exists():
-        pytest.skip("Postfix's daemons are not in /usr/lib/postfix/sbin")
+    if not Postfix.available():
+        pytest.skip("a private Postfix needs root, /usr/sbin/postfix and /usr/lib/postfix/sbin")
     # Not under pytest's tmp_path: its folders are 0700, and Postfix's daemons
     # (postfix, nobody) must reach their spool and the mailboxes.
     root = Path(tempfile.mkdtemp(prefix="geosmtp-postfix-"))
     os.chmod(root, 0o755)
     etc = root / "etc"
-    for sub in ("etc", "spool", "data", "mail"):
+    for sub in ("etc", "spool", "data", "mail_dir"):
         (root / sub).mkdir()
     owner = pwd.getpwnam("nobody")
-    os.chown(root / "mail", owner.pw_uid, owner.pw_gid)
+    os.chown(root / "mail_dir", owner.pw_uid, owner.pw_gid)
     pf = pwd.getpwnam("postfix")
     os.chown(root / "data", pf.pw_uid, pf.pw_gid)
     port = free_port_on(POSTFIX_HOST)
     (etc / "main.cf").write_text(
-        POSTFIX_MAIN_CF.format(root=root, host=POSTFIX_HOST, uid=owner.pw_uid, gid=owner.pw_gid)
+        MAIN_CF.format(
+            root=root,
+            hostname="mx.remote.test",
+            mail_domain="remote.test",
+            relayhost="",
+            relay_concurrency=RELAY_CONCURRENCY,
+            max_size=10 * 1024 * 1024,
+            procs=100,
+            uid=owner.pw_uid,
+            gid=owner.pw_gid,
+        )
     )
     (etc / "master.cf").write_text(MASTER_CF.format(host=POSTFIX_HOST, port=port))
     (etc / "vmailbox").write_text("bob@remote.test bob/\ncarol@remote.test carol/\n")
@@ -265,7 +221,9 @@ def postfix():
             # its reason goes to syslog (there may be none): say what we have
             pytest.skip(f"postfix did not start ({started.returncode}): {started.stderr[-300:]}")
         try:
-            wait_until(lambda: _greets(POSTFIX_HOST, port), timeout=30, what="postfix to greet")
+            wait_until(
+                lambda: greets(POSTFIX_HOST, port, b"220"), timeout=30, what="postfix to greet"
+            )
         except AssertionError:
             log = (
                 (root / "maillog").read_text(errors="replace")
@@ -285,7 +243,7 @@ def test_postfix_as_the_receiving_mx(mx_setup, postfix):
     submit(server, ["bob@remote.test", "carol@remote.test"])
 
     def delivered() -> list[Path]:
-        return sorted((root / "mail").glob("*/new/*"))
+        return sorted((root / "mail_dir").glob("*/new/*"))
 
     paths = wait_until(lambda: len(delivered()) == 2 and delivered(), timeout=30, what="postfix")
     wait_until(lambda: not queued(server), what="the queue to empty")
