@@ -58,7 +58,7 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "geosmtp_connections_refused",
-            "Connections refused with 421 (over max_clients, or stopping)",
+            "Connections refused at once (SMTP 421, POP3 -ERR): over max_clients, or stopping",
             listener,
             registry=r,
         )
