@@ -148,13 +148,18 @@ def test_retr_marks_the_message_seen_in_cur(plain_server):
     send_mail(plain_server.ports["mx"], "alice@test.example", body(2))
     new_before = list((plain_server.mail_dir / "alice" / "new").iterdir())
     assert len(new_before) == 2
+    # Message 1 is the first delivered (Maildir names do not sort as text:
+    # the microseconds have no leading zeros), which is what the list gives.
+    first = Maildir(plain_server.mail_dir / "alice").list()[0].filename
+    assert first in {p.name for p in new_before}
     client = login_plain(plain_server)
     client.retr(1)
     client.quit()
     cur = list((plain_server.mail_dir / "alice" / "cur").iterdir())
     assert len(cur) == 1
     assert cur[0].name.endswith(":2,S")
-    assert cur[0].name.split(":")[0] == sorted(new_before)[0].name
+    assert cur[0].name.split(":")[0] == first
+    assert b"Subject: message 1\r\n" in stored_as_sent(cur[0].read_bytes())
     assert len(list((plain_server.mail_dir / "alice" / "new").iterdir())) == 1
 
 
