@@ -480,7 +480,7 @@ class App:
                     message_id=f"<{queue_id}@{self.config.hostname}>",
                     boundary=f"{queue_id}/{secrets.token_hex(8)}",
                 )
-            size = os.fstat(spool.fd).st_size + spool.pending_size
+            size = spool.size
         except BaseException:
             spool.remove()
             raise

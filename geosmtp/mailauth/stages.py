@@ -19,8 +19,6 @@ it leaves.
 
 from __future__ import annotations
 
-import errno
-import os
 import random
 import re
 import time
@@ -57,8 +55,6 @@ _HEADER_END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(\r\n|\r(?!\n)|\n)")
 
 T = TypeVar("T")
 Offload = Callable[..., Any]
-#: copy_file_range(2) refused for the file, not for a fault: copy in blocks.
-_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 @dataclass
@@ -118,7 +114,9 @@ def write_spool(
 ) -> SpoolFile:
     """A new spool file: the Return-Path line, `added`, the header fields that
     `keep(name, lines)` keeps (as stored), the empty line, the body copied as
-    it is. Blocking file work. StorageError on a disk error."""
+    it is. Every byte goes through the spool file's `write()`, so its sizes
+    (the Maildir name's `S=` and `W=`) count the body too. Blocking file work.
+    StorageError on a disk error."""
     new = spool.open()
     try:
         new.write(head.return_path + added)
@@ -126,9 +124,8 @@ def write_spool(
             if keep(name, lines):
                 new.write(b"".join(lines))
         new.write(head.separator)
+        new.append_file(path, head.body_offset)
         new.flush()
-        with open(path, "rb") as f:
-            _copy_rest(f.fileno(), new.fd, head.body_offset)
     except OSError as exc:
         new.remove()
         raise StorageError.wrap(exc) from exc
@@ -136,27 +133,6 @@ def write_spool(
         new.remove()
         raise
     return new
-
-
-def _copy_rest(src: int, dst: int, offset: int) -> None:
-    """The file `src` from `offset` to its end, appended to `dst`: in the kernel
-    (copy_file_range(2): no copy through Python, a reflink where the filesystem
-    can), else in blocks."""
-    end = os.fstat(src).st_size
-    try:
-        while offset < end:
-            copied = os.copy_file_range(src, dst, end - offset, offset)
-            if copied == 0:
-                break
-            offset += copied
-        return
-    except (AttributeError, OSError) as exc:  # not Linux, or a filesystem without it
-        if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
-            raise
-    while offset < end and (block := os.pread(src, _BLOCK, offset)):
-        offset += len(block)
-        while block:
-            block = block[os.write(dst, block) :]
 
 
 def hash_bodies(path: str, offset: int, wanted: set) -> dict:

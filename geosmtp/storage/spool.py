@@ -109,7 +109,9 @@ class UniqueNames:
 class SpoolFile:
     """One message being received. Errors are `StorageError`.
 
-    Everything goes through `write()`: `size` and `vsize` count what it saw.
+    Every byte goes through `write()` (`append_file()` too): `size` and `vsize`
+    count what it saw, and the Maildir name is made of them. Never write to
+    `fd` directly: the name would lie about the file.
     """
 
     __slots__ = (
@@ -162,6 +164,16 @@ class SpoolFile:
         self._pending_size += len(data)
         if self._pending_size >= _WRITE_BUFFER:
             self.flush()
+
+    def append_file(self, path: str, offset: int = 0) -> None:
+        """Append the file at `path` from `offset` to its end, through `write()`,
+        so `size` and `vsize` count it as they count every other byte (a stage
+        that rewrites the header section copies the body this way). OSError when
+        the file cannot be read; StorageError when the spool cannot take it."""
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while block := f.read(_WRITE_BUFFER):
+                self.write(block)
 
     def flush(self) -> None:
         """Hand what is gathered to the kernel (not yet durable: see `fsync`)."""

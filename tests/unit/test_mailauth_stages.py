@@ -7,8 +7,7 @@ tests/integration/test_sender_auth.py.
 
 from __future__ import annotations
 
-import errno
-import os
+import re
 from pathlib import Path
 
 import dkim
@@ -311,16 +310,30 @@ def test_build_signer_reads_the_configured_keys(tmp_path):
     assert (key.domain, key.selector, built.headers) == ("xn--bcher-kva.example", "s1", [b"from"])
 
 
-def test_the_body_is_copied_whole_without_copy_file_range(spool, monkeypatch):
-    def refuse(*args):  # type: ignore[no-untyped-def]
-        raise OSError(errno.EXDEV, "cross-device")
+BODIES = [
+    BODY,
+    bytes(range(256)) * 1000 + b"\n",  # over one block, every octet value
+    b"crlf\r\nlines\r\n\r\nand a stray CR\r\r\n" * 5000,  # CRLFs across blocks
+    b"",
+]
 
-    monkeypatch.setattr(os, "copy_file_range", refuse)
-    body = bytes(range(256)) * 1000 + b"\n"  # over one block, every octet value
-    message = spooled(spool, HEAD + b"\n" + body)
-    result, data = run(checks(spool), message)
+
+@pytest.mark.parametrize("body", BODIES, ids=["short", "octets", "crlf", "empty"])
+@pytest.mark.parametrize("stage", ["checks", "signing"])
+def test_a_rewritten_message_counts_every_octet(spool, stage, body):
+    """The new spool file's size and vsize (the Maildir name's S= and W=) count the
+    body copied from the old one, not only the header section written before it."""
+    if stage == "checks":
+        result = checks(spool).process(spooled(spool, HEAD + b"\n" + body))
+    else:
+        message = spooled(spool, HEAD + b"\n" + body, rcpts=(REMOTE,), auth_user="alice")
+        result = signing(spool).process(message)
     assert isinstance(result, Replace)
+    data = Path(result.spool.path).read_bytes()
+    result.spool.remove()
     assert data.endswith(HEAD + b"\n" + body)
+    lone = len(re.findall(rb"(?<!\r)\n", data))
+    assert (result.spool.size, result.spool.vsize) == (len(data), len(data) + lone)
 
 
 def test_a_large_message_is_worked_on_in_the_threadpool(spool, monkeypatch):
