@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from ..mail.lineends import lines_as_lf
 from .headers import CRLF, HeaderField
 
 _WSP_RE = re.compile(rb"[ \t]+")
@@ -48,17 +49,15 @@ class LineBlocks:
 
     def feed(self, data: bytes) -> bytes:
         data = self._tail + data
-        held_cr = data.endswith(b"\r")
-        if held_cr:
-            data = data[:-1]
-        text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        kept = data.rstrip(b"\r")
+        text = lines_as_lf(kept)
         cut = text.rfind(b"\n") + 1
-        self._tail = text[cut:] + (b"\r" if held_cr else b"")
+        self._tail = text[cut:] + data[len(kept) :]
         return text[:cut]
 
     def end(self) -> bytes:
         """The rest: a last line without a line end gets one, as the relay adds it."""
-        text, self._tail = self._tail.replace(b"\r", b"\n"), b""
+        text, self._tail = lines_as_lf(self._tail), b""
         if text and not text.endswith(b"\n"):
             text += b"\n"
         return text

@@ -80,6 +80,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
+from ..mail.lineends import lines_as_lf
 from .mx import Host
 
 TLSMode = Literal["none", "starttls", "tls", "opportunistic"]
@@ -256,22 +257,17 @@ def write_data(
 ) -> int:
     """Send `message` as the content of DATA, ending with `.<CRLF>`; return the octets sent.
 
-    CR, LF and CRLF line ends become CRLF (RFC 5321 §2.3.8); a line starting
+    CR, LF and CRLF line ends become CRLF (RFC 5321 §2.3.8; `lines_as_lf`); a line starting
     with "." gets another (§4.5.2); a last line without an end gets a CRLF;
     then the end-of-data `.<CRLF>` (§4.1.1.4). One block of the file in memory
     at a time, however lines fall across blocks.
     """
     sent = 0
     at_line_start = True  # the next octet starts a line
-    held_cr = False  # a CR ended the last block: is it a CRLF?
-    while chunk := message.read(block_size):
-        if held_cr:
-            chunk, held_cr = b"\r" + chunk, False
-        if chunk.endswith(b"\r"):
-            chunk, held_cr = chunk[:-1], True
-            if not chunk:
-                continue
-        text = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    held = b""  # the CRs the last block ended with: what follows decides what they are
+
+    def put(text: bytes) -> None:
+        nonlocal sent, at_line_start
         if at_line_start and text.startswith(b"."):
             text = b"." + text
         text = text.replace(b"\n.", b"\n..")
@@ -279,7 +275,16 @@ def write_data(
         out = text.replace(b"\n", b"\r\n")
         send(out)
         sent += len(out)
-    tail = b"\r\n" if held_cr or not at_line_start else b""
+
+    while chunk := message.read(block_size):
+        chunk = held + chunk
+        kept = chunk.rstrip(b"\r")
+        held = chunk[len(kept) :]
+        if kept:
+            put(lines_as_lf(kept))
+    if held:
+        put(lines_as_lf(held))
+    tail = b"" if at_line_start else b"\r\n"
     tail += b".\r\n"
     send(tail)
     return sent + len(tail)

@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..mail import Envelope, Mailbox, safe_mailbox_name
+from ..mail.lineends import stored_line_ends
 from . import replies as R
 from . import sasl
 from .connection import LINE_TOO_LONG, SansIOConnection
@@ -296,7 +297,7 @@ class SMTPConnection(SansIOConnection):
         self._chunk_left = 0
         self._chunk_last = False
         self._chunk_refusal: R.Reply | None = None  # the chunk is read, then refused
-        self._cr_pending = False  # a chunk ended in CR: its LF may start the next
+        self._cr_pending = b""  # the CRs a chunk ended with: an LF may start the next
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._events: list[Event] = []
@@ -860,7 +861,7 @@ class SMTPConnection(SansIOConnection):
         if self.state is State.RCPT:  # the first chunk: the message starts
             envelope = self._txn
             self._move("bdat")
-            self._cr_pending = False
+            self._cr_pending = b""
             self._line_too_long = False
             self._chunk_line = 0
             self._size = 0
@@ -899,13 +900,14 @@ class SMTPConnection(SansIOConnection):
             if self._size > self.limits.max_message_size or self._line_too_long:
                 self._emit_refused_prefix(piece.split(b"\n"), before)
             else:
-                # Stored with LF line ends like DATA; a CRLF may straddle two pieces.
-                if self._cr_pending:
-                    piece = b"\r" + piece
-                self._cr_pending = piece.endswith(b"\r")
-                if self._cr_pending:
-                    piece = piece[:-1]
-                data = piece.replace(b"\r\n", b"\n")
+                # Stored as DATA is (stored_line_ends). A CRLF may straddle two pieces,
+                # so the CRs a piece ends with wait for the next: all of them, since
+                # whether the last starts a CRLF decides how the one before it is kept.
+                # (A run of CRs is one line: the text-line limit bounds it.)
+                piece = self._cr_pending + piece
+                kept = piece.rstrip(b"\r")
+                self._cr_pending = piece[len(kept) :]
+                data = stored_line_ends(kept)
                 if data:
                     self._events.append(MessageData(data))
         if self._chunk_left == 0:
@@ -956,8 +958,8 @@ class SMTPConnection(SansIOConnection):
             self._send(R.chunk_received(self._size))
             return
         if self._cr_pending:
-            self._cr_pending = False
-            self._events.append(MessageData(b"\r"))
+            self._events.append(MessageData(self._cr_pending))
+            self._cr_pending = b""
         self._move("message_end")
         self._events.append(MessageEnd(envelope, self._size))
 
@@ -1044,6 +1046,9 @@ class SMTPConnection(SansIOConnection):
         if stuffed:
             first = 0 if bol else 1  # a line continued from the last block is not stuffed
             lines[first:] = [line[1:] if line[:1] == b"." else line for line in lines[first:]]
+        if b"\r\r\n" in block:  # a CR before a line end is kept (stored_line_ends)
+            ended = len(lines) if ends_crlf else len(lines) - 1  # the lines a CRLF ends
+            lines[:ended] = [line + b"\r" if line[-1:] == b"\r" else line for line in lines[:ended]]
         if ends_crlf:
             lines.append(b"")
         self._events.append(MessageData(b"\n".join(lines)))
@@ -1067,7 +1072,7 @@ class SMTPConnection(SansIOConnection):
             kept += 1
         if kept:
             data = b"\n".join(segments[:kept]) + b"\n"
-            self._events.append(MessageData(data.replace(b"\r\n", b"\n")))
+            self._events.append(MessageData(stored_line_ends(data)))
 
     def _end_of_data(self) -> None:
         envelope = self._txn

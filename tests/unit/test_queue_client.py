@@ -40,7 +40,8 @@ def reference(message: bytes) -> bytes:
     """The same, line by line, the obvious way."""
     if not message:
         return b".\r\n"
-    lines = re.split(rb"\r\n|\r|\n", message)
+    # A CR right before a CRLF is dropped (the client's stray CR, kept in storage).
+    lines = re.split(rb"\r?\r\n|\r|\n", message)
     if lines[-1] == b"":
         lines.pop()  # the message ended with a line end
     stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
@@ -64,7 +65,9 @@ def reference(message: bytes) -> bytes:
         (b"a\n.\r\nb", b"a\r\n..\r\nb\r\n.\r\n"),
         (b"a\r.\r\nb", b"a\r\n..\r\nb\r\n.\r\n"),  # <CR>.<CRLF> cannot end it either
         (b"x.y\n", b"x.y\r\n.\r\n"),  # a dot inside a line is left alone
-        (b"\r\r\n", b"\r\n\r\n.\r\n"),
+        (b"\r\r\n", b"\r\n.\r\n"),  # a CR before a CRLF: no empty line made of it
+        (b"S: x\r\r\nT: y\n\nb", b"S: x\r\nT: y\r\n\r\nb\r\n.\r\n"),  # (which would end a header)
+        (b"a\r\r\r\n", b"a\r\n\r\n.\r\n"),
         (b"h\xc3\xa9\x00\xff\n", b"h\xc3\xa9\x00\xff\r\n.\r\n"),  # octets pass as they are
     ],
 )

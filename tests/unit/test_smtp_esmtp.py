@@ -682,8 +682,11 @@ def test_bdat_has_no_dot_stuffing(mode):
         ([b"a\r", b"\nb\r\n"], b"a\nb\n"),  # CRLF split over two chunks
         ([b"a\r", b"", b"\nb"], b"a\nb"),  # ... with an empty chunk between
         ([b"a\r", b"b"], b"a\rb"),  # a bare CR stays
-        ([b"a\r", b"\r\n"], b"a\r\n"),
-        ([b"a\r\r", b"\n"], b"a\r\n"),
+        # A CR before the line end is kept: read back (CRLF stays) it is what was sent.
+        ([b"a\r", b"\r\n"], b"a\r\r\n"),
+        ([b"a\r\r", b"\n"], b"a\r\r\n"),
+        ([b"a\r\r", b"\r\nb\r\n"], b"a\r\r\r\nb\n"),
+        ([b"a\r", b"\r", b"\nb"], b"a\r\r\nb"),
         ([b"a", b"\r"], b"a\r"),  # the last octet is a CR
         ([b"\r", b"\r", b"\r"], b"\r\r\r"),
         ([b"a\n\n", b"\rb"], b"a\n\n\rb"),  # bare LF stays as it is

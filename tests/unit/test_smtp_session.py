@@ -776,6 +776,27 @@ def test_bare_cr_and_lf_are_data(mode):
     assert res.messages == [b"a\rb\nc\n"]
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"a\r\r\nb\r\n",  # a stray CR before the line end
+        b"Subject: x\r\r\nFrom: y\r\n\r\nbody\r\r\r\n",
+        b"\r\r\n\r\n",
+        b"..dot\r\r\n\r\r\n",
+        b"a\rb\r\r\nc\r\n\r\r\n",
+    ],
+)
+def test_stored_message_reads_back_as_sent(mode, text):
+    """Read back by the Maildir rule (a LF alone becomes CRLF, a CRLF stays: POP3,
+    Dovecot) the stored message is the very bytes sent, a CR before a CRLF too."""
+    wire = text.replace(b"\r\n.", b"\r\n..")
+    wire = b"." + wire if wire.startswith(b".") else wire
+    res = run([*TXN, wire + b".\r\n"], mode)
+    (stored,) = res.messages
+    assert re.sub(rb"(?<!\r)\n", b"\r\n", stored) == text
+
+
 def test_pipelined_commands_wait_for_the_verdict():
     """After MessageEnd the core pauses; the next command runs only after the 250."""
     conn = make_conn()
