@@ -25,8 +25,9 @@ live in a temp dir of its own (`root`).
   does to a Maildir itself: it moves every message it has seen from `new/` to
   `cur/` with an info suffix (`:2,` and `:2,S` once retrieved), and on QUIT
   after DELE it unlinks the files. It writes nothing else into the Maildir.
-- `pop3_uidl_format = %f`: UIDL is the Maildir file's base name (without the
-  `:2,...` info), the natural UIDL for geosmtp as well, so the two can agree.
+- `pop3_uidl_format = %f` (`uidl_format`): UIDL is the Maildir file's name
+  without the `:2,...` info, `S=` and `W=` included: geosmtp's UIDL too
+  (`storage.maildir.uid_for`), so the two agree.
 - Mail processes run as the calling user, except that Dovecot refuses uid 0
   for mail ("userdb returned 0 as uid"): as root they run as `nobody`, and the
   Maildir tree must belong to it (`own_mail_dir()`, called by `start()`; call
@@ -82,7 +83,7 @@ first_valid_uid = {uid}
 last_valid_uid = {uid}
 first_valid_gid = {gid}
 last_valid_gid = {gid}
-pop3_uidl_format = %f
+pop3_uidl_format = {uidl_format}
 default_process_limit = {processes}
 default_client_limit = {clients}
 default_vsz_limit = 1G
@@ -166,6 +167,7 @@ class Dovecot:
         sessions: int = 1000,
         performance: bool = False,
         debug: bool = False,
+        uidl_format: str = "%f",
     ) -> None:
         if indexes not in ("disk", "memory"):
             raise ValueError("indexes: 'disk' or 'memory'")
@@ -180,6 +182,7 @@ class Dovecot:
         self.sessions = sessions
         self.performance = performance
         self.debug = debug
+        self.uidl_format = uidl_format
         if os.geteuid() == 0:
             pw = pwd.getpwnam(UNPRIVILEGED)
             self.uid, self.gid = pw.pw_uid, pw.pw_gid
@@ -253,6 +256,7 @@ class Dovecot:
                 login_mode=PERFORMANCE_LOGIN.format(cpus=cpus) if self.performance else "",
                 pop3_mode=PERFORMANCE_POP3.format(cpus=cpus) if self.performance else "",
                 debug="yes" if self.debug else "no",
+                uidl_format=self.uidl_format,
             )
         )
 

@@ -12,8 +12,9 @@ the spool file's unique name, `S=` the size on disk (LF line ends) and `W=`
 the size with CRLF line ends, what POP3 reports (RFC 1939 §11). A reader
 flags a message by moving it to `cur/<base>,S=..,W=..:2,<flags>`. Listing a
 maildrop reads the sizes from the names: no message is opened or stat'ed for
-them, ours or Dovecot's. A POP3 UIDL is the base (`uid_for`), which neither
-the fields nor the flags change.
+them, ours or Dovecot's. A POP3 UIDL is the key, the name without the flags
+(`uid_for`): what Dovecot's `pop3_uidl_format = %f` (and `%g`) gives for the
+same file, so a user moving between the two downloads nothing twice.
 
 Blocking calls that can take long (fsync) go through `offload`, which the
 gevent shell sets to its threadpool so one slow disk does not stall the hub.
@@ -243,29 +244,27 @@ class StoredMessage:
     def relpath(self) -> str:
         return f"{self.subdir}/{self.filename}"
 
-    @property
-    def base(self) -> str:
-        """The unique part of the name: the key up to its first ',' (Dovecot's
-        fields `S=`, `W=` follow it)."""
-        return self.key.partition(",")[0]
-
 
 _UIDL = re.compile(r"[\x21-\x7e]{1,70}")
 
 
 def uid_for(message: StoredMessage) -> str:
-    """The message's POP3 unique-id (UIDL, RFC 1939 §7): its base name when that
-    is 1-70 characters in 0x21-0x7E, else the SHA-256 of the base in hex.
+    """The message's POP3 unique-id (UIDL, RFC 1939 §7): its key (the file name
+    without the `:2,<flags>` info, the `S=` and `W=` fields included) when that
+    is 1-70 characters in 0x21-0x7E, else the SHA-256 of the key in hex.
 
-    Unique in the maildrop (a base is), and stable: across sessions and
-    restarts, the move from `new/` to `cur/` and flag changes (none of them
-    touches the base). geosmtp's own names always qualify unless the host name
-    is long; the digest covers foreign names (long, or with spaces).
+    The key is what Dovecot gives for the same file with `pop3_uidl_format =
+    %f` (its `%g` for a Maildir is the same), so both servers name a message
+    alike. Unique in the maildrop, and stable across sessions and restarts, the
+    move from `new/` to `cur/` and flag changes (none of them touches the key).
+    geosmtp's own names qualify while the host name is short (docs/dovecot.md
+    says how short); a longer key is digested, where Dovecot sends it whole,
+    past RFC 1939's 70 characters.
     """
-    base = message.base
-    if _UIDL.fullmatch(base):
-        return base
-    return hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()
+    key = message.key
+    if _UIDL.fullmatch(key):
+        return key
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 _FIELD = re.compile(r",([SW])=([0-9]+)(?=,|$)")

@@ -89,10 +89,17 @@ class UniqueNames:
 
     This is the base name: Maildir delivery appends `,S=<size>,W=<vsize>` and
     a reader flags after a colon, so the base holds no ',' either.
+
+    `<host>` is the first label of the host name (`mx` for `mx.example.org`):
+    maildir(5) wants the host there so that machines sharing a folder never
+    make the same name, which the first label does within one domain, and a
+    short name keeps the key (`<base>,S=..,W=..`), which is also the POP3 UIDL,
+    within RFC 1939's 70 characters, where Dovecot gives the same UIDL.
     """
 
     def __init__(self, hostname: str | None = None) -> None:
         host = hostname or socket.gethostname()
+        host = host.partition(".")[0] or host
         # '/' and ':' cannot stand in a Maildir name: escaped as the spec says;
         # ',' starts Dovecot's fields (S=, W=) after the base: escaped alike.
         self._host = host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")

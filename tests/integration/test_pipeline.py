@@ -64,13 +64,13 @@ def test_a_delivered_name_carries_its_size_and_its_pop3_size(server):
     (path,) = server.messages("alice")
     data = path.read_bytes()
     assert data.endswith(b"Subject: sizes\n\ncrlf line\nbare lf\na lone\rcr\n.\n...\nend\n")
-    base, size, vsize = re.fullmatch(r"([^,:]+),S=(\d+),W=(\d+)", path.name).groups()
+    _, size, vsize = re.fullmatch(r"([^,:]+),S=(\d+),W=(\d+)", path.name).groups()
     assert int(size) == len(data) == os.stat(path).st_size
     # What a POP3 server sends: every LF not after a CR becomes CRLF, a lone CR stays.
     assert int(vsize) == len(re.sub(rb"(?<!\r)\n", b"\r\n", data))
     assert int(vsize) - int(size) == data.count(b"\n") - data.count(b"\r\n")
     (listed,) = Maildir(server.mail_dir / "alice").list()
-    assert (listed.size, listed.vsize, uid_for(listed)) == (int(size), int(vsize), base)
+    assert (listed.size, listed.vsize, uid_for(listed)) == (int(size), int(vsize), path.name)
 
 
 def test_a_spool_on_another_filesystem_is_copied_and_said(make_server, tmp_path):

@@ -83,12 +83,7 @@ def test_sizes_come_from_the_name_without_opening_or_stating(alice):
 def test_dovecot_names_are_read_whole(alice):
     put(alice, "cur/1700000000.M5P9.dove,S=5,W=7:2,ST", b"a\nb\nc")
     (m,) = alice.list()
-    assert (m.key, m.base, m.subdir, m.flags) == (
-        "1700000000.M5P9.dove,S=5,W=7",
-        "1700000000.M5P9.dove",
-        "cur",
-        "ST",
-    )
+    assert (m.key, m.subdir, m.flags) == ("1700000000.M5P9.dove,S=5,W=7", "cur", "ST")
     assert (m.size, m.vsize) == (5, 7)
 
 
@@ -155,13 +150,15 @@ def test_a_vanished_message_is_a_storage_error(alice):
 # ------------------------------------------------------------- UIDL
 
 
-def test_the_uidl_is_the_base_and_survives_flags_and_moves(alice, deliver):
+def test_the_uidl_is_the_key_and_survives_flags_and_moves(alice, deliver):
     deliver(b"Subject: one\n\nbody\n")
     deliver(b"Subject: two\n\nbody\n")
     first, second = alice.list()
     uid = uid_for(first)
-    assert uid == first.base == first.key.split(",")[0]
-    assert "," not in uid and re.fullmatch(r"[\x21-\x7e]{1,70}", uid)
+    # Dovecot's %f: the name without the info, the S= and W= fields kept.
+    assert uid == first.key == first.filename.partition(":")[0]
+    assert re.fullmatch(r"[^,]+,S=[0-9]+,W=[0-9]+", uid)
+    assert re.fullmatch(r"[\x21-\x7e]{1,70}", uid)
     assert uid != uid_for(second)
     seen = alice.set_flags(first, "S")
     assert uid_for(seen) == uid
@@ -172,9 +169,9 @@ def test_the_uidl_is_the_base_and_survives_flags_and_moves(alice, deliver):
 
 @pytest.mark.parametrize(
     "name",
-    ["x" * 71 + ",S=1", "with space", "caf\u00e9", "tab\there", "bad\udcffbyte"],
+    ["x" * 67 + ",S=1", "with space", "caf\u00e9", "tab\there", "bad\udcffbyte"],
 )
-def test_a_base_that_cannot_be_a_uidl_is_digested(name):
+def test_a_key_that_cannot_be_a_uidl_is_digested(name):
     m = StoredMessage(name, "new", name, 1, "")
     uid = uid_for(m)
     assert re.fullmatch(r"[0-9a-f]{64}", uid)
@@ -183,9 +180,9 @@ def test_a_base_that_cannot_be_a_uidl_is_digested(name):
     assert uid_for(other) != uid
 
 
-def test_a_base_of_exactly_70_characters_is_kept():
-    name = "y" * 70
-    assert uid_for(StoredMessage(name + ",S=3", "new", name, 3, "")) == name
+def test_a_key_of_exactly_70_characters_is_kept():
+    name = "y" * 66 + ",S=3"
+    assert uid_for(StoredMessage(name, "new", name, 3, "")) == name
 
 
 # ------------------------------------------------------------- list, flags, delete
@@ -362,3 +359,15 @@ def test_maildrop_lock_directly(tmp_path):
         assert a.acquire() is a  # already held: nothing to do
     assert b.acquire().held
     b.release()
+
+
+def test_names_carry_the_first_label_of_the_host_and_fit_a_uidl():
+    """The host part is the first label, so a key with the sizes of a 99 MB message
+    stays a UIDL of at most 70 characters (docs/dovecot.md does the sum)."""
+    names = UniqueNames("mail-relay.hosting-company.example")
+    name = names()
+    assert name.endswith(".mail-relay") and "," not in name and ":" not in name
+    longest = f"{2**31}.M999999P4194304Q9999999.{'x' * 13},S={10**8 - 1},W={10**8 - 1}"
+    assert len(longest) == 70
+    assert uid_for(StoredMessage(longest, "new", longest, 1, "")) == longest
+    assert UniqueNames("localhost")().endswith(".localhost")
