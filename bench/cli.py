@@ -196,11 +196,13 @@ def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict
 def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
     out = []
     for n in names:
-        if n.startswith("geosmtp@"):  # an older geosmtp beside today's
+        base, at, _ = n.partition("@")
+        if at and base.startswith("geosmtp") and base in SERVERS:  # an older geosmtp
             out.append(n)
             continue
         if n not in SERVERS:
-            raise SystemExit(f"unknown server {n!r}; known: {', '.join(SERVERS)}, geosmtp@REV")
+            known = ", ".join(SERVERS)
+            raise SystemExit(f"unknown server {n!r}; known: {known}, geosmtp[+variant]@REV")
         if args.scenario == "relay" and n not in RELAY_SERVERS:
             print(f"({n}: not run for relay: it has no outbound queue)", file=sys.stderr)
             continue

@@ -770,10 +770,11 @@ SERVERS: dict[str, type[Server]] = {
 }
 
 
-def geosmtp_at(rev: str) -> type[Server]:
+def geosmtp_at(rev: str, base: type[Server] = Geosmtp) -> type[Server]:
     """geosmtp as it was at commit `rev`, beside today's in the same run: the
     before/after measurement a hot-path change needs (`--servers
-    geosmtp@HEAD~1,geosmtp`). Its `geosmtp/` is exported with `git archive`."""
+    geosmtp@HEAD~1,geosmtp`; any geosmtp variant: `geosmtp+auth@HEAD~1`).
+    Its `geosmtp/` is exported with `git archive`."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short", f"{rev}^{{commit}}"],
         cwd=REPO,
@@ -790,17 +791,19 @@ def geosmtp_at(rev: str) -> type[Server]:
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
     _to_clean.append(src)
 
-    class GeosmtpAt(Geosmtp):
-        name = f"geosmtp@{rev}"
+    class GeosmtpAt(base):  # type: ignore[valid-type,misc]
+        name = f"{base.name}@{rev}"
 
         def env(self) -> dict[str, str]:
-            return {"PYTHONPATH": str(src)}
+            return {**super().env(), "PYTHONPATH": str(src)}
 
     return GeosmtpAt
 
 
 def server_class(name: str) -> type[Server]:
-    """A server by name: one of SERVERS, or `geosmtp@REV` (that commit's geosmtp)."""
-    if name.startswith("geosmtp@"):
-        return geosmtp_at(name.partition("@")[2])
+    """A server by name: one of SERVERS, or `<geosmtp variant>@REV` (that
+    commit's geosmtp, in the variant's configuration)."""
+    base, at, rev = name.partition("@")
+    if at and base.startswith("geosmtp") and base in SERVERS:
+        return geosmtp_at(rev, SERVERS[base])
     return SERVERS[name]
