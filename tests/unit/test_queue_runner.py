@@ -51,7 +51,16 @@ class Client:
 
 @pytest.fixture
 def make(tmp_path: Path):
-    def factory(outcomes, *, sender="alice@example.test", notify=None, resolver=None, delays=(60,)):
+    def factory(  # type: ignore[no-untyped-def]
+        outcomes,
+        *,
+        sender="alice@example.test",
+        notify=None,
+        resolver=None,
+        delays=(60,),
+        lifetime=3600,
+        delay_warning=0,
+    ):
         store = QueueStore(tmp_path / ".queue")
         spool = Spool(tmp_path / ".spool", UniqueNames("h"))
         f = spool.open()
@@ -62,10 +71,13 @@ def make(tmp_path: Path):
         f.remove()
         reports: list[tuple[str, list[str]]] = []
         clock = Clock()
+        settings = RunnerSettings(
+            "mx.example.test", RetrySchedule(delays, lifetime), delay_warning=delay_warning
+        )
         client = Client(outcomes)
         runner = QueueRunner(
             store,
-            RunnerSettings("mx.example.test", RetrySchedule(delays, 3600), delay_warning=0),
+            settings,
             resolver or Resolver(),
             lambda rec, rs, kind: reports.append((kind, [r.address for r in rs])),
             send=client,
@@ -103,12 +115,48 @@ def test_a_temporary_failure_is_retried_on_the_schedule_and_saved(make):
 
 def test_past_its_lifetime_it_fails_with_4_4_7_and_is_reported(make):
     runner, record, _, reports, clock, _ = make({"b@remote.test": (Outcome.TEMPORARY, "4.3.0")})
-    clock.now = 1000.0 + 3600 - 10  # the next retry would fall past the lifetime
+    clock.now = 1000.0 + 3600 - 10  # the next wait would end past the lifetime
     runner._attempt(record)
     (rcpt,) = record.recipients
-    assert (rcpt.state, rcpt.status) == (FAILED, "4.4.7")
-    assert "given up" in rcpt.last_error
+    # not given up yet: one last attempt at the end of the lifetime
+    assert (rcpt.state, rcpt.next_attempt) == (PENDING, 1000.0 + 3600)
+    assert reports == []
+    clock.now = rcpt.next_attempt
+    runner._attempt(record)
+    assert (rcpt.state, rcpt.status, rcpt.attempts) == (FAILED, "4.4.7", 2)
+    assert "given up after 2 attempts" in rcpt.last_error
     assert reports == [("failed", ["b@remote.test"])]
+
+
+def test_issue_16_the_last_attempt_is_at_the_time_the_delay_report_promised(make):
+    """max_lifetime 150, retry_schedule [15, 30]: the runner used to give up at
+    135 s, after a delay report had promised attempts until 150 s."""
+    runner, record, client, reports, clock, _ = make(
+        {"b@remote.test": (Outcome.TEMPORARY, "4.3.0")},
+        delays=(15, 30),
+        lifetime=150,
+        delay_warning=40,
+    )
+    arrival = record.arrival
+    promised = runner.settings.schedule.expires(arrival)  # what Will-Retry-Until says
+    assert promised == arrival + 150
+    (rcpt,) = record.recipients
+    attempts_at: list[float] = []
+    reported_at: dict[str, float] = {}
+    for _ in range(20):  # bounded: a runner that never gives up fails below
+        if rcpt.state != PENDING:
+            break
+        clock.now = max(clock.now, rcpt.next_attempt)  # the loop starts it when due
+        attempts_at.append(clock.now - arrival)
+        runner._attempt(record)
+        for kind, _ in reports:
+            reported_at.setdefault(kind, clock.now)
+    assert attempts_at == [0, 15, 45, 75, 105, 135, 150]
+    assert len(client.calls) == 7
+    assert [kind for kind, _ in reports] == ["delayed", "failed"]
+    assert reported_at["delayed"] == arrival + 45  # the first attempt after delay_warning
+    assert reported_at["failed"] >= promised
+    assert (rcpt.state, rcpt.status) == (FAILED, "4.4.7")
 
 
 def test_a_permanent_failure_is_reported_once_and_the_delivered_not_resent(make):
