@@ -165,7 +165,8 @@ class Relay:
     #: Seconds between delivery attempts (the last repeats): minutes first, then
     #: hours, as Postfix and chasquid do (see geosmtp/queue/schedule.py).
     retry_schedule: list[float] = field(default_factory=lambda: list(DEFAULT_RETRY_DELAYS))
-    #: Seconds in the queue before a message is given up and bounced (5 days).
+    #: Seconds in the queue (5 days): the last attempt is made when they are
+    #: over, and the message bounced if it fails too.
     max_lifetime: float = _positive(DEFAULT_MAX_LIFETIME, max=60 * DAY)
     #: Seconds before a delay warning (RFC 3464 "delayed") goes to the sender; 0: never.
     delay_warning: float = _ranged(DEFAULT_DELAY_WARNING, min=0, max=60 * DAY)

@@ -2,7 +2,9 @@
 
 - `logs/log.txt`: start/stop, listeners, errors; session detail at DEBUG.
 - `logs/access.log`: one line per message or refused transaction, answering
-  "who sent this mail, and when". Never bodies, never secrets.
+  "who sent this mail, and when", and one per recipient of every delivery
+  attempt of the outbound queue ("what became of it, and why"). Never
+  bodies, never secrets.
 
 Everything a client chose is passed through `clean()` first, so a CR or LF
 from the network can never start a log line of its own.

@@ -179,7 +179,11 @@ class QueueRunner:
             logger.exception("queue {}: attempt failed with an internal error", record.id)
             now = self.clock()
             for rcpt in record.pending:
+                if rcpt.next_attempt > now:  # this attempt's outcome is applied already
+                    continue
                 rcpt.next_attempt = now + self.settings.schedule.delay_after(max(rcpt.attempts, 1))
+                rcpt.status, rcpt.last_error = "4.3.0", _INTERNAL_ERROR  # X.3.0: other
+                self._log_attempt(record, rcpt, "none", None, _INTERNAL_ERROR)
         finally:
             self._attempt_ended(record.id)
             if record.id in self.records:
@@ -228,6 +232,7 @@ class QueueRunner:
                     exc.diagnostic,
                     None,
                 )
+                self._log_attempt(record, rcpt, "none", None, exc.diagnostic)
             return "dns: " + str(exc)
         with self.store.open_message(record.id) as message:
             # A relaying server must not pass the Return-Path on (RFC 5321 §4.4).
@@ -238,18 +243,34 @@ class QueueRunner:
         for rcpt in rcpts:
             r = result[rcpt.address]
             self._apply(record, rcpt, r.outcome, r.status, r.diagnostic, result.remote_mta)
-            logs.access_log.write(
-                logs.access_line(
-                    queue=record.id,
-                    to=f"<{rcpt.address}>",
-                    relay=result.relay,
-                    tls=result.tls,
-                    status=r.status,
-                    outcome=r.outcome.value,
-                    reply=r.diagnostic,
-                )
-            )
+            self._log_attempt(record, rcpt, result.relay, result.tls, r.diagnostic)
         return result.relay
+
+    def _log_attempt(
+        self,
+        record: QueueRecord,
+        rcpt: QueuedRecipient,
+        relay: str,
+        tls: str | None,
+        diagnostic: str,
+    ) -> None:
+        """The access-log line of one recipient's attempt, once `_apply` has
+        decided what became of it: Postfix's words for the outcome (`sent`,
+        `deferred`, `bounced`, as the relay metrics count them), the time since
+        the message arrived, and the reason as the DSN's Diagnostic-Code puts
+        it (with "given up after N attempts" at the end of the lifetime)."""
+        logs.access_log.write(
+            logs.access_line(
+                queue=record.id,
+                to=f"<{rcpt.address}>",
+                relay=relay,
+                tls=tls,
+                delay=f"{max(self.clock() - record.arrival, 0.0):.2f}",
+                status=rcpt.status,
+                outcome=_OUTCOME_WORDS[rcpt.state],
+                reason=diagnostic if rcpt.state == DELIVERED else rcpt.last_error,
+            )
+        )
 
     def _send(self, record, rcpts, hosts, port, tls, message) -> AttemptResult:  # type: ignore[no-untyped-def]
         settings = self.settings
@@ -348,7 +369,7 @@ class QueueRunner:
     def _finish(self, record: QueueRecord) -> None:
         self.records.pop(record.id, None)
         self.store.remove(record.id)
-        states = ", ".join(f"<{r.address}>: {r.state}" for r in record.recipients)
+        states = ", ".join(_final_state(r) for r in record.recipients)
         logger.info("queue {}: done ({})", record.id, states)
 
     # ------------------------------------------------------------ views
@@ -511,6 +532,21 @@ class QueueBusy(Exception):
             "(hold it first to stop further attempts)"
         )
         self.queue_id = queue_id
+
+
+#: The reason an attempt that failed with a bug gives (the traceback is in log.txt).
+_INTERNAL_ERROR = "x-geosmtp; internal error (see the server log)"
+
+#: A recipient's state after an attempt, in the access log's (and Postfix's) words.
+_OUTCOME_WORDS = {DELIVERED: "sent", PENDING: "deferred", FAILED: "bounced"}
+
+
+def _final_state(rcpt: QueuedRecipient) -> str:
+    """`<a@example.org>: delivered`, or for a failure why: `<b@nosuch.example>:
+    failed (5.1.2 x-geosmtp; nosuch.example: no such domain ...)`."""
+    if rcpt.state != FAILED:
+        return f"<{rcpt.address}>: {rcpt.state}"
+    return f"<{rcpt.address}>: failed ({rcpt.status} {logs.clean(rcpt.last_error or '')})"
 
 
 def _iso(t: float) -> str:

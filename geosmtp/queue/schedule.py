@@ -19,7 +19,10 @@ rather than the letter of the 30 minutes:
   `maximal_backoff_time` = 4000 s; Exim's default retry rule ends at every
   6 hours; 4 hours sits between them.
 - Give up after 5 days: Postfix's `maximal_queue_lifetime` and the upper end of
-  RFC 5321 §4.5.4.1's "4-5 days".
+  RFC 5321 §4.5.4.1's "4-5 days". As in Postfix, the message bounces at the
+  first failed attempt from then on: the last wait is cut short so that one
+  attempt falls at the end of the lifetime, the time a delay report promised
+  (`Will-Retry-Until`).
 - Delay warning (RFC 3461 §4.1 `NOTIFY=DELAY`, RFC 3464 `Action: delayed`)
   after 4 hours, Sendmail's `Timeout.queuewarn` and Postfix's usual setting.
 """
@@ -48,9 +51,13 @@ class RetrySchedule:
     """The delays between delivery attempts and the lifetime of a queued message.
 
     `delays[i]` is the wait after attempt `i + 1`; the last delay repeats for
-    every attempt after that. A message is given up (bounced, RFC 3464
-    `Action: failed`) once the next attempt would fall past
-    `first_seen + max_lifetime`.
+    every attempt after that. No wait reaches past `first_seen + max_lifetime`
+    (`expires`): when the next one would, the last attempt is made at that
+    time instead, and a message is given up (bounced, RFC 3464
+    `Action: failed`) only when an attempt made then or later fails too.
+    Postfix's `maximal_queue_lifetime` works so ("bounced at the first attempt
+    after it"), and a delay report's `Will-Retry-Until` (`expires`) stays true:
+    nothing is given up before it.
     """
 
     __slots__ = ("delays", "max_lifetime")
@@ -76,21 +83,28 @@ class RetrySchedule:
         return self.delays[min(attempts, len(self.delays)) - 1]
 
     def expires(self, first_seen: float) -> float:
-        """The time after which no attempt is made any more."""
+        """The end of the lifetime: the last attempt is made at this time, and a
+        failure from then on is final (what a delay report's `Will-Retry-Until`
+        promises)."""
         return first_seen + self.max_lifetime
 
     def next_attempt(self, first_seen: float, attempts: int, now: float) -> float | None:
         """When to try again after `attempts` failed attempts, the last ending `now`.
 
-        None means give up: the next attempt would come after
-        `first_seen + max_lifetime`, so the message bounces now rather than
-        after one more wait. `attempts == 0` (never tried) is `now`, as long as
-        the message has not outlived its lifetime already.
+        `now` plus the schedule's wait, but never later than `expires`: the
+        last attempt is made at the end of the lifetime. None means give up:
+        the attempt that just failed ended at or after the end of the lifetime.
+        `attempts == 0` (never tried) is `now`, whatever the time: a message is
+        tried at least once before it is given up.
         """
-        at = now + self.delay_after(attempts)
-        if at > self.expires(first_seen):
+        if attempts < 0:
+            raise ValueError("attempts must be >= 0")
+        if attempts == 0:
+            return now
+        expires = self.expires(first_seen)
+        if now >= expires:
             return None
-        return at
+        return min(now + self.delay_after(attempts), expires)
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
+from geosmtp import logs
 from geosmtp.queue.client import AttemptResult, Outcome, RecipientResult
-from geosmtp.queue.mx import DNSPermanentError, Host
+from geosmtp.queue.mx import DNSPermanentError, DNSTemporaryError, Host
 from geosmtp.queue.runner import QueueRunner, RunnerSettings
 from geosmtp.queue.schedule import RetrySchedule
 from geosmtp.queue.store import DELIVERED, FAILED, PENDING, QueuedRecipient, QueueRecord, QueueStore
@@ -51,7 +54,16 @@ class Client:
 
 @pytest.fixture
 def make(tmp_path: Path):
-    def factory(outcomes, *, sender="alice@example.test", notify=None, resolver=None, delays=(60,)):
+    def factory(  # type: ignore[no-untyped-def]
+        outcomes,
+        *,
+        sender="alice@example.test",
+        notify=None,
+        resolver=None,
+        delays=(60,),
+        lifetime=3600,
+        delay_warning=0,
+    ):
         store = QueueStore(tmp_path / ".queue")
         spool = Spool(tmp_path / ".spool", UniqueNames("h"))
         f = spool.open()
@@ -62,10 +74,13 @@ def make(tmp_path: Path):
         f.remove()
         reports: list[tuple[str, list[str]]] = []
         clock = Clock()
+        settings = RunnerSettings(
+            "mx.example.test", RetrySchedule(delays, lifetime), delay_warning=delay_warning
+        )
         client = Client(outcomes)
         runner = QueueRunner(
             store,
-            RunnerSettings("mx.example.test", RetrySchedule(delays, 3600), delay_warning=0),
+            settings,
             resolver or Resolver(),
             lambda rec, rs, kind: reports.append((kind, [r.address for r in rs])),
             send=client,
@@ -103,12 +118,48 @@ def test_a_temporary_failure_is_retried_on_the_schedule_and_saved(make):
 
 def test_past_its_lifetime_it_fails_with_4_4_7_and_is_reported(make):
     runner, record, _, reports, clock, _ = make({"b@remote.test": (Outcome.TEMPORARY, "4.3.0")})
-    clock.now = 1000.0 + 3600 - 10  # the next retry would fall past the lifetime
+    clock.now = 1000.0 + 3600 - 10  # the next wait would end past the lifetime
     runner._attempt(record)
     (rcpt,) = record.recipients
-    assert (rcpt.state, rcpt.status) == (FAILED, "4.4.7")
-    assert "given up" in rcpt.last_error
+    # not given up yet: one last attempt at the end of the lifetime
+    assert (rcpt.state, rcpt.next_attempt) == (PENDING, 1000.0 + 3600)
+    assert reports == []
+    clock.now = rcpt.next_attempt
+    runner._attempt(record)
+    assert (rcpt.state, rcpt.status, rcpt.attempts) == (FAILED, "4.4.7", 2)
+    assert "given up after 2 attempts" in rcpt.last_error
     assert reports == [("failed", ["b@remote.test"])]
+
+
+def test_issue_16_the_last_attempt_is_at_the_time_the_delay_report_promised(make):
+    """max_lifetime 150, retry_schedule [15, 30]: the runner used to give up at
+    135 s, after a delay report had promised attempts until 150 s."""
+    runner, record, client, reports, clock, _ = make(
+        {"b@remote.test": (Outcome.TEMPORARY, "4.3.0")},
+        delays=(15, 30),
+        lifetime=150,
+        delay_warning=40,
+    )
+    arrival = record.arrival
+    promised = runner.settings.schedule.expires(arrival)  # what Will-Retry-Until says
+    assert promised == arrival + 150
+    (rcpt,) = record.recipients
+    attempts_at: list[float] = []
+    reported_at: dict[str, float] = {}
+    for _ in range(20):  # bounded: a runner that never gives up fails below
+        if rcpt.state != PENDING:
+            break
+        clock.now = max(clock.now, rcpt.next_attempt)  # the loop starts it when due
+        attempts_at.append(clock.now - arrival)
+        runner._attempt(record)
+        for kind, _ in reports:
+            reported_at.setdefault(kind, clock.now)
+    assert attempts_at == [0, 15, 45, 75, 105, 135, 150]
+    assert len(client.calls) == 7
+    assert [kind for kind, _ in reports] == ["delayed", "failed"]
+    assert reported_at["delayed"] == arrival + 45  # the first attempt after delay_warning
+    assert reported_at["failed"] >= promised
+    assert (rcpt.state, rcpt.status) == (FAILED, "4.4.7")
 
 
 def test_a_permanent_failure_is_reported_once_and_the_delivered_not_resent(make):
@@ -161,3 +212,128 @@ def test_a_null_mx_fails_without_a_connection(make):
     assert client.calls == []
     assert (record.recipients[0].state, record.recipients[0].status) == (FAILED, "5.1.10")
     assert reports == [("failed", ["b@remote.test"])]
+
+
+# ------------------------------------------------ every attempt in the access log
+
+
+class AccessLines:
+    """Stands in for `logs.access_log`: the lines the runner writes, as fields."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+    def fields(self) -> list[dict[str, str]]:
+        return [dict(item.split("=", 1) for item in shlex.split(line)) for line in self.lines]
+
+
+@pytest.fixture
+def access(monkeypatch) -> AccessLines:
+    lines = AccessLines()
+    monkeypatch.setattr(logs, "access_log", lines)
+    return lines
+
+
+@pytest.fixture
+def info_lines():
+    lines: list[str] = []
+    handler = logger.add(lines.append, level="INFO", format="{message}")
+    yield lines
+    logger.remove(handler)
+
+
+ATTEMPT_FIELDS = ["queue", "to", "relay", "delay", "status", "outcome", "reason"]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "outcome", "words"),
+    [
+        (
+            DNSPermanentError("nosuch.test: no such domain (DNS: NXDOMAIN for MX)", "5.1.2"),
+            "5.1.2",
+            "bounced",
+            "no such domain",
+        ),
+        (
+            DNSPermanentError("remote.test has a null MX (RFC 7505)", "5.1.10"),
+            "5.1.10",
+            "bounced",
+            "null MX",
+        ),
+        (
+            DNSTemporaryError("remote.test: DNS lookup failed (SERVFAIL or REFUSED)", "4.4.3"),
+            "4.4.3",
+            "deferred",
+            "SERVFAIL",
+        ),
+    ],
+)
+def test_a_dns_failure_is_an_access_line_with_no_relay(
+    make, access, info_lines, error, status, outcome, words
+):
+    runner, record, client, _, clock, _ = make(
+        {"b@remote.test": (Outcome.DELIVERED, "2.0.0")}, resolver=Resolver(error)
+    )
+    clock.now = record.arrival + 2.5
+    runner._attempt(record)
+    assert client.calls == []
+    (line,) = access.fields()
+    assert list(line) == ATTEMPT_FIELDS  # no tls=: there was no connection
+    assert line["queue"] == "Q1" and line["to"] == "<b@remote.test>"
+    assert line["relay"] == "none"
+    assert line["delay"] == "2.50"
+    assert (line["status"], line["outcome"]) == (status, outcome)
+    assert line["reason"] == f"x-geosmtp; {error}" and words in line["reason"]
+    done = [li.rstrip("\n") for li in info_lines if "done" in li]
+    if outcome == "bounced":  # the server log's INFO line says why, too
+        assert done == [f"queue Q1: done (<b@remote.test>: failed ({status} x-geosmtp; {error}))"]
+    else:
+        assert done == []
+
+
+def test_each_recipient_of_an_smtp_attempt_gets_its_line(make, access):
+    runner, record, _, _, _, _ = make(
+        {
+            "b@remote.test": (Outcome.DELIVERED, "2.0.0"),
+            "c@remote.test": (Outcome.TEMPORARY, "4.2.1"),
+            "d@remote.test": (Outcome.PERMANENT, "5.1.1"),
+        }
+    )
+    runner._attempt(record)
+    lines = {line["to"]: line for line in access.fields()}
+    assert len(access.lines) == 3
+    assert {to: (li["outcome"], li["status"], li["reason"]) for to, li in lines.items()} == {
+        "<b@remote.test>": ("sent", "2.0.0", "smtp; 2.0.0 x"),
+        "<c@remote.test>": ("deferred", "4.2.1", "smtp; 4.2.1 x"),
+        "<d@remote.test>": ("bounced", "5.1.1", "smtp; 5.1.1 x"),
+    }
+    assert {li["relay"] for li in lines.values()} == {"mx.remote.test[127.0.0.9]:None"}
+
+
+def test_the_attempt_that_gives_up_is_bounced_with_4_4_7_in_the_access_log(make, access):
+    runner, record, _, _, clock, _ = make(
+        {"b@remote.test": (Outcome.TEMPORARY, "4.3.0")}, lifetime=100
+    )
+    clock.now = record.arrival + 100
+    runner._attempt(record)
+    (line,) = access.fields()
+    assert (line["status"], line["outcome"]) == ("4.4.7", "bounced")
+    assert line["reason"] == "smtp; 4.3.0 x (given up after 1 attempts)"
+    assert line["delay"] == "100.00"
+
+
+def test_an_attempt_that_fails_with_a_bug_is_deferred_in_the_access_log(make, access):
+    runner, record, _, _, clock, _ = make({"b@remote.test": (Outcome.DELIVERED, "2.0.0")})
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug")
+
+    runner.send = broken
+    runner._attempt(record)
+    (line,) = access.fields()
+    assert (line["relay"], line["status"], line["outcome"]) == ("none", "4.3.0", "deferred")
+    assert "internal error" in line["reason"]
+    assert record.recipients[0].next_attempt == clock.now + 60

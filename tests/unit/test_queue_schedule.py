@@ -46,31 +46,93 @@ def test_never_tried_is_now():
     assert RetrySchedule([60], DAY).next_attempt(T0, 0, T0) == T0
 
 
-def test_give_up_once_the_next_attempt_would_be_past_the_lifetime():
+def test_the_last_wait_is_cut_short_to_end_at_the_lifetime():
     s = RetrySchedule([100], max_lifetime=1000)
-    # exactly at the end of the lifetime is still an attempt
-    assert s.next_attempt(T0, 3, T0 + 900) == T0 + 1000
-    assert s.next_attempt(T0, 3, T0 + 900.5) is None
-    assert s.next_attempt(T0, 3, T0 + 5000) is None
     assert s.expires(T0) == T0 + 1000
+    # a wait that ends exactly at the end of the lifetime is kept
+    assert s.next_attempt(T0, 3, T0 + 900) == T0 + 1000
+    # one that would end past it is cut short: the last attempt is at the end
+    assert s.next_attempt(T0, 3, T0 + 900.5) == T0 + 1000
+    assert s.next_attempt(T0, 3, T0 + 999.9) == T0 + 1000
+
+
+def test_give_up_only_after_an_attempt_at_or_past_the_lifetime():
+    s = RetrySchedule([100], max_lifetime=1000)
+    assert s.next_attempt(T0, 4, T0 + 1000) is None
+    assert s.next_attempt(T0, 4, T0 + 5000) is None
+
+
+def test_a_message_never_tried_is_tried_even_past_its_lifetime():
+    # held past its lifetime, then released: one attempt before the bounce
+    assert RetrySchedule([60], 100).next_attempt(T0, 0, T0 + 5000) == T0 + 5000
+
+
+class FakeClock:
+    """The queue's time, moved by the test."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def walk(s: RetrySchedule, duration: float = 0.0) -> tuple[list[float], float]:
+    """Attempts that all fail temporarily, as the runner makes them on a fake
+    clock (each starts when due and takes `duration` seconds): the start of
+    each, and when the message was given up (seconds after arrival)."""
+    clock = FakeClock(T0)
+    starts: list[float] = []
+    at: float | None = T0
+    for attempts in range(1, 10_000):  # bounded: a schedule that never ends fails
+        assert at is not None
+        clock.now = max(clock.now, at)  # the runner starts an attempt once it is due
+        starts.append(clock() - T0)
+        clock.now += duration
+        at = s.next_attempt(T0, attempts, clock())
+        if at is None:
+            return starts, clock() - T0
+    pytest.fail("the schedule never gave up")
+
+
+def test_issue_16_max_lifetime_150_with_retries_15_30():
+    """The schedule that gave up at 135 s, after a delay notice had promised
+    Will-Retry-Until at 150 s: the last attempt is at 150 s now."""
+    s = RetrySchedule([15, 30], max_lifetime=150)
+    starts, given_up = walk(s)
+    assert starts == [0, 15, 45, 75, 105, 135, 150]
+    assert given_up == 150 == s.expires(T0) - T0
+
+
+@pytest.mark.parametrize("duration", [0.0, 0.5, 29.0, 31.0])  # exact in binary
+@pytest.mark.parametrize(
+    ("delays", "lifetime"),
+    [([15, 30], 150), ([60], 60), ([60], 59), ([7], 100), ([1000], 10), ([10, 20, 40], 3600.5)],
+)
+def test_never_given_up_before_the_promised_time(delays, lifetime, duration):
+    """Whatever the schedule and however long attempts take, a message is given
+    up no earlier than `expires` (a delay report's Will-Retry-Until), after an
+    attempt that ended then or later; each wait is the schedule's, cut short
+    at the end of the lifetime."""
+    s = RetrySchedule(delays, lifetime)
+    starts, given_up = walk(s, duration)
+    assert given_up >= lifetime
+    assert starts[-1] + duration >= lifetime
+    assert all(start + duration < lifetime for start in starts[:-1])
+    for n, (before, start) in enumerate(itertools.pairwise(starts), start=1):
+        end = before + duration
+        assert start == max(min(end + s.delay_after(n), lifetime), end)
 
 
 def test_default_schedule_attempts_over_five_days():
     """Walking the default schedule: the attempt times, and the give-up."""
-    s = RetrySchedule()
-    now, attempts, times = T0, 0, []
-    for _ in range(1000):  # bounded: 5 days of 4-hour waits is 36 attempts
-        at = s.next_attempt(T0, attempts, now)
-        if at is None:
-            break
-        times.append(at - T0)
-        now, attempts = at, attempts + 1
-    else:
-        pytest.fail("the schedule never gave up")
-    assert times[:8] == [0, 60, 360, 1260, 3060, 6660, 13860, 28260]
-    assert all(b - a == 14400 for a, b in itertools.pairwise(times[7:]))
-    assert times[-1] <= 5 * DAY < times[-1] + 14400
-    assert len(times) == 36  # 8 attempts in the first 8 hours, then 28 every 4 hours
+    starts, given_up = walk(RetrySchedule())
+    assert starts[:8] == [0, 60, 360, 1260, 3060, 6660, 13860, 28260]
+    assert all(b - a == 14400 for a, b in itertools.pairwise(starts[7:-1]))
+    # 8 attempts in the first 8 hours, 28 every 4 hours, the last at 5 days
+    assert starts[-2] < 5 * DAY < starts[-2] + 14400
+    assert starts[-1] == given_up == 5 * DAY
+    assert len(starts) == 37
 
 
 def test_a_clock_that_went_back_still_schedules():
