@@ -24,7 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from geosmtp.mailauth.dkim_sign import public_key_record
 from tests.conftest import HOSTNAME, listeners, run_cli, users, wait_until
-from tests.integration.dns_server import Zone, dns_server, txt_record
+from tests.integration.dns_server import (
+    Zone,
+    dns_server,
+    servfail_nameserver,
+    silent_nameserver,
+    txt_record,
+)
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)
@@ -237,14 +243,30 @@ def test_policies_refuse_through_the_server(strict):
     assert "refused: dmarc=fail" in log and "refused: spf=fail" in log
 
 
-def test_a_dns_that_does_not_answer_is_temperror(make_server):
-    # write_config's nameserver is a loopback port where nothing answers.
-    server = make_server({"auth_checks": {"enabled": True}, "dns": {"timeout": 1}})
-    send(server, "a@signed.test", dkimpy_signed(message("a@signed.test", "dns-down")))
-    found = results(stored(server, "dns-down"))
-    assert "spf=temperror" in found
-    assert "dkim=temperror (key sel._domainkey.signed.test:" in found
-    assert "dmarc=temperror" in found
+@pytest.mark.parametrize(
+    ("nameserver", "words"),
+    [
+        (silent_nameserver, "DNS lookup of {name} TXT timed out (nameservers: {ns})"),
+        (servfail_nameserver, "DNS lookup of {name} TXT failed: no nameserver answered it"
+                              " (SERVFAIL or REFUSED: {ns} SERVFAIL)"),
+    ],
+    ids=["timeout", "servfail"],
+)  # fmt: skip
+def test_a_dns_that_does_not_answer_is_temperror_in_so_many_words(make_server, nameserver, words):
+    with nameserver() as ns:
+        server = make_server(
+            {"auth_checks": {"enabled": True}, "dns": {"nameservers": [ns], "timeout": 1}}
+        )
+        send(server, "a@signed.test", dkimpy_signed(message("a@signed.test", "dns-down")))
+        found = results(stored(server, "dns-down"))
+    # One comment a check, whole: the nameserver's words in parentheses of their own.
+    spf = words.format(name="signed.test", ns=ns)
+    key = words.format(name="sel._domainkey.signed.test", ns=ns)
+    policy = words.format(name="_dmarc.signed.test", ns=ns)
+    assert f"spf=temperror ({spf}) smtp.mailfrom=a@signed.test;" in found
+    assert f"dkim=temperror ({key}) header.d=signed.test header.s=sel" in found
+    assert f"dmarc=temperror ({policy}) header.from=signed.test" in found
+    assert "?" not in found and "DNS DNS" not in found
 
 
 def test_a_dns_failure_can_defer_the_message(make_server):
