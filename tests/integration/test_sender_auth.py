@@ -239,8 +239,11 @@ def test_policies_refuse_through_the_server(strict):
     assert "dmarc=pass" in results(stored(strict, "strict-pass"))
     assert len(strict.messages("bob")) == 1
     assert strict.tmp_files() == []
+    # Each refusal's log line names every failure and what its policy said.
     log = wait_until(lambda: "dkim=fail" in strict.server_log() and strict.server_log())
-    assert "refused: dmarc=fail" in log and "refused: spf=fail" in log
+    assert "refused: dmarc=fail (reject), spf=fail (tempfail)\n" in log
+    assert "refused: dkim=fail (reject), dmarc=fail (reject), spf=fail (tempfail)\n" in log
+    assert "refused: spf=fail (tempfail)\n" in log
 
 
 @pytest.mark.parametrize(
