@@ -251,6 +251,7 @@ class SenderChecks:
             return _unreadable(message.queue_id, exc)
         field = authentication_results(self.hostname, spf, dkim, dmarc_results)
         logger.debug("{}: {}", message.queue_id, " ".join(field.decode("utf-8", "replace").split()))
+        message.auth_results.update(_summary(spf, dkim, dmarc_results))
         refusal = self._refusal(message, spf, dkim, dmarc_results)
         if refusal is not None:
             logger.info("{}: refused: {}", message.queue_id, refusal.reason)
@@ -397,6 +398,21 @@ class SenderChecks:
             return None
         reason = ", ".join(f"{result} ({action})" for result, action, _ in failed)
         return dataclasses.replace(decided, reason=reason)
+
+
+def _summary(
+    spf: SPFResult | None, dkim: list[DKIMResult] | None, dmarc_results: list[DMARCResult] | None
+) -> dict[str, str]:
+    """Each check's result words, for the access log: a check that did not run
+    is left out; DKIM has one per signature (`none` without any)."""
+    found = {}
+    if spf is not None:
+        found["spf"] = spf.result
+    if dkim is not None:
+        found["dkim"] = ",".join(r.result for r in dkim) or "none"
+    if dmarc_results is not None:
+        found["dmarc"] = ",".join(d.result for d in dmarc_results) or "none"
+    return found
 
 
 def _reply_text(text: str) -> str:

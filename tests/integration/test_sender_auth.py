@@ -136,6 +136,16 @@ def stored(server, subject: str) -> bytes:  # type: ignore[no-untyped-def]
     return data
 
 
+def access_line(server, subject: str) -> str:  # type: ignore[no-untyped-def]
+    """The access-log line of the message with this subject (its Message-ID)."""
+    needle = f"msgid=<{subject}@x.test>"
+    (line,) = wait_until(
+        lambda: [li for li in server.access_log().splitlines() if needle in li],
+        what=f"the access-log line of {subject!r}",
+    )
+    return line
+
+
 def results(data: bytes) -> str:
     """The Authentication-Results field our server added (the second line), unfolded."""
     lines = data.split(b"\n")
@@ -212,6 +222,13 @@ def test_earlier_results_claiming_our_name_are_removed(recording):
     assert "dmarc=fail" in results(stored_data)
 
 
+def test_the_access_log_has_each_checks_result(recording):
+    send(recording, "a@signed.test", dkimpy_signed(message("a@signed.test", "logged")))
+    assert "spf=fail" in results(stored(recording, "logged"))
+    line = access_line(recording, "logged")
+    assert " stages=sender-checks:replace spf=fail dkim=pass dmarc=pass result=250" in line
+
+
 # ------------------------------------------------------------ policies
 
 
@@ -244,6 +261,11 @@ def test_policies_refuse_through_the_server(strict):
     assert "refused: dmarc=fail (reject), spf=fail (tempfail)\n" in log
     assert "refused: dkim=fail (reject), dmarc=fail (reject), spf=fail (tempfail)\n" in log
     assert "refused: spf=fail (tempfail)\n" in log
+    # The access log has the results of refused mail too.
+    line = access_line(strict, "dmarc-reject")
+    assert " stages=sender-checks:reject spf=fail dkim=none dmarc=fail result=550" in line
+    line = access_line(strict, "spf-defer")
+    assert " stages=sender-checks:tempfail spf=fail dkim=none dmarc=none result=451" in line
 
 
 @pytest.mark.parametrize(
@@ -270,6 +292,8 @@ def test_a_dns_that_does_not_answer_is_temperror_in_so_many_words(make_server, n
     assert f"dkim=temperror ({key}) header.d=signed.test header.s=sel" in found
     assert f"dmarc=temperror ({policy}) header.from=signed.test" in found
     assert "?" not in found and "DNS DNS" not in found
+    line = access_line(server, "dns-down")
+    assert " spf=temperror dkim=temperror dmarc=temperror result=250" in line
 
 
 def test_a_dns_failure_can_defer_the_message(make_server):

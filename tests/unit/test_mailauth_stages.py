@@ -207,6 +207,37 @@ def test_dns_failures_are_temperror_and_deferred_on_request(spool):
     )
 
 
+@pytest.mark.parametrize(
+    ("data", "client", "policies", "found"),
+    [
+        (signed_by_dkimpy(HEAD), "192.0.2.1", {}, {"spf": "pass", "dkim": "pass", "dmarc": "pass"}),
+        (HEAD + b"\n" + BODY, "203.0.113.5", {}, {"spf": "fail", "dkim": "none", "dmarc": "fail"}),
+        # refused: the results are there for the access log all the same
+        (HEAD + b"\n" + BODY, "203.0.113.5", {"dmarc": {"on_fail": "reject"}},
+         {"spf": "fail", "dkim": "none", "dmarc": "fail"}),
+        (signed_by_dkimpy(HEAD) + b"appended\n", "203.0.113.5", {"dkim": {"enabled": False}},
+         {"spf": "fail", "dmarc": "fail"}),
+    ],
+)  # fmt: skip
+def test_each_checks_result_is_left_on_the_message_for_the_access_log(
+    spool, data, client, policies, found
+):
+    message = spooled(spool, data, client=client)
+    run(checks(spool, **policies), message)
+    assert message.auth_results == found
+
+
+def test_one_dkim_result_per_signature_and_none_for_unchecked_mail(spool):
+    foreign = signed_by_dkimpy(HEAD).replace(b"d=example.org", b"d=example.net", 1)
+    field = foreign.split(b"From:", 1)[0]  # its DKIM-Signature: no key at example.net
+    message = spooled(spool, field + signed_by_dkimpy(HEAD))
+    run(checks(spool), message)
+    assert message.auth_results["dkim"] == "permerror,pass"
+    unchecked = spooled(spool, HEAD + b"\n" + BODY, auth_user="alice")
+    checks(spool).process(unchecked)
+    assert unchecked.auth_results == {}
+
+
 def test_a_resolver_that_crashes_gives_temperror_not_a_crash(spool):
     class Broken(FakeResolver):
         def lookup(self, name, rdtype):  # type: ignore[no-untyped-def]
