@@ -206,6 +206,7 @@ class SenderChecks:
     Mail from an authenticated client or a trusted network is not checked."""
 
     name = "sender-checks"
+    group = "sender-checks"  # a refusal's metrics label, never a filter's
 
     def __init__(
         self,
@@ -466,6 +467,7 @@ class DKIMSign:
     the local copy carries the signature too, which does no harm."""
 
     name = "dkim-sign"
+    group = "dkim-sign"
 
     def __init__(
         self,

@@ -308,7 +308,7 @@ class SMTPSession(StreamSession):
                 )
             self.conn.message_failed(reply)
             metrics.messages_rejected.labels(
-                "filter" if verdict.code is not None else "storage"
+                (verdict.group or "filter") if verdict.code is not None else "storage"
             ).inc()
             self._log_transaction(
                 envelope, reply.code, size=size, queue=queue_id, stages=stages, **auth_results

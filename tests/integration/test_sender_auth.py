@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from geosmtp.mailauth.dkim_sign import public_key_record
 from tests.conftest import HOSTNAME, listeners, run_cli, users, wait_until
+from tests.integration.adminapi import admin_of, delta, with_admin
 from tests.integration.dns_server import (
     Zone,
     dns_server,
@@ -97,11 +98,13 @@ def recording(make_module_server, dns):
 @pytest.fixture(scope="module")
 def strict(make_module_server, dns):
     return make_module_server(
-        checking(
-            dns,
-            spf={"on_fail": "tempfail"},
-            dkim={"on_fail": "reject"},
-            dmarc={"on_fail": "reject"},
+        with_admin(
+            checking(
+                dns,
+                spf={"on_fail": "tempfail"},
+                dkim={"on_fail": "reject"},
+                dmarc={"on_fail": "reject"},
+            )
         )
     )
 
@@ -266,6 +269,24 @@ def test_policies_refuse_through_the_server(strict):
     assert " stages=sender-checks:reject spf=fail dkim=none dmarc=fail result=550" in line
     line = access_line(strict, "spf-defer")
     assert " stages=sender-checks:tempfail spf=fail dkim=none dmarc=none result=451" in line
+
+
+def test_refusals_are_counted_as_the_sender_checks_not_a_filter(strict):
+    api = admin_of(strict)
+    before = api.quiet()
+    for subject in ("counted-reject", "counted-defer"):
+        sender = "a@fail.test" if subject == "counted-reject" else "a@nodmarc.test"
+        with pytest.raises(smtplib.SMTPDataError):
+            send(strict, sender, message(sender, subject))
+    after = api.quiet()
+    rejected = "geosmtp_messages_rejected_total"
+    assert delta(before, after, rejected, stage="sender-checks") == 2
+    assert delta(before, after, rejected, stage="filter") == 0
+    assert delta(before, after, "geosmtp_stage_runs_total", stage="sender-checks") == 2
+    help_line = next(
+        li for li in api.exposition().splitlines() if li.startswith(f"# HELP {rejected}")
+    )
+    assert "sender-checks (SPF/DKIM/DMARC)" in help_line
 
 
 @pytest.mark.parametrize(

@@ -238,6 +238,10 @@ def test_one_dkim_result_per_signature_and_none_for_unchecked_mail(spool):
     assert unchecked.auth_results == {}
 
 
+def test_the_metrics_count_the_stages_refusals_under_their_own_names():
+    assert (SenderChecks.group, DKIMSign.group) == ("sender-checks", "dkim-sign")
+
+
 def test_a_resolver_that_crashes_gives_temperror_not_a_crash(spool):
     class Broken(FakeResolver):
         def lookup(self, name, rdtype):  # type: ignore[no-untyped-def]
