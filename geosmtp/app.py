@@ -169,6 +169,7 @@ class App:
             users=frozenset(config.users),
             accept_unknown=config.unknown_recipients == "accept",
             postmaster=config.postmaster,
+            hostname=config.hostname,
             relay=True,  # the outbound queue takes remote recipients
         )
         # The config's `limits:` and `extensions:` are the core's own dataclasses.

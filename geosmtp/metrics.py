@@ -83,7 +83,8 @@ class Metrics:
         )
         self.messages_rejected = Counter(
             "geosmtp_messages_rejected",
-            "Transactions or recipients refused, by stage",
+            "Transactions or recipients refused, by stage: MAIL, RCPT, DATA, BDAT, "
+            "filter (a filter stage), sender-checks (SPF/DKIM/DMARC), dkim-sign, storage",
             ["stage"],
             registry=r,
         )
@@ -158,7 +159,7 @@ class Metrics:
             listener,
             registry=r,
         )
-        # Pipeline stages (filters), by the stage's configured name.
+        # Pipeline stages, by name: a filter's configured one, sender-checks, dkim-sign.
         self.stage_runs = Counter(
             "geosmtp_stage_runs",
             "Pipeline stage runs, by stage and verdict (accept, replace, tempfail, reject)",

@@ -155,7 +155,10 @@ def _verify_one(
         return sig.result("permerror", sig.error)
     key = keys.get(sig.key_name)
     if isinstance(key, KeyTemporaryError):
-        return sig.result("temperror", f"key {sig.key_name}: {key}")
+        text = str(key)  # "DNS lookup of <key name> TXT timed out ..." names the key already
+        return sig.result(
+            "temperror", text if sig.key_name in text else f"key {sig.key_name}: {text}"
+        )
     if key is None:
         return sig.result("permerror", f"no key at {sig.key_name}")
     try:

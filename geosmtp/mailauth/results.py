@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from ..smtp.trace import header_safe
 
-#: A comment never makes a line longer than this (RFC 5322 §2.1.1: 998 at most).
-MAX_COMMENT = 120
+#: A comment is at most this long (a line at most 998 octets: RFC 5322 §2.1.1);
+#: a DNS failure's reason, with the name asked and the nameserver's answer, fits.
+MAX_COMMENT = 200
 
 # RFC 8601 §2.2: a pvalue is a MIME token (RFC 2045 §5.1: no tspecials), or
 # `[local-part]@domain`; UTF-8 as RFC 6532 allows. Anything else is quoted.
@@ -73,13 +74,43 @@ def pvalue(text: str) -> str:
 
 
 def comment(text: str) -> str:
-    """` (text)`, made safe (no parentheses, backslashes or controls) and short; or ""."""
-    text = " ".join(header_safe(text).split())
+    """` (text)`, made safe and short; or "".
+
+    No backslashes or controls, and parentheses only in pairs: a comment may
+    hold a comment (RFC 5322 §3.2.2), as a DNS failure's reason does, "timed
+    out (nameservers: ...)". Any other parenthesis, and any pair inside that
+    inner comment, becomes "?", so nothing can close the comment early. A
+    long text is cut at a space, and the inner comment closed if it was cut.
+    """
+    text = " ".join(_paired(header_safe(text, keep_parentheses=True)).split())
     if not text:
         return ""
     if len(text) > MAX_COMMENT:
-        text = text[: MAX_COMMENT - 3] + "..."
+        end = MAX_COMMENT - 4  # room for "..." and a ")"
+        cut = text.rfind(" ", MAX_COMMENT // 2, end)
+        text = text[: cut if cut > 0 else end] + "..."
+        text += ")" * (text.count("(") - text.count(")"))
     return f" ({text})"
+
+
+def _paired(text: str) -> str:
+    """`text` with "?" for each parenthesis that has no partner, and for each
+    pair inside another pair: one comment nested in the comment at most."""
+    chars = list(text)
+    opened: list[int] = []
+    for i, c in enumerate(chars):
+        if c == "(":
+            opened.append(i)
+        elif c == ")":
+            if not opened:
+                chars[i] = "?"
+                continue
+            start = opened.pop()
+            if opened:
+                chars[start] = chars[i] = "?"
+    for i in opened:
+        chars[i] = "?"
+    return "".join(chars)
 
 
 def _b_prefix(results: list[DKIMResult], mine: DKIMResult) -> str:

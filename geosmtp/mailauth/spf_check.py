@@ -14,6 +14,7 @@ up other sessions, as the relay's MX lookups do.
 from __future__ import annotations
 
 import contextvars
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from ..mail import Envelope
 from ..queue.mx import DNSTemporaryError, Resolver
 from .results import SPFResult
 
+#: The start pyspf gives an error's explanation.
+_PYSPF_PREFIX_RE = re.compile(r"SPF (?:Temporary|Permanent) Error: ")
 #: RFC 7208 §4.6.4: at least 20 seconds for the whole evaluation.
 QUERY_TIME = 20.0
 
@@ -49,7 +52,7 @@ def _answers(resolver: Resolver) -> Callable[[str, str], list]:
         try:
             records = resolver.lookup(name, qtype)
         except DNSTemporaryError as exc:
-            raise pyspf.TempError(f"DNS {exc.message}") from None
+            raise pyspf.TempError(exc.message) from None  # it says "DNS lookup of ..."
         out: list = []
         for r in records:
             if qtype in ("A", "AAAA"):
@@ -91,7 +94,8 @@ def check_spf(resolver: Resolver, envelope: Envelope, client_ip: str, receiver: 
         return SPFResult("temperror", identity, subject, domain, f"SPF check failed: {exc}")
     finally:
         _lookup.reset(token)
-    reason = explanation if result != "pass" else ""
+    # pyspf's "SPF Temporary Error: " and the like repeat what `spf=` says
+    reason = _PYSPF_PREFIX_RE.sub("", explanation) if result != "pass" else ""
     if result == "fail":
         reason = f"{client_ip} is not allowed to send for {domain}"
     return SPFResult(result, identity, subject, domain, reason)

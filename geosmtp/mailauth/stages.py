@@ -19,6 +19,7 @@ it leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import time
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 import gevent
 from loguru import logger
 
-from ..config import AuthChecks, DKIMSigning
+from ..config import AuthChecks, CheckPolicy, DKIMSigning
 from ..mail.address import canonical_domain
 from ..pipeline.message import Message
 from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail, printable
@@ -181,6 +182,7 @@ class SenderChecks:
     Mail from an authenticated client or a trusted network is not checked."""
 
     name = "sender-checks"
+    group = "sender-checks"  # a refusal's metrics label, never a filter's
 
     def __init__(
         self,
@@ -226,6 +228,7 @@ class SenderChecks:
             return _unreadable(message.queue_id, exc)
         field = authentication_results(self.hostname, spf, dkim, dmarc_results)
         logger.debug("{}: {}", message.queue_id, " ".join(field.decode("utf-8", "replace").split()))
+        message.auth_results.update(_summary(spf, dkim, dmarc_results))
         refusal = self._refusal(message, spf, dkim, dmarc_results)
         if refusal is not None:
             logger.info("{}: refused: {}", message.queue_id, refusal.reason)
@@ -335,30 +338,58 @@ class SenderChecks:
         dmarc_results: list[DMARCResult] | None,
     ) -> TempFail | Reject | None:
         """What the configured policies make of the results: a refusal beats a
-        deferral (it is final either way), the first check's first."""
+        deferral (it is final either way), the first check's first. Its reason
+        (the log's) names every failure a policy acts on, whatever its policy
+        said, refusals first: `dmarc=fail (reject), spf=fail (tempfail)`."""
         s = self.settings
-        refusals: list[TempFail | Reject | None] = []
+        # (the result, what its policy says, the refusal that makes)
+        failed: list[tuple[str, str, TempFail | Reject | None]] = []
         if spf is not None:
             if spf.result == "fail":
                 text = f"SPF: {message.client} is not allowed to send mail from {spf.domain}"
-                refusals.append(_on(s.spf.on_fail, "spf=fail", 550, "5.7.23", text))
-            elif spf.result == "temperror" and s.spf.on_temperror == "tempfail":
-                refusals.append(_defer("spf", spf.domain))
+                failed.append(("spf=fail", s.spf.on_fail, _on(s.spf.on_fail, 550, "5.7.23", text)))
+            elif spf.result == "temperror":
+                failed.append(
+                    ("spf=temperror", s.spf.on_temperror, _defer(s.spf, "spf", spf.domain))
+                )
         if dkim and not any(r.result == "pass" for r in dkim):
             if any(r.result == "fail" for r in dkim):
                 text = "No passing DKIM signature found"
-                refusals.append(_on(s.dkim.on_fail, "dkim=fail", 550, "5.7.20", text))
-            elif any(r.result == "temperror" for r in dkim) and s.dkim.on_temperror == "tempfail":
-                refusals.append(_defer("dkim", dkim[0].domain))
+                failed.append(
+                    ("dkim=fail", s.dkim.on_fail, _on(s.dkim.on_fail, 550, "5.7.20", text))
+                )
+            elif any(r.result == "temperror" for r in dkim):
+                defer = _defer(s.dkim, "dkim", dkim[0].domain)
+                failed.append(("dkim=temperror", s.dkim.on_temperror, defer))
         for d in dmarc_results or ():
             if d.result == "fail" and d.disposition == "reject":
                 text = f"Unauthenticated mail from {d.domain} refused by its DMARC policy"
-                refusals.append(_on(s.dmarc.on_fail, "dmarc=fail", 550, "5.7.1", text))
-            elif d.result == "temperror" and s.dmarc.on_temperror == "tempfail":
-                refusals.append(_defer("dmarc", d.domain))
-        final = [r for r in refusals if isinstance(r, Reject)]
-        deferred = [r for r in refusals if isinstance(r, TempFail)]
-        return (final or deferred or [None])[0]
+                refusal = _on(s.dmarc.on_fail, 550, "5.7.1", text)
+                failed.append(("dmarc=fail", s.dmarc.on_fail, refusal))
+            elif d.result == "temperror":
+                defer = _defer(s.dmarc, "dmarc", d.domain)
+                failed.append(("dmarc=temperror", s.dmarc.on_temperror, defer))
+        failed.sort(key=lambda f: _SEVERITY[type(f[2])])  # stable: in the checks' order
+        decided = failed[0][2] if failed else None
+        if decided is None:
+            return None
+        reason = ", ".join(f"{result} ({action})" for result, action, _ in failed)
+        return dataclasses.replace(decided, reason=reason)
+
+
+def _summary(
+    spf: SPFResult | None, dkim: list[DKIMResult] | None, dmarc_results: list[DMARCResult] | None
+) -> dict[str, str]:
+    """Each check's result words, for the access log: a check that did not run
+    is left out; DKIM has one per signature (`none` without any)."""
+    found = {}
+    if spf is not None:
+        found["spf"] = spf.result
+    if dkim is not None:
+        found["dkim"] = ",".join(r.result for r in dkim) or "none"
+    if dmarc_results is not None:
+        found["dmarc"] = ",".join(d.result for d in dmarc_results) or "none"
+    return found
 
 
 def _reply_text(text: str) -> str:
@@ -367,18 +398,26 @@ def _reply_text(text: str) -> str:
     return printable(text)[:300]
 
 
-def _on(action: str, reason: str, code: int, status: str, text: str) -> TempFail | Reject | None:
+#: Which refusal decides: a final one, then a deferral, then none (`record`).
+_SEVERITY = {Reject: 0, TempFail: 1, type(None): 2}
+
+
+def _on(action: str, code: int, status: str, text: str) -> TempFail | Reject | None:
+    """The refusal a failure's `on_fail` asks for (its reason is given later)."""
     text = _reply_text(text)
     if action == "reject":
-        return Reject(reason, code, status, text)
+        return Reject("", code, status, text)
     if action == "tempfail":
-        return TempFail(reason, 451, "4" + status[1:], text + "; try again later")
+        return TempFail("", 451, "4" + status[1:], text + "; try again later")
     return None
 
 
-def _defer(check: str, domain: str) -> TempFail:
+def _defer(policy: CheckPolicy, check: str, domain: str) -> TempFail | None:
+    """The deferral a temperror's `on_temperror` asks for, or None (`record`)."""
+    if policy.on_temperror != "tempfail":
+        return None
     text = f"{check.upper()} check of {domain or 'the sender'} failed for now; try again later"
-    return TempFail(f"{check}=temperror", 451, "4.4.3", _reply_text(text))
+    return TempFail("", 451, "4.4.3", _reply_text(text))
 
 
 # ------------------------------------------------------------ signing
@@ -404,6 +443,7 @@ class DKIMSign:
     the local copy carries the signature too, which does no harm."""
 
     name = "dkim-sign"
+    group = "dkim-sign"
 
     def __init__(
         self,

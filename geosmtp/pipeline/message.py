@@ -41,3 +41,7 @@ class Message:
     deadline: float | None = None
     #: What each stage that ran said, in order (the access log names them).
     verdicts: list[StageVerdict] = field(default_factory=list)
+    #: What the sender checks found, by check: {"spf": "pass", "dkim": "fail,pass",
+    #: "dmarc": "pass"} (one result per signature, per From: domain); each is a
+    #: field of the access-log line. Empty when the checks did not run.
+    auth_results: dict[str, str] = field(default_factory=dict)

@@ -40,6 +40,7 @@ class Verdict:
     text: str | None = None  # and its text (None: the server's wording)
     destinations: tuple[str, ...] = ()  # where it went, for logs and metrics
     stage: str | None = None  # the stage that refused it
+    group: str | None = None  # and its group, for the metrics (`filter`, `sender-checks`, ...)
 
 
 class StageObserver(Protocol):
@@ -103,6 +104,7 @@ class Pipeline:
                     f"{stage.name}: {exc}",
                     no_space=exc.no_space,
                     stage=stage.name,
+                    group=getattr(stage, "group", "filter"),
                 )
             if not isinstance(result, Accept | Replace | TempFail | Reject):
                 raise TypeError(f"stage {stage.name!r} returned {result!r}")
@@ -122,6 +124,7 @@ class Pipeline:
                 status=result.status,
                 text=result.text,
                 stage=stage.name,
+                group=getattr(stage, "group", "filter"),
             )
         return None
 

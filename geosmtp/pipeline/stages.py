@@ -10,7 +10,9 @@ the `filters:` section), the sender checks and DKIM signing
 
 A stage may also have `applies(message) -> bool`: when it says False the stage
 is skipped for that message (not run, not logged, not counted). Without it, a
-stage runs for every message.
+stage runs for every message. And a `group`: what the metrics count a refusal
+by it under (`geosmtp_messages_rejected_total{stage=...}`): `filter` when it
+has none, `sender-checks` and `dkim-sign` for those two.
 
 `failure` on a result says that the verdict is not the stage's own judgement
 of the message but its failure policy (a filter program that crashed, timed

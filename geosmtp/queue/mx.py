@@ -393,11 +393,18 @@ def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True)
 
 
+def _nameserver(name: str, port: int) -> str:
+    """dnspython's name of a nameserver, "Do53:127.0.0.1@5353" (it has the port
+    already), as `dns.nameservers` writes it: "127.0.0.1:5353", "[::1]:53"."""
+    address = name.removeprefix("Do53:").rsplit("@", 1)[0]
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def _errors(exc: dns.resolver.NoNameservers) -> str:
     """The nameservers' answers, briefly: "127.0.0.1:5353 SERVFAIL"."""
     parts: list[str] = []
     for err in exc.kwargs.get("errors") or ():
-        part = f"{err[0]}:{err[2]} {err[3]}"
+        part = f"{_nameserver(err[0], err[2])} {err[3]}"
         if part not in parts:
             parts.append(part)
     return "; ".join(parts[:5]) or "no detail"

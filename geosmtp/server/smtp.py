@@ -273,6 +273,7 @@ class SMTPSession(StreamSession):
         metrics = self.server.metrics
         started = time.perf_counter()
         stages = None
+        auth_results: dict[str, str] = {}
         if isinstance(spool, _FailedSpool) or spool is None:
             error = spool.error if spool is not None else None
             verdict = Verdict(False, True, str(error), no_space=bool(error and error.no_space))
@@ -290,6 +291,7 @@ class SMTPSession(StreamSession):
             )
             verdict = self.server.pipeline.process(message)
             stages = ",".join(map(str, message.verdicts)) or None
+            auth_results = message.auth_results
         if not verdict.delivered:
             if verdict.code is not None:
                 reply = R.refused_by_stage(verdict.code, verdict.status, verdict.text)
@@ -306,16 +308,20 @@ class SMTPSession(StreamSession):
                 )
             self.conn.message_failed(reply)
             metrics.messages_rejected.labels(
-                "filter" if verdict.code is not None else "storage"
+                (verdict.group or "filter") if verdict.code is not None else "storage"
             ).inc()
-            self._log_transaction(envelope, reply.code, size=size, queue=queue_id, stages=stages)
+            self._log_transaction(
+                envelope, reply.code, size=size, queue=queue_id, stages=stages, **auth_results
+            )
             return
         metrics.delivery_seconds.observe(time.perf_counter() - started)
         metrics.messages_accepted.inc()
         metrics.recipients.inc(len(envelope.recipients))
         metrics.message_size.observe(size)
         self.conn.message_stored(queue_id)
-        self._log_transaction(envelope, 250, size=size, queue=queue_id, stages=stages)
+        self._log_transaction(
+            envelope, 250, size=size, queue=queue_id, stages=stages, **auth_results
+        )
         self._sync_metrics()
 
     def _rejected(self, event: TransactionRejected) -> None:

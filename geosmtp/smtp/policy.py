@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..mail import Domains, Mailbox, Recipient, safe_mailbox_name
+from ..mail import Domains, Mailbox, Recipient, canonical_domain, safe_mailbox_name
 from . import replies as R
 
 
@@ -24,6 +24,10 @@ class RecipientPolicy:
     #: An outbound queue takes mail for other domains; without one, a client
     #: that may relay is told 451 4.3.2 rather than have its mail accepted.
     relay: bool = False
+    #: The server's own name (the config's `hostname`). The delivery reports it
+    #: writes tell people to write to `postmaster@<hostname>`, so that address
+    #: is accepted even when the name is not one of `local_domains` (§4.5.1).
+    hostname: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.local_domains, Domains):
@@ -44,6 +48,8 @@ class RecipientPolicy:
         if not mailbox.domain:  # RCPT TO:<postmaster> (§4.5.1)
             return Recipient(mailbox, self.postmaster)
         if not self.is_local_domain(mailbox.domain):
+            if self._is_own_postmaster(mailbox):
+                return Recipient(mailbox, self.postmaster)
             if not may_relay:
                 return R.RELAY_DENIED
             return Recipient(mailbox, None) if self.relay else R.RELAY_UNAVAILABLE
@@ -55,6 +61,14 @@ class RecipientPolicy:
         if name not in self.users and not self.accept_unknown:
             return R.UNKNOWN_USER
         return Recipient(mailbox, name)
+
+    def _is_own_postmaster(self, mailbox: Mailbox) -> bool:
+        """`postmaster@<hostname>`, in any case: the address our reports name."""
+        return (
+            bool(self.hostname)
+            and canonical_domain(mailbox.domain) == canonical_domain(self.hostname)
+            and safe_mailbox_name(mailbox.local_part) == "postmaster"
+        )
 
     def is_known_user(self, name: str) -> bool:
         return name in self.users or name == "postmaster"

@@ -12,14 +12,18 @@ from ..mail import Envelope
 # header lines of its own; parentheses and backslashes would break out of the
 # comment that holds them.
 _UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f()\\\u2028\u2029]")
+# The same but parentheses, for a caller that keeps only those that pair up.
+_UNSAFE_BUT_PARENTHESES_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u2028\u2029]")
 
 # What could end or fold a header line, for text outside a comment.
 _UNSAFE_LINE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def header_safe(text: str) -> str:
-    """Text a client chose, made safe to stand inside a header comment."""
-    return _UNSAFE_RE.sub("?", text)
+def header_safe(text: str, keep_parentheses: bool = False) -> str:
+    """Text a client chose, made safe to stand inside a header comment.
+
+    `keep_parentheses`: the caller pairs them up itself (a nested comment)."""
+    return (_UNSAFE_BUT_PARENTHESES_RE if keep_parentheses else _UNSAFE_RE).sub("?", text)
 
 
 def _path(address: str) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import smtplib
 import socket
@@ -10,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import listeners, users, wait_until
+from tests.conftest import DOMAINS, HOSTNAME, listeners, users, wait_until
 from tests.integration.wire import Wire
 
 ALICE_PW = "alice-role-pw"
@@ -145,6 +146,32 @@ def test_trusted_network_is_by_address(roles_server):
             wire.expect("MAIL FROM:<app@test.example>", 250)
             code, text = wire.cmd("RCPT TO:<out@remote.example>")
             assert (code, text[:5]) == expected, (source, code, text)
+
+
+def test_the_postmaster_every_report_names_takes_mail_from_anyone(make_server):
+    """A delivery report says to write to postmaster@<hostname>; the hostname is
+    not one of `domains` (as in the bundled config), and a stranger on the mx
+    listener is not refused (RFC 5321 §4.5.1): it reaches the postmaster's
+    mailbox, as <postmaster> and postmaster@<domain> do."""
+    server = make_server({"postmaster": "admin"})
+    assert HOSTNAME not in DOMAINS
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail(
+            "alice@test.example",
+            ["bob@test.example"],
+            b"Subject: report me\r\n\r\nhi\r\n",
+            rcpt_options=["NOTIFY=SUCCESS"],
+        )
+    (report,) = wait_until(lambda: server.messages("alice"), what="the delivery report")
+    (named,) = re.findall(r"write to the postmaster at <([^>]+)>", report.read_text())
+    assert named == f"postmaster@{HOSTNAME}"
+    for address in (named, named.upper(), "postmaster", "postmaster@test.example"):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.sendmail("carol@remote.example", [address], b"Subject: help\r\n\r\n?\r\n")
+    wait_until(lambda: len(server.messages("admin")) == 4, what="four messages for admin")
+    assert server.messages("postmaster") == []
+    line = access_lines(server, f"to=<{named}>")[-1]
+    assert "result=250" in line
 
 
 def test_trusted_networks_loopback_range(make_server):

@@ -24,7 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from geosmtp.mailauth.dkim_sign import public_key_record
 from tests.conftest import HOSTNAME, listeners, run_cli, users, wait_until
-from tests.integration.dns_server import Zone, dns_server, txt_record
+from tests.integration.adminapi import admin_of, delta, with_admin
+from tests.integration.dns_server import (
+    Zone,
+    dns_server,
+    servfail_nameserver,
+    silent_nameserver,
+    txt_record,
+)
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)
@@ -91,11 +98,13 @@ def recording(make_module_server, dns):
 @pytest.fixture(scope="module")
 def strict(make_module_server, dns):
     return make_module_server(
-        checking(
-            dns,
-            spf={"on_fail": "tempfail"},
-            dkim={"on_fail": "reject"},
-            dmarc={"on_fail": "reject"},
+        with_admin(
+            checking(
+                dns,
+                spf={"on_fail": "tempfail"},
+                dkim={"on_fail": "reject"},
+                dmarc={"on_fail": "reject"},
+            )
         )
     )
 
@@ -128,6 +137,16 @@ def stored(server, subject: str) -> bytes:  # type: ignore[no-untyped-def]
 
     (data,) = wait_until(find, what=f"the message {subject!r}")
     return data
+
+
+def access_line(server, subject: str) -> str:  # type: ignore[no-untyped-def]
+    """The access-log line of the message with this subject (its Message-ID)."""
+    needle = f"msgid=<{subject}@x.test>"
+    (line,) = wait_until(
+        lambda: [li for li in server.access_log().splitlines() if needle in li],
+        what=f"the access-log line of {subject!r}",
+    )
+    return line
 
 
 def results(data: bytes) -> str:
@@ -206,6 +225,13 @@ def test_earlier_results_claiming_our_name_are_removed(recording):
     assert "dmarc=fail" in results(stored_data)
 
 
+def test_the_access_log_has_each_checks_result(recording):
+    send(recording, "a@signed.test", dkimpy_signed(message("a@signed.test", "logged")))
+    assert "spf=fail" in results(stored(recording, "logged"))
+    line = access_line(recording, "logged")
+    assert " stages=sender-checks:replace spf=fail dkim=pass dmarc=pass result=250" in line
+
+
 # ------------------------------------------------------------ policies
 
 
@@ -233,18 +259,62 @@ def test_policies_refuse_through_the_server(strict):
     assert "dmarc=pass" in results(stored(strict, "strict-pass"))
     assert len(strict.messages("bob")) == 1
     assert strict.tmp_files() == []
+    # Each refusal's log line names every failure and what its policy said.
     log = wait_until(lambda: "dkim=fail" in strict.server_log() and strict.server_log())
-    assert "refused: dmarc=fail" in log and "refused: spf=fail" in log
+    assert "refused: dmarc=fail (reject), spf=fail (tempfail)\n" in log
+    assert "refused: dkim=fail (reject), dmarc=fail (reject), spf=fail (tempfail)\n" in log
+    assert "refused: spf=fail (tempfail)\n" in log
+    # The access log has the results of refused mail too.
+    line = access_line(strict, "dmarc-reject")
+    assert " stages=sender-checks:reject spf=fail dkim=none dmarc=fail result=550" in line
+    line = access_line(strict, "spf-defer")
+    assert " stages=sender-checks:tempfail spf=fail dkim=none dmarc=none result=451" in line
 
 
-def test_a_dns_that_does_not_answer_is_temperror(make_server):
-    # write_config's nameserver is a loopback port where nothing answers.
-    server = make_server({"auth_checks": {"enabled": True}, "dns": {"timeout": 1}})
-    send(server, "a@signed.test", dkimpy_signed(message("a@signed.test", "dns-down")))
-    found = results(stored(server, "dns-down"))
-    assert "spf=temperror" in found
-    assert "dkim=temperror (key sel._domainkey.signed.test:" in found
-    assert "dmarc=temperror" in found
+def test_refusals_are_counted_as_the_sender_checks_not_a_filter(strict):
+    api = admin_of(strict)
+    before = api.quiet()
+    for subject in ("counted-reject", "counted-defer"):
+        sender = "a@fail.test" if subject == "counted-reject" else "a@nodmarc.test"
+        with pytest.raises(smtplib.SMTPDataError):
+            send(strict, sender, message(sender, subject))
+    after = api.quiet()
+    rejected = "geosmtp_messages_rejected_total"
+    assert delta(before, after, rejected, stage="sender-checks") == 2
+    assert delta(before, after, rejected, stage="filter") == 0
+    assert delta(before, after, "geosmtp_stage_runs_total", stage="sender-checks") == 2
+    help_line = next(
+        li for li in api.exposition().splitlines() if li.startswith(f"# HELP {rejected}")
+    )
+    assert "sender-checks (SPF/DKIM/DMARC)" in help_line
+
+
+@pytest.mark.parametrize(
+    ("nameserver", "words"),
+    [
+        (silent_nameserver, "DNS lookup of {name} TXT timed out (nameservers: {ns})"),
+        (servfail_nameserver, "DNS lookup of {name} TXT failed: no nameserver answered it"
+                              " (SERVFAIL or REFUSED: {ns} SERVFAIL)"),
+    ],
+    ids=["timeout", "servfail"],
+)  # fmt: skip
+def test_a_dns_that_does_not_answer_is_temperror_in_so_many_words(make_server, nameserver, words):
+    with nameserver() as ns:
+        server = make_server(
+            {"auth_checks": {"enabled": True}, "dns": {"nameservers": [ns], "timeout": 1}}
+        )
+        send(server, "a@signed.test", dkimpy_signed(message("a@signed.test", "dns-down")))
+        found = results(stored(server, "dns-down"))
+    # One comment a check, whole: the nameserver's words in parentheses of their own.
+    spf = words.format(name="signed.test", ns=ns)
+    key = words.format(name="sel._domainkey.signed.test", ns=ns)
+    policy = words.format(name="_dmarc.signed.test", ns=ns)
+    assert f"spf=temperror ({spf}) smtp.mailfrom=a@signed.test;" in found
+    assert f"dkim=temperror ({key}) header.d=signed.test header.s=sel" in found
+    assert f"dmarc=temperror ({policy}) header.from=signed.test" in found
+    assert "?" not in found and "DNS DNS" not in found
+    line = access_line(server, "dns-down")
+    assert " spf=temperror dkim=temperror dmarc=temperror result=250" in line
 
 
 def test_a_dns_failure_can_defer_the_message(make_server):

@@ -29,6 +29,7 @@ from geosmtp.mailauth.headers import (
     parse_header_section,
 )
 from geosmtp.mailauth.results import (
+    MAX_COMMENT,
     DKIMResult,
     DMARCResult,
     SPFResult,
@@ -176,11 +177,79 @@ def test_what_came_from_outside_cannot_break_out_of_the_field():
     assert comment("x)\r\nAuthentication-Results: evil; dkim=pass (") == (
         " (x???Authentication-Results: evil; dkim=pass ?)"
     )
-    assert len(comment("a" * 500)) < 130
+    assert len(comment("a" * 500)) <= MAX_COMMENT + 3
     field = authentication_results(
         "h", None, [DKIMResult("permerror", "d.example", "s\r\nX: y", reason="a\nb")], None
     )
     assert field.count(b"\n") == 2 and b"\r" not in field
+
+
+# What queue/mx.py's Resolver says when the DNS fails (the nameservers' own
+# words in the inner parentheses): tests/integration/test_mx_resolution.py.
+TIMED_OUT = "DNS lookup of {} TXT timed out (nameservers: 127.0.0.1:5353)"
+SERVFAIL = (
+    "DNS lookup of {} TXT failed: no nameserver answered it"
+    " (SERVFAIL or REFUSED: 127.0.0.1:5353 SERVFAIL)"
+)
+
+
+@pytest.mark.parametrize("words", [TIMED_OUT, SERVFAIL])
+def test_a_dns_failure_is_worded_once_per_check_and_whole(words):
+    # Was: spf=temperror (SPF Temporary Error: DNS DNS lookup ... ?SERVFAIL or REFUSED: ...)
+    resolver = FakeResolver(
+        {("example.org", "TXT"): DNSTemporaryError(words.format("example.org"), "4.4.3")}
+    )
+    spf = check_spf(resolver, envelope("a@example.org"), "192.0.2.1", "mx.test")
+    assert (spf.result, spf.reason) == ("temperror", words.format("example.org"))
+    key = "sel._domainkey.example.org"
+    (dkim_result,) = our_verdicts(
+        dkimpy_signed(MESSAGE), {key: dkim_verify.KeyTemporaryError(words.format(key))}
+    )
+    down = DNSTemporaryError(words.format("_dmarc.example.org"), "4.4.3")
+    dmarc_result = dmarc.find_policy("example.org", ORG, TXT({"_dmarc.example.org": down}))
+    field = authentication_results("mx.test", spf, [dkim_result], [dmarc_result]).decode()
+    lines = field.split("\n")
+    assert (
+        lines[1] == f"\tspf=temperror ({words.format('example.org')}) smtp.mailfrom=a@example.org;"
+    )
+    assert lines[2].startswith(f"\tdkim=temperror ({words.format(key)}) header.d=")
+    dmarc_comment = words.format("_dmarc.example.org")
+    assert lines[3] == f"\tdmarc=temperror ({dmarc_comment}) header.from=example.org"
+
+
+def test_a_key_lookup_that_failed_without_words_names_the_key():
+    key = "sel._domainkey.example.org"
+    failed = {key: dkim_verify.KeyTemporaryError("lookup failed")}
+    assert results(our_verdicts(dkimpy_signed(MESSAGE), failed)) == [
+        ("temperror", f"key {key}: lookup failed")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("timed out (nameservers: 127.0.0.1:53)", " (timed out (nameservers: 127.0.0.1:53))"),
+        ("a (b) and (c)", " (a (b) and (c))"),
+        ("a (b (c) d) e", " (a (b ?c? d) e)"),  # one comment inside the comment at most
+        ("x) (y", " (x? ?y)"),  # no partner
+        ("(a\\b)", " ((a?b))"),
+        (")(", " (??)"),
+    ],
+)
+def test_a_comment_keeps_parentheses_that_pair_up(text, expected):
+    assert comment(text) == expected
+
+
+def test_a_long_comment_is_cut_at_a_space_and_stays_closed():
+    text = (
+        "DNS lookup of "
+        + "x" * 100
+        + " TXT failed: no nameserver (SERVFAIL or REFUSED: "
+        + ("127.0.0.1:5353 SERVFAIL; " * 5)
+    )
+    cut = comment(text + ")")
+    assert len(cut) <= MAX_COMMENT + 3 and cut.endswith(" SERVFAIL;...))")
+    assert cut.count("(") == cut.count(")") == 2 and "?" not in cut
 
 
 # ------------------------------------------------------------ DMARC

@@ -150,15 +150,17 @@ def test_failures_are_recorded_by_default(spool):
 @pytest.mark.parametrize(
     ("policies", "expected"),
     [
-        ({"spf": {"on_fail": "reject"}}, Reject("spf=fail", 550, "5.7.23",
-            "SPF: 203.0.113.5 is not allowed to send mail from example.org")),
-        ({"spf": {"on_fail": "tempfail"}}, TempFail("spf=fail", 451, "4.7.23",
+        # The reason (the log's) names every failure and what its policy said.
+        ({"spf": {"on_fail": "reject"}}, Reject("spf=fail (reject), dmarc=fail (record)",
+            550, "5.7.23", "SPF: 203.0.113.5 is not allowed to send mail from example.org")),
+        ({"spf": {"on_fail": "tempfail"}}, TempFail("spf=fail (tempfail), dmarc=fail (record)",
+            451, "4.7.23",
             "SPF: 203.0.113.5 is not allowed to send mail from example.org; try again later")),
-        ({"dmarc": {"on_fail": "reject"}}, Reject("dmarc=fail", 550, "5.7.1",
-            "Unauthenticated mail from example.org refused by its DMARC policy")),
-        # A refusal beats a deferral, whichever check asked for it.
+        ({"dmarc": {"on_fail": "reject"}}, Reject("dmarc=fail (reject), spf=fail (record)",
+            550, "5.7.1", "Unauthenticated mail from example.org refused by its DMARC policy")),
+        # A refusal beats a deferral, whichever check asked for it; both are named.
         ({"spf": {"on_fail": "tempfail"}, "dmarc": {"on_fail": "reject"}},
-            Reject("dmarc=fail", 550, "5.7.1",
+            Reject("dmarc=fail (reject), spf=fail (tempfail)", 550, "5.7.1",
                    "Unauthenticated mail from example.org refused by its DMARC policy")),
         ({"dkim": {"on_fail": "reject"}}, None),  # no signature is no DKIM failure
     ],
@@ -177,7 +179,8 @@ def test_dkim_fail_and_dmarc_quarantine(spool):
     tampered = signed_by_dkimpy(HEAD).replace(b"second line", b"2nd line")
     stage = checks(spool, dkim={"on_fail": "reject"}, dmarc={"on_fail": "reject"})
     result, _ = run(stage, spooled(spool, tampered, client="192.0.2.1"))
-    assert result == Reject("dkim=fail", 550, "5.7.20", "No passing DKIM signature found")
+    # SPF passes, so DMARC does (aligned): only DKIM failed.
+    assert result == Reject("dkim=fail (reject)", 550, "5.7.20", "No passing DKIM signature found")
     # p=quarantine is recorded: only p=reject can be refused.
     head = HEAD.replace(b"example.org>", b"quarantine.example>")
     message = spooled(spool, head + b"\n" + BODY, sender="x@quarantine.example")
@@ -196,8 +199,46 @@ def test_dns_failures_are_temperror_and_deferred_on_request(spool):
     stage = checks(spool, down, dkim={"on_temperror": "tempfail"})
     result, _ = run(stage, spooled(spool, signed_by_dkimpy(HEAD)))
     assert result == TempFail(
-        "dkim=temperror", 451, "4.4.3", "DKIM check of example.org failed for now; try again later"
+        "dkim=temperror (tempfail), spf=temperror (record), dmarc=temperror (record)",
+        451,
+        "4.4.3",
+        "DKIM check of example.org failed for now; try again later",
     )
+
+
+@pytest.mark.parametrize(
+    ("data", "client", "policies", "found"),
+    [
+        (signed_by_dkimpy(HEAD), "192.0.2.1", {}, {"spf": "pass", "dkim": "pass", "dmarc": "pass"}),
+        (HEAD + b"\n" + BODY, "203.0.113.5", {}, {"spf": "fail", "dkim": "none", "dmarc": "fail"}),
+        # refused: the results are there for the access log all the same
+        (HEAD + b"\n" + BODY, "203.0.113.5", {"dmarc": {"on_fail": "reject"}},
+         {"spf": "fail", "dkim": "none", "dmarc": "fail"}),
+        (signed_by_dkimpy(HEAD) + b"appended\n", "203.0.113.5", {"dkim": {"enabled": False}},
+         {"spf": "fail", "dmarc": "fail"}),
+    ],
+)  # fmt: skip
+def test_each_checks_result_is_left_on_the_message_for_the_access_log(
+    spool, data, client, policies, found
+):
+    message = spooled(spool, data, client=client)
+    run(checks(spool, **policies), message)
+    assert message.auth_results == found
+
+
+def test_one_dkim_result_per_signature_and_none_for_unchecked_mail(spool):
+    foreign = signed_by_dkimpy(HEAD).replace(b"d=example.org", b"d=example.net", 1)
+    field = foreign.split(b"From:", 1)[0]  # its DKIM-Signature: no key at example.net
+    message = spooled(spool, field + signed_by_dkimpy(HEAD))
+    run(checks(spool), message)
+    assert message.auth_results["dkim"] == "permerror,pass"
+    unchecked = spooled(spool, HEAD + b"\n" + BODY, auth_user="alice")
+    checks(spool).process(unchecked)
+    assert unchecked.auth_results == {}
+
+
+def test_the_metrics_count_the_stages_refusals_under_their_own_names():
+    assert (SenderChecks.group, DKIMSign.group) == ("sender-checks", "dkim-sign")
 
 
 def test_a_resolver_that_crashes_gives_temperror_not_a_crash(spool):

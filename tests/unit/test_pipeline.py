@@ -189,6 +189,20 @@ def test_what_each_stage_said_is_recorded_and_observed(parts):
     assert stages[1].seen == []  # choosy did not apply
 
 
+def test_a_refusal_names_the_group_of_its_stage_for_the_metrics(parts):
+    store, spool = parts
+    grouped = Stage("sender-checks", Reject("dmarc=fail (reject)", 550))
+    grouped.group = "sender-checks"  # type: ignore[attr-defined]
+    for stage, group in (
+        (grouped, "sender-checks"),
+        (Stage("sender-checks", TempFail("x")), "filter"),
+    ):
+        verdict = Pipeline(Router(MaildirDestination(store)), [stage]).process(
+            message(spool, ALICE)
+        )
+        assert (verdict.stage, verdict.group) == ("sender-checks", group)
+
+
 def test_a_refusal_without_words_keeps_its_code(parts):
     store, spool = parts
     pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("r", Reject("spam"))])

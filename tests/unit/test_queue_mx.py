@@ -10,6 +10,7 @@ pytest.importorskip("dns", reason="dnspython is not installed")
 from geosmtp.queue.mx import (
     DNSPermanentError,
     Resolver,
+    _nameserver,
     address_literal,
     parse_nameserver,
 )
@@ -80,3 +81,16 @@ def test_names_that_cannot_be_looked_up_are_permanent_failures(domain):
     with pytest.raises(DNSPermanentError) as info:
         Resolver(["127.0.0.1:9"], timeout=0.2).resolve_mx(domain)
     assert info.value.status == "5.1.2"
+
+
+@pytest.mark.parametrize(
+    ("name", "port", "expected", "address"),
+    [
+        ("Do53:127.0.0.1@5353", 5353, "127.0.0.1:5353", "127.0.0.1"),  # the port in the name
+        ("Do53:::1@53", 53, "[::1]:53", "::1"),
+        ("127.0.0.1", 53, "127.0.0.1:53", "127.0.0.1"),
+    ],
+)
+def test_a_nameserver_in_a_failure_is_named_as_the_config_names_it(name, port, expected, address):
+    assert _nameserver(name, port) == expected
+    assert parse_nameserver(expected) == (address, port)

@@ -175,6 +175,44 @@ def test_resolve_refuses(policy, mailbox, reply):
     assert policy.resolve(mailbox) is reply
 
 
+# The server's own name, not one of its domains (as in the bundled config).
+NAMED = RecipientPolicy(
+    local_domains=frozenset({"example.test"}),
+    users=frozenset({"alice"}),
+    accept_unknown=False,
+    postmaster="admin",
+    hostname="mx.example.test",
+)
+
+
+@pytest.mark.parametrize(
+    "mailbox",
+    [
+        Mailbox("postmaster", "mx.example.test"),  # what every delivery report names
+        Mailbox("PostMaster", "MX.Example.Test"),
+        Mailbox("postmaster", "example.test"),
+        Mailbox("postmaster", ""),
+    ],
+)
+def test_postmaster_at_the_hostname_is_the_postmaster(mailbox):
+    # RFC 5321 §4.5.1; refused with 550 5.7.1 before, from anyone.
+    assert NAMED.resolve(mailbox) == Recipient(mailbox, "admin")
+    assert NAMED.resolve(mailbox, may_relay=True) == Recipient(mailbox, "admin")
+
+
+@pytest.mark.parametrize(
+    "mailbox",
+    [
+        Mailbox("alice", "mx.example.test"),  # only postmaster: the name is not a domain
+        Mailbox("postmaster", "sub.mx.example.test"),
+        Mailbox("postmaster", "elsewhere.test"),
+    ],
+)
+def test_only_postmaster_at_the_hostname(mailbox):
+    assert NAMED.resolve(mailbox) is R.RELAY_DENIED
+    assert NAMED.resolve(mailbox, may_relay=True) == R.RELAY_UNAVAILABLE
+
+
 def test_refusal_replies():
     assert R.RELAY_DENIED.to_bytes() == b"550 5.7.1 Relay access denied\r\n"
     assert R.UNKNOWN_USER.to_bytes().startswith(b"550 5.1.1 ")
