@@ -10,6 +10,7 @@ byte for byte and with the same sizes, and what one retrieves (moved to
 from __future__ import annotations
 
 import poplib
+import re
 
 from tests.conftest import listeners, users
 from tests.integration.dovecot import running_dovecot
@@ -32,14 +33,16 @@ def session(host: str, port: int) -> poplib.POP3:
     return client
 
 
-def snapshot(client: poplib.POP3) -> list[tuple[int, bytes]]:
-    """Every message as (LIST size, RETR bytes with CRLF line ends)."""
+def snapshot(client: poplib.POP3) -> list[tuple[bytes, int, bytes]]:
+    """Every message as (UIDL, LIST size, RETR bytes with CRLF line ends): the
+    same UIDL on both servers, so a client moving between them fetches nothing twice."""
     _, listing, _ = client.list()
+    uids = dict(line.split() for line in client.uidl()[1])
     out = []
     for entry in listing:
         number, size = (int(x) for x in entry.split())
         _, lines, _ = client.retr(number)
-        out.append((size, b"\r\n".join(lines) + b"\r\n"))
+        out.append((uids[str(number).encode()], size, b"\r\n".join(lines) + b"\r\n"))
     return out
 
 
@@ -62,9 +65,10 @@ def test_geosmtp_and_dovecot_take_turns_on_one_maildrop(make_server):
         first = snapshot(ours)
         ours.quit()
         assert len(first) == 4
-        for n, (size, text) in enumerate(first):
+        for n, (uid, size, text) in enumerate(first):
             assert text.endswith(message(n))
             assert size == len(text)
+            assert re.fullmatch(rb"[0-9]+\.M[0-9]+P[0-9]+Q[0-9]+\.mx,S=[0-9]+,W=%d" % size, uid)
 
         # Dovecot sees the same messages with the same sizes; it deletes one.
         dovecot.own_mail_dir()
