@@ -528,9 +528,12 @@ for fd in os.listdir("/proc/self/fd"):
 json.dump(fds, open({str(fds)!r}, "w"))
 """
     # A shell, not Python: Python ignores SIGPIPE and SIGXFSZ itself when it starts.
+    # The masks are read by grep from its own status after the shell exec'd it
+    # (both are kept across exec): a child reading the shell's status could
+    # catch dash mid-fork, with every signal blocked for the moment.
     show_signals = (
-        f"grep -E '^(SigIgn|SigBlk):' /proc/$$/status > {signals}; "
-        f"cut -d' ' -f6 /proc/$$/stat >> {signals}; echo $$ >> {signals}"
+        f"cut -d' ' -f6 /proc/$$/stat > {signals}; echo $$ >> {signals}; "
+        f"exec grep -E '^(SigIgn|SigBlk):' /proc/self/status >> {signals}"
     )
     server = make_server(
         {
@@ -544,7 +547,7 @@ json.dump(fds, open({str(fds)!r}, "w"))
     inherited = json.loads(fds.read_text())
     assert sorted(inherited) == ["0", "1", "2"], inherited
     assert all(target.startswith("pipe:") for target in inherited.values())
-    *masks, session, pid = signals.read_text().splitlines()
+    session, pid, *masks = signals.read_text().splitlines()
     mask = {line.split(":")[0]: int(line.split()[1], 16) for line in masks}
     # glibc's posix_spawn leaves its own two signals (32, 33) ignored (glibc
     # programs set them up themselves); none of the 31 classic ones is.
