@@ -24,9 +24,20 @@ def stored_line_ends(data: bytes) -> bytes:
 
     The caller keeps a CRLF in one piece (a CR at the end of `data` waits for
     the next piece) and so the CRs before it."""
-    if b"\r\r\n" in data:
-        return _CRLF_NOT_AFTER_CR.sub(b"\n", data)
-    return data.replace(b"\r\n", b"\n")
+    return join_stored(data.split(b"\r\n"))
+
+
+def join_stored(lines: list[bytes]) -> bytes:
+    """The pieces of wire data split at each CRLF, joined as `stored_line_ends`
+    stores them (the SMTP core splits DATA so to undo the dot-stuffing).
+
+    A split and a join with LF is the fastest CRLF→LF there is (faster than
+    `replace`); a CR left in the result, rare, is one `memchr` to see, and only
+    then is each CRLF looked at."""
+    data = b"\n".join(lines)
+    if b"\r" in data:
+        data = _CRLF_NOT_AFTER_CR.sub(b"\n", b"\r\n".join(lines))
+    return data
 
 
 def lines_as_lf(data: bytes) -> bytes:
@@ -37,4 +48,7 @@ def lines_as_lf(data: bytes) -> bytes:
 
     The caller holds back the CRs `data` ends with until it knows what follows
     them (`rstrip(b"\\r")`): whether the last starts a CRLF decides the others."""
-    return data.replace(b"\r\r\n", b"\r\n").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    text = b"\n".join(data.split(b"\r\n"))
+    if b"\r" in text:  # a CR alone, rare: the slower rule only then
+        text = b"\n".join(data.replace(b"\r\r\n", b"\r\n").split(b"\r\n")).replace(b"\r", b"\n")
+    return text

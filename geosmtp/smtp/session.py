@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..mail import Envelope, Mailbox, safe_mailbox_name
-from ..mail.lineends import stored_line_ends
+from ..mail.lineends import join_stored, stored_line_ends
 from . import replies as R
 from . import sasl
 from .connection import LINE_TOO_LONG, SansIOConnection
@@ -1040,18 +1040,10 @@ class SMTPConnection(SansIOConnection):
             self._emit_refused_prefix(segments, before)
             return
         lines = block.split(b"\r\n")
-        ends_crlf = block.endswith(b"\r\n")
-        if ends_crlf:
-            lines.pop()  # the empty piece after the last CRLF
         if stuffed:
             first = 0 if bol else 1  # a line continued from the last block is not stuffed
             lines[first:] = [line[1:] if line[:1] == b"." else line for line in lines[first:]]
-        if b"\r\r\n" in block:  # a CR before a line end is kept (stored_line_ends)
-            ended = len(lines) if ends_crlf else len(lines) - 1  # the lines a CRLF ends
-            lines[:ended] = [line + b"\r" if line[-1:] == b"\r" else line for line in lines[:ended]]
-        if ends_crlf:
-            lines.append(b"")
-        self._events.append(MessageData(b"\n".join(lines)))
+        self._events.append(MessageData(join_stored(lines)))
 
     def _emit_refused_prefix(self, segments: list[bytes], size_before: int) -> None:
         """The message is refused from here on: emit its complete lines before the
