@@ -40,7 +40,9 @@ class Verdict:
     text: str | None = None  # and its text (None: the server's wording)
     destinations: tuple[str, ...] = ()  # where it went, for logs and metrics
     stage: str | None = None  # the stage that refused it
-    group: str | None = None  # and its group, for the metrics (`filter`, `sender-checks`, ...)
+    #: A stage's refusal: the metrics label it is counted under (`filter`,
+    #: `sender-checks`, `dkim-sign`); None for every other failure (`storage`).
+    group: str | None = None
 
 
 class StageObserver(Protocol):
@@ -104,7 +106,6 @@ class Pipeline:
                     f"{stage.name}: {exc}",
                     no_space=exc.no_space,
                     stage=stage.name,
-                    group=getattr(stage, "group", "filter"),
                 )
             if not isinstance(result, Accept | Replace | TempFail | Reject):
                 raise TypeError(f"stage {stage.name!r} returned {result!r}")

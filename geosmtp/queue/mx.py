@@ -205,14 +205,12 @@ class Resolver:
     @property
     def nameservers(self) -> list[str]:
         """The nameservers asked, as "ip:port" (for the log)."""
-        out = []
-        for ns in self._resolver.nameservers:
-            if isinstance(ns, dns.nameserver.Do53Nameserver):
-                host = f"[{ns.address}]" if ":" in ns.address else ns.address
-                out.append(f"{host}:{ns.port}")
-            else:
-                out.append(str(ns))
-        return out
+        return [
+            _host_port(ns.address, ns.port)
+            if isinstance(ns, dns.nameserver.Do53Nameserver)
+            else str(ns)
+            for ns in self._resolver.nameservers
+        ]
 
     # ------------------------------------------------------------------ lookups
 
@@ -393,11 +391,15 @@ def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True)
 
 
-def _nameserver(name: str, port: int) -> str:
-    """dnspython's name of a nameserver, "Do53:127.0.0.1@5353" (it has the port
-    already), as `dns.nameservers` writes it: "127.0.0.1:5353", "[::1]:53"."""
-    address = name.removeprefix("Do53:").rsplit("@", 1)[0]
+def _host_port(address: str, port: int) -> str:
+    """A nameserver as `dns.nameservers` writes it: "127.0.0.1:5353", "[::1]:53"."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _nameserver(name: str, port: int) -> str:
+    """dnspython's name of a nameserver in its errors, "Do53:127.0.0.1@5353",
+    as the config writes it (`_host_port`)."""
+    return _host_port(name.removeprefix("Do53:").rsplit("@", 1)[0], port)
 
 
 def _errors(exc: dns.resolver.NoNameservers) -> str:

@@ -307,9 +307,7 @@ class SMTPSession(StreamSession):
                     "session {}: delivery failed ({}): {}", self.id, reply.code, verdict.reason
                 )
             self.conn.message_failed(reply)
-            metrics.messages_rejected.labels(
-                (verdict.group or "filter") if verdict.code is not None else "storage"
-            ).inc()
+            metrics.messages_rejected.labels(verdict.group or "storage").inc()
             self._log_transaction(
                 envelope, reply.code, size=size, queue=queue_id, stages=stages, **auth_results
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..mail import Domains, Mailbox, Recipient, canonical_domain, safe_mailbox_name
+from ..mail import Domains, Mailbox, Recipient, safe_mailbox_name
 from . import replies as R
 
 
@@ -32,6 +32,8 @@ class RecipientPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.local_domains, Domains):
             object.__setattr__(self, "local_domains", Domains(self.local_domains))
+        # The hostname compared as every domain is (Domains), made once.
+        object.__setattr__(self, "_own_name", Domains([self.hostname] if self.hostname else []))
 
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.local_domains
@@ -64,11 +66,8 @@ class RecipientPolicy:
 
     def _is_own_postmaster(self, mailbox: Mailbox) -> bool:
         """`postmaster@<hostname>`, in any case: the address our reports name."""
-        return (
-            bool(self.hostname)
-            and canonical_domain(mailbox.domain) == canonical_domain(self.hostname)
-            and safe_mailbox_name(mailbox.local_part) == "postmaster"
-        )
+        at_own_name = mailbox.domain in self._own_name
+        return at_own_name and safe_mailbox_name(mailbox.local_part) == "postmaster"
 
     def is_known_user(self, name: str) -> bool:
         return name in self.users or name == "postmaster"

@@ -224,7 +224,7 @@ def test_a_stage_that_cannot_write_is_a_temporary_failure(parts, no_space):
     pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("w", broken)], observer=observer)
     verdict = pipeline.process(message(spool, ALICE))
     assert not verdict.delivered and verdict.temporary and verdict.no_space is no_space
-    assert verdict.code is None and verdict.stage == "w"
+    assert verdict.code is None and verdict.stage == "w" and verdict.group is None  # "storage"
     assert observer.seen == [("w", "tempfail", "storage")]
     assert stored(store) == {}
     assert [p for p in spool.root.iterdir() if str(p) not in made] == []
