@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import fcntl
 import ipaddress
 import os
 import secrets
+import socket
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import gevent
 from gevent.lock import BoundedSemaphore
@@ -32,7 +34,7 @@ from .auth import BUSY, AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
 from .filters.stages import Filters
 from .mail import Domains, Envelope, Recipient
-from .mail.ids import new_queue_id
+from .mail.ids import new_queue_id, share_of, take_share
 from .mailauth.stages import DKIMSign, SenderChecks, build_signer
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
@@ -43,6 +45,7 @@ from .queue.runner import QueueRunner, RunnerSettings
 from .queue.schedule import RetrySchedule
 from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
+from .server.cluster import Cluster, run_dir
 from .server.listeners import Listeners, Session
 from .server.pop3 import POP3Session
 from .server.smtp import SMTPSession
@@ -52,6 +55,9 @@ from .smtp.parser import parse_mailbox
 from .smtp.sasl import Credentials
 from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
+
+#: Seconds between two tries for the lock of this worker's share of the queue.
+SHARE_POLL = 0.2
 
 #: The session class of each protocol a listener can speak.
 SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}  # type: ignore[dict-item]
@@ -111,17 +117,93 @@ class ConfigChange:
 
     changed: list[str]  # every dotted key whose value changed
     restart: list[str]  # of those, the ones kept at their running value until a restart
+    config: dict | None = None  # the config that runs now, as a mapping
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the master reads with its own rights before a worker drops them:
+    the TLS key and certificate, the DKIM signing key, the smarthost password."""
+
+    tls_context: ssl.SSLContext | None
+    signer: Any  # mailauth's signer, None when dkim: is off
+    settings: RunnerSettings
+
+
+def prepare(config: Config) -> Prepared:
+    """Read the config's secrets; ConfigError when one cannot be used."""
+    try:
+        signer = build_signer(config.dkim)
+    except OSError as exc:  # a key gone since the config check
+        raise ConfigError(f"dkim: cannot read '{exc.filename}': {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"dkim: {exc}") from None
+    return Prepared(
+        tls.server_context(config.tls, config.hostname), signer, runner_settings(config)
+    )
+
+
+def plan_change(
+    running: Config, new: Config, *, allow_restart_keys: bool = False
+) -> tuple[Config, ConfigChange]:
+    """The config that would run after a change to `new`, and what changed.
+
+    Unless `allow_restart_keys` (reload: the rest is applied, those are
+    reported), a changed key that needs a restart makes it a `ConfigError`.
+    The config that would run (with those keys at their running values) must
+    pass the start's whole-config check: a file valid on its own may not
+    leave a running listener unable to serve (a `submissions` listener
+    without TLS), else `ConfigError`.
+    """
+    changed = cfg.changed_keys(cfg.to_mapping(running), cfg.to_mapping(new))
+    restart = cfg.needs_restart(changed)
+    if restart and not allow_restart_keys:
+        raise ConfigError(f"{restart[0]}: cannot change while running; restart geosmtp")
+    if restart:  # keep the running values of those keys
+        kept = {k: getattr(running, k) for k in {r.split(".")[0] for r in restart}}
+        if "log" in kept:
+            kept["log"] = dataclasses.replace(new.log, dir=running.log.dir)
+        new = dataclasses.replace(new, **kept)
+        try:
+            cfg._check(new)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (keeping the running {', '.join(restart)}, which need a restart to change)"
+            ) from None
+    else:
+        cfg._check(new)
+    return new, ConfigChange(changed, restart)
+
+
+class Master(Protocol):
+    """What a worker asks of the master (`server.worker.MasterLink`)."""
+
+    def change(self, mapping: dict) -> ConfigChange: ...
+    def reload(self) -> ConfigChange: ...
 
 
 class App:
-    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        prepared: Prepared | None = None,
+        *,
+        master: Master | None = None,
+        share: tuple[int, int] = (0, 1),
+    ) -> None:
+        """`prepared` comes from the master (else it is read here); `master`
+        applies configuration changes to every worker; `share` is this
+        worker's part of the outbound queue (index, of how many)."""
+        prepared = prepared or prepare(config)
         self.config = config
-        self.loader = loader  # reads the config again, for reload()
+        self.master = master
+        self.share = share
+        self._signer = prepared.signer
         self.metrics = Metrics()
         self.auth_throttle = AuthThrottle()
         self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
         self.password_checks = BoundedSemaphore(os.cpu_count() or 1)
-        self.tls_context = tls.server_context(config.tls, config.hostname)  # may raise ConfigError
+        self.tls_context = prepared.tls_context
         # Storage: the spool and the Maildirs share one naming scheme and, when they
         # are on one filesystem, delivery is a hard link.
         names = UniqueNames(config.hostname)
@@ -136,7 +218,7 @@ class App:
         self.resolver = Resolver(config.dns.nameservers, config.dns.timeout)
         self.queue = QueueRunner(
             self.queue_store,
-            runner_settings(config),
+            prepared.settings,
             self.resolver,
             self.report,
             metrics=self.metrics,
@@ -154,7 +236,10 @@ class App:
             observer=self.metrics,
         )
         self.listeners = Listeners(self, SESSIONS)
+        self.cluster = Cluster(self, run_dir())
         self._access_writer: gevent.Greenlet | None = None
+        self._share_lock: int | None = None
+        self._queue_starter: gevent.Greenlet | None = None
         self.apply_config(config)
 
     # ------------------------------------------------------------ config
@@ -212,13 +297,11 @@ class App:
                         in_thread,
                     )
                 )
-            signer = build_signer(config.dkim)
-        except OSError as exc:  # a key or the suffix list, gone since the config check
+        except OSError as exc:  # the suffix list, gone since the config check
             raise ConfigError(
-                f"auth_checks/dkim: cannot read '{exc.filename}': {exc.strerror}"
+                f"auth_checks: cannot read '{exc.filename}': {exc.strerror}"
             ) from None
-        except ValueError as exc:
-            raise ConfigError(f"dkim: {exc}") from None
+        signer = self._signer
         signing = [] if signer is None else [DKIMSign(signer, self.spool, self._trusted, in_thread)]
         return checks, signing
 
@@ -322,53 +405,27 @@ class App:
         logger.warning("session {}: [{}] authentication failed", session, peer)
         return Login(None, delay=delay, disconnect=disconnect)
 
-    def change_config(self, new: Config, *, allow_restart_keys: bool = False) -> ConfigChange:
-        """Apply `new` to new sessions (open ones keep theirs; timeouts apply to all).
-
-        Unless `allow_restart_keys` (reload: the rest is applied, those are
-        reported), a changed key that needs a restart makes it a `ConfigError`
-        and nothing changes. The config that would run (with those keys at
-        their running values) must pass the start's whole-config check: a file
-        valid on its own may not leave a running listener unable to serve (a
-        `submissions` listener without TLS), else `ConfigError`.
-        """
-        changed = cfg.changed_keys(cfg.to_mapping(self.config), cfg.to_mapping(new))
-        restart = cfg.needs_restart(changed)
-        if restart and not allow_restart_keys:
-            raise ConfigError(f"{restart[0]}: cannot change while running; restart geosmtp")
-        if restart:  # keep the running values of those keys
-            kept = {k: getattr(self.config, k) for k in {r.split(".")[0] for r in restart}}
-            if "log" in kept:
-                kept["log"] = dataclasses.replace(new.log, dir=self.config.log.dir)
-            new = dataclasses.replace(new, **kept)
-            try:
-                cfg._check(new)
-            except ConfigError as exc:
-                raise ConfigError(
-                    f"{exc} (keeping the running {', '.join(restart)}, "
-                    "which need a restart to change)"
-                ) from None
-        else:
-            cfg._check(new)
-        tls_changed = any(k.startswith("tls.") for k in changed)
-        context = tls.server_context(new.tls, new.hostname) if tls_changed else self.tls_context
-        if new.log != self.config.log:
-            logs.setup(new.log)
-        self.tls_context = context
-        self.apply_config(new)
-        if changed:
-            logger.info("configuration changed: {}", ", ".join(changed))
-        return ConfigChange(changed, restart)
+    def change_config(self, mapping: dict) -> ConfigChange:
+        """Run the server on the config `mapping` (the admin API's PATCH): the
+        master checks it and starts workers on it; open sessions finish on the
+        config they began with. ConfigError when it is refused (nothing changes)."""
+        if self.master is None:
+            raise ConfigError("configuration changes need the master process")
+        return self._now_running(self.master.change(mapping))
 
     def reload(self) -> ConfigChange:
-        """Re-read the config file; an invalid one changes nothing (ConfigError, logged)."""
-        try:
-            if self.loader is None:
-                raise ConfigError("reload: the server was started without a config file")
-            return self.change_config(self.loader(), allow_restart_keys=True)
-        except ConfigError as exc:
-            logger.error("reload refused, configuration unchanged: {}", exc)
-            raise
+        """Re-read the config file, in the master; an invalid one changes nothing
+        (ConfigError)."""
+        if self.master is None:
+            raise ConfigError("reload: needs the master process")
+        return self._now_running(self.master.reload())
+
+    def _now_running(self, change: ConfigChange) -> ConfigChange:
+        """This worker is retiring (it accepts no one now): its views (the API's
+        answer to this request) show the config the new workers run."""
+        if change.config is not None:
+            self.apply_config(cfg.from_mapping(change.config))
+        return change
 
     # ----------------------------------------------------------- reports
 
@@ -502,8 +559,15 @@ class App:
         """The open sessions of every listener, by session id."""
         return self.listeners.by_id
 
-    def start(self) -> None:
-        """Check the storage, then listen. OSError when a listener cannot bind."""
+    def start(
+        self,
+        bound: list[tuple[Listener, socket.socket]],
+        *,
+        clean: bool = False,
+    ) -> None:
+        """Check the storage, serve the `bound` listeners, take this worker's
+        share of the outbound queue. `clean`: no other process serves yet, so
+        what a crash left half-written (spool files, queue entries) may go."""
         self.queue_store.link = self.spool.same_filesystem(self.queue_store.root)
         if not self.spool.same_filesystem(self.store.root):
             self.store.link = False
@@ -513,19 +577,57 @@ class App:
                 self.spool.root,
                 self.store.root,
             )
-        stale = self.spool.remove_stale()
-        if stale:
-            logger.info("removed {} stale spool files (never acknowledged)", stale)
+        if clean:
+            stale = self.spool.remove_stale()
+            if stale:
+                logger.info("removed {} stale spool files (never acknowledged)", stale)
         self._access_writer = gevent.spawn(logs.access_log.run)
-        self.listeners.start()
-        self.queue.start()
+        self.cluster.start()
+        self.listeners.start(bound)
+        index, shares = self.share
+        take_share(index, shares)
+        if clean:
+            self._start_queue(clean=True)
+        else:
+            self._queue_starter = gevent.spawn(self._start_queue)
+
+    def _start_queue(self, clean: bool = False) -> None:
+        """Deliver this worker's share of the queue once no other process does:
+        the share's lock is held by its owner until that process ends (a worker
+        of the generation before a reload, finishing its sessions)."""
+        index, shares = self.share
+        path = f"{self.queue_store.root}/.share-{index}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = True
+                gevent.sleep(SHARE_POLL)
+        self._share_lock = fd
+        if waited:
+            logger.debug("queue share {}/{}: the previous owner has ended", index, shares)
+
+        def mine(queue_id: str) -> bool:
+            return share_of(queue_id, shares) == index
+
+        self.queue.start(mine, clean)
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let sessions finish for `grace` seconds, then stop the rest."""
+        """Stop accepting, let sessions finish for `grace` seconds, then stop the rest.
+        The queue share is delivered until then, and let go last."""
         grace = self.config.timeouts.shutdown_grace if grace is None else grace
+        if self._queue_starter is not None:
+            self._queue_starter.kill()
+        self.listeners.close()  # first: a reload's new workers take every new client
         self.listeners.stop(grace)
+        self.cluster.stop()
         self.queue.stop(timeout=grace)
         if self._access_writer is not None:
             self._access_writer.kill()
         logs.access_log.flush()
-        logger.info("stopped")
+        if self._share_lock is not None:
+            os.close(self._share_lock)  # the next owner of the share may start
+            self._share_lock = None

@@ -154,116 +154,36 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
+    from .app import prepare
     from .config import ConfigError
-    from .server.tls import server_context
 
     try:
         config = load_config(args)
-        # Certificate and key usable? Checked before logging starts, so that a bad
+        # Certificate and keys usable? Read before logging starts, so that a bad
         # one is a one-line error and nothing (logs, mail_dir) is created.
-        server_context(config.tls, config.hostname)
+        prepared = prepare(config)
     except ConfigError as exc:
         print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     if args.check_config:
         print("configuration ok")
         return EXIT_OK
-    return serve(config, config_path(args), args)
+    return serve(config, config_path(args), args, prepared)
 
 
-def _make_folder(key: str, path: Path, mode: int = 0o777) -> None:
-    """Create a configured folder; an OSError whose message names the key and the path."""
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=mode)
-    except OSError as exc:
-        raise OSError(exc.errno, f"{key}: cannot create '{path}': {exc.strerror}") from None
-
-
-def serve(config, path: str | None = None, args=None) -> int:  # type: ignore[no-untyped-def]
-    import signal
-
-    import gevent
-    from gevent.event import Event
-    from loguru import logger
-
+def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # type: ignore[no-untyped-def]
+    """Run the server (the master process, which starts the workers)."""
     from . import config as cfg
-    from . import logs
-    from .admin.server import start_admin
-    from .app import App
-    from .config import ConfigError
-    from .server.listeners import raise_open_files_limit
-    from .storage import StorageError
-    from .storage.spool import DIR_MODE
+    from .server.master import serve as serve_master
 
-    try:
-        _make_folder("log.dir", config.log.dir)
-    except OSError as exc:
-        print(f"geosmtp: {exc.strerror}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        logs.setup(config.log)
-    except (OSError, ValueError) as exc:
-        print(f"geosmtp: log: {_one_line(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
-    logs.capture_hub_errors(gevent.get_hub())
-    nofile = raise_open_files_limit()
-    try:
-        _make_folder("mail_dir", config.mail_dir, DIR_MODE)
-        _make_folder("spool_dir", config.spool_path, DIR_MODE)
-        loader = None
-        if path is not None:  # reload reads the file again, with the same -l/-p/-d
+    loader = None
+    if path is not None:  # reload reads the file again, with the same -l/-p/-d
 
-            def loader():  # type: ignore[no-untyped-def]
-                config = cfg.load(path)
-                return apply_overrides(config, args) if args is not None else config
+        def loader():  # type: ignore[no-untyped-def]
+            config = cfg.load(path)
+            return apply_overrides(config, args) if args is not None else config
 
-        server = App(config, loader)
-        server.start()
-        admin = start_admin(server) if config.admin.enabled else None
-    except ConfigError as exc:  # the TLS certificate or key, or the admin token
-        logger.error("cannot start: {}", exc)
-        print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
-    except StorageError as exc:  # the spool or mail_dir cannot be used
-        logger.error("cannot start: {}", exc)
-        print(f"geosmtp: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.filename is not None:  # a path it could not use: say which
-            reason = f"{reason}: '{exc.filename}'"
-        logger.error("cannot start: {}", reason)
-        print(f"geosmtp: {reason}", file=sys.stderr)
-        return EXIT_FAILURE
-    logger.info(
-        "geosmtp {} started as {}: mail_dir={} max_clients={} open files={}",
-        __version__,
-        config.hostname,
-        config.mail_dir,
-        config.max_clients,
-        nofile,
-    )
-    stop = Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop.set)
-
-    def reload() -> None:
-        try:
-            restart = server.reload().restart
-        except ConfigError:  # logged by reload()
-            return
-        if restart:
-            logger.warning("reloaded; these need a restart to change: {}", ", ".join(restart))
-        else:
-            logger.info("reloaded {}", path)
-
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
-    stop.wait()
-    logger.info("signal received, stopping")
-    if admin is not None:
-        admin.close()
-    server.stop()
-    return EXIT_OK
+    return serve_master(config, loader, prepared)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -332,6 +332,23 @@ class Config:
     #: Filter programs (and Python stages in threads) running at once, in all;
     #: a message waits for a slot until its reply is due (timeouts.data_total).
     filter_concurrency: int = _positive(16, max=10_000)
+    #: The account the serving processes run as, when geosmtp is started as
+    #: root: it binds, reads its keys and token as root, then drops to it.
+    user: str | None = None
+    #: That account's group (unset: the user's primary group).
+    group: str | None = None
+    #: Serving processes (each a gevent loop); unset: one per CPU.
+    workers: int | None = field(default=None, metadata={"positive": True, "max": 1024})
+
+    @property
+    def worker_count(self) -> int:
+        """`workers`, or the CPUs this process may run on."""
+        if self.workers is not None:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
 
     @property
     def queue_path(self) -> Path:
@@ -819,6 +836,9 @@ def _users_file(config: Config) -> dict[str, User]:
 #: itself, the log folder) needs one.
 RESTART_ONLY = (
     "hostname",
+    "user",
+    "group",
+    "workers",
     "listeners",
     "listen_backlog",
     "mail_dir",

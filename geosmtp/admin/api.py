@@ -20,7 +20,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .. import __version__
 from .. import config as cfg
 from ..metrics import RELAY_RESULTS
-from ..queue.runner import QueueBusy
 
 if TYPE_CHECKING:
     from ..app import App
@@ -167,8 +166,9 @@ class AdminAPI:
             raise HTTPError("400 Bad Request", "the body must be a JSON object")
         current = cfg.to_mapping(self.server.config)
         try:
-            new = cfg.from_mapping(cfg.merged(current, patch))
-            change = self.server.change_config(new)
+            merged = cfg.merged(current, patch)
+            cfg.from_mapping(merged)  # a bad value is refused here, without the master
+            change = self.server.change_config(merged)
         except cfg.ConfigError as exc:
             raise HTTPError("400 Bad Request", str(exc)) from None
         return {
@@ -186,23 +186,21 @@ class AdminAPI:
         return {"reloaded": True, "changed": changed, "restart_needed": change.restart}
 
     def get_sessions(self, environ: dict) -> dict:
-        sessions = [s.info() for s in list(self.server.by_id.values())]
+        sessions = self.server.cluster.sessions()
         return {"count": len(sessions), "sessions": sessions}
 
     def delete_session(self, environ: dict) -> dict:
         session_id = environ["geosmtp.session_id"]
-        session = self.server.by_id.get(session_id)
-        if session is None:
+        if self.server.cluster.first("kick", session_id) is None:
             raise HTTPError("404 Not Found", f"no open session {session_id}")
-        session.kick()
-        logger.info("admin closed session {} ([{}])", session_id, session.peer)
         return {"closed": session_id}
 
     # ------------------------------------------------------------ queue
+    # Each entry is in one worker's share of the queue: the worker that knows
+    # the id answers (the others say None).
 
     def get_queue(self, environ: dict) -> dict:
-        queue = self.server.queue
-        entries = queue.entries()
+        entries = self.server.cluster.queue_entries()
         return {
             "count": len(entries),
             "held": sum(1 for e in entries if e["held"]),
@@ -210,55 +208,37 @@ class AdminAPI:
             "entries": entries,
         }
 
-    def _queue_id(self, environ: dict) -> str:
-        """The id in the path, as the queue knows it (ids are upper-case hex)."""
+    def _one(self, op: str, environ: dict) -> dict:
         queue_id = environ["geosmtp.queue_id"]
-        records = self.server.queue.records
-        if queue_id not in records and queue_id.upper() in records:
-            queue_id = queue_id.upper()
-        if queue_id not in records:
+        answer = self.server.cluster.first(op, queue_id)
+        if answer is None:
             raise HTTPError("404 Not Found", f"no queued message {cfg.printable(queue_id)}")
-        return queue_id
+        return answer
 
     def get_entry(self, environ: dict) -> dict:
-        queue_id = self._queue_id(environ)
-        entry = self.server.queue.entry(queue_id)
-        if entry is None:  # cannot happen: no greenlet switch since the check
-            raise HTTPError("404 Not Found", f"no queued message {queue_id}")
-        return entry
+        return self._one("entry", environ)
 
     def flush_queue(self, environ: dict) -> dict:
-        queue = self.server.queue
-        held = queue.held_count()
-        count = queue.flush()
-        logger.info("admin flushed the queue ({} messages)", count)
-        return {"flushed": count - held, "held": held}
+        answers = self.server.cluster.ask_all("flush", None)
+        flushed = sum(a["flushed"] for a in answers)
+        held = sum(a["held"] for a in answers)
+        logger.info("admin flushed the queue ({} messages)", flushed + held)
+        return {"flushed": flushed, "held": held}
 
     def flush_entry(self, environ: dict) -> dict:
-        queue_id = self._queue_id(environ)
-        queue = self.server.queue
-        held = queue.records[queue_id].held
-        queue.flush(queue_id)
-        logger.info("admin flushed queue entry {}", queue_id)
-        return {"flushed": queue_id, "held": held}
+        return self._one("flush", environ)
 
     def hold_entry(self, environ: dict) -> dict:
-        queue_id = self._queue_id(environ)
-        changed = self.server.queue.hold(queue_id)
-        return {"held": queue_id, "changed": changed}
+        return self._one("hold", environ)
 
     def release_entry(self, environ: dict) -> dict:
-        queue_id = self._queue_id(environ)
-        changed = self.server.queue.release(queue_id)
-        return {"released": queue_id, "changed": changed}
+        return self._one("release", environ)
 
     def delete_entry(self, environ: dict) -> dict:
-        queue_id = self._queue_id(environ)
-        try:
-            record = self.server.queue.delete(queue_id)
-        except QueueBusy as exc:
-            raise HTTPError("409 Conflict", str(exc)) from None
-        return {"deleted": queue_id, "pending": [r.address for r in record.pending]}
+        answer = self._one("delete", environ)
+        if "busy" in answer:
+            raise HTTPError("409 Conflict", answer["busy"])
+        return answer
 
     # ---------------------------------------------------------- filters
 
@@ -280,13 +260,8 @@ class AdminAPI:
     def get_filters(self, environ: dict) -> dict:
         filters = self.server.filters
         snap = self.server.metrics.snapshot()
-        slots = filters.slots
         return {
-            "concurrency": {
-                "limit": slots.limit,
-                "running": slots.running,
-                "waiting": slots.waiting,
-            },
+            "concurrency": self.server.cluster.filter_slots(),
             "count": len(filters.stages),
             "filters": [self._filter_info(stage, snap) for stage in filters.stages],
         }
@@ -317,7 +292,8 @@ class AdminAPI:
         before = current["filters"][index]
         current["filters"][index] = cfg.merged(before, patch)
         try:
-            self.server.change_config(cfg.from_mapping(current))
+            cfg.from_mapping(current)  # a bad value is refused here, without the master
+            self.server.change_config(current)
         except cfg.ConfigError as exc:
             raise HTTPError("400 Bad Request", str(exc)) from None
         after = cfg.to_mapping(self.server.config)["filters"][index]

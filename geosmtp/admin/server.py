@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from typing import TYPE_CHECKING
 
+from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 from loguru import logger
 
@@ -44,23 +46,13 @@ def admin_token(admin: Admin, create: bool = True) -> str:
     return token
 
 
-def start_admin(server: App) -> WSGIServer:
-    admin = server.config.admin
-    app = AdminAPI(server, admin_token(admin))
+def start_admin(server: App, bound: socket.socket, token: str) -> WSGIServer:
+    """Serve the management API on `bound` (the master bound it and read `token`)."""
     wsgi = WSGIServer(
-        (admin.address, admin.port),
-        app,
+        gsocket.socket(fileno=bound.detach()),
+        AdminAPI(server, token),
         log=LogWriter("DEBUG", "admin"),  # one line per request
         error_log=LogWriter("WARNING", "admin"),  # malformed requests, handler errors
     )
-    try:
-        wsgi.start()
-    except OSError as exc:
-        # gevent appends the address to strerror; the message names it already.
-        reason = os.strerror(exc.errno) if exc.errno else exc.strerror
-        raise OSError(
-            exc.errno, f"cannot listen on [{admin.address}]:{admin.port}: {reason}"
-        ) from None
-    host, port = wsgi.socket.getsockname()[:2]
-    logger.info("admin API listening on http://{}:{}/api/v1/", host, port)
+    wsgi.start()
     return wsgi

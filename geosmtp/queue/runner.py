@@ -103,15 +103,17 @@ class QueueRunner:
 
     # ---------------------------------------------------------- control
 
-    def start(self) -> None:
-        """Read the queue from disk and start delivering."""
-        loaded = self.store.load()
+    def start(self, mine: Callable[[str], bool] | None = None, clean: bool = True) -> None:
+        """Read the queue from disk (the entries `mine` selects: this worker's
+        share) and start delivering; `clean` as for `QueueStore.load`."""
+        loaded = self.store.load(mine, clean)
         for problem in loaded.quarantined:
             logger.error("queue: moved to quarantine: {}", problem)
         if loaded.orphans:
             logger.info("queue: removed {} messages never acknowledged", loaded.orphans)
         for record in loaded.records:
-            self._track(record)
+            if record.id not in self.records:  # submitted while it waited for its share
+                self._track(record)
         if loaded.records:
             logger.info("queue: {} messages to deliver", len(loaded.records))
         self._loop = gevent.spawn(self._run)

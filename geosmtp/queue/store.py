@@ -195,16 +195,27 @@ class QueueStore:
 
     # ------------------------------------------------------------- read
 
-    def load(self) -> Loaded:
-        """Every entry on disk; unreadable ones moved to quarantine/."""
+    def load(self, mine: Callable[[str], bool] | None = None, clean: bool = True) -> Loaded:
+        """Every entry on disk (those `mine` selects); unreadable ones moved to
+        quarantine/.
+
+        With `clean`, what a dead process left half-written goes: a record
+        being written, a message file whose record never came. Only when no
+        other process may be writing entries (at the server's start): a worker
+        taking over its share of a running server's queue passes False.
+        """
         out = Loaded()
         with_record: set[str] = set()
         for name in sorted(os.listdir(self.records)):
             path = f"{self.records}/{name}"
-            if name.startswith("."):  # a record being written when the process died
-                _unlink_quietly(path)
+            if name.startswith("."):  # a record being written (when the process died)
+                if clean:
+                    _unlink_quietly(path)
                 continue
             queue_id = name.removesuffix(".json")
+            if mine is not None and not mine(queue_id):
+                with_record.add(queue_id)
+                continue
             try:
                 with open(path, "rb") as f:
                     record = QueueRecord.from_json(f.read())
@@ -218,7 +229,7 @@ class QueueStore:
                 continue
             with_record.add(queue_id)
             out.records.append(record)
-        for name in os.listdir(self.messages):
+        for name in os.listdir(self.messages) if clean else ():
             if name not in with_record:
                 _unlink_quietly(f"{self.messages}/{name}")
                 out.orphans += 1

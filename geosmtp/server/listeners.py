@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import gevent
+from gevent import monkey
 from gevent import socket as gsocket
 from gevent.pool import Group
 from gevent.server import StreamServer
@@ -69,22 +70,27 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def bind(listener: Listener, backlog: int) -> gsocket.socket:
-    """A listening socket for `listener`; IPv6 sockets are V6ONLY so that
-    `127.0.0.1` and `::1` on one port coexist. OSError names the address."""
-    family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
-    sock = gsocket.socket(family, socket.SOCK_STREAM)
+#: The standard library's socket class, not gevent's: the master binds with it
+#: and never runs a gevent loop (workers wrap the descriptors they inherit).
+_Socket = monkey.get_original("socket", "socket")
+
+
+def bind(address: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket; IPv6 sockets are V6ONLY so that `127.0.0.1` and
+    `::1` on one port coexist. OSError names the address."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = _Socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     try:
-        sock.bind((listener.address, listener.port))
+        sock.bind((address, port))
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise OSError(
-            exc.errno, f"cannot listen on [{listener.address}]:{listener.port}: {exc.strerror}"
-        ) from None
+        raise OSError(exc.errno, f"cannot listen on [{address}]:{port}: {exc.strerror}") from None
     return sock
 
 
@@ -99,21 +105,18 @@ class Listeners:
         self.servers: list[StreamServer] = []
         self.stopping = False
 
-    def start(self) -> None:
+    def start(self, bound: list[tuple[Listener, socket.socket]]) -> None:
+        """Serve each listener on its socket (bound by the master, `bind`)."""
         app = self.app
-        for listener in app.config.listeners:
-            try:
-                sock = bind(listener, app.config.listen_backlog)
-            except OSError:
-                self.close()
-                raise
+        for listener, raw in bound:
+            sock = gsocket.socket(fileno=raw.detach())
             host, port = sock.getsockname()[:2]
             lm = app.metrics.listener(f"{listener.role}:[{listener.address}]:{port}")
             session_class = self.session_classes[listener.protocol]
             server = StreamServer(sock, self._handler(session_class, listener, lm))
             server.start()
             self.servers.append(server)
-            logger.info("listening on [{}]:{} ({})", host, port, listener.role)
+            logger.debug("serving [{}]:{} ({})", host, port, listener.role)
 
     def _handler(
         self, session_class: type[Session], listener: Listener, lm: ListenerMetrics

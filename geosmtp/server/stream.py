@@ -10,6 +10,7 @@ asks a session to stop (`shutdown`, `kick`) without interrupting it half-way.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import ssl
 import time
@@ -39,8 +40,16 @@ class HandshakeFailed(Exception):
     """TLS could not be set up with the client; the session ends without a reply."""
 
 
-#: Session ids, unique in the process across protocols (the admin API keys on them).
-_session_ids = itertools.count(1)
+def _new_session_ids() -> None:
+    """Session ids, unique across protocols and the server's processes (the admin
+    API keys on them): the process id in six hex digits, then a counter."""
+    global _session_ids, _prefix
+    _session_ids = itertools.count(1)
+    _prefix = f"{os.getpid():06X}"
+
+
+_new_session_ids()
+os.register_at_fork(after_in_child=_new_session_ids)
 
 
 class StreamSession:
@@ -70,7 +79,7 @@ class StreamSession:
         self.peer_port = address[1]
         self.listener = listener
         self.metrics = metrics
-        self.id = f"{next(_session_ids):X}"
+        self.id = f"{_prefix}{next(_session_ids):X}"
         self.started = time.monotonic()
         self.outcome = "lost"  # how the session ended, for metrics
         self.kicked = False  # the administrator closed it (else: the server stops)

@@ -1,0 +1,149 @@
+"""A worker process: one gevent loop serving every listener, as `user:`.
+
+The master forks it with everything it may not read itself once it has
+dropped its privileges (the bound sockets, the TLS context, the DKIM key, the
+admin token) in `WorkerContext`; it drops them, serves, and says `ready` (or
+why it could not start) on its control channel. SIGTERM stops it under the
+usual grace rules; the master alone answers SIGINT and SIGHUP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import NoReturn
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+from gevent.lock import Semaphore
+from loguru import logger
+
+from ..config import Config, ConfigError, Listener
+from . import logpipe, privileges
+
+#: Exit statuses a worker that could not start uses (as the CLI's).
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+@dataclass
+class WorkerContext:
+    """What the master hands a worker across the fork."""
+
+    config: Config
+    prepared: object  # app.Prepared
+    account: privileges.Account | None
+    index: int  # its place among the workers: its share of the outbound queue
+    count: int  # how many workers share the queue
+    bound: list[tuple[Listener, socket.socket]]
+    admin: socket.socket | None
+    token: str | None
+    log_fd: int
+    control: socket.socket  # SOCK_SEQPACKET to the master
+    master_pid: int
+    clean: bool  # the first worker of a start: no other process writes yet
+
+
+class MasterLink:
+    """The worker's end of its control channel: one JSON message a packet."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.sock = gsocket.socket(fileno=control.detach())
+        self._lock = Semaphore()  # one request at a time: replies come in order
+
+    def send(self, message: dict) -> None:
+        self.sock.send(json.dumps(message).encode())
+
+    def request(self, message: dict) -> dict:
+        with self._lock:
+            self.send(message)
+            data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConfigError("the master process is gone")
+        return json.loads(data)
+
+    def _change(self, message: dict):  # type: ignore[no-untyped-def]
+        from ..app import ConfigChange
+
+        reply = self.request(message)
+        if "error" in reply:
+            raise ConfigError(reply["error"])
+        return ConfigChange(reply["changed"], reply["restart"], reply.get("config"))
+
+    def change(self, mapping: dict):  # type: ignore[no-untyped-def]
+        return self._change({"op": "change", "config": mapping})
+
+    def reload(self):  # type: ignore[no-untyped-def]
+        return self._change({"op": "reload"})
+
+
+def run(ctx: WorkerContext) -> NoReturn:
+    """The worker's life, in the forked child; never returns."""
+    link: MasterLink | None = None
+    try:
+        gevent.reinit()  # the master's loop state is not this process's
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        privileges.drop(ctx.account)
+        privileges.die_with_parent()
+        if os.getppid() != ctx.master_pid:  # the master died before the line above
+            os._exit(EXIT_FAILURE)
+        logpipe.forward(ctx.log_fd, ctx.config.log)
+        link = MasterLink(ctx.control)
+        app, admin = _start(ctx, link)
+    except BaseException as exc:
+        status, reason = _failure(exc)
+        try:
+            if link is None:
+                link = MasterLink(ctx.control)
+            link.send({"failed": reason, "status": status})
+        except OSError:
+            pass
+        os._exit(status)
+    link.send({"ready": True, "pid": os.getpid()})
+    stop = Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    stop.wait()
+    try:
+        if admin is not None:
+            admin.close()
+        app.stop()
+        logger.debug("worker {} stopped", ctx.index)
+    except BaseException:
+        logger.exception("worker {}: error while stopping", ctx.index)
+    finally:
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def _start(ctx: WorkerContext, link: MasterLink):  # type: ignore[no-untyped-def]
+    from .. import logs
+    from ..admin.server import start_admin
+    from ..app import App
+
+    logs.capture_hub_errors(gevent.get_hub())
+    app = App(ctx.config, ctx.prepared, master=link, share=(ctx.index, ctx.count))  # type: ignore[arg-type]
+    app.start(ctx.bound, clean=ctx.clean)
+    admin = start_admin(app, ctx.admin, ctx.token or "") if ctx.admin is not None else None
+    return app, admin
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the one-line reason for a worker that could not start."""
+    from ..storage import StorageError
+
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, StorageError):
+        return EXIT_FAILURE, str(exc)
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.filename is not None:
+            reason = f"{reason}: '{exc.filename}'"
+        return EXIT_FAILURE, reason
+    logger.opt(exception=exc).error("worker could not start")
+    return EXIT_FAILURE, f"internal error: {exc!r}"
