@@ -146,7 +146,9 @@ class Master:
         """The first generation: worker 0 first (it clears what a crash left in
         the spool and the queue before anyone serves), then the rest.
         StartError when one cannot start."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        # No SIGCHLD handler: gevent's loop (which workers inherit) has its own,
+        # and a worker's end shows here as the end of its log pipe.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             _signal(signum, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)
         gen = self._generation(self.config, prepared)
@@ -191,7 +193,7 @@ class Master:
         if pid == 0:  # the worker
             try:
                 signal.set_wakeup_fd(-1)
-                for signum in (signal.SIGTERM, signal.SIGCHLD):
+                for signum in (signal.SIGTERM, signal.SIGHUP):
                     _signal(signum, signal.SIG_DFL)
                 for fd in (r, self._wake_r, self._wake_w, ours.fileno()):
                     _close(fd)
@@ -250,6 +252,7 @@ class Master:
             elif fd in controls:
                 failure = self._message(controls[fd]) or failure
         failure = self._handle_signals() or failure
+        failure = self._reap() or failure
         self._respawn_due()
         return failure
 
@@ -260,9 +263,7 @@ class Master:
         failure = None
         while self._signals:
             signum = self._signals.pop(0)
-            if signum == signal.SIGCHLD:
-                failure = self._reap() or failure
-            elif signum == signal.SIGHUP:
+            if signum == signal.SIGHUP:
                 if not self.stopping:
                     self.reload_file(None)
             elif not self.stopping:
