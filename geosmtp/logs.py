@@ -28,6 +28,7 @@ import gevent
 from loguru import logger
 
 from .config import Log
+from .storage.modes import LOG_DIR_MODE, make_folder, open_log_file
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _SERVER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
@@ -140,10 +141,19 @@ def capture_hub_errors(hub: Any) -> None:
 
 
 def setup(log: Log, *, console: bool = True) -> None:
-    """(Re)configure the sinks from the `log:` section of the config."""
+    """(Re)configure the sinks from the `log:` section of the config.
+
+    The folder is made 0750 and the files 0640 (`storage.modes`): an operator
+    in the server's group reads them. loguru hands `opener` on to `open()`, for
+    the first file and for each one it starts after a rotation."""
     logger.remove()  # also loguru's default stderr sink
-    log.dir.mkdir(parents=True, exist_ok=True)
-    common = {"rotation": log.rotation, "retention": log.retention, "encoding": "utf-8"}
+    make_folder(log.dir, LOG_DIR_MODE)
+    common = {
+        "rotation": log.rotation,
+        "retention": log.retention,
+        "encoding": "utf-8",
+        "opener": open_log_file,
+    }
     logger.add(
         log.dir / "log.txt", level=log.level, format=_SERVER_FORMAT, filter=_is_server, **common
     )

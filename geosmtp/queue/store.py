@@ -32,7 +32,8 @@ from typing import Any
 
 from ..storage import SpoolFile, StorageError
 from ..storage.maildir import Delivery
-from ..storage.spool import DIR_MODE, FILE_MODE, fsync_path
+from ..storage.modes import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_folder
+from ..storage.spool import fsync_path
 from ..storage.spool import unlink_quietly as _unlink_quietly
 
 Offload = Callable[..., Any]
@@ -117,9 +118,9 @@ class QueueStore:
         self.records = str(self.root / "records")
         self.quarantine_dir = str(self.root / "quarantine")
         try:
-            # makedirs gives `mode` only to the last folder: make each level itself.
+            # Private to the server, whatever the umask (`storage.modes`).
             for folder in (str(self.root), self.messages, self.records, self.quarantine_dir):
-                os.makedirs(folder, mode=DIR_MODE, exist_ok=True)
+                make_folder(folder, PRIVATE_DIR_MODE)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         #: True when the spool is on this filesystem: entries are links, else copies.
@@ -173,7 +174,7 @@ class QueueStore:
     def _write_record(self, record: QueueRecord, sync_dirs: bool = True) -> None:
         final = self._record_path(record.id)
         tmp = f"{self.records}/.{record.id}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         try:
             data = memoryview(record.to_json())
             while data:
@@ -250,6 +251,6 @@ class QueueStore:
 
 def _copy(src: str, dst: str, fsync: bool) -> None:
     shutil.copyfile(src, dst)
-    os.chmod(dst, FILE_MODE)
+    os.chmod(dst, PRIVATE_FILE_MODE)
     if fsync:
         fsync_path(dst, directory=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import MaildropBusy, StorageError
-from .spool import FILE_MODE
+from .modes import PRIVATE_FILE_MODE
 
 LOCK_NAME = "geosmtp-pop3.lock"
 # O_NOFOLLOW: a symlink planted in the Maildir never makes us create a file elsewhere.
@@ -48,7 +48,7 @@ class MaildropLock:
         if self._fd is not None:
             return self
         try:
-            fd = os.open(self.path, _LOCK_FLAGS, FILE_MODE)
+            fd = os.open(self.path, _LOCK_FLAGS, PRIVATE_FILE_MODE)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         try:

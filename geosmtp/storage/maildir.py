@@ -45,7 +45,8 @@ from typing import Any, BinaryIO
 from ..mail import safe_mailbox_name
 from .errors import MaildropBusy, StorageError
 from .lock import LOCK_NAME, MaildropLock
-from .spool import DIR_MODE, FILE_MODE, SpoolFile, UniqueNames, lone_lfs
+from .modes import MAIL_ROOT_MODE, MAILDIR_DIR_MODE, MESSAGE_MODE, make_folder
+from .spool import SpoolFile, UniqueNames, lone_lfs
 from .spool import fsync_path as _fsync_path
 from .spool import unlink_quietly as _unlink_quietly
 
@@ -71,13 +72,12 @@ _CANNOT_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
 
 
 def make_maildir(maildir: str) -> bool:
-    """Create `maildir` and its `tmp/`, `new/`, `cur/` (0700) where missing;
-    whether the Maildir itself was new (its parent then wants an fsync)."""
-    created = not os.path.isdir(maildir)
-    # makedirs gives `mode` only to the last folder: make each level itself.
-    os.makedirs(maildir, mode=DIR_MODE, exist_ok=True)
+    """Create `maildir` and its `tmp/`, `new/`, `cur/` (0770: a Maildir reader in
+    the group moves and deletes messages; `modes`) where missing; whether the
+    Maildir itself was new (its parent then wants an fsync)."""
+    created = make_folder(maildir, MAILDIR_DIR_MODE)
     for sub in ("tmp", "new", "cur"):
-        os.makedirs(f"{maildir}/{sub}", mode=DIR_MODE, exist_ok=True)
+        make_folder(f"{maildir}/{sub}", MAILDIR_DIR_MODE)
     return created
 
 
@@ -125,7 +125,7 @@ class MaildirStore:
         self.link = True
         self._known: dict[str, str] = {}  # mailbox name -> its Maildir, checked and made
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            make_folder(self.root, MAIL_ROOT_MODE)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
 
@@ -212,7 +212,7 @@ class MaildirStore:
         tmp = f"{maildir}/tmp/{self.names()}"
         shutil.copyfile(spool.path, tmp)
         try:
-            os.chmod(tmp, FILE_MODE)
+            os.chmod(tmp, MESSAGE_MODE)
             if self.fsync:
                 _fsync_path(tmp, False)
             os.rename(tmp, target)

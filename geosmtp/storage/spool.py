@@ -5,7 +5,9 @@ name can start with a dot), on the same filesystem as the Maildirs so that
 delivery is a hard link. A spool file belongs to no mailbox: a message for
 remote recipients only (the outbound queue) is spooled the same way.
 
-The file is private (0600) and written through a raw descriptor, small writes
+The folder is private (0700). The file is 0640, since the same inode is
+linked into `new/` where a Maildir reader in the group reads it (see
+`modes`), and written through a raw descriptor, small writes
 gathered up to 64 KiB, so a short message is one `write` however the client
 cut it. It is made durable (`fsync`) by whoever keeps it (Maildir delivery,
 the queue), in the same threadpool trip as their own file work.
@@ -25,9 +27,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import StorageError
+from .modes import MESSAGE_MODE, PRIVATE_DIR_MODE, make_folder
 
-FILE_MODE = 0o600  # mail is private to the server's user, as Postfix and Dovecot keep it
-DIR_MODE = 0o700
+#: The spool folder's mode (the CLI makes `spool_dir` with it too).
+DIR_MODE = PRIVATE_DIR_MODE
 _SPOOL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _WRITE_BUFFER = 64 * 1024
 #: A spool file this old belongs to no live session (a crash left it): removed
@@ -140,7 +143,12 @@ class SpoolFile:
         self._written = 0  # octets handed to the kernel
         self._lone_lfs = 0  # in those octets
         self._after_cr = False  # the last of them was a CR
-        self._fd: int | None = os.open(path, _SPOOL_FLAGS, FILE_MODE)
+        self._fd: int | None = os.open(path, _SPOOL_FLAGS, MESSAGE_MODE)
+        try:
+            os.fchmod(self._fd, MESSAGE_MODE)  # the umask may have cut the group's read
+        except OSError:
+            self.remove()
+            raise
 
     @property
     def pending_size(self) -> int:
@@ -231,7 +239,7 @@ class Spool:
         self.root = Path(root)
         self.names = names
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            make_folder(self.root, DIR_MODE)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         self._root = str(self.root)
@@ -243,7 +251,7 @@ class Spool:
             try:
                 return SpoolFile(f"{self._root}/{name}", name)
             except FileNotFoundError:  # the folder was removed while the server ran
-                self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+                make_folder(self.root, DIR_MODE)
                 return SpoolFile(f"{self._root}/{name}", name)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc

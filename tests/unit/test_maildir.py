@@ -140,9 +140,11 @@ def test_unsafe_mailbox_names_never_touch_the_filesystem(store, spool, box):
     assert set(store.root.rglob("*")) == before
 
 
-def test_a_spool_file_is_private_and_removed(spool):
+def test_a_spool_file_is_private_by_its_folder_and_removed(spool):
     f = spooled(spool, b"partial")
-    assert os.stat(f.path).st_mode & 0o777 == 0o600
+    # 0640: the inode becomes the Maildir message; the 0700 folder keeps it private.
+    assert os.stat(f.path).st_mode & 0o777 == 0o640
+    assert os.stat(spool.root).st_mode & 0o777 == 0o700
     f.remove()
     assert not os.path.exists(f.path)
 
@@ -212,11 +214,26 @@ def test_fsync_is_offloaded(tmp_path, spool):
     assert calls == []
 
 
-def test_mail_is_private_to_the_server_user(store, spool):
+@pytest.fixture(params=[0o022, 0o077, 0o000], ids=lambda m: f"umask{m:03o}")
+def umask(request):  # type: ignore[no-untyped-def]
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+@pytest.mark.parametrize("link", [True, False], ids=["linked", "copied"])
+def test_mail_is_for_the_servers_group_whatever_the_umask(tmp_path, umask, link):
+    """Maildir folders 0770 (a reader in the group moves and deletes), messages
+    0640, mail_dir 0750, the spool 0700; nothing for others (storage/modes.py)."""
+    store = MaildirStore(tmp_path / "mail", fsync=True, names=NAMES)
+    spool = Spool(tmp_path / "mail" / ".spool", NAMES)
+    store.link = link
     (path,) = store.deliver(spooled(spool, b"secret\n"), ["alice"]).paths
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    assert os.stat(store.root / "alice").st_mode & 0o777 == 0o700
-    assert os.stat(store.root / "alice" / "new").st_mode & 0o777 == 0o700
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert os.stat(store.root).st_mode & 0o777 == 0o750
+    assert os.stat(spool.root).st_mode & 0o777 == 0o700
+    for folder in ("", "tmp", "new", "cur"):
+        assert os.stat(store.root / "alice" / folder).st_mode & 0o777 == 0o770, folder
 
 
 def test_many_small_writes_make_one_file(store, spool):

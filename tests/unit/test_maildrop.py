@@ -244,7 +244,7 @@ def test_the_lock_makes_the_maildir_of_a_user_who_never_got_mail(store):
     with box.lock() as lock:
         assert lock.held
         assert all((box.path / sub).is_dir() for sub in ("tmp", "new", "cur"))
-        assert os.stat(box.path).st_mode & 0o777 == 0o700
+        assert os.stat(box.path).st_mode & 0o777 == 0o770
         assert os.stat(box.path / LOCK_NAME).st_mode & 0o777 == 0o600
         assert box.list() == []  # the lock file is no message
     assert not lock.held
