@@ -586,29 +586,31 @@ class App:
         self.listeners.start(bound)
         index, shares = self.share
         take_share(index, shares)
-        if clean:
-            self._start_queue(clean=True)
-        else:
-            self._queue_starter = gevent.spawn(self._start_queue)
-
-    def _start_queue(self, clean: bool = False) -> None:
-        """Deliver this worker's share of the queue once no other process does:
-        the share's lock is held by its owner until that process ends (a worker
-        of the generation before a reload, finishing its sessions)."""
-        index, shares = self.share
         path = f"{self.queue_store.root}/.share-{index}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        waited = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = True
-                gevent.sleep(SHARE_POLL)
-        self._share_lock = fd
-        if waited:
-            logger.debug("queue share {}/{}: the previous owner has ended", index, shares)
+        self._share_lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._take_share_lock():  # the usual case: the queue is loaded before "ready"
+            self._start_queue(clean)
+        else:
+            self._queue_starter = gevent.spawn(self._wait_for_share)
+
+    def _take_share_lock(self) -> bool:
+        try:
+            fcntl.flock(self._share_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+            return True
+        except BlockingIOError:
+            return False
+
+    def _wait_for_share(self) -> None:
+        """This worker's share of the queue is still delivered by a worker of
+        the generation before a reload, which holds the share's lock until it
+        has finished its sessions and ended: deliver it once that one is gone."""
+        while not self._take_share_lock():
+            gevent.sleep(SHARE_POLL)
+        logger.debug("queue share {}/{}: the previous owner has ended", *self.share)
+        self._start_queue(False)
+
+    def _start_queue(self, clean: bool) -> None:
+        index, shares = self.share
 
         def mine(queue_id: str) -> bool:
             return share_of(queue_id, shares) == index

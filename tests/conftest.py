@@ -43,6 +43,22 @@ def have_ipv6() -> bool:
         return False
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live and zombie children of `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll `predicate` until it returns something truthy; fail after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -98,6 +114,16 @@ class RunningServer:
 
     def connect(self, host: str | None = None, port: int | None = None) -> socket.socket:
         return socket.create_connection((host or self.host, port or self.port), timeout=10)
+
+    def workers(self) -> list[int]:
+        """The pids of the serving processes (the master's children)."""
+        return child_pids(self.process.pid)
+
+    @property
+    def worker(self) -> int:
+        """The one serving process of a server started with `workers: 1`."""
+        (pid,) = wait_until(lambda: self.workers() or None, what="the worker")
+        return pid
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

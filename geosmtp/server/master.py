@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,14 @@ from loguru import logger
 from .. import __version__, logs
 from .. import config as cfg
 from ..config import Config, ConfigError
-from . import logpipe, privileges
+from ..storage.modes import (
+    LOG_DIR_MODE,
+    MAIL_ROOT_MODE,
+    PRIVATE_DIR_MODE,
+    apply_umask,
+    make_folder,
+)
+from . import logpipe, notify, privileges
 from .listeners import bind
 from .worker import WorkerContext
 
@@ -401,6 +409,7 @@ class Master:
         prepared = prepare(running)  # the keys, as root: ConfigError when unusable
         if running.log != self.config.log:
             logs.setup(running.log)
+        notify.notify(notify.reloading())
         gen = self._generation(running, prepared)
         gen.waiting.append((asker, change))
         self.next = gen
@@ -414,6 +423,7 @@ class Master:
             return
         old, self.current, self.next = self.current, gen, None
         gen.serving = True
+        notify.notify(notify.READY)
         self.config = gen.config
         self._respawn.clear()
         self._young_deaths.clear()
@@ -452,12 +462,14 @@ class Master:
                 _reply(asker, {"error": reason})
         gen.waiting.clear()
         self.next = None
+        notify.notify(notify.READY)  # still serving, on the running config
 
     # ------------------------------------------------------------- stop
 
     def stop(self) -> None:
         """Every worker gets SIGTERM (and its grace); `run` returns when all ended."""
         self.stopping = True
+        notify.notify(notify.STOPPING)
         self._respawn.clear()
         for worker in self.workers.values():
             _kill(worker.pid, signal.SIGTERM)
@@ -499,10 +511,10 @@ def _metrics_dead(pid: int) -> None:
 
 
 def _make_folder(key: str, path: Path, mode: int, owner: privileges.Account | None) -> None:
-    """Create a configured folder (and give it to the workers' account)."""
+    """Create a configured folder for the workers' account (an existing one is
+    left as the operator set it up); OSError names the key and the path."""
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=mode)
-        privileges.chown(path, owner)
+        make_folder(path, mode, None if owner is None else (owner.uid, owner.gid))
     except OSError as exc:
         raise OSError(exc.errno, f"{key}: cannot create '{path}': {exc.strerror}") from None
 
@@ -511,7 +523,6 @@ def serve(config: Config, loader: Any, prepared: Any) -> int:
     """Run the server: the master's whole life. The exit status."""
     import sys
 
-    from ..storage.spool import DIR_MODE
     from .listeners import raise_open_files_limit
 
     try:
@@ -519,8 +530,12 @@ def serve(config: Config, loader: Any, prepared: Any) -> int:
     except ConfigError as exc:
         print(f"geosmtp: {exc}", file=sys.stderr)
         return 2
+    apply_umask()
     try:
-        _make_folder("log.dir", config.log.dir, 0o750, None)
+        _make_folder("log.dir", config.log.dir, LOG_DIR_MODE, None)
+        if who is not None:  # the master writes the logs; the account's group reads them
+            os.chown(config.log.dir, -1, who.gid)
+            os.chmod(config.log.dir, LOG_DIR_MODE | stat.S_ISGID)  # files take its group
         logs.setup(config.log)
     except (OSError, ValueError) as exc:
         print(f"geosmtp: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
@@ -531,12 +546,12 @@ def serve(config: Config, loader: Any, prepared: Any) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="geosmtp-"))
     master = Master(config, loader, who)
     try:
-        for key, path in (
-            ("mail_dir", config.mail_dir),
-            ("spool_dir", config.spool_path),
-            ("relay.queue_dir", config.queue_path),
+        for key, path, mode in (
+            ("mail_dir", config.mail_dir, MAIL_ROOT_MODE),
+            ("spool_dir", config.spool_path, PRIVATE_DIR_MODE),
+            ("relay.queue_dir", config.queue_path, PRIVATE_DIR_MODE),
         ):
-            _make_folder(key, path, DIR_MODE, who)
+            _make_folder(key, path, mode, who)
         privileges.chown(run_dir, who)
         os.environ["GEOSMTP_RUN_DIR"] = str(run_dir)
         master.bind()
@@ -567,6 +582,7 @@ def serve(config: Config, loader: Any, prepared: Any) -> int:
         master.count,
         who.name if who is not None else _whoami(),
     )
+    notify.notify(f"{notify.READY}\n{notify.status(f'serving with {master.count} workers')}")
     try:
         master.run()
     finally:

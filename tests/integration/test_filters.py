@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, users, wait_until
+from tests.conftest import child_pids, free_port, users, wait_until
 from tests.integration.test_access_log import parse
 from tests.integration.wire import Wire
 
@@ -82,20 +82,9 @@ def nothing_left(server) -> None:
     assert server.tmp_files() == []
 
 
-def children(pid: int) -> list[int]:
-    """The live and zombie children of `pid` (every thread's)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+def children(server) -> list[int]:
+    """The children of the server's serving processes (filter programs)."""
+    return [pid for worker in server.workers() for pid in child_pids(worker)]
 
 
 def processes_with(marker: str) -> list[int]:
@@ -303,7 +292,7 @@ def test_a_timeout_kills_the_whole_process_group(make_server, tmp_path):
     assert access_lines(server, 1)[0]["stages"] == "slow:tempfail(timeout)"
     # The background one too (SIGKILL is sure, but a process takes a moment to end).
     wait_until(lambda: processes_with(f"sleep\0{marker}") == [], what="the sleeps to end")
-    assert children(server.process.pid) == []
+    assert children(server) == []
     nothing_left(server)
 
 
@@ -314,7 +303,7 @@ def test_too_much_output_kills_the_program(make_server):
     assert send(server)[0] == 554
     assert access_lines(server, 1)[0]["stages"] == "yes:reject(output_limit)"
     assert "wrote more than max_output (100000 octets)" in server.server_log()
-    assert children(server.process.pid) == []
+    assert children(server) == []
     nothing_left(server)
 
 
@@ -375,9 +364,10 @@ def test_no_zombies_and_no_leaked_descriptors_after_many_runs(make_server, tmp_p
             ],
             "trusted_networks": ["127.0.0.0/8"],
             "relay": {"smarthost": f"127.0.0.1:{free_port()}", "smarthost_tls": "none"},
+            "workers": 1,  # one process to count the descriptors of
         }
     )
-    pid = server.process.pid
+    pid = server.worker
     assert send(server)[0] == 250  # warms up what the first message opens for good
     before = open_fds(pid)
     for i in range(10):
@@ -386,7 +376,7 @@ def test_no_zombies_and_no_leaked_descriptors_after_many_runs(make_server, tmp_p
     lines = access_lines(server, 11)
     assert lines[-1]["stages"] == "cat:replace,crash:accept(exit=3),yes:accept(output_limit)"
     assert lines[-2]["stages"].endswith(",slow:accept(timeout)")
-    assert children(pid) == []
+    assert child_pids(pid) == []
     # The queue's delivery attempts open and close sockets of their own: settle first.
     assert wait_until(lambda: open_fds(pid) <= before, what="descriptors back to before")
     assert server.tmp_files() == []
@@ -492,9 +482,13 @@ def test_a_large_message_through_a_program_costs_no_memory(make_server):
     """25 MB through `cat`: the server's peak RSS grows by less than 16 MB (the
     message goes through in 64 KiB blocks, never whole)."""
     server = make_server(
-        {"limits": {"max_message_size": 64 * 1024 * 1024}, "filters": [stage("cat", ["cat"])]}
+        {
+            "limits": {"max_message_size": 64 * 1024 * 1024},
+            "filters": [stage("cat", ["cat"])],
+            "workers": 1,  # the one process that takes the message
+        }
     )
-    pid = server.process.pid
+    pid = server.worker
     assert send(server)[0] == 250  # the first run sets up what every run shares
     before = _status(pid, "VmRSS")
     try:

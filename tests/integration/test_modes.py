@@ -78,12 +78,6 @@ def test_what_the_server_writes_has_its_mode_whatever_the_umask(tmp_path, umask,
     assert mode(server.root / "admin.token") == 0o600
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py makes mail_dir 0700 (the spool's mode) and log.dir with the umask's "
-    "mode before the stores and logs.setup() see them; the master's folder set-up "
-    "must make them with storage.modes.make_folder(MAIL_ROOT_MODE / LOG_DIR_MODE)",
-)
 def test_the_folders_the_cli_makes_are_open_to_the_group(tmp_path, stop_later):
     server = serve_and_deliver(tmp_path / "srv", 0o022)
     stop_later(server)
@@ -157,7 +151,7 @@ def _other(fd: int) -> dict:
 def test_a_reader_in_the_group_reads_flags_and_deletes_others_get_nothing(tmp_path, stop_later):
     """A child process with another uid: in the files' group it is a Maildir
     reader; outside it, nobody. mail_dir is made first as the master makes it
-    (`make_folder(mail_dir, MAIL_ROOT_MODE)`; see the xfail above)."""
+    (`make_folder(mail_dir, MAIL_ROOT_MODE)`)."""
     root = tmp_path / "srv"
     make_folder(root / "mail_dir", MAIL_ROOT_MODE)
     server = serve_and_deliver(root, 0o022)

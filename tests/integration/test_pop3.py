@@ -402,11 +402,12 @@ def test_retr_of_a_large_message_streams_in_bounded_memory(make_server):
             "users": users(alice=PASSWORD),
             "auth": {"allow_plaintext": True},
             "limits": {"max_message_size": 64 << 20},
+            "workers": 1,  # the one process that sends the message
         }
     )
     big = body(1, (b"x" * 998 + b"\r\n") * 30_000)  # 30 MB
     send_mail(server.ports["mx"], "alice@test.example", big)
-    pid = server.process.pid
+    pid = server.worker
 
     def rss_kb() -> int:
         with open(f"/proc/{pid}/status") as f:
