@@ -113,7 +113,9 @@ def _human_bytes(n: float) -> str:
 def format_stats(stats: dict, previous: dict | None = None, interval: float = 1.0) -> str:
     c, m, b = stats["connections"], stats["messages"], stats["bytes"]
     lines = [
-        f"geosmtp {stats['version']}   up {stats['uptime_seconds']:.0f} s",
+        f"geosmtp {stats['version']}   up {stats['uptime_seconds']:.0f} s   "
+        f"{stats['process']['workers']} workers as {stats['process']['user']} "
+        f"(uid {stats['process']['uid']})",
         f"connections  open {c['current']:>8}   total {c['total']:>10}   refused {c['refused']:>8}",
         f"messages     accepted {m['accepted']:>6}   rejected {m['rejected']:>7}"
         f"   deliveries {m['recipients']:>8}",

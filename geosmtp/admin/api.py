@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
+import pwd
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -132,6 +134,13 @@ class AdminAPI:
         return {
             "version": __version__,
             "uptime_seconds": round(time.time() - metrics.started, 3),
+            # Who serves: started as root without `user:`, the uid says 0.
+            "process": {
+                "uid": os.getuid(),
+                "user": _user_name(os.getuid()),
+                "workers": self.server.share[1],
+                "master_pid": os.getppid(),
+            },
             "connections": {
                 "current": int(total("geosmtp_connections_current")),
                 "total": int(total("geosmtp_connections_total")),
@@ -310,6 +319,13 @@ class AdminAPI:
             "changed": changed,
             "filter": self._filter_info(stage, self.server.metrics.snapshot()),
         }
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _read_json(environ: dict) -> Any:

@@ -163,7 +163,7 @@ class Master:
         self.current = gen
         self._spawn(gen, 0, clean=True)
         self._wait_ready(gen, [0])
-        for index in range(1, self.count):
+        for index in range(1, self.count if not self.stopping else 1):
             self._spawn(gen, index)
         self._wait_ready(gen, list(range(1, self.count)))
         gen.serving = True
@@ -173,8 +173,8 @@ class Master:
             failure = self._step()
             if failure is not None:
                 raise StartError(*failure)
-            if self.stopping:
-                raise StartError("stopped while starting", 0)
+            if self.stopping:  # a stop signal while starting: a stop like any other
+                return
 
     def _generation(self, config: Config, prepared: Any) -> Generation:
         self._generations += 1
@@ -572,17 +572,19 @@ def serve(config: Config, loader: Any, prepared: Any) -> int:
         master.close()
         shutil.rmtree(run_dir, ignore_errors=True)
         return status
-    logger.info(
-        "geosmtp {} started as {}: mail_dir={} max_clients={} open files={} workers={} user={}",
-        __version__,
-        config.hostname,
-        config.mail_dir,
-        config.max_clients,
-        nofile,
-        master.count,
-        who.name if who is not None else _whoami(),
-    )
-    notify.notify(f"{notify.READY}\n{notify.status(f'serving with {master.count} workers')}")
+    if not master.stopping:
+        logger.info(
+            "geosmtp {} started as {}: mail_dir={} max_clients={} open files={} workers={} user={}",
+            __version__,
+            config.hostname,
+            config.mail_dir,
+            config.max_clients,
+            nofile,
+            master.count,
+            who.name if who is not None else _whoami(),
+        )
+    if not master.stopping:
+        notify.notify(f"{notify.READY}\n{notify.status(f'serving with {master.count} workers')}")
     try:
         master.run()
     finally:

@@ -9,6 +9,7 @@ def _stats(uptime: float, accepted: int, total: int) -> dict:
     return {
         "version": "9.9",
         "uptime_seconds": uptime,
+        "process": {"uid": 65534, "user": "nobody", "workers": 2, "master_pid": 1},
         "connections": {"current": 2, "total": total, "refused": 1},
         "messages": {"accepted": accepted, "rejected": 0, "recipients": accepted},
         "bytes": {"received": 3 * 1024 * 1024, "sent": 512},
@@ -18,7 +19,7 @@ def _stats(uptime: float, accepted: int, total: int) -> dict:
 
 def test_screen():
     screen = format_stats(_stats(10, 5, 6))
-    assert screen.splitlines()[0] == "geosmtp 9.9   up 10 s"
+    assert screen.splitlines()[0] == "geosmtp 9.9   up 10 s   2 workers as nobody (uid 65534)"
     assert "refused        1" in screen
     assert "3.0 MiB" in screen and "512 B" in screen
     assert screen.splitlines()[-1] == "commands     EHLO 9  MAIL 7"
