@@ -63,6 +63,12 @@ SHARE_POLL = 0.2
 SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}  # type: ignore[dict-item]
 
 
+def share_of_limit(limit: int, shares: int) -> int:
+    """A worker's part of a server-wide limit (relay and filter concurrency), so
+    that the workers together stay within it."""
+    return max(1, -(-limit // shares))
+
+
 def runner_settings(config: Config) -> RunnerSettings:
     """The queue runner's settings from the `relay:` section."""
     relay = config.relay
@@ -218,7 +224,13 @@ class App:
         self.resolver = Resolver(config.dns.nameservers, config.dns.timeout)
         self.queue = QueueRunner(
             self.queue_store,
-            prepared.settings,
+            dataclasses.replace(
+                prepared.settings,
+                concurrency=share_of_limit(prepared.settings.concurrency, share[1]),
+                per_domain_concurrency=share_of_limit(
+                    prepared.settings.per_domain_concurrency, share[1]
+                ),
+            ),
             self.resolver,
             self.report,
             metrics=self.metrics,
@@ -270,7 +282,11 @@ class App:
         self.trusted_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
         ]
-        self.filters.configure(config)
+        self.filters.configure(
+            dataclasses.replace(
+                config, filter_concurrency=share_of_limit(config.filter_concurrency, self.share[1])
+            )
+        )
         self.pipeline.stages = self.pipeline_stages(*sender)
         for stage in self.pipeline.stages:
             self.metrics.stage_declared(stage.name)

@@ -8,6 +8,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from gevent import socket as gsocket
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from loguru import logger
 
@@ -46,11 +47,18 @@ def admin_token(admin: Admin, create: bool = True) -> str:
     return token
 
 
+#: Admin requests one worker serves at once; more wait in the backlog.
+MAX_REQUESTS = 64
+
+
 def start_admin(server: App, bound: socket.socket, token: str) -> WSGIServer:
     """Serve the management API on `bound` (the master bound it and read `token`)."""
     wsgi = WSGIServer(
         gsocket.socket(fileno=bound.detach()),
         AdminAPI(server, token),
+        # A pool, so that a worker that stops finishes the requests it took (a
+        # reload's answer among them) before it ends: `stop()` waits for them.
+        spawn=Pool(MAX_REQUESTS),
         log=LogWriter("DEBUG", "admin"),  # one line per request
         error_log=LogWriter("WARNING", "admin"),  # malformed requests, handler errors
     )

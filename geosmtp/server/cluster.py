@@ -98,7 +98,8 @@ class Cluster:
     # --------------------------------------------------- this worker's ops
 
     def _op_sessions(self, arg: Any) -> list[dict]:
-        return [s.info() for s in list(self.app.by_id.values())]
+        pid = os.getpid()
+        return [{**s.info(), "worker": pid} for s in list(self.app.by_id.values())]
 
     def _op_kick(self, session_id: str) -> str | None:
         session = self.app.by_id.get(session_id)

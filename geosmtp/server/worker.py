@@ -28,6 +28,8 @@ from . import logpipe, privileges
 
 #: Exit statuses a worker that could not start uses (as the CLI's).
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+#: Seconds a stopping worker gives the admin requests it took to finish.
+ADMIN_STOP = 10.0
 
 
 @dataclass
@@ -110,7 +112,7 @@ def run(ctx: WorkerContext) -> NoReturn:
     stop.wait()
     try:
         if admin is not None:
-            admin.close()
+            admin.stop(timeout=ADMIN_STOP)  # the requests it took are answered first
         app.stop()
         logger.debug("worker {} stopped", ctx.index)
     except BaseException:

@@ -23,6 +23,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 
 #: How long a silent ("stalled") server stays silent at most, and any read waits.
@@ -63,6 +64,8 @@ class Script:
     #: Go silent at this step: "greeting", a verb ("EHLO", "MAIL", "RCPT",
     #: "DATA"), or "." (after the whole message, before the final reply).
     stall_at: str | None = None
+    #: Seconds to wait before each final reply (deliveries stay in flight a while).
+    final_delay: float = 0.0
 
 
 @dataclass
@@ -254,6 +257,8 @@ class Sink:
                     return
                 if s.stall_at == ".":
                     return self._stall()
+                if s.final_delay:
+                    time.sleep(s.final_delay)
                 with self._lock:
                     answer = s.final_replies[min(self._messages, len(s.final_replies) - 1)]
                     self._messages += 1
