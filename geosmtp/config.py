@@ -339,6 +339,9 @@ class Config:
     group: str | None = None
     #: Serving processes (each a gevent loop); unset: one per CPU.
     workers: int | None = field(default=None, metadata={"positive": True, "max": 1024})
+    #: A listening socket per worker (SO_REUSEPORT: the kernel spreads new
+    #: connections among them by a hash) instead of one socket all workers share.
+    reuse_port: bool = False
 
     @property
     def worker_count(self) -> int:
@@ -839,6 +842,7 @@ RESTART_ONLY = (
     "user",
     "group",
     "workers",
+    "reuse_port",
     "listeners",
     "listen_backlog",
     "mail_dir",

@@ -114,7 +114,10 @@ class Master:
         self.loader = loader  # reads the file again (with -l/-p/-d), for reload
         self.account = account
         self.count = config.worker_count
-        self.bound: list[tuple[cfg.Listener, socket.socket]] = []
+        #: The listening sockets each worker index serves: one set shared by
+        #: all, or with `reuse_port` a set per index (the kernel spreads the
+        #: connections among them). Kept open here for every later worker.
+        self.bound: list[list[tuple[cfg.Listener, socket.socket]]] = []
         self.admin: socket.socket | None = None
         self.token: str | None = None
         self.workers: dict[int, Worker] = {}  # by pid, every generation
@@ -132,12 +135,19 @@ class Master:
     def bind(self) -> None:
         """Bind every listener and the admin listener (OSError names the address)."""
         config = self.config
+        sets = self.count if config.reuse_port else 1
         try:
-            for listener in config.listeners:
-                sock = bind(listener.address, listener.port, config.listen_backlog)
-                self.bound.append((listener, sock))
-                host, port = sock.getsockname()[:2]
-                logger.info("listening on [{}]:{} ({})", host, port, listener.role)
+            for index in range(sets):
+                bound = []
+                for i, listener in enumerate(config.listeners):
+                    # Port 0: the first socket gets a port, the others take the same.
+                    port = self.bound[0][i][1].getsockname()[1] if index else listener.port
+                    sock = bind(listener.address, port, config.listen_backlog, config.reuse_port)
+                    bound.append((listener, sock))
+                    if index == 0:
+                        host, port = sock.getsockname()[:2]
+                        logger.info("listening on [{}]:{} ({})", host, port, listener.role)
+                self.bound.append(bound)
             if config.admin.enabled:
                 from ..admin.server import admin_token
 
@@ -189,7 +199,7 @@ class Master:
             account=self.account,
             index=index,
             count=self.count,
-            bound=self.bound,
+            bound=self.bound[index % len(self.bound)],
             admin=self.admin,
             token=self.token,
             log_fd=w,
@@ -208,6 +218,10 @@ class Master:
                 for other in self.workers.values():
                     other.reader.close()
                     other.control.close()
+                for bound in self.bound:  # another worker's sockets (reuse_port)
+                    if bound is not ctx.bound:
+                        for _listener, sock in bound:
+                            sock.close()
                 from .worker import run
 
                 run(ctx)
@@ -475,8 +489,9 @@ class Master:
             _kill(worker.pid, signal.SIGTERM)
 
     def close(self) -> None:
-        for _listener, sock in self.bound:
-            sock.close()
+        for bound in self.bound:
+            for _listener, sock in bound:
+                sock.close()
         if self.admin is not None:
             self.admin.close()
 
