@@ -183,7 +183,7 @@ def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # 
             config = cfg.load(path)
             return apply_overrides(config, args) if args is not None else config
 
-    return serve_master(config, loader, prepared)
+    return serve_master(config, loader, prepared, path)
 
 
 if __name__ == "__main__":  # pragma: no cover

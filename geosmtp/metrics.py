@@ -10,6 +10,7 @@ core keeps its per-command counts in a plain dict, added here
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -48,7 +49,8 @@ OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_fail
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.started = time.time()
+        # The server's start (set by the master), not this worker's.
+        self.started = float(os.environ.get("GEOSMTP_STARTED") or time.time())
         listener = ["listener"]
         self.connections = Counter(
             "geosmtp_connections", "Connections accepted", listener, registry=r

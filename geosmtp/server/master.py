@@ -109,9 +109,16 @@ class StartError(Exception):
 
 
 class Master:
-    def __init__(self, config: Config, loader: Any, account: privileges.Account | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loader: Any,
+        account: privileges.Account | None,
+        path: str | None = None,
+    ) -> None:
         self.config = config
         self.loader = loader  # reads the file again (with -l/-p/-d), for reload
+        self.path = path  # the config file, for the log
         self.account = account
         self.count = config.worker_count
         #: The listening sockets each worker index serves: one set shared by
@@ -453,7 +460,7 @@ class Master:
                     "reloaded; these need a restart to change: {}", ", ".join(change.restart)
                 )
             elif asker is None:
-                logger.info("reloaded")
+                logger.info("reloaded {}", self.path)
             if asker is not None:
                 _reply(
                     asker,
@@ -534,7 +541,7 @@ def _make_folder(key: str, path: Path, mode: int, owner: privileges.Account | No
         raise OSError(exc.errno, f"{key}: cannot create '{path}': {exc.strerror}") from None
 
 
-def serve(config: Config, loader: Any, prepared: Any) -> int:
+def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -> int:
     """Run the server: the master's whole life. The exit status."""
     import sys
 
@@ -559,7 +566,7 @@ def serve(config: Config, loader: Any, prepared: Any) -> int:
         (logger.warning if who is None and os.geteuid() == 0 else logger.info)(note)
     nofile = raise_open_files_limit()
     run_dir = Path(tempfile.mkdtemp(prefix="geosmtp-"))
-    master = Master(config, loader, who)
+    master = Master(config, loader, who, path)
     try:
         for key, path, mode in (
             ("mail_dir", config.mail_dir, MAIL_ROOT_MODE),
@@ -569,6 +576,7 @@ def serve(config: Config, loader: Any, prepared: Any) -> int:
             _make_folder(key, path, mode, who)
         privileges.chown(run_dir, who)
         os.environ["GEOSMTP_RUN_DIR"] = str(run_dir)
+        os.environ["GEOSMTP_STARTED"] = repr(time.time())  # the server's uptime, not a worker's
         master.bind()
         master.start(prepared)
     except (ConfigError, StartError, OSError) as exc:
