@@ -45,6 +45,7 @@ from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
 from .server.listeners import Listeners, Session
 from .server.pop3 import POP3Session
+from .server.shared import SharedState
 from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread
 from .smtp import RecipientPolicy, Security, SMTPConnection
@@ -52,6 +53,10 @@ from .smtp.parser import parse_mailbox
 from .smtp.sasl import Credentials
 from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
+
+#: How often a login waiting for its client's running checks (`BUSY`) asks
+#: again: a check that ends in another worker process does not wake it.
+AUTH_RECHECK = 0.05
 
 #: The session class of each protocol a listener can speak.
 SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}  # type: ignore[dict-item]
@@ -114,11 +119,20 @@ class ConfigChange:
 
 
 class App:
-    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loader: Callable[[], Config] | None = None,
+        shared: SharedState | None = None,
+    ) -> None:
         self.config = config
         self.loader = loader  # reads the config again, for reload()
         self.metrics = Metrics()
-        self.auth_throttle = AuthThrottle()
+        # A worker process counts its connections and its clients' failed
+        # logins in the state it shares with the others (`shared`), made by the
+        # master before the fork and bound to the worker's slot; else in itself.
+        self.shared = shared
+        self.auth_throttle = AuthThrottle(records=shared.throttle_records if shared else None)
         self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
         self.password_checks = BoundedSemaphore(os.cpu_count() or 1)
         self.tls_context = tls.server_context(config.tls, config.hostname)  # may raise ConfigError
@@ -153,7 +167,7 @@ class App:
             after_delivery=self.report_local,
             observer=self.metrics,
         )
-        self.listeners = Listeners(self, SESSIONS)
+        self.listeners = Listeners(self, SESSIONS, connections=shared)
         self._access_writer: gevent.Greenlet | None = None
         self.apply_config(config)
 
@@ -282,8 +296,10 @@ class App:
         throttle = self.auth_throttle
         deadline = time.monotonic() + self.config.timeouts.command
         attempt = throttle.reserve(peer)
-        while attempt == BUSY and time.monotonic() < deadline:
-            self.auth_checks.wait(deadline - time.monotonic())
+        while attempt == BUSY and (left := deadline - time.monotonic()) > 0:
+            # A check ending in this process pulses; one ending in another
+            # worker does not, so ask again every AUTH_RECHECK seconds too.
+            self.auth_checks.wait(min(left, AUTH_RECHECK))
             attempt = throttle.reserve(peer)
         if attempt is None or attempt == BUSY:
             self.metrics.auth_failure.inc()

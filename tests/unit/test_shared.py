@@ -8,16 +8,24 @@ import json
 import os
 import random
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import ClassVar
 
+import gevent
+import gevent.lock
 import pytest
 
+from geosmtp.app import App, Login
 from geosmtp.auth import BUSY, AuthThrottle, LocalThrottleRecords, ThrottleRecord
 from geosmtp.server import shared
+from geosmtp.server.listeners import Listeners
 from geosmtp.server.shared import LocalConnections, SharedState, SharedThrottleRecords
+from geosmtp.server.threads import Pulse
+from geosmtp.smtp.sasl import Credentials
 
 WAIT = 10.0  # seconds a child gets before the test calls it stuck
 
@@ -282,6 +290,69 @@ def test_the_in_process_counter_has_the_same_behaviour():
     assert counter.total() == 1 and counter.try_open(2) is True
 
 
+class Tally:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
+    def hold_two() -> None:
+        state.bind(1)
+        assert state.try_open(10) and state.try_open(10)  # and never closes them
+
+    Child(hold_two).result()
+    state.bind(0)
+    app = SimpleNamespace(config=SimpleNamespace(max_clients=3))
+    listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
+    lm = SimpleNamespace(refused=Tally(), connections=Tally(), current=Tally())
+    seen = {}
+
+    class FakeSession:
+        def __init__(self, app, sock, address, listener, lm) -> None:
+            self.id, self.peer = f"s{address[1]}", address[0]
+
+        @staticmethod
+        def refusal(stopping: bool) -> bytes:
+            return b"421 busy\r\n"
+
+        def run(self) -> None:  # the third place: the next client is over the cap
+            seen["total"] = state.total()
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                handle(ours, ("192.0.2.2", 2))
+                seen["refusal"] = theirs.recv(100)
+
+    handle = listeners._handler(FakeSession, None, lm)  # type: ignore[arg-type]
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        gevent.spawn(handle, ours, ("192.0.2.1", 1)).get(timeout=WAIT)
+    assert seen == {"total": 3, "refusal": b"421 busy\r\n"}
+    assert (lm.connections.value, lm.refused.value, lm.current.value) == (1, 1, 0)
+    assert state.count(0) == 0 and state.total() == 2  # ours closed, theirs held
+
+
+def test_a_session_that_fails_to_start_gives_its_place_back(state):
+    state.bind(0)
+    app = SimpleNamespace(config=SimpleNamespace(max_clients=3))
+    listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
+
+    class Broken:
+        def __init__(self, *args) -> None:
+            raise RuntimeError("broken")
+
+    handle = listeners._handler(Broken, None, None)  # type: ignore[arg-type]
+    ours, theirs = socket.socketpair()
+    with ours, theirs, pytest.raises(RuntimeError):
+        gevent.spawn(handle, ours, ("192.0.2.1", 1)).get(timeout=WAIT)
+    assert state.total() == 0
+
+
 # ------------------------------------------------------------- the throttle
 
 
@@ -405,6 +476,37 @@ def test_a_worker_killed_half_way_through_a_change_leaves_a_usable_table(state):
     assert t.reserve("192.0.2.1") == 1
     assert fail(t, "192.0.2.2") == (1.0, False)
     assert len(t) == 2
+
+
+def test_a_login_waiting_on_another_workers_checks_asks_again_without_a_pulse(state):
+    reserved, go = Signal(), Signal()
+
+    def three_running_checks() -> None:
+        t = throttle(state, max_failures=3)
+        assert [t.reserve("192.0.2.1") for _ in range(3)] == [1, 2, 3]
+        reserved.send()
+        go.wait()
+        t.succeeded("192.0.2.1")  # one ends: no pulse reaches the parent
+
+    child = Child(three_running_checks)
+    reserved.wait()
+    app = SimpleNamespace(
+        auth_throttle=throttle(state, max_failures=3),
+        auth_checks=Pulse(),
+        config=SimpleNamespace(timeouts=SimpleNamespace(command=60.0)),
+        password_checks=gevent.lock.BoundedSemaphore(1),
+        run_blocking=lambda fn, *args: fn(*args),
+        users=SimpleNamespace(verify=lambda login, password: "alice"),
+        metrics=SimpleNamespace(auth_success=Tally(), auth_failure=Tally()),
+    )
+    credentials = Credentials("PLAIN", "alice", "secret")
+    login = gevent.spawn(App.check_login, app, "s1", "192.0.2.1", credentials)
+    gevent.sleep(0)  # it starts, and waits: BUSY
+    assert app.auth_throttle.reserve("192.0.2.1") == BUSY and not login.ready()
+    go.send()
+    # Well before the command timeout (60 s) and with no pulse: it asked again.
+    assert login.get(timeout=WAIT) == Login("alice")
+    child.result()
 
 
 # ------------------------------------------------ the table, against a model
