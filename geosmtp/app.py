@@ -48,6 +48,7 @@ from .server import tls
 from .server.cluster import Cluster, run_dir
 from .server.listeners import Listeners, Session
 from .server.pop3 import POP3Session
+from .server.shared import SharedState
 from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread
 from .smtp import RecipientPolicy, Security, SMTPConnection
@@ -58,6 +59,10 @@ from .storage.spool import UniqueNames
 
 #: Seconds between two tries for the lock of this worker's share of the queue.
 SHARE_POLL = 0.2
+
+#: How often a login waiting for its client's running checks (`BUSY`) asks
+#: again: a check that ends in another worker process does not wake it.
+AUTH_RECHECK = 0.05
 
 #: The session class of each protocol a listener can speak.
 SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}  # type: ignore[dict-item]
@@ -196,17 +201,23 @@ class App:
         *,
         master: Master | None = None,
         share: tuple[int, int] = (0, 1),
+        shared: SharedState | None = None,
     ) -> None:
         """`prepared` comes from the master (else it is read here); `master`
         applies configuration changes to every worker; `share` is this
-        worker's part of the outbound queue (index, of how many)."""
+        worker's part of the outbound queue (index, of how many); `shared`
+        the state all workers count in (connections, failed logins)."""
         prepared = prepared or prepare(config)
         self.config = config
         self.master = master
         self.share = share
         self._signer = prepared.signer
         self.metrics = Metrics()
-        self.auth_throttle = AuthThrottle()
+        # A worker process counts its connections and its clients' failed
+        # logins in the state it shares with the others (`shared`), made by the
+        # master before the fork and bound to the worker's slot; else in itself.
+        self.shared = shared
+        self.auth_throttle = AuthThrottle(records=shared.throttle_records if shared else None)
         self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
         self.password_checks = BoundedSemaphore(os.cpu_count() or 1)
         self.tls_context = prepared.tls_context
@@ -247,7 +258,7 @@ class App:
             after_delivery=self.report_local,
             observer=self.metrics,
         )
-        self.listeners = Listeners(self, SESSIONS)
+        self.listeners = Listeners(self, SESSIONS, connections=shared)
         self.cluster = Cluster(self, run_dir())
         self._access_writer: gevent.Greenlet | None = None
         self._share_lock: int | None = None
@@ -381,8 +392,10 @@ class App:
         throttle = self.auth_throttle
         deadline = time.monotonic() + self.config.timeouts.command
         attempt = throttle.reserve(peer)
-        while attempt == BUSY and time.monotonic() < deadline:
-            self.auth_checks.wait(deadline - time.monotonic())
+        while attempt == BUSY and (left := deadline - time.monotonic()) > 0:
+            # A check ending in this process pulses; one ending in another
+            # worker does not, so ask again every AUTH_RECHECK seconds too.
+            self.auth_checks.wait(min(left, AUTH_RECHECK))
             attempt = throttle.reserve(peer)
         if attempt is None or attempt == BUSY:
             self.metrics.auth_failure.inc()

@@ -18,7 +18,9 @@ import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import nacl.exceptions
 import nacl.pwhash
@@ -101,10 +103,70 @@ def throttle_key(address: str) -> str:
 
 
 @dataclass(slots=True)
-class _Failures:
+class ThrottleRecord:
+    """What `AuthThrottle` remembers of one client."""
+
     count: int  # failed password checks in this window
     last: float  # when the latest one was counted (the window runs from it)
     pending: int = 0  # checks running now, each of which may still fail
+
+
+class ThrottleRecords(Protocol):
+    """Where `AuthThrottle` keeps its records, by `throttle_key`, the least
+    recently seen first: in this process (`LocalThrottleRecords`) or in memory
+    the worker processes share (`server.shared.SharedThrottleRecords`).
+
+    Every method but `locked` is called inside `with records.locked():`, and
+    a record read with `get` is written back with `put` to change it.
+    """
+
+    def locked(self) -> AbstractContextManager[object]: ...
+    def __len__(self) -> int: ...
+    def get(self, key: str) -> ThrottleRecord | None:
+        """The record, if any; does not count as seeing the client."""
+        ...
+
+    def put(self, key: str, record: ThrottleRecord) -> None:
+        """Write `key`'s record. A new key is the most recently seen, and the
+        least recently seen is forgotten when the table is over its bound."""
+        ...
+
+    def touch(self, key: str) -> None:
+        """`key` is now the most recently seen."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class LocalThrottleRecords:
+    """`ThrottleRecords` in this process: an `OrderedDict` as an LRU."""
+
+    def __init__(self, max_tracked: int = 100_000) -> None:
+        self.max_tracked = max_tracked
+        self._records: OrderedDict[str, ThrottleRecord] = OrderedDict()
+        self._unlocked = nullcontext()  # one process, and no switch inside a call
+
+    def locked(self) -> AbstractContextManager[object]:
+        return self._unlocked
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: str) -> ThrottleRecord | None:
+        return self._records.get(key)
+
+    def put(self, key: str, record: ThrottleRecord) -> None:
+        records = self._records
+        new = key not in records
+        records[key] = record
+        if new and len(records) > self.max_tracked:
+            records.popitem(last=False)
+
+    def touch(self, key: str) -> None:
+        self._records.move_to_end(key)
+
+    def delete(self, key: str) -> None:
+        del self._records[key]
 
 
 #: `reserve`'s answer when checks already running could use up what is left of
@@ -131,6 +193,12 @@ class AuthThrottle:
     At most `max_tracked` clients are remembered: the least recently seen is
     forgotten first, so a spray of addresses costs bounded memory and O(1) per
     attempt. Expired records are dropped when next looked at.
+
+    The records are in this process unless `records` is given: the worker
+    processes of one server share theirs (`server.shared.SharedState`), so that
+    a client's failures count in every worker; its own bound replaces
+    `max_tracked`. The settings are this object's (each worker sets them from
+    its config).
     """
 
     def __init__(
@@ -141,26 +209,28 @@ class AuthThrottle:
         window: float = 600.0,
         max_tracked: int = 100_000,
         clock=time.monotonic,  # type: ignore[no-untyped-def]
+        records: ThrottleRecords | None = None,
     ) -> None:
         self.max_failures = max_failures
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.window = window
-        self.max_tracked = max_tracked
-        self.clock = clock
-        self._records: OrderedDict[str, _Failures] = OrderedDict()
+        self.clock = clock  # shared records need a clock every process reads alike
+        self.records = LocalThrottleRecords(max_tracked) if records is None else records
 
     def __len__(self) -> int:
-        return len(self._records)
+        with self.records.locked():
+            return len(self.records)
 
-    def _current(self, key: str) -> _Failures | None:
-        record = self._records.get(key)
+    def _current(self, key: str, now: float) -> ThrottleRecord | None:
+        records = self.records
+        record = records.get(key)
         if record is None:
             return None
-        if self.clock() - record.last > self.window:
-            del self._records[key]
+        if now - record.last > self.window:
+            records.delete(key)
             return None
-        self._records.move_to_end(key)
+        records.touch(key)
         return record
 
     def reserve(self, address: str) -> int | None:
@@ -171,32 +241,38 @@ class AuthThrottle:
         up the allowance (wait for one to end, ask again); None when the client
         is at the limit and gets no check. Call `failed` or `succeeded` with the
         outcome; a check that never reports one stays counted. Does not yield,
-        so concurrent callers can never pass the limit together.
+        and shared records are locked for the whole call, so concurrent callers
+        (in any worker) can never pass the limit together.
         """
         key = throttle_key(address)
-        record = self._current(key)
-        if record is None:
-            record = self._records[key] = _Failures(0, 0.0)
-            if len(self._records) > self.max_tracked:
-                self._records.popitem(last=False)
-        elif record.count >= self.max_failures:
-            return None
-        elif record.count + record.pending >= self.max_failures:
-            return BUSY
-        record.pending += 1
-        record.last = self.clock()
-        return record.count + record.pending
+        with self.records.locked():
+            now = self.clock()
+            record = self._current(key, now)
+            if record is None:
+                record = ThrottleRecord(0, 0.0)
+            elif record.count >= self.max_failures:
+                return None
+            elif record.count + record.pending >= self.max_failures:
+                return BUSY
+            record.pending += 1
+            record.last = now
+            self.records.put(key, record)
+            return record.count + record.pending
 
     def failed(self, address: str, attempt: int) -> tuple[float, bool]:
         """A check failed: (seconds to delay the reply, disconnect?)."""
-        record = self._current(throttle_key(address))
-        if record is None:  # forgotten meanwhile (expired, evicted): judge by its number
-            failures = attempt
-        else:
-            record.pending = max(0, record.pending - 1)
-            record.count += 1
-            record.last = self.clock()
-            failures = record.count
+        key = throttle_key(address)
+        with self.records.locked():
+            now = self.clock()
+            record = self._current(key, now)
+            if record is None:  # forgotten meanwhile (expired, evicted): judge by its number
+                failures = attempt
+            else:
+                record.pending = max(0, record.pending - 1)
+                record.count += 1
+                record.last = now
+                self.records.put(key, record)
+                failures = record.count
         delay = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
         return delay, failures >= self.max_failures
 
@@ -204,10 +280,13 @@ class AuthThrottle:
         """A login succeeded: forget the client's failures; checks still running
         keep their places."""
         key = throttle_key(address)
-        record = self._records.get(key)
-        if record is None:
-            return
-        record.count = 0
-        record.pending = max(0, record.pending - 1)
-        if not record.pending:
-            del self._records[key]
+        with self.records.locked():
+            record = self.records.get(key)
+            if record is None:
+                return
+            record.count = 0
+            record.pending = max(0, record.pending - 1)
+            if record.pending:
+                self.records.put(key, record)
+            else:
+                self.records.delete(key)

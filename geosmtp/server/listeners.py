@@ -24,6 +24,7 @@ from loguru import logger
 
 from ..config import Listener
 from ..metrics import ListenerMetrics
+from .shared import ConnectionCounter, LocalConnections
 
 if TYPE_CHECKING:
     from ..app import App
@@ -97,8 +98,16 @@ def bind(address: str, port: int, backlog: int, reuse_port: bool = False) -> soc
 class Listeners:
     """Every listener of the server, the sessions they run, and the cap on them."""
 
-    def __init__(self, app: App, sessions: dict[str, type[Session]]) -> None:
+    def __init__(
+        self,
+        app: App,
+        sessions: dict[str, type[Session]],
+        connections: ConnectionCounter | None = None,
+    ) -> None:
         self.app = app
+        # The count the cap is checked against: this process's, or one the
+        # worker processes share (`shared.SharedState`).
+        self.connections = LocalConnections() if connections is None else connections
         self.session_classes = sessions  # protocol name -> session class
         self.group: Group = Group()
         self.by_id: dict[str, Session] = {}  # open sessions: the cap, stop, the admin API
@@ -122,21 +131,26 @@ class Listeners:
         self, session_class: type[Session], listener: Listener, lm: ListenerMetrics
     ) -> Callable[[socket.socket, tuple], None]:
         def handle(client: socket.socket, address: tuple) -> None:
-            # Checked and counted with no switch in between, so the cap is exact.
-            if self.stopping or len(self.by_id) >= self.app.config.max_clients:
+            # Checked and counted with no switch in between (and across the
+            # workers under the shared count's lock), so the cap is exact.
+            connections = self.connections
+            if self.stopping or not connections.try_open(self.app.config.max_clients):
                 lm.refused.inc()
                 self._refuse(client, address, session_class.refusal(self.stopping))
                 return
-            session = session_class(self.app, client, address, listener, lm)
-            self.by_id[session.id] = session
-            self.group.add(gevent.getcurrent())  # type: ignore[arg-type]
-            lm.connections.inc()
-            lm.current.inc()
             try:
-                session.run()
+                session = session_class(self.app, client, address, listener, lm)
+                self.by_id[session.id] = session
+                self.group.add(gevent.getcurrent())  # type: ignore[arg-type]
+                lm.connections.inc()
+                lm.current.inc()
+                try:
+                    session.run()
+                finally:
+                    lm.current.dec()
+                    del self.by_id[session.id]
             finally:
-                lm.current.dec()
-                del self.by_id[session.id]
+                connections.closed()
 
         return handle
 

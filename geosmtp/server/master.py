@@ -54,6 +54,7 @@ from ..storage.modes import (
 )
 from . import logpipe, notify, privileges
 from .listeners import bind
+from .shared import SharedState
 from .worker import WorkerContext
 
 # The master blocks in the kernel's calls, never in gevent's (it runs no loop).
@@ -83,6 +84,7 @@ class Worker:
     reader: logpipe.Reader
     control: socket.socket
     started: float
+    slot: int  # its counters in the shared state
     ready: bool = False
     retiring: bool = False
 
@@ -131,6 +133,10 @@ class Master:
         self.current: Generation | None = None
         self.next: Generation | None = None  # starting, after a reload
         self.stopping = False
+        # Connections and failed logins, counted by every worker (slot each):
+        # room for two generations and workers still finishing after reloads.
+        self.shared = SharedState(4 * self.count + 4)
+        self._free_slots = list(range(self.shared.slots))
         self._generations = 0
         self._signals: list[int] = []
         self._respawn: dict[int, float] = {}  # index -> when to start it again
@@ -198,6 +204,8 @@ class Master:
         return Generation(self._generations, config, prepared)
 
     def _spawn(self, gen: Generation, index: int, clean: bool = False) -> None:
+        slot = self._free_slots.pop(0)  # the callers made sure there is one
+        self.shared.reset_slot(slot)
         r, w = logpipe.pipe()
         ours, theirs = _socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctx = WorkerContext(
@@ -213,6 +221,8 @@ class Master:
             control=theirs,
             master_pid=os.getpid(),
             clean=clean,
+            shared=self.shared,
+            slot=slot,
         )
         pid = _fork()
         if pid == 0:  # the worker
@@ -236,7 +246,7 @@ class Master:
                 os._exit(70)
         _close(w)
         theirs.close()
-        worker = Worker(pid, index, gen, logpipe.Reader(r), ours, time.monotonic())
+        worker = Worker(pid, index, gen, logpipe.Reader(r), ours, time.monotonic(), slot)
         self.workers[pid] = worker
         gen.workers[index] = worker
 
@@ -359,6 +369,8 @@ class Master:
                 break
         worker.reader.close()
         worker.control.close()
+        self.shared.reset_slot(worker.slot)  # what it had open when it died
+        self._free_slots.append(worker.slot)
         _metrics_dead(worker.pid)
         folder = os.environ.get("GEOSMTP_RUN_DIR")
         if folder:  # a worker killed cannot remove its control socket itself
@@ -396,8 +408,12 @@ class Master:
             if at <= now:
                 del self._respawn[index]
                 gen = self.current
-                if not self.stopping and gen is not None and index not in gen.workers:
-                    self._spawn(gen, index)
+                if self.stopping or gen is None or index in gen.workers:
+                    continue
+                if not self._free_slots:  # workers of old generations still finishing
+                    self._respawn[index] = now + 1.0
+                    continue
+                self._spawn(gen, index)
 
     # ----------------------------------------------------------- reload
 
@@ -426,6 +442,8 @@ class Master:
 
         if self.next is not None:
             raise ConfigError("a configuration change is already starting; try again")
+        if len(self._free_slots) < self.count:
+            raise ConfigError("too many workers still finishing their sessions; try again")
         running, change = plan_change(self.config, new, allow_restart_keys=allow_restart_keys)
         prepared = prepare(running)  # the keys, as root: ConfigError when unusable
         if running.log != self.config.log:

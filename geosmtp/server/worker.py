@@ -48,6 +48,8 @@ class WorkerContext:
     control: socket.socket  # SOCK_SEQPACKET to the master
     master_pid: int
     clean: bool  # the first worker of a start: no other process writes yet
+    shared: object  # server.shared.SharedState: what all workers count in
+    slot: int  # this worker's counters in it
 
 
 class MasterLink:
@@ -128,7 +130,14 @@ def _start(ctx: WorkerContext, link: MasterLink):  # type: ignore[no-untyped-def
     from ..app import App
 
     logs.capture_hub_errors(gevent.get_hub())
-    app = App(ctx.config, ctx.prepared, master=link, share=(ctx.index, ctx.count))  # type: ignore[arg-type]
+    ctx.shared.bind(ctx.slot)  # type: ignore[attr-defined]
+    app = App(
+        ctx.config,
+        ctx.prepared,  # type: ignore[arg-type]
+        master=link,
+        share=(ctx.index, ctx.count),
+        shared=ctx.shared,  # type: ignore[arg-type]
+    )
     app.start(ctx.bound, clean=ctx.clean)
     admin = start_admin(app, ctx.admin, ctx.token or "") if ctx.admin is not None else None
     return app, admin

@@ -1,10 +1,16 @@
-"""AuthThrottle: counted before the check, bounded, by IPv4 address or IPv6 /64 (no sockets)."""
+"""AuthThrottle: counted before the check, bounded, by IPv4 address or IPv6 /64 (no sockets).
+
+Every test runs twice: with the records in this process, and in the shared
+memory the worker processes share (tests/unit/test_shared.py has the tests
+across processes).
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from geosmtp.auth import BUSY, AuthThrottle, throttle_key
+from geosmtp.auth import BUSY, AuthThrottle, LocalThrottleRecords, throttle_key
+from geosmtp.server.shared import SharedState
 
 
 class Clock:
@@ -20,9 +26,20 @@ def clock() -> Clock:
     return Clock()
 
 
-def throttle(clock: Clock, **kwargs) -> AuthThrottle:
+def shared_records(max_tracked: int):
+    return SharedState(slots=1, max_tracked=max_tracked).throttle_records
+
+
+@pytest.fixture(autouse=True, params=[LocalThrottleRecords, shared_records])
+def records_kind(request, monkeypatch):
+    """Where `throttle()` keeps its records, for this run of the test."""
+    monkeypatch.setitem(globals(), "make_records", request.param)
+
+
+def throttle(clock: Clock, max_tracked: int = 100_000, **kwargs) -> AuthThrottle:
     settings = {"max_failures": 3, "base_delay": 1.0, "max_delay": 8.0, "window": 600.0}
-    return AuthThrottle(**{**settings, **kwargs}, clock=clock)
+    records = make_records(max_tracked)  # noqa: F821 (set by records_kind)
+    return AuthThrottle(**{**settings, **kwargs}, clock=clock, records=records)
 
 
 def fail(t: AuthThrottle, address: str) -> tuple[float, bool] | None:
