@@ -27,6 +27,7 @@ channel, nothing else.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -596,6 +597,7 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
         os.environ["GEOSMTP_RUN_DIR"] = str(run_dir)
         os.environ["GEOSMTP_STARTED"] = repr(time.time())  # the server's uptime, not a worker's
         master.bind()
+        preload()
         master.start(prepared)
     except (ConfigError, StartError, OSError) as exc:
         reason = str(exc)
@@ -633,6 +635,31 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
         shutil.rmtree(run_dir, ignore_errors=True)
     logger.info("stopped")
     return 0
+
+
+#: Modules the code imports only when first needed (a record type, a codec,
+#: gevent's resolver). Imported by the master before the fork: a worker that
+#: dropped to `user:` may not be able to read the Python installation (under
+#: /root, say).
+PRELOAD = (
+    "dns.rdtypes.ANY.CNAME",
+    "dns.rdtypes.ANY.MX",
+    "dns.rdtypes.ANY.NS",
+    "dns.rdtypes.ANY.PTR",
+    "dns.rdtypes.ANY.SOA",
+    "dns.rdtypes.ANY.TXT",
+    "dns.rdtypes.IN.A",
+    "dns.rdtypes.IN.AAAA",
+    "encodings.idna",
+    "encodings.punycode",
+    "gevent.resolver.thread",
+    "geosmtp.admin.server",
+)
+
+
+def preload() -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
 
 
 def _whoami() -> str:
