@@ -127,6 +127,7 @@ def profile(args: argparse.Namespace, opts: Options) -> int:
                     *([] if args.native else ["--nonblocking"]),
                     "--threads",
                     "--idle",
+                    "--subprocesses",  # the workers: the master serves no client
                     *(["--native"] if args.native else []),
                     "--format",
                     args.format,
