@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .servers import REPO, Server, machine_cpu
+from .servers import REPO, Server, machine_cpu, tree_by_process
 
 
 class Worker:
@@ -314,6 +314,7 @@ def run_jobs(
     elif measured:
         assert server is not None
         srv["rss_before_kb"] = server.rss()
+        rss0 = tree_by_process(server.pid, "VmRSS")
         srv["peak_reset"] = _reset(server)
         due = [0.0]
 
@@ -360,6 +361,11 @@ def run_jobs(
         # largest sampled sum.
         srv["rss_peak_kb"] = max([m.get("VmHWM", 0) if srv["peak_reset"] else 0, *samples])
         srv["procs"] = m.get("procs", 1)
+        # Which process grew (MB, peak - before; a new process: its peak).
+        srv["rss_growth_by_process_mb"] = {
+            str(p): round((hwm - rss0.get(p, 0)) / 1024, 1)
+            for p, hwm in tree_by_process(server.pid, "VmHWM").items()
+        }
     return outcome, srv
 
 

@@ -65,6 +65,8 @@ def _server_figures(srv: dict, duration: float, client_cpu: float = 0.0) -> dict
         out["rss_peak_mb"] = srv["rss_peak_kb"] / 1024
         out["rss_growth_mb"] = (srv["rss_peak_kb"] - srv["rss_before_kb"]) / 1024
         out["server_procs"] = srv.get("procs", 1)
+        if "rss_growth_by_process_mb" in srv:
+            out["rss_growth_by_process_mb"] = srv["rss_growth_by_process_mb"]
         if "machine_cpu_s" in srv:
             # Over the whole measured window (workers' start and end included).
             others = srv["machine_cpu_s"] - srv["cpu_s"] - client_cpu - srv["driver_cpu_s"]
@@ -338,6 +340,15 @@ def idle(server_cls: type[Server], opts: Options) -> list[dict]:
             row["rss_before_mb"] = mem0.get("Rss", 0) / 1024
             row["rss_idle_mb"] = mem1.get("Rss", 0) / 1024
             row["rss_after_probe_mb"] = mem2.get("Rss", 0) / 1024
+            # Pages a worker shared with the master (copy-on-write since the fork)
+            # and has since copied are in Pss growth, not in Rss growth.
+            shared = ("Shared_Clean", "Shared_Dirty")
+            row["shared_before_mb"] = sum(mem0.get(k, 0) for k in shared) / 1024
+            row["shared_idle_mb"] = sum(mem1.get(k, 0) for k in shared) / 1024
+            row["private_per_conn_kb"] = (
+                sum(mem1.get(k, 0) - mem0.get(k, 0) for k in ("Private_Clean", "Private_Dirty"))
+                / conns
+            )
         lat = sorted(probe.latencies)
         row["probe_count"] = len(lat)
         row["probe_p50_ms"] = statistics.median(lat) * 1000 if lat else float("nan")

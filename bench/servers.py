@@ -70,7 +70,16 @@ def proc_mem(pid: int) -> dict[str, int]:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("Rss", "Pss", "Pss_Anon", "Anonymous"):
+                if key in (
+                    "Rss",
+                    "Pss",
+                    "Pss_Anon",
+                    "Anonymous",
+                    "Shared_Clean",
+                    "Shared_Dirty",
+                    "Private_Clean",
+                    "Private_Dirty",
+                ):
                     out[key] = int(rest.split()[0])
     except OSError:
         pass
@@ -112,6 +121,16 @@ def tree_rss(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             pass
     return total
+
+
+def tree_by_process(pid: int, key: str) -> dict[int, int]:
+    """One `proc_mem` figure (kB) of each process of the tree."""
+    out = {}
+    for p in probe.process_tree(pid):
+        kb = proc_mem(p).get(key)
+        if kb is not None:
+            out[p] = kb
+    return out
 
 
 def tree_sockets(pid: int) -> dict[int, int]:
