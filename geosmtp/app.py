@@ -519,12 +519,14 @@ class App:
         self._access_writer = gevent.spawn(logs.access_log.run)
         self.listeners.start()
         self.queue.start()
+        self.metrics.start()  # with workers: writes the queue and filter gauges each second
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let sessions finish for `grace` seconds, then stop the rest."""
         grace = self.config.timeouts.shutdown_grace if grace is None else grace
         self.listeners.stop(grace)
         self.queue.stop(timeout=grace)
+        self.metrics.stop()
         if self._access_writer is not None:
             self._access_writer.kill()
         logs.access_log.flush()
