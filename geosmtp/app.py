@@ -613,6 +613,7 @@ class App:
         self._access_writer = gevent.spawn(logs.access_log.run)
         self.cluster.start()
         self.listeners.start(bound)
+        self.metrics.start()  # with workers: writes the queue and filter gauges each second
         index, shares = self.share
         take_share(index, shares)
         path = f"{self.queue_store.root}/.share-{index}.lock"
@@ -656,6 +657,7 @@ class App:
         self.listeners.stop(grace)
         self.cluster.stop()
         self.queue.stop(timeout=grace)
+        self.metrics.stop()
         if self._access_writer is not None:
             self._access_writer.kill()
         logs.access_log.flush()
