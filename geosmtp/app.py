@@ -249,7 +249,7 @@ class App:
         self.metrics.watch_queue(self.queue)  # the queue gauges, read at scrape time
         # Filter stages (the `filters:` section), rebuilt at each config change.
         self.filters = Filters(self.spool)
-        self.metrics.watch_filters(self.filters.slots)
+        self.metrics.watch_filters(self.filters.slots, lambda: self.config.filter_concurrency)
         self.pipeline = Pipeline(
             Router(
                 local=MaildirDestination(self.store),

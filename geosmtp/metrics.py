@@ -56,6 +56,9 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 #: A stage's verdict (the `verdict` label).
 STAGE_VERDICTS = ("accept", "replace", "tempfail", "reject")
 
+#: Where a transaction or recipient was refused (the `stage` label).
+REJECT_STAGES = ("MAIL", "RCPT", "DATA", "BDAT", "filter", "sender-checks", "dkim-sign", "storage")
+
 #: How a session ended (the `outcome` label).
 OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
 
@@ -270,9 +273,11 @@ class Metrics:
             "geosmtp_filter_slots",
             "The filter_concurrency limit",
             registry=r,
-            multiprocess_mode="livesum",
+            multiprocess_mode="livemax",  # the server's limit; each worker has a share
         )
         self._stage_children: dict[tuple[str, str], Any] = {}
+        for stage in REJECT_STAGES:  # every stage shows, at 0 until it refuses
+            self.messages_rejected.labels(stage)
         self.auth_success = self.auth.labels("success")
         self.auth_failure = self.auth.labels("failure")
         # add_counts' labelled children: a `labels()` lookup costs more than the `inc()`.
@@ -296,11 +301,13 @@ class Metrics:
         self._watch(self.queue_held, queue.held_count)
         self._watch(self.queue_oldest_age, queue.oldest_age)
 
-    def watch_filters(self, slots: Any) -> None:
-        """Take the filter gauges from `slots` (filters.Slots), as `watch_queue` does."""
+    def watch_filters(self, slots: Any, limit: Callable[[], int]) -> None:
+        """Take the filter gauges from `slots` (filters.Slots), as `watch_queue`
+        does; `limit` is the server's filter_concurrency (a worker's slots
+        are its share of it)."""
         self._watch(self.filter_running, lambda: slots.running)
         self._watch(self.filter_waiting, lambda: slots.waiting)
-        self._watch(self.filter_slots, lambda: slots.limit)
+        self._watch(self.filter_slots, limit)
 
     def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         if self.multiprocess_dir is None:

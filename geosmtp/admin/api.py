@@ -271,7 +271,7 @@ class AdminAPI:
         snap = self.server.metrics.snapshot()  # with workers: all of theirs added
         return {
             "concurrency": {
-                "limit": int(snap["geosmtp_filter_slots"]),
+                "limit": self.server.config.filter_concurrency,
                 "running": int(snap["geosmtp_filter_running"]),
                 "waiting": int(snap["geosmtp_filter_waiting"]),
             },

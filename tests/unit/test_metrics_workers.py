@@ -187,7 +187,7 @@ if pid == 0:
     import gevent
     queue = Queue()
     m.watch_queue(queue)
-    m.watch_filters(Slots())
+    m.watch_filters(Slots(), lambda: 8)
     m.start()
     queue.entries = 5  # written at the next tick, not by start()
     os.write(ready_w, b"!")
@@ -213,7 +213,7 @@ def test_a_worker_publishes_what_it_watches(tmp_path):
     assert started["geosmtp_queue_oldest_age_seconds"] == 7.0
     assert started["geosmtp_filter_running"] == 2.0
     assert started["geosmtp_filter_waiting"] == 1.0
-    assert started["geosmtp_filter_slots"] == 4.0
+    assert started["geosmtp_filter_slots"] == 8.0  # the server's limit, not the share
     assert started["geosmtp_queue_entries"] in (1.0, 5.0)  # 5 if a tick came already
     assert seen["ticked"]["geosmtp_queue_entries"] == 5.0
     dead = seen["dead"]
