@@ -28,13 +28,18 @@ class FairSlots:
     slot it was given.
     """
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, size: int | None = None) -> None:
         self.hub = hub
+        self._size = size  # None: as many as the hub's pool has threads
         self.busy = 0  # slots held (and handed to a waiter not yet resumed)
         self.waiting: deque[Waiter] = deque()
 
+    @property
+    def size(self) -> int:
+        return self._size if self._size is not None else self.hub.threadpool.maxsize
+
     def acquire(self) -> None:
-        if not self.waiting and self.busy < self.hub.threadpool.maxsize:
+        if not self.waiting and self.busy < self.size:
             self.busy += 1
             return
         waiter = Waiter(self.hub)
@@ -49,7 +54,7 @@ class FairSlots:
             raise
 
     def release(self) -> None:
-        if self.waiting and self.busy <= self.hub.threadpool.maxsize:
+        if self.waiting and self.busy <= self.size:
             # Straight to the next in line (busy stays as it is), so nobody else
             # can take it meanwhile. Waiter.switch runs in the hub.
             self.hub.loop.run_callback(self.waiting.popleft().switch, None)
