@@ -349,6 +349,11 @@ class Geosmtp(Server):
                 "from geosmtp.cli import main; sys.exit(main(sys.argv[2:]))"
             )
             return [sys.executable, "-c", code, pool, "-c", str(path)]
+        trace = os.environ.get("BENCH_GEOSMTP_TRACE")
+        if trace:
+            # Diagnosis only: every threadpool trip timed (bench/experiments/pool_trace.py).
+            tracer = BENCH_DIR / "experiments" / "pool_trace.py"
+            return [sys.executable, str(tracer), trace, "-c", str(path)]
         return [sys.executable, "-m", "geosmtp", "-c", str(path)]
 
     def queued(self) -> int:
