@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -394,6 +395,9 @@ class Metrics:
         return out
 
 
+#: Tries to read the workers' files while one of them is being made.
+FILE_RETRIES = 20
+
 #: The gauge (a livesum one) also shown per worker, as geosmtp_worker_connections_current.
 PER_WORKER = "geosmtp_connections_current"
 
@@ -407,7 +411,17 @@ class _WorkersCollector:
         self.totals = multiprocess.MultiProcessCollector(None, path)
 
     def collect(self) -> Iterator[Metric]:
-        yield from self.totals.collect()
+        # A worker that has just started may have made its file and not yet
+        # sized it: reading it then fails; it is sized microseconds later.
+        for attempt in range(FILE_RETRIES):
+            try:
+                totals = list(self.totals.collect())
+                break
+            except struct.error:
+                if attempt == FILE_RETRIES - 1:
+                    raise
+                gevent.sleep(0.01)
+        yield from totals
         per_worker = GaugeMetricFamily(
             "geosmtp_worker_connections_current", "Open connections, by worker", labels=["worker"]
         )
@@ -415,7 +429,7 @@ class _WorkersCollector:
         for path in sorted(glob.glob(os.path.join(self.path, f"{prefix}*.db"))):
             try:
                 entries = MmapedDict.read_all_values_from_file(path)
-            except FileNotFoundError:  # that worker has just been marked dead
+            except (FileNotFoundError, struct.error):  # marked dead, or just made
                 continue
             # A key is JSON: [metric, sample, labels, help] (prometheus_client's mmap_key).
             values = [v for key, v, *_ in entries if json.loads(key)[0] == PER_WORKER]
