@@ -449,6 +449,13 @@ class App:
             raise ConfigError("reload: needs the master process")
         return self._now_running(self.master.reload())
 
+    def retire(self, mapping: dict) -> None:
+        """This worker's generation is being replaced by workers on `mapping`:
+        the timeouts of its open sessions become the new ones (as one process
+        applied them to every session); the rest stays as the sessions began."""
+        new = cfg.from_mapping(mapping)
+        self.config = dataclasses.replace(self.config, timeouts=new.timeouts)
+
     def _now_running(self, change: ConfigChange) -> ConfigChange:
         """This worker is retiring (it accepts no one now): its views (the API's
         answer to this request) show the config the new workers run."""

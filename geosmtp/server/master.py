@@ -466,8 +466,10 @@ class Master:
         self._respawn.clear()
         self._young_deaths.clear()
         if old is not None:
+            retire = {"retire": cfg.to_mapping(gen.config)}
             for worker in old.workers.values():
                 worker.retiring = True
+                _reply(worker.control, retire)  # the new timeouts, for its open sessions
                 _kill(worker.pid, signal.SIGTERM)
         for asker, change in gen.waiting:
             if change.changed:
