@@ -180,7 +180,8 @@ def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict
                         )
                     print(
                         f"   {name} c={r.get('clients')}: {r.get('msgs_per_s', 0):,.0f} msgs/s "
-                        f"p99 {r.get('p99_ms', float('nan')):.1f} ms · {r.get('verify')} · "
+                        f"p99 {r.get('p99_ms', float('nan')):.1f} ms{_fairness(r)} · "
+                        f"{r.get('verify')} · "
                         f"{state} ({time.monotonic() - t0:.0f}s)",
                         file=sys.stderr,
                     )
@@ -191,6 +192,19 @@ def _run_rounds(args: argparse.Namespace, servers: list[str]) -> tuple[list[dict
                         ok = False
             rows.extend(got)
     return rows, ok
+
+
+def _fairness(row: dict) -> str:
+    """`, dot p99 .. ms, slowest session 3 of 200 msgs (mean)`, when the client timed them."""
+    out = ""
+    if "dot_p99_ms" in row:
+        out += f", end of DATA → 250 p99 {row['dot_p99_ms']:.1f} ms"
+    if "session_min_msgs" in row:
+        out += (
+            f", slowest session {row['session_min_msgs']} msgs "
+            f"(mean {row['session_mean_msgs']:.1f})"
+        )
+    return out
 
 
 def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:

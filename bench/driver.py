@@ -183,6 +183,10 @@ class Outcome:
     login_latencies: list[float] = field(default_factory=list)  # pop3
     not_logged_in: int = 0  # pop3: sessions the server did not log in (tried again)
     login_examples: list[str] = field(default_factory=list)  # pop3
+    #: Seconds per session phase (`bench.loadgen.PHASES`), every worker's.
+    phases: dict[str, list[float]] = field(default_factory=dict)
+    #: load: messages acknowledged by each session.
+    session_msgs: list[int] = field(default_factory=list)
 
     @property
     def duration(self) -> float:
@@ -220,6 +224,9 @@ class Outcome:
         self.login_latencies.extend(result.get("login_latencies", []))
         self.not_logged_in += result.get("not_logged_in", 0)
         self.login_examples.extend(result.get("login_examples", [])[: 5 - len(self.login_examples)])
+        for phase, seconds in result.get("phases", {}).items():
+            self.phases.setdefault(phase, []).extend(seconds)
+        self.session_msgs.extend(result.get("session_msgs", []))
 
     def percentile(self, q: float) -> float:
         """Nearest-rank percentile of the latencies, in milliseconds."""
@@ -242,7 +249,26 @@ class Outcome:
             "error_examples": self.examples[:10],
             "client_cpu_s": self.client_cpu,
             "connect_retries": self.connect_retries,
+            **self.fairness(),
         }
+
+    def fairness(self) -> dict:
+        """Per phase p50/p95/p99 (`dot_p99_ms`: end of DATA to 250, ...), and the
+        messages each session got acknowledged: the slowest session's count
+        against the mean shows a starved session, which percentiles over all
+        messages hide (a starved session sends few messages, so few samples)."""
+        out: dict = {}
+        for phase, seconds in sorted(self.phases.items()):
+            for q in (50, 95, 99):
+                out[f"{phase}_p{q}_ms"] = nearest_rank(seconds, q)
+            out[f"{phase}_max_ms"] = max(seconds) * 1000
+        counts = self.session_msgs
+        if counts:
+            out["session_min_msgs"] = min(counts)
+            out["session_mean_msgs"] = sum(counts) / len(counts)
+            out["session_max_msgs"] = max(counts)
+            out["sessions_counted"] = len(counts)
+        return out
 
 
 def nearest_rank(seconds: list[float], q: float) -> float:

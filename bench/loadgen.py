@@ -47,6 +47,12 @@ from bench import mailboxes, messages  # noqa: E402
 
 perf = time.perf_counter
 
+#: The phases of an SMTP session timed one by one (seconds, each time one ends):
+#: connect to the 220 greeting, each command to its reply (`envelope`: MAIL,
+#: RCPTs and DATA pipelined in one write, to the 354), and the end of DATA
+#: (the final dot sent) to its 250.
+PHASES = ("greeting", "ehlo", "mail", "rcpt", "data", "envelope", "dot")
+
 
 class ProtocolError(Exception):
     pass
@@ -99,8 +105,15 @@ class Stats:
         self.login_latencies: list[float] = []  # pop3: PASS to its +OK
         self.not_logged_in = 0  # pop3: sessions that ended before login (tried again)
         self.login_examples: list[str] = []
+        #: Seconds per phase of a session (`PHASES`), each time it was seen.
+        self.phases: dict[str, list[float]] = {}
+        #: load: messages acknowledged by each session (client), so starvation shows.
+        self.session_msgs: list[int] = []
         self.start = time.time()
         self.end = self.start
+
+    def phase(self, name: str, seconds: float) -> None:
+        self.phases.setdefault(name, []).append(seconds)
 
     def error(self, kind: str, detail: object = "") -> None:
         self.errors[kind] += 1
@@ -243,10 +256,15 @@ class Job:
                     gevent.sleep(0.05 * 2**attempt)
         raise ConnectionError(f"connect failed: {last}")
 
-    def greet(self, s: Session, name: str) -> None:
+    def greet(self, s: Session, name: str, t0: float | None = None) -> None:
+        """Read the 220 (`t0`: when the connect began, for its phase) and EHLO."""
         s.expect(220, "greeting")
+        t1 = perf()
+        if t0 is not None:
+            self.stats.phase("greeting", t1 - t0)
         s.sock.sendall(f"EHLO {name}\r\n".encode())
         s.expect(250, "EHLO")
+        self.stats.phase("ehlo", perf() - t1)
 
     def quit(self, s: Session) -> None:
         try:
@@ -262,8 +280,8 @@ class Job:
         out.append(b"DATA\r\n")
         return out
 
-    def transaction(self, s: Session, n: int) -> None:
-        """Send message n; record 250 as acked, an error reply as refused."""
+    def transaction(self, s: Session, n: int) -> bool:
+        """Send message n; record 250 as acked, an error reply as refused; whether acked."""
         st = self.stats
         rcpts = tuple(messages.recipients(n, self.nrcpt, self.boxes))
         msg = messages.build(self.run_id, n, self.size, rcpts)
@@ -272,11 +290,14 @@ class Job:
         if self.pipelining:
             s.sock.sendall(b"".join(cmds))
             codes = [s.reply() for _ in cmds]
+            st.phase("envelope", perf() - t0)
         else:
             codes = []
             for c in cmds:
+                t1 = perf()
                 s.sock.sendall(c)
                 codes.append(s.reply())
+                st.phase(c[:4].decode().lower(), perf() - t1)  # mail, rcpt, data
                 if codes[0] != 250:
                     break
         if codes[0] != 250 or codes[-1] != 354 or any(c != 250 for c in codes[1:-1]):
@@ -285,25 +306,29 @@ class Job:
             if codes[-1] == 354:  # should not happen: send an empty message to get out
                 s.sock.sendall(b".\r\n")
                 s.reply()
-            return
+            return False
         if self.size <= 256 * 1024:
             s.sock.sendall(b"".join(msg.wire_chunks()) + b".\r\n")
         else:
             for chunk in msg.wire_chunks():
                 s.sock.sendall(chunk)
             s.sock.sendall(b".\r\n")
+        t_dot = perf()
         code = s.reply()
         if code == 250:
-            st.latencies.append(perf() - t0)
+            t_end = perf()
+            st.phase("dot", t_end - t_dot)
+            st.latencies.append(t_end - t0)
             st.ok += 1
             st.deliveries += len(rcpts)
             st.bytes += msg.wire_len()
             st.acked.append(n)
             st.end = time.time()
             st.ack_times.append(st.end)
-        else:
-            st.refused.append(n)
-            st.error(f"DATA answered {code}", n)
+            return True
+        st.refused.append(n)
+        st.error(f"DATA answered {code}", n)
+        return False
 
     # ------------------------------------------------------------ kinds
 
@@ -313,26 +338,31 @@ class Job:
 
         def client(k: int) -> None:
             reconnects = 0
-            while reconnects < 3:
-                s = None
-                n = None
-                try:
-                    s = self.connect()
-                    s.sock.settimeout(self.io_timeout)
-                    self.greet(s, f"c{k}.bench.test")
-                    for n in ids:
-                        self.transaction(s, n)
-                        n = None
-                    self.quit(s)
-                    return
-                except (OSError, ServerClosed, ProtocolError, ConnectionError) as exc:
-                    self.stats.error(type(exc).__name__, exc)
-                    if n is not None:
-                        self.stats.error("lost in flight", n)
-                    reconnects += 1
-                    if s is not None:
-                        s.close()
-                    gevent.sleep(0.1)
+            sent = 0
+            try:
+                while reconnects < 3:
+                    s = None
+                    n = None
+                    try:
+                        t0 = perf()
+                        s = self.connect()
+                        s.sock.settimeout(self.io_timeout)
+                        self.greet(s, f"c{k}.bench.test", t0)
+                        for n in ids:
+                            sent += self.transaction(s, n)
+                            n = None
+                        self.quit(s)
+                        return
+                    except (OSError, ServerClosed, ProtocolError, ConnectionError) as exc:
+                        self.stats.error(type(exc).__name__, exc)
+                        if n is not None:
+                            self.stats.error("lost in flight", n)
+                        reconnects += 1
+                        if s is not None:
+                            s.close()
+                        gevent.sleep(0.1)
+            finally:
+                self.stats.session_msgs.append(sent)
 
         self.run_clients(client, clients)
 
@@ -633,6 +663,8 @@ class Job:
                 "login_latencies": st.login_latencies,
                 "not_logged_in": st.not_logged_in,
                 "login_examples": st.login_examples,
+                "phases": {k: [round(x, 6) for x in v] for k, v in st.phases.items()},
+                "session_msgs": st.session_msgs,
                 "cpu": t.user + t.system - t0.user - t0.system,
             }
         )

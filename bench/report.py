@@ -232,6 +232,7 @@ def _load_table(scenario: str, agg: dict) -> str:
                 f"{_ratio(ref.get('msgs_per_s'), other.get('msgs_per_s'))}, "
                 f"p99 latency {_ratio(ref.get('p99_ms'), other.get('p99_ms'))}"
             )
+    lines += _phase_table(agg, keys)
     lines += _spread_lines(rows_by_key=agg)
     return "\n".join(lines) + "\n" + targets(scenario, agg)
 
@@ -263,6 +264,52 @@ def _spread_lines(rows_by_key: dict) -> list[str]:
             f"| {_f(100 * a.get('busiest_msgs_share', math.nan))}% |"
         )
     return out
+
+
+#: The phases the bench's client times (bench.loadgen.PHASES), as the table names them.
+PHASE_NAMES = {
+    "greeting": "connect → 220",
+    "ehlo": "EHLO → 250",
+    "mail": "MAIL → 250",
+    "rcpt": "RCPT → 250",
+    "data": "DATA → 354",
+    "envelope": "MAIL+RCPT+DATA → 354",
+    "dot": "end of DATA → 250",
+}
+
+
+def _phase_table(agg: dict, keys: list) -> list[str]:
+    """Latency per phase (p50 / p95 / p99 ms) and messages per session (slowest /
+    mean / most): where a session waits, and whether some wait far more."""
+    phases = [p for p in PHASE_NAMES if any(_num(agg[k].get(f"{p}_p99_ms")) for k in keys)]
+    if not phases:
+        return []
+    lines = [
+        "",
+        "Latency per phase, ms (p50 / p95 / p99), and messages per session:",
+        "",
+        "| server | sessions | "
+        + " | ".join(PHASE_NAMES[p] for p in phases)
+        + " | msgs per session: slowest / mean / most |",
+        "|---|---:|" + "---:|" * (len(phases) + 1),
+    ]
+    for key in keys:
+        a = agg[key]
+        cells = [" / ".join(_f(a.get(f"{p}_p{q}_ms"), 1) for q in (50, 95, 99)) for p in phases]
+        counts = " / ".join(
+            _f(a.get(f"session_{w}_msgs"), 1 if w == "mean" else 0) for w in ("min", "mean", "max")
+        )
+        row = " | ".join(cells)
+        lines.append(f"| {a['server']} | {a['clients']:,} | {row} | {counts} |")
+    lines.append("")
+    lines.append(
+        "Each figure is the median over the rounds. The phases are timed by the client: "
+        "from the start of the connect to the greeting, each command (or pipelined group) "
+        "to its reply, the final dot to its 250; msgs per session: how many messages each "
+        "session had acknowledged (sessions take the next message from one shared list, "
+        "so a session the server serves slowly sends fewer)."
+    )
+    return lines
 
 
 def _idle_table(agg: dict) -> str:

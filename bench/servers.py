@@ -451,6 +451,11 @@ class Geosmtp(Server):
                 "from geosmtp.cli import main; sys.exit(main(sys.argv[1:]))"
             )
             return [sys.executable, "-c", code, "-c", str(path)]
+        trace = os.environ.get("BENCH_GEOSMTP_TRACE")
+        if trace:
+            # Diagnosis only: every threadpool trip timed (bench/experiments/pool_trace.py).
+            tracer = BENCH_DIR / "experiments" / "pool_trace.py"
+            return [sys.executable, str(tracer), trace, "-c", str(path)]
         return [sys.executable, "-m", "geosmtp", "-c", str(path)]
 
     def workers(self) -> dict[str, dict[str, int]]:

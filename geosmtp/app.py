@@ -249,7 +249,7 @@ class App:
         self.metrics.watch_queue(self.queue)  # the queue gauges, read at scrape time
         # Filter stages (the `filters:` section), rebuilt at each config change.
         self.filters = Filters(self.spool)
-        self.metrics.watch_filters(self.filters.slots)
+        self.metrics.watch_filters(self.filters.slots, lambda: self.config.filter_concurrency)
         self.pipeline = Pipeline(
             Router(
                 local=MaildirDestination(self.store),
@@ -449,6 +449,13 @@ class App:
             raise ConfigError("reload: needs the master process")
         return self._now_running(self.master.reload())
 
+    def retire(self, mapping: dict) -> None:
+        """This worker's generation is being replaced by workers on `mapping`:
+        the timeouts of its open sessions become the new ones (as one process
+        applied them to every session); the rest stays as the sessions began."""
+        new = cfg.from_mapping(mapping)
+        self.config = dataclasses.replace(self.config, timeouts=new.timeouts)
+
     def _now_running(self, change: ConfigChange) -> ConfigChange:
         """This worker is retiring (it accepts no one now): its views (the API's
         answer to this request) show the config the new workers run."""
@@ -613,6 +620,7 @@ class App:
         self._access_writer = gevent.spawn(logs.access_log.run)
         self.cluster.start()
         self.listeners.start(bound)
+        self.metrics.start()  # with workers: writes the queue and filter gauges each second
         index, shares = self.share
         take_share(index, shares)
         path = f"{self.queue_store.root}/.share-{index}.lock"
@@ -656,6 +664,7 @@ class App:
         self.listeners.stop(grace)
         self.cluster.stop()
         self.queue.stop(timeout=grace)
+        self.metrics.stop()
         if self._access_writer is not None:
             self._access_writer.kill()
         logs.access_log.flush()

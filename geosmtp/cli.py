@@ -154,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
-    from .app import prepare
     from .config import ConfigError
+
+    if not args.check_config:
+        _run_dir()  # before anything imports prometheus_client
+    from .app import prepare
 
     try:
         config = load_config(args)
@@ -164,11 +167,36 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(config)
     except ConfigError as exc:
         print(f"geosmtp: {_one_line(str(exc))}", file=sys.stderr)
+        _remove_run_dir()
         return EXIT_USAGE
     if args.check_config:
         print("configuration ok")
         return EXIT_OK
     return serve(config, config_path(args), args, prepared)
+
+
+def _run_dir() -> None:
+    """The server's private folder, made before the server's modules load:
+    the workers' control sockets, and prometheus_client's multiprocess files
+    (it reads `PROMETHEUS_MULTIPROC_DIR` once, when it is imported). The
+    master gives it to the workers' account and removes it at the end."""
+    import os
+    import tempfile
+    import time
+
+    run_dir = tempfile.mkdtemp(prefix="geosmtp-")
+    os.mkdir(f"{run_dir}/metrics", 0o700)
+    os.environ["GEOSMTP_RUN_DIR"] = run_dir
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = f"{run_dir}/metrics"
+    os.environ["GEOSMTP_STARTED"] = repr(time.time())  # uptime is the server's
+
+
+def _remove_run_dir() -> None:
+    import os
+    import shutil
+
+    if "GEOSMTP_RUN_DIR" in os.environ:
+        shutil.rmtree(os.environ["GEOSMTP_RUN_DIR"], ignore_errors=True)
 
 
 def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # type: ignore[no-untyped-def]
@@ -183,7 +211,10 @@ def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # 
             config = cfg.load(path)
             return apply_overrides(config, args) if args is not None else config
 
-    return serve_master(config, loader, prepared, path)
+    try:
+        return serve_master(config, loader, prepared, path)
+    finally:
+        _remove_run_dir()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,15 +6,26 @@ global one), exposed at `/metrics` on the admin listener and as JSON by
 labelled children once (`ListenerMetrics`, `POP3Metrics`) and the SMTP
 core keeps its per-command counts in a plain dict, added here
 (`add_counts`) once per message and at the end of a session.
+
+With workers (the master forks one process per core), each worker counts in
+files of its own and `/metrics` and `/api/v1/stats` add them all up: that is
+prometheus_client's multiprocess mode, chosen by `PROMETHEUS_MULTIPROC_DIR`
+(read when prometheus_client is imported). See "Metrics across workers" in
+docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import gevent
+from loguru import logger
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,7 +33,11 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
+    values,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict
 
 # The `_created` timestamp series double the output and no dashboard here uses them.
 disable_created_metrics()
@@ -42,21 +57,72 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 #: A stage's verdict (the `verdict` label).
 STAGE_VERDICTS = ("accept", "replace", "tempfail", "reject")
 
+#: Where a transaction or recipient was refused (the `stage` label).
+REJECT_STAGES = ("MAIL", "RCPT", "DATA", "BDAT", "filter", "sender-checks", "dkim-sign", "storage")
+
 #: How a session ended (the `outcome` label).
 OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
+
+#: Set by the master, before anything imports prometheus_client: a private, empty
+#: directory where every process keeps its values (multiprocess mode).
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Set by the master: when the server started (Unix time), for `uptime_seconds`.
+STARTED_ENV = "GEOSMTP_STARTED"
+#: How often a worker writes the gauges it reads from its queue and filter slots
+#: (multiprocess mode; a single process reads them at scrape time instead).
+PUBLISH_INTERVAL = 1.0
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of every process's values, or None: one process, one registry."""
+    path = os.environ.get(MULTIPROC_DIR_ENV)
+    if path is None:
+        return None
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # The values already made live in this process only: nobody would see them.
+        raise RuntimeError(
+            f"{MULTIPROC_DIR_ENV} was set after prometheus_client was imported; "
+            "set it before importing geosmtp.metrics"
+        )
+    return path
+
+
+def server_started() -> float:
+    """When the server started: the master's word (`GEOSMTP_STARTED`), else now."""
+    value = os.environ.get(STARTED_ENV)
+    if value is None:
+        return time.time()
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{STARTED_ENV}={value!r}: not a Unix time") from None
+
+
+def mark_process_dead(pid: int, path: str | None = None) -> None:
+    """A worker exited (the master calls this once it has reaped it): its gauges
+    (open connections, its part of the queue) leave the totals; its counters
+    and histograms stay in them. `path` defaults to `PROMETHEUS_MULTIPROC_DIR`."""
+    multiprocess.mark_process_dead(pid, path)
 
 
 class Metrics:
     def __init__(self) -> None:
+        # This process's metrics. With workers, values live in files (one set per
+        # process, in `multiprocess_dir`) and `exposition()`/`snapshot()` read
+        # every process's through `_collected`; with one process, it is this one.
         self.registry = r = CollectorRegistry(auto_describe=True)
-        # The server's start (set by the master), not this worker's.
-        self.started = float(os.environ.get("GEOSMTP_STARTED") or time.time())
+        self.multiprocess_dir = multiprocess_dir()
+        self.started = server_started()
         listener = ["listener"]
         self.connections = Counter(
             "geosmtp_connections", "Connections accepted", listener, registry=r
         )
         self.connections_current = Gauge(
-            "geosmtp_connections_current", "Open connections", listener, registry=r
+            "geosmtp_connections_current",
+            "Open connections",
+            listener,
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_refused = Counter(
             "geosmtp_connections_refused",
@@ -114,16 +180,25 @@ class Metrics:
         )
         # The outbound queue. The gauges are read from the runner at scrape time
         # (`watch_queue`); the runner counts deliveries and times attempts.
+        # With workers, each owns a part of the queue: entries add up, the oldest
+        # age is the largest; a dead worker's part leaves with it ("live").
         self.queue_entries = Gauge(
-            "geosmtp_queue_entries", "Messages in the outbound queue", registry=r
+            "geosmtp_queue_entries",
+            "Messages in the outbound queue",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_held = Gauge(
-            "geosmtp_queue_held_entries", "Queued messages held by the administrator", registry=r
+            "geosmtp_queue_held_entries",
+            "Queued messages held by the administrator",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_oldest_age = Gauge(
             "geosmtp_queue_oldest_age_seconds",
             "Age of the oldest message in the outbound queue (0 when empty)",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.relay_deliveries = Counter(
             "geosmtp_relay_deliveries",
@@ -182,36 +257,89 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        # Each worker has its own slots: the sums are the server's (running against slots).
         self.filter_running = Gauge(
             "geosmtp_filter_running",
             "Filter programs and Python stage threads running (holding a slot)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.filter_waiting = Gauge(
             "geosmtp_filter_waiting",
             "Messages waiting for a filter slot (filter_concurrency)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.filter_slots = Gauge(
-            "geosmtp_filter_slots", "The filter_concurrency limit", registry=r
+            "geosmtp_filter_slots",
+            "The filter_concurrency limit",
+            registry=r,
+            multiprocess_mode="livemax",  # the server's limit; each worker has a share
         )
         self._stage_children: dict[tuple[str, str], Any] = {}
+        for stage in REJECT_STAGES:  # every stage shows, at 0 until it refuses
+            self.messages_rejected.labels(stage)
         self.auth_success = self.auth.labels("success")
         self.auth_failure = self.auth.labels("failure")
         # add_counts' labelled children: a `labels()` lookup costs more than the `inc()`.
         self._count_children: dict[str, Any] = {}
+        # Gauges read from a source (`watch_queue`, `watch_filters`). One process
+        # reads them at scrape time (`set_function`); a worker writes them every
+        # PUBLISH_INTERVAL (`start`), since another process serves the scrape.
+        self._watched: dict[Gauge, Callable[[], float]] = {}
+        self._publisher: gevent.Greenlet | None = None
+        if self.multiprocess_dir is None:
+            self._collected = r
+        else:
+            self._collected = CollectorRegistry()
+            self._collected.register(_WorkersCollector(self.multiprocess_dir))
 
     def watch_queue(self, queue: Any) -> None:
-        """Read the queue gauges from `queue` (a QueueRunner) at each scrape."""
-        self.queue_entries.set_function(queue.pending_count)
-        self.queue_held.set_function(queue.held_count)
-        self.queue_oldest_age.set_function(queue.oldest_age)
+        """Take the queue gauges from `queue` (a QueueRunner): at each scrape with one
+        process; with workers, every PUBLISH_INTERVAL once `start()`ed, and at each
+        scrape this process serves."""
+        self._watch(self.queue_entries, queue.pending_count)
+        self._watch(self.queue_held, queue.held_count)
+        self._watch(self.queue_oldest_age, queue.oldest_age)
 
-    def watch_filters(self, slots: Any) -> None:
-        """Read the filter gauges from `slots` (filters.Slots) at each scrape."""
-        self.filter_running.set_function(lambda: slots.running)
-        self.filter_waiting.set_function(lambda: slots.waiting)
-        self.filter_slots.set_function(lambda: slots.limit)
+    def watch_filters(self, slots: Any, limit: Callable[[], int]) -> None:
+        """Take the filter gauges from `slots` (filters.Slots), as `watch_queue`
+        does; `limit` is the server's filter_concurrency (a worker's slots
+        are its share of it)."""
+        self._watch(self.filter_running, lambda: slots.running)
+        self._watch(self.filter_waiting, lambda: slots.waiting)
+        self._watch(self.filter_slots, limit)
+
+    def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        if self.multiprocess_dir is None:
+            gauge.set_function(read)
+        else:
+            self._watched[gauge] = read
+
+    def publish(self) -> None:
+        """Write the watched gauges' values now (with workers; a no-op without)."""
+        for gauge, read in self._watched.items():
+            gauge.set(read())
+
+    def start(self) -> None:
+        """With workers, write the watched gauges every PUBLISH_INTERVAL (in the
+        process that owns the queue and the slots, after the fork); else nothing."""
+        if self.multiprocess_dir is not None and self._publisher is None:
+            self.publish()
+            self._publisher = gevent.spawn(self._publish_forever)
+
+    def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.kill()
+            self._publisher = None
+
+    def _publish_forever(self) -> None:
+        while True:
+            gevent.sleep(PUBLISH_INTERVAL)
+            try:
+                self.publish()
+            except Exception:  # a gauge a second late, never a dead publisher
+                logger.exception("metrics: could not read a watched gauge")
 
     def stage_done(self, stage: str, verdict: str, failure: str | None, seconds: float) -> None:
         """A pipeline stage ran (the pipeline's observer)."""
@@ -247,12 +375,15 @@ class Metrics:
             child.inc(n)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The server's metrics (every worker's added) in the Prometheus text format."""
+        self.publish()  # this process's part of the watched gauges, as of now
+        return generate_latest(self._collected)
 
     def snapshot(self) -> dict[str, Any]:
         """Every sample as JSON-friendly data: {metric: value | {label=value,...: value}}."""
+        self.publish()
         out: dict[str, Any] = {}
-        for family in self.registry.collect():
+        for family in self._collected.collect():
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue
@@ -262,6 +393,50 @@ class Metrics:
                 key = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 out.setdefault(sample.name, {})[key] = sample.value
         return out
+
+
+#: Tries to read the workers' files while one of them is being made.
+FILE_RETRIES = 20
+
+#: The gauge (a livesum one) also shown per worker, as geosmtp_worker_connections_current.
+PER_WORKER = "geosmtp_connections_current"
+
+
+class _WorkersCollector:
+    """Every process's values added up (prometheus_client's MultiProcessCollector),
+    and open connections per worker (by pid): how the kernel spreads the clients."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.totals = multiprocess.MultiProcessCollector(None, path)
+
+    def collect(self) -> Iterator[Metric]:
+        # A worker that has just started may have made its file and not yet
+        # sized it: reading it then fails; it is sized microseconds later.
+        for attempt in range(FILE_RETRIES):
+            try:
+                totals = list(self.totals.collect())
+                break
+            except struct.error:
+                if attempt == FILE_RETRIES - 1:
+                    raise
+                gevent.sleep(0.01)
+        yield from totals
+        per_worker = GaugeMetricFamily(
+            "geosmtp_worker_connections_current", "Open connections, by worker", labels=["worker"]
+        )
+        prefix = "gauge_livesum_"
+        for path in sorted(glob.glob(os.path.join(self.path, f"{prefix}*.db"))):
+            try:
+                entries = MmapedDict.read_all_values_from_file(path)
+            except (FileNotFoundError, struct.error):  # marked dead, or just made
+                continue
+            # A key is JSON: [metric, sample, labels, help] (prometheus_client's mmap_key).
+            values = [v for key, v, *_ in entries if json.loads(key)[0] == PER_WORKER]
+            if values:
+                pid = os.path.basename(path)[len(prefix) : -len(".db")]
+                per_worker.add_metric([pid], sum(values))
+        yield per_worker
 
 
 class ListenerMetrics:

@@ -1,6 +1,10 @@
 """What the metrics cost: geosmtp with metrics on, and with every metrics call a no-op.
 
-    python bench/experiments/metrics_cost.py [ROUNDS] [MESSAGES]
+    python bench/experiments/metrics_cost.py [ROUNDS] [MESSAGES] [MODES]
+
+MODES (`on,off` by default) may add `workers`: metrics on, in prometheus_client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR set to a fresh directory), as each
+worker of a master runs them.
 
 Alternates the two, ROUNDS each (3 by default), each a fresh server (fsync
 on, log level WARNING) driven by Postfix's `smtp-source -s 100 -l 1024` with
@@ -36,7 +40,7 @@ def serve(mode: str, config: str) -> None:
             def inc(self, *args: object, **kwargs: object) -> None:
                 pass
 
-            dec = observe = inc
+            dec = observe = set = set_function = inc
 
             def labels(self, *args: object) -> Null:
                 return self
@@ -73,10 +77,17 @@ def one_run(mode: str, root: Path, messages: int) -> tuple[float, float]:
         f"listeners: [{{address: 127.0.0.1, port: {port}}}]\n"
         f"mail_dir: {mail}\nfsync: true\nlog: {{dir: {root}/logs, level: WARNING}}\n"
     )
+    env = dict(os.environ)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if mode == "workers":
+        shutil.rmtree(root / "metrics", ignore_errors=True)
+        (root / "metrics").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(root / "metrics")
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", mode, str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 20
@@ -110,22 +121,26 @@ def one_run(mode: str, root: Path, messages: int) -> tuple[float, float]:
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     messages = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
-    results: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    modes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["on", "off"]
+    results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="metrics-cost-") as tmp:
         for i in range(rounds):
-            for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
+            for mode in modes if i % 2 == 0 else modes[::-1]:
                 rate, cpu = one_run(mode, Path(tmp), messages)
                 results[mode].append((rate, cpu))
                 load = os.getloadavg()[0]
-                print(f"round {i + 1} metrics {mode:3}: {rate:7.1f} msgs/s, "
+                print(f"round {i + 1} metrics {mode:7}: {rate:7.1f} msgs/s, "
                       f"server CPU {cpu:5.0f} us/msg (load {load:.1f})", flush=True)  # fmt: skip
     med = {m: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v))
            for m, v in results.items()}  # fmt: skip
     for mode, (rate, cpu) in med.items():
-        print(f"median metrics {mode:3}: {rate:7.1f} msgs/s, server CPU {cpu:5.0f} us/msg")
-    (on_rate, on_cpu), (off_rate, off_cpu) = med["on"], med["off"]
-    print(f"metrics cost: {(on_cpu - off_cpu) / off_cpu:+.1%} server CPU per message, "
-          f"{(off_rate - on_rate) / off_rate:+.1%} throughput")  # fmt: skip
+        print(f"median metrics {mode:7}: {rate:7.1f} msgs/s, server CPU {cpu:5.0f} us/msg")
+    base = "off" if "off" in med else modes[0]
+    for mode in modes:
+        if mode != base:
+            (rate, cpu), (base_rate, base_cpu) = med[mode], med[base]
+            print(f"{mode} against {base}: {(cpu - base_cpu) / base_cpu:+.1%} server CPU "
+                  f"per message, {(base_rate - rate) / base_rate:+.1%} throughput")  # fmt: skip
 
 
 if __name__ == "__main__":

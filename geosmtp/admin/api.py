@@ -268,9 +268,13 @@ class AdminAPI:
 
     def get_filters(self, environ: dict) -> dict:
         filters = self.server.filters
-        snap = self.server.metrics.snapshot()
+        snap = self.server.metrics.snapshot()  # with workers: all of theirs added
         return {
-            "concurrency": self.server.cluster.filter_slots(),
+            "concurrency": {
+                "limit": self.server.config.filter_concurrency,
+                "running": int(snap["geosmtp_filter_running"]),
+                "waiting": int(snap["geosmtp_filter_waiting"]),
+            },
             "count": len(filters.stages),
             "filters": [self._filter_info(stage, snap) for stage in filters.stages],
         }

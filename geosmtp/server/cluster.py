@@ -157,10 +157,6 @@ class Cluster:
             return {"busy": str(exc)}
         return {"deleted": known, "pending": [r.address for r in record.pending]}
 
-    def _op_filters(self, arg: Any) -> dict:
-        slots = self.app.filters.slots
-        return {"limit": slots.limit, "running": slots.running, "waiting": slots.waiting}
-
     # ------------------------------------------------------ the whole server
 
     def ask_all(self, op: str, arg: Any = None) -> list[Any]:
@@ -187,14 +183,6 @@ class Cluster:
     def queue_entries(self) -> list[dict]:
         entries = [e for answer in self.ask_all("queue") for e in answer]
         return sorted(entries, key=lambda e: (e["arrival"], e["id"]))
-
-    def filter_slots(self) -> dict:
-        answers = self.ask_all("filters")
-        return {
-            "limit": answers[0]["limit"],
-            "running": sum(a["running"] for a in answers),
-            "waiting": sum(a["waiting"] for a in answers),
-        }
 
 
 _GONE = object()

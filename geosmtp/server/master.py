@@ -30,11 +30,9 @@ import contextlib
 import importlib
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,8 +466,10 @@ class Master:
         self._respawn.clear()
         self._young_deaths.clear()
         if old is not None:
+            retire = {"retire": cfg.to_mapping(gen.config)}
             for worker in old.workers.values():
                 worker.retiring = True
+                _reply(worker.control, retire)  # the new timeouts, for its open sessions
                 _kill(worker.pid, signal.SIGTERM)
         for asker, change in gen.waiting:
             if change.changed:
@@ -584,7 +584,7 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
     if note is not None:
         (logger.warning if who is None and os.geteuid() == 0 else logger.info)(note)
     nofile = raise_open_files_limit()
-    run_dir = Path(tempfile.mkdtemp(prefix="geosmtp-"))
+    run_dir = Path(os.environ["GEOSMTP_RUN_DIR"])  # cli._run_dir made it
     master = Master(config, loader, who, path)
     try:
         for key, path, mode in (
@@ -593,9 +593,8 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
             ("relay.queue_dir", config.queue_path, PRIVATE_DIR_MODE),
         ):
             _make_folder(key, path, mode, who)
-        privileges.chown(run_dir, who)
-        os.environ["GEOSMTP_RUN_DIR"] = str(run_dir)
-        os.environ["GEOSMTP_STARTED"] = repr(time.time())  # the server's uptime, not a worker's
+        for folder in (run_dir, run_dir / "metrics"):
+            privileges.chown(folder, who)
         master.bind()
         preload()
         master.start(prepared)
@@ -613,7 +612,6 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
         master.stop()
         master.run()
         master.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
         return status
     if not master.stopping:
         logger.info(
@@ -632,7 +630,6 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
         master.run()
     finally:
         master.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
     logger.info("stopped")
     return 0
 

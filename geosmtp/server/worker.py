@@ -14,12 +14,13 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 import gevent
 from gevent import socket as gsocket
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 from loguru import logger
 
@@ -53,22 +54,51 @@ class WorkerContext:
 
 
 class MasterLink:
-    """The worker's end of its control channel: one JSON message a packet."""
+    """The worker's end of its control channel: one JSON message a packet.
+
+    One greenlet reads it: a reply goes to the request waiting for it; a
+    `retire` message (this worker's generation is being replaced) carries the
+    config the new workers run, and `on_retire` gets it.
+    """
 
     def __init__(self, control: socket.socket) -> None:
         self.sock = gsocket.socket(fileno=control.detach())
         self._lock = Semaphore()  # one request at a time: replies come in order
+        self._reply: AsyncResult | None = None
+        self.on_retire: Callable[[dict], None] | None = None
+        self._reader: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        self._reader = gevent.spawn(self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError:
+                data = b""
+            message = json.loads(data) if data else None
+            if message is not None and "retire" in message:
+                if self.on_retire is not None:
+                    self.on_retire(message["retire"])
+                continue
+            if self._reply is not None:
+                self._reply.set(message)
+            if message is None:
+                return
 
     def send(self, message: dict) -> None:
         self.sock.send(json.dumps(message).encode())
 
     def request(self, message: dict) -> dict:
         with self._lock:
+            self._reply = AsyncResult()
             self.send(message)
-            data = self.sock.recv(1 << 20)
-        if not data:
+            reply = self._reply.get()
+            self._reply = None
+        if reply is None:
             raise ConfigError("the master process is gone")
-        return json.loads(data)
+        return reply
 
     def _change(self, message: dict):  # type: ignore[no-untyped-def]
         from ..app import ConfigChange
@@ -108,6 +138,17 @@ def run(ctx: WorkerContext) -> NoReturn:
         except OSError:
             pass
         os._exit(status)
+
+    def retire(config: dict) -> None:
+        # The new config for what this worker still serves: open sessions
+        # keep their settings, but the timeouts apply to all of them.
+        try:
+            app.retire(config)
+        except Exception:
+            logger.exception("worker {}: could not take the new timeouts", ctx.index)
+
+    link.on_retire = retire
+    link.start()
     link.send({"ready": True, "pid": os.getpid()})
     stop = Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
