@@ -130,21 +130,27 @@ def test_the_api_reload_reaches_every_worker(make_server):
     assert api.config()["limits"]["max_recipients"] == 3
 
 
+def hold_on_every_worker(server, api, clients: list[socket.socket]) -> None:
+    """Connect (greeted, then idle) until every worker holds a session: the
+    kernel picks the worker. The sockets go into `clients`."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        assert sock.recv(512).startswith(b"220")
+        clients.append(sock)
+        sessions = api.sessions()
+        if len({s["worker"] for s in sessions}) == WORKERS and len(sessions) == len(clients):
+            return
+    pytest.fail("the connections did not reach every worker")
+
+
 def test_sessions_and_kick_see_every_worker(make_server):
     server = make_server({"workers": WORKERS, **with_admin()})
     api = admin_of(server)
     started(server)
-    clients = []
+    clients: list[socket.socket] = []
     try:
-        # Connect until both workers hold sessions (the kernel picks the worker).
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            sock = socket.create_connection((server.host, server.port), timeout=10)
-            assert sock.recv(512).startswith(b"220")
-            clients.append(sock)
-            sessions = api.sessions()
-            if len({s["worker"] for s in sessions}) == WORKERS and len(sessions) == len(clients):
-                break
+        hold_on_every_worker(server, api, clients)
         sessions = api.sessions()
         assert len(sessions) == len(clients)
         assert len({s["worker"] for s in sessions}) == WORKERS
@@ -279,16 +285,9 @@ def test_metrics_add_up_across_workers(make_server):
     server = make_server({"workers": WORKERS, **with_admin()})
     api = admin_of(server)
     started(server)
-    held = []
+    held: list[socket.socket] = []
     try:
-        # Hold connections until both workers have some (the kernel picks).
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            sock = socket.create_connection((server.host, server.port), timeout=10)
-            assert sock.recv(512).startswith(b"220")
-            held.append(sock)
-            if len({s["worker"] for s in api.sessions()}) == WORKERS:
-                break
+        hold_on_every_worker(server, api, held)
         by_worker = {s["worker"] for s in api.sessions()}
         assert len(by_worker) == WORKERS
         exposition = api.exposition()
