@@ -60,6 +60,7 @@ class AdminAPI:
                     raise HTTPError(
                         "405 Method Not Allowed", f"{method} /metrics: use GET", [("Allow", "GET")]
                     )
+                self.server.cluster.publish_metrics()
                 body = self.server.metrics.exposition()
                 return _respond(start_response, "200 OK", body, CONTENT_TYPE_LATEST)
             status, payload = self._route(method, path, environ)
@@ -124,6 +125,7 @@ class AdminAPI:
 
     def get_stats(self, environ: dict) -> dict:
         metrics = self.server.metrics
+        self.server.cluster.publish_metrics()
         snap = metrics.snapshot()
 
         def total(name: str) -> float:

@@ -157,6 +157,10 @@ class Cluster:
             return {"busy": str(exc)}
         return {"deleted": known, "pending": [r.address for r in record.pending]}
 
+    def _op_publish(self, arg: Any) -> bool:
+        self.app.metrics.publish()
+        return True
+
     # ------------------------------------------------------ the whole server
 
     def ask_all(self, op: str, arg: Any = None) -> list[Any]:
@@ -176,6 +180,11 @@ class Cluster:
     def first(self, op: str, arg: Any, found: Callable[[Any], bool] = bool) -> Any:
         """The answer of the worker that knows `arg` (None when none does)."""
         return next((a for a in self.ask_all(op, arg) if a is not None and found(a)), None)
+
+    def publish_metrics(self) -> None:
+        """Every worker writes its queue and filter gauges now, so that a scrape
+        sees the queue as it is (they also do so every second on their own)."""
+        self.ask_all("publish")
 
     def sessions(self) -> list[dict]:
         return [info for answer in self.ask_all("sessions") for info in answer]

@@ -302,7 +302,9 @@ class Master:
         while self._signals:
             signum = self._signals.pop(0)
             if signum == signal.SIGHUP:
-                if not self.stopping:
+                if self.current is None or not self.current.serving:
+                    logger.warning("reload ignored: the workers are still starting")
+                elif not self.stopping:
                     self.reload_file(None)
             elif not self.stopping:
                 logger.info("signal received, stopping")
@@ -627,6 +629,10 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
     if not master.stopping:
         notify.notify(f"{notify.READY}\n{notify.status(f'serving with {master.count} workers')}")
     try:
+        master.run()
+    except Exception:  # a bug here: stop the workers as a stop signal would
+        logger.exception("master error: stopping")
+        master.stop()
         master.run()
     finally:
         master.close()

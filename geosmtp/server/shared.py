@@ -236,6 +236,7 @@ class SharedThrottleRecords:
         for fmt, count in self._layout(capacity):
             views.append(memory.view(at, fmt, count))
             at += _aligned(views[-1].nbytes)
+        self._views = views
         (
             self._header,
             self._hash,
@@ -275,16 +276,7 @@ class SharedThrottleRecords:
         return sum(_aligned(struct.calcsize(fmt) * n) for fmt, n in cls._layout(capacity))
 
     def release(self) -> None:
-        for view in (
-            self._header,
-            self._hash,
-            self._count,
-            self._pending,
-            self._last,
-            self._prev,
-            self._next,
-            self._index,
-        ):
+        for view in self._views:
             view.release()
 
     # ------------------------------------------------------------ the lock

@@ -190,6 +190,7 @@ def test_a_thread_past_its_timeout_keeps_its_slot_until_it_ends(make_server, sta
         with_admin(
             {
                 "filter_concurrency": 1,
+                "workers": 1,  # one process, one slot (with more, each has a slot at least)
                 "timeouts": {"data_total": 1.5},
                 "filters": [call("hold", "hold", on_failure="pass")],
             }

@@ -130,21 +130,27 @@ def test_the_api_reload_reaches_every_worker(make_server):
     assert api.config()["limits"]["max_recipients"] == 3
 
 
+def hold_on_every_worker(server, api, clients: list[socket.socket]) -> None:
+    """Connect (greeted, then idle) until every worker holds a session: the
+    kernel picks the worker. The sockets go into `clients`."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        assert sock.recv(512).startswith(b"220")
+        clients.append(sock)
+        sessions = api.sessions()
+        if len({s["worker"] for s in sessions}) == WORKERS and len(sessions) == len(clients):
+            return
+    pytest.fail("the connections did not reach every worker")
+
+
 def test_sessions_and_kick_see_every_worker(make_server):
     server = make_server({"workers": WORKERS, **with_admin()})
     api = admin_of(server)
     started(server)
-    clients = []
+    clients: list[socket.socket] = []
     try:
-        # Connect until both workers hold sessions (the kernel picks the worker).
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            sock = socket.create_connection((server.host, server.port), timeout=10)
-            assert sock.recv(512).startswith(b"220")
-            clients.append(sock)
-            sessions = api.sessions()
-            if len({s["worker"] for s in sessions}) == WORKERS and len(sessions) == len(clients):
-                break
+        hold_on_every_worker(server, api, clients)
         sessions = api.sessions()
         assert len(sessions) == len(clients)
         assert len({s["worker"] for s in sessions}) == WORKERS
@@ -271,3 +277,42 @@ def test_the_queue_is_delivered_exactly_once_across_a_kill(tmp_path, victim):
         finally:
             server.process.kill()
             server.process.wait(timeout=10)
+
+
+def test_metrics_add_up_across_workers(make_server):
+    """/metrics and /api/v1/stats are the whole server's: messages stored by
+    both workers add up, and the open connections show per worker."""
+    server = make_server({"workers": WORKERS, **with_admin()})
+    api = admin_of(server)
+    started(server)
+    held: list[socket.socket] = []
+    try:
+        hold_on_every_worker(server, api, held)
+        by_worker = {s["worker"] for s in api.sessions()}
+        assert len(by_worker) == WORKERS
+        exposition = api.exposition()
+        for pid in by_worker:
+            assert f'geosmtp_worker_connections_current{{worker="{pid}"}}' in exposition
+        assert api.stats()["connections"]["current"] == len(held)
+        for sock in held:
+            sock.sendall(b"EHLO held.example\r\nMAIL FROM:<a@remote.example>\r\n")
+            sock.sendall(b"RCPT TO:<alice@test.example>\r\nDATA\r\n")
+            data = b""
+            while data.count(b"\r\n") < 4 or not data.rstrip().endswith(b"go ahead"):
+                chunk = sock.recv(4096)
+                assert chunk, data
+                data += chunk
+                if b"354" in data:
+                    break
+            sock.sendall(b"Subject: counted\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        wait_until(lambda: len(server.messages("alice")) == len(held), what="every message")
+        workers_seen = {path.name.split("P")[1].split("Q")[0] for path in server.messages("alice")}
+        assert len(workers_seen) == WORKERS  # both workers stored some
+        stats = wait_until(
+            lambda: (s := api.stats())["connections"]["current"] == 0 and s, what="all closed"
+        )
+        assert stats["messages"]["accepted"] == len(held)
+        assert stats["connections"]["total"] >= len(held)
+    finally:
+        for sock in held:
+            sock.close()
