@@ -217,10 +217,11 @@ def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
         if n not in SERVERS:
             known = ", ".join(SERVERS)
             raise SystemExit(f"unknown server {n!r}; known: {known}, geosmtp[+variant]@REV")
-        if args.scenario == "relay" and n not in RELAY_SERVERS:
+        geosmtp = n.startswith("geosmtp")  # its variants have a queue and POP3 too
+        if args.scenario == "relay" and n not in RELAY_SERVERS and not geosmtp:
             print(f"({n}: not run for relay: it has no outbound queue)", file=sys.stderr)
             continue
-        if args.scenario == "pop3" and n not in POP3_SERVERS:
+        if args.scenario == "pop3" and n not in POP3_SERVERS and not geosmtp:
             print(f"({n}: not run for pop3: it serves no POP3)", file=sys.stderr)
             continue
         if args.scenario != "pop3" and n in POP3_SERVERS - {"geosmtp"}:

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .servers import REPO, Server, machine_cpu
+from .servers import REPO, Server, machine_cpu, tree_by_process
 
 
 class Worker:
@@ -305,9 +305,10 @@ def run_jobs(
 ) -> tuple[Outcome, dict]:
     """Run workers to completion; return their summed outcome and server figures.
 
-    `tree`: the server is a tree of processes (Dovecot forks one per session):
-    its CPU and memory are summed over the tree (`tree_*` figures; PSS, so
-    the pages they share count once), sampled every half second, or less
+    The server's CPU and RSS are always its process tree's (geosmtp's master
+    and workers). `tree`: PSS peaks too (Dovecot forks one per session;
+    PSS, so the pages they share count once: `tree_*` figures), sampled
+    every half second, or less
     often when a sample is costly (reading PSS of hundreds of processes):
     the sampling takes at most 5% of a core. The whole
     machine's busy CPU time is taken too, and the driver's own, so that what
@@ -335,18 +336,25 @@ def run_jobs(
             due[0] = now + max(0.5, 20 * took)
 
         cpu0 = server.tree_cpu()
-        machine0, driver0 = machine_cpu(), _own_cpu()
+        machine0, driver0, window0 = machine_cpu(), _own_cpu(), time.monotonic()
     elif measured:
         assert server is not None
-        srv["rss_before_kb"] = server.mem().get("VmRSS", 0)
+        srv["rss_before_kb"] = server.rss()
+        rss0 = tree_by_process(server.pid, "VmRSS")
         srv["peak_reset"] = _reset(server)
+        due = [0.0]
 
         def sample() -> None:
-            rss = server.mem().get("VmRSS")
+            now = time.monotonic()
+            if now < due[0]:
+                return
+            rss = server.rss()
             if rss:
                 samples.append(rss)
+            due[0] = now + max(0.25, 20 * (time.monotonic() - now))
 
         cpu0 = server.cpu()
+        machine0, driver0, window0 = machine_cpu(), _own_cpu(), time.monotonic()
     workers = [Worker(s) for s in specs]
     progress = Progress(label, total)
     try:
@@ -363,15 +371,27 @@ def run_jobs(
         srv["cpu_s"] = server.tree_cpu() - cpu0
         srv["machine_cpu_s"] = machine_cpu() - machine0
         srv["driver_cpu_s"] = _own_cpu() - driver0
+        srv["window_s"] = time.monotonic() - window0
         srv["tree_pss_peak_kb"] = peak["pss"]
         srv["tree_rss_peak_kb"] = peak["rss"]
         srv["tree_procs_peak"] = peak["procs"]
     elif measured:
         assert server is not None
         srv["cpu_s"] = server.cpu() - cpu0
+        srv["machine_cpu_s"] = machine_cpu() - machine0
+        srv["driver_cpu_s"] = _own_cpu() - driver0
+        srv["window_s"] = time.monotonic() - window0
         m = server.mem()
         srv["rss_after_kb"] = m.get("VmRSS", 0)
+        # The sum of each process's peak (at least the tree's peak), or the
+        # largest sampled sum.
         srv["rss_peak_kb"] = max([m.get("VmHWM", 0) if srv["peak_reset"] else 0, *samples])
+        srv["procs"] = m.get("procs", 1)
+        # Which process grew (MB, peak - before; a new process: its peak).
+        srv["rss_growth_by_process_mb"] = {
+            str(p): round((hwm - rss0.get(p, 0)) / 1024, 1)
+            for p, hwm in tree_by_process(server.pid, "VmHWM").items()
+        }
     return outcome, srv
 
 

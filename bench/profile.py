@@ -42,7 +42,7 @@ def _main_thread(raw: Path) -> str:
     """The thread whose stacks hold the sessions: gevent's hub thread."""
     hits: Counter[str] = Counter()
     for line in raw.read_text(errors="replace").splitlines():
-        if line.startswith("thread (") and "SMTPSession" in line:
+        if "thread (" in line and "SMTPSession" in line:
             stack, _, count = line.rpartition(" ")
             hits[stack.split(";", 1)[0]] += int(count) if count.isdigit() else 0
     return hits.most_common(1)[0][0] if hits else ""
@@ -62,10 +62,15 @@ def _collapse(raw: Path) -> tuple[Counter, Counter, int, Counter, int]:
             continue
         n = int(count)
         frames = [f for f in stack.split(";") if f]
+        # py-spy --subprocesses: `process PID:"cmd";...;thread (TID);...`
+        pid = ""
+        while frames and frames[0].startswith("process "):
+            pid = frames.pop(0)[len("process ") :].partition(":")[0]
         thread = frames.pop(0) if frames and frames[0].startswith("thread (") else ""
         frames = [f for f in frames if not f.startswith("process ")]
         leaf = _short(frames[-1]) if frames else "(no Python frame: in C, e.g. the event loop)"
-        if thread == main:
+        # Several processes: each one's main thread (its hub) is main.
+        if thread == main or (pid and thread == f"thread ({pid})"):
             samples += n
             own[leaf] += n
             for f in {_short(f) for f in frames}:
@@ -110,7 +115,7 @@ def profile(args: argparse.Namespace, opts: Options) -> int:
         tool = "cprofile"
     server = ProfiledGeosmtp(fsync=opts.fsync) if tool == "cprofile" else Geosmtp(fsync=opts.fsync)
     ext = {"raw": "raw", "flamegraph": "svg", "speedscope": "json"}[args.format]
-    out = RESULTS / f"profile.{ext}"
+    out = RESULTS / (f"profile-{args.tag}.{ext}" if args.tag else f"profile.{ext}")
     spy = None
     try:
         server.start()
@@ -127,6 +132,7 @@ def profile(args: argparse.Namespace, opts: Options) -> int:
                     *([] if args.native else ["--nonblocking"]),
                     "--threads",
                     "--idle",
+                    "--subprocesses",  # the workers: the master serves no client
                     *(["--native"] if args.native else []),
                     "--format",
                     args.format,
@@ -196,7 +202,10 @@ def profile(args: argparse.Namespace, opts: Options) -> int:
         )
     else:
         text = head + f"flame graph: {out.name}\n"
-    md = RESULTS / ("profile.md" if args.format == "raw" else f"profile-{args.format}.md")
+    tag = f"-{args.tag}" if args.tag else ""  # keeps earlier profiles
+    md = RESULTS / (
+        f"profile{tag}.md" if args.format == "raw" else f"profile-{args.format}{tag}.md"
+    )
     md.write_text(text)
     print(text)
     print(f"written: {out}, {md}")

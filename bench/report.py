@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from .servers import BENCH_DIR
+
+CORES = os.cpu_count() or 1
 
 RESULTS = BENCH_DIR / "results"
 REFERENCE = "geosmtp"
@@ -36,6 +39,10 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, int], dict]:
             if vals:
                 agg[f] = statistics.median(vals)
                 agg[f + "_all"] = vals
+        for f in ("per_worker", "idle_by_process"):
+            every = [r[f] for r in rs if r.get(f)]
+            if every:
+                agg[f + "_all"] = every
         agg["ok"] = all(r.get("ok") for r in rs)
         agg["verify"] = "; ".join(sorted({r.get("verify", "") for r in rs}))[:300]
         agg["client"] = rs[0].get("client", "bench")
@@ -87,8 +94,13 @@ def _checked(agg: dict) -> str:
 SERVER_ORDER = ["geosmtp", "aiosmtpd", "postfix", "smtp-sink", "dovecot", "dovecot-perf"]
 
 
-def _rank(server: str) -> int:
-    return SERVER_ORDER.index(server) if server in SERVER_ORDER else 99
+def _rank(server: str) -> tuple[int, str]:
+    """geosmtp first, its variants (`geosmtp+w1`, `geosmtp@REV`) next, then the peers."""
+    if server in SERVER_ORDER:
+        return SERVER_ORDER.index(server), ""
+    if server.startswith("geosmtp"):
+        return 0, server
+    return 99, server
 
 
 def _order(servers: list[str]) -> list[str]:
@@ -183,8 +195,9 @@ def _relay_table(agg: dict) -> str:
 def _load_table(scenario: str, agg: dict) -> str:
     lines = [
         "| server | sessions | client | rounds | msgs/s | deliveries/s | MB/s | p50 ms | p95 ms "
-        "| p99 ms | max ms | server CPU | client CPU | server RSS growth MB | Maildir check |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| p99 ms | max ms | server CPU | of machine | client CPU | other CPU "
+        "| server RSS growth MB | Maildir check |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     keys = sorted(agg, key=lambda k: (k[1], _rank(k[0])))
     for key in keys:
@@ -194,9 +207,17 @@ def _load_table(scenario: str, agg: dict) -> str:
             f"| {_g(a.get('msgs_per_s'))} | {_g(a.get('deliveries_per_s'))} "
             f"| {_f(a.get('mb_per_s'), 2)} | {_f(a.get('p50_ms'), 1)} | {_f(a.get('p95_ms'), 1)} "
             f"| {_f(a.get('p99_ms'), 1)} | {_f(a.get('max_ms'), 1)} "
-            f"| {_f(a.get('server_cpu_pct'))}% | {_f(a.get('client_cpu_pct'))}% "
+            f"| {_f(a.get('server_cpu_pct'))}% | {_f(a.get('server_machine_pct'))}% "
+            f"| {_f(a.get('client_cpu_pct'))}% | {_f(a.get('other_cpu_pct'))}% "
             f"| {_f(a.get('rss_growth_mb'), 1)} | {_checked(a)} |"
         )
+    lines.append("")
+    lines.append(
+        "server CPU: the server's processes (geosmtp: master and workers), 100% = one core; "
+        f"of machine: the same as a share of all {CORES} cores; other CPU: what the rest of the "
+        "machine used meanwhile (all busy CPU but the server's, the load generator's and the "
+        "bench driver's; 100% = one core): much of it means a disturbed run."
+    )
     lines.append("")
     levels = sorted({c for _s, c in agg})
     for level in levels:
@@ -212,7 +233,37 @@ def _load_table(scenario: str, agg: dict) -> str:
                 f"p99 latency {_ratio(ref.get('p99_ms'), other.get('p99_ms'))}"
             )
     lines += _phase_table(agg, keys)
+    lines += _spread_lines(rows_by_key=agg)
     return "\n".join(lines) + "\n" + targets(scenario, agg)
+
+
+def _spread_lines(rows_by_key: dict) -> list[str]:
+    """Sessions and messages per serving process, for the servers that tell."""
+    keys = [k for k in sorted(rows_by_key, key=lambda k: (k[1], _rank(k[0])))]
+    keys = [k for k in keys if rows_by_key[k].get("per_worker_all")]
+    if not keys:
+        return []
+    out = [
+        "",
+        "Spread over the serving processes (from the access log; each round: sessions "
+        "and accepted messages per process; busiest: the largest process's share, median "
+        "of the rounds):",
+        "",
+        "| server | sessions | processes | sessions per process | messages per process "
+        "| busiest: sessions | busiest: messages |",
+        "|---|---:|---:|---|---|---:|---:|",
+    ]
+    for key in keys:
+        a = rows_by_key[key]
+        rounds = a["per_worker_all"]
+        sess = " · ".join("/".join(f"{w['sessions']:,}" for w in r.values()) for r in rounds)
+        msgs = " · ".join("/".join(f"{w['messages']:,}" for w in r.values()) for r in rounds)
+        out.append(
+            f"| {a['server']} | {a['clients']:,} | {_f(a.get('worker_procs'))} | {sess} | {msgs} "
+            f"| {_f(100 * a.get('busiest_sessions_share', math.nan))}% "
+            f"| {_f(100 * a.get('busiest_msgs_share', math.nan))}% |"
+        )
+    return out
 
 
 #: The phases the bench's client times (bench.loadgen.PHASES), as the table names them.
@@ -263,21 +314,33 @@ def _phase_table(agg: dict, keys: list) -> list[str]:
 
 def _idle_table(agg: dict) -> str:
     lines = [
-        "| server | idle connections | rounds | RSS per conn KB | PSS per conn KB "
+        "| server | idle connections | rounds | processes | idle connections per process "
+        "| RSS per conn KB | PSS per conn KB "
         "| fresh client p50 ms | fresh client max ms | RSS before MB | RSS idle MB | check |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key in sorted(agg, key=lambda k: _rank(k[0])):
         a = agg[key]
         lines.append(
             f"| {a['server']} | {_f(a.get('connected'))} | {a['rounds']} "
+            f"| {_f(a.get('server_procs'))} | {_idle_spread(a)} "
             f"| {_f(a.get('rss_per_conn_kb'), 1)} | {_f(a.get('pss_per_conn_kb'), 1)} "
             f"| {_f(a.get('probe_p50_ms'), 1)} | {_f(a.get('probe_max_ms'), 1)} "
             f"| {_f(a.get('rss_before_mb'), 1)} | {_f(a.get('rss_idle_mb'), 1)} | {_checked(a)} |"
         )
     lines.append("")
     lines += _versus(agg, [("memory per connection (PSS)", "pss_per_conn_kb")])
+    lines.append(
+        "Memory is summed over the server's processes (geosmtp: master and workers; "
+        "PSS, so the pages they share count once); idle connections per process: the "
+        "sockets each process gained (one group per round)."
+    )
     return "\n".join(lines) + "\n" + targets("idle", agg)
+
+
+def _idle_spread(a: dict) -> str:
+    rounds = a.get("idle_by_process_all") or []
+    return " · ".join("/".join(f"{n:,}" for n in r.values()) for r in rounds) or "-"
 
 
 def _slow_table(agg: dict) -> str:
@@ -358,7 +421,64 @@ def targets(scenario: str, agg: dict) -> str:
             _num(held) and held >= 0.8,
             f"normal throughput within 20% with slow clients (held {held:.0%})",
         )
+    out += _issue17(base, agg)
     return "\n".join(out) + ("\n" if out else "")
+
+
+BEFORE = "geosmtp@b6216a9"  # the commit before the process model (issue 17)
+
+
+def _issue17(base: str, agg: dict) -> list[str]:
+    """Issue 17's targets (every core), where the run has the rows they compare."""
+    out = []
+
+    def at(server: str, level: int | None = None) -> dict | None:
+        if level is not None:
+            return agg.get((server, level))
+        return next((a for (s, _c), a in agg.items() if s == server), None)
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"- issue 17: {text}: **{'met' if ok else 'MISSED'}**")
+
+    def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+        if a is None or b is None or not (_num(a.get(key)) and _num(b.get(key))) or not b[key]:
+            return None
+        return a[key] / b[key]
+
+    geo = at(REFERENCE)
+    if base in ("throughput", "fanout"):
+        want = 1.6 if base == "throughput" else 1.8
+        for peer in ("aiosmtpd", "postfix"):
+            r = ratio(geo, at(peer), "msgs_per_s")
+            if r is not None:
+                line(r >= want, f"geosmtp ≥ {want}x {peer} msgs/s (measured {r:.2f}x)")
+        r = ratio(at("geosmtp+w1"), at(BEFORE), "msgs_per_s")
+        if r is not None:
+            line(r >= 1, f"geosmtp+w1 no slower than {BEFORE} (measured {r:.2f}x)")
+    if base == "pop3":
+        r = ratio(geo, at("dovecot-perf"), "sessions_per_s")
+        if r is not None:
+            line(r >= 1, f"geosmtp sessions/s ≥ dovecot-perf's (measured {r:.2f}x)")
+        p = geo.get("login_p99_ms") if geo else None
+        if _num(p):
+            line(p < 200, f"login p99 < 200 ms at {geo['clients']} sessions ({_f(p, 1)} ms)")
+    if base == "relay":
+        r = ratio(geo, at(BEFORE), "delivery_per_s")
+        if r is not None:
+            line(r >= 1.5, f"delivery rate ≥ 1.5x {BEFORE}'s (measured {r:.2f}x)")
+    if base == "scaling":
+        g, p = at(REFERENCE, 100), at(PEER, 100)
+        r = ratio(g, p, "p99_ms")
+        if r is not None:
+            line(r <= 1, f"p99 at 100 sessions ≤ aiosmtpd's (measured {r:.2f}x)")
+        g5 = at(REFERENCE, 5000)
+        if g5 is not None and _num(g5.get("p99_ms")):
+            line(g5["p99_ms"] < 1000, f"p99 < 1 s at 5,000 sessions ({_f(g5['p99_ms'])} ms)")
+    if base == "idle":
+        r = ratio(geo, at(BEFORE), "pss_per_conn_kb")
+        if r is not None:
+            line(r <= 1, f"memory per connection ≤ {BEFORE}'s (measured {r:.2f}x, PSS)")
+    return out
 
 
 def rebuild(json_path: Path) -> tuple[Path, Path, Path]:

@@ -8,6 +8,7 @@ and checks its Maildir; a row whose check failed (or that saw errors) has
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from . import mailboxes, messages
 from .driver import Outcome, Progress, Worker, nearest_rank, pump, run_jobs, split_load
-from .servers import HOST, SMTP_SOURCE, RelaySink, Server, free_port
+from .servers import HOST, SMTP_SOURCE, RelaySink, Server, free_port, tree_sockets
 from .verify import Verdict, verify_bench_mail, verify_count
 
 MB = 1024 * 1024
@@ -48,15 +49,45 @@ def new_run_id(scenario: str, server: str) -> str:
     return f"{scenario}-{server}-{uuid.uuid4().hex[:8]}"
 
 
-def _server_figures(srv: dict, duration: float) -> dict:
+CORES = os.cpu_count() or 1
+
+
+def _server_figures(srv: dict, duration: float, client_cpu: float = 0.0) -> dict:
+    """The server's CPU (its process tree: 100% = one core; `machine`: of all
+    cores) and RSS growth; what other programs used meanwhile."""
     out: dict = {}
     if "cpu_s" in srv:
+        d = max(duration, 1e-9)
         out["server_cpu_s"] = srv["cpu_s"]
-        out["server_cpu_pct"] = 100 * srv["cpu_s"] / max(duration, 1e-9)
+        out["server_cpu_pct"] = 100 * srv["cpu_s"] / d
+        out["server_machine_pct"] = 100 * srv["cpu_s"] / d / CORES
         out["rss_before_mb"] = srv["rss_before_kb"] / 1024
         out["rss_peak_mb"] = srv["rss_peak_kb"] / 1024
         out["rss_growth_mb"] = (srv["rss_peak_kb"] - srv["rss_before_kb"]) / 1024
+        out["server_procs"] = srv.get("procs", 1)
+        if "rss_growth_by_process_mb" in srv:
+            out["rss_growth_by_process_mb"] = srv["rss_growth_by_process_mb"]
+        if "machine_cpu_s" in srv:
+            # Over the whole measured window (workers' start and end included).
+            others = srv["machine_cpu_s"] - srv["cpu_s"] - client_cpu - srv["driver_cpu_s"]
+            out["other_cpu_pct"] = 100 * max(0.0, others) / max(srv["window_s"], 1e-9)
     return out
+
+
+def _spread(server: Server) -> dict:
+    """How sessions and messages spread over the server's serving processes
+    (after it stopped): per process, and the busiest one's share."""
+    per = server.workers()
+    if not per:
+        return {}
+    sessions = [w["sessions"] for w in per.values()]
+    msgs = [w["messages"] for w in per.values()]
+    return {
+        "per_worker": per,
+        "worker_procs": len(per),
+        "busiest_sessions_share": max(sessions) / max(1, sum(sessions)),
+        "busiest_msgs_share": max(msgs) / max(1, sum(msgs)),
+    }
 
 
 def _finish(server: Server, outcome: Outcome, run_id: str, opts: Options) -> Verdict:
@@ -81,7 +112,8 @@ def _row(scenario: str, server: Server, outcome: Outcome, srv: dict, verdict: Ve
         "scenario": scenario,
         "server": server.name,
         **m,
-        **_server_figures(srv, m["duration_s"]),
+        **_server_figures(srv, m["duration_s"], outcome.client_cpu),
+        **_spread(server),
     }
     row["client_cpu_pct"] = 100 * outcome.client_cpu / m["duration_s"]
     row["verify"] = verdict.summary()
@@ -202,6 +234,8 @@ def smtp_source_once(
     if server_cpu is not None:
         row["server_cpu_s"] = server_cpu
         row["server_cpu_pct"] = 100 * server_cpu / d
+        row["server_machine_pct"] = 100 * server_cpu / d / CORES
+    row.update(_spread(server))
     return row
 
 
@@ -269,6 +303,7 @@ def idle(server_cls: type[Server], opts: Options) -> list[dict]:
         outcome.acked.update(o.acked)
         time.sleep(0.5)
         mem0 = server.mem()
+        socks0 = tree_sockets(server.pid) if server.measurable else {}
         spec = {**base, "kind": "idle", "clients": n, "ids": [0, 0, 1]}
         spec["connect_concurrency"] = 100
         idle_worker = Worker(spec)
@@ -277,6 +312,14 @@ def idle(server_cls: type[Server], opts: Options) -> list[dict]:
         row["all_connected"] = ready and not idle_worker.done
         time.sleep(1.0)
         mem1 = server.mem()
+        if server.measurable:  # the idle clients' sockets by process: the spread
+            socks1 = tree_sockets(server.pid)
+            row["idle_by_process"] = {
+                str(pid): n - socks0.get(pid, 0)
+                for pid, n in socks1.items()
+                if n > socks0.get(pid, 0)
+            }
+            row["server_procs"] = mem1.get("procs", 1)
         pspec = {**base, "kind": "probe", "clients": probes, "ids": [10, 10 + probes, 1]}
         probe, _ = run_jobs([pspec], label + " fresh client", 120, server)
         outcome.acked.update(probe.acked)
@@ -297,6 +340,15 @@ def idle(server_cls: type[Server], opts: Options) -> list[dict]:
             row["rss_before_mb"] = mem0.get("Rss", 0) / 1024
             row["rss_idle_mb"] = mem1.get("Rss", 0) / 1024
             row["rss_after_probe_mb"] = mem2.get("Rss", 0) / 1024
+            # Pages a worker shared with the master (copy-on-write since the fork)
+            # and has since copied are in Pss growth, not in Rss growth.
+            shared = ("Shared_Clean", "Shared_Dirty")
+            row["shared_before_mb"] = sum(mem0.get(k, 0) for k in shared) / 1024
+            row["shared_idle_mb"] = sum(mem1.get(k, 0) for k in shared) / 1024
+            row["private_per_conn_kb"] = (
+                sum(mem1.get(k, 0) - mem0.get(k, 0) for k in ("Private_Clean", "Private_Dirty"))
+                / conns
+            )
         lat = sorted(probe.latencies)
         row["probe_count"] = len(lat)
         row["probe_p50_ms"] = statistics.median(lat) * 1000 if lat else float("nan")
@@ -456,11 +508,13 @@ def relay(server_cls: type[Server], opts: Options) -> list[dict]:
         server.stop()
         sink.stop()
         row = _relay_row(server, outcome, srv, sink.records(), run_id, still_queued)
+        row.update(_spread(server))
         row["queue_empty_s"] = queue_empty_at - outcome.start
         row["sink_cpu_pct"] = 100 * sink_cpu / max(1e-9, row["delivery_s"])
         if server.measurable:  # over acceptance and delivery both
             row["server_cpu_s"] = server_cpu
             row["server_cpu_pct"] = 100 * server_cpu / max(1e-9, row["delivery_s"])
+            row["server_machine_pct"] = row["server_cpu_pct"] / CORES
         row["ok"] = row["ok"] and outcome.ok == count and still_queued == 0
         row.update(clients=clients, size=size, rcpts=1, pipelining=opts.pipelining)
         row["client"] = f"bench ({opts.workers} proc)"
@@ -508,7 +562,7 @@ def _relay_row(
         "scenario": "relay",
         "server": server.name,
         **m,
-        **_server_figures(srv, m["duration_s"]),
+        **_server_figures(srv, m["duration_s"], outcome.client_cpu),
         "accept_per_s": accept_rate,
         "accept_all_per_s": m["msgs_per_s"],
         "delivery_s": delivery_s,
@@ -590,6 +644,7 @@ def pop3(server_cls: type[Server], opts: Options) -> list[dict]:
         server.stop()
         emptied = mailboxes.check_emptied(server.mail_dir, boxes)
         row.update(_pop3_figures(outcome, srv))
+        row.update(_spread(server))
         row["verify"] = (
             f"{outcome.boxes_ok:,} of {boxes:,} mailboxes retrieved whole and byte-exact; "
             + emptied.summary()
@@ -631,6 +686,7 @@ def _pop3_figures(outcome: Outcome, srv: dict) -> dict:
     if "cpu_s" in srv:
         out["server_cpu_s"] = srv["cpu_s"]
         out["server_cpu_pct"] = 100 * srv["cpu_s"] / d
+        out["server_machine_pct"] = 100 * srv["cpu_s"] / d / CORES
         out["pss_before_mb"] = srv["tree_pss_before_kb"] / 1024
         out["pss_peak_mb"] = srv["tree_pss_peak_kb"] / 1024
         out["rss_sum_peak_mb"] = srv["tree_rss_peak_kb"] / 1024

@@ -143,6 +143,26 @@ def check_relay_sink() -> list[str]:
         o.acked = {n: (100, ("u000",)) for n in acked}
         return _relay_row(_Srv(), o, {}, recs, run, 0)  # type: ignore[arg-type]
 
+    # Sessions and messages per worker, from a geosmtp access log.
+    from .servers import Geosmtp
+
+    geo = Geosmtp()
+    try:
+        (geo.root / "logs").mkdir()
+        (geo.root / "logs" / "access.log").write_text(
+            "2026-01-01T00:00:00.000+0000 session=0004D21 client=127.0.0.1 result=250\n"
+            "2026-01-01T00:00:00.000+0000 session=0004D21 client=127.0.0.1 result=250\n"
+            "2026-01-01T00:00:00.000+0000 session=0004D22 client=127.0.0.1 result=451\n"
+            "2026-01-01T00:00:00.000+0000 session=00162E1 client=127.0.0.1 result=250\n"
+            "2026-01-01T00:00:00.000+0000 queue=X to=<a@b> result=sent\n"
+        )
+        want = {"1234": {"sessions": 2, "messages": 2}, "5678": {"sessions": 1, "messages": 1}}
+        if geo.workers() != want:
+            failures.append(f"per-worker counts from the access log: {geo.workers()}")
+    finally:
+        geo.stop()
+        shutil.rmtree(geo.root, ignore_errors=True)
+
     if not verdict(range(6), records)["ok"]:
         failures.append("relay check: a clean run fails")
     r = verdict(range(6), records[1:])

@@ -1,7 +1,9 @@
 """The servers under test, each started the same way: a fresh temp dir, a free
 loopback port, a subprocess, and "ready" once it answers 220.
 
-- `geosmtp`: `python -m geosmtp -c cfg.yaml` (log level WARNING, fsync on).
+- `geosmtp`: `python -m geosmtp -c cfg.yaml` (log level WARNING, fsync on): a
+  master and one worker per core; `geosmtp+w1` one worker, `geosmtp+reuseport`
+  a SO_REUSEPORT socket per worker.
 - `aiosmtpd`: `python bench/peers/aiosmtpd_maildir.py` (same durability).
 - `smtp-sink`: Postfix's test sink, stores nothing: the protocol's ceiling.
 - `postfix`: a private Postfix instance (its own config and queue dirs under
@@ -12,6 +14,10 @@ loopback port, a subprocess, and "ready" once it answers 220.
   (`bench/peers/dovecot.py`) serving the same Maildirs and users, as
   packaged (a process per connection); `dovecot-perf`: the same in its
   high-performance mode.
+
+A server's CPU and memory are its process tree's: the process the bench
+started and all its descendants (geosmtp's master and workers, Postfix's
+master and its daemons), summed from /proc.
 
 For the pop3 scenario a server gets `pop3_port` and `pop3_users` (user ->
 argon2id hash) before it starts; geosmtp then also listens for POP3.
@@ -64,7 +70,16 @@ def proc_mem(pid: int) -> dict[str, int]:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("Rss", "Pss", "Pss_Anon", "Anonymous"):
+                if key in (
+                    "Rss",
+                    "Pss",
+                    "Pss_Anon",
+                    "Anonymous",
+                    "Shared_Clean",
+                    "Shared_Dirty",
+                    "Private_Clean",
+                    "Private_Dirty",
+                ):
                     out[key] = int(rest.split()[0])
     except OSError:
         pass
@@ -76,6 +91,63 @@ def proc_mem(pid: int) -> dict[str, int]:
                     out[key] = int(rest.split()[0])
     except OSError:
         pass
+    return out
+
+
+def tree_status(pid: int) -> dict[str, int]:
+    """`proc_mem` summed over `pid` and its descendants (kB; VmHWM is the sum of
+    each process's peak, so at least the tree's peak), and `procs`: how many."""
+    out: dict[str, int] = {"procs": 0}
+    for p in probe.process_tree(pid):
+        m = proc_mem(p)
+        if not m:
+            continue  # ended meanwhile
+        out["procs"] += 1
+        for key, kb in m.items():
+            out[key] = out.get(key, 0) + kb
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """VmRSS in kB summed over the tree (from status only: cheap to sample)."""
+    total = 0
+    for p in probe.process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def tree_by_process(pid: int, key: str) -> dict[int, int]:
+    """One `proc_mem` figure (kB) of each process of the tree."""
+    out = {}
+    for p in probe.process_tree(pid):
+        kb = proc_mem(p).get(key)
+        if kb is not None:
+            out[p] = kb
+    return out
+
+
+def tree_sockets(pid: int) -> dict[int, int]:
+    """Open sockets of each process of the tree (listening ones included)."""
+    out = {}
+    for p in probe.process_tree(pid):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        n = 0
+        for fd in fds:
+            try:
+                n += os.readlink(f"/proc/{p}/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass
+        out[p] = n
     return out
 
 
@@ -121,13 +193,17 @@ def machine_cpu() -> float:
 
 
 def reset_peak(pid: int) -> bool:
-    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0), of `pid` and
+    each of its descendants."""
+    done = False
+    for p in probe.process_tree(pid):
+        try:
+            with open(f"/proc/{p}/clear_refs", "w") as f:
+                f.write("5")
+            done = True
+        except OSError:
+            pass
+    return done
 
 
 def proc_cpu(pid: int) -> float:
@@ -196,7 +272,7 @@ class Server:
     name = "?"
     stores = True  # does it keep mail we can verify?
     strict_headers = True
-    measurable = True  # one process whose memory and CPU we can read
+    measurable = True  # a process tree whose memory and CPU we can read
 
     def __init__(self, fsync: bool = True, max_size: int = 64 * 1024 * 1024) -> None:
         self.fsync = fsync
@@ -263,10 +339,20 @@ class Server:
             return ""
 
     def mem(self) -> dict[str, int]:
-        return proc_mem(self.pid) if self.measurable else {}
+        """Rss, Pss, VmRSS, VmHWM (kB) summed over the server's processes."""
+        return tree_status(self.pid) if self.measurable else {}
+
+    def rss(self) -> int:
+        return tree_rss(self.pid) if self.measurable else 0
 
     def cpu(self) -> float:
-        return proc_cpu(self.pid) if self.measurable else 0.0
+        """CPU seconds of the server's processes (and of the children they reaped)."""
+        return tree_cpu(self.pid) if self.measurable else 0.0
+
+    def workers(self) -> dict[str, dict[str, int]]:
+        """Sessions and messages by serving process, when the server can tell
+        (geosmtp: from its access log, after it stopped)."""
+        return {}
 
     def tree_mem(self) -> dict[str, int]:
         return tree_mem(self.pid)
@@ -305,6 +391,10 @@ class Geosmtp(Server):
     name = "geosmtp"
     #: The `filters:` section, for a variant with filter stages.
     filters: ClassVar[list[dict] | None] = None
+    #: `workers:` (None: not in the config, geosmtp's default: one per CPU).
+    worker_count: ClassVar[int | None] = None
+    #: `reuse_port: true` (a listening socket per worker).
+    reuse_port: ClassVar[bool] = False
 
     def config(self) -> dict:
         """The bench's geosmtp config (written to cfg.yaml at start)."""
@@ -328,6 +418,10 @@ class Geosmtp(Server):
             config["auth"] = {"allow_plaintext": True}
         if self.filters is not None:
             config["filters"] = self.filters
+        if self.worker_count is not None:
+            config["workers"] = self.worker_count
+        if self.reuse_port:
+            config["reuse_port"] = True
         if self.relay_port is not None:
             config["trusted_networks"] = ["127.0.0.0/8"]
             config["relay"] = {
@@ -349,6 +443,14 @@ class Geosmtp(Server):
                 "from geosmtp.cli import main; sys.exit(main(sys.argv[2:]))"
             )
             return [sys.executable, "-c", code, pool, "-c", str(path)]
+        if os.environ.get("BENCH_GEOSMTP_GC_FREEZE"):
+            # What-if experiment only: gc.freeze() before each fork, so the workers'
+            # collections leave the objects they inherited (and their pages) alone.
+            code = (
+                "import gc, os, sys; os.register_at_fork(before=gc.freeze); "
+                "from geosmtp.cli import main; sys.exit(main(sys.argv[1:]))"
+            )
+            return [sys.executable, "-c", code, "-c", str(path)]
         trace = os.environ.get("BENCH_GEOSMTP_TRACE")
         if trace:
             # Diagnosis only: every threadpool trip timed (bench/experiments/pool_trace.py).
@@ -356,12 +458,67 @@ class Geosmtp(Server):
             return [sys.executable, str(tracer), trace, "-c", str(path)]
         return [sys.executable, "-m", "geosmtp", "-c", str(path)]
 
+    def workers(self) -> dict[str, dict[str, int]]:
+        """Sessions and accepted messages by serving process, from the access log:
+        a session id starts with its process's pid in six hex digits (since
+        the process model; before it, one process: the ids are counted under
+        `?`). Messages: transactions that ended `250`."""
+        sessions: dict[str, set[str]] = {}
+        messages: dict[str, int] = {}
+        try:
+            f = open(self.root / "logs" / "access.log", errors="replace")  # noqa: SIM115
+        except OSError:
+            return {}
+        with f:
+            for line in f:
+                sid = _field(line, "session")
+                if sid is None:
+                    continue
+                pid = str(int(sid[:6], 16)) if len(sid) > 6 and _hex(sid[:6]) else "?"
+                sessions.setdefault(pid, set()).add(sid)
+                if _field(line, "result") == "250":
+                    messages[pid] = messages.get(pid, 0) + 1
+        return {
+            pid: {"sessions": len(ids), "messages": messages.get(pid, 0)}
+            for pid, ids in sorted(sessions.items())
+        }
+
     def queued(self) -> int:
         """Files in .queue/records: one per queued message."""
         try:
             return sum(1 for e in os.scandir(self.mail_dir / ".queue" / "records") if e.is_file())
         except OSError:
             return 0
+
+
+def _field(line: str, key: str) -> str | None:
+    """The value of ` key=value` in an access-log line (unquoted values only)."""
+    at = line.find(f" {key}=")
+    if at < 0:
+        return None
+    start = at + len(key) + 2
+    end = line.find(" ", start)
+    return line[start : end if end >= 0 else len(line)].strip()
+
+
+def _hex(text: str) -> bool:
+    return all(c in "0123456789ABCDEFabcdef" for c in text)
+
+
+class GeosmtpOneWorker(Geosmtp):
+    """geosmtp with `workers: 1`: the master and one serving process."""
+
+    name = "geosmtp+w1"
+    worker_count = 1
+
+
+class GeosmtpReusePort(Geosmtp):
+    """geosmtp with `reuse_port: true`: each worker its own SO_REUSEPORT socket
+    (the kernel spreads connections by a hash of the addresses) instead of
+    one socket they all accept from."""
+
+    name = "geosmtp+reuseport"
+    reuse_port = True
 
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
@@ -609,7 +766,12 @@ class Postfix(Server):
 
     name = "postfix"
     strict_headers = False  # cleanup(8) may rewrite address headers
-    measurable = False  # many processes
+
+    @property
+    def pid(self) -> int:
+        """Its master's (`postfix start` daemonizes it): the tree is smtpd,
+        cleanup, qmgr, virtual and the rest."""
+        return int((self.root / "spool" / "pid" / "master.pid").read_text().split()[0])
 
     @classmethod
     def available(cls) -> bool:
@@ -767,6 +929,8 @@ SERVERS: dict[str, type[Server]] = {
     "geosmtp+auth": GeosmtpAuth,
     "geosmtp+auth-cached": GeosmtpAuthCached,
     "geosmtp+cat": GeosmtpCat,
+    "geosmtp+w1": GeosmtpOneWorker,
+    "geosmtp+reuseport": GeosmtpReusePort,
     "aiosmtpd": Aiosmtpd,
     "postfix": Postfix,
     "smtp-sink": SmtpSink,

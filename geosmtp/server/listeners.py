@@ -123,6 +123,11 @@ class Listeners:
             lm = app.metrics.listener(f"{listener.role}:[{listener.address}]:{port}")
             session_class = self.session_classes[listener.protocol]
             server = StreamServer(sock, self._handler(session_class, listener, lm))
+            if app.config.worker_count > 1 and not app.config.reuse_port:
+                # One socket the workers share: take one connection per wake-up.
+                # gevent's default (100 at a time) let whichever worker woke first
+                # take a whole burst of connects, and the other cores sat idle.
+                server.max_accept = 1
             server.start()
             self.servers.append(server)
             logger.debug("serving [{}]:{} ({})", host, port, listener.role)
