@@ -443,14 +443,6 @@ class Geosmtp(Server):
                 "from geosmtp.cli import main; sys.exit(main(sys.argv[2:]))"
             )
             return [sys.executable, "-c", code, pool, "-c", str(path)]
-        if os.environ.get("BENCH_GEOSMTP_GC_FREEZE"):
-            # What-if experiment only: gc.freeze() before each fork, so the workers'
-            # collections leave the objects they inherited (and their pages) alone.
-            code = (
-                "import gc, os, sys; os.register_at_fork(before=gc.freeze); "
-                "from geosmtp.cli import main; sys.exit(main(sys.argv[1:]))"
-            )
-            return [sys.executable, "-c", code, "-c", str(path)]
         trace = os.environ.get("BENCH_GEOSMTP_TRACE")
         if trace:
             # Diagnosis only: every threadpool trip timed (bench/experiments/pool_trace.py).

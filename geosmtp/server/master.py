@@ -27,6 +27,7 @@ channel, nothing else.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -223,6 +224,10 @@ class Master:
             shared=self.shared,
             slot=slot,
         )
+        # What the master made so far moves to the collector's permanent
+        # generation: a worker's collections then never touch (and so never
+        # copy) the pages it shares with the master.
+        gc.freeze()
         pid = _fork()
         if pid == 0:  # the worker
             try:
