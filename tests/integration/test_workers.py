@@ -4,9 +4,11 @@ admin API, and the outbound queue delivered exactly once across kill -9."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
+import tempfile
 import time
 
 import pytest
@@ -316,3 +318,31 @@ def test_metrics_add_up_across_workers(make_server):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_systemd_hears_ready_reloading_and_stopping(make_server, monkeypatch, tmp_path):
+    """sd_notify on $NOTIFY_SOCKET (Type=notify): READY=1 once every worker
+    serves, RELOADING=1 then READY=1 around a SIGHUP, STOPPING=1 at a stop."""
+    folder = tempfile.mkdtemp(prefix="notify-", dir="/tmp")  # a short path for AF_UNIX
+    path = os.path.join(folder, "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    try:
+        server = make_server({"workers": WORKERS})
+
+        def next_state() -> str:
+            return listener.recv(4096).decode()
+
+        ready = next_state()
+        assert ready.splitlines()[0] == "READY=1"
+        assert len(server.workers()) == WORKERS  # every worker was serving by then
+        server.process.send_signal(signal.SIGHUP)
+        assert next_state().startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert next_state() == "READY=1"
+        assert server.stop() == 0
+        assert next_state() == "STOPPING=1"
+    finally:
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
