@@ -139,6 +139,7 @@ class Master:
         self._free_slots = list(range(self.shared.slots))
         self._generations = 0
         self._signals: list[int] = []
+        self._reload_pending = False
         self._respawn: dict[int, float] = {}  # index -> when to start it again
         self._young_deaths: dict[int, int] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -190,6 +191,9 @@ class Master:
             self._spawn(gen, index)
         self._wait_ready(gen, list(range(1, self.count)))
         gen.serving = True
+        if self._reload_pending and not self.stopping:  # a SIGHUP came while starting
+            self._reload_pending = False
+            self.reload_file(None)
 
     def _wait_ready(self, gen: Generation, indexes: list[int]) -> None:
         while not all(gen.workers[i].ready for i in indexes if i in gen.workers):
@@ -308,7 +312,7 @@ class Master:
             signum = self._signals.pop(0)
             if signum == signal.SIGHUP:
                 if self.current is None or not self.current.serving:
-                    logger.warning("reload ignored: the workers are still starting")
+                    self._reload_pending = True  # once every worker serves
                 elif not self.stopping:
                     self.reload_file(None)
             elif not self.stopping:
