@@ -68,10 +68,13 @@ AUTH_RECHECK = 0.05
 SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}  # type: ignore[dict-item]
 
 
-def share_of_limit(limit: int, shares: int) -> int:
-    """A worker's part of a server-wide limit (relay and filter concurrency), so
-    that the workers together stay within it."""
-    return max(1, -(-limit // shares))
+def share_of_limit(limit: int, share: tuple[int, int]) -> int:
+    """Worker `index`'s part of a server-wide limit (relay and filter
+    concurrency), for `share` = (index, of how many): the parts add up to the
+    limit exactly (5 over 2 workers: 3 and 2); a limit below the number of
+    workers still gives each worker 1."""
+    index, shares = share
+    return max(1, limit // shares + (1 if index < limit % shares else 0))
 
 
 def runner_settings(config: Config) -> RunnerSettings:
@@ -237,9 +240,9 @@ class App:
             self.queue_store,
             dataclasses.replace(
                 prepared.settings,
-                concurrency=share_of_limit(prepared.settings.concurrency, share[1]),
+                concurrency=share_of_limit(prepared.settings.concurrency, share),
                 per_domain_concurrency=share_of_limit(
-                    prepared.settings.per_domain_concurrency, share[1]
+                    prepared.settings.per_domain_concurrency, share
                 ),
             ),
             self.resolver,
@@ -295,7 +298,7 @@ class App:
         ]
         self.filters.configure(
             dataclasses.replace(
-                config, filter_concurrency=share_of_limit(config.filter_concurrency, self.share[1])
+                config, filter_concurrency=share_of_limit(config.filter_concurrency, self.share)
             )
         )
         self.pipeline.stages = self.pipeline_stages(*sender)
