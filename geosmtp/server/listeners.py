@@ -182,9 +182,14 @@ class Listeners:
         Sessions are asked to stop at a safe point (`Session.shutdown`: a reply,
         then close, at their next read; a delivery in progress finishes first).
         Only those that still run after `STOP_WAIT` more seconds are killed.
+        A connection accepted before the listeners closed is served like the
+        open ones: with workers sharing a socket, a reload's retiring worker
+        may have taken one a moment before, and must not turn it away with
+        "shutting down" while the server goes on.
         """
-        self.stopping = True
         self.close()
+        gevent.sleep(0)  # the handlers of connections already accepted start (and count)
+        self.stopping = True
         if self.group:
             logger.info("stopping: waiting up to {}s for {} sessions", grace, len(self.group))
             self.group.join(timeout=grace)

@@ -524,6 +524,9 @@ class Master:
         self._respawn.clear()
         for worker in self.workers.values():
             _kill(worker.pid, signal.SIGTERM)
+        # No worker starts again: once the workers have closed theirs, a new
+        # client is refused by the kernel instead of waiting in a backlog.
+        self.close()
 
     def close(self) -> None:
         for bound in self.bound:
