@@ -222,7 +222,8 @@ class App:
         self.shared = shared
         self.auth_throttle = AuthThrottle(records=shared.throttle_records if shared else None)
         self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
-        self.password_checks = BoundedSemaphore(os.cpu_count() or 1)
+        # One password check per core in the whole server: this worker's share.
+        self.password_checks = BoundedSemaphore(share_of_limit(os.cpu_count() or 1, share))
         self.tls_context = prepared.tls_context
         # Storage: the spool and the Maildirs share one naming scheme and, when they
         # are on one filesystem, delivery is a hard link.
@@ -409,7 +410,7 @@ class App:
         user = None
         delay, disconnect = 0.0, False
         try:
-            # One check per core at a time: each takes its hash's memory (64 MiB
+            # One check per core at a time, server-wide: each takes its hash's memory (64 MiB
             # for the hashes `geosmtp passwd` makes) and a core; more at once
             # would only hold more memory for the same rate.
             with self.password_checks:
