@@ -165,6 +165,23 @@ class StreamSession:
             lm.bytes_out.inc(self.bytes_out - self._counted_out)
             self._counted_out = self.bytes_out
 
+    def _discard_input(self) -> None:
+        """Read and drop what the client sent and nobody will read (bounded).
+
+        A socket closed with unread bytes sends a reset, not an end of stream:
+        a plaintext client on an implicit-TLS port (its command sits unread
+        behind the failed handshake) would see "connection reset" instead of a
+        clean close. gevent keeps its descriptors non-blocking, so `os.read`
+        takes what is there and stops at EAGAIN without waiting.
+        """
+        try:
+            fd = self.sock.fileno()
+            for _ in range(16):  # at most 16 x 64 KiB
+                if not os.read(fd, READ_SIZE):
+                    break
+        except OSError:  # EAGAIN: nothing more; or the socket is gone
+            pass
+
     def _close_socket(self) -> None:
         try:
             self.sock.close()
@@ -212,6 +229,7 @@ class StreamSession:
         except HandshakeFailed as exc:
             self.outcome = "tls_failed"
             logger.debug("session {}: TLS handshake failed: {}", self.id, exc)
+            self._discard_input()
         except OSError as exc:  # the socket: storage errors are StorageError, handled where met
             self.outcome = "lost"
             logger.debug("session {} socket error: {}", self.id, exc)

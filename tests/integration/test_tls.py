@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import socket
 import ssl
@@ -402,3 +403,74 @@ def test_timeout_and_stop_answer_421_inside_tls(make_server, certs):
                 code, text = wire.reply(timeout=10)
                 assert (code, text[:5]) == (421, "4.3.2"), text
     assert server.process.wait(timeout=20) == 0
+
+
+# ------------------------------------------- old TLS versions, plaintext clients
+
+OPENSSL = shutil.which("openssl")
+
+
+@pytest.fixture(scope="module")
+def every_tls_server(make_module_server, certs):
+    """Every listener that speaks TLS: STARTTLS, STLS, and both implicit-TLS roles."""
+    return make_module_server(
+        {
+            "listeners": listeners("mx", "submissions", "pop3", "pop3s"),
+            "tls": certs.tls_config,
+            "users": users(alice=PASSWORD),
+        }
+    )
+
+
+def s_client(port: int, version: str, starttls: str | None, tmp_path) -> str:
+    """What `openssl s_client` says after trying a handshake at exactly `version`.
+
+    The client is allowed everything OpenSSL can still do (an empty config file,
+    security level 0), so a refusal comes from the server, not from the client.
+    """
+    empty = tmp_path / "openssl.cnf"
+    empty.write_text("")
+    args = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", f"-{version}"]
+    args += ["-cipher", "DEFAULT:@SECLEVEL=0"]
+    if starttls:
+        args += ["-starttls", starttls]
+    done = subprocess.run(
+        args,
+        input=b"",
+        capture_output=True,
+        timeout=30,
+        env={"OPENSSL_CONF": str(empty), "PATH": "/usr/bin:/bin"},
+    )
+    return (done.stdout + done.stderr).decode(errors="replace")
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
+@pytest.mark.parametrize(
+    ("role", "starttls"),
+    [("mx", "smtp"), ("submissions", None), ("pop3", "pop3"), ("pop3s", None)],
+)
+def test_tls_10_and_11_are_refused_by_the_server(every_tls_server, tmp_path, role, starttls):
+    port = every_tls_server.ports[role]
+    for version in ("tls1", "tls1_1"):
+        said = s_client(port, version, starttls, tmp_path)
+        # Alert 70 is protocol_version, sent by the server on reading the hello.
+        assert "alert protocol version" in said, said
+        assert "Cipher is (NONE)" in said, said
+    # The same client, allowed TLS 1.2, gets through: the refusals were the version's.
+    said = s_client(port, "tls1_2", starttls, tmp_path)
+    assert "New, TLSv1.2, Cipher is" in said, said
+
+
+@pytest.mark.parametrize(
+    ("role", "line"),
+    [("submissions", b"EHLO plain.example\r\n"), ("pop3s", b"USER alice\r\n")],
+)
+def test_plaintext_client_on_an_implicit_tls_port_is_closed_cleanly(every_tls_server, role, line):
+    """No greeting in the clear and an orderly end of stream, not a reset; the server goes on."""
+    port = every_tls_server.ports[role]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(line)
+        assert sock.recv(4096) == b""  # a reset would raise ConnectionResetError
+    with smtplib.SMTP("127.0.0.1", every_tls_server.ports["mx"], timeout=10) as client:
+        assert client.noop()[0] == 250
+    assert "Traceback" not in every_tls_server.server_log()
