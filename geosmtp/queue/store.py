@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,8 @@ Check = Callable[[Any], str | None]
 
 #: The last time `datetime` can show (9999-12-31T23:59:59Z): the API's and DSN's dates.
 _LAST_TIME = 253402300799.0
+#: The largest count (attempts, octets) a record holds: JSON's safe integers.
+_MOST = 2**53
 _QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{1,64}")
 _STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -149,7 +152,7 @@ def _flag(value: Any) -> str | None:
 def _count(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool):
         return "not a whole number"
-    return None if value >= 0 else "negative"
+    return None if 0 <= value <= _MOST else f"not between 0 and {_MOST}"
 
 
 def _time(value: Any) -> str | None:
@@ -273,8 +276,9 @@ def read_record(data: bytes) -> QueueRecord:
         raise BadRecord("json", f"not a JSON record: {exc}") from None
     if not isinstance(raw, dict):
         raise BadRecord("json", "not a JSON object")
-    if raw.get("version") != RECORD_VERSION:
-        raise BadRecord("version", f"not {RECORD_VERSION}", raw.get("version"))
+    version = raw.get("version")
+    if type(version) is not int or version != RECORD_VERSION:  # not True, nor 1.0
+        raise BadRecord("version", f"not {RECORD_VERSION}", version)
     fields = _checked(raw, RECORD_CHECKS, "", {"version", "recipients"})
     rcpts = raw.get("recipients")
     if "recipients" not in raw:
@@ -451,14 +455,22 @@ class QueueStore:
     def _read(self, path: str, queue_id: str) -> QueueRecord:
         """The record at `path`, checked, with its message; BadRecord if unusable."""
         try:
-            with open(path, "rb") as f:
+            # Not through a link, and never waiting on a FIFO: a file the store wrote.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise BadRecord("file", "not a regular file")
                 data = f.read()
         except OSError as exc:
             raise BadRecord("file", f"cannot be read: {exc.strerror or exc}") from None
         record = read_record(data)
         if record.id != queue_id:
             raise BadRecord("id", f"not the file's name, {queue_id}.json", record.id)
-        if not os.path.isfile(self.message_path(queue_id)):
+        try:
+            is_file = stat.S_ISREG(os.lstat(self.message_path(queue_id)).st_mode)
+        except OSError:
+            is_file = False
+        if not is_file:
             raise BadRecord("message", f"its message file messages/{queue_id} is missing")
         return record
 

@@ -118,7 +118,7 @@ RECORD_CASES = {
     "id": [7, None, "", "../GOOD", "B A D", "GOOD"],
     "sender": [5, None, ["alice@example.test"], "alice@example.test\r\nRCPT TO:<x@y.test>"],
     "arrival": ["soon", None, True, NAN, INF, -1.0, 1e300, [1]],
-    "size": ["15", -1, 1.5, True, None],
+    "size": ["15", -1, 1.5, True, None, 2**64],
     "ret": ["ALL", "hdrs", 1, True],
     "envid": [5, "two words", "x" * 101, "caf\u00e9"],
     "smtputf8": ["yes", 1, None],
@@ -126,7 +126,7 @@ RECORD_CASES = {
     "client": [None, 5, ["[192.0.2.1]"]],
     "auth_user": [5, ["alice"], True],
     "held": ["no", 0, None],
-    "version": [2, "1", None],
+    "version": [2, "1", None, True, 1.0],
 }
 RECIPIENT_CASES = {
     "address": [None, 5, "", "bob", "bob@", "bob@remote.test\r\nDATA"],
@@ -134,7 +134,7 @@ RECIPIENT_CASES = {
     "notify": ["FAILURE", [], ["SOMETIMES"], ["NEVER", "FAILURE"], ["DELAY", "DELAY"], [1]],
     "orcpt": [5, "rfc822", ";bob@remote.test", "rfc822;bob @remote.test", "x" * 501],
     "state": ["sent", "PENDING", "", None, 1, True],
-    "attempts": ["2", -1, 2.5, None, False],
+    "attempts": ["2", -1, 2.5, None, False, 10**30],
     "next_attempt": ["soon", None, False, INF, NAN, -5, 1e300, {}],
     "status": ["4.4", 4, "9.9.9", "4.4.1 extra", ""],
     "last_error": [5, ["x"], True],
@@ -246,6 +246,21 @@ def test_a_record_without_its_message_is_quarantined_and_the_message_never_remov
     assert sorted(os.listdir(store.quarantine_dir)) == ["BAD.json"]
     (bad,) = loaded.quarantined
     assert bad.problem.startswith("message: ") and "missing" in bad.problem
+
+
+def test_a_record_that_is_a_link_or_a_fifo_is_quarantined_without_waiting(store):
+    good = Path(store.records, "GOOD.json")
+    bad = Path(store.records, "BAD.json")
+    bad.unlink()
+    bad.symlink_to(good)  # a record read through a link could be any file
+    (link,) = store.load().quarantined
+    assert link.problem.startswith("file: cannot be read")
+    assert Path(store.quarantine_dir, "BAD.json").is_symlink()  # moved, not followed
+    os.rename(Path(store.quarantine_dir, "BAD"), store.message_path("BAD"))
+    os.mkfifo(bad)  # open() would wait for a writer for ever
+    (fifo,) = store.load().quarantined
+    assert fifo.problem == "file: not a regular file"
+    assert good.exists() and store.load().records == [full_record("GOOD")]
 
 
 def test_a_second_quarantine_of_an_id_overwrites_nothing(store, tmp_path):
