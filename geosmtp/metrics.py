@@ -200,6 +200,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.queue_quarantined = Counter(
+            "geosmtp_queue_quarantined",
+            "Queue entries moved to quarantine/ at start: a record that cannot be used "
+            "(not JSON, a field of the wrong type or value, its message missing)",
+            registry=r,
+        )
         self.relay_deliveries = Counter(
             "geosmtp_relay_deliveries",
             "Relay attempt outcomes per recipient: sent, deferred (retried later), bounced",

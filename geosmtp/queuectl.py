@@ -52,10 +52,21 @@ def _rcpt_line(r: dict) -> str:
     return text
 
 
+def _quarantine_note(result: dict) -> str:
+    """A line about entries in quarantine/, if there are any (an operator looks at them)."""
+    n = result.get("quarantined") or 0
+    if not n:
+        return ""
+    return (
+        f"\n{n} unusable entr{'ies' if n != 1 else 'y'} in the queue folder's quarantine/ "
+        "(see the server log)"
+    )
+
+
 def format_list(result: dict) -> str:
     entries = result["entries"]
     if not entries:
-        return "the queue is empty"
+        return "the queue is empty" + _quarantine_note(result)
     rows = [("ID", "AGE", "SIZE", "STATE", "SENDER", "RECIPIENTS")]
     for e in entries:
         rcpts = e["recipients"] or [{"address": "", "state": "", "attempts": 0}]
@@ -81,7 +92,7 @@ def format_list(result: dict) -> str:
         f"{count} message{'s' if count != 1 else ''}, {result['held']} held, "
         f"oldest {human_age(result['oldest_age_seconds'])}"
     )
-    return "\n".join(lines)
+    return "\n".join(lines) + _quarantine_note(result)
 
 
 def format_entry(e: dict) -> str:

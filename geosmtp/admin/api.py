@@ -161,6 +161,8 @@ class AdminAPI:
                 "entries": int(total("geosmtp_queue_entries")),
                 "held": int(total("geosmtp_queue_held_entries")),
                 "oldest_age_seconds": round(total("geosmtp_queue_oldest_age_seconds"), 3),
+                # Records in quarantine/ now (moved there since start: the metric).
+                "quarantined": self.server.queue_store.quarantined_count(),
                 "deliveries": {
                     result: int(deliveries.get(f"result={result}", 0)) for result in RELAY_RESULTS
                 },
@@ -216,6 +218,7 @@ class AdminAPI:
             "count": len(entries),
             "held": sum(1 for e in entries if e["held"]),
             "oldest_age_seconds": max((e["age_seconds"] for e in entries), default=0.0),
+            "quarantined": self.server.queue_store.quarantined_count(),
             "entries": entries,
         }
 

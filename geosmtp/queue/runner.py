@@ -39,7 +39,15 @@ from ..storage.spool import read_return_path
 from .client import AttemptResult, Outcome, deliver
 from .mx import DNSError, DNSPermanentError, Host, Resolver
 from .schedule import RetrySchedule, delay_warning_due
-from .store import DELIVERED, FAILED, PENDING, QueuedRecipient, QueueRecord, QueueStore
+from .store import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    Quarantined,
+    QueuedRecipient,
+    QueueRecord,
+    QueueStore,
+)
 
 #: How a finished recipient is reported: ("failed" | "delayed" | "delivered").
 Report = Callable[[QueueRecord, list[QueuedRecipient], str], None]
@@ -107,8 +115,8 @@ class QueueRunner:
         """Read the queue from disk (the entries `mine` selects: this worker's
         share) and start delivering; `clean` as for `QueueStore.load`."""
         loaded = self.store.load(mine, clean)
-        for problem in loaded.quarantined:
-            logger.error("queue: moved to quarantine: {}", problem)
+        for bad in loaded.quarantined:
+            self._report_quarantined(bad)
         if loaded.orphans:
             logger.info("queue: removed {} messages never acknowledged", loaded.orphans)
         for record in loaded.records:
@@ -117,6 +125,29 @@ class QueueRunner:
         if loaded.records:
             logger.info("queue: {} messages to deliver", len(loaded.records))
         self._loop = gevent.spawn(self._run)
+
+    def _report_quarantined(self, bad: Quarantined) -> None:
+        """One log line per entry that could not be used: its file, the field, where it went."""
+        problem = logs.clean(bad.problem)
+        if bad.error is None:
+            logger.warning(
+                "queue {}: {} cannot be used ({}): moved to {}",
+                bad.queue_id,
+                bad.record,
+                problem,
+                ", ".join(bad.moved),
+            )
+            if self.metrics is not None:
+                self.metrics.queue_quarantined.inc()
+            return
+        # Left in place (not loaded, not removed): the next start tries again.
+        logger.error(
+            "queue {}: {} cannot be used ({}) nor moved to quarantine/: {}",
+            bad.queue_id,
+            bad.record,
+            problem,
+            logs.clean(bad.error),
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop starting attempts; let those in flight finish for `timeout` seconds.

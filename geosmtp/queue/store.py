@@ -3,7 +3,7 @@
     queue_dir/                       (default: mail_dir/.queue)
       messages/<id>                  the message, a hard link of its spool file
       records/<id>.json              the envelope and every remote recipient's state
-      quarantine/                    records (and their messages) that cannot be read
+      quarantine/                    entries that cannot be used: <id>.json and <id>
 
 A record is written whole to a temporary name, fsynced, renamed over the old
 one, and the folder fsynced: a crash leaves the old record or the new one,
@@ -13,10 +13,14 @@ one trip to the threadpool. A recipient is marked delivered (record rewritten,
 fsynced) as soon as the remote server says `250`, so a restart re-sends at
 most the attempts that were in flight.
 
-On start every record is read again. One that cannot be read, or whose
-message is missing, is moved to `quarantine/` and reported, never deleted and
-never fatal; a message without a record (the crash came between the link and
-the record, so it was never acknowledged) is removed.
+On start every record is read again, and every field of it checked
+(`read_record`). One that cannot be read or used (not JSON, a field of the
+wrong type or value, its message missing) is moved to `quarantine/` with its
+message, as Postfix moves a damaged queue file to `corrupt/`: reported (one
+log line naming the file and the field, a metric), never deleted, never
+fatal; the rest of the queue is delivered. A message without a record (the
+crash came between the link and the record, so it was never acknowledged) is
+removed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,14 +96,233 @@ class QueueRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> QueueRecord:
+        """A record as written by `to_json`; BadRecord for anything else."""
+        return read_record(data)
+
+
+# ---------------------------------------------------------------- checking
+# A record is read back only through `read_record`, at start and wherever else
+# one is read: every field's type and value is checked, so the runner, the
+# reports and the management API meet only what `QueueDestination` writes.
+# Anything else is a BadRecord naming the field, and the entry goes to
+# quarantine/ (Postfix's corrupt/): a disk fault, a hand edit or a bug must not
+# stop the server, nor lose the message (an unknown `state` once meant
+# "done": the entry was removed unsent). A field added to the dataclasses
+# needs its check here; the unit tests fail until it has one.
+
+
+class BadRecord(ValueError):
+    """A queue record that cannot be used; `field` says where: `next_attempt`,
+    `recipients[1].state`, `json` (not JSON at all), `message` (its file is gone)."""
+
+    def __init__(self, field: str, problem: str, *value: Any) -> None:
+        shown = f" ({_shown(value[0])})" if value else ""
+        super().__init__(f"{field}: {problem}{shown}")
+        self.field = field
+
+
+def _shown(value: Any) -> str:
+    """A bad value as a log line shows it: its repr (escaped), shortened."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: A check returns what is wrong with a value, or None when it fits.
+Check = Callable[[Any], str | None]
+
+#: The last time `datetime` can show (9999-12-31T23:59:59Z): the API's and DSN's dates.
+_LAST_TIME = 253402300799.0
+#: The largest count (attempts, octets) a record holds: JSON's safe integers.
+_MOST = 2**53
+_QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{1,64}")
+_STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_XTEXT_RE = re.compile(r"[\x21-\x7e]+")  # RFC 3461 §4: xtext is printable US-ASCII
+_NOTIFY = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) else "not a string"
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "not true or false"
+
+
+def _count(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "not a whole number"
+    return None if 0 <= value <= _MOST else f"not between 0 and {_MOST}"
+
+
+def _time(value: Any) -> str | None:
+    """Seconds since the epoch, as `time.time()` gives them."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "not a number"
+    if not 0 <= value <= _LAST_TIME:  # NaN fails this too (json reads `NaN`)
+        return "not a time between 1970 and 9999"
+    return None
+
+
+def _wire(value: Any) -> str | None:
+    """Text that goes into an SMTP command: no control character (CR, LF...)."""
+    if not isinstance(value, str):
+        return "not a string"
+    return "holds a control character" if _CONTROL_RE.search(value) else None
+
+
+def _queue_id(value: Any) -> str | None:
+    if not isinstance(value, str) or not _QUEUE_ID_RE.fullmatch(value):
+        return "not a queue id (letters and digits)"
+    return None
+
+
+def _address(value: Any) -> str | None:
+    problem = _wire(value)
+    if problem is None and "@" not in value[1:-1]:
+        return "not local-part@domain"
+    return problem
+
+
+def _domain(value: Any) -> str | None:
+    problem = _wire(value)
+    if problem is None and (not value or " " in value):
+        return "not a domain"
+    return problem
+
+
+def _xtext(value: Any) -> str | None:
+    """ENVID: xtext, at most 100 characters (RFC 3461 §4.4)."""
+    if not isinstance(value, str) or len(value) > 100 or not _XTEXT_RE.fullmatch(value):
+        return "not xtext of at most 100 characters"
+    return None
+
+
+def _orcpt(value: Any) -> str | None:
+    """ORCPT: addr-type ";" xtext (RFC 3461 §4.2), as the session takes it."""
+    if not isinstance(value, str) or len(value) > 500:
+        return "not addr-type;xtext"
+    addr_type, _, address = value.partition(";")
+    if not addr_type.replace("-", "").isalnum() or not _XTEXT_RE.fullmatch(address):
+        return "not addr-type;xtext"
+    return None
+
+
+def _notify(value: Any) -> str | None:
+    """NOTIFY: NEVER alone, or some of SUCCESS, FAILURE, DELAY (RFC 3461 §4.1)."""
+    if not isinstance(value, list) or not value or not all(isinstance(w, str) for w in value):
+        return "not a list of NOTIFY words"
+    words = set(value)
+    if len(words) != len(value) or not words <= _NOTIFY or ("NEVER" in words and len(words) > 1):
+        return "not NEVER, or some of SUCCESS, FAILURE, DELAY"
+    return None
+
+
+def _status(value: Any) -> str | None:
+    if not isinstance(value, str) or not _STATUS_RE.fullmatch(value):
+        return "not an enhanced status code (RFC 3463)"
+    return None
+
+
+def _one_of(*allowed: str) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, str) and value in allowed:
+            return None
+        return "not one of " + ", ".join(allowed)
+
+    return check
+
+
+def _optional(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
+
+
+#: Every field of a record (`version` and `recipients` are checked on their own).
+RECORD_CHECKS: dict[str, Check] = {
+    "id": _queue_id,
+    "sender": _wire,  # "" is the null sender
+    "arrival": _time,
+    "size": _count,
+    "ret": _optional(_one_of("FULL", "HDRS")),
+    "envid": _optional(_xtext),
+    "smtputf8": _flag,
+    "body": _optional(_one_of("7BIT", "8BITMIME")),
+    "client": _string,
+    "auth_user": _optional(_string),
+    "held": _flag,
+}
+
+#: Every field of a recipient in a record.
+RECIPIENT_CHECKS: dict[str, Check] = {
+    "address": _address,
+    "domain": _domain,
+    "notify": _optional(_notify),
+    "orcpt": _optional(_orcpt),
+    "state": _one_of(PENDING, DELIVERED, FAILED),
+    "attempts": _count,
+    "next_attempt": _time,
+    "status": _optional(_status),
+    "last_error": _optional(_string),
+    "remote_mta": _optional(_string),
+    "delay_warned": _flag,
+}
+
+
+def read_record(data: bytes) -> QueueRecord:
+    """A record's file as a `QueueRecord`, every field checked; BadRecord otherwise."""
+    try:
         raw = json.loads(data)
-        if not isinstance(raw, dict) or raw.get("version") != RECORD_VERSION:
-            raise ValueError("not a queue record of this version")
-        recipients = [QueuedRecipient(**r) for r in raw.pop("recipients")]
-        record = cls(recipients=recipients, **raw)
-        if not record.recipients or not isinstance(record.id, str):
-            raise ValueError("a queue record without recipients or id")
-        return record
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        raise BadRecord("json", f"not a JSON record: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadRecord("json", "not a JSON object")
+    version = raw.get("version")
+    if type(version) is not int or version != RECORD_VERSION:  # not True, nor 1.0
+        raise BadRecord("version", f"not {RECORD_VERSION}", version)
+    fields = _checked(raw, RECORD_CHECKS, "", {"version", "recipients"})
+    rcpts = raw.get("recipients")
+    if "recipients" not in raw:
+        raise BadRecord("recipients", "missing")
+    if not isinstance(rcpts, list) or not rcpts:
+        raise BadRecord("recipients", "not a list of at least one recipient")
+    recipients = []
+    for i, rcpt in enumerate(rcpts):
+        where = f"recipients[{i}]"
+        if not isinstance(rcpt, dict):
+            raise BadRecord(where, "not a JSON object")
+        recipient = QueuedRecipient(**_checked(rcpt, RECIPIENT_CHECKS, f"{where}.", set()))
+        if not recipient.address.endswith("@" + recipient.domain):
+            raise BadRecord(f"{where}.domain", "not the address's domain", recipient.domain)
+        recipients.append(recipient)
+    return QueueRecord(recipients=recipients, **fields)
+
+
+def _checked(raw: dict, checks: dict[str, Check], where: str, apart: set[str]) -> dict:
+    """`raw`'s fields, each one checked (and present); `apart` are checked elsewhere."""
+    for name in raw:
+        if name not in checks and name not in apart:
+            raise BadRecord(f"{where}{name}", "not a field of a queue record")
+    for name, check in checks.items():
+        if name not in raw:
+            raise BadRecord(f"{where}{name}", "missing")
+        problem = check(raw[name])
+        if problem is not None:
+            raise BadRecord(f"{where}{name}", problem, raw[name])
+    return {name: raw[name] for name in checks}
+
+
+@dataclass
+class Quarantined:
+    """An entry found unusable at start, and where its files went."""
+
+    queue_id: str
+    problem: str  # what is wrong, naming the field (BadRecord's text)
+    record: str  # the record's file, as it was named: records/<id>.json
+    moved: list[str] = field(default_factory=list)  # where its files are now: quarantine/...
+    error: str | None = None  # why they could not be moved (then they are left in place)
+
+    def __str__(self) -> str:
+        return f"{self.queue_id}: {self.problem}"
 
 
 @dataclass
@@ -105,7 +330,7 @@ class Loaded:
     """What reading the queue at start found."""
 
     records: list[QueueRecord] = field(default_factory=list)
-    quarantined: list[str] = field(default_factory=list)  # ids moved aside, with why
+    quarantined: list[Quarantined] = field(default_factory=list)  # moved aside, with why
     orphans: int = 0  # messages without a record, removed
 
 
@@ -197,8 +422,8 @@ class QueueStore:
     # ------------------------------------------------------------- read
 
     def load(self, mine: Callable[[str], bool] | None = None, clean: bool = True) -> Loaded:
-        """Every entry on disk (those `mine` selects); unreadable ones moved to
-        quarantine/.
+        """Every entry on disk (those `mine` selects), each record checked
+        (`read_record`); those that cannot be used are moved to quarantine/.
 
         With `clean`, what a dead process left half-written goes: a record
         being written, a message file whose record never came. Only when no
@@ -206,7 +431,7 @@ class QueueStore:
         taking over its share of a running server's queue passes False.
         """
         out = Loaded()
-        with_record: set[str] = set()
+        with_record: set[str] = set()  # messages that stay: their record is (or was) here
         for name in sorted(os.listdir(self.records)):
             path = f"{self.records}/{name}"
             if name.startswith("."):  # a record being written (when the process died)
@@ -214,32 +439,80 @@ class QueueStore:
                     _unlink_quietly(path)
                 continue
             queue_id = name.removesuffix(".json")
+            with_record.add(queue_id)
             if mine is not None and not mine(queue_id):
-                with_record.add(queue_id)
                 continue
             try:
-                with open(path, "rb") as f:
-                    record = QueueRecord.from_json(f.read())
-                if record.id != queue_id:
-                    raise ValueError(f"the record says it is {record.id!r}")
-                if not os.path.exists(self.message_path(queue_id)):
-                    raise ValueError("its message file is missing")
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                self._quarantine(name, queue_id)
-                out.quarantined.append(f"{queue_id}: {exc}")
-                continue
-            with_record.add(queue_id)
-            out.records.append(record)
+                out.records.append(self._read(path, queue_id))
+            except BadRecord as exc:
+                out.quarantined.append(self._quarantine(name, queue_id, str(exc)))
         for name in os.listdir(self.messages) if clean else ():
             if name not in with_record:
                 _unlink_quietly(f"{self.messages}/{name}")
                 out.orphans += 1
         return out
 
-    def _quarantine(self, record_name: str, queue_id: str) -> None:
-        for src in (f"{self.records}/{record_name}", self.message_path(queue_id)):
-            if os.path.exists(src):
-                os.replace(src, f"{self.quarantine_dir}/{os.path.basename(src)}")
+    def _read(self, path: str, queue_id: str) -> QueueRecord:
+        """The record at `path`, checked, with its message; BadRecord if unusable."""
+        try:
+            # Not through a link, and never waiting on a FIFO: a file the store wrote.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise BadRecord("file", "not a regular file")
+                data = f.read()
+        except OSError as exc:
+            raise BadRecord("file", f"cannot be read: {exc.strerror or exc}") from None
+        record = read_record(data)
+        if record.id != queue_id:
+            raise BadRecord("id", f"not the file's name, {queue_id}.json", record.id)
+        try:
+            is_file = stat.S_ISREG(os.lstat(self.message_path(queue_id)).st_mode)
+        except OSError:
+            is_file = False
+        if not is_file:
+            raise BadRecord("message", f"its message file messages/{queue_id} is missing")
+        return record
+
+    def _quarantine(self, record_name: str, queue_id: str, problem: str) -> Quarantined:
+        """Move an entry's record and message (whichever exists) to quarantine/,
+        under names no earlier entry there has: never deleted, never overwritten.
+        The message goes first: a crash between the two leaves a record without
+        its message, quarantined at the next start, never an orphan removed."""
+        out = Quarantined(queue_id, problem, f"records/{record_name}")
+        stem = self._free_name(queue_id)
+        moves = [
+            (self.message_path(queue_id), stem),
+            (f"{self.records}/{record_name}", f"{stem}.json"),
+        ]
+        try:
+            for src, name in moves:
+                if os.path.lexists(src):
+                    os.rename(src, f"{self.quarantine_dir}/{name}")
+                    out.moved.append(f"quarantine/{name}")
+            if self.fsync:
+                for folder in (self.quarantine_dir, self.messages, self.records):
+                    fsync_path(folder)
+        except OSError as exc:
+            out.error = str(exc)
+        return out
+
+    def _free_name(self, queue_id: str) -> str:
+        """`queue_id`, or `queue_id.N`: a name in quarantine/ no file has, nor its `.json`."""
+        name, n = queue_id, 0
+        while os.path.lexists(f"{self.quarantine_dir}/{name}") or os.path.lexists(
+            f"{self.quarantine_dir}/{name}.json"
+        ):
+            n += 1
+            name = f"{queue_id}.{n}"
+        return name
+
+    def quarantined_count(self) -> int:
+        """How many records are in quarantine/ (for an operator to look at)."""
+        try:
+            return sum(1 for name in os.listdir(self.quarantine_dir) if name.endswith(".json"))
+        except OSError:
+            return 0
 
     def open_message(self, queue_id: str):  # type: ignore[no-untyped-def]
         """The queued message as a binary file (the caller closes it)."""

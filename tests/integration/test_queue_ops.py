@@ -194,6 +194,7 @@ def test_list_show_hold_flush_release_and_metrics(relay_setup):
         "entries": 0,
         "held": 0,
         "oldest_age_seconds": 0.0,
+        "quarantined": 0,
         "deliveries": {"sent": 3, "deferred": 4, "bounced": 0},
     }
 
@@ -224,6 +225,7 @@ def test_delete(relay_setup):
         "count": 0,
         "held": 0,
         "oldest_age_seconds": 0.0,
+        "quarantined": 0,
         "entries": [],
     }
     again = queue_cmd(server, "delete", a)
@@ -286,6 +288,90 @@ def test_hold_survives_a_restart(relay_setup):
         wait_until(lambda: entry(api2, a) is None, what="delivered after release")
         assert len(sent_to_sink(sink, "kept")) == 2
         assert queue_files(again) == []
+    finally:
+        again.stop()
+
+
+# Issue 18: one bad record stopped the server, lost its message, or broke the
+# API. Each was found from outside with a record that is valid JSON; now each
+# goes to quarantine/ and the rest of the queue is delivered.
+SPOILED = [
+    # Stopped the start with a traceback, after the listeners were bound.
+    ("recipients[0].next_attempt", ("recipients", 0, "next_attempt"), "soon"),
+    # Taken as done: the record and the message removed, with no delivery nor report.
+    ("recipients[0].state", ("recipients", 0, "state"), "sent"),
+    # /metrics, /api/v1/stats and /api/v1/queue answered 500.
+    ("arrival", ("arrival",), "yesterday"),
+]
+
+
+@pytest.mark.parametrize(("field", "path", "value"), SPOILED, ids=[s[0] for s in SPOILED])
+def test_a_spoiled_record_is_quarantined_and_the_rest_delivered(relay_setup, field, path, value):
+    server, sink, api, config = relay_setup(Script(final_replies=[LATER]))
+    bad = submit(server, ["bob@remote.test"], "spoiled")
+    good = submit(server, ["carol@remote.test", "dave@remote.test"], "healthy")
+    wait_until(lambda: attempted(api, bad, 1) and attempted(api, good, 1), what="first attempts")
+    assert server.stop() == 0  # a clean stop: both entries stay queued
+
+    queue = server.mail_dir / ".queue"
+    message = (queue / "messages" / bad).read_bytes()
+    record = queue / "records" / f"{bad}.json"
+    raw = json.loads(record.read_bytes())
+    *parents, last = path
+    target = raw
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    record.write_text(json.dumps(raw))
+    spoiled = record.read_bytes()
+
+    sink.script.final_replies = ["250 2.0.0 ok"]
+    again = start_server(server.root, {**config, **admin_section()})
+    try:
+        # The server started (every worker has loaded its share of the queue)
+        # and serves: SMTP, and the API's three readers.
+        wait_until(
+            lambda: again.server_log().count(" started as ") == 2, what="every worker started"
+        )
+        client = smtplib.SMTP()
+        try:
+            assert client.connect("127.0.0.1", server.ports["submission"])[0] == 220
+        finally:
+            client.close()
+        api2 = admin_of(again)
+        for reader in ("/api/v1/stats", "/metrics", "/api/v1/queue"):
+            reply = api2.request("GET", reader)
+            assert reply.status == 200, (reader, reply.body)
+
+        # The spoiled entry is in quarantine/, whole; the healthy one is queued
+        # and delivered.
+        assert sorted(p.name for p in (queue / "quarantine").iterdir()) == [bad, f"{bad}.json"]
+        assert (queue / "quarantine" / bad).read_bytes() == message
+        assert (queue / "quarantine" / f"{bad}.json").read_bytes() == spoiled
+        listing = api2.get("/api/v1/queue")
+        assert [e["id"] for e in listing["entries"]] == [good]
+        assert listing["quarantined"] == 1
+        api2.ok("POST", "/api/v1/queue/flush")
+        wait_until(lambda: entry(api2, good) is None, what="the healthy entry delivered")
+        (tx,) = [t for t in sink.completed if b"Subject: healthy" in t.data]
+        assert tx.rcpts == ["carol@remote.test", "dave@remote.test"]
+        assert not [t for t in sink.completed if b"Subject: spoiled" in t.data]
+        assert queue_files(again) == []  # nothing left but quarantine/, nothing deleted there
+
+        # Told: one WARNING line naming the file and the field, a metric, the stats.
+        warnings = [
+            line
+            for line in again.server_log().splitlines()
+            if "WARNING" in line and f"records/{bad}.json" in line
+        ]
+        assert len(warnings) == 1 and f"{field}: " in warnings[0], warnings
+        assert "geosmtp_queue_quarantined_total 1.0" in api2.exposition().splitlines()
+        assert api2.stats()["queue"]["quarantined"] == 1
+        listed = queue_cmd(again, "list")
+        assert listed.stdout.splitlines()[-1] == (
+            "1 unusable entry in the queue folder's quarantine/ (see the server log)"
+        )
+        assert again.process.poll() is None
     finally:
         again.stop()
 

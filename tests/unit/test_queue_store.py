@@ -93,7 +93,12 @@ def test_what_cannot_be_read_is_quarantined_and_orphans_removed(parts):
     Path(store.records, ".HALF.tmp").write_bytes(b"{")
     loaded = store.load()
     assert [r.id for r in loaded.records] == ["GOOD"]
-    assert sorted(q.split(":")[0] for q in loaded.quarantined) == ["BAD", "NOMSG", "OLDVER"]
+    assert sorted(q.queue_id for q in loaded.quarantined) == ["BAD", "NOMSG", "OLDVER"]
+    assert sorted(q.problem.split(":")[0] for q in loaded.quarantined) == [
+        "json",
+        "message",
+        "version",
+    ]
     assert loaded.orphans == 1
     assert sorted(os.listdir(store.quarantine_dir)) == [
         "BAD",

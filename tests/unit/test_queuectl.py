@@ -63,6 +63,17 @@ def test_format_list():
     assert format_list({"count": 0, "held": 0, "oldest_age_seconds": 0, "entries": []}) == (
         "the queue is empty"
     )
+    # Entries in quarantine/ (issue 18) are told, with or without a queue.
+    empty = {"count": 0, "held": 0, "oldest_age_seconds": 0, "entries": [], "quarantined": 2}
+    assert format_list(empty) == (
+        "the queue is empty\n2 unusable entries in the queue folder's quarantine/ "
+        "(see the server log)"
+    )
+    one = {"count": 1, "held": 0, "oldest_age_seconds": 1, "entries": [_entry()], "quarantined": 1}
+    assert format_list(one).splitlines()[-2:] == [
+        "1 message, 0 held, oldest 1s",
+        "1 unusable entry in the queue folder's quarantine/ (see the server log)",
+    ]
 
 
 def test_format_entry():
