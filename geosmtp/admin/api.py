@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 StartResponse = Callable[..., Any]
 MAX_BODY = 64 * 1024
+#: Arrays and objects inside each other in a request body, at most: the
+#: config is 4 levels deep; deeper is refused before anything walks it.
+MAX_DEPTH = 32
 _SESSION_RE = re.compile(r"/api/v1/sessions/([0-9A-Fa-f]+)")
 _QUEUE_RE = re.compile(r"/api/v1/queue/([^/]+)(/flush|/hold|/release)?")
 _FILTER_RE = re.compile(r"/api/v1/filters/([^/]+)")
@@ -343,9 +346,29 @@ def _read_json(environ: dict) -> Any:
         raise HTTPError("413 Payload Too Large", f"the body may be at most {MAX_BODY} octets")
     raw = environ["wsgi.input"].read(length) if length else b""
     try:
-        return json.loads(raw or b"null")
+        value = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPError("400 Bad Request", f"invalid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses once a level: `[` * 100000
+        value = None
+        depth = MAX_DEPTH + 1
+    else:
+        depth = _depth(value)
+    if depth > MAX_DEPTH:
+        raise HTTPError("400 Bad Request", f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (a scalar: 0)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _respond(

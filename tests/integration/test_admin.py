@@ -264,6 +264,10 @@ def test_patch_refuses_restart_only_keys(shared, patch, key):
         (b'{"trusted_networks": ["8.8.8.0/24"]}', 400, "trusted_networks[0]: '8.8.8.0/24'"),
         (b'{"users": {"x": {"password": "plain"}}}', 400, "users.x.password: expected a passw"),
         (b"x" * (64 * 1024 + 1), 413, "the body may be at most 65536 octets"),
+        # Nesting: the parser recursed until Python's limit (a 500 once).
+        (b"[" * 60000, 400, "invalid JSON: nested deeper than 32 levels"),
+        (b'{"a": ' * 2000 + b"1" + b"}" * 2000, 400, "invalid JSON: nested deeper than 32"),
+        (b'{"limits": ' + b"[" * 33 + b"]" * 33 + b"}", 400, "invalid JSON: nested deeper"),
     ],
     ids=lambda v: v.decode(errors="replace")[:30] if isinstance(v, bytes) else None,
 )
