@@ -179,8 +179,9 @@ class AdminAPI:
         if not isinstance(patch, dict):
             raise HTTPError("400 Bad Request", "the body must be a JSON object")
         current = cfg.to_mapping(self.server.config)
+        merged = cfg.merged(current, patch)
         try:
-            merged = cfg.merged(current, patch)
+            _check_change(current, merged)
             cfg.from_mapping(merged)  # a bad value is refused here, without the master
             change = self.server.change_config(merged)
         except cfg.ConfigError as exc:
@@ -305,11 +306,13 @@ class AdminAPI:
             raise HTTPError(
                 "400 Bad Request", "name: cannot be changed here; edit the config file and reload"
             )
-        current = cfg.to_mapping(self.server.config)
-        index = next(i for i, f in enumerate(current["filters"]) if f["name"] == name)
-        before = current["filters"][index]
+        running = cfg.to_mapping(self.server.config)
+        index = next(i for i, f in enumerate(running["filters"]) if f["name"] == name)
+        before = running["filters"][index]
+        current = {**running, "filters": list(running["filters"])}
         current["filters"][index] = cfg.merged(before, patch)
         try:
+            _check_change(running, current)
             cfg.from_mapping(current)  # a bad value is refused here, without the master
             self.server.change_config(current)
         except cfg.ConfigError as exc:
@@ -328,6 +331,15 @@ class AdminAPI:
             "changed": changed,
             "filter": self._filter_info(stage, self.server.metrics.snapshot()),
         }
+
+
+def _check_change(running: dict, new: dict) -> None:
+    """Only runtime-safe keys change through the API: 403 for the others
+    (before anything in `new` is read, run or imported), 400 for a bad shape."""
+    try:
+        cfg.check_runtime_change(running, new)
+    except cfg.NotRuntimeSafe as exc:
+        raise HTTPError("403 Forbidden", str(exc)) from None
 
 
 def _user_name(uid: int) -> str:

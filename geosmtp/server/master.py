@@ -441,8 +441,9 @@ class Master:
     def change(self, mapping: Any, asker: socket.socket) -> None:
         """The API's PATCH: a whole config mapping, no restart key changed."""
         try:
-            if not isinstance(mapping, dict):
-                raise ConfigError("the change must be a config mapping")
+            # The API checked it too; the master, as root, does not take a
+            # worker's word for it (keys naming files or programs: the file).
+            cfg.check_runtime_change(cfg.to_mapping(self.config), mapping)
             self._begin(cfg.from_mapping(mapping), False, asker)
         except ConfigError as exc:
             _reply(asker, {"error": str(exc)})

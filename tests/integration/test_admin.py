@@ -12,7 +12,14 @@ import yaml
 
 from geosmtp import __version__
 from geosmtp import config as cfg
-from tests.conftest import free_port, run_cli, users, wait_until, write_config
+from tests.conftest import (
+    free_port,
+    password_hash,
+    run_cli,
+    users,
+    wait_until,
+    write_config,
+)
 from tests.integration.adminapi import TOKEN, admin_of, with_admin
 from tests.integration.wire import Wire
 
@@ -259,9 +266,7 @@ def test_patch_refuses_restart_only_keys(shared, patch, key):
         (b'{"limits": 5}', 400, "limits: expected a mapping, got 5"),
         (b'{"log": {"level": "LOUD"}}', 400, "log.level: expected one of TRACE"),
         (b'{"extensions": {"chunking": "no"}}', 400, "extensions.chunking: expected true or"),
-        (b'{"domains": []}', 400, "domains: at least one local domain is needed"),
         (b'{"timeouts": {"command": -1}}', 400, "timeouts.command: expected a positive number"),
-        (b'{"trusted_networks": ["8.8.8.0/24"]}', 400, "trusted_networks[0]: '8.8.8.0/24'"),
         (b'{"users": {"x": {"password": "plain"}}}', 400, "users.x.password: expected a passw"),
         (b"x" * (64 * 1024 + 1), 413, "the body may be at most 65536 octets"),
         # Nesting: the parser recursed until Python's limit (a 500 once).
@@ -279,6 +284,132 @@ def test_patch_bad_requests(shared, raw, status, message):
     assert reply.headers["content-type"] == "application/json"
     assert reply.error.startswith(message), reply.error
     assert api.config() == before
+
+
+# Keys that name programs, modules, files or accounts change only through the
+# file and a reload: PATCH refuses them (403) before it reads, runs or imports
+# anything they name, and all or nothing (max_clients does not change either).
+REFUSED = "not changeable through the API"
+RELOAD = "change it in the config file and reload"
+
+
+def _refused(api, path: str, patch: dict, key: str) -> None:
+    before = api.config()
+    reply = api.request("PATCH", path, patch)
+    assert reply.status == 403, reply.body
+    assert reply.error.startswith(f"{key}: {REFUSED}"), reply.error
+    assert reply.error.endswith(RELOAD), reply.error
+    assert api.config() == before
+
+
+def test_patch_cannot_add_a_program(shared):
+    """The finding: a filter with `/bin/sh -c` ran for the next message."""
+    server, api = shared
+    marker = server.root / "pwned"
+    shell = {"name": "sh", "command": ["/bin/sh", "-c", f"touch {marker}; cat"]}
+    _refused(api, "/api/v1/config", {"max_clients": 7, "filters": [shell]}, "filters")
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO x.example", 250)
+        w.expect("MAIL FROM:<a@remote.example>", 250)
+        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect("DATA", 354)
+        w.expect("Subject: t\r\n\r\nhi\r\n.", 250)
+    assert not marker.exists()
+    assert api.get("/api/v1/filters")["count"] == 0
+
+
+def test_patch_cannot_add_a_module(shared):
+    _, api = shared
+    stage = {"name": "py", "call": "os:getcwd"}
+    _refused(api, "/api/v1/config", {"filters": [stage]}, "filters")
+
+
+def test_patch_cannot_change_a_stages_program_or_callable(make_server):
+    server = make_server(
+        with_admin({"filters": [{"name": "cat", "command": ["cat"], "mail": "local"}]})
+    )
+    api = admin_of(server)
+    shell = ["/bin/sh", "-c", "id"]
+    _refused(api, "/api/v1/filters/cat", {"command": shell}, "filters[0].command")
+    _refused(api, "/api/v1/filters/cat", {"call": "os:getcwd"}, "filters[0].call")
+    running = api.config()["filters"][0]
+    _refused(
+        api, "/api/v1/config", {"filters": [{**running, "command": shell}]}, "filters[0].command"
+    )
+    # A second stage, or one moved or renamed: the list itself.
+    second = {**running, "name": "dog"}
+    _refused(api, "/api/v1/config", {"filters": [running, second]}, "filters")
+    _refused(api, "/api/v1/config", {"filters": []}, "filters")
+    # A stage's runtime-safe keys still change, through either endpoint.
+    changed = api.ok("PATCH", "/api/v1/filters/cat", {"timeout": 30, "enabled": False})
+    assert changed["changed"] == ["enabled", "timeout"]
+    stage = api.config()["filters"][0]
+    result = api.ok("PATCH", "/api/v1/config", {"filters": [{**stage, "on_failure": "pass"}]})
+    assert result["changed"] == ["filters"]
+    assert api.get("/api/v1/filters/cat")["on_failure"] == "pass"
+
+
+def test_patch_cannot_point_at_a_file(shared, certs):
+    """Each of these was taken before (the file read as the server, or as root)."""
+    server, api = shared
+    users_file = server.root / "more-users.yaml"
+    users_file.write_text(yaml.safe_dump({"users": {"mallory": {}}}))
+    for patch, key in [
+        (
+            {"auth_checks": {"public_suffix_list": "/etc/hostname"}},
+            "auth_checks.public_suffix_list",
+        ),
+        ({"auth": {"users_file": str(users_file)}}, "auth.users_file"),
+        ({"tls": certs.tls_config}, "tls.cert, tls.key"),
+        (
+            {"dkim": {"domains": {"test.example": {"selector": "s", "key_file": str(certs.key)}}}},
+            "dkim.domains.test.example",
+        ),
+    ]:
+        _refused(api, "/api/v1/config", patch, key)
+
+
+def test_patch_cannot_give_accounts_or_relay(shared):
+    _, api = shared
+    mallory = {"mallory": {"password": password_hash("pw")}}
+    _refused(api, "/api/v1/config", {"users": mallory}, "users.mallory")
+    alice = {"alice": {"password": password_hash("pw")}}
+    _refused(api, "/api/v1/config", {"users": alice}, "users.alice.password")
+    _refused(api, "/api/v1/config", {"trusted_networks": ["127.0.0.0/8"]}, "trusted_networks")
+    _refused(api, "/api/v1/config", {"postmaster": "bob"}, "postmaster")
+    _refused(api, "/api/v1/config", {"domains": ["test.example", "victim.example"]}, "domains")
+    # The account the server runs as needs a restart (as before).
+    for patch, key in (({"user": "nobody"}, "user"), ({"group": "nogroup"}, "group")):
+        reply = api.request("PATCH", "/api/v1/config", patch)
+        assert (reply.status, reply.error) == (
+            400,
+            f"{key}: cannot change while running; restart geosmtp",
+        )
+
+
+def test_patch_runtime_safe_keys_still_change(make_server):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    patch = {
+        "vrfy": True,
+        "unknown_recipients": "reject",
+        "auth": {"max_failures": 3},
+        "auth_checks": {"max_signatures": 2},
+        "tls": {"handshake_timeout": 5},
+        "filter_concurrency": 4,
+    }
+    result = api.ok("PATCH", "/api/v1/config", patch)
+    assert result["changed"] == [
+        "auth.max_failures",
+        "auth_checks.max_signatures",
+        "filter_concurrency",
+        "tls.handshake_timeout",
+        "unknown_recipients",
+        "vrfy",
+    ]
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO x.example", 250)
+        w.expect("VRFY alice", 250)
 
 
 def test_patch_validation_is_the_loaders(shared, tmp_path):
