@@ -254,6 +254,20 @@ class Admin:
     token: str | None = field(default=None, metadata={"secret": True})
     #: A file holding the token; made with a random one (mode 0600) if missing.
     token_file: Path | None = field(default=None, metadata={"path": True})
+    #: The read-only credential (for Prometheus): GET /metrics and the GET
+    #: endpoints, nothing else. Unset (and no read_token_file): none.
+    read_token: str | None = field(default=None, metadata={"secret": True})
+    #: A file holding it; made with a random one (mode 0600) if missing.
+    read_token_file: Path | None = field(default=None, metadata={"path": True})
+    #: Seconds a connection may wait for a request's first byte (a new
+    #: connection, or a kept-alive one between requests); then it is closed.
+    idle_timeout: float = _positive(30, max=3600)
+    #: Seconds from a request's first byte until its headers and body are in;
+    #: then 400 (a short body) or the connection is closed.
+    request_timeout: float = _positive(10, max=3600)
+    #: Connections served at once, in all (shared out among the workers);
+    #: more wait in the kernel's backlog until one ends.
+    max_connections: int = _positive(64, max=10_000)
 
 
 @dataclass(frozen=True)
@@ -530,6 +544,12 @@ def _check(config: Config) -> None:
         raise ConfigError("admin.token: the admin listener needs a token or a token_file")
     if admin.token is not None and len(admin.token) < 16:
         raise ConfigError("admin.token: use at least 16 characters")
+    if admin.read_token is not None and len(admin.read_token) < 16:
+        raise ConfigError("admin.read_token: use at least 16 characters")
+    if admin.read_token is not None and admin.read_token == admin.token:
+        raise ConfigError("admin.read_token: must differ from admin.token (the write token)")
+    if admin.read_token_file is not None and admin.read_token_file == admin.token_file:
+        raise ConfigError("admin.read_token_file: must be another file than admin.token_file")
     has_tls = config.tls.cert is not None or config.tls.self_signed
     for i, listener in enumerate(config.listeners):
         if listener.role in IMPLICIT_TLS_ROLES and not has_tls:

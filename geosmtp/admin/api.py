@@ -1,8 +1,10 @@
 """The management API: HTTP/JSON under /api/v1, and /metrics for Prometheus.
 
 A plain WSGI application (served by gevent's WSGI server on the admin
-listener, see `admin.server`). Every request must carry the bearer token.
-docs/management.md documents each endpoint.
+listener, see `admin.server`). Every request must carry a bearer token:
+the write token (`admin.token`) may do everything; the read token
+(`admin.read_token`), if one is set, only GET: /metrics and the read
+endpoints. docs/management.md documents each endpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ _QUEUE_RE = re.compile(r"/api/v1/queue/([^/]+)(/flush|/hold|/release)?")
 _FILTER_RE = re.compile(r"/api/v1/filters/([^/]+)")
 
 
+#: The environ key the admin listener sets for a request that came with a
+#: Transfer-Encoding instead of a Content-Length (`admin.server.AdminHandler`).
+LENGTH_REQUIRED = "geosmtp.length_required"
+#: The reply headers of an answer after which the connection cannot go on.
+CLOSE = [("Connection", "close")]
+
+
+class ShortBody(OSError):
+    """The request body did not arrive in full within admin.request_timeout."""
+
+
 class HTTPError(Exception):
     def __init__(
         self, status: str, message: str, headers: list[tuple[str, str]] | None = None
@@ -47,9 +60,10 @@ class HTTPError(Exception):
 
 
 class AdminAPI:
-    def __init__(self, server: App, token: str) -> None:
+    def __init__(self, server: App, token: str, read_token: str | None = None) -> None:
         self.server = server
         self._token = token.encode()
+        self._read_token = read_token.encode() if read_token is not None else None
 
     # ------------------------------------------------------------- WSGI
 
@@ -57,7 +71,18 @@ class AdminAPI:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
         try:
-            self._check_token(environ)
+            if environ.get(LENGTH_REQUIRED):
+                raise HTTPError(
+                    "411 Length Required",
+                    "a request body needs a Content-Length (no Transfer-Encoding)",
+                    CLOSE,
+                )
+            if not self._check_token(environ) and method != "GET":
+                raise HTTPError(
+                    "403 Forbidden",
+                    f"{method} {path}: the read-only token may only GET; "
+                    "this needs the admin (write) token",
+                )
             if path == "/metrics":
                 if method != "GET":
                     raise HTTPError(
@@ -79,12 +104,17 @@ class AdminAPI:
             headers = [*headers, ("WWW-Authenticate", "Bearer")]
         return _respond(start_response, status, body, "application/json", headers)
 
-    def _check_token(self, environ: dict) -> None:
+    def _check_token(self, environ: dict) -> bool:
+        """True for the write token, False for the read token; else 401.
+
+        Both are compared in constant time, each time."""
         scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self._token
-        ):
+        given = token.strip().encode()
+        write = hmac.compare_digest(given, self._token)
+        read = self._read_token is not None and hmac.compare_digest(given, self._read_token)
+        if scheme.lower() != "bearer" or not (write or read):
             raise HTTPError("401 Unauthorized", "missing or wrong bearer token")
+        return write
 
     def _route(self, method: str, path: str, environ: dict) -> tuple[str, Any]:
         routes: dict[str, dict[str, Callable[[dict], Any]]] = {
@@ -355,8 +385,17 @@ def _read_json(environ: dict) -> Any:
     except ValueError:
         raise HTTPError("400 Bad Request", "bad Content-Length") from None
     if length > MAX_BODY:
-        raise HTTPError("413 Payload Too Large", f"the body may be at most {MAX_BODY} octets")
-    raw = environ["wsgi.input"].read(length) if length else b""
+        raise HTTPError(
+            "413 Payload Too Large", f"the body may be at most {MAX_BODY} octets", CLOSE
+        )
+    try:
+        raw = environ["wsgi.input"].read(length) if length else b""
+    except OSError as exc:  # ShortBody, or the client closed
+        raise HTTPError(
+            "400 Bad Request",
+            f"the body is shorter than its Content-Length ({length} octets): {exc}",
+            CLOSE,
+        ) from None
     try:
         value = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
