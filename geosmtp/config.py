@@ -254,6 +254,20 @@ class Admin:
     token: str | None = field(default=None, metadata={"secret": True})
     #: A file holding the token; made with a random one (mode 0600) if missing.
     token_file: Path | None = field(default=None, metadata={"path": True})
+    #: The read-only credential (for Prometheus): GET /metrics and the GET
+    #: endpoints, nothing else. Unset (and no read_token_file): none.
+    read_token: str | None = field(default=None, metadata={"secret": True})
+    #: A file holding it; made with a random one (mode 0600) if missing.
+    read_token_file: Path | None = field(default=None, metadata={"path": True})
+    #: Seconds a connection may wait for a request's first byte (a new
+    #: connection, or a kept-alive one between requests); then it is closed.
+    idle_timeout: float = _positive(30, max=3600)
+    #: Seconds from a request's first byte until its headers and body are in;
+    #: then 400 (a short body) or the connection is closed.
+    request_timeout: float = _positive(10, max=3600)
+    #: Connections served at once, in all (shared out among the workers);
+    #: more wait in the kernel's backlog until one ends.
+    max_connections: int = _positive(64, max=10_000)
 
 
 @dataclass(frozen=True)
@@ -530,6 +544,12 @@ def _check(config: Config) -> None:
         raise ConfigError("admin.token: the admin listener needs a token or a token_file")
     if admin.token is not None and len(admin.token) < 16:
         raise ConfigError("admin.token: use at least 16 characters")
+    if admin.read_token is not None and len(admin.read_token) < 16:
+        raise ConfigError("admin.read_token: use at least 16 characters")
+    if admin.read_token is not None and admin.read_token == admin.token:
+        raise ConfigError("admin.read_token: must differ from admin.token (the write token)")
+    if admin.read_token_file is not None and admin.read_token_file == admin.token_file:
+        raise ConfigError("admin.read_token_file: must be another file than admin.token_file")
     has_tls = config.tls.cert is not None or config.tls.self_signed
     for i, listener in enumerate(config.listeners):
         if listener.role in IMPLICIT_TLS_ROLES and not has_tls:
@@ -853,6 +873,88 @@ RESTART_ONLY = (
     "relay",
     "dns",
 )
+
+
+#: The keys `PATCH /api/v1/config` may change: numbers, switches and levels
+#: that name no program, module, file or account (docs/management.md,
+#: "Runtime-safe keys"). Every other key changes only through the file and a
+#: reload (or, for RESTART_ONLY, a restart): a write token is not a shell.
+RUNTIME_SAFE = (
+    "max_clients",
+    "unknown_recipients",
+    "vrfy",
+    "limits",
+    "timeouts",
+    "extensions",
+    "log.level",
+    "filter_concurrency",
+    "tls.min_version",
+    "tls.self_signed",
+    "tls.handshake_timeout",
+    "auth.max_failures",
+    "auth.failure_delay",
+    "auth_checks.enabled",
+    "auth_checks.roles",
+    "auth_checks.spf",
+    "auth_checks.dkim",
+    "auth_checks.dmarc",
+    "auth_checks.max_signatures",
+)
+#: A filter stage's runtime-safe keys (its name, program and callable are not).
+FILTER_RUNTIME_SAFE = ("enabled", "timeout", "max_output", "on_failure", "roles", "mail")
+
+
+class NotRuntimeSafe(ConfigError):
+    """A change through the API to a key that only the config file may change."""
+
+
+def check_runtime_change(old: dict, new: Any, base: Path = Path(".")) -> None:
+    """Refuse a change through the API from `old` to `new` (`to_mapping`
+    results) unless it changes only runtime-safe keys.
+
+    `new` is first checked for its shape only (unknown keys, types: nothing
+    is read or imported), so a typo is a plain ConfigError; then a changed key
+    that needs a restart is a ConfigError, and any other key that is not in
+    RUNTIME_SAFE (or FILTER_RUNTIME_SAFE) a NotRuntimeSafe naming them all.
+    """
+    if not isinstance(new, dict):
+        raise ConfigError("the change must be a config mapping")
+    _build(Config, new, "", base.resolve())
+    changed = changed_keys(
+        {k: v for k, v in old.items() if k != "filters"},
+        {k: v for k, v in new.items() if k != "filters"},
+    )
+    restart = needs_restart(changed)
+    if restart:
+        raise ConfigError(f"{restart[0]}: cannot change while running; restart geosmtp")
+    refused = [k for k in changed if not _under(k, RUNTIME_SAFE)]
+    refused += _filter_changes(old.get("filters") or [], new.get("filters") or [])
+    if refused:
+        raise NotRuntimeSafe(
+            f"{', '.join(refused)}: not changeable through the API (it names a program, "
+            "module, file or account, or decides whose mail this is); "
+            "change it in the config file and reload"
+        )
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _filter_changes(old: list, new: list) -> list[str]:
+    """The changed keys of `filters:` that are not runtime-safe: a stage added,
+    removed, renamed or moved is `filters`; else `filters[i].command` etc."""
+    if old == new:
+        return []
+    names = [f.get("name") if isinstance(f, dict) else None for f in new]
+    if names != [f["name"] for f in old]:
+        return ["filters"]
+    keys = []
+    for i, (before, after) in enumerate(zip(old, new, strict=True)):
+        for key in changed_keys(before, after):
+            if not _under(key, FILTER_RUNTIME_SAFE):
+                keys.append(f"filters[{i}].{key}")
+    return keys
 
 
 def to_mapping(config: Any, redact: bool = False) -> Any:

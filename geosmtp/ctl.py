@@ -83,16 +83,34 @@ class Client:
 
 def _client(args: argparse.Namespace) -> Client:
     from . import config as cfg
-    from .admin.server import admin_token
 
     if args.url and args.token:  # the config is not needed (and may be the broken one)
         return Client(args.url, args.token)
     path = args.config or ("config.yaml" if Path("config.yaml").exists() else None)
     config = cfg.load(path) if path else cfg.from_mapping({})
     admin = config.admin
-    token = args.token or admin_token(admin, create=False)
+    token = args.token or _token(admin)
     host = f"[{admin.address}]" if ":" in admin.address else admin.address
     return Client(args.url or f"http://{host}:{admin.port}", token)
+
+
+def _token(admin: Any) -> str:
+    """The write token; when it cannot be had (its file is missing or not
+    readable by this user) but a read token can, that one: the read commands
+    work, the others get the server's 403."""
+    from .admin.server import admin_read_token, admin_token
+    from .config import ConfigError
+
+    try:
+        return admin_token(admin, create=False)
+    except ConfigError as exc:
+        try:
+            read_token = admin_read_token(admin, create=False)
+        except ConfigError:
+            read_token = None
+        if read_token is None:
+            raise exc from None
+        return read_token
 
 
 def _nested(key: str, value: Any) -> dict:
@@ -274,7 +292,10 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     """-c, --url, --token: where the admin API is and its token (`ctl`, `queue`)."""
     p.add_argument("-c", "--config", metavar="FILE", help="the server's config (./config.yaml)")
     p.add_argument("--url", help="admin API base URL (default: from the config)")
-    p.add_argument("--token", help="bearer token (default: admin.token / admin.token_file)")
+    p.add_argument(
+        "--token",
+        help="bearer token (default: admin.token / admin.token_file, else the read token)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,8 +1,10 @@
 """The management API: HTTP/JSON under /api/v1, and /metrics for Prometheus.
 
 A plain WSGI application (served by gevent's WSGI server on the admin
-listener, see `admin.server`). Every request must carry the bearer token.
-docs/management.md documents each endpoint.
+listener, see `admin.server`). Every request must carry a bearer token:
+the write token (`admin.token`) may do everything; the read token
+(`admin.read_token`), if one is set, only GET: /metrics and the read
+endpoints. docs/management.md documents each endpoint.
 """
 
 from __future__ import annotations
@@ -28,9 +30,23 @@ if TYPE_CHECKING:
 
 StartResponse = Callable[..., Any]
 MAX_BODY = 64 * 1024
+#: Arrays and objects inside each other in a request body, at most: the
+#: config is 4 levels deep; deeper is refused before anything walks it.
+MAX_DEPTH = 32
 _SESSION_RE = re.compile(r"/api/v1/sessions/([0-9A-Fa-f]+)")
 _QUEUE_RE = re.compile(r"/api/v1/queue/([^/]+)(/flush|/hold|/release)?")
 _FILTER_RE = re.compile(r"/api/v1/filters/([^/]+)")
+
+
+#: The environ key the admin listener sets for a request that came with a
+#: Transfer-Encoding instead of a Content-Length (`admin.server.AdminHandler`).
+LENGTH_REQUIRED = "geosmtp.length_required"
+#: The reply headers of an answer after which the connection cannot go on.
+CLOSE = [("Connection", "close")]
+
+
+class ShortBody(OSError):
+    """The request body did not arrive in full within admin.request_timeout."""
 
 
 class HTTPError(Exception):
@@ -44,9 +60,10 @@ class HTTPError(Exception):
 
 
 class AdminAPI:
-    def __init__(self, server: App, token: str) -> None:
+    def __init__(self, server: App, token: str, read_token: str | None = None) -> None:
         self.server = server
         self._token = token.encode()
+        self._read_token = read_token.encode() if read_token is not None else None
 
     # ------------------------------------------------------------- WSGI
 
@@ -54,7 +71,18 @@ class AdminAPI:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
         try:
-            self._check_token(environ)
+            if environ.get(LENGTH_REQUIRED):
+                raise HTTPError(
+                    "411 Length Required",
+                    "a request body needs a Content-Length (no Transfer-Encoding)",
+                    CLOSE,
+                )
+            if not self._check_token(environ) and method != "GET":
+                raise HTTPError(
+                    "403 Forbidden",
+                    f"{method} {path}: the read-only token may only GET; "
+                    "this needs the admin (write) token",
+                )
             if path == "/metrics":
                 if method != "GET":
                     raise HTTPError(
@@ -76,12 +104,17 @@ class AdminAPI:
             headers = [*headers, ("WWW-Authenticate", "Bearer")]
         return _respond(start_response, status, body, "application/json", headers)
 
-    def _check_token(self, environ: dict) -> None:
+    def _check_token(self, environ: dict) -> bool:
+        """True for the write token, False for the read token; else 401.
+
+        Both are compared in constant time, each time."""
         scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self._token
-        ):
+        given = token.strip().encode()
+        write = hmac.compare_digest(given, self._token)
+        read = self._read_token is not None and hmac.compare_digest(given, self._read_token)
+        if scheme.lower() != "bearer" or not (write or read):
             raise HTTPError("401 Unauthorized", "missing or wrong bearer token")
+        return write
 
     def _route(self, method: str, path: str, environ: dict) -> tuple[str, Any]:
         routes: dict[str, dict[str, Callable[[dict], Any]]] = {
@@ -178,8 +211,9 @@ class AdminAPI:
         if not isinstance(patch, dict):
             raise HTTPError("400 Bad Request", "the body must be a JSON object")
         current = cfg.to_mapping(self.server.config)
+        merged = cfg.merged(current, patch)
         try:
-            merged = cfg.merged(current, patch)
+            _check_change(current, merged)
             cfg.from_mapping(merged)  # a bad value is refused here, without the master
             change = self.server.change_config(merged)
         except cfg.ConfigError as exc:
@@ -305,11 +339,13 @@ class AdminAPI:
             raise HTTPError(
                 "400 Bad Request", "name: cannot be changed here; edit the config file and reload"
             )
-        current = cfg.to_mapping(self.server.config)
-        index = next(i for i, f in enumerate(current["filters"]) if f["name"] == name)
-        before = current["filters"][index]
+        running = cfg.to_mapping(self.server.config)
+        index = next(i for i, f in enumerate(running["filters"]) if f["name"] == name)
+        before = running["filters"][index]
+        current = {**running, "filters": list(running["filters"])}
         current["filters"][index] = cfg.merged(before, patch)
         try:
+            _check_change(running, current)
             cfg.from_mapping(current)  # a bad value is refused here, without the master
             self.server.change_config(current)
         except cfg.ConfigError as exc:
@@ -330,6 +366,15 @@ class AdminAPI:
         }
 
 
+def _check_change(running: dict, new: dict) -> None:
+    """Only runtime-safe keys change through the API: 403 for the others
+    (before anything in `new` is read, run or imported), 400 for a bad shape."""
+    try:
+        cfg.check_runtime_change(running, new)
+    except cfg.NotRuntimeSafe as exc:
+        raise HTTPError("403 Forbidden", str(exc)) from None
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -343,12 +388,41 @@ def _read_json(environ: dict) -> Any:
     except ValueError:
         raise HTTPError("400 Bad Request", "bad Content-Length") from None
     if length > MAX_BODY:
-        raise HTTPError("413 Payload Too Large", f"the body may be at most {MAX_BODY} octets")
-    raw = environ["wsgi.input"].read(length) if length else b""
+        raise HTTPError(
+            "413 Payload Too Large", f"the body may be at most {MAX_BODY} octets", CLOSE
+        )
     try:
-        return json.loads(raw or b"null")
+        raw = environ["wsgi.input"].read(length) if length else b""
+    except OSError as exc:  # ShortBody, or the client closed
+        raise HTTPError(
+            "400 Bad Request",
+            f"the body is shorter than its Content-Length ({length} octets): {exc}",
+            CLOSE,
+        ) from None
+    try:
+        value = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPError("400 Bad Request", f"invalid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses once a level: `[` * 100000
+        value = None
+        depth = MAX_DEPTH + 1
+    else:
+        depth = _depth(value)
+    if depth > MAX_DEPTH:
+        raise HTTPError("400 Bad Request", f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (a scalar: 0)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _respond(

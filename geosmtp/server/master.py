@@ -128,7 +128,8 @@ class Master:
         #: connections among them). Kept open here for every later worker.
         self.bound: list[list[tuple[cfg.Listener, socket.socket]]] = []
         self.admin: socket.socket | None = None
-        self.token: str | None = None
+        self.token: str | None = None  # the admin API's write token
+        self.read_token: str | None = None  # and its read-only one, if configured
         self.workers: dict[int, Worker] = {}  # by pid, every generation
         self.current: Generation | None = None
         self.next: Generation | None = None  # starting, after a reload
@@ -163,9 +164,9 @@ class Master:
                         logger.info("listening on [{}]:{} ({})", host, port, listener.role)
                 self.bound.append(bound)
             if config.admin.enabled:
-                from ..admin.server import admin_token
+                from ..admin.server import admin_tokens
 
-                self.token = admin_token(config.admin)
+                self.token, self.read_token = admin_tokens(config.admin)
                 admin = config.admin
                 self.admin = bind(admin.address, admin.port, 128)
                 host, port = self.admin.getsockname()[:2]
@@ -221,6 +222,7 @@ class Master:
             bound=self.bound[index % len(self.bound)],
             admin=self.admin,
             token=self.token,
+            read_token=self.read_token,
             log_fd=w,
             control=theirs,
             master_pid=os.getpid(),
@@ -441,8 +443,9 @@ class Master:
     def change(self, mapping: Any, asker: socket.socket) -> None:
         """The API's PATCH: a whole config mapping, no restart key changed."""
         try:
-            if not isinstance(mapping, dict):
-                raise ConfigError("the change must be a config mapping")
+            # The API checked it too; the master, as root, does not take a
+            # worker's word for it (keys naming files or programs: the file).
+            cfg.check_runtime_change(cfg.to_mapping(self.config), mapping)
             self._begin(cfg.from_mapping(mapping), False, asker)
         except ConfigError as exc:
             _reply(asker, {"error": str(exc)})

@@ -44,7 +44,8 @@ class WorkerContext:
     count: int  # how many workers share the queue
     bound: list[tuple[Listener, socket.socket]]
     admin: socket.socket | None
-    token: str | None
+    token: str | None  # the admin API's write token
+    read_token: str | None  # its read-only token (None: there is none)
     log_fd: int
     control: socket.socket  # SOCK_SEQPACKET to the master
     master_pid: int
@@ -180,7 +181,9 @@ def _start(ctx: WorkerContext, link: MasterLink):  # type: ignore[no-untyped-def
         shared=ctx.shared,  # type: ignore[arg-type]
     )
     app.start(ctx.bound, clean=ctx.clean)
-    admin = start_admin(app, ctx.admin, ctx.token or "") if ctx.admin is not None else None
+    admin = None
+    if ctx.admin is not None:
+        admin = start_admin(app, ctx.admin, ctx.token or "", ctx.read_token)
     return app, admin
 
 

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import selectors
 import signal
 import smtplib
 import socket
+import time
 
 import pytest
 import yaml
 
 from geosmtp import __version__
 from geosmtp import config as cfg
-from tests.conftest import free_port, run_cli, users, wait_until, write_config
-from tests.integration.adminapi import TOKEN, admin_of, with_admin
+from tests.conftest import (
+    free_port,
+    password_hash,
+    run_cli,
+    users,
+    wait_until,
+    write_config,
+)
+from tests.integration.adminapi import TOKEN, admin_of, ctl, with_admin
 from tests.integration.wire import Wire
 
 ENDPOINTS = [
@@ -259,11 +270,13 @@ def test_patch_refuses_restart_only_keys(shared, patch, key):
         (b'{"limits": 5}', 400, "limits: expected a mapping, got 5"),
         (b'{"log": {"level": "LOUD"}}', 400, "log.level: expected one of TRACE"),
         (b'{"extensions": {"chunking": "no"}}', 400, "extensions.chunking: expected true or"),
-        (b'{"domains": []}', 400, "domains: at least one local domain is needed"),
         (b'{"timeouts": {"command": -1}}', 400, "timeouts.command: expected a positive number"),
-        (b'{"trusted_networks": ["8.8.8.0/24"]}', 400, "trusted_networks[0]: '8.8.8.0/24'"),
         (b'{"users": {"x": {"password": "plain"}}}', 400, "users.x.password: expected a passw"),
         (b"x" * (64 * 1024 + 1), 413, "the body may be at most 65536 octets"),
+        # Nesting: the parser recursed until Python's limit (a 500 once).
+        (b"[" * 60000, 400, "invalid JSON: nested deeper than 32 levels"),
+        (b'{"a": ' * 2000 + b"1" + b"}" * 2000, 400, "invalid JSON: nested deeper than 32"),
+        (b'{"limits": ' + b"[" * 33 + b"]" * 33 + b"}", 400, "invalid JSON: nested deeper"),
     ],
     ids=lambda v: v.decode(errors="replace")[:30] if isinstance(v, bytes) else None,
 )
@@ -275,6 +288,132 @@ def test_patch_bad_requests(shared, raw, status, message):
     assert reply.headers["content-type"] == "application/json"
     assert reply.error.startswith(message), reply.error
     assert api.config() == before
+
+
+# Keys that name programs, modules, files or accounts change only through the
+# file and a reload: PATCH refuses them (403) before it reads, runs or imports
+# anything they name, and all or nothing (max_clients does not change either).
+REFUSED = "not changeable through the API"
+RELOAD = "change it in the config file and reload"
+
+
+def _refused(api, path: str, patch: dict, key: str) -> None:
+    before = api.config()
+    reply = api.request("PATCH", path, patch)
+    assert reply.status == 403, reply.body
+    assert reply.error.startswith(f"{key}: {REFUSED}"), reply.error
+    assert reply.error.endswith(RELOAD), reply.error
+    assert api.config() == before
+
+
+def test_patch_cannot_add_a_program(shared):
+    """The finding: a filter with `/bin/sh -c` ran for the next message."""
+    server, api = shared
+    marker = server.root / "pwned"
+    shell = {"name": "sh", "command": ["/bin/sh", "-c", f"touch {marker}; cat"]}
+    _refused(api, "/api/v1/config", {"max_clients": 7, "filters": [shell]}, "filters")
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO x.example", 250)
+        w.expect("MAIL FROM:<a@remote.example>", 250)
+        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect("DATA", 354)
+        w.expect("Subject: t\r\n\r\nhi\r\n.", 250)
+    assert not marker.exists()
+    assert api.get("/api/v1/filters")["count"] == 0
+
+
+def test_patch_cannot_add_a_module(shared):
+    _, api = shared
+    stage = {"name": "py", "call": "os:getcwd"}
+    _refused(api, "/api/v1/config", {"filters": [stage]}, "filters")
+
+
+def test_patch_cannot_change_a_stages_program_or_callable(make_server):
+    server = make_server(
+        with_admin({"filters": [{"name": "cat", "command": ["cat"], "mail": "local"}]})
+    )
+    api = admin_of(server)
+    shell = ["/bin/sh", "-c", "id"]
+    _refused(api, "/api/v1/filters/cat", {"command": shell}, "filters[0].command")
+    _refused(api, "/api/v1/filters/cat", {"call": "os:getcwd"}, "filters[0].call")
+    running = api.config()["filters"][0]
+    _refused(
+        api, "/api/v1/config", {"filters": [{**running, "command": shell}]}, "filters[0].command"
+    )
+    # A second stage, or one moved or renamed: the list itself.
+    second = {**running, "name": "dog"}
+    _refused(api, "/api/v1/config", {"filters": [running, second]}, "filters")
+    _refused(api, "/api/v1/config", {"filters": []}, "filters")
+    # A stage's runtime-safe keys still change, through either endpoint.
+    changed = api.ok("PATCH", "/api/v1/filters/cat", {"timeout": 30, "enabled": False})
+    assert changed["changed"] == ["enabled", "timeout"]
+    stage = api.config()["filters"][0]
+    result = api.ok("PATCH", "/api/v1/config", {"filters": [{**stage, "on_failure": "pass"}]})
+    assert result["changed"] == ["filters"]
+    assert api.get("/api/v1/filters/cat")["on_failure"] == "pass"
+
+
+def test_patch_cannot_point_at_a_file(shared, certs):
+    """Each of these was taken before (the file read as the server, or as root)."""
+    server, api = shared
+    users_file = server.root / "more-users.yaml"
+    users_file.write_text(yaml.safe_dump({"users": {"mallory": {}}}))
+    for patch, key in [
+        (
+            {"auth_checks": {"public_suffix_list": "/etc/hostname"}},
+            "auth_checks.public_suffix_list",
+        ),
+        ({"auth": {"users_file": str(users_file)}}, "auth.users_file"),
+        ({"tls": certs.tls_config}, "tls.cert, tls.key"),
+        (
+            {"dkim": {"domains": {"test.example": {"selector": "s", "key_file": str(certs.key)}}}},
+            "dkim.domains.test.example",
+        ),
+    ]:
+        _refused(api, "/api/v1/config", patch, key)
+
+
+def test_patch_cannot_give_accounts_or_relay(shared):
+    _, api = shared
+    mallory = {"mallory": {"password": password_hash("pw")}}
+    _refused(api, "/api/v1/config", {"users": mallory}, "users.mallory")
+    alice = {"alice": {"password": password_hash("pw")}}
+    _refused(api, "/api/v1/config", {"users": alice}, "users.alice.password")
+    _refused(api, "/api/v1/config", {"trusted_networks": ["127.0.0.0/8"]}, "trusted_networks")
+    _refused(api, "/api/v1/config", {"postmaster": "bob"}, "postmaster")
+    _refused(api, "/api/v1/config", {"domains": ["test.example", "victim.example"]}, "domains")
+    # The account the server runs as needs a restart (as before).
+    for patch, key in (({"user": "nobody"}, "user"), ({"group": "nogroup"}, "group")):
+        reply = api.request("PATCH", "/api/v1/config", patch)
+        assert (reply.status, reply.error) == (
+            400,
+            f"{key}: cannot change while running; restart geosmtp",
+        )
+
+
+def test_patch_runtime_safe_keys_still_change(make_server):
+    server = make_server(with_admin())
+    api = admin_of(server)
+    patch = {
+        "vrfy": True,
+        "unknown_recipients": "reject",
+        "auth": {"max_failures": 3},
+        "auth_checks": {"max_signatures": 2},
+        "tls": {"handshake_timeout": 5},
+        "filter_concurrency": 4,
+    }
+    result = api.ok("PATCH", "/api/v1/config", patch)
+    assert result["changed"] == [
+        "auth.max_failures",
+        "auth_checks.max_signatures",
+        "filter_concurrency",
+        "tls.handshake_timeout",
+        "unknown_recipients",
+        "vrfy",
+    ]
+    with Wire.connect(server.host, server.port) as w:
+        w.expect("EHLO x.example", 250)
+        w.expect("VRFY alice", 250)
 
 
 def test_patch_validation_is_the_loaders(shared, tmp_path):
@@ -479,3 +618,227 @@ def test_reload_keeps_the_command_line_overrides(make_server, tmp_path):
     reply = admin_of(server).ok("POST", "/api/v1/reload")
     assert reply["restart_needed"] == []
     assert reply["changed"] == []
+
+
+# ------------------------------------------------------------ the read token
+
+READ_TOKEN = "read-token-0123456789abcdefghij"
+READS = [
+    "/metrics",
+    "/api/v1/stats",
+    "/api/v1/config",
+    "/api/v1/sessions",
+    "/api/v1/queue",
+    "/api/v1/filters",
+]
+WRITES = [
+    ("PATCH", "/api/v1/config", {"max_clients": 7}),
+    ("POST", "/api/v1/reload", None),
+    ("DELETE", "/api/v1/sessions/1A", None),
+    ("POST", "/api/v1/queue/flush", None),
+    ("POST", "/api/v1/queue/X/hold", None),
+    ("DELETE", "/api/v1/queue/X", None),
+    ("PATCH", "/api/v1/filters/cat", {"enabled": False}),
+]
+
+
+def test_the_read_token_may_only_read(make_server):
+    """Prometheus gets the read token: /metrics and the GET endpoints, nothing else."""
+    server = make_server(
+        with_admin({"filters": [{"name": "cat", "command": ["cat"]}]}, read_token=READ_TOKEN)
+    )
+    api = admin_of(server)
+    before = api.config()
+    assert before["admin"]["read_token"] == "<redacted>"
+    assert READ_TOKEN not in api.request("GET", "/api/v1/config").body.decode()
+    for path in [*READS, "/api/v1/filters/cat"]:
+        for token in (READ_TOKEN, TOKEN):  # the write token reads too
+            reply = api.request("GET", path, token=token)
+            assert reply.status == 200, (path, token, reply.body)
+    for method, path, body in WRITES:
+        reply = api.request(method, path, body, token=READ_TOKEN)
+        assert reply.status == 403, (method, path, reply.body)
+        assert reply.error == (
+            f"{method} {path}: the read-only token may only GET; this needs the admin (write) token"
+        )
+    assert api.config() == before  # nothing those asked for happened
+    assert api.request("POST", "/api/v1/reload", token=READ_TOKEN[:-1]).status == 401
+    assert api.ok("PATCH", "/api/v1/config", {"max_clients": 7})["changed"] == ["max_clients"]
+
+
+def test_the_read_token_file_is_made_and_the_two_must_differ(make_server, tmp_path):
+    server = make_server(with_admin(read_token_file="read.tok"))
+    path = server.root / "read.tok"
+    wait_until(path.exists, what="read token file")
+    assert path.stat().st_mode & 0o777 == 0o600
+    read = path.read_text().strip()
+    assert len(read) >= 32 and read != TOKEN
+    api = admin_of(server)
+    assert api.request("GET", "/metrics", token=read).status == 200
+    assert api.request("POST", "/api/v1/reload", token=read).status == 403
+    assert "admin read token written to" in server.server_log()
+    # The same secret in both files: the read token would write; refused at the start.
+    (tmp_path / "w.tok").write_text("same-token-0123456789abcdefghij\n")
+    (tmp_path / "r.tok").write_text("same-token-0123456789abcdefghij\n")
+    admin = {"enabled": True, "port": free_port(), "token_file": "w.tok"}
+    config = write_config(tmp_path, {"admin": {**admin, "read_token_file": "r.tok"}})
+    result = run_cli("-c", str(config), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith(
+        "geosmtp: admin.read_token_file: holds the write token; the two must differ"
+    ), result.stderr
+
+
+def test_ctl_reads_with_the_read_token_when_it_has_only_that(make_server):
+    server = make_server(
+        {
+            "admin": {
+                "enabled": True,
+                "port": free_port(),
+                "token_file": "tok",
+                "read_token": READ_TOKEN,
+            }
+        }
+    )
+    admin_of(server, token=READ_TOKEN)
+    (server.root / "tok").unlink()  # as for a user who may not read the write token
+    stats = ctl(server, "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["version"] == __version__
+    reload = ctl(server, "reload")
+    assert (reload.returncode, reload.stdout) == (1, "")
+    assert reload.stderr == (
+        "geosmtp ctl: 403: POST /api/v1/reload: the read-only token may only GET; "
+        "this needs the admin (write) token\n"
+    )
+
+
+# ------------------------------------------------------- the listener's limits
+
+
+def _raw(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """All the server sends until it closes the connection."""
+    got = b""
+    while chunk := sock.recv(4096):
+        got += chunk
+    return got
+
+
+def test_idle_and_half_sent_connections_are_closed(make_server):
+    server = make_server(with_admin(idle_timeout=1, request_timeout=1))
+    api = admin_of(server)
+    port = api.port
+    with _raw(port) as idle:  # a new connection that sends nothing
+        assert _until_closed(idle) == b""
+    with _raw(port) as half:  # headers that never end
+        half.sendall(b"GET /api/v1/stats HTTP/1.1\r\nHost: x\r\n")
+        assert _until_closed(half).startswith(b"HTTP/1.1 400 ")
+    with _raw(port) as slow:  # a request line that never ends
+        slow.sendall(b"GET /api/v1/st")
+        assert _until_closed(slow) == b""
+    # A kept-alive connection, idle after its request.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/api/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.getheader("Connection") != "close"
+    reply.read()
+    assert conn.sock.recv(1) == b""  # closed by the server
+    conn.close()
+    log = wait_until(lambda: "request headers not in after 1 s" in (t := server.server_log()) and t)
+    assert "WARNING admin: " in log
+
+
+def test_a_short_body_is_400_once_the_request_times_out(make_server):
+    server = make_server(with_admin(request_timeout=1))
+    api = admin_of(server)
+    before = api.config()
+    with _raw(api.port) as sock:
+        sock.sendall(
+            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            + b'{"max_cli'
+        )
+        answer = _until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"Connection: close" in head
+    assert json.loads(body)["error"] == (
+        "the body is shorter than its Content-Length (100 octets): "
+        "the body did not arrive within 1 s"
+    )
+    assert api.config() == before
+
+
+def test_a_body_without_content_length_is_411(shared):
+    """A chunked body (Transfer-Encoding, no Content-Length) is refused, not
+    read: once it was taken as an empty body (400 'must be a JSON object')."""
+    _, api = shared
+    before = api.config()
+    body = json.dumps({"max_clients": 7}).encode()
+    with _raw(api.port) as sock:
+        sock.sendall(
+            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + f"{len(body):x}\r\n".encode()
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        answer = _until_closed(sock)
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411 "), answer
+    assert b"Connection: close" in head
+    assert json.loads(text)["error"] == (
+        "a request body needs a Content-Length (no Transfer-Encoding)"
+    )
+    assert api.config() == before
+
+
+def test_a_flood_of_idle_connections_holds_no_descriptors_the_mail_needs(make_server):
+    """150 idle or half-sent connections (bounded: the admin backlog is 128
+    beyond the cap): the worker holds at most the cap of them, mail is still
+    answered, all are closed after the timeout, and a new client is served."""
+    cap = 20
+    server = make_server(
+        with_admin({"workers": 1}, max_connections=cap, idle_timeout=1, request_timeout=1)
+    )
+    api = admin_of(server)
+    api.quiet()
+    fds = f"/proc/{server.worker}/fd"
+    baseline = len(os.listdir(fds))
+    flood = []
+    try:
+        for i in range(150):
+            sock = _raw(api.port)
+            if i % 2:
+                sock.sendall(b"GET /api/v1/stats HTTP/1.1\r\nHost: x\r\n")
+            flood.append(sock)
+        with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+            assert client.noop()[0] == 250  # the 220 came meanwhile
+        most = 0
+        open_ = set(flood)
+        deadline = time.monotonic() + 60
+        with selectors.DefaultSelector() as sel:
+            for sock in flood:
+                sel.register(sock, selectors.EVENT_READ)
+            while open_ and time.monotonic() < deadline:
+                most = max(most, len(os.listdir(fds)))
+                for key, _ in sel.select(timeout=0.05):
+                    try:
+                        data = key.fileobj.recv(4096)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        open_.discard(key.fileobj)
+        assert not open_, f"{len(open_)} admin connections still open"
+        assert most <= baseline + cap + 5, (baseline, most)
+    finally:
+        for sock in flood:
+            sock.close()
+    assert api.stats()["connections"]["current"] == 0  # a fresh client is served

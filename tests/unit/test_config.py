@@ -93,6 +93,18 @@ def test_production_example_is_valid():
         ("log: {level: LOUD}", "log.level: expected one of"),
         ("- a list", "config: expected a mapping"),
         ("limits: [1, 2]", "limits: expected a mapping"),
+        ("admin: {read_token: too-short}", "admin.read_token: use at least 16 characters"),
+        (
+            "admin: {token: same-0123456789abc, read_token: same-0123456789abc}",
+            "admin.read_token: must differ from admin.token (the write token)",
+        ),
+        (
+            "admin: {token_file: t, read_token_file: t}",
+            "admin.read_token_file: must be another file than admin.token_file",
+        ),
+        ("admin: {idle_timeout: 0}", "admin.idle_timeout: expected a positive number, got 0"),
+        ("admin: {request_timeout: 3601}", "admin.request_timeout: expected at most 3600"),
+        ("admin: {max_connections: 0}", "admin.max_connections: expected a positive integer"),
     ],
 )
 def test_errors_name_the_key_path(tmp_path, text, message):
