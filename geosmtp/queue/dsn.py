@@ -67,6 +67,7 @@ _PIECE_RE = re.compile(r" +[^ ]+")
 _FIELD_START_RE = re.compile(rb"[!-9;-~]+[ \t]*:")
 # Our own trace field, put at the top of a message at delivery (RFC 5321 §4.4).
 _RETURN_PATH_RE = re.compile(rb"return-path[ \t]*:", re.IGNORECASE)
+_LINE_RE = re.compile(rb"[^\n]+\n?|\n")  # a line with its LF (only a bare CR is no line end)
 FOLD_AT = 78  # RFC 5322 §2.1.1: lines SHOULD be at most 78 characters
 _HARD_PIECE = 900  # octets; RFC 5322 §2.1.1: a line MUST be at most 998
 
@@ -616,7 +617,7 @@ def _without_return_path(section: bytes) -> bytes:
         return section
     kept = []
     dropping = False
-    for line in section.splitlines(keepends=True):
+    for line in _LINE_RE.findall(section):
         if line[:1] not in (b" ", b"\t"):
             dropping = _RETURN_PATH_RE.match(line) is not None
         if not dropping:
