@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .printable import escape
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -29,10 +31,9 @@ class CtlError(Exception):
 
 
 def one_line(text: str) -> str:
-    """A message as one printable line: line breaks folded, control characters escaped."""
-    from .config import printable
-
-    return printable(" ".join(str(text).split()))
+    """A message as one printable line: line breaks folded, anything else that
+    is not printable escaped."""
+    return escape(" ".join(str(text).split()))
 
 
 class Client:
@@ -171,8 +172,8 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
             screen += f"\n\n{'ID':>8}  {'PEER':<24} {'STATE':<10} {'AGE':>8}  USER"
             for s in sessions["sessions"][: args.rows]:
                 screen += (
-                    f"\n{s['id']:>8}  {s['peer'] + ':' + str(s['port']):<24} "
-                    f"{s['state']:<10} {s['age_seconds']:>7.1f}s  {s['user'] or ''}"
+                    f"\n{s['id']:>8}  {escape(s['peer']) + ':' + str(s['port']):<24} "
+                    f"{s['state']:<10} {s['age_seconds']:>7.1f}s  {escape(s['user'] or '')}"
                 )
             if sys.stdout.isatty():
                 sys.stdout.write("\x1b[H\x1b[2J")  # a live view: redraw in place
@@ -232,10 +233,11 @@ def cmd_sessions(client: Client, args: argparse.Namespace) -> int:
         f"{'OUT':>8}  USER"
     )
     for s in result["sessions"]:
+        # What a client chose (its address, its login) is escaped as the logs do.
         print(
-            f"{s['id']:>8}  {s['peer'] + ':' + str(s['port']):<24} {s['listener']:<28} "
-            f"{s['state']:<10} {s['age_seconds']:>7.1f}s  {s['bytes_in']:>8} "
-            f"{s['bytes_out']:>8}  {s['user'] or ''}"
+            f"{s['id']:>8}  {escape(s['peer']) + ':' + str(s['port']):<24} "
+            f"{escape(s['listener']):<28} {s['state']:<10} {s['age_seconds']:>7.1f}s  "
+            f"{s['bytes_in']:>8} {s['bytes_out']:>8}  {escape(s['user'] or '')}"
         )
     print(f"{result['count']} open")
     return EXIT_OK

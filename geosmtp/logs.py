@@ -6,8 +6,13 @@
   attempt of the outbound queue ("what became of it, and why"). Never
   bodies, never secrets.
 
-Everything a client chose is passed through `clean()` first, so a CR or LF
-from the network can never start a log line of its own.
+Everything a client chose is passed through `clean()` first, and every
+message of the server log through the same escape (`printable.escape`, a
+loguru patcher set up by `setup()` and `logpipe.forward()`), so nothing
+from the network can start a log line of its own, for a reader that splits
+lines at LF or as `str.splitlines` does (U+2028, U+0085), nor reorder what a
+terminal shows (bidi overrides): every character that is not printable but
+the space is written as an escape (`\x0a`, `\u2028`).
 
 Access lines are stamped when they happen and gathered in `access_log`; the
 server's writer greenlet hands them to loguru in batches (`flush()`, every
@@ -19,7 +24,6 @@ message at full load.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from typing import Any
@@ -28,9 +32,9 @@ import gevent
 from loguru import logger
 
 from .config import Log
+from .printable import escape
 from .storage.modes import LOG_DIR_MODE, make_folder, open_log_file
 
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _SERVER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 _ACCESS_FORMAT = "{message}"  # access lines carry their own time stamp
 
@@ -84,7 +88,7 @@ def clean(value: Any, limit: int = 512) -> str:
     text = str(value)
     if len(text) > limit:
         text = text[:limit] + "..."
-    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return escape(text)
 
 
 def access_line(**fields: Any) -> str:
@@ -108,6 +112,16 @@ def _is_access(record: dict) -> bool:
 
 def _is_server(record: dict) -> bool:
     return not record["extra"].get("access")
+
+
+def escape_message(record: dict) -> None:
+    """The loguru patcher: a server-log message as one line of printable text,
+    whatever its arguments held (a sender, a remote's reply, a filter's words).
+    Access lines are cleaned field by field and written in batches; a worker's
+    forwarded line was escaped in the worker."""
+    extra = record["extra"]
+    if not extra.get("access") and not extra.get("forwarded"):
+        record["message"] = escape(record["message"])
 
 
 class LogWriter:
@@ -147,6 +161,7 @@ def setup(log: Log, *, console: bool = True) -> None:
     in the server's group reads them. loguru hands `opener` on to `open()`, for
     the first file and for each one it starts after a rotation."""
     logger.remove()  # also loguru's default stderr sink
+    logger.configure(patcher=escape_message)
     make_folder(log.dir, LOG_DIR_MODE)
     common = {
         "rotation": log.rotation,

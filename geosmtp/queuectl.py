@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .ctl import EXIT_OK, Client, _human_bytes, add_client_options, run
+from .printable import escape
 
 PROG = "geosmtp queue"
 
@@ -46,9 +47,9 @@ def _rcpt_line(r: dict) -> str:
         parts.append(f"{r['attempts']} attempt{'s' if r['attempts'] != 1 else ''}")
     if r.get("next_attempt"):
         parts.append(f"next {r['next_attempt']}")
-    text = f"{r['address']}  {', '.join(parts)}"
+    text = f"{escape(r['address'])}  {', '.join(parts)}"
     if r.get("last_error"):
-        text += f": {r['last_error']}"
+        text += f": {escape(r['last_error'])}"
     return text
 
 
@@ -76,7 +77,7 @@ def format_list(result: dict) -> str:
                 human_age(e["age_seconds"]),
                 _human_bytes(e["size"]),
                 _state(e),
-                f"<{e['sender']}>",
+                f"<{escape(e['sender'])}>",
                 _rcpt_line(rcpts[0]),
             )
         )
@@ -97,7 +98,8 @@ def format_list(result: dict) -> str:
 
 def format_entry(e: dict) -> str:
     def field(name: str, value: Any) -> str:
-        return f"{name:<13}{'-' if value is None or value == '' else value}"
+        """A line of the entry; what a client or a remote server chose is escaped."""
+        return f"{name:<13}{'-' if value is None or value == '' else escape(str(value))}"
 
     lines = [
         field("id", e["id"]),
@@ -114,7 +116,7 @@ def format_entry(e: dict) -> str:
         "recipients",
     ]
     for r in e["recipients"]:
-        lines.append(f"  <{r['address']}>")
+        lines.append(f"  <{escape(r['address'])}>")
         for key in ("state", "attempts", "next_attempt", "status", "last_error", "remote_mta"):
             lines.append("    " + field(key, r.get(key)))
         if r.get("notify") is not None:

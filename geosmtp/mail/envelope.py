@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from .address import Mailbox
 
 _NO_PARAMS: Mapping[str, str | None] = MappingProxyType({})
+
+#: The NOTIFY words (RFC 3461 §4.1) honoured only for a client that logged in
+#: or is trusted: a success or delay notice goes to the reverse-path, which
+#: anyone can forge, with the message's header section in it.
+TRUSTED_NOTIFY = frozenset({"SUCCESS", "DELAY"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +29,16 @@ class Recipient:
     @property
     def is_local(self) -> bool:
         return self.box is not None
+
+    def without_trusted_notify(self) -> Recipient:
+        """This recipient without NOTIFY=SUCCESS and DELAY: what it asks of a
+        client that is neither logged in nor trusted. The rest of its NOTIFY is
+        kept (FAILURE, NEVER); a NOTIFY of nothing but those becomes NEVER, so
+        no report is sent at all, as the client asked for no failure report."""
+        if self.notify is None or not self.notify & TRUSTED_NOTIFY:
+            return self
+        kept = self.notify - TRUSTED_NOTIFY
+        return replace(self, notify=kept or frozenset({"NEVER"}))
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,14 @@ class Envelope:
         new.__dict__.update(self.__dict__)
         object.__setattr__(new, "recipients", (*self.recipients, recipient))
         return new
+
+    def without_trusted_notify(self) -> Envelope:
+        """This envelope with `Recipient.without_trusted_notify` applied to each
+        recipient; the same object when no recipient asked for those reports."""
+        recipients = tuple(r.without_trusted_notify() for r in self.recipients)
+        if all(a is b for a, b in zip(recipients, self.recipients, strict=True)):
+            return self
+        return replace(self, recipients=recipients)
 
     @property
     def sender_address(self) -> str:

@@ -62,6 +62,12 @@ _BREAK_RE = re.compile(r"[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]")
 # Every other control character becomes "?".
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PIECE_RE = re.compile(r" +[^ ]+")
+# A header field's first line (RFC 5322 §3.6.8: a name of printable ASCII but
+# ":", then the colon; §4.5: white space may come before it).
+_FIELD_START_RE = re.compile(rb"[!-9;-~]+[ \t]*:")
+# Our own trace field, put at the top of a message at delivery (RFC 5321 §4.4).
+_RETURN_PATH_RE = re.compile(rb"return-path[ \t]*:", re.IGNORECASE)
+_LINE_RE = re.compile(rb"[^\n]+\n?|\n")  # a line with its LF (only a bare CR is no line end)
 FOLD_AT = 78  # RFC 5322 §2.1.1: lines SHOULD be at most 78 characters
 _HARD_PIECE = 900  # octets; RFC 5322 §2.1.1: a line MUST be at most 998
 
@@ -224,13 +230,17 @@ def write_dsn(
     original.seek(start)
     full = kind == "failed" and ret == "FULL" and size <= max_full_size
     scan = _Scan(boundary.encode("ascii"))
-    header_section = b""
     if full:
         while chunk := original.read(CHUNK_SIZE):
             scan.feed(chunk)
         original.seek(start)
+    # The header section, without our Return-Path; returned whole, the rest
+    # of the message follows it as it is.
+    section = _read_header_section(original, max_header_size)
+    header_section = _without_return_path(section)
+    if full:
+        original.seek(start + len(section))
     else:
-        header_section = _read_header_section(original, max_header_size)
         scan.feed(header_section)
     if scan.collision:
         raise BoundaryCollision(f"a line of the original starts with --{boundary}")
@@ -306,14 +316,12 @@ def write_dsn(
         out.write(data)
         return len(data)
 
-    written = emit(_encode(head))
+    written = emit(_encode(head)) + emit(header_section)
     if full:
-        remaining = size
+        remaining = size - len(section)
         while remaining > 0 and (chunk := original.read(min(CHUNK_SIZE, remaining))):
             remaining -= len(chunk)
             written += emit(chunk)
-    else:
-        written += emit(header_section)
     # The line break before a delimiter belongs to the delimiter (RFC 2046
     # §5.1.1), so the part is the original exactly, final newline or not.
     written += emit(f"\n--{boundary}--\n".encode("ascii"))
@@ -566,20 +574,52 @@ class _Scan:
 
 
 def _read_header_section(original: _Readable, limit: int) -> bytes:
-    """The header section of the original (its lines before the first empty
-    line, each with its LF), at most `limit` octets, cut at a line end."""
-    want = limit + 1  # one octet more than the limit tells a longer section
-    buf = bytearray(b"\n")  # so a message that starts with an empty line has no headers
-    while len(buf) - 1 < want:
-        chunk = original.read(min(CHUNK_SIZE, want - (len(buf) - 1)))
-        if not chunk:
-            return bytes(buf[1:])  # the message is all header section
-        searched = len(buf) - 1
+    """The header section of the original, each line with its LF: its lines
+    up to the first one that is not part of a header field, at most `limit`
+    octets, cut at a line end.
+
+    A line is part of a field when it starts one (`name:`, RFC 5322 §3.6.8)
+    or, after the first, folds the one before (it starts with a space or a
+    tab and holds more than white space, §2.2.3). The empty line that ends
+    the section stops it, and so does the first line of body text in a
+    message that has no empty line: body text is never returned as headers.
+    """
+    data = _read_up_to(original, limit + 1)  # one octet more tells a longer section
+    end = 0
+    while end < len(data):
+        newline = data.find(b"\n", end)
+        line_end = len(data) if newline < 0 else newline + 1
+        if line_end > limit or not _is_field_line(data[end:line_end], first=end == 0):
+            break
+        end = line_end
+    return data[:end]
+
+
+def _is_field_line(line: bytes, *, first: bool) -> bool:
+    if line[:1] in (b" ", b"\t"):
+        return not first and not line.isspace()
+    return _FIELD_START_RE.match(line) is not None
+
+
+def _read_up_to(original: _Readable, size: int) -> bytes:
+    """At most `size` octets from `original`: fewer only at its end."""
+    buf = bytearray()
+    while len(buf) < size and (chunk := original.read(min(CHUNK_SIZE, size - len(buf)))):
         buf += chunk
-        end = buf.find(b"\n\n", searched)
-        if end >= 0:
-            return bytes(buf[1 : end + 1])
-    # Longer than the limit: cut at the last line end within it.
-    section = bytes(buf[1 : limit + 1])
-    cut = section.rfind(b"\n")
-    return section[: cut + 1] if cut >= 0 else section
+    return bytes(buf)
+
+
+def _without_return_path(section: bytes) -> bytes:
+    """A header section without its `Return-Path:` fields (and their folded
+    lines): the server's own trace field, added at delivery, is no part of
+    what the sender sent, and never goes into a report."""
+    if not _RETURN_PATH_RE.search(section):
+        return section
+    kept = []
+    dropping = False
+    for line in _LINE_RE.findall(section):
+        if line[:1] not in (b" ", b"\t"):
+            dropping = _RETURN_PATH_RE.match(line) is not None
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept)

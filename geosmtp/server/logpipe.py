@@ -64,9 +64,10 @@ def _writer(fd: int, kind: bytes):  # type: ignore[no-untyped-def]
 
 def forward(fd: int, log: Log) -> None:
     """In a worker: send every log line to the master through `fd`."""
-    from ..logs import _ACCESS_FORMAT, _SERVER_FORMAT, _is_access, _is_server
+    from ..logs import _ACCESS_FORMAT, _SERVER_FORMAT, _is_access, _is_server, escape_message
 
     logger.remove()
+    logger.configure(patcher=escape_message)
     logger.add(_writer(fd, SERVER), level=log.level, format=_SERVER_FORMAT, filter=_is_server)
     logger.add(_writer(fd, ACCESS), level="INFO", format=_ACCESS_FORMAT, filter=_is_access)
 

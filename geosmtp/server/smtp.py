@@ -279,7 +279,7 @@ class SMTPSession(StreamSession):
             verdict = Verdict(False, True, str(error), no_space=bool(error and error.no_space))
         else:
             message = Message(
-                envelope,
+                self._reports_allowed(envelope),
                 spool,
                 queue_id,
                 size,
@@ -321,6 +321,23 @@ class SMTPSession(StreamSession):
             envelope, 250, size=size, queue=queue_id, stages=stages, **auth_results
         )
         self._sync_metrics()
+
+    def _reports_allowed(self, envelope: Envelope) -> Envelope:
+        """The envelope as the pipeline gets it: a client that is neither logged
+        in nor trusted gets no success or delay report (NOTIFY=SUCCESS, DELAY),
+        since its reverse-path can be anyone's. RFC 3461 lets a server pass a
+        message on without the reports it cannot give; the RCPT had its 250."""
+        if self.conn.may_relay:
+            return envelope
+        allowed = envelope.without_trusted_notify()
+        if allowed is not envelope:
+            logger.debug(
+                "session {}: NOTIFY=SUCCESS/DELAY not honoured for <{}>: the client "
+                "has not logged in and is not trusted",
+                self.id,
+                envelope.sender_address,
+            )
+        return allowed
 
     def _rejected(self, event: TransactionRejected) -> None:
         self.server.metrics.messages_rejected.labels(event.stage).inc()

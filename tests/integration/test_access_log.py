@@ -223,3 +223,43 @@ def test_refused_recipients_are_named_in_the_transactions_one_line(server):
     (line,) = access_lines(server, 1)
     assert line["result"] == "250" and line["to"] == "<alice@test.example>"
     assert line["refused"] == "<x@foreign.example>:550"
+
+
+#: Characters that are not printable yet pass the protocol's checks somewhere:
+#: line separators for `str.splitlines` (U+2028, U+0085), a bidi override
+#: (U+202E), a no-break space (U+00A0).
+UNPRINTABLE = "\u2028\u0085\u202e\u00a0"
+
+
+def test_unicode_line_separators_and_bidi_overrides_are_escaped(make_server):
+    """Each is written as an escape in both logs: `str.splitlines()` of
+    access.log gives one record per transaction, and no log holds them raw."""
+    server = make_server({"trusted_networks": ["127.0.0.1/32"]})
+    sender = "s\u202e\u00a0x@remote.example"  # an address may hold these with SMTPUTF8
+    with Wire.connect(server.host, server.port) as w:
+        # Not in a host name: refused, so never logged.
+        w.expect(f"EHLO evil{UNPRINTABLE}.example".encode(), 501)
+        w.expect("EHLO client.example", 250)
+        w.expect(f"MAIL FROM:<{sender}> SMTPUTF8".encode(), 250)
+        w.expect("RCPT TO:<alice@test.example> NOTIFY=SUCCESS", 250)
+        w.expect("DATA", 354)
+        w.expect(f"Message-ID: <a{UNPRINTABLE}b@x>\r\n\r\nbody\r\n.".encode(), 250)
+        w.expect("MAIL FROM:<carol@remote.example>", 250)
+        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect("DATA", 354)
+        w.expect(b"Message-ID: <plain@x>\r\n\r\nbody\r\n.", 250)
+    _, second = access_lines(server, 2)
+    assert second["msgid"] == "<plain@x>"
+    access = server.access_log()
+    first = access.splitlines()[0]
+    assert len(access.splitlines()) == 2
+    assert " msgid=<a\\u2028\\x85\\u202e\\xa0b@x> " in first
+    assert " from=<s\\u202e\\xa0x@remote.example> " in first
+    # The success report to the (remote) sender is logged in log.txt, with its address.
+    log = wait_until(
+        lambda: "delivered report to" in server.server_log() and server.server_log(),
+        what="the report's line in log.txt",
+    )
+    assert "delivered report to <s\\u202e\\xa0x@remote.example>" in log
+    for text in (access, log):
+        assert not any(c in text for c in UNPRINTABLE)

@@ -38,3 +38,33 @@ def test_rates_use_the_time_the_server_saw():
 def test_nested_patch():
     assert _nested("limits.max_recipients", 3) == {"limits": {"max_recipients": 3}}
     assert _nested("max_clients", 5) == {"max_clients": 5}
+
+
+def test_sessions_escape_what_a_client_chose(capsys):
+    """`ctl sessions` prints one printable line per session, whatever the API
+    returned (the logs' escapes)."""
+    import argparse
+
+    from geosmtp.ctl import cmd_sessions
+
+    session = {
+        "id": "A1",
+        "peer": "127.0.0.1\u2028forged",
+        "port": 4000,
+        "listener": "mx\x85",
+        "state": "mail",
+        "age_seconds": 1.0,
+        "bytes_in": 1,
+        "bytes_out": 2,
+        "user": "al\u202eice",
+    }
+
+    class FakeClient:
+        def request(self, method: str, path: str, body: object = None) -> dict:
+            return {"count": 1, "sessions": [session]}
+
+    cmd_sessions(FakeClient(), argparse.Namespace(json=False))  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.isprintable() for line in lines)
+    assert "127.0.0.1\\u2028forged:4000" in lines[1]
+    assert "mx\\x85" in lines[1] and lines[1].endswith("al\\u202eice")

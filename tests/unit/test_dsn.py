@@ -367,6 +367,68 @@ def test_a_long_header_section_is_cut_at_a_line_end():
     assert returned.count(b"\n") == 1000 // len(b"X-Filler-0000: " + b"y" * 60 + b"\n")
 
 
+@pytest.mark.parametrize("kind", ["failed", "delayed", "delivered"])
+def test_body_text_after_the_header_fields_is_not_returned(kind):
+    """A message with no empty line: the header section ends at its first
+    line that is not a header field, not at the end of the message."""
+    original = b"Subject: hi\nthis is body text: secret\nX-Looks: like a field\n" * 50
+    returned = original_content(make(kind=kind, original=original))
+    assert returned == b"Subject: hi\n"
+
+
+FOLDED = b"Subject: a\n long\n\tfold\nTo : b@example.org\n"
+
+
+@pytest.mark.parametrize(
+    ("original", "section"),
+    [
+        # Folded lines belong to their field; white space before the colon is allowed.
+        (FOLDED + b"\nbody\n", FOLDED),
+        (FOLDED + b"body\n", FOLDED),
+        (b"Subject: a\n   \nX: hidden\n", b"Subject: a\n"),  # a blank-looking line ends it
+        (b" starts folded: x\nSubject: a\n\nbody\n", b""),  # nothing to fold into
+        (b"From alice@example.org Mon Jan  1 09:00:00 2024\nSubject: a\n", b""),  # mbox
+        (b"Subject: no newline at the end", b"Subject: no newline at the end"),
+        (b"\nSubject: not a header\n", b""),
+        (b"X: y\n--" + BOUNDARY.encode() + b"--\nZ: w\n\nbody\n", b"X: y\n"),
+    ],
+)
+def test_the_header_section_is_its_field_lines(original, section):
+    assert original_content(make(original=original)) == section
+
+
+def test_a_header_line_over_the_limit_is_not_returned():
+    original = b"Subject: short\nX-Long: " + b"y" * 2000 + b"\n\nbody\n"
+    assert original_content(make(original=original, max_header_size=1000)) == b"Subject: short\n"
+
+
+WITH_RETURN_PATH = b"Return-Path: <alice@example.org>\n" + ORIGINAL
+
+
+@pytest.mark.parametrize("kind", ["failed", "delayed", "delivered"])
+def test_our_return_path_is_not_in_the_returned_headers(kind):
+    returned = original_content(make(kind=kind, original=WITH_RETURN_PATH))
+    assert returned == ORIGINAL_HEADERS
+
+
+def test_our_return_path_is_not_in_the_returned_message():
+    raw = make(original=WITH_RETURN_PATH, ret="FULL")
+    assert parts(parse(raw))[2].get_content_type() == "message/rfc822"
+    assert original_content(raw) == ORIGINAL
+
+
+def test_every_return_path_field_is_dropped_with_its_folded_lines():
+    original = b"return-path :\n <a@example.org>\nSubject: x\nReturn-Path: <b@x>\nTo: c@y\n\nb\n"
+    assert original_content(make(original=original)) == b"Subject: x\nTo: c@y\n"
+    full = original_content(make(original=original, ret="FULL"))
+    assert full == b"Subject: x\nTo: c@y\n\nb\n"
+
+
+def test_a_return_path_in_the_body_is_returned_whole():
+    original = b"Subject: x\n\nReturn-Path: <kept@example.org>\n"
+    assert original_content(make(original=original, ret="FULL")) == original
+
+
 # -- internationalised mail (RFC 6533) -------------------------------------------------
 
 
@@ -667,8 +729,16 @@ def test_recipient_status_is_checked(action, status):
         RecipientStatus("bob@example.net", action, status)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("line", [b"\n--" + BOUNDARY.encode(), b"\r--" + BOUNDARY.encode()])
-@pytest.mark.parametrize("ret", ["FULL", "HDRS"])
+@pytest.mark.parametrize(
+    ("ret", "line"),
+    [
+        ("FULL", b"\n--" + BOUNDARY.encode()),
+        ("FULL", b"\r--" + BOUNDARY.encode()),
+        # A line that starts with "--" ends the header section (it is not a
+        # field): only a bare CR inside a field's line gets it returned.
+        ("HDRS", b"\r--" + BOUNDARY.encode()),
+    ],
+)
 def test_a_boundary_inside_the_original_is_refused_before_writing(line, ret):
     original = b"Subject: x" + line + b"--\nX: y\n\nbody\n"
     out = io.BytesIO()

@@ -78,3 +78,29 @@ def test_with_recipient_is_replace_with_one_more():
     assert env.recipients == () and grown.recipients == (one, two)
     with pytest.raises(dataclasses.FrozenInstanceError):
         grown.tls = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("asked", "kept"),
+    [
+        (None, None),  # no NOTIFY: the server's default (failures, delays) stands
+        ({"NEVER"}, {"NEVER"}),
+        ({"FAILURE"}, {"FAILURE"}),
+        ({"SUCCESS"}, {"NEVER"}),  # asked for no failure report: none at all
+        ({"DELAY"}, {"NEVER"}),
+        ({"SUCCESS", "DELAY"}, {"NEVER"}),
+        ({"SUCCESS", "FAILURE"}, {"FAILURE"}),
+        ({"SUCCESS", "FAILURE", "DELAY"}, {"FAILURE"}),
+    ],
+)
+def test_an_untrusted_client_asks_for_no_success_or_delay_report(asked, kept):
+    notify = frozenset(asked) if asked is not None else None
+    rcpt = Recipient(Mailbox("a", "example.test"), "a", notify=notify, orcpt="rfc822;a@x")
+    other = Recipient(Mailbox("b", "example.test"), "b", notify=frozenset({"FAILURE"}))
+    env = Envelope("c", True, Mailbox("s", "example.org"), {"RET": "HDRS"}, (rcpt, other))
+    allowed = env.without_trusted_notify()
+    assert allowed.recipients[0].notify == (frozenset(kept) if kept is not None else None)
+    assert allowed.recipients[0].orcpt == "rfc822;a@x"
+    assert allowed.recipients[1] is other
+    assert allowed.mail_params == {"RET": "HDRS"} and allowed.sender == env.sender
+    assert (allowed is env) == (asked == kept)

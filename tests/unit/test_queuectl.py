@@ -84,3 +84,18 @@ def test_format_entry():
     assert "envid        -" in lines and "auth_user    alice" in lines
     assert lines[lines.index("recipients") + 1] == "  <bob@remote.test>"
     assert "    last_error   smtp; 451 4.3.0 later" in lines
+
+
+def test_what_a_client_chose_is_escaped():
+    """A sender, an address, a remote's reply: one printable line each, with
+    the logs' escapes (a U+2028 would start a line for `str.splitlines`)."""
+    entry = _entry(sender="s\u202e@x\u2028forged", client="127.0.0.1")
+    entry["recipients"][0]["address"] = "b\x85ob@remote.test"
+    entry["recipients"][0]["last_error"] = "smtp; 451 \xa0later\u2029x"
+    listed = format_list({"count": 1, "held": 0, "oldest_age_seconds": 1, "entries": [entry]})
+    shown = format_entry(entry)
+    for text in (listed, shown):
+        assert all(line.isprintable() for line in text.splitlines())
+        assert "<s\\u202e@x\\u2028forged>" in text and "b\\x85ob@remote.test" in text
+        assert "451 \\xa0later\\u2029x" in text
+    assert len(listed.splitlines()) == 4

@@ -1,0 +1,89 @@
+"""What reaches a log line: `logs.clean`, the server log's patcher, and the
+escape they share with the admin tools (`printable.escape`)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from loguru import logger
+
+from geosmtp import logs, printable
+from geosmtp.printable import escape
+
+#: Not printable: C0/C1 controls, line and paragraph separators, bidi
+#: controls, a zero-width joiner, a no-break space, a lone surrogate (an
+#: undecodable octet), private use, unassigned, a tag character.
+UNPRINTABLE = {
+    "\x00": "\\x00",
+    "\t": "\\x09",
+    "\n": "\\x0a",
+    "\r": "\\x0d",
+    "\x1b": "\\x1b",
+    "\x7f": "\\x7f",
+    "\x85": "\\x85",
+    "\x9b": "\\x9b",
+    "\xa0": "\\xa0",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+    "\u202e": "\\u202e",
+    "\u2066": "\\u2066",
+    "\u200d": "\\u200d",
+    "\u3000": "\\u3000",
+    "\ufeff": "\\ufeff",
+    "\udc85": "\\udc85",
+    "\ue000": "\\ue000",
+    "\U000e0001": "\\U000e0001",
+    "\U0010ffff": "\\U0010ffff",
+}
+
+
+@pytest.mark.parametrize(("char", "escaped"), UNPRINTABLE.items())
+def test_every_unprintable_character_is_escaped(char, escaped):
+    assert logs.clean(f"<a{char}b@example.org>") == f"<a{escaped}b@example.org>"
+    assert escape(char * 2) == escaped * 2
+
+
+@pytest.mark.parametrize(
+    "text", ["<alice@example.org>", "a b", "jürgen@exämple.org", "用户", "\\x0a", "🙂", ""]
+)
+def test_printable_text_is_kept(text):
+    assert logs.clean(text) == text
+
+
+def test_a_cleaned_value_is_one_line_for_every_reader():
+    value = "x\u2028forged=1\x85y\u2029z\r\nw\x1c\x1d\x1e\x0b\x0c"
+    cleaned = logs.clean(value)
+    assert cleaned.splitlines() == [cleaned]
+    assert cleaned.isprintable()
+
+
+def test_clean_shortens_before_escaping():
+    assert logs.clean("\u2028" * 600, limit=3) == "\\u2028" * 3 + "..."
+
+
+def test_escape_remembers_a_bounded_number_of_characters():
+    text = "".join(chr(c) for c in range(0xE000, 0xF8FF))  # private use: all escaped
+    assert escape(text) == "".join(f"\\u{c:04x}" for c in range(0xE000, 0xF8FF))
+    assert len(printable._TABLE) <= 4096
+
+
+def test_the_server_log_escapes_every_message(tmp_path):
+    """`setup`'s patcher: whatever a message's arguments held, log.txt gets one
+    printable line; the access log's batches and a worker's forwarded lines
+    (already escaped there) are written as they are."""
+    out = io.StringIO()
+    logger.remove()
+    logger.configure(patcher=logs.escape_message)
+    logger.add(out, format="{message}", filter=logs._is_server)
+    try:
+        logger.info("report to <{}>", "a\u2028forged\x85b\u202ec\xa0d")
+        logger.bind(forwarded=True).opt(raw=True).info("from a worker\n")
+        logs.access.opt(raw=True).info("not here\n")
+    finally:
+        logger.remove()
+        logger.configure(patcher=lambda record: None)
+    assert out.getvalue().splitlines() == [
+        "report to <a\\u2028forged\\x85b\\u202ec\\xa0d>",
+        "from a worker",
+    ]
