@@ -301,6 +301,12 @@ class Tally:
         self.value -= 1
 
 
+#: An app's per-client limits that count nobody (these tests are about the cap).
+NO_CLIENT_LIMITS = SimpleNamespace(
+    connect=lambda peer, smtp: (0, None), disconnect=lambda key: None
+)
+
+
 def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
     def hold_two() -> None:
         state.bind(1)
@@ -308,13 +314,15 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
 
     Child(hold_two).result()
     state.bind(0)
-    app = SimpleNamespace(config=SimpleNamespace(max_clients=3))
+    app = SimpleNamespace(config=SimpleNamespace(max_clients=3), anvil=NO_CLIENT_LIMITS)
     listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
     lm = SimpleNamespace(refused=Tally(), connections=Tally(), current=Tally())
     seen = {}
 
     class FakeSession:
-        def __init__(self, app, sock, address, listener, lm) -> None:
+        PROTOCOL = "smtp"
+
+        def __init__(self, app, sock, address, listener, lm, client_key) -> None:
             self.id, self.peer = f"s{address[1]}", address[0]
 
         @staticmethod
@@ -339,10 +347,12 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
 
 def test_a_session_that_fails_to_start_gives_its_place_back(state):
     state.bind(0)
-    app = SimpleNamespace(config=SimpleNamespace(max_clients=3))
+    app = SimpleNamespace(config=SimpleNamespace(max_clients=3), anvil=NO_CLIENT_LIMITS)
     listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
 
     class Broken:
+        PROTOCOL = "smtp"
+
         def __init__(self, *args) -> None:
             raise RuntimeError("broken")
 
