@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import time
 
@@ -217,3 +219,24 @@ def test_under_stress_idle_clients_are_timed_out_and_a_new_one_is_served(make_se
     assert len(re.findall(r"stress: \d+ of max_clients 10", log)) == 1
     # Every worker looks at the load on its own (each within STRESS_CHECK).
     wait_until(lambda: api.metrics()["geosmtp_stress"] == 0, what="the gauge back at 0")
+
+
+def test_a_worker_killed_with_connections_open_does_not_hold_them_for_good(make_server):
+    server = make_server({"workers": 1, **limits(max_connections=2)})
+    held = [connect(server) for _ in range(2)]
+    with connect(server, greet=False) as w:
+        assert w.reply()[0] == 421
+    old = server.worker
+    os.kill(old, signal.SIGKILL)
+    for w in held:
+        assert w.is_closed()
+        w.close()
+    wait_until(lambda: server.workers() and server.workers()[0] != old, what="a new worker")
+    # Nobody holds a connection now: the address may open two again.
+    held = [connect(server) for _ in range(2)]
+    try:
+        with connect(server, greet=False) as w:
+            assert w.reply()[0] == 421
+    finally:
+        for w in held:
+            w.close()
