@@ -216,6 +216,10 @@ class SMTPSession(StreamSession):
         return self.server.anvil.add_errors(self.client_key, new, self.peer)
 
     def _ended(self) -> None:
+        if self.conn.errors != self.errors_counted:
+            # The last replies' errors (a session that limits.max_errors ended
+            # with one pipelined batch of bad commands counts them too).
+            self._error_budget_used()
         self._discard_spool()
         envelope = self.conn.envelope
         if envelope is not None and envelope is not self.logged:

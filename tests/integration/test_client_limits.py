@@ -240,3 +240,23 @@ def test_a_worker_killed_with_connections_open_does_not_hold_them_for_good(make_
     finally:
         for w in held:
             w.close()
+
+
+def test_errors_of_a_session_its_own_limit_ended_count_too(make_server):
+    # One write of bad commands: the session's own limit (limits.max_errors)
+    # ends it in the middle of the batch; those errors still count.
+    server = make_server({"limits": {"max_errors": 10}, **limits(max_errors=10)})
+    with Wire.connect(server.host, server.port) as w:
+        w.send(b"BOGUS\r\n" * 10)
+        codes = [w.reply()[0] for _ in range(11)]
+        assert codes == [500] * 10 + [421]
+        assert w.is_closed()
+
+    def refused_at_connect() -> bool:
+        with Wire.connect(server.host, server.port, greet=False) as w:
+            code, text = w.reply()
+        assert code in (220, 421), text
+        return code == 421 and "errors from your address" in text
+
+    # The count is added as the session ends, a moment after its last reply.
+    wait_until(refused_at_connect, what="the address refused")
