@@ -260,3 +260,19 @@ def test_errors_of_a_session_its_own_limit_ended_count_too(make_server):
 
     # The count is added as the session ends, a moment after its last reply.
     wait_until(refused_at_connect, what="the address refused")
+
+
+def test_by_default_an_address_may_hold_fifty_connections(make_server):
+    server = make_server()  # no client_limits section: the defaults
+    held: list[Wire] = []
+    try:
+        for _ in range(50):
+            held.append(connect(server))
+        with connect(server, greet=False) as w:
+            code, text = w.reply()
+            assert code == 421 and "from your address" in text, text
+        with connect(server, "127.0.0.3") as w:  # another address is served
+            w.expect("QUIT", 221)
+    finally:
+        for w in held:
+            w.close()
