@@ -245,6 +245,33 @@ _LIVE, _HEAD, _TAIL, _FREE, _UNUSED, _DIRTY = range(6)
 _NONE = -1
 
 
+class _TableLock:
+    """`_SharedTable.locked()`: a context manager of its own rather than a
+    generator's (it is on the path of every connection, MAIL and RCPT)."""
+
+    __slots__ = ("fd", "table")
+
+    def __init__(self, table: _SharedTable) -> None:
+        self.table = table
+        self.fd = table.memory.fd
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            header = self.table._header
+            if header[_DIRTY]:
+                self.table._clear()
+            header[_DIRTY] = 1
+        except BaseException:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            raise
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:  # not on an exception: the table may be half-changed
+            self.table._header[_DIRTY] = 0
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
 class _SharedTable:
     """A fixed table of `capacity` records in shared memory, found by a 64-bit hash.
 
@@ -277,6 +304,7 @@ class _SharedTable:
             at += _aligned(views[-1].nbytes)
         self._views = views
         self._header, self._hash, *self._columns, self._prev, self._next, self._index = views
+        self._lock = _TableLock(self)
         with memory.locked():
             self._clear()
 
@@ -309,20 +337,10 @@ class _SharedTable:
 
     # ------------------------------------------------------------ the lock
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> _TableLock:
         """The lock, and a table in one piece: a process killed half-way
         through a change leaves `_DIRTY` set, and the next one clears the table."""
-        memory, header = self.memory, self._header
-        memory.lock()
-        try:
-            if header[_DIRTY]:
-                self._clear()
-            header[_DIRTY] = 1
-            yield
-            header[_DIRTY] = 0  # not on an exception: the table may be half-changed
-        finally:
-            memory.unlock()
+        return self._lock
 
     def _clear(self) -> None:
         header = self._header
