@@ -215,7 +215,10 @@ class Listeners:
         already waiting longer are ended as timed out."""
         while True:
             gevent.sleep(STRESS_CHECK)
-            self.check_stress()
+            try:
+                self.check_stress()
+            except Exception:  # a bug: logged, and the watch goes on
+                logger.exception("stress check failed")
 
     def check_stress(self) -> None:
         """One look at the load (see `_watch_stress`)."""
