@@ -395,6 +395,8 @@ class Geosmtp(Server):
     worker_count: ClassVar[int | None] = None
     #: `reuse_port: true` (a listening socket per worker).
     reuse_port: ClassVar[bool] = False
+    #: The source tree whose `geosmtp/` runs (another for `geosmtp@REV`).
+    source: ClassVar[Path] = REPO
 
     def config(self) -> dict:
         """The bench's geosmtp config (written to cfg.yaml at start)."""
@@ -416,6 +418,15 @@ class Geosmtp(Server):
             config["listeners"].append({"address": HOST, "port": self.pop3_port, "role": "pop3"})
             config["users"] = {u: {"password": h} for u, h in self.pop3_users.items()}
             config["auth"] = {"allow_plaintext": True}
+        if "class ClientLimits" in (self.source / "geosmtp" / "config.py").read_text():
+            # Every load comes from 127.0.0.1: each per-client limit on (so its
+            # counting is measured) and out of reach (so it refuses nothing).
+            never = 1_000_000
+            config["client_limits"] = {
+                key: never
+                for key in ("max_connections", "connection_rate", "message_rate", "recipient_rate")
+            }
+            config["client_limits"]["max_errors"] = never
         if self.filters is not None:
             config["filters"] = self.filters
         if self.worker_count is not None:
@@ -954,6 +965,7 @@ def geosmtp_at(rev: str, base: type[Server] = Geosmtp) -> type[Server]:
 
     class GeosmtpAt(base):  # type: ignore[valid-type,misc]
         name = f"{base.name}@{rev}"
+        source = src
 
         def env(self) -> dict[str, str]:
             return {**super().env(), "PYTHONPATH": str(src)}

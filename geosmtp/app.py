@@ -45,13 +45,14 @@ from .queue.runner import QueueRunner, RunnerSettings
 from .queue.schedule import RetrySchedule
 from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
+from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir
 from .server.listeners import Listeners, Session
 from .server.pop3 import POP3Session
-from .server.shared import SharedState
+from .server.shared import SharedClientTable, SharedState
 from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread
-from .smtp import RecipientPolicy, Security, SMTPConnection
+from .smtp import ClientRates, RecipientPolicy, Security, SMTPConnection
 from .smtp.parser import parse_mailbox
 from .smtp.sasl import Credentials
 from .storage import MaildirStore, Spool
@@ -222,6 +223,12 @@ class App:
         self.shared = shared
         self.auth_throttle = AuthThrottle(records=shared.throttle_records if shared else None)
         self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
+        # The per-client limits (client_limits:), counted across the workers.
+        self.anvil = Anvil(
+            shared.clients if shared else SharedClientTable.private(100_000),
+            self.metrics,
+            lambda peer: bool(self.trusted_networks) and self._trusted(peer),
+        )
         # One password check per core in the whole server: this worker's share.
         self.password_checks = BoundedSemaphore(share_of_limit(os.cpu_count() or 1, share))
         self.tls_context = prepared.tls_context
@@ -297,6 +304,7 @@ class App:
         self.trusted_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
         ]
+        self.anvil.configure(config.client_limits)
         self.filters.configure(
             dataclasses.replace(
                 config, filter_concurrency=share_of_limit(config.filter_concurrency, self.share)
@@ -358,8 +366,11 @@ class App:
             address = address.ipv4_mapped
         return any(address in net for net in self.trusted_networks)
 
-    def new_connection(self, listener: Listener, peer: str) -> SMTPConnection:
-        """The SMTP core for a new client on `listener`, with today's settings."""
+    def new_connection(
+        self, listener: Listener, peer: str, rates: ClientRates | None = None
+    ) -> SMTPConnection:
+        """The SMTP core for a new client on `listener`, with today's settings;
+        `rates` counts the client's messages and recipients (client_limits)."""
         return SMTPConnection(
             self.config.hostname,
             self.policy,
@@ -367,6 +378,7 @@ class App:
             self.extensions,
             self.security(listener, peer),
             vrfy=self.config.vrfy,
+            rates=rates,
         )
 
     def new_pop3_connection(self, listener: Listener) -> POP3Connection:
@@ -403,6 +415,7 @@ class App:
             attempt = throttle.reserve(peer)
         if attempt is None or attempt == BUSY:
             self.metrics.auth_failure.inc()
+            self.metrics.client_limit_refused("auth_failures")
             logger.warning(
                 "session {}: [{}] authentication refused: too many failures", session, peer
             )

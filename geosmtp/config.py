@@ -110,6 +110,40 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class ClientLimits:
+    """Limits per client address (an IPv4 address, an IPv6 /64), counted across
+    all workers, in the spirit of Postfix's anvil. 0 switches a limit off.
+    Clients in `trusted_networks` are exempt from all of them; a logged-in
+    client from the message and recipient rates and the error budget."""
+
+    #: Connections open at once (Postfix's smtpd_client_connection_count_limit;
+    #: POP3 too): the next gets 421 4.7.0 (POP3: -ERR [SYS/TEMP]).
+    max_connections: int = _ranged(50, min=0, max=1_000_000)
+    #: Connections begun per minute (smtpd_client_connection_rate_limit), 421 4.7.0.
+    connection_rate: int = _ranged(0, min=0, max=1_000_000)
+    #: Messages (MAIL FROM) per minute (smtpd_client_message_rate_limit), 450 4.7.1.
+    message_rate: int = _ranged(0, min=0, max=1_000_000)
+    #: Recipients (RCPT TO) per minute (smtpd_client_recipient_rate_limit), 450 4.7.1.
+    recipient_rate: int = _ranged(0, min=0, max=1_000_000)
+    #: Error replies per `error_window` (limits.max_errors is one session's):
+    #: then 421 4.7.0 at connect and after the reply that used the budget up.
+    max_errors: int = _ranged(500, min=0, max=1_000_000)
+    error_window: float = _positive(600, max=DAY)
+
+
+@dataclass(frozen=True)
+class Stress:
+    """The connection cap nearly full: idle clients get a shorter command
+    timeout, as Postfix's smtpd_timeout does under stress (`${stress?10}`)."""
+
+    #: Percent of max_clients open at which stress begins (it ends below it); 0: never.
+    threshold: int = _ranged(80, min=0, max=100)
+    #: Seconds a client may take for a command under stress (the smaller of
+    #: this and timeouts.command).
+    command_timeout: float = _positive(10, max=DAY)
+
+
+@dataclass(frozen=True)
 class User:
     #: A password hash from `geosmtp passwd` (used by AUTH); none means no login.
     password: str | None = field(default=None, metadata={"pattern": "password_hash"})
@@ -334,6 +368,8 @@ class Config:
     auth: Auth = field(default_factory=Auth)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
+    stress: Stress = field(default_factory=Stress)
     extensions: Extensions = field(default_factory=Extensions)
     log: Log = field(default_factory=Log)
     admin: Admin = field(default_factory=Admin)
@@ -884,6 +920,8 @@ RUNTIME_SAFE = (
     "unknown_recipients",
     "vrfy",
     "limits",
+    "client_limits",
+    "stress",
     "timeouts",
     "extensions",
     "log.level",

@@ -60,6 +60,17 @@ STAGE_VERDICTS = ("accept", "replace", "tempfail", "reject")
 #: Where a transaction or recipient was refused (the `stage` label).
 REJECT_STAGES = ("MAIL", "RCPT", "DATA", "BDAT", "filter", "sender-checks", "dkim-sign", "storage")
 
+#: The per-client limit a client was refused by (the `limit` label):
+#: client_limits' and the AUTH throttle's (auth.max_failures).
+CLIENT_LIMITS = (
+    "connections",
+    "connection_rate",
+    "message_rate",
+    "recipient_rate",
+    "errors",
+    "auth_failures",
+)
+
 #: How a session ended (the `outcome` label).
 OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
 
@@ -160,6 +171,22 @@ class Metrics:
             "geosmtp_recipients", "Deliveries (recipients of stored messages)", registry=r
         )
         self.auth = Counter("geosmtp_auth", "AUTH attempts, by result", ["result"], registry=r)
+        self.client_limit_refusals = Counter(
+            "geosmtp_client_limit_refusals",
+            "Refusals by a per-client limit: connections, connection_rate (421 at "
+            "connect), message_rate, recipient_rate (450), errors (421), auth_failures",
+            ["limit"],
+            registry=r,
+        )
+        # Every limit shows, at 0 until it refuses; the children bound once.
+        self._limit_children = {k: self.client_limit_refusals.labels(k) for k in CLIENT_LIMITS}
+        self.stress = Gauge(
+            "geosmtp_stress",
+            "1 while the server is under stress (stress.threshold of max_clients "
+            "open): idle clients get stress.command_timeout",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.message_size = Histogram(
             "geosmtp_message_size_bytes",
             "Size of stored messages",
@@ -299,6 +326,10 @@ class Metrics:
         else:
             self._collected = CollectorRegistry()
             self._collected.register(_WorkersCollector(self.multiprocess_dir))
+
+    def client_limit_refused(self, limit: str) -> None:
+        """A client was refused by a per-client limit (one of `CLIENT_LIMITS`)."""
+        self._limit_children[limit].inc()
 
     def watch_queue(self, queue: Any) -> None:
         """Take the queue gauges from `queue` (a QueueRunner): at each scrape with one

@@ -218,6 +218,8 @@ SYNTAX = {
 
 TOO_MANY_CLIENTS = err("Too many connections; try again later.", "SYS/TEMP")
 STOPPING = err("Server shutting down; try again later.", "SYS/TEMP")
+#: client_limits.max_connections: this client address has that many open.
+TOO_MANY_FROM_ADDRESS = err("Too many connections from your address; try again later.", "SYS/TEMP")
 
 #: Texts for `POP3Connection.close_with(text)` (its code defaults to SYS/TEMP).
 AUTOLOGOUT = "Autologout: idle for too long."

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 STOP_WAIT = 5.0
 #: ... and how long greenlets still running after that get to die when killed.
 KILL_WAIT = 5.0
+#: Seconds between two looks at the load, for stress (`Listeners.check_stress`).
+STRESS_CHECK = 0.5
 
 
 class Session(Protocol):
@@ -41,14 +44,31 @@ class Session(Protocol):
 
     id: str
     peer: str
+    PROTOCOL: str
 
     def __init__(
-        self, app: App, sock: socket.socket, address: tuple, listener: Listener, lm: ListenerMetrics
+        self,
+        app: App,
+        sock: socket.socket,
+        address: tuple,
+        listener: Listener,
+        lm: ListenerMetrics,
+        client_key: int = 0,
     ) -> None: ...
 
     @staticmethod
     def refusal(stopping: bool) -> bytes:
         """What a client over the cap (or arriving during a stop) is told."""
+        ...
+
+    @staticmethod
+    def limit_refusal(limit: str) -> bytes:
+        """What a client over a per-client limit (`shared.CONNECTIONS`, ...) is told."""
+        ...
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Under stress: end the session (its timeout reply) if it has waited
+        for a command longer than `timeout`."""
         ...
 
     def run(self) -> None: ...
@@ -113,6 +133,9 @@ class Listeners:
         self.by_id: dict[str, Session] = {}  # open sessions: the cap, stop, the admin API
         self.servers: list[StreamServer] = []
         self.stopping = False
+        #: Under stress (see `check_stress`): waits for a command are short.
+        self.stressed = False
+        self._stress_watch: gevent.Greenlet | None = None
 
     def start(self, bound: list[tuple[Listener, socket.socket]]) -> None:
         """Serve each listener on its socket (bound by the master, `bind`)."""
@@ -131,6 +154,7 @@ class Listeners:
             server.start()
             self.servers.append(server)
             logger.debug("serving [{}]:{} ({})", host, port, listener.role)
+        self._stress_watch = gevent.spawn(self._watch_stress)
 
     def _handler(
         self, session_class: type[Session], listener: Listener, lm: ListenerMetrics
@@ -144,23 +168,32 @@ class Listeners:
                 self._refuse(client, address, session_class.refusal(self.stopping))
                 return
             try:
-                session = session_class(self.app, client, address, listener, lm)
-                self.by_id[session.id] = session
-                self.group.add(gevent.getcurrent())  # type: ignore[arg-type]
-                lm.connections.inc()
-                lm.current.inc()
+                # Then the client's own limits (client_limits), logged by the anvil.
+                anvil = self.app.anvil
+                key, over = anvil.connect(address[0], session_class.PROTOCOL == "smtp")
+                if over is not None:
+                    self._refuse(client, address, session_class.limit_refusal(over), log=False)
+                    return
                 try:
-                    session.run()
+                    session = session_class(self.app, client, address, listener, lm, key)
+                    self.by_id[session.id] = session
+                    self.group.add(gevent.getcurrent())  # type: ignore[arg-type]
+                    lm.connections.inc()
+                    lm.current.inc()
+                    try:
+                        session.run()
+                    finally:
+                        lm.current.dec()
+                        del self.by_id[session.id]
                 finally:
-                    lm.current.dec()
-                    del self.by_id[session.id]
+                    anvil.disconnect(key)
             finally:
                 connections.closed()
 
         return handle
 
     @staticmethod
-    def _refuse(client: socket.socket, address: tuple, reply: bytes) -> None:
+    def _refuse(client: socket.socket, address: tuple, reply: bytes, log: bool = True) -> None:
         """Over the cap: answer and close (RFC 5321 §3.1), never leave it hanging."""
         try:
             client.setblocking(False)
@@ -169,12 +202,62 @@ class Listeners:
             pass
         finally:
             client.close()
-        logger.warning("refused [{}]: {}", address[0], reply.decode("ascii", "replace").strip())
+        if log:
+            logger.warning("refused [{}]: {}", address[0], reply.decode("ascii", "replace").strip())
+
+    # ------------------------------------------------------------ stress
+
+    def _watch_stress(self) -> None:
+        """Every STRESS_CHECK seconds: is the server under stress (open
+        connections, in all workers, at `stress.threshold` percent of
+        max_clients or more)? Then sessions waiting for a command get
+        `stress.command_timeout` (`stressed`, read at each wait), and those
+        already waiting longer are ended as timed out."""
+        while True:
+            gevent.sleep(STRESS_CHECK)
+            try:
+                self.check_stress()
+            except Exception:  # a bug: logged, and the watch goes on
+                logger.exception("stress check failed")
+
+    def check_stress(self) -> None:
+        """One look at the load (see `_watch_stress`)."""
+        config = self.app.config
+        threshold = config.stress.threshold
+        total = self.connections.total()
+        stressed = threshold > 0 and total * 100 >= threshold * config.max_clients
+        if stressed != self.stressed:
+            self.stressed = stressed
+            self.app.metrics.stress.set(int(stressed))
+            if self.connections.mark_stress(stressed):  # once for the whole server
+                if stressed:
+                    logger.warning(
+                        "stress: {} of max_clients {} connections open (stress.threshold "
+                        "{}%): command timeout {}s",
+                        total,
+                        config.max_clients,
+                        threshold,
+                        config.stress.command_timeout,
+                    )
+                else:
+                    logger.info(
+                        "stress over: {} of max_clients {} connections open",
+                        total,
+                        config.max_clients,
+                    )
+        if stressed:
+            now = time.monotonic()
+            timeout = config.stress.command_timeout
+            for session in list(self.by_id.values()):
+                session.expire(now, timeout)
 
     def close(self) -> None:
         """Stop accepting; open sessions go on."""
         for server in self.servers:
             server.close()
+        if self._stress_watch is not None:
+            self._stress_watch.kill(block=False)
+            self._stress_watch = None
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let sessions finish for `grace` seconds, then stop the rest.

@@ -381,6 +381,8 @@ class Master:
                 break
         worker.reader.close()
         worker.control.close()
+        if self.shared.count(worker.slot):  # it died with connections open: whose?
+            self.shared.clients.forget_open()
         self.shared.reset_slot(worker.slot)  # what it had open when it died
         self._free_slots.append(worker.slot)
         _metrics_dead(worker.pid)

@@ -54,8 +54,9 @@ class POP3Session(StreamSession):
         address: tuple,
         listener: Listener,
         metrics: ListenerMetrics,
+        client_key: int = 0,
     ) -> None:
-        super().__init__(server, sock, address, listener, metrics)
+        super().__init__(server, sock, address, listener, metrics, client_key)
         self.conn: POP3Connection = server.new_pop3_connection(listener)
         self.pm = server.metrics.pop3_listener(metrics.name)
         self.maildir: Maildir | None = None
@@ -92,6 +93,12 @@ class POP3Session(StreamSession):
     def refusal(stopping: bool) -> bytes:
         """For a client over the connection cap, or arriving during a stop."""
         return POP3Connection.refusal_line(stopping)
+
+    @staticmethod
+    def limit_refusal(limit: str) -> bytes:
+        """For a client over its open connections (client_limits.max_connections,
+        the one per-client limit POP3 is held to)."""
+        return R.TOO_MANY_FROM_ADDRESS
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""

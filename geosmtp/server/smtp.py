@@ -37,6 +37,8 @@ from ..smtp import (
 from ..smtp import replies as R
 from ..smtp.trace import trace_headers
 from ..storage import SpoolFile, StorageError
+from .anvil import ClientRates
+from .shared import CONNECTION_RATE, CONNECTIONS, ERRORS
 from .stream import ClientTimeout, StreamSession
 
 if TYPE_CHECKING:
@@ -66,9 +68,12 @@ class SMTPSession(StreamSession):
         address: tuple,
         listener: Listener,
         metrics: ListenerMetrics,
+        client_key: int = 0,
     ) -> None:
-        super().__init__(server, sock, address, listener, metrics)
-        self.conn: SMTPConnection = server.new_connection(listener, self.peer)
+        super().__init__(server, sock, address, listener, metrics, client_key)
+        rates = ClientRates(server.anvil, client_key, self.peer) if client_key else None
+        self.conn: SMTPConnection = server.new_connection(listener, self.peer, rates)
+        self.errors_counted = 0  # of conn.errors, those added to the client's budget
         self.spool: SpoolFile | _FailedSpool | None = None
         self.queue_id: str | None = None
         self.sniffer: MessageIdSniffer | None = None  # the current message's Message-ID
@@ -86,6 +91,9 @@ class SMTPSession(StreamSession):
             left = timeouts.data_total - (time.monotonic() - self.data_started)
             return max(0.0, min(timeouts.data_block, left))
         return timeouts.command
+
+    def _waits_for_command(self) -> bool:
+        return not self.conn.in_data
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()
@@ -108,6 +116,17 @@ class SMTPSession(StreamSession):
     def refusal(stopping: bool) -> bytes:
         """For a client over the connection cap, or arriving during a stop."""
         return (R.SHUTTING_DOWN if stopping else R.TOO_MANY_CLIENTS).to_bytes()
+
+    LIMIT_REFUSALS: ClassVar[dict[str, bytes]] = {
+        CONNECTIONS: R.CLIENT_CONNECTIONS.to_bytes(),
+        CONNECTION_RATE: R.CLIENT_CONNECTION_RATE.to_bytes(),
+        ERRORS: R.CLIENT_ERRORS.to_bytes(),
+    }
+
+    @staticmethod
+    def limit_refusal(limit: str) -> bytes:
+        """For a client over one of its limits at connect (client_limits)."""
+        return SMTPSession.LIMIT_REFUSALS[limit]
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""
@@ -146,6 +165,9 @@ class SMTPSession(StreamSession):
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
+                if conn.errors != self.errors_counted and self._error_budget_used():
+                    conn.close_with(R.CLIENT_ERRORS)
+                    continue
                 self._flush()
                 # b"" when the client has closed its side: the core then
                 # answers ConnectionClosed.
@@ -182,7 +204,22 @@ class SMTPSession(StreamSession):
                 # asking for the next event, so a wait here is a bug.
                 raise RuntimeError(f"the SMTP core waits for a verdict in {conn.state}")
 
+    def _error_budget_used(self) -> bool:
+        """Add the session's new error replies to its client's budget
+        (client_limits.max_errors, over all its sessions): whether the
+        budget is used up, and the session is to end. A logged-in client's
+        errors are not counted; nor is the session ended in message data."""
+        conn = self.conn
+        new, self.errors_counted = conn.errors - self.errors_counted, conn.errors
+        if conn.auth_user is not None or conn.in_data:
+            return False
+        return self.server.anvil.add_errors(self.client_key, new, self.peer)
+
     def _ended(self) -> None:
+        if self.conn.errors != self.errors_counted:
+            # The last replies' errors (a session that limits.max_errors ended
+            # with one pipelined batch of bad commands counts them too).
+            self._error_budget_used()
         self._discard_spool()
         envelope = self.conn.envelope
         if envelope is not None and envelope is not self.logged:

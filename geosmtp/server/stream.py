@@ -72,6 +72,7 @@ class StreamSession:
         address: tuple,
         listener: Listener,
         metrics: ListenerMetrics,
+        client_key: int = 0,
     ) -> None:
         self.server = server
         self.sock = sock
@@ -83,7 +84,11 @@ class StreamSession:
         self.started = time.monotonic()
         self.outcome = "lost"  # how the session ended, for metrics
         self.kicked = False  # the administrator closed it (else: the server stops)
+        #: The client's key in the per-client limits (`anvil.Anvil`); 0: not counted.
+        self.client_key = client_key
         self.reading = False
+        self.waiting_since: float | None = None  # a wait for a command began (monotonic)
+        self.expired = False  # stress: the wait for a command took too long
         self.shutdown_pending = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -92,6 +97,11 @@ class StreamSession:
     def _timeout(self) -> float:
         """Seconds the next read may wait (the protocol's state decides)."""
         return self.server.config.timeouts.command
+
+    def _waits_for_command(self) -> bool:
+        """The next read waits for a command (not message data): under
+        stress, its timeout is `stress.command_timeout` at most."""
+        return True
 
     def _read(self) -> bytes:
         """One `recv` under the timeout the session's state calls for.
@@ -105,6 +115,10 @@ class StreamSession:
         timeout = self._timeout()
         if timeout <= 0:  # a total time used up: settimeout(0) would mean non-blocking
             raise ClientTimeout
+        if self._waits_for_command():
+            self.waiting_since = time.monotonic()
+            if self.server.listeners.stressed:
+                timeout = min(timeout, self.server.config.stress.command_timeout)
         self.reading = True
         try:
             self.sock.settimeout(timeout)
@@ -113,11 +127,16 @@ class StreamSession:
             raise ClientTimeout from None
         except OSError:
             # gevent cancels a blocked recv with EBADF when the read side is shut.
+            if self.expired:
+                raise ClientTimeout from None
             if self.shutdown_pending:
                 raise ShutdownRequested from None
             raise
         finally:
             self.reading = False
+            self.waiting_since = None
+        if self.expired:
+            raise ClientTimeout
         # Checked here, at a point of our choosing, so a stop never interrupts a
         # delivery half-way (see shutdown()).
         if self.shutdown_pending:
@@ -196,6 +215,15 @@ class StreamSession:
         self.kicked = True
         self.shutdown()
 
+    def expire(self, now: float, timeout: float) -> None:
+        """Under stress: a session that has waited for a command for more than
+        `timeout` seconds (a wait begun before the stress, with the long
+        timeout) ends as if that wait had timed out."""
+        since = self.waiting_since
+        if since is not None and now - since > timeout and not self.expired:
+            self.expired = True
+            self._wake()
+
     def shutdown(self) -> None:
         """Ask the session to end (with the protocol's reply) before its next read.
 
@@ -204,6 +232,10 @@ class StreamSession:
         the middle of storing a message finishes it first.
         """
         self.shutdown_pending = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """End a `recv` the session is blocked in (it sees why at once)."""
         if self.reading:
             try:
                 # The plain socket's shutdown, under TLS too: SSLSocket.shutdown drops

@@ -198,3 +198,16 @@ SHUTTING_DOWN = reply(421, "4.3.2", "Server shutting down; closing connection")
 INTERNAL_ERROR = reply(421, "4.3.0", "Error: internal server error; closing connection")
 TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0", "Error: too many authentication failures")
 KICKED = reply(421, "4.7.0", "Connection closed by the administrator")
+
+# Per-client limits (the config's client_limits; the shell counts them across workers)
+CLIENT_CONNECTIONS = reply(
+    421, "4.7.0", "Error: too many connections from your address; try again later"
+)
+CLIENT_CONNECTION_RATE = reply(
+    421, "4.7.0", "Error: too many connections from your address in a minute; try again later"
+)
+CLIENT_ERRORS = reply(421, "4.7.0", "Error: too many errors from your address; try again later")
+MESSAGE_RATE = reply(450, "4.7.1", "Error: too many messages from your address; try again later")
+RECIPIENT_RATE = reply(
+    450, "4.7.1", "Error: too many recipients from your address; try again later"
+)

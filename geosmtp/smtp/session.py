@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..mail import Envelope, Mailbox, safe_mailbox_name
 from ..mail.lineends import join_stored, stored_line_ends
@@ -115,6 +116,16 @@ class Security:
     auth_required: bool = False  # submission: AUTH before MAIL, else 530
     trusted: bool = False  # the client is in trusted_networks: it may relay
     sender_must_match: bool = False  # an authenticated user sends only as themself
+
+
+class ClientRates(Protocol):
+    """The client's messages and recipients per minute, counted by the shell
+    across its sessions (the config's client_limits); a client that is not
+    counted (trusted) gets none. The core asks at MAIL and RCPT, unless the
+    client logged in: each call counts one, and False refuses it (450 4.7.1)."""
+
+    def message(self) -> bool: ...
+    def recipient(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -271,6 +282,7 @@ class SMTPConnection(SansIOConnection):
         security: Security | None = None,
         *,
         vrfy: bool = False,
+        rates: ClientRates | None = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -278,6 +290,7 @@ class SMTPConnection(SansIOConnection):
         self.extensions = extensions or Extensions()
         self.security = security or Security()
         self.vrfy = vrfy
+        self.rates = rates
         self.state = State.CONNECTED
         #: The state the session was in when it closed or failed (ERROR); None before.
         self.closed_in: State | None = None
@@ -581,6 +594,8 @@ class SMTPConnection(SansIOConnection):
                 self._error(R.BAD_SENDER_SYNTAX)
             return
         problem = self._check_mail_params(params) or self._check_sender(sender)
+        if problem is None and not self._rate_allows("message"):
+            problem = R.MESSAGE_RATE
         if problem is not None:
             self._reject(problem, "MAIL", sender.address if sender else "")
             return
@@ -595,6 +610,14 @@ class SMTPConnection(SansIOConnection):
         )
         self._move("mail")
         self._send(R.SENDER_OK)
+
+    def _rate_allows(self, what: str) -> bool:
+        """One more message or recipient within the client's rate (`rates`);
+        a logged-in client is not held to it."""
+        rates = self.rates
+        if rates is None or self.auth_user is not None:
+            return True
+        return rates.message() if what == "message" else rates.recipient()
 
     def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
         """A policy refusal: logged by the shell (access log) and counted as an error."""
@@ -679,6 +702,9 @@ class SMTPConnection(SansIOConnection):
         if len(envelope.recipients) >= self.limits.max_recipients:
             # §4.5.3.1.10: a temporary reply; the client sends the rest later.
             self._send(R.TOO_MANY_RECIPIENTS)
+            return
+        if not self._rate_allows("recipient"):
+            self._reject(R.RECIPIENT_RATE, "RCPT", mailbox.address)
             return
         resolved = self.policy.resolve(mailbox, self.may_relay)
         if isinstance(resolved, R.Reply):

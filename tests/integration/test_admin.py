@@ -401,12 +401,16 @@ def test_patch_runtime_safe_keys_still_change(make_server):
         "auth_checks": {"max_signatures": 2},
         "tls": {"handshake_timeout": 5},
         "filter_concurrency": 4,
+        "client_limits": {"max_connections": 7},
+        "stress": {"command_timeout": 5},
     }
     result = api.ok("PATCH", "/api/v1/config", patch)
     assert result["changed"] == [
         "auth.max_failures",
         "auth_checks.max_signatures",
+        "client_limits.max_connections",
         "filter_concurrency",
+        "stress.command_timeout",
         "tls.handshake_timeout",
         "unknown_recipients",
         "vrfy",

@@ -21,6 +21,7 @@ from geosmtp.smtp import (
     NEED_DATA,
     PAUSED,
     AuthRequest,
+    ClientRates,
     CloseConnection,
     ConnectionClosed,
     Extensions,
@@ -72,13 +73,14 @@ def make_conn(
     accept_unknown: bool = True,
     vrfy: bool = False,
     domains: Sequence[str] = (DOMAIN, "other.example.test"),
+    rates: ClientRates | None = None,
 ) -> SMTPConnection:
     policy = RecipientPolicy(
         local_domains=frozenset(domains),
         users=frozenset(users),
         accept_unknown=accept_unknown,
     )
-    return SMTPConnection(HOST, policy, limits, extensions, security, vrfy=vrfy)
+    return SMTPConnection(HOST, policy, limits, extensions, security, vrfy=vrfy, rates=rates)
 
 
 @dataclass

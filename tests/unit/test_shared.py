@@ -155,7 +155,7 @@ def wait_until_blocked_on_a_lock(pid: int) -> None:
 
 @pytest.fixture
 def state():
-    state = SharedState(slots=4, max_tracked=64)
+    state = SharedState(slots=4, max_tracked=64, clients_tracked=64)
     yield state
     state.close()
 
@@ -301,6 +301,12 @@ class Tally:
         self.value -= 1
 
 
+#: An app's per-client limits that count nobody (these tests are about the cap).
+NO_CLIENT_LIMITS = SimpleNamespace(
+    connect=lambda peer, smtp: (0, None), disconnect=lambda key: None
+)
+
+
 def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
     def hold_two() -> None:
         state.bind(1)
@@ -308,13 +314,15 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
 
     Child(hold_two).result()
     state.bind(0)
-    app = SimpleNamespace(config=SimpleNamespace(max_clients=3))
+    app = SimpleNamespace(config=SimpleNamespace(max_clients=3), anvil=NO_CLIENT_LIMITS)
     listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
     lm = SimpleNamespace(refused=Tally(), connections=Tally(), current=Tally())
     seen = {}
 
     class FakeSession:
-        def __init__(self, app, sock, address, listener, lm) -> None:
+        PROTOCOL = "smtp"
+
+        def __init__(self, app, sock, address, listener, lm, client_key) -> None:
             self.id, self.peer = f"s{address[1]}", address[0]
 
         @staticmethod
@@ -339,10 +347,12 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
 
 def test_a_session_that_fails_to_start_gives_its_place_back(state):
     state.bind(0)
-    app = SimpleNamespace(config=SimpleNamespace(max_clients=3))
+    app = SimpleNamespace(config=SimpleNamespace(max_clients=3), anvil=NO_CLIENT_LIMITS)
     listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
 
     class Broken:
+        PROTOCOL = "smtp"
+
         def __init__(self, *args) -> None:
             raise RuntimeError("broken")
 
@@ -556,3 +566,147 @@ def test_the_table_needs_a_place_for_one_record():
     with pytest.raises(ValueError):
         SharedState(slots=1, max_tracked=0)
     assert SharedThrottleRecords.size(100_000) < 8 << 20
+
+
+# ------------------------------------------------------- per-client limits
+
+ERR_WINDOW = 600.0
+
+
+def connect(table, h: int, now: float = 0.0, **limits) -> tuple:
+    settings = {"max_connections": 0, "connection_rate": 0, "max_errors": 0, **limits}
+    return table.connect(
+        h,
+        now,
+        settings["max_connections"],
+        settings["connection_rate"],
+        settings["max_errors"],
+        ERR_WINDOW,
+    )
+
+
+def test_open_connections_per_client_are_exact_across_four_workers(state):
+    table = state.clients
+    start = Barrier()
+
+    def grab() -> int:
+        start.wait()
+        return sum(connect(table, 7, max_connections=5) == (None, False) for _ in range(10))
+
+    children = [Child(grab) for _ in range(4)]
+    start.release()
+    assert sum(c.result() for c in children) == 5  # type: ignore[misc]
+    assert table.get(7).connections == 5
+    assert connect(table, 7, max_connections=5) == (shared.CONNECTIONS, False)  # logged once
+    table.disconnect(7)
+    assert connect(table, 7, max_connections=5) == (None, False)  # the place given back
+    assert connect(table, 8, max_connections=5) == (None, False)  # another client's own
+
+
+def test_a_refusal_is_news_once_per_window():
+    table = shared.SharedClientTable.private(16)
+    assert [connect(table, 1, 1.0, connection_rate=2)[0] for _ in range(2)] == [None, None]
+    assert connect(table, 1, 2.0, connection_rate=2) == (shared.CONNECTION_RATE, True)
+    assert connect(table, 1, 3.0, connection_rate=2) == (shared.CONNECTION_RATE, False)
+    assert table.count(1, shared.MESSAGE_RATE, 3.0, 1) == (True, False)
+    assert table.count(1, shared.MESSAGE_RATE, 3.0, 1) == (False, True)
+    assert table.count(1, shared.MESSAGE_RATE, 3.0, 1) == (False, False)
+    assert table.count(1, shared.RECIPIENT_RATE, 3.0, 1) == (True, False)  # counted apart
+    # The minute is over: the counts start again, and a refusal is news again.
+    later = 1.0 + shared.RATE_WINDOW
+    assert [connect(table, 1, later, connection_rate=2)[0] for _ in range(3)] == [
+        None,
+        None,
+        shared.CONNECTION_RATE,
+    ]
+    assert connect(table, 1, later, connection_rate=2)[1] is False
+    assert table.count(1, shared.MESSAGE_RATE, later, 1) == (True, False)
+    assert table.count(1, shared.MESSAGE_RATE, later, 1) == (False, True)
+
+
+def test_the_error_budget_lasts_its_window():
+    table = shared.SharedClientTable.private(16)
+    assert table.add_errors(3, 4, 10.0, 5, ERR_WINDOW) == (False, False)
+    assert connect(table, 3, 11.0, max_errors=5) == (None, False)
+    assert table.add_errors(3, 1, 12.0, 5, ERR_WINDOW) == (True, True)
+    assert table.add_errors(3, 1, 13.0, 5, ERR_WINDOW) == (True, False)
+    assert connect(table, 3, 14.0, max_errors=5) == (shared.ERRORS, False)
+    # The minute's window rolls over; the error window does not.
+    assert connect(table, 3, 10.0 + shared.RATE_WINDOW, max_errors=5)[0] == shared.ERRORS
+    assert connect(table, 3, 10.0 + ERR_WINDOW, max_errors=5) == (None, False)
+    assert table.get(3).errors == 0
+
+
+def test_a_client_with_open_connections_is_never_evicted():
+    table = shared.SharedClientTable.private(4)
+    assert connect(table, 1, max_connections=1) == (None, False)
+    assert table.add_errors(2, 3, 0.0, 100, ERR_WINDOW) == (False, False)
+    for h in range(100, 200):  # a spray of strangers, each connecting and leaving
+        assert connect(table, h, max_connections=1) == (None, False)
+        table.disconnect(h)
+    assert len(table) == 4
+    assert connect(table, 1, max_connections=1) == (shared.CONNECTIONS, True)  # still held
+    assert table.get(2) is None  # the least recently seen, with nothing open: forgotten
+    table.disconnect(1)
+    assert connect(table, 1, max_connections=1) == (None, False)
+
+
+def test_a_full_table_of_open_connections_admits_a_new_client_uncounted():
+    table = shared.SharedClientTable.private(2)
+    assert connect(table, 1, max_connections=1)[0] is None
+    assert connect(table, 2, max_connections=1)[0] is None
+    assert connect(table, 3, max_connections=1) == (None, False)  # no room: not counted
+    assert table.get(3) is None
+    table.disconnect(3)  # harmless
+    assert table.get(1).connections == table.get(2).connections == 1
+
+
+def test_a_recently_seen_client_outlasts_older_ones():
+    table = shared.SharedClientTable.private(3)
+    for h in (1, 2, 3):
+        table.add_errors(h, 1, 0.0, 100, ERR_WINDOW)
+    table.count(1, shared.MESSAGE_RATE, 0.0, 100)  # 1 is seen again: 2 is the oldest now
+    table.add_errors(4, 1, 0.0, 100, ERR_WINDOW)
+    assert [table.get(h) is not None for h in (1, 2, 3, 4)] == [True, False, True, True]
+
+
+def test_forget_open_after_a_worker_died_with_connections(state):
+    table = state.clients
+
+    def hold_and_die() -> None:
+        for _ in range(3):
+            assert connect(table, 9, max_connections=3)[0] is None
+        os._exit(0)  # as if killed: never disconnects
+
+    Child(hold_and_die).wait()
+    assert connect(table, 9, max_connections=3)[0] == shared.CONNECTIONS
+    table.forget_open()
+    assert table.get(9).connections == 0
+    assert connect(table, 9, max_connections=3)[0] is None
+    table.disconnect(9)
+    for h in range(1000, 1064):  # it is back on the list: evictable like any other
+        table.add_errors(h, 1, 0.0, 100, ERR_WINDOW)
+    assert table.get(9) is None
+
+
+def test_a_worker_killed_inside_the_client_table_leaves_it_usable(state):
+    table = state.clients
+    assert connect(table, 5, max_connections=1)[0] is None
+    inside = Signal()
+
+    def die_inside() -> None:
+        with table.locked():
+            inside.send()
+            signal.pause()
+
+    child = Child(die_inside)
+    inside.wait()
+    child.kill()
+    assert connect(table, 5, max_connections=1) == (None, False)  # started afresh
+    table.disconnect(5)
+    table.disconnect(5)  # more ends than counted starts: never below 0
+    assert table.get(5).connections == 0
+
+
+def test_the_client_table_is_bounded():
+    assert shared.SharedClientTable.size(100_000) < 8 << 20

@@ -8,6 +8,7 @@ how the bytes were cut up.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email
 import email.policy
@@ -29,6 +30,8 @@ from geosmtp.smtp import (
     MessageEnd,
     MessageStart,
     ProtocolError,
+    Security,
+    SMTPConnection,
     State,
     TransactionRejected,
 )
@@ -1310,3 +1313,72 @@ def test_dot_after_a_bare_lf_is_neither_an_end_nor_unstuffed(mode):
     (message,) = res.messages
     # Only a line after CRLF can end the data or lose its transparency dot.
     assert message == b"a\n.\n.b\n.c\n"
+
+
+# ----------------------------------------------------- per-client rates
+
+
+class Allowance:
+    """`ClientRates` with `n` messages and `n` recipients to give."""
+
+    def __init__(self, n: int) -> None:
+        self.left = {"message": n, "recipient": n}
+        self.asked = 0
+
+    def _take(self, what: str) -> bool:
+        self.asked += 1
+        if self.left[what] <= 0:
+            return False
+        self.left[what] -= 1
+        return True
+
+    def message(self) -> bool:
+        return self._take("message")
+
+    def recipient(self) -> bool:
+        return self._take("recipient")
+
+
+def rated(n: int, security: Security | None = None) -> tuple[SMTPConnection, Allowance]:
+    rates = Allowance(n)
+    return make_conn(security=security, rates=rates), rates
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_message_over_the_clients_rate_gets_450_and_the_session_goes_on(mode):
+    conn, rates = rated(1)
+    steps = [EHLO, MAIL, RCPT, DATA, b"Subject: x\r\n\r\nbody\r\n.\r\n", MAIL, b"NOOP\r\n"]
+    r = run(steps, mode, conn)
+    assert r.codes == [250, 250, 250, 354, 250, 450, 250]
+    assert r.lines[-2].startswith(b"450 4.7.1 ") and b"messages" in r.lines[-2]
+    (rejected,) = r.of(TransactionRejected)
+    assert rejected.stage == "MAIL" and rejected.reply.code == 450
+    assert conn.state is State.GREETED and conn.errors == 1
+    assert rates.asked == 3  # MAIL, RCPT, MAIL
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_recipient_over_the_clients_rate_gets_450(mode):
+    conn, rates = rated(2)
+    rcpt_bob = b"RCPT TO:<bob@" + DOMAIN.encode() + b">\r\n"
+    r = run([EHLO, MAIL, RCPT, RCPT, rcpt_bob, DATA, b"x\r\n.\r\n"], mode, conn)
+    assert r.codes == [250, 250, 250, 250, 450, 354, 250]
+    (rejected,) = r.of(TransactionRejected)
+    assert rejected.stage == "RCPT" and rejected.address == f"bob@{DOMAIN}"
+    (end,) = r.of(MessageEnd)
+    assert len(end.envelope.recipients) == 2
+    assert rates.asked == 4  # MAIL and three RCPT
+
+
+def test_a_bad_command_is_not_counted_against_the_rates():
+    conn, rates = rated(5)
+    run([EHLO, b"MAIL FROM:<bad\r\n", MAIL, b"RCPT TO:<\r\n"], "whole", conn)
+    assert rates.asked == 1  # the one good MAIL
+
+
+def test_a_logged_in_client_is_not_held_to_the_rates():
+    conn, rates = rated(0, Security(auth_available=True, auth_plaintext=True))
+    login = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret") + b"\r\n"
+    r = run([EHLO, login, MAIL, RCPT], "whole", conn)
+    assert r.codes[-3:] == [235, 250, 250]
+    assert rates.asked == 0
