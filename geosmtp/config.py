@@ -359,8 +359,11 @@ class Config:
     listen_backlog: int = _ranged(1024, min=1, max=65535)
     unknown_recipients: Literal["accept", "reject"] = "accept"
     users: dict[str, User] = field(default_factory=dict)
-    #: Client networks that may relay without AUTH: loopback and private ranges only.
+    #: Client networks that may relay without AUTH: ranges inside loopback, RFC 1918
+    #: and RFC 4193, and single hosts (`_check_trusted_networks`).
     trusted_networks: list[str] = field(default_factory=list)
+    #: Also trust ranges outside those (public, CGNAT, link-local...).
+    trusted_networks_allow_public: bool = False
     postmaster: str = "postmaster"
     fsync: bool = True
     vrfy: bool = False
@@ -538,6 +541,46 @@ def _build(cls: type, data: Any, path: str, base: Path) -> Any:
     return cls(**kwargs)
 
 
+#: The ranges `trusted_networks` holds without `trusted_networks_allow_public`:
+#: loopback, RFC 1918 and RFC 4193 (unique local), which no one on the
+#: internet can send from. Not `is_private`: it holds public space (2001::/23,
+#: documentation and benchmark ranges), and link-local and CGNAT are left out
+#: (any host on the link takes a link-local address; CGNAT is the provider's).
+_TRUSTABLE = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7")
+)
+
+
+def _check_trusted_networks(config: Config) -> None:
+    """Each entry a network that can only mean the operator's own hosts: inside
+    `_TRUSTABLE`, or a single host (a /32 or /128: an explicit choice). Wider
+    ranges only with `trusted_networks_allow_public`; wider than a /8 never."""
+    for i, text in enumerate(config.trusted_networks):
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_networks[{i}]: not a network: {_describe(text)}") from None
+        if net.prefixlen == net.max_prefixlen or any(
+            net.version == known.version and net.subnet_of(known)  # type: ignore[arg-type]
+            for known in _TRUSTABLE
+        ):
+            continue
+        if not config.trusted_networks_allow_public:
+            raise ConfigError(
+                f"trusted_networks[{i}]: {_describe(text)} is not a loopback or private network "
+                "(inside 127.0.0.0/8, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, ::1 or "
+                "fc00::/7) nor a single host; trusting it would make an open relay "
+                "(set trusted_networks_allow_public: true if every address in it is yours)"
+            )
+        if net.prefixlen < 8:
+            # Whatever else is set: this is most of the internet.
+            raise ConfigError(
+                f"trusted_networks[{i}]: {_describe(text)} is wider than a /8; "
+                "trusting it would make an open relay"
+            )
+
+
 def _check(config: Config) -> None:
     """Checks that span keys or need more than a type: the whole config, as it would run."""
     if not _HOSTNAME_RE.fullmatch(config.hostname):
@@ -559,17 +602,7 @@ def _check(config: Config) -> None:
             ) from None
     if not config.listeners:
         raise ConfigError("listeners: at least one listener is needed")
-    for i, text in enumerate(config.trusted_networks):
-        try:
-            net = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise ConfigError(f"trusted_networks[{i}]: not a network: {_describe(text)}") from None
-        # Trusting a public range would make an open relay, whatever else is set.
-        if not (net.is_loopback or net.is_private or net.is_link_local) or net.prefixlen < 8:
-            raise ConfigError(
-                f"trusted_networks[{i}]: {_describe(text)} is not a loopback or private network; "
-                "trusting it would make an open relay"
-            )
+    _check_trusted_networks(config)
     admin = config.admin
     try:
         ipaddress.ip_address(admin.address)

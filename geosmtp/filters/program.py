@@ -10,13 +10,21 @@ than it may, the whole group is killed; when the run ends, any process the
 program left in its group is killed too. The program itself is always
 reaped, and every pipe closed, whatever happens (the caller's greenlet
 killed included).
+
+The run ends when the program itself exits, not at the end of its stdout: a
+process it started in the background (`sh -c 'helper & cat'`) holds the
+pipes open, and waiting for their EOF would keep the run, and its slot,
+until the timeout. Everything the program wrote before it exited is in the
+pipes by then (a write to a pipe returns once the kernel has it), so the
+pipes are read on, without waiting, until they are empty (EAGAIN) or at
+their end; what a process left behind writes later is not taken.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -106,11 +114,25 @@ def run_program(
     feeder = gevent.spawn(_feed, source, proc.stdin)
     reader = gevent.spawn(_read_output, proc, output, max_output, run)
     drainer = gevent.spawn(_read_stderr, proc.stderr, run)
+    exited = gevent.spawn(proc.wait)
     try:
         with gevent.Timeout(timeout, _Expired):
-            reader.get()  # StorageError from the output goes on
-            drainer.get()
-            run.status = proc.wait()
+            # The program's exit, or first the end of the reading (EOF, the
+            # output limit, or a StorageError from the output, which goes on).
+            gevent.wait([exited, reader], count=1)
+            if reader.ready():
+                reader.get()
+            run.status = exited.get()
+        # Ended: the rest of its output is in the pipes. Take it without waiting
+        # for an EOF that a process it left holding them would put off. Neither
+        # reader yields between a read and keeping what it read: stopped, it
+        # has lost nothing.
+        gevent.killall([reader, drainer])
+        if run.failure is None:
+            _drain(
+                proc.stdout.fileno(), lambda data: _take_output(proc, output, max_output, run, data)
+            )
+        _drain(proc.stderr.fileno(), lambda data: _keep_stderr(run, data))
     except _Expired:
         run.failure = "timeout"
         run.error = f"no result after {timeout:g} s: killed"
@@ -119,7 +141,7 @@ def run_program(
         # While a process of the group lives, no other group can take its id;
         # once none does, the kill finds nothing.
         spawn.kill_group(proc.pid)
-        gevent.killall([feeder, reader, drainer])
+        gevent.killall([feeder, reader, drainer, exited])
         _reap(proc)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             _close(pipe)
@@ -152,31 +174,50 @@ def _feed(source: BinaryIO, stdin: Any) -> OSError | None:
 
 
 def _read_output(proc: Any, output: SpoolFile, max_output: int, run: ProgramRun) -> None:
-    stdout = proc.stdout
-    while True:
-        data = stdout.read(CHUNK)
-        if not data:
-            return
-        run.output += len(data)
-        if run.output > max_output:
-            run.failure = "output_limit"
-            run.error = f"wrote more than max_output ({max_output} octets): killed"
-            spawn.kill_group(proc.pid)
-            return
-        output.write(data)
+    while (data := proc.stdout.read(CHUNK)) and _take_output(proc, output, max_output, run, data):
+        pass
+
+
+def _take_output(
+    proc: Any, output: SpoolFile, max_output: int, run: ProgramRun, data: bytes
+) -> bool:
+    """Keep a piece of stdout; False when there was one octet too many (the
+    group is killed, nothing more is read)."""
+    run.output += len(data)
+    if run.output > max_output:
+        run.failure = "output_limit"
+        run.error = f"wrote more than max_output ({max_output} octets): killed"
+        spawn.kill_group(proc.pid)
+        return False
+    output.write(data)
+    return True
 
 
 def _read_stderr(stderr: Any, run: ProgramRun) -> None:
-    kept = []
-    size = 0
+    while data := stderr.read(CHUNK):
+        _keep_stderr(run, data)
+
+
+def _keep_stderr(run: ProgramRun, data: bytes) -> bool:
+    """The first STDERR_KEPT octets go into the run; False once it has them."""
+    room = STDERR_KEPT - len(run.stderr)
+    if room > 0:
+        run.stderr += data[:room]
+    return len(run.stderr) < STDERR_KEPT
+
+
+def _drain(fd: int, take: Callable[[bytes], bool]) -> None:
+    """Read what is in the pipe `fd` now, without waiting: until it is empty,
+    at its end, or `take` wants no more (which bounds it: a process writing
+    on stdout is stopped by max_output, stderr by STDERR_KEPT)."""
+    os.set_blocking(fd, False)
     while True:
-        data = stderr.read(CHUNK)
-        if not data:
-            break
-        if size < STDERR_KEPT:
-            kept.append(data[: STDERR_KEPT - size])
-            size += len(kept[-1])
-    run.stderr = b"".join(kept)
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        if not data or not take(data):
+            return
 
 
 def _reap(proc: _Child) -> None:

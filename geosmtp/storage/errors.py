@@ -1,5 +1,6 @@
-"""The one error type of the storage layer (spool, Maildir, the queue), and the
-one case a caller must tell apart: a maildrop another session holds."""
+"""The one error type of the storage layer (spool, Maildir, the queue), the
+one case a caller must tell apart (a maildrop another session holds), and
+the refusal of a symbolic link in a Maildir."""
 
 from __future__ import annotations
 
@@ -37,3 +38,13 @@ class MaildropBusy(StorageError):
 
     def __init__(self, filename: str) -> None:
         super().__init__(errno.EWOULDBLOCK, "the maildrop is in use", filename)
+
+
+class SymlinkRefused(StorageError):
+    """A Maildir, one of its folders or a message is a symbolic link: never
+    followed (it could lead delivery, RETR or DELE out of `mail_dir`). A
+    temporary failure like any other storage error: SMTP answers `451`, a
+    POP3 login `-ERR [SYS/TEMP]`, until an operator puts it right."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(errno.ELOOP, "a symbolic link, not followed", filename)

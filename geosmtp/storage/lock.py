@@ -44,11 +44,14 @@ class MaildropLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> MaildropLock:
+    def acquire(self, dir_fd: int | None = None) -> MaildropLock:
+        """Take the lock; `dir_fd`: the descriptor of the folder that holds the
+        file, opened by its name there (the Maildir as checked, `Maildir.lock`)."""
         if self._fd is not None:
             return self
+        name = self.path if dir_fd is None else os.path.basename(self.path)
         try:
-            fd = os.open(self.path, _LOCK_FLAGS, PRIVATE_FILE_MODE)
+            fd = os.open(name, _LOCK_FLAGS, PRIVATE_FILE_MODE, dir_fd=dir_fd)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         try:

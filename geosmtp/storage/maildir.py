@@ -27,6 +27,15 @@ Errors are `StorageError`, never a bare `OSError`, so the shell can tell a
 full disk from a lost client. Mailbox names are checked here again
 (`safe_mailbox_name(box) == box`): no name from the network reaches the
 filesystem unchecked, whoever calls.
+
+Nothing inside `mail_dir` is reached through a symbolic link. The group
+that reads the mail may rename in a Maildir (`modes`), so a `cur` or a
+message replaced by a link would otherwise lead delivery, RETR and DELE out
+of `mail_dir`. The Maildir is opened by path with `O_NOFOLLOW` (`mail_dir`
+itself, the operator's, may be reached through links), its folders with
+`O_NOFOLLOW` relative to its descriptor, and messages relative to their
+folder's: every file call then works on the folder that was checked. A link
+is refused with a WARNING (`SymlinkRefused`, a temporary failure).
 """
 
 from __future__ import annotations
@@ -36,14 +45,17 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from loguru import logger
+
 from ..mail import safe_mailbox_name
-from .errors import MaildropBusy, StorageError
+from .errors import MaildropBusy, StorageError, SymlinkRefused
 from .lock import LOCK_NAME, MaildropLock
 from .modes import MAIL_ROOT_MODE, MAILDIR_DIR_MODE, MESSAGE_MODE, make_folder
 from .spool import SpoolFile, UniqueNames, lone_lfs
@@ -57,6 +69,7 @@ __all__ = [  # the lock's names too: a POP3 session finds all it needs here
     "MaildropBusy",
     "MaildropLock",
     "StoredMessage",
+    "SymlinkRefused",
     "make_maildir",
     "uid_for",
 ]
@@ -71,13 +84,88 @@ def _direct(fn: Callable[..., Any], *args: Any) -> Any:
 _CANNOT_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
 
 
+#: A Maildir or one of its folders: a folder, and not through a link at the last step.
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A message to read; O_NONBLOCK: a FIFO put in its place cannot hang the reader.
+_MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: A copy made in tmp/: a new file, never an existing one or a link.
+_COPY_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_nofollow(maildir: str, rel: str, flags: int, dir_fd: int | None = None) -> int:
+    """Open `maildir/rel` (the Maildir itself when `rel` is empty) without
+    following a symbolic link at its last step: the Maildir by path, anything
+    in it by its name relative to `dir_fd`, the folder that holds it.
+
+    A link there is refused with a WARNING naming the mailbox and the path
+    (`SymlinkRefused`); other errors are the `OSError`."""
+    path = f"{maildir}/{rel}" if rel else maildir
+    name = path if dir_fd is None else rel.rpartition("/")[2]
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        # O_NOFOLLOW gives ELOOP, or ENOTDIR with O_DIRECTORY (Linux).
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(name, dir_fd):
+            raise
+    logger.warning(
+        "mailbox {}: {} is a symbolic link: not followed", os.path.basename(maildir), path
+    )
+    raise SymlinkRefused(path)
+
+
+def _is_link(name: str, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _open_folder(maildir: str, sub: str) -> int:
+    """A descriptor of `maildir/sub` (`tmp`, `new` or `cur`), no step of the two
+    through a link. FileNotFoundError when either is missing."""
+    box = _open_nofollow(maildir, "", _FOLDER_FLAGS)
+    try:
+        return _open_nofollow(maildir, sub, _FOLDER_FLAGS, box)
+    finally:
+        os.close(box)
+
+
+def _open_message(maildir: str, relpath: str) -> int:
+    """A descriptor of the message `maildir/relpath` (`new/<name>` or
+    `cur/<name>`), to read: never through a link, and a regular file."""
+    folder = _open_folder(maildir, relpath.partition("/")[0])
+    try:
+        fd = _open_nofollow(maildir, relpath, _MESSAGE_FLAGS, folder)
+    finally:
+        os.close(folder)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StorageError(errno.EINVAL, "not a regular file", f"{maildir}/{relpath}")
+    return fd
+
+
 def make_maildir(maildir: str) -> bool:
     """Create `maildir` and its `tmp/`, `new/`, `cur/` (0770: a Maildir reader in
     the group moves and deletes messages; `modes`) where missing; whether the
-    Maildir itself was new (its parent then wants an fsync)."""
+    Maildir itself was new (its parent then wants an fsync). `SymlinkRefused`
+    when the Maildir or one of its folders is a symbolic link."""
     created = make_folder(maildir, MAILDIR_DIR_MODE)
-    for sub in ("tmp", "new", "cur"):
-        make_folder(f"{maildir}/{sub}", MAILDIR_DIR_MODE)
+    box = _open_nofollow(maildir, "", _FOLDER_FLAGS)
+    try:
+        for sub in ("tmp", "new", "cur"):
+            try:
+                os.mkdir(sub, MAILDIR_DIR_MODE, dir_fd=box)
+                made = True
+            except FileExistsError:
+                made = False
+            fd = _open_nofollow(maildir, sub, _FOLDER_FLAGS, box)
+            try:
+                if made:
+                    os.fchmod(fd, MAILDIR_DIR_MODE)  # mkdir's mode went through the umask
+            finally:
+                os.close(fd)
+    finally:
+        os.close(box)
     return created
 
 
@@ -184,41 +272,63 @@ class MaildirStore:
         spool.fsync()
         self._place_all(spool, maildirs, made)
         for maildir in maildirs:
-            _fsync_path(maildir + "/new")
+            # Opened again, not kept: a message to many mailboxes holds no
+            # descriptor a mailbox.
+            new = _open_folder(maildir, "new")
+            try:
+                os.fsync(new)
+            finally:
+                os.close(new)
 
     def _place_all(self, spool: SpoolFile, maildirs: list[str], made: list[str]) -> None:
         name = stored_name(spool)  # after the flush: the sizes are final
         for maildir in maildirs:
-            target = f"{maildir}/new/{name}"
             try:
-                self._place(spool, target, maildir)
+                new = _open_folder(maildir, "new")
             except FileNotFoundError:
-                if not os.path.exists(spool.path):
-                    raise
                 # The Maildir was removed while the server ran: make it again.
                 self.make_maildir(maildir)
-                self._place(spool, target, maildir)
-            made.append(target)
+                new = _open_folder(maildir, "new")
+            try:
+                self._place(spool, name, maildir, new)
+            finally:
+                os.close(new)
+            made.append(f"{maildir}/new/{name}")
 
-    def _place(self, spool: SpoolFile, target: str, maildir: str) -> None:
+    def _place(self, spool: SpoolFile, name: str, maildir: str, new: int) -> None:
+        """Link (or copy) the spool file as `name` into the folder `new`."""
         if self.link:
             try:
-                os.link(spool.path, target)
+                os.link(spool.path, name, dst_dir_fd=new)
                 return
             except OSError as exc:
                 if exc.errno not in _CANNOT_LINK:
                     raise
         # A hard link is impossible here: copy through this Maildir's tmp/.
-        tmp = f"{maildir}/tmp/{self.names()}"
-        shutil.copyfile(spool.path, tmp)
+        tmp_dir = _open_folder(maildir, "tmp")
         try:
-            os.chmod(tmp, MESSAGE_MODE)
+            self._copy(spool, name, tmp_dir, new)
+        finally:
+            os.close(tmp_dir)
+
+    def _copy(self, spool: SpoolFile, name: str, tmp_dir: int, new: int) -> None:
+        tmp = self.names()
+        fd = os.open(tmp, _COPY_FLAGS, MESSAGE_MODE, dir_fd=tmp_dir)
+        try:
+            with open(spool.path, "rb") as src, open(fd, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst)
+            os.fchmod(fd, MESSAGE_MODE)  # open's mode went through the umask
             if self.fsync:
-                _fsync_path(tmp, False)
-            os.rename(tmp, target)
+                os.fsync(fd)
+            os.rename(tmp, name, src_dir_fd=tmp_dir, dst_dir_fd=new)
         except OSError:
-            _unlink_quietly(tmp)
+            try:
+                os.unlink(tmp, dir_fd=tmp_dir)
+            except FileNotFoundError:
+                pass
             raise
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------- read
 
@@ -328,6 +438,8 @@ class Maildir:
     `cur/` names carry `:2,<flags>`; the part before the colon is the key.
     Every method does blocking file work in the calling thread: the caller
     offloads what may be slow (`virtual_size` of foreign mail reads the file).
+    Each opens the Maildir and the folder it works in afresh, never through
+    a symbolic link (`SymlinkRefused`), and acts on names in that folder.
     """
 
     def __init__(self, path: Path) -> None:
@@ -340,49 +452,62 @@ class Maildir:
         in a `with`: `with maildir.lock(): ...`."""
         try:
             make_maildir(self._path)
+            box = _open_nofollow(self._path, "", _FOLDER_FLAGS)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
-        return MaildropLock(f"{self._path}/{LOCK_NAME}").acquire()
+        try:
+            return MaildropLock(f"{self._path}/{LOCK_NAME}").acquire(dir_fd=box)
+        finally:
+            os.close(box)
 
     def list(self) -> list[StoredMessage]:
         """Every message in `new/` and `cur/`, oldest delivery first.
 
-        Dotfiles and anything not a regular file are skipped (and `tmp/` and the
-        lock file, outside both folders, never seen). A name with `,S=` is not
-        stat'ed; one without gets its vsize from `VIRTUAL_SIZES` when it was
-        read before.
+        Dotfiles and anything not a regular file (symbolic links too) are
+        skipped (and `tmp/` and the lock file, outside both folders, never
+        seen). A name with `,S=` is not stat'ed; one without gets its vsize
+        from `VIRTUAL_SIZES` when it was read before.
         """
-        out = []
+        out: list[StoredMessage] = []
         for subdir in ("new", "cur"):
             try:
-                entries = list(os.scandir(f"{self._path}/{subdir}"))
+                folder = _open_folder(self._path, subdir)
             except FileNotFoundError:
                 continue
-            for entry in entries:
-                name = entry.name
-                if name[0] == "." or not entry.is_file(follow_symlinks=False):
-                    continue
-                key, _, info = name.partition(":")
-                flags = "".join(sorted(info[2:])) if info.startswith("2,") else ""
-                size, vsize = _name_sizes(key)
-                if size is None:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:  # removed meanwhile
-                        continue
-                    size = st.st_size
-                    if vsize is None:
-                        vsize = VIRTUAL_SIZES.get((self._path, key, size, st.st_mtime_ns))
-                out.append(StoredMessage(key, subdir, name, size, flags, vsize))
+            try:
+                self._list_folder(folder, subdir, out)
+            finally:
+                os.close(folder)
         out.sort(key=lambda m: _delivery_order(m.key))
         return out
+
+    def _list_folder(self, folder: int, subdir: str, out: list[StoredMessage]) -> None:
+        with os.scandir(folder) as it:
+            entries = list(it)
+        for entry in entries:
+            name = entry.name
+            if name[0] == "." or not entry.is_file(follow_symlinks=False):
+                continue
+            key, _, info = name.partition(":")
+            flags = "".join(sorted(info[2:])) if info.startswith("2,") else ""
+            size, vsize = _name_sizes(key)
+            if size is None:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                size = st.st_size
+                if vsize is None:
+                    vsize = VIRTUAL_SIZES.get((self._path, key, size, st.st_mtime_ns))
+            out.append(StoredMessage(key, subdir, name, size, flags, vsize))
 
     def open(self, message: StoredMessage) -> BinaryIO:
         """The message's bytes (a file object, read in pieces: never whole in memory)."""
         try:
-            return open(f"{self._path}/{message.relpath}", "rb")  # the caller closes it
+            fd = _open_message(self._path, message.relpath)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
+        return open(fd, "rb")  # the caller closes it
 
     def virtual_size(self, message: StoredMessage) -> int:
         """The message's size with CRLF line ends, as POP3 counts it (RFC 1939 §11).
@@ -394,22 +519,19 @@ class Maildir:
         """
         if message.vsize is not None:
             return message.vsize
-        path = f"{self._path}/{message.relpath}"
         try:
-            st = os.stat(path)
-            cache_key = (self._path, message.key, st.st_size, st.st_mtime_ns)
-            vsize = VIRTUAL_SIZES.get(cache_key)
-            if vsize is not None:
-                return vsize
-            lone, after_cr = 0, False
-            with open(path, "rb") as f:
-                while chunk := f.read(_READ_CHUNK):
-                    lone += lone_lfs(chunk, after_cr)
-                    after_cr = chunk[-1] == 0x0D  # b"\r"
+            fd = _open_message(self._path, message.relpath)
+            try:
+                st = os.fstat(fd)
+                cache_key = (self._path, message.key, st.st_size, st.st_mtime_ns)
+                vsize = VIRTUAL_SIZES.get(cache_key)
+                if vsize is None:
+                    vsize = st.st_size + _count_lone_lfs(fd)
+                    VIRTUAL_SIZES.put(cache_key, vsize)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
-        vsize = st.st_size + lone
-        VIRTUAL_SIZES.put(cache_key, vsize)
         return vsize
 
     def set_flags(self, message: StoredMessage, flags: str) -> StoredMessage:
@@ -421,19 +543,43 @@ class Maildir:
         if message.subdir == "cur" and message.filename == filename:
             return message
         try:
-            os.rename(f"{self._path}/{message.relpath}", f"{self._path}/cur/{filename}")
+            source = _open_folder(self._path, message.subdir)
+            try:
+                cur = source if message.subdir == "cur" else _open_folder(self._path, "cur")
+                try:
+                    os.rename(message.filename, filename, src_dir_fd=source, dst_dir_fd=cur)
+                finally:
+                    if cur != source:
+                        os.close(cur)
+            finally:
+                os.close(source)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         return StoredMessage(message.key, "cur", filename, message.size, flags, message.vsize)
 
     def delete(self, message: StoredMessage) -> None:
-        """Remove the message; one already gone (another reader took it) is no error."""
+        """Remove the message; one already gone (another reader took it) is no error.
+        The name is removed from the folder checked: a link there goes, not
+        what it points to."""
         try:
-            os.unlink(f"{self._path}/{message.relpath}")
+            folder = _open_folder(self._path, message.subdir)
+            try:
+                os.unlink(message.filename, dir_fd=folder)
+            finally:
+                os.close(folder)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
+
+
+def _count_lone_lfs(fd: int) -> int:
+    """The LFs not after a CR in the file `fd`, read to its end in 1 MiB pieces."""
+    lone, after_cr = 0, False
+    while chunk := os.read(fd, _READ_CHUNK):
+        lone += lone_lfs(chunk, after_cr)
+        after_cr = chunk[-1] == 0x0D  # b"\r"
+    return lone
 
 
 _ORDER = re.compile(r"([0-9]+)\.(?:M([0-9]+)P)?")

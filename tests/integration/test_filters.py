@@ -11,6 +11,7 @@ import smtplib
 import stat
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -294,6 +295,24 @@ def test_a_timeout_kills_the_whole_process_group(make_server, tmp_path):
     wait_until(lambda: processes_with(f"sleep\0{marker}") == [], what="the sleeps to end")
     assert children(server) == []
     nothing_left(server)
+
+
+def test_a_process_left_holding_stdout_does_not_hold_the_message(make_server, tmp_path):
+    """`sh -c 'sleep & sed'`: the sleep keeps stdout open for a minute; the
+    message is filtered and delivered once sh exits, far within the stage's
+    60 s timeout, and the sleep is killed with the program's group."""
+    marker = f"{free_port()}.5"
+    command = ["/bin/sh", "-c", f"sleep {marker} & sed 's/^Subject: hello/Subject: seen/'"]
+    server = make_server({"filters": [stage("bg", command, timeout=60)]})
+    started = time.monotonic()
+    code, _ = send(server)
+    assert code == 250
+    assert time.monotonic() - started < 10
+    (path,) = server.messages("alice")
+    assert stored_body(path) == STORED.replace(b"Subject: hello", b"Subject: seen")
+    assert access_lines(server, 1)[0]["stages"] == "bg:replace"
+    wait_until(lambda: processes_with(f"sleep\0{marker}") == [], what="the sleep to end")
+    assert children(server) == []
 
 
 def test_too_much_output_kills_the_program(make_server):

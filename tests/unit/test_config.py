@@ -162,3 +162,60 @@ def test_users_file_is_merged(tmp_path):
 def test_private_trusted_networks_are_accepted(tmp_path):
     config = load_text(tmp_path, "trusted_networks: [127.0.0.0/8, '::1/128', 10.1.0.0/16]")
     assert len(config.trusted_networks) == 3
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        "2001::/23",  # IETF protocol assignments: public, though Python's is_private says yes
+        "100.64.0.0/10",  # CGNAT: the provider's customers
+        "169.254.0.0/16",  # link-local: any host on the link takes one itself
+        "fe80::/10",
+        "192.0.2.0/24",  # documentation: is_private, and no one's network here
+        "198.18.0.0/15",  # benchmarking
+        "fc00::/6",  # wider than RFC 4193
+        "10.0.0.0/7",  # wider than RFC 1918's 10/8
+        "8.8.8.0/24",
+    ],
+)
+def test_trusted_networks_refuse_ranges_beyond_loopback_and_private(tmp_path, network):
+    with pytest.raises(cfg.ConfigError) as info:
+        load_text(tmp_path, f"trusted_networks: ['{network}']")
+    message = str(info.value)
+    assert message.startswith(f"trusted_networks[0]: '{network}' is not a loopback or private")
+    assert "trusted_networks_allow_public: true" in message  # says how, if it is meant
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "172.31.7.0/24",
+        "192.168.0.0/16",
+        "127.0.0.0/8",
+        "::1",
+        "fc00::/7",
+        "fd12:3456::/32",
+        "192.0.2.7/32",  # an explicit host, of any address: the operator's choice
+        "2001:db8::25/128",
+        "203.0.113.9",  # a bare address is a host
+    ],
+)
+def test_trusted_networks_take_private_ranges_and_single_hosts(tmp_path, network):
+    config = load_text(tmp_path, f"trusted_networks: ['{network}']")
+    assert config.trusted_networks == [network]
+    assert config.trusted_networks_allow_public is False
+
+
+def test_a_public_range_is_trusted_only_with_the_flag(tmp_path):
+    text = "trusted_networks: [198.51.100.0/24, '2001:db8::/32']"
+    with pytest.raises(cfg.ConfigError, match="is not a loopback or private network"):
+        load_text(tmp_path, text)
+    config = load_text(tmp_path, text + "\ntrusted_networks_allow_public: true")
+    assert config.trusted_networks == ["198.51.100.0/24", "2001:db8::/32"]
+    # Even then, not most of the internet.
+    with pytest.raises(cfg.ConfigError, match=r"'0\.0\.0\.0/0' is wider than a /8"):
+        load_text(tmp_path, "trusted_networks: [0.0.0.0/0]\ntrusted_networks_allow_public: true")
+    with pytest.raises(cfg.ConfigError, match=r"trusted_networks_allow_public: expected"):
+        load_text(tmp_path, "trusted_networks_allow_public: maybe")

@@ -110,6 +110,55 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
+def test_a_process_left_holding_stdout_does_not_hold_the_run(spool):
+    """`sleep & cat`: the sleep keeps stdout and stderr open; the run ends when
+    the program does, not at the stage's timeout, and the sleep is killed."""
+    marker = f"{os.getpid()}.75"
+    data = b"Subject: x\n\n" + b"line\n" * 300_000  # 1.5 MB: most of it read while cat runs
+    started = time.monotonic()
+    result, output = run(
+        spool, ["sh", "-c", f"sleep {marker} & cat; echo done >&2"], data, timeout=60
+    )
+    assert time.monotonic() - started < 10
+    assert (result.status, result.failure, result.stderr) == (0, None, b"done\n")
+    assert output == data
+
+    def gone() -> bool:
+        return not any(
+            p.isdigit() and f"sleep\0{marker}".encode() in _cmdline(p) for p in os.listdir("/proc")
+        )
+
+    wait_until(gone, timeout=5, what="the sleep to be killed")
+
+
+def test_output_still_in_the_pipe_when_the_program_exits_is_all_taken(spool, tmp_path):
+    """The program makes its stdout pipe 1 MiB, fills it and exits at once
+    (a sleep holding the pipe, so no EOF comes): every octet is read after the
+    exit. Several runs: the exit and the last reads race."""
+    program = tmp_path / "burst.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            import fcntl, os, subprocess, sys
+            fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ
+            subprocess.Popen(["sleep", sys.argv[1]])  # holds stdout and stderr
+            data = bytes(range(256)) * 4096  # 1 MiB
+            view = memoryview(data)
+            while view:
+                view = view[os.write(1, view):]
+            os.write(2, b"bye\\n")
+            """
+        )
+    )
+    marker = f"{os.getpid()}.85"
+    for _ in range(5):
+        started = time.monotonic()
+        result, output = run(spool, [sys.executable, str(program), marker], b"", timeout=60)
+        assert time.monotonic() - started < 10
+        assert (result.status, result.failure, result.stderr) == (0, None, b"bye\n")
+        assert output == bytes(range(256)) * 4096
+
+
 def test_too_much_output_kills_it(spool):
     result, output = run(spool, ["yes"], b"", max_output=200_000)
     assert result.failure == "output_limit" and len(output) <= 200_000

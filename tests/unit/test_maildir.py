@@ -11,9 +11,11 @@ from pathlib import Path
 
 import gevent
 import pytest
+from loguru import logger
 
 from geosmtp.server.threads import in_thread
 from geosmtp.storage import MaildirStore, Spool, StorageError
+from geosmtp.storage.errors import SymlinkRefused
 from geosmtp.storage.spool import STALE_AFTER, UniqueNames
 
 NAMES = UniqueNames("host/with:chars")
@@ -154,11 +156,11 @@ def test_failed_delivery_leaves_nothing_in_new(store, spool, monkeypatch):
     calls = []
     real_link = os.link
 
-    def failing_link(src, dst):
+    def failing_link(src, dst, **kwargs):
         calls.append(dst)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_link(src, dst)
+        return real_link(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "link", failing_link)
     with pytest.raises(StorageError) as info:
@@ -176,7 +178,7 @@ def test_undo_takes_a_delivery_back(store, spool):
 
 
 def test_copy_when_hard_links_are_impossible(store, spool, monkeypatch):
-    def no_link(src, dst):
+    def no_link(src, dst, **kwargs):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", no_link)
@@ -287,8 +289,8 @@ def test_a_delivery_stopped_in_the_thread_leaves_all_or_nothing(tmp_path, monkey
     inside, release = threading.Event(), threading.Event()
     real_link, real_fsync = os.link, os.fsync
 
-    def slow_link(src, dst):
-        real_link(src, dst)  # the link exists before the delivery records it
+    def slow_link(src, dst, **kwargs):
+        real_link(src, dst, **kwargs)  # the link exists before the delivery records it
         if stop_at == "link":
             inside.set()
             release.wait(10)
@@ -342,3 +344,64 @@ def test_the_read_side_lists_opens_flags_and_deletes(store, spool):
 
 def test_a_mailbox_never_delivered_to_is_empty(store):
     assert store.maildir("nobody").list() == []
+
+
+# ------------------------------------------------------------- symbolic links
+
+
+@pytest.fixture
+def warnings_logged():  # type: ignore[no-untyped-def]
+    lines: list[str] = []
+    handler = logger.add(
+        lambda m: lines.append(m.rstrip("\n")), level="WARNING", format="{level} {message}"
+    )
+    yield lines
+    logger.remove(handler)
+
+
+def plant_link(store: MaildirStore, box: str, folder: str, outside: Path) -> Path:
+    """Make `folder` of `box` ("" the Maildir itself) a symbolic link to `outside`."""
+    outside.mkdir(exist_ok=True)
+    link = store.root / box / folder if folder else store.root / box
+    if link.is_dir():
+        link.rename(link.with_name(link.name + ".moved"))  # what a local user could do
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside, target_is_directory=True)
+    return link
+
+
+@pytest.mark.parametrize("link", [True, False], ids=["linked", "copied"])
+@pytest.mark.parametrize("folder", ["", "tmp", "new", "cur"])
+def test_delivery_never_goes_through_a_symlinked_maildir_folder(
+    store, spool, tmp_path, warnings_logged, folder, link
+):
+    store.link = link
+    outside = tmp_path / "outside"
+    (store.root / "alice" / "new").mkdir(parents=True)
+    planted = plant_link(store, "alice", folder, outside)
+    with pytest.raises(SymlinkRefused) as info:
+        store.deliver(spooled(spool, b"Subject: x\n\nbody\n"), ["bob", "alice"])
+    assert info.value.errno == errno.ELOOP and not info.value.no_space  # 451, not 452
+    assert list(outside.rglob("*")) == []  # nothing written outside mail_dir
+    assert not list(store.root.glob("*/new/*"))  # all or nothing: bob has no copy either
+    assert warnings_logged == [f"WARNING mailbox alice: {planted} is a symbolic link: not followed"]
+
+
+@pytest.mark.parametrize("link", [True, False], ids=["linked", "copied"])
+@pytest.mark.parametrize("folder", ["new", "tmp", ""])
+def test_a_link_planted_after_the_first_delivery_is_refused_too(
+    store, spool, tmp_path, folder, link
+):
+    """The Maildir is made and checked once, but opened without following links
+    at every delivery."""
+    store.link = link
+    store.deliver(spooled(spool, b"first\n"), ["alice"])
+    outside = tmp_path / "outside"
+    plant_link(store, "alice", folder, outside)
+    if folder == "tmp" and link:
+        # A hard link never touches tmp/: delivered, and nothing went outside.
+        store.deliver(spooled(spool, b"second\n"), ["alice"])
+    else:
+        with pytest.raises(SymlinkRefused):
+            store.deliver(spooled(spool, b"second\n"), ["alice"])
+    assert list(outside.rglob("*")) == []

@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from geosmtp.storage import (
     uid_for,
 )
 from geosmtp.storage import maildir as maildir_module
+from geosmtp.storage.errors import SymlinkRefused
 from geosmtp.storage.lock import LOCK_NAME
 from geosmtp.storage.spool import UniqueNames
 
@@ -371,3 +373,95 @@ def test_names_carry_the_first_label_of_the_host_and_fit_a_uidl():
     assert len(longest) == 70
     assert uid_for(StoredMessage(longest, "new", longest, 1, "")) == longest
     assert UniqueNames("localhost")().endswith(".localhost")
+
+
+# ------------------------------------------------------------- symbolic links
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder outside mail_dir with a file someone cares about."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "1700000000.M1P1.victim:2,S").write_bytes(b"not mail\n")
+    return folder
+
+
+def relink(box: Maildir, sub: str, outside: Path) -> None:
+    """Put a symbolic link to `outside` where the folder `sub` was (a group member can)."""
+    (box.path / sub).rename(box.path / f"{sub}.moved")
+    (box.path / sub).symlink_to(outside, target_is_directory=True)
+
+
+@pytest.mark.parametrize("sub", ["cur", "new"])
+def test_a_symlinked_folder_is_neither_locked_nor_listed(alice, deliver, outside, sub):
+    deliver(b"mine\n")
+    relink(alice, sub, outside)
+    with pytest.raises(SymlinkRefused):
+        alice.lock()  # POP3 answers the login -ERR [SYS/TEMP]
+    with pytest.raises(SymlinkRefused):
+        alice.list()
+    assert [p.name for p in outside.iterdir()] == ["1700000000.M1P1.victim:2,S"]
+
+
+def test_a_symlinked_maildir_is_not_locked(store, outside):
+    (store.root / "alice").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SymlinkRefused):
+        store.maildir("alice").lock()
+    assert [p.name for p in outside.iterdir()] == ["1700000000.M1P1.victim:2,S"]  # no lock file
+
+
+def test_retr_and_dele_of_a_listed_message_never_reach_through_a_new_link(alice, deliver, outside):
+    """Listed at login, then `cur` is swapped for a link: reading, flagging and
+    deleting by the listed name refuse, and the file outside stays."""
+    deliver(b"mine\n")
+    (m,) = alice.list()
+    seen = alice.set_flags(m, "S")
+    victim = StoredMessage("1700000000.M1P1.victim", "cur", "1700000000.M1P1.victim:2,S", 9, "S")
+    relink(alice, "cur", outside)
+    for listed in (seen, victim):
+        with pytest.raises(SymlinkRefused):
+            alice.open(listed)
+        with pytest.raises(SymlinkRefused):
+            alice.delete(listed)
+        with pytest.raises(SymlinkRefused):
+            alice.set_flags(listed, "ST")
+    with pytest.raises(SymlinkRefused):
+        alice.virtual_size(StoredMessage(victim.key, "cur", victim.filename, 9, "S"))
+    assert (outside / victim.filename).read_bytes() == b"not mail\n"
+
+
+def test_a_message_replaced_by_a_link_is_not_read_and_its_target_not_deleted(alice, outside):
+    put(alice, "new/1700000000.M2P1.mx", b"was mail\n")
+    (m,) = alice.list()
+    target = outside / "1700000000.M1P1.victim:2,S"
+    (alice.path / m.relpath).unlink()
+    (alice.path / m.relpath).symlink_to(target)  # after the listing
+    with pytest.raises(SymlinkRefused):
+        alice.open(m)
+    with pytest.raises(SymlinkRefused):
+        alice.virtual_size(m)
+    assert alice.list() == []  # a link is no message
+    alice.delete(m)  # the name goes, not what it pointed to
+    assert not os.path.lexists(alice.path / m.relpath)
+    assert target.read_bytes() == b"not mail\n"
+
+
+def test_a_fifo_in_place_of_a_message_does_not_hang_the_reader(alice):
+    put(alice, "new/1700000000.M2P1.mx", b"was mail\n")
+    (m,) = alice.list()
+    (alice.path / m.relpath).unlink()
+    os.mkfifo(alice.path / m.relpath)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            alice.open(m)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader, daemon=True)  # a hang fails, not blocks, the run
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "open() blocked on a FIFO"
+    assert len(errors) == 1 and isinstance(errors[0], StorageError)
