@@ -1070,11 +1070,18 @@ def merged(base: dict, patch: dict, path: str = "") -> dict:
 
 
 def changed_keys(old: Any, new: Any, path: str = "") -> list[str]:
-    """Dotted keys whose values differ between two `to_mapping` results."""
+    """Dotted keys whose values differ between two `to_mapping` results.
+
+    A key present on one side only has changed, whatever its value: a user
+    added as `eve: null` (no password) is an account added, not a no-op.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
         keys: list[str] = []
-        for k in sorted(set(old) | set(new)):
-            keys += changed_keys(old.get(k), new.get(k), f"{path}{k}.")
+        for k in sorted(set(old) | set(new), key=str):
+            if (k in old) != (k in new):
+                keys.append(f"{path}{k}")
+            else:
+                keys += changed_keys(old[k], new[k], f"{path}{k}.")
         return keys
     return [] if old == new else [path.rstrip(".")]
 

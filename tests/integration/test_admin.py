@@ -379,6 +379,11 @@ def test_patch_cannot_give_accounts_or_relay(shared):
     _refused(api, "/api/v1/config", {"users": mallory}, "users.mallory")
     alice = {"alice": {"password": password_hash("pw")}}
     _refused(api, "/api/v1/config", {"users": alice}, "users.alice.password")
+    # A user with no password is still an account (a mailbox under
+    # unknown_recipients: reject); null was once taken for "no change".
+    patch = {"unknown_recipients": "reject", "users": {"eve": None}}
+    _refused(api, "/api/v1/config", patch, "users.eve")
+    assert "eve" not in api.config()["users"]
     _refused(api, "/api/v1/config", {"trusted_networks": ["127.0.0.0/8"]}, "trusted_networks")
     _refused(api, "/api/v1/config", {"postmaster": "bob"}, "postmaster")
     _refused(api, "/api/v1/config", {"domains": ["test.example", "victim.example"]}, "domains")
