@@ -136,7 +136,10 @@ class LogWriter:
         self.prefix = prefix
 
     def write(self, text: str) -> None:
-        for line in text.splitlines():
+        # "\n" only: `splitlines` would also break at "\r", "\x85", "\u2028" and
+        # the like, which a client can put in a request line (gevent decodes
+        # it as latin-1) to forge a record; `clean` escapes those instead.
+        for line in text.split("\n"):
             if line.strip():
                 logger.log(self.level, "{}: {}", self.prefix, clean(line, 2000))
 

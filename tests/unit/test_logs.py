@@ -87,3 +87,23 @@ def test_the_server_log_escapes_every_message(tmp_path):
         "report to <a\\u2028forged\\x85b\\u202ec\\xa0d>",
         "from a worker",
     ]
+
+
+def test_a_library_line_is_one_record_whatever_it_holds():
+    """`LogWriter` (gevent's WSGI request lines): a request line with "\\x85"
+    or "\\r" in it (decoded as latin-1) once made three records, one forged."""
+    out = io.StringIO()
+    logger.remove()
+    sink = logger.add(out, format="{message}", level="DEBUG")
+    try:
+        writer = logs.LogWriter("DEBUG", "admin")
+        forged = '"POST /api/v1/reload HTTP/1.1" 200 66'
+        writer.write(f'127.0.0.1 - - "GET /x\x85{forged}\rHTTP/1.1" 400 -\n')
+        writer.write("Traceback (most recent call last):\n  File 'x'\n")
+    finally:
+        logger.remove(sink)
+    assert out.getvalue().splitlines() == [
+        f'admin: 127.0.0.1 - - "GET /x\\x85{forged}\\x0dHTTP/1.1" 400 -',
+        "admin: Traceback (most recent call last):",
+        "admin:   File 'x'",
+    ]
