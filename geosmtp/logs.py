@@ -167,6 +167,9 @@ def setup(log: Log, *, console: bool = True) -> None:
     logger.configure(patcher=escape_message)
     make_folder(log.dir, LOG_DIR_MODE)
     common = {
+        # A traceback names no variable's value: a password or a message
+        # could be one (loguru's default, diagnose=True, prints them).
+        "diagnose": False,
         "rotation": log.rotation,
         "retention": log.retention,
         "encoding": "utf-8",
@@ -179,4 +182,6 @@ def setup(log: Log, *, console: bool = True) -> None:
         log.dir / "access.log", level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **common
     )
     if console:
-        logger.add(sys.stderr, level=log.level, format=_SERVER_FORMAT, filter=_is_server)
+        logger.add(
+            sys.stderr, level=log.level, format=_SERVER_FORMAT, filter=_is_server, diagnose=False
+        )

@@ -68,8 +68,12 @@ def forward(fd: int, log: Log) -> None:
 
     logger.remove()
     logger.configure(patcher=escape_message)
-    logger.add(_writer(fd, SERVER), level=log.level, format=_SERVER_FORMAT, filter=_is_server)
-    logger.add(_writer(fd, ACCESS), level="INFO", format=_ACCESS_FORMAT, filter=_is_access)
+    # diagnose=False: tracebacks without variables' values (see `logs.setup`).
+    sinks = {"diagnose": False}
+    logger.add(
+        _writer(fd, SERVER), level=log.level, format=_SERVER_FORMAT, filter=_is_server, **sinks
+    )
+    logger.add(_writer(fd, ACCESS), level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **sinks)
 
 
 class Reader:

@@ -4,6 +4,7 @@ escape they share with the admin tools (`printable.escape`)."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from loguru import logger
@@ -107,3 +108,45 @@ def test_a_library_line_is_one_record_whatever_it_holds():
         "admin: Traceback (most recent call last):",
         "admin:   File 'x'",
     ]
+
+
+SECRET_PARTS = ("hunter2", "not", "for", "logs")
+
+
+def _fails_holding(secret: str) -> None:
+    password = secret  # a local a traceback with diagnose=True would print
+    raise ValueError("failed after", len(password), "characters")
+
+
+@pytest.mark.parametrize("where", ["setup", "worker"])
+def test_a_traceback_shows_no_variable_values(tmp_path, where):
+    """loguru's default (diagnose=True) writes each frame's variables into
+    the traceback: a password or a message's text among them."""
+    from geosmtp.config import Log
+    from geosmtp.server import logpipe
+
+    log = Log(dir=tmp_path / "logs", level="INFO")
+    read, write = os.pipe()
+    try:
+        if where == "setup":
+            logs.setup(log, console=False)
+        else:
+            logpipe.forward(write, log)
+        try:
+            _fails_holding("-".join(SECRET_PARTS))  # the source line shows no value
+        except ValueError:
+            logger.exception("session X: internal error")
+        logger.complete()
+        if where == "setup":
+            text = (log.dir / "log.txt").read_text()
+        else:
+            os.set_blocking(read, False)
+            text = os.read(read, 1 << 20).decode(errors="replace")
+    finally:
+        logger.remove()
+        logger.configure(patcher=lambda record: None)
+        os.close(read)
+        os.close(write)
+    assert "session X: internal error" in text
+    assert "ValueError: ('failed after', 20, 'characters')" in text
+    assert "-".join(SECRET_PARTS) not in text
