@@ -552,6 +552,9 @@ _TRUSTABLE = tuple(
 )
 
 
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def _check_trusted_networks(config: Config) -> None:
     """Each entry a network that can only mean the operator's own hosts: inside
     `_TRUSTABLE`, or a single host (a /32 or /128: an explicit choice). Wider
@@ -561,6 +564,18 @@ def _check_trusted_networks(config: Config) -> None:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ConfigError(f"trusted_networks[{i}]: not a network: {_describe(text)}") from None
+        if net.version == 6 and net.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+            # A client on IPv4 is matched by its IPv4 address (and an IPv6
+            # listener takes no IPv4): such an entry would match no one.
+            raise ConfigError(
+                f"trusted_networks[{i}]: {_describe(text)} is an IPv4-mapped IPv6 network; "
+                "write its IPv4 form"
+            )
+        if net.is_link_local:
+            raise ConfigError(
+                f"trusted_networks[{i}]: {_describe(text)} is link-local; any host on the "
+                "link can take such an address"
+            )
         if net.prefixlen == net.max_prefixlen or any(
             net.version == known.version and net.subnet_of(known)  # type: ignore[arg-type]
             for known in _TRUSTABLE

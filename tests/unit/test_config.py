@@ -169,8 +169,6 @@ def test_private_trusted_networks_are_accepted(tmp_path):
     [
         "2001::/23",  # IETF protocol assignments: public, though Python's is_private says yes
         "100.64.0.0/10",  # CGNAT: the provider's customers
-        "169.254.0.0/16",  # link-local: any host on the link takes one itself
-        "fe80::/10",
         "192.0.2.0/24",  # documentation: is_private, and no one's network here
         "198.18.0.0/15",  # benchmarking
         "fc00::/6",  # wider than RFC 4193
@@ -206,6 +204,28 @@ def test_trusted_networks_take_private_ranges_and_single_hosts(tmp_path, network
     config = load_text(tmp_path, f"trusted_networks: ['{network}']")
     assert config.trusted_networks == [network]
     assert config.trusted_networks_allow_public is False
+
+
+@pytest.mark.parametrize("flag", ["", "\ntrusted_networks_allow_public: true"])
+@pytest.mark.parametrize(
+    ("network", "why"),
+    [
+        # Link-local: any host on the link takes such an address itself.
+        ("169.254.0.0/16", "is link-local"),
+        ("169.254.7.7", "is link-local"),
+        ("fe80::/10", "is link-local"),
+        ("fe80::1%lo/128", "is link-local"),
+        # IPv4-mapped: a client on IPv4 is matched by its IPv4 address, so
+        # these matched no one (and ::ffff:0:0/96 is all of IPv4).
+        ("::ffff:127.0.0.23/128", "is an IPv4-mapped IPv6 network; write its IPv4 form"),
+        ("::ffff:8.8.8.8", "is an IPv4-mapped IPv6 network; write its IPv4 form"),
+        ("::ffff:0:0/96", "is an IPv4-mapped IPv6 network; write its IPv4 form"),
+    ],
+)
+def test_trusted_networks_refuse_link_local_and_mapped_entries(tmp_path, network, why, flag):
+    with pytest.raises(cfg.ConfigError) as info:
+        load_text(tmp_path, f"trusted_networks: ['{network}']{flag}")
+    assert str(info.value).startswith(f"trusted_networks[0]: '{network}' {why}")
 
 
 def test_a_public_range_is_trusted_only_with_the_flag(tmp_path):
