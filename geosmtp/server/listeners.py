@@ -37,6 +37,9 @@ STOP_WAIT = 5.0
 KILL_WAIT = 5.0
 #: Seconds between two looks at the load, for stress (`Listeners.check_stress`).
 STRESS_CHECK = 0.5
+#: Seconds between two "refused" lines of one worker (over max_clients, or
+#: stopping): a flood of refused clients writes a line a minute, with a count.
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class Session(Protocol):
@@ -136,6 +139,8 @@ class Listeners:
         #: Under stress (see `check_stress`): waits for a command are short.
         self.stressed = False
         self._stress_watch: gevent.Greenlet | None = None
+        self._refusals_quiet_until = 0.0  # monotonic: no "refused" line before
+        self._refusals_unlogged = 0
 
     def start(self, bound: list[tuple[Listener, socket.socket]]) -> None:
         """Serve each listener on its socket (bound by the master, `bind`)."""
@@ -192,8 +197,9 @@ class Listeners:
 
         return handle
 
-    @staticmethod
-    def _refuse(client: socket.socket, address: tuple, reply: bytes, log: bool = True) -> None:
+    def _refuse(
+        self, client: socket.socket, address: tuple, reply: bytes, log: bool = True
+    ) -> None:
         """Over the cap: answer and close (RFC 5321 §3.1), never leave it hanging."""
         try:
             client.setblocking(False)
@@ -203,7 +209,23 @@ class Listeners:
         finally:
             client.close()
         if log:
-            logger.warning("refused [{}]: {}", address[0], reply.decode("ascii", "replace").strip())
+            self._log_refusal(address[0], reply)
+
+    def _log_refusal(self, host: str, reply: bytes) -> None:
+        """One WARNING line, then none for REFUSAL_LOG_INTERVAL: the next one
+        says how many were refused unlogged in between (the metric counts all)."""
+        now = time.monotonic()
+        if now < self._refusals_quiet_until:
+            self._refusals_unlogged += 1
+            return
+        unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+        self._refusals_quiet_until = now + REFUSAL_LOG_INTERVAL
+        logger.warning(
+            "refused [{}]: {}{}",
+            host,
+            reply.decode("ascii", "replace").strip(),
+            f" (and {unlogged} more since the last such line)" if unlogged else "",
+        )
 
     # ------------------------------------------------------------ stress
 

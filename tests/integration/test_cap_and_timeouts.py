@@ -93,3 +93,23 @@ def test_data_total_timeout_for_a_trickling_client(make_server):
         assert code == 421 and text.startswith("4.4.2"), text
     wait_until(lambda: server.tmp_files() == [], what="spool removed")
     assert server.all_messages() == []
+
+
+def test_a_flood_over_the_cap_writes_one_line(make_server):
+    """Each refused client once wrote a WARNING line: a stranger could fill
+    the log at the rate it connects. One line a minute per worker now; the
+    metric still counts each."""
+    server = make_server({"max_clients": 2, "workers": 1})
+    held = [Wire.connect(server.host, server.port) for _ in range(2)]
+    try:
+        for _ in range(20):
+            extra = Wire.connect(server.host, server.port, timeout=5, greet=False)
+            assert extra.reply()[0] == 421
+            extra.close()
+    finally:
+        for w in held:
+            w.close()
+    wait_until(lambda: "refused [" in server.server_log(), what="the refusal line")
+    lines = [li for li in server.server_log().splitlines() if "refused [" in li]
+    assert len(lines) == 1, lines
+    assert "too many connections" in lines[0]
