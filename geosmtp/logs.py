@@ -92,16 +92,21 @@ def clean(value: Any, limit: int = 512) -> str:
 
 
 def access_line(**fields: Any) -> str:
-    """`key=value` pairs; values quoted when they contain spaces."""
+    r"""`key=value` pairs. A value is quoted when it is empty or holds a space,
+    a quote, a backslash or a character that is not printable; inside quotes
+    `\\` is a backslash, `\"` a quote, and `\xHH`, `\uHHHH`, `\UHHHHHHHH` an
+    escaped character, so a client's own backslashes never pass for escapes."""
     parts = []
     for key, value in fields.items():
         if value is None:
             continue
         if isinstance(value, list | tuple):
             value = ",".join(value)
-        text = clean(value)
-        if not text or " " in text or '"' in text:
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        text = str(value)
+        if len(text) > 512:
+            text = text[:512] + "..."
+        if not text or " " in text or '"' in text or "\\" in text or not text.isprintable():
+            text = '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
         parts.append(f"{key}={text}")
     return " ".join(parts)
 

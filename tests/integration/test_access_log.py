@@ -253,8 +253,8 @@ def test_unicode_line_separators_and_bidi_overrides_are_escaped(make_server):
     access = server.access_log()
     first = access.splitlines()[0]
     assert len(access.splitlines()) == 2
-    assert " msgid=<a\\u2028\\x85\\u202e\\xa0b@x> " in first
-    assert " from=<s\\u202e\\xa0x@remote.example> " in first
+    assert ' msgid="<a\\u2028\\x85\\u202e\\xa0b@x>" ' in first
+    assert ' from="<s\\u202e\\xa0x@remote.example>" ' in first
     # The success report to the (remote) sender is logged in log.txt, with its address.
     log = wait_until(
         lambda: "delivered report to" in server.server_log() and server.server_log(),

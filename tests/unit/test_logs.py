@@ -150,3 +150,14 @@ def test_a_traceback_shows_no_variable_values(tmp_path, where):
     assert "session X: internal error" in text
     assert "ValueError: ('failed after', 20, 'characters')" in text
     assert "-".join(SECRET_PARTS) not in text
+
+
+def test_an_access_value_with_an_escape_or_a_backslash_is_quoted():
+    r"""A client's own `\u2028` (six printable characters) once looked the same
+    in access.log as a real U+2028 escaped; now a value that holds either is
+    quoted, and inside quotes a client's backslash is doubled."""
+    line = logs.access_line(
+        real="<a\u2028b@x>", typed="<a\\u2028b@x>", plain="<p@x>", spaced="a b", empty=""
+    )
+    assert line == (r'real="<a\u2028b@x>" typed="<a\\u2028b@x>" plain=<p@x> spaced="a b" empty=""')
+    assert line.isprintable()
