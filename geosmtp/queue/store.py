@@ -38,7 +38,7 @@ from typing import Any
 
 from ..storage import SpoolFile, StorageError
 from ..storage.maildir import Delivery
-from ..storage.modes import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_folder
+from ..storage.modes import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_real_folder
 from ..storage.spool import fsync_path
 from ..storage.spool import unlink_quietly as _unlink_quietly
 
@@ -334,18 +334,23 @@ class Loaded:
     orphans: int = 0  # messages without a record, removed
 
 
+#: The queue's folders, in `queue_dir`.
+QUEUE_FOLDERS = ("messages", "records", "quarantine")
+
+
 class QueueStore:
     def __init__(self, root: Path, *, fsync: bool = True, offload: Offload | None = None) -> None:
         self.root = Path(root)
         self.fsync = fsync
         self.offload = offload or (lambda fn, *args: fn(*args))
-        self.messages = str(self.root / "messages")
-        self.records = str(self.root / "records")
-        self.quarantine_dir = str(self.root / "quarantine")
+        self.messages, self.records, self.quarantine_dir = (
+            str(self.root / name) for name in QUEUE_FOLDERS
+        )
         try:
-            # Private to the server, whatever the umask (`storage.modes`).
+            # Private to the server, whatever the umask (`storage.modes`), and
+            # never reached through a link: SymlinkRefused (`make_real_folder`).
             for folder in (str(self.root), self.messages, self.records, self.quarantine_dir):
-                make_folder(folder, PRIVATE_DIR_MODE)
+                make_real_folder(folder, PRIVATE_DIR_MODE)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         #: True when the spool is on this filesystem: entries are links, else copies.
