@@ -657,6 +657,25 @@ def _check(config: Config) -> None:
     for key, folder in folders:
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{key}: {_describe(str(folder))} is not a directory")
+    _check_private_folders(config)
+
+
+def _check_private_folders(config: Config) -> None:
+    """The spool, the queue and the queue's own folders are real folders, never
+    symbolic links (`.queue/messages` -> elsewhere would write relayed mail
+    outside `mail_dir`): the spool and the store refuse one too when they make
+    them (`storage.modes.make_real_folder`); said here first, naming the key."""
+    from .queue.store import QUEUE_FOLDERS
+
+    queue = config.queue_path
+    folders = [("spool_dir", config.spool_path), ("relay.queue_dir", queue)]
+    folders += [("relay.queue_dir", queue / name) for name in QUEUE_FOLDERS]
+    for key, folder in folders:
+        if folder.is_symlink():
+            raise ConfigError(
+                f"{key}: {_describe(str(folder))} is a symbolic link: the spool and "
+                "the queue are never reached through one (give the real folder)"
+            )
 
 
 def host_port(text: str) -> tuple[str, int]:

@@ -47,6 +47,7 @@ from .store import (
     QueuedRecipient,
     QueueRecord,
     QueueStore,
+    shortened,
 )
 
 #: How a finished recipient is reported: ("failed" | "delayed" | "delivered").
@@ -337,20 +338,22 @@ class QueueRunner:
         now = self.clock()
         rcpt.attempts += 1
         rcpt.status = status
-        rcpt.remote_mta = remote_mta
+        # Cut to what a record holds (`store.MAX_TEXT`): a long reply, or an
+        # exception's text, must never make the record unreadable at the next start.
+        rcpt.remote_mta = None if remote_mta is None else shortened(remote_mta)
         if outcome is Outcome.DELIVERED:
             rcpt.state = DELIVERED
             rcpt.last_error = None
             self._count("sent")
             return
-        rcpt.last_error = diagnostic
+        rcpt.last_error = shortened(diagnostic)
         if outcome is Outcome.TEMPORARY:
             later = self.settings.schedule.next_attempt(record.arrival, rcpt.attempts, now)
             if later is not None:
                 rcpt.next_attempt = later
                 self._count("deferred")
                 return
-            rcpt.last_error = f"{diagnostic} (given up after {rcpt.attempts} attempts)"
+            rcpt.last_error = shortened(diagnostic, f" (given up after {rcpt.attempts} attempts)")
             rcpt.status = "4.4.7" if status.startswith("4") else status  # X.4.7: expired
         rcpt.state = FAILED
         self._count("bounced")

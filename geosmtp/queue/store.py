@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..smtp.parser import MAX_PATH, SyntaxProblem, is_valid_domain, parse_mailbox
 from ..storage import SpoolFile, StorageError
 from ..storage.maildir import Delivery
-from ..storage.modes import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_folder
+from ..storage.modes import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_real_folder
 from ..storage.spool import fsync_path
 from ..storage.spool import unlink_quietly as _unlink_quietly
 
@@ -134,15 +135,49 @@ Check = Callable[[Any], str | None]
 _LAST_TIME = 253402300799.0
 #: The largest count (attempts, octets) a record holds: JSON's safe integers.
 _MOST = 2**53
+#: The longest text a record holds in `last_error` and `remote_mta`: more than
+#: any the runner writes (a remote reply is cut at `client.MAX_TEXT`, 2,000
+#: characters), which it cuts to this too (`shortened`) so that no reply, nor
+#: an exception's text, ever makes its own record unreadable.
+MAX_TEXT = 4096
+#: The client's address (`[192.0.2.1]`, `[IPv6:...]`) and the login name.
+MAX_NAME = 255
 _QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{1,64}")
 _STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _XTEXT_RE = re.compile(r"[\x21-\x7e]+")  # RFC 3461 §4: xtext is printable US-ASCII
 _NOTIFY = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
 
 
-def _string(value: Any) -> str | None:
-    return None if isinstance(value, str) else "not a string"
+def _text(limit: int) -> Check:
+    """A string of at most `limit` characters, all of them UTF-8's."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return "not a string"
+        if len(value) > limit:
+            return f"longer than {limit} characters"
+        return None if _is_utf8(value) else "not UTF-8 text"
+
+    return check
+
+
+def _is_utf8(value: str) -> bool:
+    """No lone surrogate (JSON's "\\ud800"): what the server writes never has
+    one, and the parser, a DSN or a log line would fail on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shortened(text: str, tail: str = "") -> str:
+    """`text` then `tail`, cut to `MAX_TEXT` characters in all: what the
+    runner writes into `last_error` and `remote_mta` (the tail is kept)."""
+    room = MAX_TEXT - len(tail)
+    if len(text) > room:
+        text = text[: max(room - 3, 0)] + "..."
+    return (text + tail)[:MAX_TEXT]
 
 
 def _flag(value: Any) -> str | None:
@@ -164,13 +199,6 @@ def _time(value: Any) -> str | None:
     return None
 
 
-def _wire(value: Any) -> str | None:
-    """Text that goes into an SMTP command: no control character (CR, LF...)."""
-    if not isinstance(value, str):
-        return "not a string"
-    return "holds a control character" if _CONTROL_RE.search(value) else None
-
-
 def _queue_id(value: Any) -> str | None:
     if not isinstance(value, str) or not _QUEUE_ID_RE.fullmatch(value):
         return "not a queue id (letters and digits)"
@@ -178,17 +206,28 @@ def _queue_id(value: Any) -> str | None:
 
 
 def _address(value: Any) -> str | None:
-    problem = _wire(value)
-    if problem is None and "@" not in value[1:-1]:
+    """local-part@domain as the SMTP core takes it (`parse_mailbox`, SMTPUTF8
+    allowed), at most `MAX_PATH` characters as a path is (RFC 5321 §4.5.3.1.3):
+    what the reports parse again, and what goes into MAIL and RCPT."""
+    problem = _text(MAX_PATH)(value)
+    if problem is not None:
+        return problem
+    try:
+        parse_mailbox(value, utf8=True)
+    except SyntaxProblem:
         return "not local-part@domain"
-    return problem
+    return None
+
+
+def _sender(value: Any) -> str | None:
+    """The reverse-path: an address, or "" for the null sender <>."""
+    return None if value == "" else _address(value)
 
 
 def _domain(value: Any) -> str | None:
-    problem = _wire(value)
-    if problem is None and (not value or " " in value):
+    if _text(MAX_PATH)(value) is not None or not is_valid_domain(value, utf8=True):
         return "not a domain"
-    return problem
+    return None
 
 
 def _xtext(value: Any) -> str | None:
@@ -240,15 +279,15 @@ def _optional(check: Check) -> Check:
 #: Every field of a record (`version` and `recipients` are checked on their own).
 RECORD_CHECKS: dict[str, Check] = {
     "id": _queue_id,
-    "sender": _wire,  # "" is the null sender
+    "sender": _sender,  # "" is the null sender
     "arrival": _time,
     "size": _count,
     "ret": _optional(_one_of("FULL", "HDRS")),
     "envid": _optional(_xtext),
     "smtputf8": _flag,
     "body": _optional(_one_of("7BIT", "8BITMIME")),
-    "client": _string,
-    "auth_user": _optional(_string),
+    "client": _text(MAX_NAME),
+    "auth_user": _optional(_text(MAX_NAME)),
     "held": _flag,
 }
 
@@ -262,8 +301,8 @@ RECIPIENT_CHECKS: dict[str, Check] = {
     "attempts": _count,
     "next_attempt": _time,
     "status": _optional(_status),
-    "last_error": _optional(_string),
-    "remote_mta": _optional(_string),
+    "last_error": _optional(_text(MAX_TEXT)),
+    "remote_mta": _optional(_text(MAX_TEXT)),
     "delay_warned": _flag,
 }
 
@@ -334,18 +373,23 @@ class Loaded:
     orphans: int = 0  # messages without a record, removed
 
 
+#: The queue's folders, in `queue_dir`.
+QUEUE_FOLDERS = ("messages", "records", "quarantine")
+
+
 class QueueStore:
     def __init__(self, root: Path, *, fsync: bool = True, offload: Offload | None = None) -> None:
         self.root = Path(root)
         self.fsync = fsync
         self.offload = offload or (lambda fn, *args: fn(*args))
-        self.messages = str(self.root / "messages")
-        self.records = str(self.root / "records")
-        self.quarantine_dir = str(self.root / "quarantine")
+        self.messages, self.records, self.quarantine_dir = (
+            str(self.root / name) for name in QUEUE_FOLDERS
+        )
         try:
-            # Private to the server, whatever the umask (`storage.modes`).
+            # Private to the server, whatever the umask (`storage.modes`), and
+            # never reached through a link: SymlinkRefused (`make_real_folder`).
             for folder in (str(self.root), self.messages, self.records, self.quarantine_dir):
-                make_folder(folder, PRIVATE_DIR_MODE)
+                make_real_folder(folder, PRIVATE_DIR_MODE)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         #: True when the spool is on this filesystem: entries are links, else copies.

@@ -1,6 +1,6 @@
 """The one error type of the storage layer (spool, Maildir, the queue), the
 one case a caller must tell apart (a maildrop another session holds), and
-the refusal of a symbolic link in a Maildir."""
+the refusal of a symbolic link (in a Maildir, as the spool or a queue folder)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class SymlinkRefused(StorageError):
     """A Maildir, one of its folders or a message is a symbolic link: never
     followed (it could lead delivery, RETR or DELE out of `mail_dir`). A
     temporary failure like any other storage error: SMTP answers `451`, a
-    POP3 login `-ERR [SYS/TEMP]`, until an operator puts it right."""
+    POP3 login `-ERR [SYS/TEMP]`, until an operator puts it right. The spool's
+    or the queue's folders as a link stop the start (`modes.make_real_folder`)."""
 
     def __init__(self, filename: str) -> None:
         super().__init__(errno.ELOOP, "a symbolic link, not followed", filename)

@@ -35,7 +35,11 @@ nothing for others. The master calls it once, before it creates anything.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+
+from .errors import SymlinkRefused
 
 MAILDIR_DIR_MODE = 0o770
 MAIL_ROOT_MODE = 0o750
@@ -57,6 +61,7 @@ __all__ = [
     "UMASK",
     "apply_umask",
     "make_folder",
+    "make_real_folder",
     "open_log_file",
 ]
 
@@ -92,6 +97,33 @@ def make_folder(
     if owner is not None:
         os.chown(path, *owner)
     return True
+
+
+def make_real_folder(path: str | os.PathLike[str], mode: int) -> bool:
+    """`make_folder`, for a folder that must be a real one, never reached through
+    a symbolic link at its last step: the spool and the queue and the queue's
+    folders, where a link (`.queue/messages` -> a folder elsewhere) would write
+    mail outside `mail_dir`. `SymlinkRefused` naming the path when it is one.
+
+    Checked when the server starts (and makes the folder): a link put in
+    later, while it runs, takes write permission on the 0700 folder above,
+    the server's own, and is not guarded against."""
+    try:
+        made = make_folder(path, mode)  # a link to a folder passes (isdir follows it)
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except OSError as exc:
+        # A dangling link: EEXIST; through O_NOFOLLOW: ELOOP, or ENOTDIR (Linux).
+        if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR) and _is_link(path):
+            raise SymlinkRefused(os.fspath(path)) from None
+        raise
+    return made
+
+
+def _is_link(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def open_log_file(path: str, flags: int) -> int:

@@ -5,12 +5,14 @@ name can start with a dot), on the same filesystem as the Maildirs so that
 delivery is a hard link. A spool file belongs to no mailbox: a message for
 remote recipients only (the outbound queue) is spooled the same way.
 
-The folder is private (0700). The file is 0640, since the same inode is
-linked into `new/` where a Maildir reader in the group reads it (see
-`modes`), and written through a raw descriptor, small writes
-gathered up to 64 KiB, so a short message is one `write` however the client
-cut it. It is made durable (`fsync`) by whoever keeps it (Maildir delivery,
-the queue), in the same threadpool trip as their own file work.
+The folder is private (0700), and never reached through a symbolic link
+(`modes.make_real_folder`: a link would have each message written
+elsewhere). The file is 0640, since the same inode is linked into `new/`
+where a Maildir reader in the group reads it (see `modes`), and written
+through a raw descriptor, small writes gathered up to 64 KiB, so a short
+message is one `write` however the client cut it. It is made durable
+(`fsync`) by whoever keeps it (Maildir delivery, the queue), in the same
+threadpool trip as their own file work.
 
 While it is written the file counts its POP3 size as well (`vsize`: line ends
 as CRLF, RFC 1939 §11), so Maildir delivery can put it in the file name and
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import StorageError
-from .modes import MESSAGE_MODE, PRIVATE_DIR_MODE, make_folder
+from .modes import MESSAGE_MODE, PRIVATE_DIR_MODE, make_folder, make_real_folder
 
 #: The spool folder's mode (the CLI makes `spool_dir` with it too).
 DIR_MODE = PRIVATE_DIR_MODE
@@ -239,7 +241,8 @@ class Spool:
         self.root = Path(root)
         self.names = names
         try:
-            make_folder(self.root, DIR_MODE)
+            # Never through a link: SymlinkRefused (`make_real_folder`).
+            make_real_folder(self.root, DIR_MODE)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         self._root = str(self.root)

@@ -376,6 +376,49 @@ def test_a_spoiled_record_is_quarantined_and_the_rest_delivered(relay_setup, fie
         again.stop()
 
 
+LINKED = [
+    ("spool_dir", ".spool"),
+    ("relay.queue_dir", ".queue"),
+    ("relay.queue_dir", ".queue/messages"),
+    ("relay.queue_dir", ".queue/records"),
+    ("relay.queue_dir", ".queue/quarantine"),
+]
+
+
+@pytest.mark.parametrize(("key", "folder"), LINKED, ids=[f for _, f in LINKED])
+def test_a_spool_or_queue_folder_that_is_a_link_stops_the_start(make_server, tmp_path, key, folder):
+    """With `.queue/messages` -> a folder elsewhere, a relayed message was
+    written there. Now the start is refused, naming the key and the link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = tmp_path / "srv0" / "mail_dir" / folder
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside, target_is_directory=True)
+    server = make_server(
+        {"users": users(alice=PASSWORD), "auth": {"allow_plaintext": True}}, wait=False
+    )
+
+    def ended_or_serving() -> bool:
+        if server.process.poll() is not None:
+            return True
+        try:  # it serves (as it did): relay a message, to show where it goes
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.login("alice", PASSWORD)
+                client.sendmail("alice@test.example", ["bob@remote.test"], message("relayed"))
+        except OSError:
+            return False
+        return True
+
+    wait_until(ended_or_serving, timeout=20, what="the server to end (or serve)")
+    assert sorted(p.name for p in outside.rglob("*")) == []  # nothing written there
+    assert server.process.wait(timeout=10) == 2, server.stderr()
+    assert server.stderr().splitlines()[-1] == (
+        f"geosmtp: {key}: '{link}' is a symbolic link: the spool and the queue "
+        "are never reached through one (give the real folder)"
+    )
+    assert link.is_symlink()
+
+
 def test_cli_usage_and_unreachable(tmp_path):
     from tests.conftest import free_port, write_config
 

@@ -16,6 +16,8 @@ from loguru import logger
 
 from geosmtp.queue.store import (
     DELIVERED,
+    MAX_NAME,
+    MAX_TEXT,
     RECIPIENT_CHECKS,
     RECORD_CHECKS,
     BadRecord,
@@ -24,6 +26,7 @@ from geosmtp.queue.store import (
     QueueStore,
     read_record,
 )
+from geosmtp.smtp.parser import SyntaxProblem, parse_mail_from
 from geosmtp.storage import Spool
 from geosmtp.storage.spool import UniqueNames
 
@@ -112,33 +115,69 @@ def deleter(path: tuple):  # type: ignore[no-untyped-def]
 
 
 NAN, INF = float("nan"), float("inf")
+#: A domain of 194 characters (labels of 60): with a 64-character local part, an
+#: address the parser takes part by part, but longer than a path (256).
+LONG_DOMAIN = ("a" * 60 + ".") * 3 + "remote.test"
+LONGEST_LOCAL = "b" * 64
+#: The longest address the SMTP core takes: 254 characters, 256 with "<>".
+LONGEST_ADDRESS = f"{LONGEST_LOCAL}@{'a' * 62}.{'a' * 60}.{'a' * 60}.test"
 
 #: (field as BadRecord names it, its path in the JSON, bad values): wrong types, wrong values.
 RECORD_CASES = {
     "id": [7, None, "", "../GOOD", "B A D", "GOOD"],
-    "sender": [5, None, ["alice@example.test"], "alice@example.test\r\nRCPT TO:<x@y.test>"],
+    "sender": [
+        5,
+        None,
+        ["alice@example.test"],
+        "alice@example.test\r\nRCPT TO:<x@y.test>",
+        # Not addresses: the bounce parsed them and failed (issue 18).
+        "../../../out/trav",
+        "bob/../alice",
+        "../../x@example.test",
+        "bob/..@",
+        "@example.test",
+        "alice@exa mple.test",
+        "alice@example..test",
+        "alice@example.test\u2028",
+        "\ud800@example.test",  # a lone surrogate: JSON's "\ud800", never UTF-8
+        f"{LONGEST_LOCAL}@{LONG_DOMAIN}",  # longer than a path
+        "x" * 10_000_000,  # 10 MB: loaded whole, then answered by the API
+    ],
     "arrival": ["soon", None, True, NAN, INF, -1.0, 1e300, [1]],
     "size": ["15", -1, 1.5, True, None, 2**64],
     "ret": ["ALL", "hdrs", 1, True],
     "envid": [5, "two words", "x" * 101, "caf\u00e9"],
     "smtputf8": ["yes", 1, None],
     "body": ["8BIT", 8, ""],
-    "client": [None, 5, ["[192.0.2.1]"]],
-    "auth_user": [5, ["alice"], True],
+    "client": [None, 5, ["[192.0.2.1]"], "x" * (MAX_NAME + 1), "[\udc80]"],
+    "auth_user": [5, ["alice"], True, "a" * (MAX_NAME + 1), "al\ud800ice"],
     "held": ["no", 0, None],
     "version": [2, "1", None, True, 1.0],
 }
 RECIPIENT_CASES = {
-    "address": [None, 5, "", "bob", "bob@", "bob@remote.test\r\nDATA"],
-    "domain": [None, 5, "", "other.test", "remote.test\n"],
+    "address": [
+        None,
+        5,
+        "",
+        "bob",
+        "bob@",
+        "bob@remote.test\r\nDATA",
+        "../../out@remote.test",
+        "bob/..@remote.test",
+        "bo b@remote.test",
+        "b\udfff@remote.test",
+        "b" * 65 + "@remote.test",  # a local part of at most 64 octets
+        f"{LONGEST_LOCAL}@{LONG_DOMAIN}",  # longer than a path
+    ],
+    "domain": [None, 5, "", "other.test", "remote.test\n", "\ud800.test"],
     "notify": ["FAILURE", [], ["SOMETIMES"], ["NEVER", "FAILURE"], ["DELAY", "DELAY"], [1]],
     "orcpt": [5, "rfc822", ";bob@remote.test", "rfc822;bob @remote.test", "x" * 501],
     "state": ["sent", "PENDING", "", None, 1, True],
     "attempts": ["2", -1, 2.5, None, False, 10**30],
     "next_attempt": ["soon", None, False, INF, NAN, -5, 1e300, {}],
     "status": ["4.4", 4, "9.9.9", "4.4.1 extra", ""],
-    "last_error": [5, ["x"], True],
-    "remote_mta": [5, ["mx"], False],
+    "last_error": [5, ["x"], True, "x" * (MAX_TEXT + 1), "x" * 10_000_000, "smtp; \ud800"],
+    "remote_mta": [5, ["mx"], False, "dns; " + "x" * MAX_TEXT, "dns; \udfff"],
     "delay_warned": ["false", None, 0],
 }
 CASES = [
@@ -175,6 +214,42 @@ def test_a_record_with_every_field_set_loads_back(store: QueueStore):
     loaded = store.load()
     assert loaded.records == [full_record("BAD"), full_record("GOOD")]
     assert loaded.quarantined == []
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "",  # the null sender <>
+        "bob/x@example.test",  # "/" is atext (RFC 5322)
+        '"odd ../ name"@example.test',
+        "\u00e5lice@ex\u00e4mple.test",  # SMTPUTF8
+        "alice@[IPv6:2001:db8::1]",
+        LONGEST_ADDRESS,
+    ],
+)
+def test_what_the_smtp_core_takes_as_a_sender_loads(tmp_path: Path, sender: str):
+    record = dataclasses.replace(full_record("X"), sender=sender)
+    assert read_record(record.to_json()) == record
+
+
+def test_the_longest_fields_load(tmp_path: Path):
+    record = full_record("X")
+    record.client = "c" * MAX_NAME
+    record.auth_user = "a" * MAX_NAME
+    record.recipients[1].last_error = "e" * MAX_TEXT
+    record.recipients[1].remote_mta = "m" * MAX_TEXT
+    address = LONGEST_ADDRESS.replace("@a", "@\u00e4")  # SMTPUTF8: 254 characters, 255 octets
+    record.recipients[0].address, record.recipients[0].domain = address, address.split("@")[1]
+    record.sender = address
+    assert read_record(record.to_json()) == record
+
+
+def test_the_longest_address_is_what_the_smtp_core_takes():
+    """The bound on addresses is no smaller than the core's (a path of 256)."""
+    assert len(LONGEST_ADDRESS) == 254
+    assert str(parse_mail_from(f"FROM:<{LONGEST_ADDRESS}>".encode())[0]) == LONGEST_ADDRESS
+    with pytest.raises(SyntaxProblem, match="path too long"):
+        parse_mail_from(f"FROM:<b{LONGEST_ADDRESS}>".encode())
 
 
 def test_every_field_of_a_record_is_checked_and_has_cases():

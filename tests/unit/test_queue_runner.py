@@ -9,11 +9,26 @@ import pytest
 from loguru import logger
 
 from geosmtp import logs
-from geosmtp.queue.client import AttemptResult, Outcome, RecipientResult
+from geosmtp.queue.client import (
+    MAX_REPLY_BYTES,
+    AttemptResult,
+    Outcome,
+    RecipientResult,
+    parse_reply,
+)
 from geosmtp.queue.mx import DNSPermanentError, DNSTemporaryError, Host
 from geosmtp.queue.runner import QueueRunner, RunnerSettings
 from geosmtp.queue.schedule import RetrySchedule
-from geosmtp.queue.store import DELIVERED, FAILED, PENDING, QueuedRecipient, QueueRecord, QueueStore
+from geosmtp.queue.store import (
+    DELIVERED,
+    FAILED,
+    MAX_TEXT,
+    PENDING,
+    QueuedRecipient,
+    QueueRecord,
+    QueueStore,
+    read_record,
+)
 from geosmtp.storage import Spool
 from geosmtp.storage.spool import UniqueNames
 
@@ -173,6 +188,41 @@ def test_a_permanent_failure_is_reported_once_and_the_delivered_not_resent(make)
     assert reports == [("failed", ["b@remote.test"])]
     assert [r.state for r in record.recipients] == [FAILED, DELIVERED]
     assert len(client.calls) == 1
+
+
+def test_the_longest_reply_fits_a_record():
+    """What the client makes of the longest reply it reads (64 KiB) is cut to
+    less than a record holds (`MAX_TEXT`): the runner's own bound is below it."""
+    reply = parse_reply(451, b"4.3.0 " + b"x" * (MAX_REPLY_BYTES - 10))
+    assert len(f"smtp; {reply} (given up after 99999 attempts)") < MAX_TEXT
+
+
+@pytest.mark.parametrize("given_up", [False, True], ids=["deferred", "given-up"])
+def test_a_long_diagnostic_never_makes_the_record_unreadable(make, given_up):
+    """A reply, or an exception's text in an `x-geosmtp;` diagnostic, longer
+    than a record holds is cut by the runner: its record loads again, and
+    the end of the lifetime still says so."""
+    runner, record, _, _, clock, store = make({"b@remote.test": (Outcome.TEMPORARY, "4.3.0")})
+    long = "x-geosmtp; lost connection with mx.remote.test: " + "e" * 100_000
+
+    def send(hosts, port, sender, recipients, message, **kw) -> AttemptResult:
+        result = RecipientResult(recipients[0], Outcome.TEMPORARY, "4.4.2", diagnostic=long)
+        return AttemptResult((result,), remote_host="m" * 100_000, remote_address="127.0.0.9")
+
+    runner.send = send
+    if given_up:
+        clock.now = 1000.0 + 3600  # the end of the lifetime: this attempt is the last
+    runner._attempt(record)
+    (rcpt,) = record.recipients
+    assert rcpt.state == (FAILED if given_up else PENDING)
+    assert len(rcpt.last_error) == len(rcpt.remote_mta) == MAX_TEXT
+    assert rcpt.last_error.startswith(long[:1000])
+    tail = " (given up after 1 attempts)" if given_up else ""
+    assert rcpt.last_error.endswith("e..." + tail)
+    assert read_record(record.to_json()) == record  # what the next start reads
+    if not given_up:
+        (loaded,) = store.load().records
+        assert loaded == record and store.quarantined_count() == 0
 
 
 @pytest.mark.parametrize(

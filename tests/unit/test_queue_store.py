@@ -16,6 +16,7 @@ from geosmtp.queue.store import (
     QueueStore,
 )
 from geosmtp.storage import Spool
+from geosmtp.storage.errors import SymlinkRefused
 from geosmtp.storage.spool import UniqueNames
 
 
@@ -119,3 +120,47 @@ def test_remove_takes_the_record_first(parts, monkeypatch):
     monkeypatch.setattr(os, "unlink", lambda p: (order.append(os.path.basename(p)), real(p)))
     store.remove("Q1")
     assert order == ["Q1.json", "Q1"]  # a crash between leaves an orphan, never a dangling record
+
+
+# ------------------------------------------------------------- folder links
+
+
+@pytest.mark.parametrize("folder", ["", "messages", "records", "quarantine"])
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-folder", "dangling"])
+def test_a_queue_folder_that_is_a_link_is_refused(tmp_path: Path, folder: str, dangling: bool):
+    """`.queue/messages` -> a folder elsewhere once had relayed mail written there."""
+    root = tmp_path / "mail" / ".queue"
+    outside = tmp_path / "outside"
+    if not dangling:
+        outside.mkdir()
+    link = root / folder if folder else root
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SymlinkRefused) as refused:
+        QueueStore(root)
+    assert refused.value.filename == str(link)
+    assert str(refused.value) == f"a symbolic link, not followed: '{link}'"
+    assert link.is_symlink()  # left as it is, and nothing made through it
+    assert not dangling or not outside.exists()
+    assert dangling or list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-folder", "dangling"])
+def test_a_spool_folder_that_is_a_link_is_refused(tmp_path: Path, dangling: bool):
+    outside = tmp_path / "outside"
+    if not dangling:
+        outside.mkdir()
+    link = tmp_path / ".spool"
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SymlinkRefused) as refused:
+        Spool(link, UniqueNames("host"))
+    assert refused.value.filename == str(link)
+    assert not dangling or not outside.exists()
+    assert dangling or list(outside.iterdir()) == []
+
+
+def test_real_queue_folders_are_made_private(tmp_path: Path):
+    store = QueueStore(tmp_path / "mail" / ".queue")
+    for folder in (store.root, store.messages, store.records, store.quarantine_dir):
+        assert os.lstat(folder).st_mode & 0o7777 == 0o700
+    QueueStore(store.root)  # made before: taken as it is
