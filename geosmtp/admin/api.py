@@ -41,6 +41,9 @@ _FILTER_RE = re.compile(r"/api/v1/filters/([^/]+)")
 #: The environ key the admin listener sets for a request that came with a
 #: Transfer-Encoding instead of a Content-Length (`admin.server.AdminHandler`).
 LENGTH_REQUIRED = "geosmtp.length_required"
+#: The environ key that says why a request's header section cannot frame it
+#: (two Content-Length headers, one that is not digits...), or None.
+BAD_FRAMING = "geosmtp.bad_framing"
 #: The reply headers of an answer after which the connection cannot go on.
 CLOSE = [("Connection", "close")]
 
@@ -70,6 +73,8 @@ class AdminAPI:
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
+        # HEAD is served wherever GET is: the same status and headers, no body.
+        head = method == "HEAD"
         try:
             if environ.get(LENGTH_REQUIRED):
                 raise HTTPError(
@@ -77,20 +82,25 @@ class AdminAPI:
                     "a request body needs a Content-Length (no Transfer-Encoding)",
                     CLOSE,
                 )
-            if not self._check_token(environ) and method != "GET":
+            if environ.get(BAD_FRAMING):
+                raise HTTPError("400 Bad Request", environ[BAD_FRAMING], CLOSE)
+            if not self._check_token(environ) and method not in ("GET", "HEAD"):
                 raise HTTPError(
                     "403 Forbidden",
                     f"{method} {path}: the read-only token may only GET; "
                     "this needs the admin (write) token",
                 )
             if path == "/metrics":
-                if method != "GET":
+                if method not in ("GET", "HEAD"):
                     raise HTTPError(
-                        "405 Method Not Allowed", f"{method} /metrics: use GET", [("Allow", "GET")]
+                        "405 Method Not Allowed",
+                        f"{method} /metrics: use GET, HEAD",
+                        [("Allow", "GET, HEAD")],
                     )
                 self.server.cluster.publish_metrics()
                 body = self.server.metrics.exposition()
-                return _respond(start_response, "200 OK", body, CONTENT_TYPE_LATEST)
+                reply = _respond(start_response, "200 OK", body, CONTENT_TYPE_LATEST)
+                return [] if head else reply
             status, payload = self._route(method, path, environ)
             headers: list[tuple[str, str]] = []
         except HTTPError as exc:
@@ -102,7 +112,8 @@ class AdminAPI:
         body = json.dumps(payload, indent=2, sort_keys=False).encode() + b"\n"
         if status.startswith("401"):
             headers = [*headers, ("WWW-Authenticate", "Bearer")]
-        return _respond(start_response, status, body, "application/json", headers)
+        reply = _respond(start_response, status, body, "application/json", headers)
+        return [] if head else reply
 
     def _check_token(self, environ: dict) -> bool:
         """True for the write token, False for the read token; else 401.
@@ -146,9 +157,9 @@ class AdminAPI:
         methods = routes.get(path)
         if methods is None:
             raise HTTPError("404 Not Found", f"no such endpoint: {path}")
-        handler = methods.get(method)
+        handler = methods.get("GET" if method == "HEAD" else method)
         if handler is None:
-            allowed = ", ".join(methods)
+            allowed = _allowed(methods)
             raise HTTPError(
                 "405 Method Not Allowed", f"{method} {path}: use {allowed}", [("Allow", allowed)]
             )
@@ -411,6 +422,14 @@ def _read_json(environ: dict) -> Any:
     if depth > MAX_DEPTH:
         raise HTTPError("400 Bad Request", f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
     return value
+
+
+def _allowed(methods: Iterable[str]) -> str:
+    """An `Allow` header's value: a path's methods, HEAD after GET (it is served too)."""
+    names: list[str] = []
+    for name in methods:
+        names += [name, "HEAD"] if name == "GET" else [name]
+    return ", ".join(names)
 
 
 def _depth(value: Any) -> int:

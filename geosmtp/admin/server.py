@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
 import socket
 import time
 from collections.abc import Callable
+from email import errors
+from email.message import Message
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +22,7 @@ from loguru import logger
 
 from ..config import Admin, ConfigError
 from ..logs import LogWriter
-from .api import LENGTH_REQUIRED, AdminAPI, ShortBody
+from .api import BAD_FRAMING, LENGTH_REQUIRED, AdminAPI, ShortBody
 
 if TYPE_CHECKING:
     from ..app import App
@@ -75,6 +78,57 @@ def _token_from_file(path: Path, key: str, create: bool) -> str:
     return token
 
 
+#: A Content-Length value (RFC 9112 §6.3: 1*DIGIT; leading zeros are fine).
+_OCTETS = re.compile(r"[0-9]+")
+#: What pywsgi answers a malformed request with; ours too, for a late request line.
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+def framing_error(headers: Message) -> str | None:
+    """Why a request's header section cannot frame it (RFC 9112 §5 and §6.3),
+    or None. A line the parser could not take as a header field (no colon, a
+    space before it, a continuation first) would hide the fields after it;
+    two Content-Length headers (even equal ones) or a value that is not
+    digits leave the body's end in doubt: nothing after such a header section
+    can be trusted to be where the client meant it."""
+    if _lines_left_out(headers):
+        return "a header line that is not a header field (no colon, or white space before it)"
+    if any("\n" in value for value in headers.values()):
+        return "a header field folded over lines (obs-fold)"
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1:
+        return f"{len(lengths)} Content-Length headers; a request may have one"
+    if lengths and not _OCTETS.fullmatch(lengths[0].strip(" \t")):
+        return f"Content-Length is not a number of octets: {lengths[0][:40]!r}"
+    return None
+
+
+#: The defects of a header line the parser could not take as a field: no
+#: colon or white space before it, a continuation first, `From ` in the
+#: middle, an empty name (`: value`).
+_LOST_LINE = (
+    errors.MissingHeaderBodySeparatorDefect,
+    errors.FirstHeaderLineIsContinuationDefect,
+    errors.MisplacedEnvelopeHeaderDefect,
+    errors.InvalidHeaderDefect,
+)
+
+
+def _lines_left_out(headers: Message) -> bool:
+    """Whether the parser took lines of a header section for something other
+    than header fields: a body, an envelope `From ` line. (The body it parses
+    by the Content-Type is empty otherwise: a multipart one has defects of
+    its own, which are no concern here.)"""
+    if headers.get_unixfrom() is not None:
+        return True
+    if any(isinstance(defect, _LOST_LINE) for defect in headers.defects):
+        return True
+    payload = headers.get_payload()
+    if isinstance(payload, list):  # message/rfc822: a message inside
+        return any(part.keys() or _lines_left_out(part) for part in payload)
+    return bool(payload)
+
+
 class BodyInput(Input):
     """A request body that must arrive by the request's deadline: a read that
     would wait past it raises `ShortBody` (and the connection closes); once the
@@ -110,13 +164,16 @@ class AdminHandler(WSGIHandler):
 
     A connection waits at most `idle_timeout` for a request's first byte, then
     is closed; from that byte, the request line and headers must be in within
-    `request_timeout` (else 400 and close) and so must the body (else the API
-    answers 400 and closes). A request with a Transfer-Encoding (a chunked
-    body: no Content-Length) gets 411 and the connection closes.
+    `request_timeout` (else 400, a WARNING line and close) and so must the
+    body (else the API answers 400 and closes). A request with a
+    Transfer-Encoding (a chunked body: no Content-Length) gets 411, one whose
+    header section cannot frame it (`framing_error`) 400, and the connection
+    closes.
     """
 
     deadline = 0.0  # monotonic time by which this request must be in
     length_required = False  # it came with a Transfer-Encoding
+    bad_framing: str | None = None  # why its header section cannot frame it
 
     def handle(self) -> None:
         limits = self.server.limits
@@ -131,27 +188,62 @@ class AdminHandler(WSGIHandler):
             if not self.rfile.peek(1):
                 return ""  # the client closed: pywsgi ends the connection
         self.deadline = time.monotonic() + limits.request_timeout
-        with Timeout(limits.request_timeout, TimeoutError("request line")):
-            return super().read_requestline()
+        try:
+            with Timeout(limits.request_timeout, TimeoutError("request line")):
+                return super().read_requestline()
+        except TimeoutError:
+            self._late_request_line(limits.request_timeout)
+            return ""  # pywsgi ends the connection
+
+    def _late_request_line(self, seconds: float) -> None:
+        """Answer a request line not in by `request_timeout` as pywsgi answers
+        late headers: 400, a WARNING line, and the connection closes."""
+        self.close_connection = True
+        self.log_error(
+            "Invalid request (from %s): request line not in after %g s",
+            self.client_address,
+            seconds,
+        )
+        try:
+            self.socket.sendall(BAD_REQUEST)
+        except OSError:
+            pass  # the client is gone: nothing to tell it
 
     def read_request(self, raw_requestline: str) -> bool:
         seconds = self.server.limits.request_timeout
         left = max(0.0, self.deadline - time.monotonic())
+        self.bad_framing = None
+        parsed = self.headers  # the last request's, until this one's are parsed
         # A ValueError is pywsgi's "bad request": 400, logged, and the connection closes.
         with Timeout(left, ValueError(f"request headers not in after {seconds:g} s")):
-            ok = super().read_request(raw_requestline)
+            try:
+                ok = super().read_request(raw_requestline)
+            except ValueError:
+                # A Content-Length pywsgi refused ("x", "-1"): the API answers why.
+                if self.headers is parsed or framing_error(self.headers) is None:
+                    raise
+                ok = True
         if ok and "Transfer-Encoding" in self.headers:
             # No Content-Length to bound the body: 411, and nothing of it is read.
             self.length_required = True
-            self.close_connection = True
-            del self.headers["Transfer-Encoding"]
-            del self.headers["Content-Length"]
-            self.content_length = None
+            self._no_body()
+        elif ok:
+            self.bad_framing = framing_error(self.headers)
+            if self.bad_framing is not None:  # 400 from the API, nothing of the body read
+                self._no_body()
         return ok
+
+    def _no_body(self) -> None:
+        """Read nothing after this request's headers, and close once it is answered."""
+        self.close_connection = True
+        del self.headers["Transfer-Encoding"]
+        del self.headers["Content-Length"]
+        self.content_length = None
 
     def get_environ(self) -> dict:
         env = super().get_environ()
         env[LENGTH_REQUIRED] = self.length_required
+        env[BAD_FRAMING] = self.bad_framing
         if env["wsgi.input"] is self.wsgi_input:
             expect = env.get("HTTP_EXPECT", "").lower() == "100-continue"
             self.wsgi_input = env["wsgi.input"] = BodyInput(self, self.socket if expect else None)

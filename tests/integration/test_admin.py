@@ -448,12 +448,12 @@ def test_unknown_paths_and_methods(shared):
     assert api.request("GET", "/").status == 404
     assert api.request("GET", "/api/v1/sessions/zz").status == 404
     cases = [
-        ("POST", "/api/v1/stats", "GET"),
-        ("DELETE", "/api/v1/config", "GET, PATCH"),
+        ("POST", "/api/v1/stats", "GET, HEAD"),
+        ("DELETE", "/api/v1/config", "GET, HEAD, PATCH"),
         ("GET", "/api/v1/reload", "POST"),
-        ("PUT", "/api/v1/sessions", "GET"),
+        ("PUT", "/api/v1/sessions", "GET, HEAD"),
         ("GET", "/api/v1/sessions/1A", "DELETE"),
-        ("POST", "/metrics", "GET"),
+        ("POST", "/metrics", "GET, HEAD"),
     ]
     for method, path, allowed in cases:
         reply = api.request(method, path)
@@ -754,7 +754,7 @@ def test_idle_and_half_sent_connections_are_closed(make_server):
         assert _until_closed(half).startswith(b"HTTP/1.1 400 ")
     with _raw(port) as slow:  # a request line that never ends
         slow.sendall(b"GET /api/v1/st")
-        assert _until_closed(slow) == b""
+        assert _until_closed(slow).startswith(b"HTTP/1.1 400 ")
     # A kept-alive connection, idle after its request.
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/api/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -812,6 +812,126 @@ def test_a_body_without_content_length_is_411(shared):
         "a request body needs a Content-Length (no Transfer-Encoding)"
     )
     assert api.config() == before
+
+
+def _one_reply(answer: bytes) -> tuple[bytes, bytes]:
+    """The head and body of the only reply in `answer` (nothing after its body)."""
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))[15:]
+    )
+    assert rest[length:] == b"", answer  # a second reply: the rest was taken as a request
+    return head, rest[:length]
+
+
+@pytest.mark.parametrize(
+    "fields, body, error",
+    [
+        # Two lengths: the first was used, and the rest of the body (`{"vrfy":true}`,
+        # a JSON body here) was parsed as the next request on the connection.
+        (b"Content-Length: 2\r\nContent-Length: 14\r\n", b'{}{"vrfy":true}', "2 Content-Length"),
+        (b"Content-Length: 2\r\ncontent-length: 2\r\n", b"{}", "2 Content-Length headers"),
+        (b"Content-Length: +2\r\n", b"{}", "Content-Length is not a number of octets: '+2'"),
+        (b"Content-Length: 1_4\r\n", b'{"vrfy": true}', "Content-Length is not a number of "),
+        (b"Content-Length: 2, 2\r\n", b"{}", "Content-Length is not a number of octets: '2, 2'"),
+        (b"Content-Length: -1\r\n", b"{}", "Content-Length is not a number of octets: '-1'"),
+        # Header lines that hide the fields after them, or fold a field's value.
+        (b"Content-Length : 2\r\n", b"{}", "a header line that is not a header field"),
+        (b"From x\r\nContent-Length: 2\r\n", b"{}", "a header line that is not a header field"),
+        (b"Content-Length: 2\r\nFrom x\r\n", b"{}", "a header line that is not a header field"),
+        (b": x\r\nContent-Length: 2\r\n", b"{}", "a header line that is not a header field"),
+        (b"X-Note: a\r\nContent-Length: 2\r\n 14\r\n", b"{}", "a header field folded over"),
+        (b"X-Note: a\r\n b\r\nContent-Length: 2\r\n", b"{}", "a header field folded over"),
+    ],
+    ids=lambda v: v.decode()[:24] if isinstance(v, bytes) else None,
+)
+def test_a_request_whose_framing_is_in_doubt_is_400_and_closed(shared, fields, body, error):
+    """RFC 9112 §6.3: several Content-Length values, one that is not digits, a
+    malformed or folded header line: 400 and close, and nothing after the
+    header section is read as a request."""
+    _, api = shared
+    before = api.config()
+    with _raw(api.port) as sock:
+        sock.sendall(
+            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + b"Content-Type: application/json\r\n"
+            + fields
+            + b"\r\n"
+            + body
+        )
+        head, text = _one_reply(_until_closed(sock))
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"Connection: close" in head
+    assert json.loads(text)["error"].startswith(error)
+    assert api.config() == before
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Content-Length: 0002\r\n",  # leading zeros
+        b"Content-Length:\t 2 \r\n",  # white space around the value
+        b"Content-Type: multipart/mixed\r\nContent-Length: 2\r\n",  # no parts: no matter
+    ],
+    ids=lambda v: v.decode()[:24],
+)
+def test_a_request_whose_framing_is_fine_is_served(shared, fields):
+    _, api = shared
+    with _raw(api.port) as sock:
+        sock.sendall(
+            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + fields
+            + b"\r\n{}"
+        )
+        head, text = _one_reply(_until_closed(sock))
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(text)["changed"] == []
+
+
+def test_a_request_line_dribbled_past_the_request_timeout_is_400(make_server):
+    """A byte now and then does not keep a request line open past
+    request_timeout: 400 and close, and one WARNING line (once: a plain end of
+    stream and no line)."""
+    server = make_server(with_admin(idle_timeout=5, request_timeout=1))
+    port = admin_of(server).port
+    line = b"GET /api/v1/stats HTTP/1.1"
+    with _raw(port) as sock, selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        for i in range(len(line)):  # at most 27 bytes: 5.4 s, past the 1 s timeout
+            if sel.select(0.2):
+                break  # the server answered (or closed)
+            sock.sendall(line[i : i + 1])
+        answer = _until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close\r\n" in answer
+    log = wait_until(lambda: "request line not in after 1 s" in (t := server.server_log()) and t)
+    assert "WARNING admin: " in log
+    assert log.count("request line not in after") == 1
+
+
+def test_head_is_served_wherever_get_is(make_server):
+    """HEAD: GET's status and headers with no body, for the read token too (it
+    was 403); the reply's end is where the next one begins."""
+    server = make_server(with_admin(read_token=READ_TOKEN))
+    api = admin_of(server)
+    get = api.request("GET", "/api/v1/config", token=READ_TOKEN)
+    assert get.status == 200
+    for token in (READ_TOKEN, TOKEN):
+        for path, status in [("/api/v1/config", 200), ("/metrics", 200), ("/api/v1/reload", 405)]:
+            with _raw(api.port) as sock:
+                sock.sendall(
+                    f"HEAD {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+                    "GET /api/v1/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                )
+                answer = _until_closed(sock)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert head.startswith(f"HTTP/1.1 {status} ".encode()), (path, answer)
+            assert rest.startswith(b"HTTP/1.1 401 "), (path, answer)  # no body in between
+            if path == "/api/v1/config":
+                assert f"Content-Length: {len(get.body)}".encode() in head
+            if status == 405:
+                assert b"Allow: POST\r\n" in head
 
 
 def test_a_flood_of_idle_connections_holds_no_descriptors_the_mail_needs(make_server):

@@ -111,7 +111,13 @@ def test_the_filters_endpoint_and_its_errors(make_server, tmp_path):
             400,
             "name: cannot be changed here; edit the config file and reload",
         ),
-        ("POST", "/api/v1/filters/cat", None, 405, "POST /api/v1/filters/cat: use GET, PATCH"),
+        (
+            "POST",
+            "/api/v1/filters/cat",
+            None,
+            405,
+            "POST /api/v1/filters/cat: use GET, HEAD, PATCH",
+        ),
     ]:
         reply = api.request(method, path, body)
         assert (reply.status, reply.error) == (status, error), (method, path)

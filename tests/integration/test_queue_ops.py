@@ -259,9 +259,9 @@ def test_api_answers(relay_setup):
     assert odd.status == 404 and "\n" not in odd.error
     for method, path, allow in [
         ("GET", "/api/v1/queue/flush", "POST"),
-        ("POST", "/api/v1/queue", "GET"),
+        ("POST", "/api/v1/queue", "GET, HEAD"),
         ("GET", f"/api/v1/queue/{a}/hold", "POST"),
-        ("POST", f"/api/v1/queue/{a}", "GET, DELETE"),
+        ("POST", f"/api/v1/queue/{a}", "GET, HEAD, DELETE"),
     ]:
         reply = api.request(method, path)
         assert reply.status == 405 and reply.headers["allow"] == allow, (method, path)
