@@ -393,6 +393,8 @@ class Geosmtp(Server):
     filters: ClassVar[list[dict] | None] = None
     #: `workers:` (None: not in the config, geosmtp's default: one per CPU).
     worker_count: ClassVar[int | None] = None
+    #: The per-client limits on, out of reach (their counting measured), or off.
+    client_limits: ClassVar[bool] = True
     #: `reuse_port: true` (a listening socket per worker).
     reuse_port: ClassVar[bool] = False
     #: The source tree whose `geosmtp/` runs (another for `geosmtp@REV`).
@@ -421,12 +423,13 @@ class Geosmtp(Server):
         if "class ClientLimits" in (self.source / "geosmtp" / "config.py").read_text():
             # Every load comes from 127.0.0.1: each per-client limit on (so its
             # counting is measured) and out of reach (so it refuses nothing).
-            never = 1_000_000
+            # A variant may turn them off (0), to measure what the counting costs.
+            value = 1_000_000 if self.client_limits else 0
             config["client_limits"] = {
-                key: never
+                key: value
                 for key in ("max_connections", "connection_rate", "message_rate", "recipient_rate")
             }
-            config["client_limits"]["max_errors"] = never
+            config["client_limits"]["max_errors"] = value
         if self.filters is not None:
             config["filters"] = self.filters
         if self.worker_count is not None:
@@ -513,6 +516,14 @@ class GeosmtpOneWorker(Geosmtp):
 
     name = "geosmtp+w1"
     worker_count = 1
+
+
+class GeosmtpNoClientLimits(Geosmtp):
+    """geosmtp with every per-client limit off (`client_limits`: 0), beside
+    plain geosmtp where each is on and out of reach: what counting costs."""
+
+    name = "geosmtp+nolimits"
+    client_limits = False
 
 
 class GeosmtpReusePort(Geosmtp):
@@ -933,6 +944,7 @@ SERVERS: dict[str, type[Server]] = {
     "geosmtp+auth-cached": GeosmtpAuthCached,
     "geosmtp+cat": GeosmtpCat,
     "geosmtp+w1": GeosmtpOneWorker,
+    "geosmtp+nolimits": GeosmtpNoClientLimits,
     "geosmtp+reuseport": GeosmtpReusePort,
     "aiosmtpd": Aiosmtpd,
     "postfix": Postfix,
