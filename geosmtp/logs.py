@@ -83,12 +83,14 @@ class AccessLog:
 access_log = AccessLog()
 
 
+def _shortened(value: Any, limit: int) -> str:
+    text = str(value)
+    return text[:limit] + "..." if len(text) > limit else text
+
+
 def clean(value: Any, limit: int = 512) -> str:
     """A client-supplied value made safe for one log line (escaped, shortened)."""
-    text = str(value)
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return escape(text)
+    return escape(_shortened(value, limit))
 
 
 def access_line(**fields: Any) -> str:
@@ -102,9 +104,7 @@ def access_line(**fields: Any) -> str:
             continue
         if isinstance(value, list | tuple):
             value = ",".join(value)
-        text = str(value)
-        if len(text) > 512:
-            text = text[:512] + "..."
+        text = _shortened(value, 512)
         if not text or " " in text or '"' in text or "\\" in text or not text.isprintable():
             text = '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
         parts.append(f"{key}={text}")

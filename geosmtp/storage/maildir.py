@@ -57,7 +57,7 @@ from loguru import logger
 from ..mail import safe_mailbox_name
 from .errors import MaildropBusy, StorageError, SymlinkRefused
 from .lock import LOCK_NAME, MaildropLock
-from .modes import MAIL_ROOT_MODE, MAILDIR_DIR_MODE, MESSAGE_MODE, make_folder
+from .modes import MAIL_ROOT_MODE, MAILDIR_DIR_MODE, MESSAGE_MODE, is_link, make_folder
 from .spool import SpoolFile, UniqueNames, lone_lfs
 from .spool import fsync_path as _fsync_path
 from .spool import unlink_quietly as _unlink_quietly
@@ -105,19 +105,12 @@ def _open_nofollow(maildir: str, rel: str, flags: int, dir_fd: int | None = None
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
         # O_NOFOLLOW gives ELOOP, or ENOTDIR with O_DIRECTORY (Linux).
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(name, dir_fd):
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not is_link(name, dir_fd):
             raise
     logger.warning(
         "mailbox {}: {} is a symbolic link: not followed", os.path.basename(maildir), path
     )
     raise SymlinkRefused(path)
-
-
-def _is_link(name: str, dir_fd: int | None) -> bool:
-    try:
-        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
-    except OSError:
-        return False
 
 
 def _open_folder(maildir: str, sub: str) -> int:

@@ -60,6 +60,7 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "UMASK",
     "apply_umask",
+    "is_link",
     "make_folder",
     "make_real_folder",
     "open_log_file",
@@ -113,15 +114,16 @@ def make_real_folder(path: str | os.PathLike[str], mode: int) -> bool:
         os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
     except OSError as exc:
         # A dangling link: EEXIST; through O_NOFOLLOW: ELOOP, or ENOTDIR (Linux).
-        if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR) and _is_link(path):
+        if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR) and is_link(path):
             raise SymlinkRefused(os.fspath(path)) from None
         raise
     return made
 
 
-def _is_link(path: str | os.PathLike[str]) -> bool:
+def is_link(path: str | os.PathLike[str], dir_fd: int | None = None) -> bool:
+    """Whether `path` (relative to `dir_fd` when given) is a symbolic link."""
     try:
-        return stat.S_ISLNK(os.lstat(path).st_mode)
+        return stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
     except OSError:
         return False
 

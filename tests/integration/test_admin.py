@@ -743,6 +743,20 @@ def _until_closed(sock: socket.socket) -> bytes:
     return got
 
 
+def _raw_patch(port: int, fields: bytes, body: bytes) -> bytes:
+    """A `PATCH /api/v1/config` with the write token, `fields` (CRLF-ended
+    header lines) and `body` as they are; all the server sends until it closes."""
+    with _raw(port) as sock:
+        sock.sendall(
+            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + fields
+            + b"\r\n"
+            + body
+        )
+        return _until_closed(sock)
+
+
 def test_idle_and_half_sent_connections_are_closed(make_server):
     server = make_server(with_admin(idle_timeout=1, request_timeout=1))
     api = admin_of(server)
@@ -771,14 +785,8 @@ def test_a_short_body_is_400_once_the_request_times_out(make_server):
     server = make_server(with_admin(request_timeout=1))
     api = admin_of(server)
     before = api.config()
-    with _raw(api.port) as sock:
-        sock.sendall(
-            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\n"
-            + f"Authorization: Bearer {TOKEN}\r\n".encode()
-            + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-            + b'{"max_cli'
-        )
-        answer = _until_closed(sock)
+    fields = b"Content-Type: application/json\r\nContent-Length: 100\r\n"
+    answer = _raw_patch(api.port, fields, b'{"max_cli')
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer
     assert b"Connection: close" in head
@@ -795,16 +803,8 @@ def test_a_body_without_content_length_is_411(shared):
     _, api = shared
     before = api.config()
     body = json.dumps({"max_clients": 7}).encode()
-    with _raw(api.port) as sock:
-        sock.sendall(
-            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\n"
-            + f"Authorization: Bearer {TOKEN}\r\n".encode()
-            + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + f"{len(body):x}\r\n".encode()
-            + body
-            + b"\r\n0\r\n\r\n"
-        )
-        answer = _until_closed(sock)
+    fields = b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    answer = _raw_patch(api.port, fields, f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
     head, _, text = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 411 "), answer
     assert b"Connection: close" in head
@@ -851,16 +851,9 @@ def test_a_request_whose_framing_is_in_doubt_is_400_and_closed(shared, fields, b
     header section is read as a request."""
     _, api = shared
     before = api.config()
-    with _raw(api.port) as sock:
-        sock.sendall(
-            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\n"
-            + f"Authorization: Bearer {TOKEN}\r\n".encode()
-            + b"Content-Type: application/json\r\n"
-            + fields
-            + b"\r\n"
-            + body
-        )
-        head, text = _one_reply(_until_closed(sock))
+    head, text = _one_reply(
+        _raw_patch(api.port, b"Content-Type: application/json\r\n" + fields, body)
+    )
     assert head.startswith(b"HTTP/1.1 400 "), head
     assert b"Connection: close" in head
     assert json.loads(text)["error"].startswith(error)
@@ -878,14 +871,7 @@ def test_a_request_whose_framing_is_in_doubt_is_400_and_closed(shared, fields, b
 )
 def test_a_request_whose_framing_is_fine_is_served(shared, fields):
     _, api = shared
-    with _raw(api.port) as sock:
-        sock.sendall(
-            b"PATCH /api/v1/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            + f"Authorization: Bearer {TOKEN}\r\n".encode()
-            + fields
-            + b"\r\n{}"
-        )
-        head, text = _one_reply(_until_closed(sock))
+    head, text = _one_reply(_raw_patch(api.port, b"Connection: close\r\n" + fields, b"{}"))
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert json.loads(text)["changed"] == []
 
