@@ -119,6 +119,16 @@ class RunningServer:
         """The pids of the serving processes (the master's children)."""
         return child_pids(self.process.pid)
 
+    def old_workers_gone(self, old: list[int] | set[int]) -> list[int]:
+        """The worker pids once none of `old` (taken before a reload) is left.
+
+        Until an old worker has handled its SIGTERM it may still take a client
+        (an API request too) on the old config; after this, none does."""
+        return wait_until(
+            lambda: (pids := self.workers()) and not set(pids) & set(old) and pids,
+            what="the old workers to end",
+        )
+
     @property
     def worker(self) -> int:
         """The one serving process of a server started with `workers: 1`."""

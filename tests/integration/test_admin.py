@@ -559,13 +559,10 @@ def test_sighup_applies_a_valid_change(make_server):
     before = set(server.workers())
     _rewrite(server, limits__max_recipients=2, max_clients=9)
     server.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: api.config()["limits"]["max_recipients"] == 2, what="reloaded config")
-    assert api.config()["max_clients"] == 9
-    # A new worker answers the API while the old one may still take a client
-    # (until its SIGTERM is handled): once it has ended, every client is new.
-    wait_until(
-        lambda: server.workers() and not before & set(server.workers()), what="old worker gone"
-    )
+    server.old_workers_gone(before)  # then every answer is the new config's
+    config = api.config()
+    assert config["limits"]["max_recipients"] == 2
+    assert config["max_clients"] == 9
     with Wire.connect(server.host, server.port) as w:
         w.expect("EHLO x.example", 250)
         w.expect("MAIL FROM:<a@remote.example>", 250)

@@ -155,8 +155,10 @@ def test_sessions_kick_and_reload(make_server):
     data = yaml.safe_load(server.config_path.read_text())
     data["max_clients"] = 4
     server.config_path.write_text(yaml.safe_dump(data))
+    before = server.workers()
     reload = ctl(server, "reload")
     assert (reload.returncode, reload.stdout) == (0, "reloaded; changed: max_clients\n")
+    server.old_workers_gone(before)  # an old one may answer until its SIGTERM is handled
     assert api.config()["max_clients"] == 4
     data["listeners"][0]["port"] = free_port()
     server.config_path.write_text(yaml.safe_dump(data))
