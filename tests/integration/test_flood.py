@@ -37,12 +37,13 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_kb(pid: int) -> int:
+def memory_kb(pid: int, key: str) -> int:
+    """VmRSS (now) or VmHWM (the peak) of a process, in KiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {key}")
 
 
 def trickle_once(server, source: str, every: float, seconds: float) -> tuple[bytes, float]:
@@ -115,6 +116,9 @@ class Attack:
     admitted: int = 0  # trickler connections greeted with 220
     refused: int = 0  # ... refused at connect (421 4.7.0: the cap, or the address's)
     cut: int = 0  # ... closed by the server's timeout (421 4.4.2)
+    # ... closed by the server without a reply we could read (our byte after
+    # its close drew a reset, which can drop the reply before it is read)
+    cut_silent: int = 0
     other: list[bytes] = field(default_factory=list)  # anything else the server said
     longest_held: float = 0.0  # seconds an admitted trickler lived, at most
     churned: int = 0
@@ -174,6 +178,8 @@ class Attack:
                     elif state[2] and said.startswith(TIMED_OUT):
                         self.cut += 1
                         self.longest_held = max(self.longest_held, now - state[1])
+                    elif state[2] and not said:
+                        self.cut_silent += 1
                     else:
                         self.other.append(said[:100])
                     sock.close()
@@ -257,7 +263,7 @@ def test_a_flood_of_tricklers_and_droppers_leaves_normal_mail_and_the_server_who
     worker = server.worker
     with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:  # warm up
         smtp.sendmail("w@client.example", ["bob@test.example"], b"Subject: warm\r\n\r\nw\r\n")
-    fds_before, rss_before = fds(worker), rss_kb(worker)
+    fds_before, rss_before = fds(worker), memory_kb(worker, "VmRSS")
 
     attack = Attack(server)
     threads = [
@@ -273,18 +279,15 @@ def test_a_flood_of_tricklers_and_droppers_leaves_normal_mail_and_the_server_who
         threading.Thread(target=send_normal, args=(server, c, acked, errors), daemon=True)
         for c in range(NORMAL_CLIENTS)
     ]
-    peak_rss = rss_kb(worker)
     for t in normal:
         t.start()
     deadline = time.monotonic() + ATTACK_LIMIT
     for t in normal:
         while t.is_alive() and time.monotonic() < deadline:
             t.join(timeout=0.2)
-            peak_rss = max(peak_rss, rss_kb(worker))
     # Two waves of tricklers at least: those that came back were cut too.
-    while attack.cut < 2 * 150 and time.monotonic() < deadline:
+    while attack.cut + attack.cut_silent < 2 * 150 and time.monotonic() < deadline:
         time.sleep(0.1)
-        peak_rss = max(peak_rss, rss_kb(worker))
     attack.stop.set()
     for t in threads:
         t.join(timeout=20)
@@ -302,7 +305,11 @@ def test_a_flood_of_tricklers_and_droppers_leaves_normal_mail_and_the_server_who
 
     # The server, not the test, cut the tricklers: under stress their line
     # has stress.command_timeout in all, however often a byte comes.
-    assert attack.cut >= 2 * 150, vars(attack)
+    assert attack.cut + attack.cut_silent >= 2 * 150, vars(attack)
+    assert attack.cut >= 150, vars(attack)
+    # Held far less than timeouts.command (300 s): stress began within a
+    # second of the flood, and a line then has STRESS_TIMEOUT in all.
+    assert attack.longest_held < 20, vars(attack)
     assert attack.refused > 0, vars(attack)  # the cap held too
     assert not attack.other, attack.other[:5]
     assert attack.churned >= 100
@@ -316,5 +323,9 @@ def test_a_flood_of_tricklers_and_droppers_leaves_normal_mail_and_the_server_who
     assert len(server.messages("bob")) == 2
     wait_until(lambda: fds(worker) <= fds_before + 2, timeout=30, what="the descriptors back")
     assert server.worker == worker  # never restarted
-    growth_mb = (max(peak_rss, rss_kb(worker)) - rss_before) / 1024
-    assert growth_mb < 64, f"the worker grew {growth_mb:.1f} MB"
+    # At most 150 connections at a time, about 13 KB each (bench: idle); a
+    # worker's RSS has also been seen to step by some 40 MB once (a thread's
+    # malloc arena), hence the bound: what it catches is memory kept per
+    # connection, over the ~1,000 the attack makes.
+    growth_mb = (memory_kb(worker, "VmHWM") - rss_before) / 1024
+    assert growth_mb < 64, f"the worker's peak RSS grew {growth_mb:.1f} MB"
