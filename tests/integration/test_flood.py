@@ -270,27 +270,29 @@ def test_a_flood_of_tricklers_and_droppers_leaves_normal_mail_and_the_server_who
         threading.Thread(target=attack.tricklers, daemon=True),
         threading.Thread(target=attack.churn, daemon=True),
     ]
-    for t in threads:
-        t.start()
-    wait_until(lambda: attack.admitted >= 100, timeout=20, what="the tricklers in")
     acked: list[str] = []
     errors: list[str] = []
     normal = [
         threading.Thread(target=send_normal, args=(server, c, acked, errors), daemon=True)
         for c in range(NORMAL_CLIENTS)
     ]
-    for t in normal:
-        t.start()
-    deadline = time.monotonic() + ATTACK_LIMIT
-    for t in normal:
-        while t.is_alive() and time.monotonic() < deadline:
-            t.join(timeout=0.2)
-    # Two waves of tricklers at least: those that came back were cut too.
-    while attack.cut + attack.cut_silent < 2 * 150 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    attack.stop.set()
-    for t in threads:
-        t.join(timeout=20)
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: attack.admitted >= 100, timeout=20, what="the tricklers in")
+        for t in normal:
+            t.start()
+        deadline = time.monotonic() + ATTACK_LIMIT
+        for t in normal:
+            while t.is_alive() and time.monotonic() < deadline:
+                t.join(timeout=0.2)
+        # Two waves of tricklers at least: those that came back were cut too.
+        while attack.cut + attack.cut_silent < 2 * 150 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:  # the attack ends with the test, whatever happened
+        attack.stop.set()
+        for t in threads:
+            t.join(timeout=20)
     assert not any(t.is_alive() for t in normal), "normal clients still sending"
 
     # Every normal message acknowledged, and stored exactly once.
