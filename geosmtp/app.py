@@ -39,6 +39,7 @@ from .mailauth.stages import DKIMSign, SenderChecks, build_signer
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
 from .pop3 import POP3Connection, POP3Security
+from .queue.client import Timeouts
 from .queue.dsn import RecipientStatus, write_dsn
 from .queue.mx import Resolver
 from .queue.runner import QueueRunner, RunnerSettings
@@ -112,7 +113,22 @@ def runner_settings(config: Config) -> RunnerSettings:
         smarthost_tls=relay.smarthost_tls,
         smarthost_auth=auth,
         max_received=relay.max_received,
+        timeouts=client_timeouts(relay.timeouts),
         tls_context=tls_context,
+    )
+
+
+def client_timeouts(t: cfg.RelayTimeouts) -> Timeouts:
+    """The queue's client timeouts from `relay.timeouts`: `command` for every
+    command step, QUIT at most 10 s (the outcome is known by then)."""
+    command = {s: t.command for s in ("greeting", "helo", "tls", "auth", "mail", "rcpt")}
+    return Timeouts(
+        connect=t.connect,
+        data_init=t.data_init,
+        data_block=t.data_block,
+        data_end=t.data_end,
+        quit=min(10.0, t.command),
+        **command,
     )
 
 
