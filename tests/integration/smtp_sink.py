@@ -269,7 +269,7 @@ class Sink:
                 reply(s.data_reply)
                 if not s.data_reply.startswith("354"):
                     continue
-                if not self._data(tx, rfile, conn, s):
+                if not self._data(tx, rfile, conn):
                     return
                 if s.stall_at == ".":
                     return self._stall()
@@ -292,7 +292,7 @@ class Sink:
             else:
                 reply("502 5.5.2 not implemented")
 
-    def _data(self, tx: Transaction, rfile, conn: socket.socket, script: Script) -> bool:
+    def _data(self, tx: Transaction, rfile, conn: socket.socket) -> bool:
         """Read the message to `.<CRLF>`; False when the connection is gone or dropped."""
         raw, data = bytearray(), bytearray()
         try:
@@ -301,11 +301,11 @@ class Sink:
                 if not line:
                     return False
                 raw += line
-                limit = script.drop_in_data_after
+                limit = self.script.drop_in_data_after
                 if limit is not None and len(raw) >= limit:
                     conn.shutdown(socket.SHUT_RDWR)
                     return False
-                stall = script.stall_in_data_after
+                stall = self.script.stall_in_data_after
                 if stall is not None and len(raw) >= stall:
                     self._stall_in_data(rfile)
                     return False
