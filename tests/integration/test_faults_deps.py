@@ -177,6 +177,7 @@ def test_queue_disk_full_is_452_and_the_queue_keeps_every_message(tmp_path, rela
                 what="an attempt that could not save its record",
             )
             assert "No space left on device" in server.server_log()
+            assert "unhandled error" not in server.server_log()
             assert queue_files(server)[0] == records
             # Room comes back: the same session sends again.
             room.unlink()
@@ -392,6 +393,7 @@ def test_a_maildir_made_read_only_is_451_logged_and_recovers(tmp_path, make_serv
                 lambda: "Read-only file system" in server.server_log() and server.server_log()
             )
             assert "mail_dir/alice" in log
+            assert "unhandled error" not in log and "Traceback" not in log  # an expected fault
             assert server.tmp_files() == []
         finally:
             remount("rw")
