@@ -51,7 +51,13 @@ from .store import (
 )
 
 #: How a finished recipient is reported: ("failed" | "delayed" | "delivered").
+#: It raises when the report could not be stored (`ReportNotStored`, or any
+#: other error): a bounce is then deferred with its recipients, never dropped.
 Report = Callable[[QueueRecord, list[QueuedRecipient], str], None]
+
+
+class ReportNotStored(Exception):
+    """A report to the sender was not stored (a full disk, say); the reason."""
 
 
 @dataclass
@@ -242,14 +248,17 @@ class QueueRunner:
             failed += [r for r in rcpts if r.state == FAILED]
             delivered += [r for r in rcpts if r.state == DELIVERED]
             logger.debug("queue {}: {} to {}", record.id, outcome, domain)
-            if i == len(groups) - 1 and all(r.state == DELIVERED for r in record.recipients):
-                # Delivered everywhere: the entry is removed next, so rewriting
-                # its record first would only cost a pair of fsyncs. A crash
-                # before the removal re-sends this last attempt, the one in
-                # flight, which is what may be sent twice.
-                break
-            self._save(record)  # delivered recipients are never sent twice
+            if i < len(groups) - 1:
+                self._save(record)  # delivered recipients are never sent twice
+        # The reports before the last save: a crash between the two makes the
+        # failure once more (and its bounce twice), never a lost bounce.
         self._reports(record, failed, delivered)
+        if not all(r.state == DELIVERED for r in record.recipients):
+            self._save(record)
+        # Delivered everywhere: the entry is removed next, so rewriting its
+        # record first would only cost a pair of fsyncs. A crash before the
+        # removal re-sends this last attempt, the one in flight, which is what
+        # may be sent twice.
 
     def _deliver_domain(self, record: QueueRecord, domain: str, rcpts: list[QueuedRecipient]):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
@@ -373,20 +382,23 @@ class QueueRunner:
             return what in rcpt.notify
 
         if failed:
-            self._report(record, [r for r in failed if wants(r, "FAILURE", True)], "failed")
+            bounced = [r for r in failed if wants(r, "FAILURE", True)]
+            if not self._report(record, bounced, "failed"):
+                self._defer_bounce(record, bounced)
         if delivered:
+            # Not stored: logged. The mail went, and sending it again for its
+            # report would be worse than the report missing.
             self._report(record, [r for r in delivered if wants(r, "SUCCESS", False)], "delivered")
         if delay_warning_due(record.arrival, self.clock(), self.settings.delay_warning, False):
             late = [r for r in record.pending if not r.delay_warned and wants(r, "DELAY", True)]
-            if late:
+            if late and self._report(record, late, "delayed"):
                 for r in late:
-                    r.delay_warned = True
-                self._report(record, late, "delayed")
-                self._save(record)
+                    r.delay_warned = True  # else warned at a later attempt
 
-    def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
+    def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> bool:
+        """Report `kind` about `rcpts` to the sender; False when it was not stored."""
         if not rcpts:
-            return
+            return True
         if not record.sender:  # never a report to the null sender (RFC 5321 §6.1)
             logger.warning(
                 "queue {}: {} for {} not reported: the sender is <>",
@@ -394,13 +406,51 @@ class QueueRunner:
                 kind,
                 ", ".join(r.address for r in rcpts),
             )
-            return
+            return True
         try:
             self.report(record, rcpts, kind)
+        except ReportNotStored as exc:
+            logger.error(
+                "queue {}: could not store the {} report to <{}>: {}",
+                record.id,
+                kind,
+                record.sender,
+                logs.clean(exc),
+            )
+            return False
         except Exception:
             logger.exception(
                 "queue {}: could not report {} to <{}>", record.id, kind, record.sender
             )
+            return False
+        return True
+
+    def _defer_bounce(self, record: QueueRecord, rcpts: list[QueuedRecipient]) -> None:
+        """The bounce for `rcpts` was not stored: they are deferred instead of
+        given up (Postfix's "bounce or trace service failure"), so the message
+        stays queued and the failure, and its bounce, come again at the next
+        attempt. Nothing is lost while the disk is full."""
+        now = self.clock()
+        for rcpt in rcpts:
+            rcpt.state = PENDING
+            rcpt.next_attempt = now + self.settings.schedule.delay_after(max(rcpt.attempts, 1))
+            # The attempt's line said "bounced": this one says what became of it.
+            logs.access_log.write(
+                logs.access_line(
+                    queue=record.id,
+                    to=f"<{rcpt.address}>",
+                    relay="none",
+                    delay=f"{max(now - record.arrival, 0.0):.2f}",
+                    status="4.3.0",
+                    outcome="deferred",
+                    reason=_BOUNCE_NOT_STORED,
+                )
+            )
+        logger.warning(
+            "queue {}: {} deferred, not given up: their bounce could not be stored",
+            record.id,
+            ", ".join(f"<{r.address}>" for r in rcpts),
+        )
 
     def _finish(self, record: QueueRecord) -> None:
         self.records.pop(record.id, None)
@@ -573,6 +623,9 @@ class QueueBusy(Exception):
 #: The reason an attempt that failed with a bug gives (the traceback is in log.txt).
 _INTERNAL_ERROR = "x-geosmtp; internal error (see the server log)"
 
+#: The reason a recipient whose bounce could not be stored is deferred.
+_BOUNCE_NOT_STORED = "x-geosmtp; its bounce could not be stored (see the server log)"
+
 #: A recipient's state after an attempt, in the access log's (and Postfix's) words.
 _OUTCOME_WORDS = {DELIVERED: "sent", PENDING: "deferred", FAILED: "bounced"}
 
@@ -590,4 +643,4 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ = ["PENDING", "QueueBusy", "QueueRunner", "RunnerSettings"]
+__all__ = ["PENDING", "QueueBusy", "QueueRunner", "ReportNotStored", "RunnerSettings"]

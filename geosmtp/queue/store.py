@@ -445,14 +445,20 @@ class QueueStore:
         tmp = f"{self.records}/.{record.id}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         try:
-            data = memoryview(record.to_json())
-            while data:
-                data = data[os.write(fd, data) :]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
+            try:
+                data = memoryview(record.to_json())
+                while data:
+                    data = data[os.write(fd, data) :]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            # A full disk, say: no half-written record stays behind (holding
+            # the room that is short) until the next start cleans it.
+            _unlink_quietly(tmp)
+            raise
         if self.fsync and sync_dirs:
             fsync_path(self.records)
 

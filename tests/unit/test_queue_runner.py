@@ -17,7 +17,7 @@ from geosmtp.queue.client import (
     parse_reply,
 )
 from geosmtp.queue.mx import DNSPermanentError, DNSTemporaryError, Host
-from geosmtp.queue.runner import QueueRunner, RunnerSettings
+from geosmtp.queue.runner import QueueRunner, ReportNotStored, RunnerSettings
 from geosmtp.queue.schedule import RetrySchedule
 from geosmtp.queue.store import (
     DELIVERED,
@@ -188,6 +188,50 @@ def test_a_permanent_failure_is_reported_once_and_the_delivered_not_resent(make)
     assert reports == [("failed", ["b@remote.test"])]
     assert [r.state for r in record.recipients] == [FAILED, DELIVERED]
     assert len(client.calls) == 1
+
+
+def test_a_bounce_that_cannot_be_stored_defers_the_recipient(make):
+    """A full disk when the bounce is written: the recipient is deferred, not
+    given up (the entry stays, on disk too), and failed and reported once the
+    report can be stored."""
+    runner, record, client, reports, clock, store = make(
+        {"b@remote.test": (Outcome.PERMANENT, "5.1.1")}
+    )
+    stored = runner.report
+
+    def disk_full(rec, rcpts, kind):  # type: ignore[no-untyped-def]
+        raise ReportNotStored("No space left on device")
+
+    runner.report = disk_full
+    runner._attempt(record)
+    (rcpt,) = record.recipients
+    assert (rcpt.state, rcpt.attempts, rcpt.next_attempt) == (PENDING, 1, clock.now + 60)
+    assert "Q1" in runner.records and not record.done
+    assert store.load().records[0].recipients[0].state == PENDING  # on disk
+    assert reports == []
+    runner.report = stored
+    clock.now += 60
+    runner._attempt(record)
+    assert reports == [("failed", ["b@remote.test"])]
+    assert rcpt.state == FAILED and "Q1" not in runner.records
+    assert store.load().records == []
+    assert len(client.calls) == 2
+
+
+def test_a_delay_report_not_stored_is_tried_again(make):
+    runner, record, _, reports, clock, _ = make(
+        {"b@remote.test": (Outcome.TEMPORARY, "4.3.0")}, delay_warning=30
+    )
+    stored = runner.report
+    runner.report = lambda rec, rcpts, kind: (_ for _ in ()).throw(ReportNotStored("full"))
+    clock.now += 60
+    runner._attempt(record)
+    assert not record.recipients[0].delay_warned
+    runner.report = stored
+    clock.now += 60
+    runner._attempt(record)
+    assert reports == [("delayed", ["b@remote.test"])]
+    assert record.recipients[0].delay_warned
 
 
 def test_the_longest_reply_fits_a_record():
