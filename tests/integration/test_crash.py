@@ -1,0 +1,114 @@
+"""kill -9 in the middle of a POP3 UPDATE."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from tests.conftest import free_port, users, wait_until
+
+# ------------------------------------------------- a kill in UPDATE
+
+
+PASSWORD = "update-crash-pw"
+BIG = 4000  # messages in the maildrop: UPDATE's unlinks take tens of ms
+
+
+def fill(box_dir, count: int) -> list[str]:
+    cur = box_dir / "cur"
+    for sub in ("tmp", "new", "cur"):
+        (box_dir / sub).mkdir(parents=True, exist_ok=True)
+    keys = []
+    for n in range(count):
+        key = f"{1700000000 + n}.M{n}P7Q1.filled,S=12,W=13"
+        (cur / f"{key}:2,S").write_bytes(b"Subject: x\n\n")
+        keys.append(key)
+    return keys
+
+
+def left(box_dir) -> set[str]:
+    return {
+        name.partition(":")[0]
+        for sub in ("new", "cur")
+        for name in os.listdir(box_dir / sub)
+        if not name.startswith(".")
+    }
+
+
+def delete_and_quit(port: int, keep: set[int], count: int) -> socket.socket:
+    """Log in, DELE every message but `keep` (numbers from 1), send QUIT."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"+OK")
+    sock.sendall(f"USER alice\r\nPASS {PASSWORD}\r\n".encode())
+    assert f.readline().startswith(b"+OK")
+    assert f.readline().startswith(b"+OK"), "login"
+    doomed = [n for n in range(1, count + 1) if n not in keep]
+    sock.sendall(b"".join(f"DELE {n}\r\n".encode() for n in doomed))
+    for _ in doomed:
+        assert f.readline().startswith(b"+OK")
+    sock.sendall(b"QUIT\r\n")
+    return sock
+
+
+def test_a_kill_9_in_update_deletes_all_or_nothing(make_server):
+    """The worker is killed once UPDATE's first files are gone and before it
+    ended (the kill leaves some deleted and some not); after the
+    replacement worker's next login every deleted message is gone and every
+    other one is there. Without the journal this fails: the kill leaves some
+    deleted and some not, for good."""
+    pop3 = free_port()
+    server = make_server(
+        {
+            "workers": 1,
+            "listeners": [
+                {"address": "127.0.0.1", "port": free_port()},
+                {"address": "127.0.0.1", "port": pop3, "role": "pop3"},
+            ],
+            "users": users(alice=PASSWORD),
+            "auth": {"allow_plaintext": True},
+            "log": {"level": "INFO"},
+        }
+    )
+    box = server.mail_dir / "alice"
+    journal = box / "geosmtp-pop3.expunge"
+    cut = None
+    for attempt in range(6):  # a kill that lands after UPDATE ended is tried again
+        keys = fill(box, BIG)
+        keep = {1, BIG // 2, BIG}
+        kept = {keys[n - 1] for n in keep}
+        worker = server.worker
+        sock = delete_and_quit(pop3, keep, BIG)
+        try:
+            # Watch, as another process would, for the first files to go; then kill.
+            deadline = time.monotonic() + 10
+            while len(os.listdir(box / "cur")) == BIG:
+                assert time.monotonic() < deadline, "UPDATE did not begin"
+            os.kill(worker, signal.SIGKILL)
+        finally:
+            sock.close()
+        wait_until(lambda w=worker: server.workers() and w not in server.workers())
+        remaining = left(box)
+        if kept < remaining:  # some deleted messages gone, some not
+            cut = (attempt, len(remaining), journal.exists())
+            break
+        # UPDATE was over before the kill: empty the box and try again.
+        for name in os.listdir(box / "cur"):
+            os.unlink(box / "cur" / name)
+    assert cut is not None, "no kill landed inside UPDATE"
+    print(f"killed in UPDATE (attempt, files left, journal): {cut}")
+
+    # The next login finishes the UPDATE before it lists the maildrop.
+    wait_until(lambda: server.workers(), what="the replacement worker")
+    with socket.create_connection(("127.0.0.1", pop3), timeout=30) as sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"+OK")
+        sock.sendall(f"USER alice\r\nPASS {PASSWORD}\r\nSTAT\r\nQUIT\r\n".encode())
+        assert f.readline().startswith(b"+OK")
+        assert f.readline().startswith(b"+OK"), "login"
+        assert f.readline().split()[:2] == [b"+OK", str(len(keep)).encode()]
+    assert left(box) == kept
+    assert not journal.exists()
+    assert not (box / "geosmtp-pop3.expunge.tmp").exists()
