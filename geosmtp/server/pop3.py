@@ -242,7 +242,10 @@ class POP3Session(StreamSession):
         Sizes come from the `,W=` in the file names (written at delivery); a
         message delivered by another program without one is read once.
         """
-        finish_expunge(maildir, fsync)
+        try:
+            finish_expunge(maildir, fsync)
+        except ExpungeIncomplete as exc:  # the journal stays; the login goes on
+            logger.error("pop3: cannot finish an earlier UPDATE: {}", exc)
         messages = maildir.list()
         return messages, [Listing(maildir.virtual_size(m), uid_for(m)) for m in messages]
 
