@@ -91,6 +91,7 @@ class TrialResult:
     relayed_found: int = 0  # of those, at the sink
     resent: int = 0  # extra copies at the sink (in flight at the kill)
     in_flight: int = 0  # deliveries the sink was taking in at the kill
+    journals: int = 0  # POP3 UPDATEs the kill cut (a journal left), finished at the login
     unacked_found: int = 0  # unacknowledged pairs stored anyway (allowed, once)
     pop3: list[str] = field(default_factory=list)  # per session: what it saw, what was left
     seconds: float = 0.0
@@ -107,8 +108,8 @@ class TrialResult:
             f"acked {self.acked} ({self.acked_local} local, {self.acked_relayed} relayed), "
             f"found {self.found}+{self.relayed_found}, duplicates {self.duplicates}, "
             f"resent {self.resent} (in flight {self.in_flight}), partials {self.partials}, "
-            f"pop3 {' '.join(self.pop3)}; {self.seconds:.1f}s"
-            + ("" if self.ok else " · " + "; ".join(self.problems[:5]))
+            f"pop3 {' '.join(self.pop3)} (journals finished {self.journals}); "
+            f"{self.seconds:.1f}s" + ("" if self.ok else " · " + "; ".join(self.problems[:5]))
         )
 
 
@@ -645,6 +646,9 @@ def _trial(seed: int, cfg: TrialConfig, server: Server, sink: Sink, result: Tria
         result.problems.append("a client did not end")
 
     phase("back")
+    result.journals = sum(
+        (server.mail_dir / box / "geosmtp-pop3.expunge").exists() for box in pop_boxes
+    )
     # A login to each POP3 box finishes an UPDATE the kill cut short.
     for box in pop_boxes:
         if not wait_for(lambda b=box: pop3_open(server.pop3_port, b), 20, f"a login to {box}"):

@@ -126,14 +126,15 @@ def table(scenario: str, rows: list[dict]) -> str:
 
 
 CRASH_COLUMNS = ("trials", "acked", "acked_local", "found", "acked_relayed", "relayed_found")
-CRASH_COLUMNS += ("duplicates", "partials", "resent", "in_flight", "failed")
+CRASH_COLUMNS += ("duplicates", "partials", "resent", "in_flight", "journals", "failed")
 
 
 def _crash_table(rows: list[dict]) -> str:
     """kill -9 trials: the sums by victim (and moment), then overall."""
     head = ["victim", "trials", "messages acked", "local deliveries acked", "found"]
     head += ["relayed acked", "at the sink", "duplicates", "partial files"]
-    head += ["resent to the sink", "deliveries in flight at the kill", "trials failed"]
+    head += ["resent to the sink", "deliveries in flight at the kill"]
+    head += ["UPDATEs cut (journal finished at login)", "trials failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kinds = [*r.get("by_victim", {}).items(), ("all", r)]

@@ -721,7 +721,7 @@ def crash(server_cls: type[Server], opts: Options) -> list[dict]:
 def _crash_row(results: list[TrialResult], cfg: TrialConfig) -> dict:
     """The trials' sums, overall and per victim (master / worker, and when)."""
     keys = ("acked", "acked_local", "found", "acked_relayed", "relayed_found", "duplicates")
-    keys += ("partials", "resent", "in_flight", "unacked", "unacked_found")
+    keys += ("partials", "resent", "in_flight", "journals", "unacked", "unacked_found")
 
     def sums(rs: list[TrialResult]) -> dict:
         out = {k: sum(getattr(r, k) for r in rs) for k in keys}
