@@ -101,8 +101,9 @@ def expunge(maildir: Maildir, messages: Sequence[StoredMessage], fsync: bool = T
 def finish_expunge(maildir: Maildir, fsync: bool = True) -> int:
     """Carry out an expunge a crash left half done; how many files it removed.
 
-    A `.tmp` journal (never committed) is removed: nothing of it is deleted.
-    A Maildir that does not exist has nothing to finish."""
+    A `.tmp` journal (never committed) is removed: nothing of it is deleted
+    (one that cannot be removed is logged, and the opening goes on). A
+    Maildir that does not exist has nothing to finish."""
     path = str(maildir.path)
     try:
         box = _open_box(path)
@@ -111,7 +112,10 @@ def finish_expunge(maildir: Maildir, fsync: bool = True) -> int:
             return 0
         raise
     try:
-        _unlink_entry(box, JOURNAL_TMP)
+        try:
+            _unlink_entry(box, JOURNAL_TMP)
+        except StorageError as exc:  # no decision: it cannot stop a login
+            logger.warning("mailbox {}: cannot remove {}: {}", path, JOURNAL_TMP, exc)
         return _carry_out(path, box, fsync)
     finally:
         os.close(box)

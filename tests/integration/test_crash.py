@@ -145,3 +145,29 @@ def test_a_kill_9_in_update_deletes_all_or_nothing(make_server):
     assert left(box) == kept
     assert not journal.exists()
     assert not (box / "geosmtp-pop3.expunge.tmp").exists()
+
+
+def test_an_update_that_cannot_journal_answers_err_and_deletes_nothing(make_server):
+    """RFC 1939 §6: an error in UPDATE gets "-ERR" and removes no message
+    not marked; here none at all (the journal could not be written: its
+    name is taken by a folder), and the next session finds them all."""
+    pop3 = free_port()
+    server = make_server(
+        {
+            "listeners": [
+                {"address": "127.0.0.1", "port": free_port()},
+                {"address": "127.0.0.1", "port": pop3, "role": "pop3"},
+            ],
+            "users": users(alice=PASSWORD),
+            "auth": {"allow_plaintext": True},
+        }
+    )
+    box = server.mail_dir / "alice"
+    keys = set(fill(box, 5))
+    (box / "geosmtp-pop3.expunge.tmp").mkdir()
+    sock = delete_and_quit(pop3, {1}, 5)
+    with sock:
+        reply = sock.makefile("rb").readline()
+    assert reply == b"-ERR [SYS/TEMP] Could not remove 4 of 4 deleted messages.\r\n"
+    assert left(box) == keys
+    assert "cannot journal the deletions" in server.server_log()

@@ -218,3 +218,12 @@ def test_a_kill_at_any_step_leaves_all_or_nothing_after_the_next_opening(tmp_pat
         assert n < 50
     # Killed before the commit (write, fsync, rename) and after it (each unlink).
     assert seen["nothing"] >= 3 and seen["all"] >= len(doomed) + 1, seen
+
+
+def test_a_tmp_journal_that_cannot_be_removed_stops_no_opening(tmp_path):
+    box = filled(tmp_path)
+    (box.path / ex.JOURNAL_TMP).mkdir()  # not a file: unlink fails
+    assert ex.finish_expunge(box) == 0
+    with pytest.raises(StorageError):  # and no expunge can commit
+        ex.expunge(box, box.list())
+    assert len(keys(box)) == 6
