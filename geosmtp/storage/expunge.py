@@ -92,7 +92,12 @@ def expunge(maildir: Maildir, messages: Sequence[StoredMessage], fsync: bool = T
     path = str(maildir.path)
     box = _open_box(path)
     try:
-        _write_journal(box, encode([m.relpath for m in messages]), fsync)
+        entries = [m.relpath for m in messages]
+        try:  # what an earlier expunge could not remove stays decided
+            earlier = decode(_read_journal(box) or b"") or []
+        except OSError as exc:
+            raise StorageError.wrap(exc) from exc
+        _write_journal(box, encode([*dict.fromkeys(earlier + entries)]), fsync)
         _carry_out(path, box, fsync)
     finally:
         os.close(box)

@@ -159,6 +159,15 @@ def test_a_file_that_cannot_be_removed_keeps_the_journal_for_the_next_opening(
     assert keys(box) == set() and journals(box) == []
 
 
+def test_an_expunge_keeps_what_an_earlier_one_left_undone(tmp_path):
+    box = filled(tmp_path)
+    messages = box.list()
+    (box.path / ex.JOURNAL_NAME).write_bytes(ex.encode([messages[0].relpath]))
+    ex.expunge(box, messages[1:3])  # the earlier journal's entry goes too
+    assert keys(box) == {m.key for m in messages[3:]}
+    assert journals(box) == []
+
+
 # --------------------------------------------- a process dies at every step
 
 #: The calls of an expunge, in order: a child process dies at the n-th.
