@@ -11,6 +11,7 @@ the master and half a worker, are shuffled by n).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -26,17 +27,22 @@ TRIALS = 10
 BASE_SEED = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
 #: Half the trials kill the master, half a worker, in an order the seed shuffles.
 VICTIMS = random.Random(BASE_SEED).sample(["master", "worker"] * (TRIALS // 2), TRIALS)
+#: The bench's trial made lighter for CI's time: still 100 sessions at once,
+#: one message each, 150 messages in each POP3 box, the kill within 1 s.
+CI_TRIAL = TrialConfig(per_session=1, pop3_box=150, max_delay=1.0, time_limit=30)
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_kill_9_under_load_loses_duplicates_and_truncates_nothing(trial, tmp_path):
     seed = BASE_SEED + trial
     print(f"crash trial {trial}: seed {seed} (CRASH_SEED={BASE_SEED} replays the run)")
-    result = run_trial(seed, TrialConfig(time_limit=30, victim=VICTIMS[trial]), tmp_path / "trial")
+    result = run_trial(
+        seed, dataclasses.replace(CI_TRIAL, victim=VICTIMS[trial]), tmp_path / "trial"
+    )
     print(result.line())
     assert result.ok, result.line()
-    # The trial did something: mail was acknowledged before the kill, and
-    # every acknowledged delivery was checked (found, or the check failed).
+    # Every acknowledged delivery was looked for and found (result.ok says
+    # so too; these name the figures in a failure).
     assert result.acked_local == result.found
     assert result.acked_relayed == result.relayed_found
     assert result.duplicates == 0 and result.partials == 0
