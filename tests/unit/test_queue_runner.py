@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 from loguru import logger
 
@@ -555,6 +556,32 @@ def test_a_record_of_the_older_format_reports_nothing_again(make):
     Path(store.records, "Q1.json").write_text(json.dumps(raw))
     _, client, reports = restarted(store, outcomes, clock)
     assert reports == []
+    assert [rcpts for _, rcpts, _ in client.calls] == [["d@other.test"]]
+
+
+def test_a_stop_that_kills_a_later_domains_attempt_loses_no_bounce(make):
+    """Not even a crash: a stop (SIGTERM) kills the attempts still in flight
+    after its grace period; one killed at other.test, after remote.test failed,
+    left that failure unreported. The next start makes the bounce."""
+    outcomes = {"b@remote.test": (Outcome.PERMANENT, "5.1.1"), "d@other.test": OK}
+    runner, record, client, reports, clock, store = make(outcomes)
+    del runner.records[record.id]
+    stalled = gevent.event.Event()
+
+    def send(hosts, port, sender, recipients, message, **kw) -> AttemptResult:
+        if recipients[0].endswith("@other.test"):
+            stalled.set()
+            gevent.sleep(60)  # a next hop that stalls: killed by the stop
+        return client(hosts, port, sender, recipients, message, **kw)
+
+    runner.send = send
+    runner.start()
+    assert stalled.wait(timeout=5)
+    runner.stop(timeout=0)
+    assert reports == []
+    assert [r.state for r in store.load().records[0].recipients] == [FAILED, PENDING]
+    _, client, reports = restarted(store, outcomes, clock)
+    assert reports == [("failed", ["b@remote.test"])]
     assert [rcpts for _, rcpts, _ in client.calls] == [["d@other.test"]]
 
 
