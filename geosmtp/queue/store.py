@@ -319,9 +319,10 @@ RECIPIENT_CHECKS: dict[str, Check] = {
 
 #: Recipient fields added after records were first written, and what a record
 #: without one means: what the code that wrote it meant. `report_due` absent is
-#: False: that code reported a failure before the save that followed it (a
-#: bounce lost in the crash window this field closes cannot be told apart, and
-#: assuming every failed recipient unreported would bounce each one again).
+#: False: that code made its reports before the last save of an attempt and
+#: never reported a finished recipient it found at start. A report lost in the
+#: crash window this field closes cannot be told apart from one made, and
+#: taking every finished recipient as unreported would report each again.
 ADDED_RECIPIENT_FIELDS: dict[str, Any] = {"report_due": False}
 
 
