@@ -353,29 +353,32 @@ class POP3Fuzz(RuleBasedStateMachine):
             self.marked = set()  # a fresh login: nothing marked
         return statuses
 
-    def forget(self) -> None:
-        """Input the rules do not model was sent: what is marked is not known."""
-        self.marked = None
+    def forget(self, data: bytes) -> None:
+        """Input the rules do not model is sent: if it may hold a DELE or an
+        RSET, what is marked is no longer known."""
+        upper = data.upper()
+        if b"DELE" in upper or b"RSET" in upper:
+            self.marked = None
 
     # --------------------------------------------------------------- rules
 
     @precondition(open)
     @rule(line=commands())
     def command(self, line: bytes) -> None:
-        self.forget()
+        self.forget(line)
         self.send(line)
 
     @precondition(open)
     @rule(lines=st.lists(commands(), min_size=2, max_size=6))
     def pipelined(self, lines: list[bytes]) -> None:
-        self.forget()
+        self.forget(b"".join(lines))
         self.send(b"".join(lines))
 
     @precondition(open)
     @rule(data=RAW)
     def raw(self, data: bytes) -> None:
         if data:
-            self.forget()
+            self.forget(data)
             self.send(data)
 
     @precondition(open)
@@ -385,7 +388,6 @@ class POP3Fuzz(RuleBasedStateMachine):
         end=LINE_END,
     )
     def long_line(self, length: int, head: bytes, end: bytes) -> None:
-        self.forget()
         self.send(head + b"x" * length + end)
 
     @precondition(at_line_start)
@@ -407,6 +409,34 @@ class POP3Fuzz(RuleBasedStateMachine):
         if allowed and not self.shell.ended and statuses[0] != b"-ERR Too many bad commands.":
             assert statuses[-1] == b"+OK Logged in.", statuses
             assert self.conn.state is State.TRANSACTION
+
+    @precondition(at_line_start)
+    @rule(
+        ops=st.lists(
+            st.one_of(
+                st.tuples(st.sampled_from(["dele", "retrieve"]), st.integers(1, 4)),
+                st.tuples(st.just("rset"), st.just(0)),
+            ),
+            max_size=8,
+        ),
+        quit=st.booleans(),
+    )
+    def maildrop(self, ops: list[tuple[str, int]], quit: bool) -> None:
+        """A whole mail session: log in if need be, then DELE, RETR and RSET
+        (modelled), then maybe QUIT: UPDATE removes exactly what is marked."""
+        if self.conn.state is State.AUTHORIZATION and self.conn.auth_allowed:
+            self.login("user", pipelined=False)
+        for op, number in ops:
+            if not self.logged_in():
+                return
+            if op == "dele":
+                self.dele(number)
+            elif op == "retrieve":
+                self.retrieve(number, None)
+            else:
+                self.rset()
+        if quit and self.logged_in():
+            self.quit()
 
     @precondition(logged_in)
     @rule(number=st.integers(1, 4))

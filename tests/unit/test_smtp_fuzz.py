@@ -226,6 +226,13 @@ ADDRESSES = st.sampled_from(
         b"<@relay.example:alice@example.test>",
         b"<" + b"x" * 70 + b"@example.test>",
         b"<../etc@example.test>",
+        b"<Alice@EXAMPLE.test>",
+        b"<alice@[127.0.0.1]>",
+        b'<"quoted local"@example.test>',
+        b"<alice@ex\xc3\xa4mple.test>",
+        b"<alice@xn--exmple-cua.test>",
+        b"<postmaster@example.test>",
+        b"<alice@example.test",
     ]
 )
 MAIL_PARAMS = st.sampled_from(
@@ -307,7 +314,8 @@ def commands(draw, quit: bool = False) -> bytes:  # type: ignore[no-untyped-def]
     elif kind == "QUIT":
         arg = draw(st.sampled_from([b"", b" now"]))
     elif kind == "VRFY":
-        arg = draw(st.sampled_from([b" alice", b" <bob@example.test>", b" nobody", b""]))
+        arg = draw(st.sampled_from([b" alice", b" nobody", b"", b" \xc3\xa9", b" ../x"]))
+        arg = draw(st.one_of(st.just(arg), ADDRESSES.map(lambda a: b" " + a)))
     else:
         arg = draw(st.sampled_from([b"", b"", b" extra"]))
     verb = kind.encode()
