@@ -318,6 +318,7 @@ class POP3Fuzz(RuleBasedStateMachine):
         super().__init__()
         self.shell: Shell | None = None
         self.marked: set[int] | None = None  # what DELE marked, while the rules know it
+        self.in_challenge = False  # the last reply was a SASL challenge
 
     @initialize(
         tls=st.sampled_from(["none", "stls", "implicit"]),
@@ -340,8 +341,14 @@ class POP3Fuzz(RuleBasedStateMachine):
         return self.shell is not None and not self.shell.ended
 
     def at_line_start(self) -> bool:
+        """The core waits for a command line (not a SASL response): the next
+        bytes sent are one."""
         log = self.shell.log if self.shell else []
-        return self.open() and (not log or log[-1] is HANDSHAKE or log[-1][-1:] == b"\n")
+        return (
+            self.open()
+            and not self.in_challenge
+            and (not log or log[-1] is HANDSHAKE or log[-1][-1:] == b"\n")
+        )
 
     def logged_in(self) -> bool:
         return self.at_line_start() and self.conn.state is State.TRANSACTION
@@ -349,6 +356,8 @@ class POP3Fuzz(RuleBasedStateMachine):
     def send(self, data: bytes) -> list[bytes]:
         before = self.conn.state
         statuses = self.shell.send(data)
+        if statuses:
+            self.in_challenge = statuses[-1].startswith(b"+ ")  # the next line is SASL's
         if before is not State.TRANSACTION and self.conn.state is State.TRANSACTION:
             self.marked = set()  # a fresh login: nothing marked
         return statuses
