@@ -62,6 +62,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="pop3: the users' argon2id hashes: as `geosmtp passwd` makes them (default), "
         "or cheap ones (t=1, 1 MiB) to measure the data path alone",
     )
+    p.add_argument("--trials", type=int, help="crash: kill -9 trials (default 100)")
     p.add_argument("--tag", default="", help="suffix for the result files")
 
 
@@ -107,6 +108,7 @@ def _options(args: argparse.Namespace) -> Options:
         keep=args.keep,
         mailboxes=args.mailboxes,
         hash=args.hash,
+        trials=args.trials,
     )
 
 

@@ -122,7 +122,36 @@ def table(scenario: str, rows: list[dict]) -> str:
         return _relay_table(agg)
     if base == "pop3":
         return _pop3_table(agg)
+    if base == "crash":
+        return _crash_table(rows)
     raise ValueError(scenario)
+
+
+CRASH_COLUMNS = ("trials", "acked", "acked_local", "found", "acked_relayed", "relayed_found")
+CRASH_COLUMNS += ("duplicates", "partials", "resent", "in_flight", "journals", "failed")
+
+
+def _crash_table(rows: list[dict]) -> str:
+    """kill -9 trials: the sums by victim (and moment), then overall."""
+    head = ["victim", "trials", "messages acked", "local deliveries acked", "found"]
+    head += ["relayed acked", "at the sink", "duplicates", "partial files"]
+    head += ["resent to the sink", "deliveries in flight at the kill"]
+    head += ["UPDATEs cut (journal finished at login)", "trials failed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        kinds = [*r.get("by_victim", {}).items(), ("all", r)]
+        for kind, sums in kinds:
+            if sums.get("trials"):
+                lines.append(
+                    f"| {kind} | " + " | ".join(_f(sums.get(k)) for k in CRASH_COLUMNS) + " |"
+                )
+        lines.append("")
+        lines.append(
+            f"POP3 sessions (QUIT reply / deletions after restart): {r.get('pop3_outcomes')}"
+        )
+        lines.append("")
+        lines.append(f"check: {r.get('verify')}")
+    return "\n".join(lines) + "\n"
 
 
 def _pop3_table(agg: dict) -> str:
@@ -605,6 +634,8 @@ def plot(scenario: str, name: str, rows: list[dict], path: Path) -> None:
     elif base == "pop3":
         _bars(ax1, agg, servers, "sessions_per_s", "POP3 sessions/s (median)")
         _bars(ax2, agg, servers, "pss_peak_mb", "server peak PSS, all its processes (MB)")
+    elif base == "crash":
+        _crash_plot(ax1, ax2, rows)
     elif base == "large":
         _bars(ax1, agg, servers, "mb_per_s", "MB/s")
         _bars(ax2, agg, servers, "rss_growth_mb", "server peak RSS growth (MB)")
@@ -630,6 +661,23 @@ def plot(scenario: str, name: str, rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _crash_plot(ax1, ax2, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+    """Acknowledged and found deliveries by victim; each trial's acked messages."""
+    by = rows[0].get("by_victim", {}) if rows else {}
+    kinds = [k for k, v in by.items() if v.get("trials")]
+    xs = range(len(kinds))
+    ax1.bar([x - 0.2 for x in xs], [by[k]["acked_local"] for k in kinds], 0.4, label="acked")
+    ax1.bar([x + 0.2 for x in xs], [by[k]["found"] for k in kinds], 0.4, label="found once")
+    ax1.set_xticks(list(xs), kinds)
+    ax1.set_ylabel("local deliveries (sum over trials)")
+    ax1.legend()
+    lines = rows[0].get("trial_lines", []) if rows else []
+    acked = [int(line.split("acked ")[1].split()[0]) for line in lines]
+    ax2.plot(range(1, len(acked) + 1), acked, "o", markersize=3)
+    ax2.set_xlabel("trial")
+    ax2.set_ylabel("messages acknowledged before the kill")
 
 
 def _bars(ax, agg, servers, field, ylabel, label=None, shift=0.0, width=None):  # type: ignore[no-untyped-def]

@@ -14,9 +14,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from . import mailboxes, messages
+from .crash import TrialConfig, TrialResult, run_trial
 from .driver import Outcome, Progress, Worker, nearest_rank, pump, run_jobs, split_load
 from .servers import HOST, SMTP_SOURCE, RelaySink, Server, free_port, tree_sockets
 from .verify import Verdict, verify_bench_mail, verify_count
@@ -38,6 +40,7 @@ class Options:
     keep: bool = False  # keep the server's temp dir
     mailboxes: int | None = None  # recipients are spread over this many (100); pop3: 1,000
     hash: str = "passwd"  # pop3: the users' argon2id hashes (bench.mailboxes.HASHES)
+    trials: int | None = None  # crash: kill -9 trials (100)
 
     def pick(self, full: int, quick: int, override: int | None = None) -> int:
         if override is not None:
@@ -831,6 +834,63 @@ def _pop3_figures(outcome: Outcome, srv: dict) -> dict:
     return out
 
 
+def crash(server_cls: type[Server], opts: Options) -> list[dict]:
+    """kill -9 under load: per trial, 100 sessions send while the master or a worker is killed."""
+    if server_cls.name != "geosmtp":
+        raise RuntimeError("crash: geosmtp only (it kills geosmtp's master and workers)")
+    trials = opts.trials or opts.pick(100, 10)
+    cfg = TrialConfig(sessions=opts.clients or 100, time_limit=min(opts.time_limit, 60.0))
+    base = int.from_bytes(os.urandom(4), "big") >> 2
+    _say(f"crash: {trials} trials, seeds {base}..{base + trials - 1}")
+    results = []
+    for i in range(trials):
+        result = run_trial(base + i, cfg)
+        results.append(result)
+        state = "ok" if result.ok else "FAILED"
+        _say(f"   trial {i + 1}/{trials} {state}: {result.line()}")
+    return [_crash_row(results, cfg)]
+
+
+def _crash_row(results: list[TrialResult], cfg: TrialConfig) -> dict:
+    """The trials' sums, overall and per victim (master / worker, and when)."""
+    keys = ("acked", "acked_local", "found", "acked_relayed", "relayed_found", "duplicates")
+    keys += ("partials", "resent", "in_flight", "journals", "unacked", "unacked_found")
+
+    def sums(rs: list[TrialResult]) -> dict:
+        out = {k: sum(getattr(r, k) for r in rs) for k in keys}
+        out["trials"] = len(rs)
+        out["failed"] = sum(not r.ok for r in rs)
+        return out
+
+    by_victim = {
+        f"{v}/{m}": sums([r for r in results if (r.victim, r.moment) == (v, m)])
+        for v in ("master", "worker")
+        for m in ("load", "update")
+    }
+    pop3 = Counter(outcome for r in results for outcome in r.pop3)
+    failed = [r for r in results if not r.ok]
+    total = sums(results)
+    row = {
+        "scenario": "crash",
+        "server": "geosmtp",
+        "clients": cfg.sessions,
+        **total,
+        "by_victim": by_victim,
+        "pop3_outcomes": dict(pop3),
+        "trial_lines": [r.line() for r in results],
+        "seconds_per_trial": statistics.mean(r.seconds for r in results) if results else 0,
+    }
+    row["verify"] = (
+        f"{total['trials']} trials: {total['found']} of {total['acked_local']} acknowledged "
+        f"local deliveries found, {total['relayed_found']} of {total['acked_relayed']} relayed; "
+        f"{total['duplicates']} duplicates, {total['partials']} partial files, "
+        f"{total['resent']} resent to the sink; {total['failed']} trials failed"
+    )
+    row["verify_examples"] = [r.line() for r in failed[:5]]
+    row["ok"] = not failed
+    return row
+
+
 SCENARIOS = {
     "throughput": throughput,
     "fanout": fanout,
@@ -841,4 +901,5 @@ SCENARIOS = {
     "flood": flood,
     "relay": relay,
     "pop3": pop3,
+    "crash": crash,
 }

@@ -39,9 +39,10 @@ from .mailauth.stages import DKIMSign, SenderChecks, build_signer
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
 from .pop3 import POP3Connection, POP3Security
+from .queue.client import Timeouts
 from .queue.dsn import RecipientStatus, write_dsn
 from .queue.mx import Resolver
-from .queue.runner import QueueRunner, RunnerSettings
+from .queue.runner import QueueRunner, ReportNotStored, RunnerSettings
 from .queue.schedule import RetrySchedule
 from .queue.store import QueuedRecipient, QueueRecord, QueueStore
 from .server import tls
@@ -55,7 +56,7 @@ from .server.threads import Pulse, in_thread
 from .smtp import ClientRates, RecipientPolicy, Security, SMTPConnection
 from .smtp.parser import parse_mailbox
 from .smtp.sasl import Credentials
-from .storage import MaildirStore, Spool
+from .storage import MaildirStore, Spool, StorageError
 from .storage.spool import UniqueNames
 
 #: Seconds between two tries for the lock of this worker's share of the queue.
@@ -112,7 +113,22 @@ def runner_settings(config: Config) -> RunnerSettings:
         smarthost_tls=relay.smarthost_tls,
         smarthost_auth=auth,
         max_received=relay.max_received,
+        timeouts=client_timeouts(relay.timeouts),
         tls_context=tls_context,
+    )
+
+
+def client_timeouts(t: cfg.RelayTimeouts) -> Timeouts:
+    """The queue's client timeouts from `relay.timeouts`: `command` for every
+    command step, QUIT at most 10 s (the outcome is known by then)."""
+    command = {s: t.command for s in ("greeting", "helo", "tls", "auth", "mail", "rcpt")}
+    return Timeouts(
+        connect=t.connect,
+        data_init=t.data_init,
+        data_block=t.data_block,
+        data_end=t.data_end,
+        quit=min(10.0, t.command),
+        **command,
     )
 
 
@@ -549,6 +565,13 @@ class App:
                 "delivered",
                 lambda: open(message.spool.path, "rb"),  # noqa: SIM115 - closed by the caller
             )
+        except ReportNotStored as exc:
+            logger.error(
+                "{}: could not store the delivery report to <{}>: {}",
+                message.queue_id,
+                env.sender_address,
+                logs.clean(exc),
+            )
         except Exception:
             logger.exception(
                 "{}: could not report the delivery to <{}>", message.queue_id, env.sender_address
@@ -559,7 +582,8 @@ class App:
     ) -> None:
         """Write the report into a spool file and put it through the pipeline from
         <>: into the sender's mailbox when it is local, else into the queue (a
-        report can never cause a report of its own)."""
+        report can never cause a report of its own). `ReportNotStored` when it
+        could not be (a full disk): the queue then keeps the message."""
         recipient = self.policy.resolve(parse_mailbox(sender, utf8=True), may_relay=True)
         if not isinstance(recipient, Recipient):
             logger.warning("{}: no way to report to <{}>", about, sender)
@@ -567,7 +591,10 @@ class App:
         now = time.time()
         queue_id = new_queue_id()
         date = email.utils.formatdate(now, localtime=True)
-        spool = self.spool.open()
+        try:
+            spool = self.spool.open()
+        except StorageError as exc:
+            raise ReportNotStored(str(exc)) from exc
         try:
             # The trace lines a local delivery keeps (the queue drops the
             # Return-Path when the report goes on to another server).
@@ -592,17 +619,21 @@ class App:
                     boundary=f"{queue_id}/{secrets.token_hex(8)}",
                 )
             size = spool.size
-        except BaseException:
+        except BaseException as exc:
             spool.remove()
+            if isinstance(exc, StorageError):
+                raise ReportNotStored(str(exc)) from exc
             raise
         envelope = Envelope(self.config.hostname, True, None, recipients=(recipient,))
         verdict = self.pipeline.process(Message(envelope, spool, queue_id, size))
+        if not verdict.delivered:
+            raise ReportNotStored(verdict.reason)
         logger.info(
             "{}: {} report to <{}>: {}",
             about,
             kind,
             sender,
-            f"queued as {queue_id}" if verdict.delivered else verdict.reason,
+            f"queued as {queue_id}",
         )
 
     # ---------------------------------------------------------- running

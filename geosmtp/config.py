@@ -183,6 +183,20 @@ class SmarthostAuth:
 
 
 @dataclass(frozen=True)
+class RelayTimeouts:
+    """Seconds the outbound queue's SMTP client waits for the next hop, at most a
+    day (RFC 5321 §4.5.3.2's minimums are the defaults). A hop that stalls past
+    one ends the attempt: deferred, retried on `retry_schedule`."""
+
+    connect: float = _positive(30, max=DAY)  # Postfix's smtp_connect_timeout
+    #: The greeting, EHLO, STARTTLS, AUTH, MAIL and RCPT, each (§4.5.3.2.1-3).
+    command: float = _positive(300, max=DAY)
+    data_init: float = _positive(120, max=DAY)  # §4.5.3.2.4: the reply to DATA
+    data_block: float = _positive(180, max=DAY)  # §4.5.3.2.5: each send of message data
+    data_end: float = _positive(600, max=DAY)  # §4.5.3.2.6: the reply to the end of data
+
+
+@dataclass(frozen=True)
 class Relay:
     """Mail for other domains, from clients that may relay: the outbound queue."""
 
@@ -211,6 +225,7 @@ class Relay:
     max_received: int = _positive(50, max=1000)
     #: The queue's folder; unset: `.queue` inside mail_dir (same filesystem: links).
     queue_dir: Path | None = field(default=None, metadata={"path": True})
+    timeouts: RelayTimeouts = field(default_factory=RelayTimeouts)
 
 
 @dataclass(frozen=True)

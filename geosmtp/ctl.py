@@ -243,6 +243,20 @@ def cmd_sessions(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_runtime(client: Client, args: argparse.Namespace) -> int:
+    result = client.request("GET", "/api/v1/runtime")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(f"{'WORKER':>8} {'SESSIONS':>9} {'GREENLETS':>10} {'FDS':>6} {'RSS':>10}")
+    for w in result["workers"]:
+        print(
+            f"{w['pid']:>8} {w['sessions']:>9} {w['greenlets']:>10} {w['descriptors']:>6} "
+            f"{_human_bytes(w['rss_bytes']):>10}"
+        )
+    return EXIT_OK
+
+
 def cmd_kick(client: Client, args: argparse.Namespace) -> int:
     client.request("DELETE", f"/api/v1/sessions/{args.id}")
     print(f"session {args.id} closed")
@@ -321,6 +335,9 @@ def _parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("sessions", help="open sessions")
     ss.add_argument("--json", action="store_true")
     ss.set_defaults(func=cmd_sessions)
+    rt = sub.add_parser("runtime", help="every worker's greenlets, descriptors and memory")
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(func=cmd_runtime)
     k = sub.add_parser("kick", help="close a session (SMTP: 421, POP3: -ERR)")
     k.add_argument("id")
     k.set_defaults(func=cmd_kick)

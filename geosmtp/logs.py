@@ -179,6 +179,9 @@ def setup(log: Log, *, console: bool = True) -> None:
         "retention": log.retention,
         "encoding": "utf-8",
         "opener": open_log_file,
+        # A write that fails (a full disk) loses that line, reported on stderr,
+        # and nothing else: mail never waits on, nor fails for, a log line.
+        "catch": True,
     }
     logger.add(
         log.dir / "log.txt", level=log.level, format=_SERVER_FORMAT, filter=_is_server, **common

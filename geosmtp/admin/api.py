@@ -133,6 +133,7 @@ class AdminAPI:
             "/api/v1/config": {"GET": self.get_config, "PATCH": self.patch_config},
             "/api/v1/reload": {"POST": self.post_reload},
             "/api/v1/sessions": {"GET": self.get_sessions},
+            "/api/v1/runtime": {"GET": self.get_runtime},
             "/api/v1/queue": {"GET": self.get_queue},
             "/api/v1/queue/flush": {"POST": self.flush_queue},
             "/api/v1/filters": {"GET": self.get_filters},
@@ -246,6 +247,9 @@ class AdminAPI:
     def get_sessions(self, environ: dict) -> dict:
         sessions = self.server.cluster.sessions()
         return {"count": len(sessions), "sessions": sessions}
+
+    def get_runtime(self, environ: dict) -> dict:
+        return {"workers": self.server.cluster.runtime()}
 
     def delete_session(self, environ: dict) -> dict:
         session_id = environ["geosmtp.session_id"]

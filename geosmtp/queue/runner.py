@@ -51,7 +51,13 @@ from .store import (
 )
 
 #: How a finished recipient is reported: ("failed" | "delayed" | "delivered").
+#: It raises when the report could not be stored (`ReportNotStored`, or any
+#: other error): a bounce is then deferred with its recipients, never dropped.
 Report = Callable[[QueueRecord, list[QueuedRecipient], str], None]
+
+
+class ReportNotStored(Exception):
+    """A report to the sender was not stored (a full disk, say); the reason."""
 
 
 @dataclass
@@ -188,6 +194,10 @@ class QueueRunner:
 
     @staticmethod
     def _due(record: QueueRecord) -> float:
+        """When the entry needs an attempt: now when a report is owed (a crash
+        came before it was made), else at its earliest pending recipient's."""
+        if record.unreported:
+            return 0.0
         return min((r.next_attempt for r in record.pending), default=0.0)
 
     def _run(self) -> None:
@@ -218,6 +228,10 @@ class QueueRunner:
                 rcpt.next_attempt = now + self.settings.schedule.delay_after(max(rcpt.attempts, 1))
                 rcpt.status, rcpt.last_error = "4.3.0", _INTERNAL_ERROR  # X.3.0: other
                 self._log_attempt(record, rcpt, "none", None, _INTERNAL_ERROR)
+            try:  # the reports of the domains tried before the error
+                self._settle(record)
+            except Exception:
+                logger.exception("queue {}: its reports failed with an internal error", record.id)
         finally:
             self._attempt_ended(record.id)
             if record.id in self.records:
@@ -233,23 +247,29 @@ class QueueRunner:
         for rcpt in record.pending:
             if rcpt.next_attempt <= now:
                 by_domain[rcpt.domain].append(rcpt)
-        failed: list[QueuedRecipient] = []
-        delivered: list[QueuedRecipient] = []
         groups = list(by_domain.items())
         for i, (domain, rcpts) in enumerate(groups):
             with self._domains[domain]:
                 outcome = self._deliver_domain(record, domain, rcpts)
-            failed += [r for r in rcpts if r.state == FAILED]
-            delivered += [r for r in rcpts if r.state == DELIVERED]
             logger.debug("queue {}: {} to {}", record.id, outcome, domain)
-            if i == len(groups) - 1 and all(r.state == DELIVERED for r in record.recipients):
-                # Delivered everywhere: the entry is removed next, so rewriting
-                # its record first would only cost a pair of fsyncs. A crash
-                # before the removal re-sends this last attempt, the one in
-                # flight, which is what may be sent twice.
-                break
-            self._save(record)  # delivered recipients are never sent twice
-        self._reports(record, failed, delivered)
+            if i < len(groups) - 1:
+                # Delivered recipients are never sent twice; a failed one (or
+                # one delivered with NOTIFY=SUCCESS) is saved with its report
+                # due, so a crash before `_settle` makes it at the next start.
+                self._save(record)
+        self._settle(record)
+
+    def _settle(self, record: QueueRecord) -> None:
+        """Make the reports due (this attempt's, and any an earlier one left:
+        a crash, an internal error), then save the record. A crash between the
+        two makes a report twice, never not at all."""
+        self._reports(record)
+        if not all(r.state == DELIVERED for r in record.recipients):
+            self._save(record)
+        # Delivered everywhere: the entry is removed next, so rewriting its
+        # record first would only cost a pair of fsyncs. A crash before the
+        # removal re-sends this last attempt, the one in flight, which is what
+        # may be sent twice (and its success reports).
 
     def _deliver_domain(self, record: QueueRecord, domain: str, rcpts: list[QueuedRecipient]):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
@@ -343,6 +363,7 @@ class QueueRunner:
         rcpt.remote_mta = None if remote_mta is None else shortened(remote_mta)
         if outcome is Outcome.DELIVERED:
             rcpt.state = DELIVERED
+            rcpt.report_due = _wants(rcpt, "SUCCESS", False)
             rcpt.last_error = None
             self._count("sent")
             return
@@ -356,6 +377,7 @@ class QueueRunner:
             rcpt.last_error = shortened(diagnostic, f" (given up after {rcpt.attempts} attempts)")
             rcpt.status = "4.4.7" if status.startswith("4") else status  # X.4.7: expired
         rcpt.state = FAILED
+        rcpt.report_due = _wants(rcpt, "FAILURE", True)
         self._count("bounced")
 
     def _count(self, result: str) -> None:
@@ -364,29 +386,29 @@ class QueueRunner:
 
     # ---------------------------------------------------------- reports
 
-    def _reports(
-        self, record: QueueRecord, failed: list[QueuedRecipient], delivered: list[QueuedRecipient]
-    ) -> None:
-        def wants(rcpt: QueuedRecipient, what: str, default: bool) -> bool:
-            if rcpt.notify is None:
-                return default
-            return what in rcpt.notify
-
-        if failed:
-            self._report(record, [r for r in failed if wants(r, "FAILURE", True)], "failed")
-        if delivered:
-            self._report(record, [r for r in delivered if wants(r, "SUCCESS", False)], "delivered")
+    def _reports(self, record: QueueRecord) -> None:
+        """The reports due (`report_due`, set by `_apply` as NOTIFY asks), then
+        the delay reports; each made clears its recipients' marks."""
+        unreported = record.unreported
+        bounced = [r for r in unreported if r.state == FAILED]
+        delivered = [r for r in unreported if r.state == DELIVERED]
+        if bounced and not self._report(record, bounced, "failed"):
+            self._defer_bounce(record, bounced)
+        # Not stored: logged. The mail went, and sending it again for its
+        # report would be worse than the report missing.
+        self._report(record, delivered, "delivered")
+        for rcpt in unreported:
+            rcpt.report_due = False
         if delay_warning_due(record.arrival, self.clock(), self.settings.delay_warning, False):
-            late = [r for r in record.pending if not r.delay_warned and wants(r, "DELAY", True)]
-            if late:
+            late = [r for r in record.pending if not r.delay_warned and _wants(r, "DELAY", True)]
+            if late and self._report(record, late, "delayed"):
                 for r in late:
-                    r.delay_warned = True
-                self._report(record, late, "delayed")
-                self._save(record)
+                    r.delay_warned = True  # else warned at a later attempt
 
-    def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
+    def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> bool:
+        """Report `kind` about `rcpts` to the sender; False when it was not stored."""
         if not rcpts:
-            return
+            return True
         if not record.sender:  # never a report to the null sender (RFC 5321 §6.1)
             logger.warning(
                 "queue {}: {} for {} not reported: the sender is <>",
@@ -394,13 +416,51 @@ class QueueRunner:
                 kind,
                 ", ".join(r.address for r in rcpts),
             )
-            return
+            return True
         try:
             self.report(record, rcpts, kind)
+        except ReportNotStored as exc:
+            logger.error(
+                "queue {}: could not store the {} report to <{}>: {}",
+                record.id,
+                kind,
+                record.sender,
+                logs.clean(exc),
+            )
+            return False
         except Exception:
             logger.exception(
                 "queue {}: could not report {} to <{}>", record.id, kind, record.sender
             )
+            return False
+        return True
+
+    def _defer_bounce(self, record: QueueRecord, rcpts: list[QueuedRecipient]) -> None:
+        """The bounce for `rcpts` was not stored: they are deferred instead of
+        given up (Postfix's "bounce or trace service failure"), so the message
+        stays queued and the failure, and its bounce, come again at the next
+        attempt. Nothing is lost while the disk is full."""
+        now = self.clock()
+        for rcpt in rcpts:
+            rcpt.state = PENDING
+            rcpt.next_attempt = now + self.settings.schedule.delay_after(max(rcpt.attempts, 1))
+            # The attempt's line said "bounced": this one says what became of it.
+            logs.access_log.write(
+                logs.access_line(
+                    queue=record.id,
+                    to=f"<{rcpt.address}>",
+                    relay="none",
+                    delay=f"{max(now - record.arrival, 0.0):.2f}",
+                    status="4.3.0",
+                    outcome="deferred",
+                    reason=_BOUNCE_NOT_STORED,
+                )
+            )
+        logger.warning(
+            "queue {}: {} deferred, not given up: their bounce could not be stored",
+            record.id,
+            ", ".join(f"<{r.address}>" for r in rcpts),
+        )
 
     def _finish(self, record: QueueRecord) -> None:
         self.records.pop(record.id, None)
@@ -449,6 +509,7 @@ class QueueRunner:
                 orcpt=rcpt.orcpt,
                 remote_mta=rcpt.remote_mta,
                 delay_warned=rcpt.delay_warned,
+                report_due=rcpt.report_due,
             )
         return out
 
@@ -573,8 +634,18 @@ class QueueBusy(Exception):
 #: The reason an attempt that failed with a bug gives (the traceback is in log.txt).
 _INTERNAL_ERROR = "x-geosmtp; internal error (see the server log)"
 
+#: The reason a recipient whose bounce could not be stored is deferred.
+_BOUNCE_NOT_STORED = "x-geosmtp; its bounce could not be stored (see the server log)"
+
 #: A recipient's state after an attempt, in the access log's (and Postfix's) words.
 _OUTCOME_WORDS = {DELIVERED: "sent", PENDING: "deferred", FAILED: "bounced"}
+
+
+def _wants(rcpt: QueuedRecipient, what: str, default: bool) -> bool:
+    """Whether the recipient's NOTIFY asks for this report (`default` without one)."""
+    if rcpt.notify is None:
+        return default
+    return what in rcpt.notify
 
 
 def _final_state(rcpt: QueuedRecipient) -> str:
@@ -590,4 +661,4 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ = ["PENDING", "QueueBusy", "QueueRunner", "RunnerSettings"]
+__all__ = ["PENDING", "QueueBusy", "QueueRunner", "ReportNotStored", "RunnerSettings"]

@@ -64,6 +64,10 @@ class QueuedRecipient:
     last_error: str | None = None  # the last failure, for the log, the DSN and `queue show`
     remote_mta: str | None = None
     delay_warned: bool = False
+    #: Its final outcome (failed, or delivered with NOTIFY=SUCCESS) is to be
+    #: reported and the report is not made yet: saved with the outcome, cleared
+    #: once the report is made, so a crash in between makes it at the next start.
+    report_due: bool = False
 
 
 @dataclass
@@ -89,8 +93,14 @@ class QueueRecord:
         return [r for r in self.recipients if r.state == PENDING]
 
     @property
+    def unreported(self) -> list[QueuedRecipient]:
+        """Finished recipients whose report is still to be made (`report_due`)."""
+        return [r for r in self.recipients if r.report_due and r.state != PENDING]
+
+    @property
     def done(self) -> bool:
-        return not self.pending
+        """Nothing left to do: no recipient pending, no report owed."""
+        return not self.pending and not self.unreported
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
@@ -304,7 +314,16 @@ RECIPIENT_CHECKS: dict[str, Check] = {
     "last_error": _optional(_text(MAX_TEXT)),
     "remote_mta": _optional(_text(MAX_TEXT)),
     "delay_warned": _flag,
+    "report_due": _flag,
 }
+
+#: Recipient fields added after records were first written, and what a record
+#: without one means: what the code that wrote it meant. `report_due` absent is
+#: False: that code made its reports before the last save of an attempt and
+#: never reported a finished recipient it found at start. A report lost in the
+#: crash window this field closes cannot be told apart from one made, and
+#: taking every finished recipient as unreported would report each again.
+ADDED_RECIPIENT_FIELDS: dict[str, Any] = {"report_due": False}
 
 
 def read_record(data: bytes) -> QueueRecord:
@@ -329,6 +348,7 @@ def read_record(data: bytes) -> QueueRecord:
         where = f"recipients[{i}]"
         if not isinstance(rcpt, dict):
             raise BadRecord(where, "not a JSON object")
+        rcpt = {**ADDED_RECIPIENT_FIELDS, **rcpt}  # a record written before them
         recipient = QueuedRecipient(**_checked(rcpt, RECIPIENT_CHECKS, f"{where}.", set()))
         if not recipient.address.endswith("@" + recipient.domain):
             raise BadRecord(f"{where}.domain", "not the address's domain", recipient.domain)
@@ -445,14 +465,20 @@ class QueueStore:
         tmp = f"{self.records}/.{record.id}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         try:
-            data = memoryview(record.to_json())
-            while data:
-                data = data[os.write(fd, data) :]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
+            try:
+                data = memoryview(record.to_json())
+                while data:
+                    data = data[os.write(fd, data) :]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            # A full disk, say: no half-written record stays behind (holding
+            # the room that is short) until the next start cleans it.
+            _unlink_quietly(tmp)
+            raise
         if self.fsync and sync_dirs:
             fsync_path(self.records)
 

@@ -35,6 +35,7 @@ from ..pop3 import (
 from ..pop3 import replies as R
 from ..pop3.stuffing import MessageEncoder
 from ..storage import StorageError
+from ..storage.expunge import ExpungeIncomplete, expunge, finish_expunge
 from ..storage.maildir import MaildropBusy, uid_for
 from .stream import READ_SIZE, ClientTimeout, StreamSession
 
@@ -218,7 +219,9 @@ class POP3Session(StreamSession):
             return
         try:
             # Listing a big maildrop is many syscalls: off the hub.
-            self.messages, listing = self.server.run_blocking(self._scan, maildir)
+            self.messages, listing = self.server.run_blocking(
+                self._scan, maildir, self.server.config.fsync
+            )
         except (StorageError, OSError) as exc:
             self._release()
             logger.error("pop3 session {}: cannot read the maildrop of {}: {}", self.id, user, exc)
@@ -232,12 +235,17 @@ class POP3Session(StreamSession):
         self._access("login", user=user, messages=len(listing))
 
     @staticmethod
-    def _scan(maildir: Maildir) -> tuple[list[StoredMessage], list[Listing]]:
-        """The maildrop as POP3 numbers it: its messages and their listing.
+    def _scan(maildir: Maildir, fsync: bool) -> tuple[list[StoredMessage], list[Listing]]:
+        """The maildrop as POP3 numbers it: its messages and their listing,
+        once an UPDATE a crash cut short is finished (`finish_expunge`).
 
         Sizes come from the `,W=` in the file names (written at delivery); a
         message delivered by another program without one is read once.
         """
+        try:
+            finish_expunge(maildir, fsync)
+        except ExpungeIncomplete as exc:  # the journal stays; the login goes on
+            logger.error("pop3: cannot finish an earlier UPDATE: {}", exc)
         messages = maildir.list()
         return messages, [Listing(maildir.virtual_size(m), uid_for(m)) for m in messages]
 
@@ -303,13 +311,25 @@ class POP3Session(StreamSession):
     # ----------------------------------------------------------- update
 
     def _update(self, event: Update) -> None:
-        """The UPDATE state (RFC 1939 §6): remove the messages marked deleted."""
+        """The UPDATE state (RFC 1939 §6): remove the messages marked deleted,
+        all or nothing across a crash (`storage.expunge`: a journal made
+        durable first, so a kill -9 among the unlinks is finished at the next
+        login). "+OK" only once every one is gone; "-ERR [SYS/TEMP]" when the
+        journal could not be written (none removed) or some could not be
+        removed (the journal stays: the next login tries them again)."""
         if not event.deleted:
             self.conn.update_result(True)
             return
         assert self.maildir is not None
         doomed = [self.messages[i] for i in event.deleted]
-        failed = self.server.run_blocking(self._delete_all, self.maildir, doomed)
+        failed = 0
+        try:
+            self.server.run_blocking(expunge, self.maildir, doomed, self.server.config.fsync)
+        except ExpungeIncomplete as exc:
+            failed = min(exc.failed, len(doomed))
+        except StorageError as exc:
+            logger.error("pop3 session {}: cannot journal the deletions: {}", self.id, exc)
+            failed = len(doomed)
         self.deleted = len(doomed) - failed
         self.pm.deleted.inc(self.deleted)
         if failed:
@@ -320,16 +340,6 @@ class POP3Session(StreamSession):
                 len(doomed),
             )
         self.conn.update_result(not failed, failed)
-
-    @staticmethod
-    def _delete_all(maildir: Maildir, messages: list[StoredMessage]) -> int:
-        failed = 0
-        for message in messages:
-            try:
-                maildir.delete(message)
-            except StorageError:
-                failed += 1
-        return failed
 
     # ------------------------------------------------------- access log
 

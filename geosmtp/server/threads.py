@@ -69,6 +69,17 @@ def _slots(hub: Hub) -> FairSlots:
     return slots
 
 
+def _caught(fn: Callable[..., T], args: tuple) -> tuple[T | None, Exception | None]:
+    """`fn(*args)` in the thread: its result, or the exception it raised, handed
+    to the caller to raise. Raised in the thread, gevent's pool would also log
+    it as an "unhandled error" with a traceback, though the caller handles it
+    (a full disk is a 452 and one log line, not a traceback per message)."""
+    try:
+        return fn(*args), None
+    except Exception as exc:
+        return None, exc
+
+
 def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in the hub's threadpool (fsync, password hashing); its result.
 
@@ -87,12 +98,15 @@ def in_thread(fn: Callable[..., T], *args: Any) -> T:
     try:
         # Never waits on the pool's own semaphore while only in_thread uses the
         # pool: its slot was freed before our result was set.
-        result = hub.threadpool.spawn(fn, *args)
+        result = hub.threadpool.spawn(_caught, fn, args)
     except BaseException:
         slots.release()
         raise
     try:
-        return result.get()
+        value, error = result.get()
+        if error is not None:
+            raise error
+        return value
     except BaseException:
         while not result.ready():
             try:

@@ -1015,6 +1015,7 @@ class SMTPConnection(SansIOConnection):
                 return False
             self._discarding_line = False
         # The buffer now starts at the beginning of a line (a CRLF one if _data_bol).
+        skipped = 0  # octets of an over-long line dropped here, counted after the block
         if self._data_bol and buf.startswith(b".\r\n"):
             end, block_len, consumed = True, 0, 3
         else:
@@ -1034,14 +1035,18 @@ class SMTPConnection(SansIOConnection):
                     self._line_too_long = True
                     self._discarding_line = True
                     consumed = len(buf) - (1 if buf.endswith(b"\r") else 0)
-                    # Counted as _data_block counts a line: without the transparency dot.
-                    self._size += consumed - block_len - dot
+                    # Counted as _data_block counts a line: without the transparency dot;
+                    # and after the complete lines before it, as when the line comes
+                    # whole, since the size so far decides which of them a refused
+                    # message still emits (_emit_refused_prefix).
+                    skipped = consumed - block_len - dot
                 if block_len == 0 and consumed == 0:
                     return False
         block = bytes(buf[:block_len])
         del buf[:consumed]
         if block:
             self._data_block(block)
+        self._size += skipped
         if end:
             self._end_of_data()
         return True

@@ -1,6 +1,7 @@
 """Mail storage behind narrow interfaces: the spool (messages being received),
 Maildir (write: deliver a spooled message; read: list, open, flag, delete, POP3
-sizes and UIDLs) and the maildrop lock."""
+sizes and UIDLs), the maildrop lock, and POP3's UPDATE made all or nothing
+across a crash (`expunge`: a roll-forward journal)."""
 
 from .errors import MaildropBusy, StorageError
 from .lock import MaildropLock

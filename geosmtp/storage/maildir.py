@@ -284,6 +284,10 @@ class MaildirStore:
                 new = _open_folder(maildir, "new")
             try:
                 self._place(spool, name, maildir, new)
+            except OSError as exc:
+                # The error names the spool file (a link's source) or a bare
+                # name (a `dir_fd` call): the log must say which Maildir failed.
+                raise OSError(exc.errno, exc.strerror, f"{maildir}/new/{name}") from exc
             finally:
                 os.close(new)
             made.append(f"{maildir}/new/{name}")

@@ -232,3 +232,65 @@ def servfail_nameserver(address: str = "127.0.0.1") -> Iterator[str]:
         stop.set()
         thread.join(timeout=5)
         sock.close()
+
+
+@dataclass
+class FlakyNameserver:
+    """`flaky_nameserver`'s handle: its "ip:port", and the switch that heals it."""
+
+    nameserver: str
+    #: Set: every question is passed on to the real nameserver, its answer back.
+    healthy: threading.Event
+
+
+@contextlib.contextmanager
+def flaky_nameserver(
+    upstream: DNSServer, failure: str, address: str = "127.0.0.1"
+) -> Iterator[FlakyNameserver]:
+    """A nameserver that fails until `healthy` is set, then answers as `upstream`
+    does: `failure` is "servfail" (every question answered SERVFAIL) or
+    "timeout" (none answered). Loopback only: it asks nobody but `upstream`."""
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    if failure not in ("servfail", "timeout"):
+        raise ValueError(f"unknown failure {failure!r}")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, 0))
+    sock.settimeout(0.1)
+    stop, healthy = threading.Event(), threading.Event()
+
+    def answer(query: dns.message.Message) -> dns.message.Message | None:
+        if healthy.is_set():
+            return dns.query.udp(query, upstream.address, port=upstream.port, timeout=2)
+        if failure == "timeout":
+            return None
+        reply = dns.message.make_response(query)
+        reply.set_rcode(dns.rcode.SERVFAIL)
+        return reply
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                wire, peer = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                reply = answer(dns.message.from_wire(wire))
+            except Exception:
+                continue
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(reply.to_wire(), peer)
+
+    thread = threading.Thread(target=serve, name="flaky-dns", daemon=True)
+    thread.start()
+    try:
+        yield FlakyNameserver(f"{address}:{sock.getsockname()[1]}", healthy)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sock.close()

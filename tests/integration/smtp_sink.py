@@ -66,6 +66,12 @@ class Script:
     stall_at: str | None = None
     #: Seconds to wait before each final reply (deliveries stay in flight a while).
     final_delay: float = 0.0
+    #: Stop reading in the middle of DATA once this many octets have come, and
+    #: say nothing, until `Sink.unstall` is set; then read to the end of the
+    #: connection (counted in `Sink.peer_closed`) without taking the message.
+    #: The sink's receive buffer is small, so a large message fills it and the
+    #: client's sending blocks.
+    stall_in_data_after: int | None = None
 
 
 @dataclass
@@ -121,6 +127,12 @@ class _Server(socketserver.ThreadingTCPServer):
         self.sink = sink
         super().__init__(address, _Handler)
 
+    def server_bind(self) -> None:
+        if self.sink.script.stall_in_data_after is not None:
+            # Inherited by every accepted connection: a small window, no autotuning.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        super().server_bind()
+
 
 class Sink:
     """A scripted SMTP server on `address`:`port` (port 0: a free one), in threads."""
@@ -130,6 +142,10 @@ class Sink:
         self.transactions: list[Transaction] = []
         self.connections = 0
         self.commands: list[bytes] = []
+        #: `Script.stall_in_data_after`: set it to end the stall; then how many
+        #: stalled connections the client closed.
+        self.unstall = threading.Event()
+        self.peer_closed = 0
         self._messages = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -289,6 +305,10 @@ class Sink:
                 if limit is not None and len(raw) >= limit:
                     conn.shutdown(socket.SHUT_RDWR)
                     return False
+                stall = self.script.stall_in_data_after
+                if stall is not None and len(raw) >= stall:
+                    self._stall_in_data(rfile)
+                    return False
                 if line == b".\r\n":
                     tx.complete = True
                     return True
@@ -298,6 +318,18 @@ class Sink:
                 data += line[1:] if line.startswith(b".") else line
         finally:
             tx.raw, tx.data = bytes(raw), bytes(data)
+
+    def _stall_in_data(self, rfile) -> None:  # type: ignore[no-untyped-def]
+        """Read nothing until `unstall` (or the stop), then read to the end of
+        the connection, counting it in `peer_closed` when the client closed it."""
+        deadline = time.monotonic() + STALL_LIMIT
+        while not self.unstall.wait(0.05):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return
+        while rfile.read1(65536):
+            pass
+        with self._lock:
+            self.peer_closed += 1
 
     def _auth(self, arg: str, rfile, reply) -> str | None:
         """AUTH PLAIN (with or without an initial response) or LOGIN; the login or None."""

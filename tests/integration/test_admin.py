@@ -34,6 +34,7 @@ ENDPOINTS = [
     ("PATCH", "/api/v1/config"),
     ("POST", "/api/v1/reload"),
     ("GET", "/api/v1/sessions"),
+    ("GET", "/api/v1/runtime"),
     ("DELETE", "/api/v1/sessions/1"),
     ("GET", "/api/v1/nope"),
 ]
@@ -97,6 +98,32 @@ def test_stats_snapshot(shared):
     assert "geosmtp_connections_total" in stats["metrics"]
     later = api.stats()
     assert later["uptime_seconds"] >= stats["uptime_seconds"]
+
+
+def test_runtime_counts_what_sessions_hold_and_give_back(shared):
+    """Each worker's greenlets, descriptors and memory: up while clients are
+    connected, back where they were once they leave (what a leak would break)."""
+    server, api = shared
+
+    def totals() -> dict:
+        workers = api.get("/api/v1/runtime")["workers"]
+        assert workers and all(w["rss_bytes"] > 0 for w in workers), workers
+        return {k: sum(w[k] for w in workers) for k in ("greenlets", "descriptors", "sessions")}
+
+    before = wait_until(lambda: (t := totals())["sessions"] == 0 and t, what="no sessions")
+    clients = [Wire.connect(server.host, server.port) for _ in range(6)]
+    try:
+        for w in clients:
+            w.expect("EHLO client.example", 250)
+        held = wait_until(lambda: (t := totals())["sessions"] == 6 and t, what="6 sessions")
+        assert held["greenlets"] >= before["greenlets"] + 6, (before, held)
+        assert held["descriptors"] >= before["descriptors"] + 6, (before, held)
+    finally:
+        for w in clients:
+            w.close()
+    wait_until(lambda: totals() == before, what=f"the counts back to {before}")
+    shown = ctl(server, "runtime")
+    assert shown.returncode == 0 and "GREENLETS" in shown.stdout, shown
 
 
 def test_config_never_shows_secrets(shared):

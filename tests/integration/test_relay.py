@@ -268,6 +268,8 @@ def test_every_attempt_is_a_line_in_the_access_log(relay_setup, case):
         wait_until(lambda: queue_empty(server), what="the queue to give the message up")
         why = f"{attempt.status} {line['reason']}"
         done = f"queue {line['queue']}: done (<{attempt.rcpt}>: failed ({why}))"
+        # The worker's log lines reach log.txt through the master: wait for it.
+        wait_until(lambda: done in server.server_log(), what=f"{done!r} in log.txt")
         info = [li for li in server.server_log().splitlines() if " INFO " in li and done in li]
         assert len(info) == 1, server.server_log()[-3000:]
     else:

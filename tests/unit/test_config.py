@@ -239,3 +239,14 @@ def test_a_public_range_is_trusted_only_with_the_flag(tmp_path):
         load_text(tmp_path, "trusted_networks: [0.0.0.0/0]\ntrusted_networks_allow_public: true")
     with pytest.raises(cfg.ConfigError, match=r"trusted_networks_allow_public: expected"):
         load_text(tmp_path, "trusted_networks_allow_public: maybe")
+
+
+def test_relay_timeouts_reach_the_queue_client(tmp_path):
+    from geosmtp.app import runner_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text("relay:\n  timeouts: {connect: 2, command: 3, data_block: 0.5, data_end: 4}\n")
+    t = runner_settings(cfg.load(path)).timeouts
+    assert (t.connect, t.greeting, t.rcpt, t.data_init, t.data_block, t.data_end, t.quit) == (
+        2, 3, 3, 120, 0.5, 4, 3,
+    )  # fmt: skip

@@ -15,7 +15,9 @@ import pytest
 from loguru import logger
 
 from geosmtp.queue.store import (
+    ADDED_RECIPIENT_FIELDS,
     DELIVERED,
+    FAILED,
     MAX_NAME,
     MAX_TEXT,
     RECIPIENT_CHECKS,
@@ -52,6 +54,7 @@ def full_record(queue_id: str) -> QueueRecord:
                 last_error=None,
                 remote_mta="dns; mx.remote.test",
                 delay_warned=True,
+                report_due=True,
             ),
             QueuedRecipient(
                 '"odd@local"@[127.0.0.1]',
@@ -179,6 +182,7 @@ RECIPIENT_CASES = {
     "last_error": [5, ["x"], True, "x" * (MAX_TEXT + 1), "x" * 10_000_000, "smtp; \ud800"],
     "remote_mta": [5, ["mx"], False, "dns; " + "x" * MAX_TEXT, "dns; \udfff"],
     "delay_warned": ["false", None, 0],
+    "report_due": ["true", None, 1, []],
 }
 CASES = [
     (field, ("recipients", 0, field) if field in RECIPIENT_CASES else (field,), value)
@@ -269,10 +273,43 @@ def test_a_field_of_the_wrong_type_or_value_is_quarantined(store, field, path, v
     assert_quarantined(store, named(field))
 
 
-@pytest.mark.parametrize("field", [*RECORD_CASES, *RECIPIENT_CASES])
+@pytest.mark.parametrize(
+    "field", [*RECORD_CASES, *(f for f in RECIPIENT_CASES if f not in ADDED_RECIPIENT_FIELDS)]
+)
 def test_a_missing_field_is_quarantined(store, field):
     spoil(store, deleter(("recipients", 0, field) if field in RECIPIENT_CASES else (field,)))
     assert_quarantined(store, named(field))
+
+
+def test_a_record_written_before_report_due_loads_as_nothing_owed(store):
+    """A record of the code before `report_due` (the field absent): its failed
+    and delivered recipients load as reported, as that code treated them (a
+    restart never reported them), so an upgrade bounces nothing twice."""
+    assert ADDED_RECIPIENT_FIELDS == {"report_due": False}
+
+    def older(raw: dict) -> None:
+        raw["recipients"][1]["state"] = FAILED
+        for rcpt in raw["recipients"]:
+            del rcpt["report_due"]
+
+    spoil(store, older)
+    loaded = store.load()
+    assert loaded.quarantined == []
+    bad = next(r for r in loaded.records if r.id == "BAD")
+    assert [(r.state, r.report_due) for r in bad.recipients] == [
+        (DELIVERED, False),
+        (FAILED, False),
+    ]
+    assert bad.unreported == [] and bad.done
+
+
+def test_report_due_on_a_finished_recipient_keeps_the_entry(store):
+    """A finished recipient with its report due is work left: the entry is
+    not done (the runner makes the report before it removes the entry)."""
+    spoil(store, setter(("recipients", 1, "state"), FAILED))
+    bad = next(r for r in store.load().records if r.id == "BAD")
+    assert [r.address for r in bad.unreported] == ["bob@remote.test"]
+    assert not bad.pending and not bad.done
 
 
 @pytest.mark.parametrize(

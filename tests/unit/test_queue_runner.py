@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
+import gevent
+import gevent.event
 import pytest
 from loguru import logger
 
@@ -17,7 +20,7 @@ from geosmtp.queue.client import (
     parse_reply,
 )
 from geosmtp.queue.mx import DNSPermanentError, DNSTemporaryError, Host
-from geosmtp.queue.runner import QueueRunner, RunnerSettings
+from geosmtp.queue.runner import QueueRunner, ReportNotStored, RunnerSettings
 from geosmtp.queue.schedule import RetrySchedule
 from geosmtp.queue.store import (
     DELIVERED,
@@ -188,6 +191,50 @@ def test_a_permanent_failure_is_reported_once_and_the_delivered_not_resent(make)
     assert reports == [("failed", ["b@remote.test"])]
     assert [r.state for r in record.recipients] == [FAILED, DELIVERED]
     assert len(client.calls) == 1
+
+
+def test_a_bounce_that_cannot_be_stored_defers_the_recipient(make):
+    """A full disk when the bounce is written: the recipient is deferred, not
+    given up (the entry stays, on disk too), and failed and reported once the
+    report can be stored."""
+    runner, record, client, reports, clock, store = make(
+        {"b@remote.test": (Outcome.PERMANENT, "5.1.1")}
+    )
+    stored = runner.report
+
+    def disk_full(rec, rcpts, kind):  # type: ignore[no-untyped-def]
+        raise ReportNotStored("No space left on device")
+
+    runner.report = disk_full
+    runner._attempt(record)
+    (rcpt,) = record.recipients
+    assert (rcpt.state, rcpt.attempts, rcpt.next_attempt) == (PENDING, 1, clock.now + 60)
+    assert "Q1" in runner.records and not record.done
+    assert store.load().records[0].recipients[0].state == PENDING  # on disk
+    assert reports == []
+    runner.report = stored
+    clock.now += 60
+    runner._attempt(record)
+    assert reports == [("failed", ["b@remote.test"])]
+    assert rcpt.state == FAILED and "Q1" not in runner.records
+    assert store.load().records == []
+    assert len(client.calls) == 2
+
+
+def test_a_delay_report_not_stored_is_tried_again(make):
+    runner, record, _, reports, clock, _ = make(
+        {"b@remote.test": (Outcome.TEMPORARY, "4.3.0")}, delay_warning=30
+    )
+    stored = runner.report
+    runner.report = lambda rec, rcpts, kind: (_ for _ in ()).throw(ReportNotStored("full"))
+    clock.now += 60
+    runner._attempt(record)
+    assert not record.recipients[0].delay_warned
+    runner.report = stored
+    clock.now += 60
+    runner._attempt(record)
+    assert reports == [("delayed", ["b@remote.test"])]
+    assert record.recipients[0].delay_warned
 
 
 def test_the_longest_reply_fits_a_record():
@@ -387,3 +434,198 @@ def test_an_attempt_that_fails_with_a_bug_is_deferred_in_the_access_log(make, ac
     assert (line["relay"], line["status"], line["outcome"]) == ("none", "4.3.0", "deferred")
     assert "internal error" in line["reason"]
     assert record.recipients[0].next_attempt == clock.now + 60
+
+
+# ------------------------------------------------- a crash between outcome and report
+# Issue 19: a recipient's outcome is saved after its domain's transaction (so a
+# delivered recipient is never sent twice), but its report comes at the end of
+# the attempt. A crash in between (the next domain in flight) left a `failed`
+# recipient on disk whose bounce was never made, and nothing ever made it. The
+# report owed is saved with the outcome (`report_due`) and made on the next
+# start; a crash after the report and before the mark is cleared makes it twice,
+# never zero times.
+
+
+OK = (Outcome.DELIVERED, "2.0.0")
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after it runs (not even an `except Exception`)."""
+
+
+def crash_at(domain: str, client: Client) -> Client:
+    """`client`, but the server dies while a transaction to `domain` is in flight."""
+
+    def send(hosts, port, sender, recipients, message, **kw) -> AttemptResult:
+        if recipients[0].endswith("@" + domain):
+            raise Crash
+        return client(hosts, port, sender, recipients, message, **kw)
+
+    return send  # type: ignore[return-value]
+
+
+def restarted(store: QueueStore, outcomes, clock: Clock):  # type: ignore[no-untyped-def]
+    """A fresh runner started on what the crash left on disk (`QueueRunner.start`,
+    as the server starts one), run until the queue has nothing due."""
+    reports: list[tuple[str, list[str]]] = []
+    client = Client(outcomes)
+    runner = QueueRunner(
+        store,
+        RunnerSettings("mx.example.test", RetrySchedule((60,), 3600), delay_warning=0),
+        Resolver(),
+        lambda rec, rs, kind: reports.append((kind, [r.address for r in rs])),
+        send=client,
+        clock=clock,
+    )
+    runner.start()
+    try:
+        for _ in range(200):  # bounded: the attempts are immediate
+            gevent.sleep(0.01)
+            if not runner._busy and not any(d.at <= clock.now for d in runner._heap):
+                break
+    finally:
+        runner.stop(timeout=1)
+    return runner, client, reports
+
+
+def test_a_bounce_is_not_lost_when_the_server_dies_before_it_is_made(make):
+    """remote.test fails for good and its outcome is saved; the server dies
+    while other.test is in flight, before the attempt's reports. The bounce
+    is made after the restart, and the failed recipient is not tried again."""
+    outcomes = {"b@remote.test": (Outcome.PERMANENT, "5.1.1"), "d@other.test": OK}
+    runner, record, client, reports, clock, store = make(outcomes)
+    runner.send = crash_at("other.test", client)
+    with pytest.raises(Crash):
+        runner._try(record)
+    assert reports == []
+    (on_disk,) = store.load().records  # what the crash left
+    assert [r.state for r in on_disk.recipients] == [FAILED, PENDING]
+    clock.now += 1
+    after, client, reports = restarted(store, outcomes, clock)
+    assert reports == [("failed", ["b@remote.test"])]
+    assert [rcpts for _, rcpts, _ in client.calls] == [["d@other.test"]]
+    assert after.records == {} and store.load().records == []  # done, removed
+    assert [r.report_due for r in on_disk.recipients] == [True, False]  # saved with the outcome
+
+
+def test_a_success_report_is_not_lost_when_the_server_dies_before_it_is_made(make):
+    """The same for NOTIFY=SUCCESS: the `relayed` report of a recipient
+    delivered before the crash is made after the restart, and the mail is not
+    sent to it again."""
+    outcomes = {"b@remote.test": OK, "d@other.test": OK}
+    runner, record, client, reports, clock, store = make(outcomes, notify=["SUCCESS"])
+    runner.send = crash_at("other.test", client)
+    with pytest.raises(Crash):
+        runner._try(record)
+    clock.now += 1
+    _, client, reports = restarted(store, outcomes, clock)
+    assert [(kind, sorted(rcpts)) for kind, rcpts in reports] == [
+        ("delivered", ["b@remote.test", "d@other.test"])  # one report for both
+    ]
+    assert [rcpts for _, rcpts, _ in client.calls] == [["d@other.test"]]
+    assert store.load().records == []
+
+
+def test_a_report_owed_at_start_is_made_at_once_not_at_the_next_attempt(make):
+    """A record as the crash leaves it, the other recipient deferred for an
+    hour: the bounce is made at start, without waiting for that attempt."""
+    outcomes = {"b@remote.test": (Outcome.PERMANENT, "5.1.1"), "d@other.test": OK}
+    _, record, _, _, clock, store = make(outcomes)
+    failed, later = record.recipients
+    failed.state, failed.attempts, failed.status, failed.report_due = FAILED, 1, "5.1.1", True
+    later.next_attempt = clock.now + 3600
+    store.save(record)
+    runner, client, reports = restarted(store, outcomes, clock)
+    assert reports == [("failed", ["b@remote.test"])]
+    assert client.calls == []  # other.test is not due
+    (on_disk,) = store.load().records
+    assert [r.report_due for r in on_disk.recipients] == [False, False]  # reported: saved
+    assert list(runner.records) == ["Q1"]
+
+
+def test_a_record_of_the_older_format_reports_nothing_again(make):
+    """A record written before `report_due` existed (its failed recipients were
+    reported before that record was saved, or lost in the crash window this
+    closes): it loads as nothing owed, so an upgrade bounces nothing twice."""
+    outcomes = {"b@remote.test": (Outcome.PERMANENT, "5.1.1"), "d@other.test": OK}
+    _, record, _, _, clock, store = make(outcomes)
+    record.recipients[0].state = FAILED
+    raw = json.loads(record.to_json())
+    for rcpt in raw["recipients"]:
+        del rcpt["report_due"]
+    Path(store.records, "Q1.json").write_text(json.dumps(raw))
+    _, client, reports = restarted(store, outcomes, clock)
+    assert reports == []
+    assert [rcpts for _, rcpts, _ in client.calls] == [["d@other.test"]]
+
+
+def test_a_stop_that_kills_a_later_domains_attempt_loses_no_bounce(make):
+    """Not even a crash: a stop (SIGTERM) kills the attempts still in flight
+    after its grace period; one killed at other.test, after remote.test failed,
+    left that failure unreported. The next start makes the bounce."""
+    outcomes = {"b@remote.test": (Outcome.PERMANENT, "5.1.1"), "d@other.test": OK}
+    runner, record, client, reports, clock, store = make(outcomes)
+    del runner.records[record.id]
+    stalled = gevent.event.Event()
+
+    def send(hosts, port, sender, recipients, message, **kw) -> AttemptResult:
+        if recipients[0].endswith("@other.test"):
+            stalled.set()
+            gevent.sleep(60)  # a next hop that stalls: killed by the stop
+        return client(hosts, port, sender, recipients, message, **kw)
+
+    runner.send = send
+    runner.start()
+    assert stalled.wait(timeout=5)
+    runner.stop(timeout=0)
+    assert reports == []
+    assert [r.state for r in store.load().records[0].recipients] == [FAILED, PENDING]
+    _, client, reports = restarted(store, outcomes, clock)
+    assert reports == [("failed", ["b@remote.test"])]
+    assert [rcpts for _, rcpts, _ in client.calls] == [["d@other.test"]]
+
+
+def test_a_crash_after_the_report_and_before_its_mark_makes_it_twice_not_never(make):
+    """The report is made, then the server dies before the record saying so is
+    written: the next start makes it again (a duplicate bounce, Postfix's
+    choice too), never none."""
+    outcomes = {"b@remote.test": (Outcome.PERMANENT, "5.1.1")}
+    runner, record, _, reports, clock, store = make(outcomes)
+
+    def report_then_die(rec, rcpts, kind):  # type: ignore[no-untyped-def]
+        reports.append((kind, [r.address for r in rcpts]))
+        raise Crash
+
+    runner.report = report_then_die
+    with pytest.raises(Crash):
+        runner._try(record)
+    _, _, again = restarted(store, outcomes, clock)
+    assert reports == again == [("failed", ["b@remote.test"])]
+    assert store.load().records == []
+
+
+def test_a_bug_in_a_later_domain_does_not_lose_an_earlier_bounce(make):
+    """Without a crash: remote.test fails for good, then the attempt at
+    other.test fails with a bug. The bounce is still made in this attempt, and
+    the entry is kept for other.test."""
+    outcomes = {"b@remote.test": (Outcome.PERMANENT, "5.1.1"), "d@other.test": OK}
+    runner, record, client, reports, clock, store = make(outcomes)
+
+    def broken(hosts, port, sender, recipients, message, **kw) -> AttemptResult:
+        if recipients[0].endswith("@other.test"):
+            raise RuntimeError("a bug")
+        return client(hosts, port, sender, recipients, message, **kw)
+
+    runner.send = broken
+    runner._attempt(record)
+    assert reports == [("failed", ["b@remote.test"])]
+    (on_disk,) = store.load().records
+    assert [(r.state, r.report_due) for r in on_disk.recipients] == [
+        (FAILED, False),
+        (PENDING, False),
+    ]
+    runner.send = client
+    clock.now += 60
+    runner._attempt(record)
+    assert reports == [("failed", ["b@remote.test"])]  # not twice
+    assert "Q1" not in runner.records and store.load().records == []

@@ -16,7 +16,7 @@ from geosmtp.queue.store import (
     QueueStore,
 )
 from geosmtp.storage import Spool
-from geosmtp.storage.errors import SymlinkRefused
+from geosmtp.storage.errors import StorageError, SymlinkRefused
 from geosmtp.storage.spool import UniqueNames
 
 
@@ -77,6 +77,31 @@ def test_a_saved_record_replaces_the_old_one_whole(parts):
     (again,) = store.load().records
     assert [r.state for r in again.recipients] == [DELIVERED, PENDING]
     assert [n for n in os.listdir(store.records)] == ["Q1.json"]  # no temporary left
+
+
+@pytest.mark.parametrize("step", ["write", "fsync"])
+def test_a_record_that_cannot_be_written_leaves_the_old_one_and_no_temporary(
+    parts, monkeypatch, step
+):
+    """A full disk while a record is saved: StorageError, the old record whole,
+    no half-written temporary holding the room that is short."""
+    import errno
+
+    store, spool = parts
+    add(store, spool)
+    rec = store.load().records[0]
+    rec.recipients[0].state = DELIVERED
+
+    def no_space(*args):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, step, no_space)
+    with pytest.raises(StorageError) as info:
+        store.save(rec)
+    monkeypatch.undo()
+    assert info.value.no_space
+    assert os.listdir(store.records) == ["Q1.json"]
+    assert [r.state for r in store.load().records[0].recipients] == [PENDING, PENDING]
 
 
 def test_what_cannot_be_read_is_quarantined_and_orphans_removed(parts):

@@ -127,3 +127,21 @@ def test_a_session_woken_by_its_socket_does_not_overtake_the_waiters(one_thread)
     finally:
         reader.close()
         writer.close()
+
+
+def test_an_error_in_the_thread_is_raised_in_the_caller_alone(monkeypatch):
+    """The caller gets the exception, with its traceback; the hub reports
+    nothing (gevent's pool logged each as an "unhandled error")."""
+    reported: list = []
+    monkeypatch.setattr(gevent.get_hub(), "print_exception", lambda *a: reported.append(a))
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        in_thread(full)
+    assert info.value.errno == 28
+    assert info.traceback[-1].name == "full"
+    assert in_thread(lambda: 7) == 7
+    gevent.sleep(0.05)
+    assert reported == []
