@@ -237,7 +237,7 @@ def _servers_for(args: argparse.Namespace, names: list[str]) -> list[str]:
                 f"(postfix: not run for {args.scenario}: one process per session)", file=sys.stderr
             )
             continue
-        if n == "smtp-sink" and args.scenario in ("idle", "slow"):
+        if n == "smtp-sink" and args.scenario in ("idle", "slow", "flood"):
             # It serves at most 512 sessions at once: the 1,000s here would wait in vain.
             print(
                 f"(smtp-sink: not run for {args.scenario}: 512 sessions at most)", file=sys.stderr

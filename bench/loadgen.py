@@ -12,6 +12,13 @@ Kinds of job:
 - `slow`: C sessions that trickle every command and message a few bytes at a
   time until told to stop, then send the rest at once.
 - `idle`: C sessions connect, EHLO and wait until told to stop, then QUIT.
+- `flood`: hostile clients until told to stop (issue 19): `clients` tricklers,
+  each connects from one of `sources` loopback addresses and sends a byte of
+  an unfinished command line every `interval` seconds (times 0.5-1.5),
+  never its end, and connects again when the server closes it; and `churn`
+  clients that connect and drop in a loop (at once, with a reset, after
+  the greeting, in the middle of a command), at most `churn_each` times
+  each. What the server did to them is in the result's `flood`.
 - `probe`: K fresh clients one after another, each a whole transaction
   (connect to 250), timed end to end.
 - `pop3`: C POP3 sessions share a list of full mailboxes (`bench.mailboxes`);
@@ -236,8 +243,15 @@ class Job:
         self.boxes = int(spec.get("mailboxes", messages.MAILBOXES))
         self.pipelining = bool(spec.get("pipelining", True))
         self.domain = str(spec.get("domain", messages.DOMAIN))  # relay: a remote domain
+        self.flood: dict | None = None  # flood: what the server did to the hostile clients
 
     # ------------------------------------------------------------ helpers
+
+    def source(self, k: int) -> str | None:
+        """load: session k's own loopback address when the spec spreads them
+        (`source_net` "127.0.4."; 2-251), else the kernel's choice."""
+        net = self.spec.get("source_net")
+        return f"{net}{2 + k % 250}" if net else None
 
     def connect(self, source: str | None = None) -> Session:
         last: Exception | None = None
@@ -345,7 +359,7 @@ class Job:
                     n = None
                     try:
                         t0 = perf()
-                        s = self.connect()
+                        s = self.connect(self.source(k))
                         s.sock.settimeout(self.io_timeout)
                         self.greet(s, f"c{k}.bench.test", t0)
                         for n in ids:
@@ -470,6 +484,133 @@ class Job:
                 s.close()
 
         self.run_clients(slow, clients)
+
+    # ------------------------------------------------------------ flood
+
+    def run_flood(self) -> None:
+        sources = [str(a) for a in self.spec["sources"]]
+        tricklers = int(self.spec["clients"])
+        churners = int(self.spec.get("churn", 0))
+        interval = float(self.spec.get("interval", 3.0))
+        f = self.flood = {
+            "admitted": 0,  # trickler connections greeted with 220
+            "refused": Counter(),  # ... answered at once with anything else, by reply
+            "cut": Counter(),  # ... closed by the server later, by its last reply
+            "held_s": [],  # how long each cut trickler was held
+            "first_round": 0,  # tricklers that made their first attempt
+            "churned": 0,  # connect-and-drop attempts that connected
+            "churn_failed": 0,  # ... that could not connect
+        }
+
+        def first_attempt() -> None:
+            f["first_round"] += 1
+            self.count_connected(tricklers)
+
+        def trickler(k: int) -> None:
+            source = sources[k % len(sources)]
+            first = True
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                try:
+                    sock = socket.create_connection(
+                        (self.host, self.port), timeout=self.io_timeout, source_address=(source, 0)
+                    )
+                except OSError as exc:
+                    f["refused"][f"connect: {type(exc).__name__}"] += 1
+                    if first:
+                        first = False
+                        first_attempt()
+                    gevent.sleep(1.0)
+                    continue
+                with sock:
+                    held = self.hold(sock, interval, f, first_attempt if first else None)
+                first = False
+                # Back soon when cut; later when refused, as the server asked.
+                gevent.sleep(random.uniform(0.1, 1.0) if held else random.uniform(1.0, 3.0))
+
+        def churner(k: int) -> None:
+            for i in range(int(self.spec.get("churn_each", 1000))):
+                if self.stop.is_set() or time.monotonic() > self.deadline:
+                    return
+                source = sources[(k * 7 + i) % len(sources)]
+                try:
+                    sock = socket.create_connection(
+                        (self.host, self.port), timeout=self.io_timeout, source_address=(source, 0)
+                    )
+                except OSError:
+                    f["churn_failed"] += 1
+                    gevent.sleep(0.5)
+                    continue
+                f["churned"] += 1
+                with sock:
+                    kind = i % 4
+                    if kind == 1:  # a reset instead of a FIN
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    try:
+                        if kind >= 2:
+                            sock.settimeout(5)
+                            sock.recv(4096)  # the greeting (or a refusal)
+                        if kind == 3:
+                            sock.sendall(b"MAIL FROM:<drop@")
+                    except OSError:
+                        pass
+                gevent.sleep(random.uniform(0.2, 0.6))
+
+        group = Group()
+        for k in range(churners):
+            group.spawn(self.guarded, churner, k)
+        self.run_clients(trickler, tricklers)
+        group.join(timeout=30)
+        group.kill(timeout=5)
+        f["refused"] = dict(f["refused"])
+        f["cut"] = dict(f["cut"])
+
+    def hold(self, sock: socket.socket, interval: float, f: dict, first) -> bool:  # type: ignore[no-untyped-def]
+        """One trickler connection: the greeting, then a byte every `interval`
+        (times 0.5-1.5) of a line that never ends, until the server closes it
+        or the job stops; whether the server admitted it."""
+        sock.settimeout(self.io_timeout)
+        buf = b""
+        try:
+            while b"\r\n" not in buf:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                buf += data
+        except OSError as exc:
+            buf = f"{type(exc).__name__}".encode()
+        if first is not None:
+            first()
+        if not buf.startswith(b"220 "):
+            f["refused"][buf[:9].decode(errors="replace") or "closed"] += 1
+            return False
+        f["admitted"] += 1
+        since = time.monotonic()
+        line = b"EHLO slowloris.bench.test " * 20  # 520 octets: a byte at a time, never the end
+        said = b""
+        pos = 0
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
+            sock.settimeout(interval * random.uniform(0.5, 1.5))
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                try:
+                    sock.send(line[pos % len(line) : pos % len(line) + 1])
+                except OSError:
+                    said = b"send failed"
+                    break
+                pos += 1
+                continue
+            except OSError as exc:
+                said = type(exc).__name__.encode()
+                break
+            said += data
+            if not data or b"\r\n" in said:
+                break
+        else:
+            return True  # still held when the job stopped
+        f["cut"][said[:9].decode(errors="replace") or "closed"] += 1
+        f["held_s"].append(round(time.monotonic() - since, 3))
+        return True
 
     # ------------------------------------------------------------ pop3
 
@@ -666,6 +807,7 @@ class Job:
                 "phases": {k: [round(x, 6) for x in v] for k, v in st.phases.items()},
                 "session_msgs": st.session_msgs,
                 "cpu": t.user + t.system - t0.user - t0.system,
+                **({"flood": self.flood} if self.flood is not None else {}),
             }
         )
 

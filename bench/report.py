@@ -18,7 +18,7 @@ REFERENCE = "geosmtp"
 PEER = "aiosmtpd"
 
 # Targets from the issue: (scenario, label, check(medians) -> (met, text)).
-NUMERIC_SKIP = {"round", "clients", "size", "rcpts", "slow_clients"}
+NUMERIC_SKIP = {"round", "clients", "size", "rcpts", "slow_clients", "churn_clients"}
 
 
 def _num(x: object) -> bool:
@@ -116,6 +116,8 @@ def table(scenario: str, rows: list[dict]) -> str:
         return _idle_table(agg)
     if base == "slow":
         return _slow_table(agg)
+    if base == "flood":
+        return _flood_table(agg)
     if base == "relay":
         return _relay_table(agg)
     if base == "pop3":
@@ -390,6 +392,37 @@ def _slow_table(agg: dict) -> str:
     return "\n".join(lines) + "\n\n" + targets("slow", agg)
 
 
+def _flood_table(agg: dict) -> str:
+    """Normal clients quiet / under attack from many addresses / from one;
+    memory; what the server did to the attackers (medians of the rounds)."""
+    lines = [
+        "| server | rounds | msgs/s quiet | msgs/s attack (many) | held | msgs/s attack (one) "
+        "| held | p99 ms quiet / many / one | RSS MB before / with attackers / peak / after (many) "
+        "| tricklers admitted / refused / cut (many) | admitted / refused / cut (one) "
+        "| churned (many) | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---|",
+    ]
+    for key in sorted(agg, key=lambda k: _rank(k[0])):
+        a = agg[key]
+        p99 = " / ".join(_f(a.get(f"{p}_p99_ms"), 1) for p in ("quiet", "many", "one"))
+        rss = " / ".join(
+            _f(a.get(f"many_{k}"), 1)
+            for k in ("rss_before_mb", "rss_attack_mb", "rss_peak_mb", "rss_after_mb")
+        )
+        fate = {
+            p: " / ".join(_f(a.get(f"{p}_{k}")) for k in ("admitted", "refused", "cut"))
+            for p in ("many", "one")
+        }
+        quiet, many, one = (a.get(f"{p}_msgs_per_s") for p in ("quiet", "many", "one"))
+        lines.append(
+            f"| {a['server']} | {a['rounds']} | {_f(quiet)} "
+            f"| {_f(many)} | {_ratio(many, quiet)} | {_f(one)} | {_ratio(one, quiet)} "
+            f"| {p99} | {rss} | {fate['many']} | {fate['one']} | {_f(a.get('many_churned'))} "
+            f"| {_checked(a)} |"
+        )
+    return "\n".join(lines) + "\n\n" + targets("flood", agg)
+
+
 def targets(scenario: str, agg: dict) -> str:
     """The issue's targets for this scenario, met or missed, from the medians."""
     ref = agg.get((REFERENCE, 100)) or next(
@@ -449,6 +482,13 @@ def targets(scenario: str, agg: dict) -> str:
         line(
             _num(held) and held >= 0.8,
             f"normal throughput within 20% with slow clients (held {held:.0%})",
+        )
+    if base == "flood":
+        a, b = ref.get("many_msgs_per_s"), ref.get("quiet_msgs_per_s")
+        held = a / b if _num(a) and _num(b) and b else float("nan")
+        line(
+            _num(held) and held >= 0.8,
+            f"normal throughput within 20% under tricklers and droppers (held {held:.0%})",
         )
     out += _issue17(base, agg)
     return "\n".join(out) + ("\n" if out else "")
@@ -560,6 +600,32 @@ def plot(scenario: str, name: str, rows: list[dict], path: Path) -> None:
         _bars(ax2, agg, servers, "p99_ms", "normal clients' p99 (ms)", label="with slow", shift=0.2)
         ax1.legend()
         ax2.legend()
+    elif base == "flood":
+        for i, phase in enumerate(("quiet", "many", "one")):
+            label = {"quiet": "quiet", "many": "attack, 750 addresses", "one": "attack, 1 address"}
+            shift = (i - 1) * 0.27
+            _bars(
+                ax1,
+                agg,
+                servers,
+                f"{phase}_msgs_per_s",
+                "normal clients' msgs/s (median)",
+                label=label[phase],
+                shift=shift,
+                width=0.27,
+            )
+            _bars(
+                ax2,
+                agg,
+                servers,
+                f"{phase}_p99_ms",
+                "normal clients' p99 latency (ms)",
+                label=label[phase],
+                shift=shift,
+                width=0.27,
+            )
+        ax1.legend()
+        ax2.legend()
     elif base == "relay":
         _bars(ax1, agg, servers, "accept_per_s", "msgs/s", label="accepted", shift=-0.2)
         _bars(ax1, agg, servers, "delivery_per_s", "msgs/s (median)", label="delivered", shift=0.2)
@@ -614,7 +680,7 @@ def _crash_plot(ax1, ax2, rows: list[dict]) -> None:  # type: ignore[no-untyped-
     ax2.set_ylabel("messages acknowledged before the kill")
 
 
-def _bars(ax, agg, servers, field, ylabel, label=None, shift=0.0):  # type: ignore[no-untyped-def]
+def _bars(ax, agg, servers, field, ylabel, label=None, shift=0.0, width=None):  # type: ignore[no-untyped-def]
     vals, lows, highs = [], [], []
     for s in servers:
         a = next((a for (srv, _c), a in agg.items() if srv == s), {})
@@ -624,7 +690,8 @@ def _bars(ax, agg, servers, field, ylabel, label=None, shift=0.0):  # type: igno
         lows.append(v - min(every) if _num(v) else 0)
         highs.append(max(every) - v if _num(v) else 0)
     xs = [i + shift for i in range(len(servers))]
-    ax.bar(xs, vals, width=0.4 if shift else 0.6, yerr=[lows, highs], capsize=4, label=label)
+    width = width or (0.4 if shift else 0.6)
+    ax.bar(xs, vals, width=width, yerr=[lows, highs], capsize=4, label=label)
     for x, v in zip(xs, vals, strict=True):
         if not _num(v):  # e.g. a server that could not start
             ax.annotate("no result", (x, 0), ha="center", va="bottom", color="gray")

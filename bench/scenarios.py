@@ -446,6 +446,139 @@ def slow(server_cls: type[Server], opts: Options) -> list[dict]:
             server.cleanup()
 
 
+# ------------------------------------------------------------ flood (issue 19)
+
+#: The attackers' addresses: 750 loopback ones (127.0.1-3.2-251), so that a
+#: limit per address (geosmtp's client_limits.max_connections, 50) alone
+#: does not stop them; or all from one.
+FLOOD_MANY = [f"127.0.{a}.{b}" for a in (1, 2, 3) for b in range(2, 252)]
+FLOOD_ONE = ["127.0.0.2"]
+#: The normal clients' addresses (127.0.4.2-251): a session each, as
+#: different senders' MTAs.
+FLOOD_NORMAL_NET = "127.0.4."
+FLOOD_PHASES = (("quiet", None), ("many", FLOOD_MANY), ("one", FLOOD_ONE))
+
+
+def flood(server_cls: type[Server], opts: Options) -> list[dict]:
+    """100 normal sessions send alone (quiet), then while 1,000 clients trickle
+    a byte of an unfinished command line every 1.5-4.5 s and 200 connect and
+    drop in a loop, the attackers from 750 addresses (many), then from one
+    (one). A fresh server each time, geosmtp with its client_limits as shipped."""
+    n_slow = opts.pick(1000, 200)
+    n_churn = opts.pick(200, 50)
+    clients = opts.pick(100, 100, opts.clients)
+    count = opts.pick(10000, 2000, opts.messages)
+    row: dict = {"scenario": "flood", "clients": clients, "slow_clients": n_slow}
+    row.update(churn_clients=n_churn, ok=True, verify=[])
+    for phase, sources in FLOOD_PHASES:
+        got = _flood_phase(server_cls, opts, phase, sources, n_slow, n_churn, clients, count)
+        row["server"] = got.pop("server")
+        row["ok"] = row["ok"] and got.pop("ok")
+        row["verify"].append(f"{phase}: {got.pop('verify')}")
+        row.update({f"{phase}_{k}": v for k, v in got.items()})
+    quiet = row.get("quiet_msgs_per_s")
+    for phase in ("many", "one"):
+        got = row.get(f"{phase}_msgs_per_s")
+        if quiet and got is not None:
+            row[f"{phase}_held"] = got / quiet
+    row["verify"] = "; ".join(row["verify"])
+    row["msgs_per_s"] = row.get("many_msgs_per_s")
+    row["p99_ms"] = row.get("many_p99_ms")
+    return [row]
+
+
+def _flood_phase(
+    server_cls: type[Server],
+    opts: Options,
+    phase: str,
+    sources: list[str] | None,
+    n_slow: int,
+    n_churn: int,
+    clients: int,
+    count: int,
+) -> dict:
+    server = server_cls(fsync=opts.fsync)
+    server.shipped_limits = True
+    run_id = new_run_id("flood", server.name)
+    label = f"flood/{server.name} {phase}"
+    attack = None
+    out: dict = {"server": server.name}
+    try:
+        server.start()
+        common = {"host": HOST, "port": server.port, "run_id": run_id, "rcpts": 1}
+        common.update(deadline=opts.time_limit, io_timeout=300)
+        measurable = server.measurable
+        rss0 = server.rss() if measurable else 0
+        socks0 = sum(tree_sockets(server.pid).values()) if measurable else 0
+        if sources:
+            aspec = {**common, "kind": "flood", "clients": n_slow, "ids": [0, 0, 1]}
+            aspec.update(sources=sources, churn=n_churn, churn_each=2000, interval=3.0)
+            attack = Worker(aspec)
+            progress = Progress(label + " attackers connecting", None)
+            pump([attack], lambda: attack.ready or attack.done, 120, progress)
+            time.sleep(3.0)  # the trickle and the churn get going
+        if measurable:
+            out["rss_attack_mb"] = server.rss() / 1024
+            out["server_sockets_attack"] = sum(tree_sockets(server.pid).values())
+        spec = {**common, "kind": "load", "clients": clients, "ids": [0, count, 1]}
+        spec.update(size=1024, pipelining=opts.pipelining, source_net=FLOOD_NORMAL_NET)
+        outcome, srv = run_jobs(
+            split_load(spec, opts.workers), label, opts.time_limit + 60, server, count
+        )
+        if attack is not None:
+            attack.send("stop")
+            pump([attack], lambda: attack.done, 120)
+            attack.finish()
+            out.update(_flood_attackers(attack.result))
+        if measurable:
+            # The attackers' connections closed: the server's sockets back where they were.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                left = sum(tree_sockets(server.pid).values())
+                if left <= socks0 + 2:
+                    break
+                time.sleep(0.2)
+            out["server_sockets_after"] = sum(tree_sockets(server.pid).values()) - socks0
+            out["rss_before_mb"] = rss0 / 1024
+            out["rss_after_mb"] = server.rss() / 1024
+        verdict = _finish(server, outcome, run_id, opts)
+        row = _row("flood", server, outcome, srv, verdict)
+        for key in ("msgs_per_s", "p50_ms", "p99_ms", "errors", "connect_retries"):
+            out[key] = row[key]
+        if "rss_peak_mb" in row:
+            out["rss_peak_mb"] = row["rss_peak_mb"]
+            out["server_cpu_pct"] = row["server_cpu_pct"]
+            out["other_cpu_pct"] = row.get("other_cpu_pct")
+        out["verify"] = row["verify"]
+        out["ok"] = row["ok"] and outcome.ok == count
+        return out
+    finally:
+        if attack is not None and not attack.done:
+            attack.send("stop")
+            attack.finish()
+        server.stop()
+        if not opts.keep:
+            server.cleanup()
+
+
+def _flood_attackers(result: dict | None) -> dict:
+    """What the server did to the attackers: tricklers admitted, refused at
+    once (by the reply's first 9 octets), cut later (likewise), how long
+    the cut ones were held; connect-and-drop attempts."""
+    f = (result or {}).get("flood") or {}
+    held = sorted(f.get("held_s") or [])
+    return {
+        "admitted": f.get("admitted", 0),
+        "refused": sum((f.get("refused") or {}).values()),
+        "refused_by": f.get("refused") or {},
+        "cut": sum((f.get("cut") or {}).values()),
+        "cut_by": f.get("cut") or {},
+        "held_max_s": held[-1] if held else float("nan"),
+        "churned": f.get("churned", 0),
+        "churn_failed": f.get("churn_failed", 0),
+    }
+
+
 RELAY_DOMAIN = "remote.test"
 ACCEPT_TAIL = 250  # the acceptance rate is measured until the last 250
 
@@ -765,6 +898,7 @@ SCENARIOS = {
     "idle": idle,
     "large": large,
     "slow": slow,
+    "flood": flood,
     "relay": relay,
     "pop3": pop3,
     "crash": crash,

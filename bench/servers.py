@@ -286,6 +286,9 @@ class Server:
         #: The pop3 scenario: the POP3 port, and user -> argon2id password hash.
         self.pop3_port: int | None = None
         self.pop3_users: dict[str, str] = {}
+        #: The flood scenario: geosmtp's per-client limits as shipped
+        #: (client_limits: max_connections 50 per address), not out of reach.
+        self.shipped_limits = False
         self.log = open(self.root / "server.out", "wb")  # noqa: SIM115
 
     @classmethod
@@ -420,7 +423,9 @@ class Geosmtp(Server):
             config["listeners"].append({"address": HOST, "port": self.pop3_port, "role": "pop3"})
             config["users"] = {u: {"password": h} for u, h in self.pop3_users.items()}
             config["auth"] = {"allow_plaintext": True}
-        if "class ClientLimits" in (self.source / "geosmtp" / "config.py").read_text():
+        if self.shipped_limits:
+            pass  # the flood scenario: client_limits as shipped
+        elif "class ClientLimits" in (self.source / "geosmtp" / "config.py").read_text():
             # Every load comes from 127.0.0.1: each per-client limit on (so its
             # counting is measured) and out of reach (so it refuses nothing).
             # A variant may turn them off (0), to measure what the counting costs.

@@ -221,6 +221,7 @@ class POP3Connection(SansIOConnection):
         self._greeted = False
         self._end_of_input = False  # receive_data(b""): the client closed its side
         self._discarding_line = False  # an over-long line is being skipped
+        self.lines_read = 0  # command lines taken from the input
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._events: list[Event] = []

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..app import App
     from ..config import Listener
     from ..metrics import ListenerMetrics
+    from ..smtp.connection import SansIOConnection
 
 READ_SIZE = 64 * 1024
 
@@ -64,6 +65,7 @@ class StreamSession:
     #: The reply the server closes with, by outcome: timeout, shutdown, kicked, error.
     CLOSING: ClassVar[dict[str, Any]] = {}
     PROTOCOL = ""
+    conn: SansIOConnection  # the protocol core (the subclass makes it)
 
     def __init__(
         self,
@@ -87,7 +89,11 @@ class StreamSession:
         #: The client's key in the per-client limits (`anvil.Anvil`); 0: not counted.
         self.client_key = client_key
         self.reading = False
-        self.waiting_since: float | None = None  # a wait for a command began (monotonic)
+        #: The wait for the command being read began (monotonic), over all its
+        #: reads: a line that trickles in has the command timeout in all.
+        self.command_since: float | None = None
+        self._lines_seen = -1  # conn.lines_read when command_since was set
+        self.waiting_since: float | None = None  # a read waits for a command begun then
         self.expired = False  # stress: the wait for a command took too long
         self.shutdown_pending = False
         self.bytes_in = 0
@@ -113,12 +119,12 @@ class StreamSession:
         if self.shutdown_pending:
             raise ShutdownRequested
         timeout = self._timeout()
+        if self._waits_for_command():
+            timeout = self._command_time_left(timeout)
+        else:
+            self.command_since = None
         if timeout <= 0:  # a total time used up: settimeout(0) would mean non-blocking
             raise ClientTimeout
-        if self._waits_for_command():
-            self.waiting_since = time.monotonic()
-            if self.server.listeners.stressed:
-                timeout = min(timeout, self.server.config.stress.command_timeout)
         self.reading = True
         try:
             self.sock.settimeout(timeout)
@@ -143,6 +149,24 @@ class StreamSession:
             raise ShutdownRequested
         self.bytes_in += len(data)
         return data
+
+    def _command_time_left(self, timeout: float) -> float:
+        """Seconds the next read for a command may wait: `timeout` (under
+        stress `stress.command_timeout` at most) from when the wait for this
+        command began, not from this read. A read that only added to an
+        unfinished line goes on with that line's time, so a client that
+        trickles a byte every few seconds and never ends its line is timed
+        out (a slowloris), as Postfix's smtpd_per_record_deadline does; a
+        finished line (the core took it) starts the next command's time."""
+        now = time.monotonic()
+        lines = self.conn.lines_read
+        if self.command_since is None or lines != self._lines_seen:
+            self.command_since = now
+            self._lines_seen = lines
+        self.waiting_since = self.command_since
+        if self.server.listeners.stressed:
+            timeout = min(timeout, self.server.config.stress.command_timeout)
+        return timeout - (now - self.command_since)
 
     def _send(self, out: bytes) -> None:
         """Send `out` whole, under the command timeout."""

@@ -45,6 +45,9 @@ class SansIOConnection:
     _events: list[Any]  # events not yet taken by next_event()
     _end_of_input: bool  # receive_data(b""): the client closed its side
     _discarding_line: bool  # an over-long line is being skipped to its LF
+    #: Command lines taken from the input so far (over-long ones too): the shell
+    #: sees by it whether a read finished a line or only added to one.
+    lines_read: int
     _sasl: sasl.SASLExchange | None  # an AUTH exchange wants a response
 
     def data_to_send(self) -> bytes:
@@ -119,6 +122,7 @@ class SansIOConnection:
             return None
         line = bytes(buf[:nl])
         del buf[: nl + 1]
+        self.lines_read += 1
         if line.endswith(b"\r"):
             line = line[:-1]
         if self._discarding_line or len(line) > limit:

@@ -315,6 +315,7 @@ class SMTPConnection(SansIOConnection):
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._discarding_line = False  # an over-long line is being skipped
+        self.lines_read = 0  # command lines taken from the input
         # DATA state
         self._line_too_long = False  # the message has a line over limits.text_line
         self._chunk_line = 0  # BDAT: octets of the unfinished line so far
