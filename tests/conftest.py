@@ -107,6 +107,16 @@ class RunningServer:
         path = self.log_dir / "log.txt"
         return path.read_text() if path.exists() else ""
 
+    def logged(self, text: str, timeout: float = 10.0) -> str:
+        """log.txt once it holds `text`. A worker's lines reach it through the
+        master's log pipe, a moment after what they tell of has happened."""
+        try:
+            return wait_until(
+                lambda: text in (log := self.server_log()) and log, timeout, what=repr(text)
+            )
+        except AssertionError:
+            raise AssertionError(f"{text!r} not in log.txt:\n{self.server_log()[-3000:]}") from None
+
     def stderr(self) -> str:
         """What the process wrote to stderr (a file, so a chatty server never blocks on a pipe)."""
         path = self.root / "stderr.txt"

@@ -121,7 +121,7 @@ def test_client_text_never_splits_a_log_line(server):
 
 
 def test_server_log_records_start_and_stop(server):
-    assert "listening on [127.0.0.1]" in server.server_log()
+    server.logged("listening on [127.0.0.1]")
     assert server.stop() == 0
     log = server.server_log()
     assert "signal received" in log

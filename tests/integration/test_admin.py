@@ -61,7 +61,7 @@ def test_every_request_needs_the_token(shared):
     # Nothing those requests asked for happened.
     assert api.config() == before
     assert api.request("GET", "/api/v1/stats").status == 200
-    assert "admin API listening" in server.server_log()
+    server.logged("admin API listening")
 
 
 def test_the_admin_listeners_own_log_goes_to_the_server_log(shared):
@@ -233,7 +233,7 @@ def test_patch_changes_live_settings(make_server):
     wait_until(
         lambda: f"session {session['id']} connect from" in server.server_log(), what="debug line"
     )
-    assert "configuration changed: extensions.chunking" in server.server_log()
+    server.logged("configuration changed: extensions.chunking")
     # The same PATCH again changes nothing.
     assert api.ok("PATCH", "/api/v1/config", patch)["changed"] == []
 
@@ -597,7 +597,7 @@ def test_sighup_applies_a_valid_change(make_server):
         w.expect("RCPT TO:<bob@test.example>", 250)
         w.expect("RCPT TO:<carol@test.example>", 452)
     wait_until(lambda: f"reloaded {server.config_path}" in server.server_log(), what="log")
-    assert "configuration changed: limits.max_recipients, max_clients" in server.server_log()
+    server.logged("configuration changed: limits.max_recipients, max_clients")
 
 
 # ---------------------------------------------------------------- sessions
@@ -631,7 +631,7 @@ def test_sessions_list_and_kick(make_server):
     wait_until(lambda: api.sessions() == [], what="session gone")
     reply = api.request("DELETE", f"/api/v1/sessions/{info['id']}")
     assert reply.status == 404 and reply.error == f"no open session {info['id']}"
-    assert f"admin closed session {info['id']} ([127.0.0.1])" in server.server_log()
+    server.logged(f"admin closed session {info['id']} ([127.0.0.1])")
 
 
 def test_admin_port_in_use_stops_the_start(tmp_path):
@@ -715,7 +715,7 @@ def test_the_read_token_file_is_made_and_the_two_must_differ(make_server, tmp_pa
     api = admin_of(server)
     assert api.request("GET", "/metrics", token=read).status == 200
     assert api.request("POST", "/api/v1/reload", token=read).status == 403
-    assert "admin read token written to" in server.server_log()
+    server.logged("admin read token written to")
     # The same secret in both files: the read token would write; refused at the start.
     (tmp_path / "w.tok").write_text("same-token-0123456789abcdefghij\n")
     (tmp_path / "r.tok").write_text("same-token-0123456789abcdefghij\n")

@@ -38,7 +38,7 @@ def test_client_cap(make_server):
     finally:
         for w in held:
             w.close()
-    assert "too many connections" in server.server_log()
+    server.logged("too many connections")
 
 
 def test_idle_client_gets_421_timeout(make_server):

@@ -38,8 +38,8 @@ def test_storage_fault_gives_451_and_keeps_nothing(server, order):
     assert path.read_bytes().endswith(b"\n\nbody\n")
     assert server.tmp_files() == []
     wait_until(lambda: "result=451" in server.access_log(), what="a 451 in the access log")
-    assert "delivery failed" in server.server_log()
-    assert "mail_dir/bob" in server.server_log()
+    server.logged("delivery failed")
+    server.logged("mail_dir/bob")
 
 
 def test_too_many_errors_disconnects(make_server):

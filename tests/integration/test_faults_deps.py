@@ -176,7 +176,7 @@ def test_queue_disk_full_is_452_and_the_queue_keeps_every_message(tmp_path, rela
                 timeout=10,
                 what="an attempt that could not save its record",
             )
-            assert "No space left on device" in server.server_log()
+            server.logged("No space left on device")
             assert "unhandled error" not in server.server_log()
             assert queue_files(server)[0] == records
             # Room comes back: the same session sends again.

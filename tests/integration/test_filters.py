@@ -271,7 +271,7 @@ def test_a_crashing_program_gets_on_failure(make_server, tmp_path, on_failure, r
     (line,) = access_lines(server, 1)
     verdict = {"tempfail": "tempfail", "reject": "reject", "pass": "accept"}[on_failure]
     assert line["stages"] == f"crash:{verdict}(exit=3)"
-    assert "filter crash: exit 3; stderr: oops" in server.server_log()
+    server.logged("filter crash: exit 3; stderr: oops")
 
 
 def test_a_program_killed_by_a_signal_is_a_failure(make_server, tmp_path):
@@ -321,7 +321,7 @@ def test_too_much_output_kills_the_program(make_server):
     )
     assert send(server)[0] == 554
     assert access_lines(server, 1)[0]["stages"] == "yes:reject(output_limit)"
-    assert "wrote more than max_output (100000 octets)" in server.server_log()
+    server.logged("wrote more than max_output (100000 octets)")
     assert children(server) == []
     nothing_left(server)
 

@@ -48,7 +48,7 @@ def test_switching_a_stage_off_and_on_while_running(make_server):
     assert reply.json["changed"] == ["enabled"] and reply.json["filter"]["enabled"] is True
     assert send(server)[0] == 250
     assert subject(server) == b"Subject: [T] hello"
-    assert "admin changed filter tag: enabled=True" in server.server_log()
+    server.logged("admin changed filter tag: enabled=True")
 
     # A reload goes back to the file, which has it on: off through the API, then reload.
     api.ok("PATCH", "/api/v1/filters/tag", {"enabled": False})

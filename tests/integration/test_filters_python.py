@@ -173,7 +173,7 @@ def test_a_failing_stage_gets_on_failure(make_server, stages_module, function, f
     server = make_server({"filters": [call("bad", function, on_failure="reject")]})
     assert send(server) == (554, "5.7.1 Error: message refused")
     assert access_lines(server, 1)[0]["stages"] == f"bad:reject({failure})"
-    assert logged in server.server_log()
+    server.logged(logged)
     nothing_left(server)
 
 
@@ -207,7 +207,7 @@ def test_a_thread_past_its_timeout_keeps_its_slot_until_it_ends(make_server, sta
     assert send(server)[0] == 250
     stages = [line["stages"] for line in access_lines(server, 3)]
     assert stages == ["hold:accept(timeout)", "hold:tempfail(busy)", "hold:accept"]
-    assert "no free slot (filter_concurrency 1) before the reply was due" in server.server_log()
+    server.logged("no free slot (filter_concurrency 1) before the reply was due")
     metrics = api.metrics()
     assert total(metrics, "geosmtp_stage_failures_total", stage="hold", failure="busy") == 1
     assert server.tmp_files() == []

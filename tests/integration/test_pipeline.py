@@ -111,6 +111,6 @@ def test_what_a_crash_left_in_the_spool_is_removed_at_start(make_server, tmp_pat
     server = make_server()
     assert server.root == root
     assert sorted(p.name for p in spool.iterdir()) == [recent.name]
-    assert "removed 1 stale spool files" in server.server_log()
+    server.logged("removed 1 stale spool files")
     _send(server)
     assert len(server.messages("alice")) == 1
