@@ -38,6 +38,7 @@ class Options:
     keep: bool = False  # keep the server's temp dir
     mailboxes: int | None = None  # recipients are spread over this many (100); pop3: 1,000
     hash: str = "passwd"  # pop3: the users' argon2id hashes (bench.mailboxes.HASHES)
+    duration: float | None = None  # soak: seconds of traffic (1,800; --quick 120)
 
     def pick(self, full: int, quick: int, override: int | None = None) -> int:
         if override is not None:
@@ -708,3 +709,8 @@ SCENARIOS = {
     "relay": relay,
     "pop3": pop3,
 }
+
+# The soak (issue 19): its own module, its own results (bench/soak.py).
+from .soak import soak  # noqa: E402
+
+SCENARIOS["soak"] = soak

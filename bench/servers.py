@@ -286,6 +286,8 @@ class Server:
         #: The pop3 scenario: the POP3 port, and user -> argon2id password hash.
         self.pop3_port: int | None = None
         self.pop3_users: dict[str, str] = {}
+        #: The soak scenario: geosmtp's admin listener (token in ROOT/admin.token).
+        self.admin_port: int | None = None
         self.log = open(self.root / "server.out", "wb")  # noqa: SIM115
 
     @classmethod
@@ -436,6 +438,13 @@ class Geosmtp(Server):
             config["workers"] = self.worker_count
         if self.reuse_port:
             config["reuse_port"] = True
+        if self.admin_port is not None:
+            config["admin"] = {
+                "enabled": True,
+                "address": HOST,
+                "port": self.admin_port,
+                "token_file": "admin.token",
+            }
         if self.relay_port is not None:
             config["trusted_networks"] = ["127.0.0.0/8"]
             config["relay"] = {
