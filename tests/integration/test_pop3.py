@@ -468,14 +468,16 @@ def test_each_retr_answers_without_waiting_for_the_clients_delayed_ack(plain_ser
     """A RETR's reply is several writes (the +OK line, the text, the final dot):
     with Nagle's algorithm the last one waits for the client's ACK of the
     ones before, which a client delays by 40 ms or more (Linux's minimum), so
-    each RETR took 40+ ms on an idle machine (the soak's POP3 sessions: 0.5 s
-    for 11 messages). Ten RETRs one after another must not take 10 x 40 ms."""
+    every RETR took 40+ ms on an idle machine (the soak's POP3 sessions: 0.5 s
+    for 11 messages). The fastest of ten RETRs shows it, whatever else the
+    machine is doing: with the delay none can be under 40 ms."""
     for n in range(10):
         send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
     client = login_plain(plain_server)
-    started = time.perf_counter()
+    times = []
     for n in range(10):
+        started = time.perf_counter()
         client.retr(n + 1)
-    elapsed = time.perf_counter() - started
+        times.append(time.perf_counter() - started)
     client.quit()
-    assert elapsed < 10 * 0.040 / 2, f"10 RETRs took {elapsed * 1000:.0f} ms"
+    assert min(times) < 0.020, f"the fastest of 10 RETRs took {min(times) * 1000:.1f} ms"
