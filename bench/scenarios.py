@@ -41,6 +41,7 @@ class Options:
     mailboxes: int | None = None  # recipients are spread over this many (100); pop3: 1,000
     hash: str = "passwd"  # pop3: the users' argon2id hashes (bench.mailboxes.HASHES)
     trials: int | None = None  # crash: kill -9 trials (100)
+    duration: float | None = None  # soak: seconds of traffic (1,800; --quick 120)
 
     def pick(self, full: int, quick: int, override: int | None = None) -> int:
         if override is not None:
@@ -903,3 +904,8 @@ SCENARIOS = {
     "pop3": pop3,
     "crash": crash,
 }
+
+# The soak (issue 19): its own module, its own results (bench/soak.py).
+from .soak import soak  # noqa: E402
+
+SCENARIOS["soak"] = soak

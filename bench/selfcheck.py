@@ -82,13 +82,15 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
     failures += check_relay_sink()
     failures += check_pop3_client()
+    failures += check_soak()
     for f in failures:
         print("selfcheck FAILED:", f)
     if not failures:
         print(
             "selfcheck ok: messages round-trip through un-stuffing; the verifier catches faults; "
             "the relay sink records every id; the relay check catches loss and duplicates; "
-            "the POP3 client and the Maildir check catch corrupt, missing and left-over mail"
+            "the POP3 client and the Maildir check catch corrupt, missing and left-over mail; "
+            "the soak's check catches loss, duplicates and misdelivery, its flatness a leak"
         )
     return 1 if failures else 0
 
@@ -279,4 +281,63 @@ def check_pop3_client() -> list[str]:
             server.shutdown()
             server.server_close()
             shutil.rmtree(root, ignore_errors=True)
+    return failures
+
+
+def check_soak() -> list[str]:
+    """The soak's delivery check and its flatness verdict, on made-up runs."""
+    from . import soak
+    from .soak_traffic import HOSTILE_BASE, rcpt_of
+
+    failures: list[str] = []
+    run, users = "selfcheck-soak", 4
+    root = Path(tempfile.mkdtemp(prefix="bench-selfcheck-soak-"))
+    try:
+        # 0..7 acknowledged: even ones local (2 retrieved, 2 left in the Maildir), odd to the sink.
+        for n in (4, 6):
+            box, _domain = rcpt_of(n, users)
+            msg = messages.build(run, n, mailboxes.size(n), (box,))
+            store_like_a_server(root, msg, f"m{n}")
+        sink = [(f"{run}.{n}", 0.0) for n in (1, 3, 5, 7)]
+        result = {"acked": list(range(8)), "refused": [8], "unknown": [9]}
+        result["retrieved"] = [[rcpt_of(n, users)[0], n] for n in (0, 2)]
+
+        def verdict(**change: object) -> dict:
+            return soak._check(root, run, users, {**result, **change}, change_sink or sink, 0)
+
+        change_sink: list = []
+        if verdict()["problems"]:
+            failures.append(f"soak check, clean run: {verdict()['problems']}")
+        for what, change, want in [
+            ("lost", {"acked": [*range(8), 10]}, "lost"),
+            ("retrieved and still there", {"retrieved": [["p0000", 0], ["p0002", 4]]}, "dup"),
+            (
+                "refused but delivered",
+                {"acked": [0, 2, 3, 4, 5, 6, 7], "refused": [1]},
+                "delivered although refused",
+            ),
+            ("never sent", {"acked": list(range(7))}, "delivered, never sent"),
+            ("wrong mailbox", {"retrieved": [["p0003", 0], [rcpt_of(2, users)[0], 2]]}, "wrong"),
+        ]:
+            problems = " ".join(verdict(**change)["problems"])
+            if want not in problems:
+                failures.append(f"soak check, {what}: not caught ({problems or 'clean'})")
+        change_sink = [*sink, (f"{run}.{HOSTILE_BASE + 3}", 0.0)]
+        if "cut-off" not in " ".join(verdict()["problems"]):
+            failures.append("soak check: a delivered cut-off message not caught")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    # Flatness: 30 minutes sampled every 5 s; a leak of 10 MB over the run is caught,
+    # noise and a warm-up rise are not.
+    times = [5.0 * i for i in range(361)]
+    flat = [
+        [t, 40 + (10 * t / 600 if t < 600 else 10) + (3 if i % 7 == 0 else 0)]
+        for i, t in enumerate(times)
+    ]
+    leak = [[t, 50 + 10 * t / 1800] for t in times]
+    got = soak._flatness({"w rss_mb": flat, "v rss_mb": leak}, 1800)
+    if not got["w rss_mb"]["flat"]:
+        failures.append(f"soak flatness: warm-up and noise called growth: {got['w rss_mb']}")
+    if got["v rss_mb"]["flat"]:
+        failures.append(f"soak flatness: a 10 MB leak not caught: {got['v rss_mb']}")
     return failures

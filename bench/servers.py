@@ -289,6 +289,8 @@ class Server:
         #: The flood scenario: geosmtp's per-client limits as shipped
         #: (client_limits: max_connections 50 per address), not out of reach.
         self.shipped_limits = False
+        #: The soak scenario: geosmtp's admin listener (token in ROOT/admin.token).
+        self.admin_port: int | None = None
         self.log = open(self.root / "server.out", "wb")  # noqa: SIM115
 
     @classmethod
@@ -441,6 +443,13 @@ class Geosmtp(Server):
             config["workers"] = self.worker_count
         if self.reuse_port:
             config["reuse_port"] = True
+        if self.admin_port is not None:
+            config["admin"] = {
+                "enabled": True,
+                "address": HOST,
+                "port": self.admin_port,
+                "token_file": "admin.token",
+            }
         if self.relay_port is not None:
             config["trusted_networks"] = ["127.0.0.0/8"]
             config["relay"] = {

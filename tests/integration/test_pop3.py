@@ -11,6 +11,7 @@ import os
 import poplib
 import signal
 import socket
+import time
 
 import pytest
 
@@ -458,3 +459,25 @@ def test_over_the_cap_a_pop3_client_gets_err_at_once(make_server):
             assert line.startswith(b"-ERR [SYS/TEMP]"), line
             assert second.closed()
         assert first.cmd("USER alice").startswith(b"+OK")  # the first goes on
+
+
+# ---- issue 19 (soak): replies are not held back by Nagle's algorithm ------------
+
+
+def test_each_retr_answers_without_waiting_for_the_clients_delayed_ack(plain_server):
+    """A RETR's reply is several writes (the +OK line, the text, the final dot):
+    with Nagle's algorithm the last one waits for the client's ACK of the
+    ones before, which a client delays by 40 ms or more (Linux's minimum), so
+    every RETR took 40+ ms on an idle machine (the soak's POP3 sessions: 0.5 s
+    for 11 messages). The fastest of ten RETRs shows it, whatever else the
+    machine is doing: with the delay none can be under 40 ms."""
+    for n in range(10):
+        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
+    client = login_plain(plain_server)
+    times = []
+    for n in range(10):
+        started = time.perf_counter()
+        client.retr(n + 1)
+        times.append(time.perf_counter() - started)
+    client.quit()
+    assert min(times) < 0.020, f"the fastest of 10 RETRs took {min(times) * 1000:.1f} ms"
