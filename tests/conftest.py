@@ -59,6 +59,22 @@ def child_pids(pid: int) -> list[int]:
     return sorted(found)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The test process must stay unpatched: a module whose imports call gevent's
+    `patch_all()` (the bench's load generator does) turns the suite's threads
+    into greenlets and its `os.fork` into gevent's, and tests then hang or fail
+    far from the cause."""
+    from gevent import monkey
+
+    names = ("socket", "os", "thread", "time")
+    patched = [name for name in names if monkey.is_module_patched(name)]
+    if patched:
+        raise pytest.UsageError(
+            f"collecting the tests monkey-patched {patched} (gevent) in the test process: "
+            "a test imports a module that calls patch_all(); run that in a child process"
+        )
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll `predicate` until it returns something truthy; fail after `timeout`."""
     deadline = time.monotonic() + timeout
