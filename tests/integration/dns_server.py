@@ -21,9 +21,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,10 +199,10 @@ def silent_nameserver(address: str = "127.0.0.1") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def servfail_nameserver(address: str = "127.0.0.1") -> Iterator[str]:
-    """A nameserver that answers every question with SERVFAIL (built with dnspython)."""
+def _udp_nameserver(answer: Callable[[Any], Any], address: str, name: str) -> Iterator[str]:
+    """A thread answering each UDP question with `answer(query)` (a dnspython
+    message; None: no answer); yields its "ip:port"."""
     import dns.message
-    import dns.rcode
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((address, 0))
@@ -217,14 +218,14 @@ def servfail_nameserver(address: str = "127.0.0.1") -> Iterator[str]:
             except OSError:
                 return
             try:
-                reply = dns.message.make_response(dns.message.from_wire(wire))
+                reply = answer(dns.message.from_wire(wire))
             except Exception:
                 continue
-            reply.set_rcode(dns.rcode.SERVFAIL)
-            with contextlib.suppress(OSError):
-                sock.sendto(reply.to_wire(), peer)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(reply.to_wire(), peer)
 
-    thread = threading.Thread(target=serve, name="servfail-dns", daemon=True)
+    thread = threading.Thread(target=serve, name=name, daemon=True)
     thread.start()
     try:
         yield f"{address}:{sock.getsockname()[1]}"
@@ -232,6 +233,22 @@ def servfail_nameserver(address: str = "127.0.0.1") -> Iterator[str]:
         stop.set()
         thread.join(timeout=5)
         sock.close()
+
+
+def _servfail(query: Any) -> Any:
+    import dns.message
+    import dns.rcode
+
+    reply = dns.message.make_response(query)
+    reply.set_rcode(dns.rcode.SERVFAIL)
+    return reply
+
+
+@contextlib.contextmanager
+def servfail_nameserver(address: str = "127.0.0.1") -> Iterator[str]:
+    """A nameserver that answers every question with SERVFAIL (built with dnspython)."""
+    with _udp_nameserver(_servfail, address, "servfail-dns") as nameserver:
+        yield nameserver
 
 
 @dataclass
@@ -250,47 +267,16 @@ def flaky_nameserver(
     """A nameserver that fails until `healthy` is set, then answers as `upstream`
     does: `failure` is "servfail" (every question answered SERVFAIL) or
     "timeout" (none answered). Loopback only: it asks nobody but `upstream`."""
-    import dns.message
     import dns.query
-    import dns.rcode
 
     if failure not in ("servfail", "timeout"):
         raise ValueError(f"unknown failure {failure!r}")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((address, 0))
-    sock.settimeout(0.1)
-    stop, healthy = threading.Event(), threading.Event()
+    healthy = threading.Event()
 
-    def answer(query: dns.message.Message) -> dns.message.Message | None:
+    def answer(query: Any) -> Any:
         if healthy.is_set():
             return dns.query.udp(query, upstream.address, port=upstream.port, timeout=2)
-        if failure == "timeout":
-            return None
-        reply = dns.message.make_response(query)
-        reply.set_rcode(dns.rcode.SERVFAIL)
-        return reply
+        return None if failure == "timeout" else _servfail(query)
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                wire, peer = sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                reply = answer(dns.message.from_wire(wire))
-            except Exception:
-                continue
-            if reply is not None:
-                with contextlib.suppress(OSError):
-                    sock.sendto(reply.to_wire(), peer)
-
-    thread = threading.Thread(target=serve, name="flaky-dns", daemon=True)
-    thread.start()
-    try:
-        yield FlakyNameserver(f"{address}:{sock.getsockname()[1]}", healthy)
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        sock.close()
+    with _udp_nameserver(answer, address, "flaky-dns") as nameserver:
+        yield FlakyNameserver(nameserver, healthy)
