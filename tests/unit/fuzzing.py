@@ -94,3 +94,25 @@ def random_cuts(seed: int) -> Callable[[bytes], list[bytes]]:
         return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
     return cut
+
+
+def assert_split_invariant(make_shell: Callable[[], Any], steps: list[bytes], seed: int) -> None:
+    """Feed `steps` (then the end of input) to a fresh shell, as a client that
+    waits for each reply; then the same input, replayed whole, octet by octet
+    and cut at random points, must give exactly the same replies and events."""
+    first = make_shell()
+    for step in [*steps, b""]:
+        first.send(step)
+    assert first.ended
+    for cut, how in (
+        (whole, "one read per TLS phase"),
+        (bytewise, "octet by octet"),
+        (random_cuts(seed), f"at random (seed {seed})"),
+    ):
+        assert_same_run(first, replay(make_shell, first.log, cut), how)
+
+
+def assert_same_run(first: Any, second: Any, how: str) -> None:
+    """Two fuzz shells saw the same replies and events (`how` the input was cut)."""
+    assert second.replies == first.replies, f"replies differ when the input is cut {how}"
+    assert second.events == first.events, f"events differ when the input is cut {how}"

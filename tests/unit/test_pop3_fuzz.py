@@ -57,7 +57,16 @@ from geosmtp.pop3 import (
     Update,
 )
 
-from .fuzzing import HANDSHAKE, bytewise, fuzz_settings, random_cuts, replay, whole
+from .fuzzing import (
+    HANDSHAKE,
+    assert_same_run,
+    assert_split_invariant,
+    bytewise,
+    fuzz_settings,
+    random_cuts,
+    replay,
+    whole,
+)
 from .pop3_helpers import HOST, LISTING, MESSAGES, PASSWORDS
 
 # ------------------------------------------------------------- the replies
@@ -222,11 +231,6 @@ class Shell:
     @property
     def replies(self) -> bytes:
         return b"".join(self.out)
-
-
-def assert_same_run(first: Shell, second: Shell, how: str) -> None:
-    assert second.replies == first.replies, f"replies differ when the input is cut {how}"
-    assert second.events == first.events, f"events differ when the input is cut {how}"
 
 
 # ------------------------------------------------------------- strategies
@@ -574,11 +578,4 @@ def test_split_invariance(steps: list[bytes], seed: int, tls: bool) -> None:
     """The same input fed whole, octet by octet and cut at random points gives
     exactly the same replies and events."""
     security = POP3Security(tls_available=tls, auth_plaintext=True)
-    make = lambda: Shell(POP3Connection(HOST, security))  # noqa: E731
-    first = make()
-    for step in [*steps, b""]:
-        first.send(step)
-    assert first.ended
-    assert_same_run(first, replay(make, first.log, whole), "one read per TLS phase")
-    assert_same_run(first, replay(make, first.log, bytewise), "octet by octet")
-    assert_same_run(first, replay(make, first.log, random_cuts(seed)), f"at random ({seed})")
+    assert_split_invariant(lambda: Shell(POP3Connection(HOST, security)), steps, seed)

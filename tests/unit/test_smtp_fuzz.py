@@ -61,7 +61,16 @@ from geosmtp.smtp import (
 )
 from geosmtp.smtp import replies as R
 
-from .fuzzing import HANDSHAKE, bytewise, fuzz_settings, random_cuts, replay, whole
+from .fuzzing import (
+    HANDSHAKE,
+    assert_same_run,
+    assert_split_invariant,
+    bytewise,
+    fuzz_settings,
+    random_cuts,
+    replay,
+    whole,
+)
 from .smtp_helpers import DOMAIN, HOST, PASSWORDS, make_conn
 
 # ------------------------------------------------------------- the replies
@@ -204,11 +213,6 @@ class Shell:
 
     def of_kind(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]
-
-
-def assert_same_run(first: Shell, second: Shell, how: str) -> None:
-    assert second.replies == first.replies, f"replies differ when the input is cut {how}"
-    assert second.events == first.events, f"events differ when the input is cut {how}"
 
 
 # ------------------------------------------------------------- strategies
@@ -638,17 +642,7 @@ def test_split_invariance(steps: list[bytes], seed: int, tls: bool) -> None:
     """The same input fed whole, octet by octet and cut at random points gives
     exactly the same replies and events."""
     security = Security(tls_available=tls, auth_available=True, auth_plaintext=True)
-    make = lambda: make_conn(security=security)  # noqa: E731
-    first = Shell(make())
-    for step in [*steps, b""]:
-        first.send(step)  # as a client that waits for each reply; STARTTLS's handshake logged
-    assert first.ended
-    log = first.log
-    assert_same_run(first, replay(lambda: Shell(make()), log, whole), "one read per TLS phase")
-    assert_same_run(first, replay(lambda: Shell(make()), log, bytewise), "octet by octet")
-    assert_same_run(
-        first, replay(lambda: Shell(make()), log, random_cuts(seed)), f"at random (seed {seed})"
-    )
+    assert_split_invariant(lambda: Shell(make_conn(security=security)), steps, seed)
 
 
 # ------------------------------------------------------- what the fuzz found
