@@ -1,5 +1,5 @@
 """Mail storage behind narrow interfaces: the spool (messages being received),
-Maildir (write: deliver a spooled message; read: list, open, flag, delete, POP3
+Maildir (write: deliver a spooled message; read: list, open, flag, POP3
 sizes and UIDLs), the maildrop lock, and POP3's UPDATE made all or nothing
 across a crash (`expunge`: a roll-forward journal)."""
 

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from loguru import logger
 
 from .errors import StorageError
-from .maildir import _FOLDER_FLAGS, Maildir, StoredMessage, _open_folder, _open_nofollow
+from .maildir import FOLDER_FLAGS, MESSAGE_FLAGS, Maildir, StoredMessage, open_folder, open_nofollow
 from .modes import PRIVATE_FILE_MODE
 
 JOURNAL_NAME = "geosmtp-pop3.expunge"
@@ -48,7 +48,6 @@ _END = b"end\n"
 _FOLDERS = ("new", "cur")
 #: A new journal: never through a link, never an existing file reused.
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class ExpungeIncomplete(StorageError):
@@ -131,7 +130,7 @@ def finish_expunge(maildir: Maildir, fsync: bool = True) -> int:
 
 def _open_box(path: str) -> int:
     try:
-        return _open_nofollow(path, "", _FOLDER_FLAGS)
+        return open_nofollow(path, "", FOLDER_FLAGS)
     except OSError as exc:
         raise StorageError.wrap(exc) from exc
 
@@ -159,7 +158,7 @@ def _write_journal(box: int, data: bytes, fsync: bool) -> None:
 
 def _read_journal(box: int) -> bytes | None:
     try:
-        fd = os.open(JOURNAL_NAME, _READ_FLAGS, dir_fd=box)
+        fd = os.open(JOURNAL_NAME, MESSAGE_FLAGS, dir_fd=box)
     except FileNotFoundError:
         return None
     with open(fd, "rb") as f:
@@ -195,7 +194,7 @@ def _remove_all(path: str, entries: list[str], fsync: bool) -> tuple[int, int]:
     removed = failed = 0
     for folder in _FOLDERS:
         try:
-            fd = _open_folder(path, folder)
+            fd = open_folder(path, folder)
         except FileNotFoundError:
             continue
         except OSError as exc:

@@ -85,14 +85,14 @@ _CANNOT_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
 
 
 #: A Maildir or one of its folders: a folder, and not through a link at the last step.
-_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: A message to read; O_NONBLOCK: a FIFO put in its place cannot hang the reader.
-_MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: A copy made in tmp/: a new file, never an existing one or a link.
 _COPY_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_nofollow(maildir: str, rel: str, flags: int, dir_fd: int | None = None) -> int:
+def open_nofollow(maildir: str, rel: str, flags: int, dir_fd: int | None = None) -> int:
     """Open `maildir/rel` (the Maildir itself when `rel` is empty) without
     following a symbolic link at its last step: the Maildir by path, anything
     in it by its name relative to `dir_fd`, the folder that holds it.
@@ -113,12 +113,12 @@ def _open_nofollow(maildir: str, rel: str, flags: int, dir_fd: int | None = None
     raise SymlinkRefused(path)
 
 
-def _open_folder(maildir: str, sub: str) -> int:
+def open_folder(maildir: str, sub: str) -> int:
     """A descriptor of `maildir/sub` (`tmp`, `new` or `cur`), no step of the two
     through a link. FileNotFoundError when either is missing."""
-    box = _open_nofollow(maildir, "", _FOLDER_FLAGS)
+    box = open_nofollow(maildir, "", FOLDER_FLAGS)
     try:
-        return _open_nofollow(maildir, sub, _FOLDER_FLAGS, box)
+        return open_nofollow(maildir, sub, FOLDER_FLAGS, box)
     finally:
         os.close(box)
 
@@ -126,9 +126,9 @@ def _open_folder(maildir: str, sub: str) -> int:
 def _open_message(maildir: str, relpath: str) -> int:
     """A descriptor of the message `maildir/relpath` (`new/<name>` or
     `cur/<name>`), to read: never through a link, and a regular file."""
-    folder = _open_folder(maildir, relpath.partition("/")[0])
+    folder = open_folder(maildir, relpath.partition("/")[0])
     try:
-        fd = _open_nofollow(maildir, relpath, _MESSAGE_FLAGS, folder)
+        fd = open_nofollow(maildir, relpath, MESSAGE_FLAGS, folder)
     finally:
         os.close(folder)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -143,7 +143,7 @@ def make_maildir(maildir: str) -> bool:
     Maildir itself was new (its parent then wants an fsync). `SymlinkRefused`
     when the Maildir or one of its folders is a symbolic link."""
     created = make_folder(maildir, MAILDIR_DIR_MODE)
-    box = _open_nofollow(maildir, "", _FOLDER_FLAGS)
+    box = open_nofollow(maildir, "", FOLDER_FLAGS)
     try:
         for sub in ("tmp", "new", "cur"):
             try:
@@ -151,7 +151,7 @@ def make_maildir(maildir: str) -> bool:
                 made = True
             except FileExistsError:
                 made = False
-            fd = _open_nofollow(maildir, sub, _FOLDER_FLAGS, box)
+            fd = open_nofollow(maildir, sub, FOLDER_FLAGS, box)
             try:
                 if made:
                     os.fchmod(fd, MAILDIR_DIR_MODE)  # mkdir's mode went through the umask
@@ -267,7 +267,7 @@ class MaildirStore:
         for maildir in maildirs:
             # Opened again, not kept: a message to many mailboxes holds no
             # descriptor a mailbox.
-            new = _open_folder(maildir, "new")
+            new = open_folder(maildir, "new")
             try:
                 os.fsync(new)
             finally:
@@ -277,11 +277,11 @@ class MaildirStore:
         name = stored_name(spool)  # after the flush: the sizes are final
         for maildir in maildirs:
             try:
-                new = _open_folder(maildir, "new")
+                new = open_folder(maildir, "new")
             except FileNotFoundError:
                 # The Maildir was removed while the server ran: make it again.
                 self.make_maildir(maildir)
-                new = _open_folder(maildir, "new")
+                new = open_folder(maildir, "new")
             try:
                 self._place(spool, name, maildir, new)
             except OSError as exc:
@@ -302,7 +302,7 @@ class MaildirStore:
                 if exc.errno not in _CANNOT_LINK:
                     raise
         # A hard link is impossible here: copy through this Maildir's tmp/.
-        tmp_dir = _open_folder(maildir, "tmp")
+        tmp_dir = open_folder(maildir, "tmp")
         try:
             self._copy(spool, name, tmp_dir, new)
         finally:
@@ -428,7 +428,7 @@ _READ_CHUNK = 1 << 20
 
 
 class Maildir:
-    """Read side of one Maildir: list, open, flag (new/ -> cur/), delete; sizes
+    """Read side of one Maildir: list, open, flag (new/ -> cur/); sizes
     for POP3; the maildrop lock.
 
     Follows maildir(5) as Dovecot and mutt use it: `tmp/` is never read;
@@ -449,7 +449,7 @@ class Maildir:
         in a `with`: `with maildir.lock(): ...`."""
         try:
             make_maildir(self._path)
-            box = _open_nofollow(self._path, "", _FOLDER_FLAGS)
+            box = open_nofollow(self._path, "", FOLDER_FLAGS)
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         try:
@@ -468,7 +468,7 @@ class Maildir:
         out: list[StoredMessage] = []
         for subdir in ("new", "cur"):
             try:
-                folder = _open_folder(self._path, subdir)
+                folder = open_folder(self._path, subdir)
             except FileNotFoundError:
                 continue
             try:
@@ -540,9 +540,9 @@ class Maildir:
         if message.subdir == "cur" and message.filename == filename:
             return message
         try:
-            source = _open_folder(self._path, message.subdir)
+            source = open_folder(self._path, message.subdir)
             try:
-                cur = source if message.subdir == "cur" else _open_folder(self._path, "cur")
+                cur = source if message.subdir == "cur" else open_folder(self._path, "cur")
                 try:
                     os.rename(message.filename, filename, src_dir_fd=source, dst_dir_fd=cur)
                 finally:
@@ -553,21 +553,6 @@ class Maildir:
         except OSError as exc:
             raise StorageError.wrap(exc) from exc
         return StoredMessage(message.key, "cur", filename, message.size, flags, message.vsize)
-
-    def delete(self, message: StoredMessage) -> None:
-        """Remove the message; one already gone (another reader took it) is no error.
-        The name is removed from the folder checked: a link there goes, not
-        what it points to."""
-        try:
-            folder = _open_folder(self._path, message.subdir)
-            try:
-                os.unlink(message.filename, dir_fd=folder)
-            finally:
-                os.close(folder)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StorageError.wrap(exc) from exc
 
 
 def _count_lone_lfs(fd: int) -> int:
