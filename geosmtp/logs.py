@@ -162,6 +162,16 @@ def capture_hub_errors(hub: Any) -> None:
     hub.print_exception = print_exception
 
 
+def add_sinks(server: Any, access: Any, level: str, **options: Any) -> None:
+    """The server log's sink (at `level`) and the access log's, each with its
+    format and filter, as the master's files and a worker's pipe both take
+    them. A traceback names no variable's value (`diagnose=False`): a
+    password or a message could be one (loguru's default prints them)."""
+    options = {"diagnose": False, **options}
+    logger.add(server, level=level, format=_SERVER_FORMAT, filter=_is_server, **options)
+    logger.add(access, level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **options)
+
+
 def setup(log: Log, *, console: bool = True) -> None:
     """(Re)configure the sinks from the `log:` section of the config.
 
@@ -171,10 +181,7 @@ def setup(log: Log, *, console: bool = True) -> None:
     logger.remove()  # also loguru's default stderr sink
     logger.configure(patcher=escape_message)
     make_folder(log.dir, LOG_DIR_MODE)
-    common = {
-        # A traceback names no variable's value: a password or a message
-        # could be one (loguru's default, diagnose=True, prints them).
-        "diagnose": False,
+    files = {
         "rotation": log.rotation,
         "retention": log.retention,
         "encoding": "utf-8",
@@ -183,12 +190,7 @@ def setup(log: Log, *, console: bool = True) -> None:
         # and nothing else: mail never waits on, nor fails for, a log line.
         "catch": True,
     }
-    logger.add(
-        log.dir / "log.txt", level=log.level, format=_SERVER_FORMAT, filter=_is_server, **common
-    )
-    logger.add(
-        log.dir / "access.log", level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **common
-    )
+    add_sinks(log.dir / "log.txt", log.dir / "access.log", log.level, **files)
     if console:
         logger.add(
             sys.stderr, level=log.level, format=_SERVER_FORMAT, filter=_is_server, diagnose=False

@@ -64,16 +64,11 @@ def _writer(fd: int, kind: bytes):  # type: ignore[no-untyped-def]
 
 def forward(fd: int, log: Log) -> None:
     """In a worker: send every log line to the master through `fd`."""
-    from ..logs import _ACCESS_FORMAT, _SERVER_FORMAT, _is_access, _is_server, escape_message
+    from ..logs import add_sinks, escape_message
 
     logger.remove()
     logger.configure(patcher=escape_message)
-    # diagnose=False: tracebacks without variables' values (see `logs.setup`).
-    sinks = {"diagnose": False}
-    logger.add(
-        _writer(fd, SERVER), level=log.level, format=_SERVER_FORMAT, filter=_is_server, **sinks
-    )
-    logger.add(_writer(fd, ACCESS), level="INFO", format=_ACCESS_FORMAT, filter=_is_access, **sinks)
+    add_sinks(_writer(fd, SERVER), _writer(fd, ACCESS), log.level)
 
 
 class Reader:
