@@ -93,7 +93,6 @@ class StreamSession:
         #: reads: a line that trickles in has the command timeout in all.
         self.command_since: float | None = None
         self._lines_seen = -1  # conn.lines_read when command_since was set
-        self.waiting_since: float | None = None  # a read waits for a command begun then
         self.expired = False  # stress: the wait for a command took too long
         self.shutdown_pending = False
         self.bytes_in = 0
@@ -140,7 +139,6 @@ class StreamSession:
             raise
         finally:
             self.reading = False
-            self.waiting_since = None
         if self.expired:
             raise ClientTimeout
         # Checked here, at a point of our choosing, so a stop never interrupts a
@@ -163,7 +161,6 @@ class StreamSession:
         if self.command_since is None or lines != self._lines_seen:
             self.command_since = now
             self._lines_seen = lines
-        self.waiting_since = self.command_since
         if self.server.listeners.stressed:
             timeout = min(timeout, self.server.config.stress.command_timeout)
         return timeout - (now - self.command_since)
@@ -243,7 +240,7 @@ class StreamSession:
         """Under stress: a session that has waited for a command for more than
         `timeout` seconds (a wait begun before the stress, with the long
         timeout) ends as if that wait had timed out."""
-        since = self.waiting_since
+        since = self.command_since if self.reading else None  # None: not waiting for one
         if since is not None and now - since > timeout and not self.expired:
             self.expired = True
             self._wake()
