@@ -591,50 +591,42 @@ class App:
         now = time.time()
         queue_id = new_queue_id()
         date = email.utils.formatdate(now, localtime=True)
-        try:
+        try:  # a spool that cannot be opened or written: not stored
             spool = self.spool.open()
+            try:
+                # The trace lines a local delivery keeps (the queue drops the
+                # Return-Path when the report goes on to another server).
+                spool.write(
+                    f"Return-Path: <>\nReceived: by {self.config.hostname} (geosmtp) "
+                    f"id {queue_id}; {date}\n".encode()
+                )
+                with open_original() as original:
+                    write_dsn(
+                        spool,
+                        reporting_mta=self.config.hostname,
+                        original_envelope_id=envid,
+                        sender=sender,
+                        arrival_date=email.utils.formatdate(arrival, localtime=True),
+                        recipients=statuses,
+                        kind=kind,
+                        original=original,
+                        ret=ret or "HDRS",
+                        max_full_size=self.config.limits.max_message_size // 2,
+                        date=date,
+                        message_id=f"<{queue_id}@{self.config.hostname}>",
+                        boundary=f"{queue_id}/{secrets.token_hex(8)}",
+                    )
+                size = spool.size
+            except BaseException:
+                spool.remove()
+                raise
         except StorageError as exc:
             raise ReportNotStored(str(exc)) from exc
-        try:
-            # The trace lines a local delivery keeps (the queue drops the
-            # Return-Path when the report goes on to another server).
-            spool.write(
-                f"Return-Path: <>\nReceived: by {self.config.hostname} (geosmtp) "
-                f"id {queue_id}; {date}\n".encode()
-            )
-            with open_original() as original:
-                write_dsn(
-                    spool,
-                    reporting_mta=self.config.hostname,
-                    original_envelope_id=envid,
-                    sender=sender,
-                    arrival_date=email.utils.formatdate(arrival, localtime=True),
-                    recipients=statuses,
-                    kind=kind,
-                    original=original,
-                    ret=ret or "HDRS",
-                    max_full_size=self.config.limits.max_message_size // 2,
-                    date=date,
-                    message_id=f"<{queue_id}@{self.config.hostname}>",
-                    boundary=f"{queue_id}/{secrets.token_hex(8)}",
-                )
-            size = spool.size
-        except BaseException as exc:
-            spool.remove()
-            if isinstance(exc, StorageError):
-                raise ReportNotStored(str(exc)) from exc
-            raise
         envelope = Envelope(self.config.hostname, True, None, recipients=(recipient,))
         verdict = self.pipeline.process(Message(envelope, spool, queue_id, size))
         if not verdict.delivered:
             raise ReportNotStored(verdict.reason)
-        logger.info(
-            "{}: {} report to <{}>: {}",
-            about,
-            kind,
-            sender,
-            f"queued as {queue_id}",
-        )
+        logger.info("{}: {} report to <{}>: queued as {}", about, kind, sender, queue_id)
 
     # ---------------------------------------------------------- running
 
