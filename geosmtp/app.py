@@ -39,12 +39,12 @@ from .mailauth.stages import DKIMSign, SenderChecks, build_signer
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
 from .pop3 import POP3Connection, POP3Security
-from .queue.client import Timeouts
 from .queue.dsn import RecipientStatus, write_dsn
-from .queue.mx import Resolver
 from .queue.runner import QueueRunner, ReportNotStored, RunnerSettings
 from .queue.schedule import RetrySchedule
 from .queue.store import QueuedRecipient, QueueRecord, QueueStore
+from .relay.client import Timeouts
+from .relay.mx import Resolver
 from .server import tls
 from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir

@@ -41,7 +41,7 @@ from geosmtp.mailauth.canon import BodyHasher, LineBlocks  # noqa: E402
 from geosmtp.mailauth.dkim_sign import Signer, SigningKey, public_key_record  # noqa: E402
 from geosmtp.mailauth.stages import DKIMSign, SenderChecks  # noqa: E402
 from geosmtp.pipeline import Message  # noqa: E402
-from geosmtp.queue.mx import Resolver  # noqa: E402
+from geosmtp.relay.mx import Resolver  # noqa: E402
 from geosmtp.storage import Spool  # noqa: E402
 from geosmtp.storage.spool import UniqueNames  # noqa: E402
 

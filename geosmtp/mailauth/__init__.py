@@ -13,6 +13,6 @@
     stages.py       the two pipeline stages (gevent, spool files, the threadpool)
     keygen.py       `geosmtp dkim keygen`
 
-Everything DNS goes through `geosmtp.queue.mx.Resolver`, the relay's resolver
+Everything DNS goes through `geosmtp.dns.Resolver`, the resolver the relay uses too
 (`dns.nameservers`, `dns.timeout`). See docs/authentication.md.
 """

@@ -39,7 +39,7 @@ def relax_lines(lines: bytes) -> bytes:
 class LineBlocks:
     """Pieces of a stored message in, blocks of whole lines out, each line ended
     by one LF: CR, LF and CRLF are all line ends, as the relay sends them
-    (`queue.client.write_data`). A CR that ends a piece is held until the next
+    (`relay.client.write_data`). A CR that ends a piece is held until the next
     shows whether an LF follows."""
 
     __slots__ = ("_tail",)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..queue.mx import DNSTemporaryError
+from ..dns import DNSTemporaryError
 from .results import DKIMResult, DMARCResult, SPFResult
 
 POLICIES = ("none", "quarantine", "reject")

@@ -2,7 +2,7 @@
 
 Pure: bytes in, values out. Messages are spooled with LF line ends (the SMTP
 shell turns CRLF into LF), and a filter stage may write CRLF; on the wire, the
-relay sends every CR, LF and CRLF as CRLF (`queue.client.write_data`). DKIM
+relay sends every CR, LF and CRLF as CRLF (`relay.client.write_data`). DKIM
 hashes the wire form, so everything here works on that form: `crlf()` makes it.
 """
 

@@ -21,8 +21,8 @@ from typing import Any
 import spf as pyspf
 from loguru import logger
 
+from ..dns import DNSTemporaryError, Resolver
 from ..mail import Envelope
-from ..queue.mx import DNSTemporaryError, Resolver
 from .results import SPFResult
 
 #: The start pyspf gives an error's explanation.

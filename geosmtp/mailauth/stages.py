@@ -31,10 +31,10 @@ import gevent
 from loguru import logger
 
 from ..config import AuthChecks, CheckPolicy, DKIMSigning
+from ..dns import DNSTemporaryError, Resolver
 from ..mail.address import canonical_domain
 from ..pipeline.message import Message
 from ..pipeline.stages import Accept, Reject, Replace, StageResult, TempFail, printable
-from ..queue.mx import DNSTemporaryError, Resolver
 from ..storage import Spool, SpoolFile, StorageError
 from ..storage.spool import read_return_path
 from . import dkim_verify, dmarc

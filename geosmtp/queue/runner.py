@@ -34,10 +34,10 @@ from gevent.pool import Pool
 from loguru import logger
 
 from .. import logs
+from ..relay.client import AttemptResult, Outcome, deliver
+from ..relay.mx import DNSError, DNSPermanentError, Host, Resolver
 from ..storage import StorageError
 from ..storage.spool import read_return_path
-from .client import AttemptResult, Outcome, deliver
-from .mx import DNSError, DNSPermanentError, Host, Resolver
 from .schedule import RetrySchedule, delay_warning_due
 from .store import (
     DELIVERED,

@@ -1,4 +1,4 @@
-"""MX resolution (geosmtp.queue.mx) against a real DNS server: a private dnsmasq
+"""MX resolution (geosmtp.relay.mx) against a real DNS server: a private dnsmasq
 on a loopback port (tests/integration/dns_server.py), plus nameservers that time
 out or answer SERVFAIL."""
 
@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("dns", reason="dnspython is not installed")
 
-from geosmtp.queue.mx import (
+from geosmtp.relay.mx import (
     DNSPermanentError,
     DNSTemporaryError,
     Host,
@@ -213,7 +213,7 @@ def test_gevent_monkey_patched_lookups_cooperate(dns):
         """
         from gevent import monkey; monkey.patch_all()
         import json, sys, gevent
-        from geosmtp.queue.mx import Resolver, DNSTemporaryError
+        from geosmtp.relay.mx import Resolver, DNSTemporaryError
         from tests.integration.dns_server import silent_nameserver
 
         ticks = []

@@ -1,4 +1,4 @@
-"""One delivery attempt (geosmtp.queue.client.deliver) to real servers on loopback:
+"""One delivery attempt (geosmtp.relay.client.deliver) to real servers on loopback:
 scripted sinks (tests/integration/smtp_sink.py) on 127.0.0.x and ::1, Postfix's
 smtp-sink, and MX hosts found through a private dnsmasq."""
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from geosmtp.queue.client import Outcome, Timeouts, deliver
-from geosmtp.queue.mx import Host, Resolver
+from geosmtp.relay.client import Outcome, Timeouts, deliver
+from geosmtp.relay.mx import Host, Resolver
 from tests.conftest import have_ipv6, wait_until
 from tests.integration.dns_server import Zone, dns_server
 from tests.integration.smtp_sink import Script, Sink, accepts, free_port_on
@@ -713,8 +713,8 @@ def test_deliveries_cooperate_under_gevent_monkey_patching():
         """
         from gevent import monkey; monkey.patch_all()
         import io, json, gevent
-        from geosmtp.queue.client import Timeouts, deliver
-        from geosmtp.queue.mx import Host
+        from geosmtp.relay.client import Timeouts, deliver
+        from geosmtp.relay.mx import Host
         from tests.integration.smtp_sink import Script, Sink
 
         ticks = []

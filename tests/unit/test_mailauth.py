@@ -38,7 +38,7 @@ from geosmtp.mailauth.results import (
     pvalue,
 )
 from geosmtp.mailauth.spf_check import check_spf
-from geosmtp.queue.mx import DNSTemporaryError
+from geosmtp.relay.mx import DNSTemporaryError
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # fast; dkimpy's minimum
 KEY_PEM = KEY.private_bytes(
@@ -184,7 +184,7 @@ def test_what_came_from_outside_cannot_break_out_of_the_field():
     assert field.count(b"\n") == 2 and b"\r" not in field
 
 
-# What queue/mx.py's Resolver says when the DNS fails (the nameservers' own
+# What geosmtp.dns's Resolver says when the DNS fails (the nameservers' own
 # words in the inner parentheses): tests/integration/test_mx_resolution.py.
 TIMED_OUT = "DNS lookup of {} TXT timed out (nameservers: 127.0.0.1:5353)"
 SERVFAIL = (

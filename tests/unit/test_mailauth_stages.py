@@ -20,7 +20,7 @@ from geosmtp.mailauth.dkim_sign import Signer, SigningKey
 from geosmtp.mailauth.headers import crlf
 from geosmtp.mailauth.stages import DKIMSign, SenderChecks, read_head
 from geosmtp.pipeline import Accept, Message, Reject, Replace, TempFail
-from geosmtp.queue.mx import DNSTemporaryError
+from geosmtp.relay.mx import DNSTemporaryError
 from geosmtp.storage import Spool
 from geosmtp.storage.spool import UniqueNames
 from tests.unit.test_mailauth import KEY, KEY_PEM, KEY_RECORD, FakeResolver, txt

@@ -12,14 +12,6 @@ import pytest
 from loguru import logger
 
 from geosmtp import logs
-from geosmtp.queue.client import (
-    MAX_REPLY_BYTES,
-    AttemptResult,
-    Outcome,
-    RecipientResult,
-    parse_reply,
-)
-from geosmtp.queue.mx import DNSPermanentError, DNSTemporaryError, Host
 from geosmtp.queue.runner import QueueRunner, ReportNotStored, RunnerSettings
 from geosmtp.queue.schedule import RetrySchedule
 from geosmtp.queue.store import (
@@ -32,6 +24,14 @@ from geosmtp.queue.store import (
     QueueStore,
     read_record,
 )
+from geosmtp.relay.client import (
+    MAX_REPLY_BYTES,
+    AttemptResult,
+    Outcome,
+    RecipientResult,
+    parse_reply,
+)
+from geosmtp.relay.mx import DNSPermanentError, DNSTemporaryError, Host
 from geosmtp.storage import Spool
 from geosmtp.storage.spool import UniqueNames
 

@@ -1,45 +1,30 @@
-"""Where to deliver mail for a domain: MX lookup and address resolution (RFC 5321 §5.1).
+"""The DNS resolver every part of geosmtp asks: the relay (MX and address
+lookups, `relay.mx`) and the sender checks (SPF, DKIM keys, DMARC, `mailauth`).
 
 DNS is dnspython's synchronous resolver. It talks through `socket` and
 `selectors`, so once the process is monkey-patched (the CLI's first statement)
 a lookup waits cooperatively like any other socket; unpatched (tests, scripts)
 it simply blocks. This module never patches anything itself.
 
-What `Resolver.resolve_mx` answers, and why:
+What a lookup can end in:
 
-- MX records sorted by preference, lowest first (RFC 5321 §5.1). Records of
-  equal preference are shuffled ("the SMTP client SHOULD randomize them to
-  spread the load", §5.1) with the `random.Random` the resolver was given, so
-  a test can make the order deterministic.
-- Each MX host resolved to its addresses, IPv4 first then IPv6 (see
-  `Resolver` for why); the client tries every address of every host in the
-  order given. A host whose lookup fails is left out, as long as another host
-  has an address.
-- No MX records (the name exists, NOERROR/NODATA): the domain itself is the
-  "implicit MX" with preference 0 (§5.1), looked up for A and AAAA.
-- Null MX (RFC 7505 §3: one MX record, preference 0, exchange "."): the domain
-  accepts no mail; a permanent failure, status 5.1.10 (RFC 7505 §4.2). A "."
-  exchange among other MX records is malformed (§3: "MUST NOT have any other
-  MX RRs"); those "." records are skipped and the others used.
-- NXDOMAIN: permanent (5.1.2, "bad destination system address", RFC 3463).
-  Names without any usable address: permanent (5.4.4, "unable to route").
-- Timeouts, SERVFAIL, REFUSED, unreachable nameservers: temporary (4.4.3,
-  "directory server failure", RFC 3463); the message stays queued.
-- Internationalised domains are looked up by their A-label (RFC 5890 §2.3.2.1),
-  converted by dnspython's IDNA 2008 codec (UTS #46 mapping, non-transitional;
-  IDNA 2003 when the `idna` package is missing). A name that cannot be
-  converted is a permanent failure.
-- An address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, RFC 5321 §4.1.3)
-  is the one address to use, without DNS.
+- records (`Resolver.lookup`, `Resolver.query`, `Resolver.addresses`);
+- NXDOMAIN, or a name that is not a valid domain name: `DNSPermanentError`
+  (5.1.2, "bad destination system address", RFC 3463);
+- timeouts, SERVFAIL, REFUSED, unreachable nameservers: `DNSTemporaryError`
+  (4.4.3, "directory server failure", RFC 3463);
+- the name exists without a record of the type asked: `NoData` from `query`,
+  an empty list from `lookup`.
+
+Internationalised domains are looked up by their A-label (RFC 5890 §2.3.2.1),
+converted by dnspython's IDNA 2008 codec (UTS #46 mapping, non-transitional;
+IDNA 2003 when the `idna` package is missing).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import itertools
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import dns.exception
 import dns.name
@@ -52,24 +37,8 @@ _PER_TRY = 2.0
 
 #: RFC 3463 enhanced status codes for the DSN (RFC 3464 §2.3.4 Status).
 STATUS_NO_DOMAIN = "5.1.2"  # X.1.2 bad destination system address
-STATUS_NULL_MX = "5.1.10"  # RFC 7505 §4.2: recipient address has null MX
 STATUS_NO_ROUTE = "5.4.4"  # X.4.4 unable to route
 STATUS_DNS_TEMPORARY = "4.4.3"  # X.4.3 directory server failure
-
-
-@dataclass(frozen=True, slots=True)
-class Host:
-    """One place to deliver to: an MX host (or a smarthost) and its addresses in order.
-
-    `name` is the host's name as it goes in the DSN's `Remote-MTA: dns; ...`
-    and in TLS's server name (A-label, no trailing dot). An empty `addresses`
-    means "connect by name": the system's resolver (getaddrinfo) finds them at
-    connect time, as for a smarthost named in the config.
-    """
-
-    name: str
-    addresses: tuple[str, ...] = ()
-    preference: int = 0
 
 
 class DNSError(Exception):
@@ -145,13 +114,13 @@ def address_literal(domain: str) -> str | None:
 
 
 class Resolver:
-    """MX and address lookups for outbound delivery.
+    """DNS questions with geosmtp's errors, and the addresses of a name.
 
     `nameservers`: entries `"ip"` or `"ip:port"` (`"[::1]:5353"` for IPv6 with
     a port); None uses the system's `/etc/resolv.conf` (dnspython raises
     `NoResolverConfiguration` here when there is none). `timeout` bounds each
-    DNS question (dnspython's lifetime; it retries within it); a domain takes
-    one MX question and two address questions per MX host.
+    DNS question (dnspython's lifetime; it retries within it); an MX lookup
+    takes one MX question and two address questions per MX host.
 
     Address order: IPv4 first, then IPv6 (`prefer_ipv6=True` turns it round).
     Mail is judged by the reputation and reverse DNS of the sending address, and
@@ -160,10 +129,6 @@ class Resolver:
     operators set `smtp_address_preference = ipv4` for that reason. IPv6 is
     still tried, right after, when IPv4 fails; a host without IPv6 connectivity
     loses nothing (the connect fails at once).
-
-    `rng` shuffles MX hosts of equal preference (RFC 5321 §5.1); `max_hosts`
-    caps the MX hosts looked up, lowest preference first, so a domain with
-    hundreds of MX records cannot hold an attempt for hours.
     """
 
     def __init__(
@@ -172,8 +137,6 @@ class Resolver:
         timeout: float = 5.0,
         *,
         prefer_ipv6: bool = False,
-        rng: random.Random | None = None,
-        max_hosts: int = 10,
         cache: bool = True,
     ) -> None:
         if not timeout > 0:
@@ -199,8 +162,6 @@ class Resolver:
             if prefer_ipv6
             else (dns.rdatatype.A, dns.rdatatype.AAAA)
         )
-        self._rng = rng if rng is not None else random.Random()
-        self.max_hosts = max_hosts
 
     @property
     def nameservers(self) -> list[str]:
@@ -214,62 +175,6 @@ class Resolver:
 
     # ------------------------------------------------------------------ lookups
 
-    def resolve_mx(self, domain: str) -> list[Host]:
-        """The hosts to try for mail to `domain`, in order, each with its addresses.
-
-        Raises `DNSPermanentError` (bounce) or `DNSTemporaryError` (retry later).
-        """
-        literal = address_literal(domain)
-        if literal is not None:
-            return [Host(domain, (literal,))]
-        name = _qname(domain)
-        try:
-            answer = self._query(name, dns.rdatatype.MX)
-        except _NoData:
-            return [self._implicit_mx(name)]
-        exchanges = [(r.preference, r.exchange) for r in answer if r.exchange != dns.name.root]
-        if not exchanges:
-            # A null MX (RFC 7505 §3), or several "." records: still no mail.
-            # §4.2: "556 5.1.10" at the sender's end.
-            raise DNSPermanentError(
-                f"{_text(name)} does not accept mail (null MX, RFC 7505)", STATUS_NULL_MX
-            )
-        ordered = self._order(exchanges)[: self.max_hosts]
-        hosts: list[Host] = []
-        temporary: DNSTemporaryError | None = None
-        for preference, exchange in ordered:
-            try:
-                addresses = self._addresses(exchange)
-            except DNSTemporaryError as exc:
-                temporary = exc
-                continue
-            except DNSPermanentError:
-                continue
-            hosts.append(Host(_text(exchange), addresses, preference))
-        if hosts:
-            return hosts
-        if temporary is not None:
-            raise DNSTemporaryError(
-                f"no address for any MX host of {_text(name)} for now: {temporary.message}",
-                STATUS_DNS_TEMPORARY,
-            )
-        names = ", ".join(_text(ex) for _, ex in ordered)
-        raise DNSPermanentError(
-            f"no MX host of {_text(name)} has an address ({names})", STATUS_NO_ROUTE
-        )
-
-    def resolve_host(self, name: str) -> Host:
-        """A and AAAA of one host (a smarthost named in the config, say), in order."""
-        literal = address_literal(name)
-        if literal is not None:
-            return Host(name, (literal,))
-        try:
-            return Host(name, (str(ipaddress.ip_address(name)),))
-        except ValueError:
-            pass
-        qname = _qname(name)
-        return Host(_text(qname), self._addresses(qname))
-
     def lookup(self, name: str, rdtype: str) -> list:
         """The records of type `rdtype` ("TXT", "A", "MX", ...) at `name`, as
         dnspython's rdata objects; [] when there are none (NODATA, NXDOMAIN, or
@@ -280,45 +185,19 @@ class Resolver:
         when the question got no answer (timeout, SERVFAIL, REFUSED).
         """
         try:
-            answer = self._query(_qname(name), dns.rdatatype.from_text(rdtype))
-        except (_NoData, DNSPermanentError):
+            answer = self.query(qname(name), dns.rdatatype.from_text(rdtype))
+        except (NoData, DNSPermanentError):
             return []
         return list(answer)
 
-    # ---------------------------------------------------------------- internals
-
-    def _order(self, exchanges: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:
-        """By preference; equal preferences shuffled (RFC 5321 §5.1); each name once."""
-        seen: set[dns.name.Name] = set()
-        ordered: list[tuple[int, dns.name.Name]] = []
-        exchanges = sorted(exchanges, key=lambda e: e[0])
-        for _, group in itertools.groupby(exchanges, key=lambda e: e[0]):
-            items = [e for e in group if e[1] not in seen]
-            seen.update(e[1] for e in items)
-            # sorted first, so the shuffle's input does not depend on the DNS answer's order
-            items.sort(key=lambda e: e[1].to_text())
-            self._rng.shuffle(items)
-            ordered.extend(items)
-        return ordered
-
-    def _implicit_mx(self, name: dns.name.Name) -> Host:
-        """RFC 5321 §5.1: no MX, so the domain itself, preference 0."""
-        try:
-            addresses = self._addresses(name)
-        except DNSPermanentError as exc:
-            raise DNSPermanentError(
-                f"{_text(name)} has no MX and no address: {exc.message}", exc.status
-            ) from None
-        return Host(_text(name), addresses, 0)
-
-    def _addresses(self, name: dns.name.Name) -> tuple[str, ...]:
+    def addresses(self, name: dns.name.Name) -> tuple[str, ...]:
         """Every A and AAAA address of `name`, in the preferred family order."""
         addresses: list[str] = []
         failure: DNSError | None = None
         for rdtype in self._families:
             try:
-                answer = self._query(name, rdtype)
-            except _NoData:
+                answer = self.query(name, rdtype)
+            except NoData:
                 continue
             except DNSPermanentError as exc:  # NXDOMAIN: the other family will say so too
                 failure = exc
@@ -333,22 +212,23 @@ class Resolver:
             return tuple(addresses)
         if failure is not None:
             raise failure
-        raise DNSPermanentError(f"{_text(name)} has no A or AAAA record", STATUS_NO_ROUTE)
+        raise DNSPermanentError(f"{text(name)} has no A or AAAA record", STATUS_NO_ROUTE)
 
-    def _query(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer:
-        """One question; every outcome but an answer is one of our exceptions."""
-        what = f"{_text(name)} {dns.rdatatype.to_text(rdtype)}"
+    def query(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer:
+        """One question; every outcome but an answer is one of our exceptions
+        (`NoData`: the name exists without such records)."""
+        what = f"{text(name)} {dns.rdatatype.to_text(rdtype)}"
         try:
             return self._resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NoAnswer:
-            raise _NoData from None
+            raise NoData from None
         except dns.resolver.NXDOMAIN:
             raise DNSPermanentError(
-                f"{_text(name)}: no such domain (DNS: NXDOMAIN for {what})", STATUS_NO_DOMAIN
+                f"{text(name)}: no such domain (DNS: NXDOMAIN for {what})", STATUS_NO_DOMAIN
             ) from None
         except dns.resolver.YXDOMAIN:
             raise DNSPermanentError(
-                f"{_text(name)}: name too long after DNAME substitution ({what})",
+                f"{text(name)}: name too long after DNAME substitution ({what})",
                 STATUS_NO_DOMAIN,
             ) from None
         except dns.resolver.NoNameservers as exc:
@@ -368,11 +248,11 @@ class Resolver:
             ) from None
 
 
-class _NoData(Exception):
+class NoData(Exception):
     """The name exists but has no record of the type asked (NOERROR, empty answer)."""
 
 
-def _qname(domain: str) -> dns.name.Name:
+def qname(domain: str) -> dns.name.Name:
     """The absolute DNS name of `domain`, by its A-labels (RFC 5890 §2.3.2.1)."""
     try:
         # dnspython's default codec: IDNA 2008 with UTS #46 mapping when `idna`
@@ -387,7 +267,7 @@ def _qname(domain: str) -> dns.name.Name:
     return name
 
 
-def _text(name: dns.name.Name) -> str:
+def text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True)
 
 

@@ -1,4 +1,4 @@
-"""The pieces of geosmtp.queue.client that need no server: the streaming DATA
+"""The pieces of geosmtp.relay.client that need no server: the streaming DATA
 writer (CRLF, dot-stuffing), loop detection, the 8-bit scan, reply parsing.
 (Delivery to real servers: tests/integration/test_smtp_client.py.)"""
 
@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from geosmtp.queue.client import (
+from geosmtp.relay.client import (
     AttemptResult,
     Outcome,
     RecipientResult,

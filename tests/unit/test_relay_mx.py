@@ -1,4 +1,4 @@
-"""geosmtp.queue.mx without a network: nameserver specs, address literals, bad names.
+"""geosmtp.relay.mx without a network: nameserver specs, address literals, bad names.
 (Lookups against a real DNS server: tests/integration/test_mx_resolution.py.)"""
 
 from __future__ import annotations
@@ -7,12 +7,11 @@ import pytest
 
 pytest.importorskip("dns", reason="dnspython is not installed")
 
-from geosmtp.queue.mx import (
+from geosmtp.dns import _nameserver, parse_nameserver
+from geosmtp.relay.mx import (
     DNSPermanentError,
     Resolver,
-    _nameserver,
     address_literal,
-    parse_nameserver,
 )
 
 
