@@ -11,6 +11,7 @@ from pathlib import Path
 import gevent
 import gevent.event
 import pytest
+from loguru import logger
 
 from geosmtp.queue.concurrency import (
     INITIAL,
@@ -390,3 +391,27 @@ def test_failures_drop_a_destination_to_1_then_suspend_it(tmp_path):
         for r in suspended
     )
     assert runner._limits.view()["remote.test"]["dead_until"] == 1000.0 + 60
+
+
+def test_each_whole_step_of_a_limit_is_a_debug_line():
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
+    try:
+        lim, _ = limits(maximum=6)
+        gate = gevent.event.Event()
+
+        def deliver(result: AttemptResult) -> None:
+            with lim.slot("remote.test") as slot:
+                gate.wait()
+                slot.feedback(result)
+
+        # five in flight at once: the destination is kept while the cohort ends
+        first = [gevent.spawn(deliver, delivered("b@remote.test")) for _ in range(5)]
+        poll(lambda: lim.view().get("remote.test", {}).get("in_flight") == 5, "five in flight")
+        gate.set()
+        gevent.joinall(first, timeout=5)
+    finally:
+        logger.remove(sink)
+    assert [ln for ln in lines if "concurrency" in ln] == [
+        "relay: destination remote.test: concurrency 5 -> 6 (positive feedback)"
+    ]
