@@ -2,8 +2,12 @@
 
 One greenlet keeps the schedule: it wakes when the earliest entry is due (or
 when a new one arrives) and starts an attempt for every due entry, at most
-`concurrency` at once, and at most `per_domain_concurrency` connections to
-one destination domain at once. An attempt takes an entry's pending
+`concurrency` at once, and at most as many connections to one destination
+(a domain, or the smarthost) as its adaptive limit allows: it starts at 5,
+grows while deliveries succeed up to `per_domain_concurrency`, shrinks on
+connection failures and 421s, and a destination that keeps failing at 1 is
+suspended for a while (`concurrency.py`, Postfix's destination concurrency
+feedback). An attempt takes an entry's pending
 recipients domain by domain (all of one domain in one SMTP transaction, the
 client splitting nothing: RFC 5321 §4.5.3.1.8 says servers take 100), finds
 the hosts (the smarthost, or the domain's MX per RFC 5321 §5), and applies the
@@ -29,7 +33,6 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 from loguru import logger
 
@@ -38,6 +41,7 @@ from ..relay.client import AttemptResult, Outcome, deliver
 from ..relay.mx import DNSError, DNSPermanentError, Host, Resolver
 from ..storage import StorageError
 from ..storage.spool import read_return_path
+from .concurrency import DestinationLimits, Slot, Verdict
 from .schedule import RetrySchedule, delay_warning_due
 from .store import (
     DELIVERED,
@@ -111,8 +115,11 @@ class QueueRunner:
         self._after_attempt: dict[str, list[Callable[[], None]]] = {}
         self._wake = Event()
         self._pool = Pool(settings.concurrency)
-        self._domains: dict[str, BoundedSemaphore] = defaultdict(
-            lambda: BoundedSemaphore(self.settings.per_domain_concurrency)
+        #: each destination's adaptive limit; a suspended one waits the first retry delay
+        self._limits = DestinationLimits(
+            lambda: self.settings.per_domain_concurrency,
+            lambda: self.settings.schedule.delay_after(1),
+            clock,
         )
         self._loop: gevent.Greenlet | None = None
 
@@ -249,8 +256,11 @@ class QueueRunner:
                 by_domain[rcpt.domain].append(rcpt)
         groups = list(by_domain.items())
         for i, (domain, rcpts) in enumerate(groups):
-            with self._domains[domain]:
-                outcome = self._deliver_domain(record, domain, rcpts)
+            with self._limits.slot(self._destination(domain)) as slot:
+                if slot.suspended is not None:
+                    outcome = self._suspended(record, slot.destination, rcpts, slot.suspended)
+                else:
+                    outcome = self._deliver_domain(record, domain, rcpts, slot)
             logger.debug("queue {}: {} to {}", record.id, outcome, domain)
             if i < len(groups) - 1:
                 # Delivered recipients are never sent twice; a failed one (or
@@ -271,7 +281,33 @@ class QueueRunner:
         # removal re-sends this last attempt, the one in flight, which is what
         # may be sent twice (and its success reports).
 
-    def _deliver_domain(self, record: QueueRecord, domain: str, rcpts: list[QueuedRecipient]):  # type: ignore[no-untyped-def]
+    def _destination(self, domain: str) -> str:
+        """Whose concurrency a domain's delivery counts against: the smarthost's
+        (everything goes there then), or the domain's own."""
+        if self.settings.smarthost is not None:
+            host, port = self.settings.smarthost
+            return f"[{host}]:{port}"
+        return domain
+
+    def _suspended(
+        self, record: QueueRecord, destination: str, rcpts: list[QueuedRecipient], why: Verdict
+    ) -> str:
+        """The destination is suspended (it kept failing): defer without connecting."""
+        diagnostic = f"x-geosmtp; delivery to {destination} temporarily suspended: " + (
+            why.diagnostic.removeprefix("x-geosmtp; ")
+        )
+        for rcpt in rcpts:
+            self._apply(record, rcpt, Outcome.TEMPORARY, why.status, diagnostic, None)
+            self._log_attempt(record, rcpt, "none", None, diagnostic)
+        return "suspended"
+
+    def _deliver_domain(
+        self,
+        record: QueueRecord,
+        domain: str,
+        rcpts: list[QueuedRecipient],
+        slot: Slot | None = None,
+    ):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
         try:
             hosts, port, tls = self._route(domain)
@@ -292,6 +328,8 @@ class QueueRunner:
             # A relaying server must not pass the Return-Path on (RFC 5321 §4.4).
             read_return_path(message)
             result = self._send(record, rcpts, hosts, port, tls, message)
+        if slot is not None:
+            slot.feedback(result)  # the destination's limit moves with what it did
         if self.metrics is not None:
             self.metrics.relay_attempt_seconds.observe(time.perf_counter() - started)
         for rcpt in rcpts:
