@@ -723,12 +723,11 @@ def _relay_smtp_source(
         "bench.test",
         f"{HOST}:{server.port}",
     ]
+    progress = Progress(f"relay/{server.name} smtp-source", count)
     outcome = Outcome(start=time.time())
     proc = subprocess.run(cmd, capture_output=True, timeout=opts.time_limit, check=False)
     outcome.end = time.time()
-    Progress(f"relay/{server.name} smtp-source", count).show(
-        count if proc.returncode == 0 else 0, proc.returncode, force=True
-    )
+    progress.show(count if proc.returncode == 0 else 0, proc.returncode, force=True)
     if proc.returncode == 0:
         outcome.ok = outcome.deliveries = count
         outcome.bytes = count * size
