@@ -131,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("selfcheck", help="check the bench's own message builder and verifier")
     rep = sub.add_parser("report", help="rebuild a result's table and plot from its JSON")
     rep.add_argument("json", nargs="+")
+    rep.add_argument(
+        "--combine",
+        metavar="NAME",
+        help="relay: the runs' variants in one table and plot, results/NAME.md and .png",
+    )
     return p
 
 
@@ -332,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "report":
         from pathlib import Path
 
+        if args.combine:
+            md, png = report.combine([Path(j) for j in args.json], args.combine)
+            print(md.read_text())
+            print(f"written: {md}, {png}")
+            return 0
         for j in args.json:
             _json, md, png = report.rebuild(Path(j))
             print(md.read_text())

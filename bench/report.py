@@ -624,6 +624,96 @@ def _issue20(base: str, agg: dict) -> list[str]:
     return out
 
 
+def variant(meta: dict) -> str:
+    """A relay run's variant, from its meta: `bench → sink +50 ms`."""
+    hop = meta.get("sink", "sink")
+    delay = meta.get("sink_delay") or 0
+    if delay:
+        hop += f" +{delay * 1000:g} ms"
+    return f"{meta.get('client', 'bench')} → {hop}"
+
+
+#: The combined relay table: (heading, agg key, digits).
+COMBINED = [
+    ("accepted msgs/s", "accept_per_s", 0),
+    ("delivered msgs/s", "delivery_per_s", 0),
+    ("CPU ms per msg", "cpu_ms_per_msg", 2),
+    ("sink connections", "sink_connections", 0),
+    ("msgs per connection", "msgs_per_connection", 1),
+]
+
+
+def combine(paths: list[Path], name: str, out: Path = RESULTS) -> tuple[Path, Path]:
+    """Several relay runs (variants: next hop, its delay, the client) in one
+    table and one plot: per variant, each server's rates and CPU per message,
+    and geosmtp's ratios to Postfix."""
+    runs = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        runs.append((variant(data["meta"]), path, aggregate(data["rows"])))
+    head = "| variant | server | " + " | ".join(h for h, _k, _d in COMBINED)
+    lines = [
+        head + " | lost / duplicated | check | result |",
+        "|---|---|" + "---:|" * 6 + "---|---|",
+    ]
+    for label, path, agg in runs:
+        for key in sorted(agg, key=lambda k: _rank(k[0])):
+            a = agg[key]
+            cells = " | ".join(_f(a.get(k), d) for _h, k, d in COMBINED)
+            if "missing_all" in a:
+                lost = f"{sum(a['missing_all']):,} / {sum(a.get('duplicates_all', [])):,}"
+            else:
+                lost = "n/a (counted)"
+            lines.append(
+                f"| {label} | {a['server']} | {cells} | {lost} | {_checked(a)} "
+                f"| [{path.stem}]({path.stem}.md) |"
+            )
+    lines.append("")
+    for label, _path, agg in runs:
+        ratios = _versus(agg, [(h, k) for h, k, _d in COMBINED[:3]])
+        lines += [f"- {label}: " + r.removeprefix("- ") for r in ratios]
+    md = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = out / f"{name}.md"
+    md_path.write_text(f"## {name}\n\n" + md)
+    png_path = out / f"{name}.png"
+    _combined_plot(runs, name, png_path)
+    return md_path, png_path
+
+
+def _combined_plot(runs: list, name: str, path: Path) -> None:
+    """Delivered msgs/s and CPU ms per message, a group of bars per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = _order(sorted({s for _l, _p, agg in runs for s, _c in agg}))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [
+        ("delivery_per_s", "delivered msgs/s"),
+        ("cpu_ms_per_msg", "server CPU ms per delivered message"),
+        ("msgs_per_connection", "messages per connection to the next hop"),
+    ]
+    width = 0.8 / max(1, len(servers))
+    for ax, (field, ylabel) in zip(axes, panels, strict=True):
+        for i, server in enumerate(servers):
+            vals = []
+            for _label, _path, agg in runs:
+                a = next((a for (s, _c), a in agg.items() if s == server), {})
+                vals.append(a.get(field, math.nan))
+            xs = [j + (i - (len(servers) - 1) / 2) * width for j in range(len(runs))]
+            ax.bar(xs, vals, width=width, label=server)
+        ax.set_xticks(range(len(runs)), [label for label, _p, _a in runs], fontsize=8)
+        ax.set_ylabel(ylabel)
+    axes[2].set_yscale("log")  # one message per connection beside hundreds
+    axes[0].legend()
+    fig.suptitle(f"geosmtp bench: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def rebuild(json_path: Path) -> tuple[Path, Path, Path]:
     """Write the table and the plot again from a saved result file."""
     data = json.loads(json_path.read_text())
@@ -704,7 +794,7 @@ def plot(scenario: str, name: str, rows: list[dict], path: Path) -> None:
         _bars(ax1, agg, servers, "accept_per_s", "msgs/s", label="accepted", shift=-0.2)
         _bars(ax1, agg, servers, "delivery_per_s", "msgs/s (median)", label="delivered", shift=0.2)
         ax1.legend()
-        _bars(ax2, agg, servers, "delivery_s", "seconds until the sink had every message")
+        _bars(ax2, agg, servers, "cpu_ms_per_msg", "server CPU ms per delivered message")
     elif base == "pop3":
         _bars(ax1, agg, servers, "sessions_per_s", "POP3 sessions/s (median)")
         _bars(ax2, agg, servers, "pss_peak_mb", "server peak PSS, all its processes (MB)")
