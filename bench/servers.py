@@ -15,6 +15,10 @@ loopback port, a subprocess, and "ready" once it answers 220.
   packaged (a process per connection); `dovecot-perf`: the same in its
   high-performance mode.
 
+The relay scenario's next hop: `bench/sink.py` (`RelaySink`: every message's
+X-Bench-Id, a reply delay, connection counts) or Postfix's `smtp-sink -c`
+(`SmtpSinkNextHop`: a message count).
+
 A server's CPU and memory are its process tree's: the process the bench
 started and all its descendants (geosmtp's master and workers, Postfix's
 master and its daemons), summed from /proc.
