@@ -607,7 +607,7 @@ def relay(server_cls: type[Server], opts: Options) -> list[dict]:
     )
     server = server_cls(fsync=opts.fsync, max_size=64 * MB)
     server.relay_port = sink.port
-    if isinstance(server, Geosmtp) and server.worker_count is None:
+    if isinstance(server, Geosmtp) and server.worker_count is None and server.knows("workers"):
         server.worker_count = opts.server_workers or 1  # issue 20: one process
     label = f"relay/{server.name} c={clients}"
     try:

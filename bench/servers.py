@@ -411,6 +411,10 @@ class Geosmtp(Server):
     #: The source tree whose `geosmtp/` runs (another for `geosmtp@REV`).
     source: ClassVar[Path] = REPO
 
+    def knows(self, key: str) -> bool:
+        """Does this geosmtp's config (today's, or `@REV`'s) have the top-level key?"""
+        return f'"{key}"' in (self.source / "geosmtp" / "config.py").read_text()
+
     def config(self) -> dict:
         """The bench's geosmtp config (written to cfg.yaml at start)."""
         config = {
