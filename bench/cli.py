@@ -42,7 +42,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--client",
         choices=["bench", "smtp-source"],
         default="bench",
-        help="drive the load with this client (smtp-source: throughput, fanout, scaling)",
+        help="drive the load with this client (smtp-source: throughput, fanout, scaling, relay)",
+    )
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        help="relay: geosmtp's `workers:` (default 1: one serving process, issue 20's target)",
+    )
+    p.add_argument(
+        "--sink-delay",
+        type=float,
+        default=0.0,
+        help="relay: seconds the sink waits before each reply (a next hop that far away)",
+    )
+    p.add_argument(
+        "--sink",
+        choices=["sink", "smtp-sink"],
+        default="sink",
+        help="relay: the next hop, bench/sink.py (default: checks every id) or Postfix's "
+        "smtp-sink (counts messages)",
     )
     p.add_argument("--no-fsync", dest="fsync", action="store_false", help="servers skip fsync")
     p.add_argument("--messages", type=int, help="override the message count")
@@ -67,6 +85,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--duration", type=float, help="soak: seconds of traffic (default 1800; --quick 120)"
     )
+
+
+SMTP_SOURCE_SCENARIOS = ("throughput", "fanout", "scaling", "relay")
+
+
+def _relay_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the relay-only options, if anything."""
+    if not hasattr(args, "sink"):
+        return None
+    relay_only = args.sink != "sink" or args.sink_delay or args.server_workers is not None
+    if relay_only and args.scenario != "relay":
+        return "--sink, --sink-delay and --server-workers: the relay scenario only"
+    if args.sink_delay < 0:
+        return "--sink-delay: seconds, 0 or more"
+    if args.sink == "smtp-sink" and args.sink_delay:
+        return "--sink-delay: bench/sink.py only (smtp-sink delays by whole seconds, DATA only)"
+    if args.server_workers is not None and args.server_workers < 1:
+        return "--server-workers: 1 or more"
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("selfcheck", help="check the bench's own message builder and verifier")
     rep = sub.add_parser("report", help="rebuild a result's table and plot from its JSON")
     rep.add_argument("json", nargs="+")
+    rep.add_argument(
+        "--combine",
+        metavar="NAME",
+        help="relay: the runs' variants in one table and plot, results/NAME.md and .png",
+    )
     return p
 
 
@@ -113,6 +155,9 @@ def _options(args: argparse.Namespace) -> Options:
         hash=args.hash,
         trials=args.trials,
         duration=args.duration,
+        server_workers=args.server_workers,
+        sink_delay=args.sink_delay,
+        sink=args.sink,
     )
 
 
@@ -130,6 +175,16 @@ def _meta(args: argparse.Namespace, servers: list[str]) -> dict:
         "quick": args.quick,
         "client": args.client,
         **({"hash": args.hash} if args.scenario == "pop3" else {}),
+        **(_relay_meta(args) if args.scenario == "relay" else {}),
+    }
+
+
+def _relay_meta(args: argparse.Namespace) -> dict:
+    """The relay's own settings: geosmtp's processes and the next hop."""
+    return {
+        "server_workers": args.server_workers or 1,
+        "sink": args.sink,
+        "sink_delay": args.sink_delay,
     }
 
 
@@ -139,6 +194,13 @@ def _name(args: argparse.Namespace, prefix: str = "") -> str:
         parts.append("quick")
     if args.client != "bench":
         parts.append(args.client)
+    if args.scenario == "relay":
+        if args.sink != "sink":
+            parts.append(args.sink)
+        if args.sink_delay:
+            parts.append(f"delay{args.sink_delay * 1000:g}ms")
+        if args.server_workers not in (None, 1):
+            parts.append(f"w{args.server_workers}")
     if args.scenario == "pop3" and args.hash != "passwd":
         parts.append(f"{args.hash}-hash")
     if not args.pipelining:
@@ -275,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "report":
         from pathlib import Path
 
+        if args.combine:
+            md, png = report.combine([Path(j) for j in args.json], args.combine)
+            print(md.read_text())
+            print(f"written: {md}, {png}")
+            return 0
         for j in args.json:
             _json, md, png = report.rebuild(Path(j))
             print(md.read_text())
@@ -284,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         from .selfcheck import main as selfcheck
 
         return selfcheck()
-    if args.client == "smtp-source" and args.scenario not in ("throughput", "fanout", "scaling"):
-        print("--client smtp-source: only throughput, fanout and scaling", file=sys.stderr)
+    if args.client == "smtp-source" and args.scenario not in SMTP_SOURCE_SCENARIOS:
+        print("--client smtp-source: only throughput, fanout, scaling and relay", file=sys.stderr)
+        return 2
+    problem = _relay_usage(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     if args.cmd == "profile" and args.scenario == "pop3":
         print("profile: SMTP scenarios only", file=sys.stderr)

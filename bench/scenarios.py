@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from . import mailboxes, messages
 from .crash import TrialConfig, TrialResult, run_trial
 from .driver import Outcome, Progress, Worker, nearest_rank, pump, run_jobs, split_load
-from .servers import HOST, SMTP_SOURCE, RelaySink, Server, free_port, tree_sockets
+from .servers import (
+    HOST,
+    SMTP_SOURCE,
+    Geosmtp,
+    RelaySink,
+    Server,
+    SmtpSinkNextHop,
+    free_port,
+    tree_sockets,
+)
 from .verify import Verdict, verify_bench_mail, verify_count
 
 MB = 1024 * 1024
@@ -42,6 +51,10 @@ class Options:
     hash: str = "passwd"  # pop3: the users' argon2id hashes (bench.mailboxes.HASHES)
     trials: int | None = None  # crash: kill -9 trials (100)
     duration: float | None = None  # soak: seconds of traffic (1,800; --quick 120)
+    # relay (issue 20):
+    server_workers: int | None = None  # geosmtp's `workers:` (relay: 1 unless given)
+    sink_delay: float = 0.0  # seconds the project sink waits before each reply
+    sink: str = "sink"  # the next hop: the project sink, or Postfix's "smtp-sink"
 
     def pick(self, full: int, quick: int, override: int | None = None) -> int:
         if override is not None:
@@ -589,34 +602,41 @@ def relay(server_cls: type[Server], opts: Options) -> list[dict]:
     clients = opts.pick(100, 100, opts.clients)
     count = opts.pick(10000, 2000, opts.messages)
     size = opts.size or 1024
-    sink = RelaySink()
+    sink: RelaySink | SmtpSinkNextHop = (
+        SmtpSinkNextHop() if opts.sink == "smtp-sink" else RelaySink(delay=opts.sink_delay)
+    )
     server = server_cls(fsync=opts.fsync, max_size=64 * MB)
     server.relay_port = sink.port
+    if isinstance(server, Geosmtp) and server.worker_count is None and server.knows("workers"):
+        server.worker_count = opts.server_workers or 1  # issue 20: one process
     label = f"relay/{server.name} c={clients}"
     try:
         sink.start()
         server.start()
         run_id = new_run_id("relay", server.name)
-        spec = {
-            "kind": "load",
-            "host": HOST,
-            "port": server.port,
-            "run_id": run_id,
-            "clients": clients,
-            "ids": [0, count, 1],
-            "size": size,
-            "rcpts": 1,
-            "pipelining": opts.pipelining,
-            "deadline": opts.time_limit,
-            "io_timeout": 120,
-            "mailboxes": opts.mailboxes or messages.MAILBOXES,
-            "domain": RELAY_DOMAIN,
-        }
         sink_cpu0 = sink.cpu()
         server_cpu0 = server.cpu()
-        outcome, srv = run_jobs(
-            split_load(spec, opts.workers), label, opts.time_limit + 60, server, total=count
-        )
+        if opts.client == "smtp-source":
+            outcome, srv = _relay_smtp_source(server, opts, clients, count, size), {}
+        else:
+            spec = {
+                "kind": "load",
+                "host": HOST,
+                "port": server.port,
+                "run_id": run_id,
+                "clients": clients,
+                "ids": [0, count, 1],
+                "size": size,
+                "rcpts": 1,
+                "pipelining": opts.pipelining,
+                "deadline": opts.time_limit,
+                "io_timeout": 120,
+                "mailboxes": opts.mailboxes or messages.MAILBOXES,
+                "domain": RELAY_DOMAIN,
+            }
+            outcome, srv = run_jobs(
+                split_load(spec, opts.workers), label, opts.time_limit + 60, server, total=count
+            )
         # Delivery: until the sink has every acknowledged message and the queue is empty.
         # A queue that stays empty while the sink lacks messages has lost them: stop then.
         acked = len(outcome.acked)
@@ -637,14 +657,18 @@ def relay(server_cls: type[Server], opts: Options) -> list[dict]:
             else:
                 empty_since = None
                 queue_empty_at = float("nan")
-            time.sleep(0.1)
+            time.sleep(0.05 if sink.counted else 0.1)  # counted: the last one's time by polling
         progress.show(sink.received(), 0, f"  queued {server.queued()}", force=True)
         still_queued = server.queued()
         sink_cpu = sink.cpu() - sink_cpu0
         server_cpu = server.cpu() - server_cpu0
         server.stop()
         sink.stop()
-        row = _relay_row(server, outcome, srv, sink.records(), run_id, still_queued)
+        if sink.counted or opts.client == "smtp-source":
+            row = _relay_counted_row(server, outcome, srv, sink, still_queued)
+        else:
+            assert isinstance(sink, RelaySink)
+            row = _relay_row(server, outcome, srv, sink.records(), run_id, still_queued)
         row.update(_spread(server))
         row["queue_empty_s"] = queue_empty_at - outcome.start
         row["sink_cpu_pct"] = 100 * sink_cpu / max(1e-9, row["delivery_s"])
@@ -652,9 +676,16 @@ def relay(server_cls: type[Server], opts: Options) -> list[dict]:
             row["server_cpu_s"] = server_cpu
             row["server_cpu_pct"] = 100 * server_cpu / max(1e-9, row["delivery_s"])
             row["server_machine_pct"] = row["server_cpu_pct"] / CORES
+            delivered = row["sink_received"] - row.get("foreign", 0)
+            row["cpu_ms_per_msg"] = 1000 * server_cpu / max(1, delivered)
+        row.update(_sink_connections(sink.connections()))
         row["ok"] = row["ok"] and outcome.ok == count and still_queued == 0
         row.update(clients=clients, size=size, rcpts=1, pipelining=opts.pipelining)
-        row["client"] = f"bench ({opts.workers} proc)"
+        smtp_source = opts.client == "smtp-source"
+        row["client"] = "smtp-source" if smtp_source else f"bench ({opts.workers} proc)"
+        row.update(
+            sink=opts.sink, sink_delay=opts.sink_delay, server_workers=server_workers(server)
+        )
         return [row]
     finally:
         server.stop()
@@ -662,6 +693,109 @@ def relay(server_cls: type[Server], opts: Options) -> list[dict]:
         if not opts.keep:
             server.cleanup()
             sink.cleanup()
+
+
+def server_workers(server: Server) -> int | None:
+    """geosmtp's `workers:` in this run (None: one per CPU, or not geosmtp)."""
+    return server.worker_count if isinstance(server, Geosmtp) else None
+
+
+def _relay_smtp_source(
+    server: Server, opts: Options, clients: int, count: int, size: int
+) -> Outcome:
+    """Submit the relay load with Postfix's smtp-source (many messages per
+    session, no pipelining, no per-message replies: all or nothing by its
+    exit status)."""
+    cmd = [
+        SMTP_SOURCE,
+        "-d",
+        "-s",
+        str(clients),
+        "-m",
+        str(count),
+        "-l",
+        str(size),
+        "-f",
+        messages.SENDER,
+        "-t",
+        f"u000@{RELAY_DOMAIN}",
+        "-M",
+        "bench.test",
+        f"{HOST}:{server.port}",
+    ]
+    progress = Progress(f"relay/{server.name} smtp-source", count)
+    outcome = Outcome(start=time.time())
+    proc = subprocess.run(cmd, capture_output=True, timeout=opts.time_limit, check=False)
+    outcome.end = time.time()
+    progress.show(count if proc.returncode == 0 else 0, proc.returncode, force=True)
+    if proc.returncode == 0:
+        outcome.ok = outcome.deliveries = count
+        outcome.bytes = count * size
+        outcome.acked = {n: (size, (f"u000@{RELAY_DOMAIN}",)) for n in range(count)}
+    else:
+        outcome.errors["smtp-source exit"] = proc.returncode
+        outcome.examples.append(proc.stderr.decode(errors="replace")[-300:])
+    return outcome
+
+
+def _relay_counted_row(
+    server: Server, outcome: Outcome, srv: dict, sink: Server, still_queued: int
+) -> dict:
+    """Rates and a check by count, where the messages carry no X-Bench-Id
+    (smtp-source) or the sink tells none (smtp-sink): loss and duplicates
+    n/a; the check fails when the sink has fewer or more than were acknowledged."""
+    m = outcome.metrics()
+    acks = sorted(outcome.ack_times)
+    if len(acks) > ACCEPT_TAIL:
+        accept_rate = (len(acks) - ACCEPT_TAIL) / max(1e-9, acks[-ACCEPT_TAIL - 1] - outcome.start)
+    else:
+        accept_rate = m["msgs_per_s"]  # smtp-source: all messages over its whole run
+    received = sink.received()  # type: ignore[attr-defined]
+    delivery_s = sink.last_time() - outcome.start  # type: ignore[attr-defined]
+    acked = len(outcome.acked)
+    row = {
+        "scenario": "relay",
+        "server": server.name,
+        **m,
+        **_server_figures(srv, m["duration_s"], outcome.client_cpu),
+        "accept_per_s": accept_rate,
+        "accept_all_per_s": m["msgs_per_s"],
+        "delivery_s": delivery_s,
+        "delivery_per_s": received / max(1e-9, delivery_s),
+        "sink_received": received,
+        "missing": None,
+        "duplicates": None,
+        "counted": True,
+        "still_queued": still_queued,
+    }
+    if outcome.ack_times:
+        row["client_cpu_pct"] = 100 * outcome.client_cpu / m["duration_s"]
+    problems = []
+    if received != acked:
+        problems.append(f"{received} at the sink for {acked} acknowledged")
+    if still_queued:
+        problems.append(f"{still_queued} still queued")
+    row["verify"] = (
+        f"sink (counted, no ids): {received} of {acked} acknowledged"
+        if not problems
+        else "sink (counted): " + "; ".join(problems)
+    )
+    row["verify_examples"] = problems
+    row["ok"] = not problems and not outcome.errors
+    return row
+
+
+def _sink_connections(stats: dict) -> dict:
+    """The connections the servers opened to the sink, and messages per connection."""
+    if not stats:
+        return {}
+    out = {"sink_connections": stats["connections"]}
+    out["msgs_per_connection"] = stats["messages"] / max(1, stats["connections"])
+    if "per_connection" in stats:
+        per = stats["per_connection"]
+        out["sink_per_connection"] = {str(n): k for n, k in sorted(per.items())}
+        out["max_msgs_per_connection"] = max(per, default=0)
+    return out
 
 
 def _relay_row(

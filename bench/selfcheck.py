@@ -81,6 +81,7 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     failures += check_relay_sink()
+    failures += check_relay_options()
     failures += check_pop3_client()
     failures += check_soak()
     for f in failures:
@@ -88,7 +89,9 @@ def main() -> int:
     if not failures:
         print(
             "selfcheck ok: messages round-trip through un-stuffing; the verifier catches faults; "
-            "the relay sink records every id; the relay check catches loss and duplicates; "
+            "the relay sink records every id, counts connections, delays its replies and still "
+            "serves connections at once; smtp-sink's counters are read; the relay check catches "
+            "loss and duplicates, and a count that does not match; "
             "the POP3 client and the Maildir check catch corrupt, missing and left-over mail; "
             "the soak's check catches loss, duplicates and misdelivery, its flatness a leak"
         )
@@ -130,6 +133,10 @@ def check_relay_sink() -> list[str]:
         if sorted(ids) != [f"{run}.{n}" for n in range(6)]:
             failures.append(f"sink recorded {ids}")
         records = sink.records()
+        conns = sink.connections()
+        want_conns = {"connections": 2, "messages": 6, "per_connection": {1: 1, 5: 1}}
+        if conns != want_conns:
+            failures.append(f"sink connection counts: {conns}, not {want_conns}")
     except Exception as exc:
         failures.append(f"sink: {exc!r}")
         return failures
@@ -281,6 +288,166 @@ def check_pop3_client() -> list[str]:
             server.shutdown()
             server.server_close()
             shutil.rmtree(root, ignore_errors=True)
+    return failures
+
+
+SINK_DELAY = 0.3  # seconds: far above loopback's round trip, far below the 2 s probe
+
+
+def check_relay_options() -> list[str]:
+    """The relay's next hops and options (issue 20): the sink's `--delay`
+    (every reply late, in order, connections served at once), smtp-sink's
+    counters, the check by count, and the usage errors."""
+    failures = check_sink_delay()
+    failures += check_smtp_sink_counters()
+    failures += check_counted_row()
+    from .cli import _parser, _relay_usage
+
+    cases = {
+        "relay --sink-delay 0.05": None,
+        "relay --client smtp-source --sink smtp-sink --server-workers 2": None,
+        "throughput --sink-delay 0.05": "relay scenario only",
+        "throughput --server-workers 1": "relay scenario only",
+        "relay --sink smtp-sink --sink-delay 0.05": "bench/sink.py only",
+        "relay --sink-delay -1": "0 or more",
+        "relay --server-workers 0": "1 or more",
+    }
+    for argv, want in cases.items():
+        got = _relay_usage(_parser().parse_args(["run", *argv.split()]))
+        if (got is None) != (want is None) or (want and want not in (got or "")):
+            failures.append(f"usage: `{argv}` gives {got!r}, not {want!r}")
+    return failures
+
+
+def check_sink_delay() -> list[str]:
+    """Three connections at once to a sink with a delay: each greeting comes
+    after the delay but all three together (not one after another); a
+    pipelined transaction's replies come late, whole and in order."""
+    import socket
+    import time
+
+    from .servers import HOST, RelaySink
+    from .sink import EHLO
+
+    failures: list[str] = []
+    sink = RelaySink(delay=SINK_DELAY)
+    run = "selfcheck-delay"
+    want = EHLO + b"250 2.0.0 Ok\r\n" * 2 + b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    want += b"250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n"
+    try:
+        sink.start()
+        t0 = time.monotonic()
+        socks = [socket.create_connection((HOST, sink.port), timeout=5) for _ in range(3)]
+        greeted = []
+        for s in socks:
+            if not s.recv(1024).startswith(b"220"):
+                failures.append("sink with a delay: no greeting")
+            greeted.append(time.monotonic() - t0)
+        if min(greeted) < SINK_DELAY or max(greeted) > 2 * SINK_DELAY:
+            failures.append(f"sink with a delay {SINK_DELAY}: greetings after {greeted} s")
+        for n, s in enumerate(socks):
+            msg = messages.build(run, n, 500, ["u000"])
+            t1 = time.monotonic()
+            s.sendall(
+                b"EHLO selfcheck\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u000@remote.test>\r\nDATA\r\n"
+                + msg.wire()
+                + b".\r\nQUIT\r\n"
+            )
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+            took = time.monotonic() - t1
+            if got != want:
+                failures.append(f"sink with a delay: replies {got!r}")
+            if took < SINK_DELAY:
+                failures.append(f"sink with a delay: replies after {took:.3f} s")
+            s.close()
+        sink.stop()
+        ids = sorted(i for i, _t in sink.records())
+        if ids != [f"{run}.{n}" for n in range(3)]:
+            failures.append(f"sink with a delay recorded {ids}")
+        if sink.connections().get("per_connection") != {1: 3}:
+            failures.append(f"sink with a delay: connections {sink.connections()}")
+    except Exception as exc:
+        failures.append(f"sink with a delay: {exc!r}")
+    finally:
+        sink.stop()
+        shutil.rmtree(sink.root, ignore_errors=True)
+    return failures
+
+
+def check_smtp_sink_counters() -> list[str]:
+    """smtp-sink's `-c` output as it writes it (a line per update, CR between),
+    and a real smtp-sink when it is installed: 3 messages over 2 sessions."""
+    import smtplib
+
+    from .servers import HOST, SmtpSinkNextHop
+
+    failures: list[str] = []
+    hop = SmtpSinkNextHop()
+    try:
+        (hop.root / "server.out").write_bytes(
+            b"sess=0 quit=0 mesg=1\rsess=1 quit=1 mesg=1\rsess=1 quit=1 mesg=12\r"
+        )
+        if hop.counters() != {"sess": 1, "quit": 1, "mesg": 12} or hop.received() != 12:
+            failures.append(f"smtp-sink counters read as {hop.counters()}")
+        if hop.connections() != {"connections": 0, "messages": 12}:
+            failures.append(f"smtp-sink connections read as {hop.connections()}")
+    finally:
+        hop.stop()
+        shutil.rmtree(hop.root, ignore_errors=True)
+    if not SmtpSinkNextHop.available():
+        return failures
+    hop = SmtpSinkNextHop()
+    try:
+        hop.start()
+        with smtplib.SMTP(HOST, hop.port, timeout=10) as c:
+            for n in range(2):
+                c.sendmail(
+                    "a@b", ["u000@remote.test"], messages.build("sc", n, 100, ["u000"]).wire()
+                )
+        with smtplib.SMTP(HOST, hop.port, timeout=10) as c:
+            c.sendmail("a@b", ["u000@remote.test"], messages.build("sc", 2, 100, ["u000"]).wire())
+        received = hop.received()
+        hop.stop()
+        if received != 3 or hop.connections() != {"connections": 2, "messages": 3}:
+            failures.append(f"smtp-sink: {received} messages, {hop.connections()}")
+    except Exception as exc:
+        failures.append(f"smtp-sink: {exc!r}")
+    finally:
+        hop.stop()
+        shutil.rmtree(hop.root, ignore_errors=True)
+    return failures
+
+
+def check_counted_row() -> list[str]:
+    """The check by count passes when the sink has as many as were
+    acknowledged, and fails with fewer or more."""
+    from .driver import Outcome
+    from .scenarios import _relay_counted_row
+
+    class _Srv:
+        name = "selfcheck"
+
+    class _Hop:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def received(self) -> int:
+            return self.n
+
+        def last_time(self) -> float:
+            return 12.0
+
+    failures = []
+    o = Outcome(start=10.0, end=11.0, ok=5)
+    o.acked = {n: (100, ("u000@remote.test",)) for n in range(5)}
+    for n, ok in ((5, True), (4, False), (6, False)):
+        row = _relay_counted_row(_Srv(), o, {}, _Hop(n), 0)  # type: ignore[arg-type]
+        if row["ok"] != ok or row["missing"] is not None:
+            failures.append(f"counted check: {n} at the sink for 5: {row['verify']}")
+        if abs(row["delivery_per_s"] - n / 2) > 1e-9:
+            failures.append(f"counted check: delivered {row['delivery_per_s']}/s, not {n / 2}")
     return failures
 
 

@@ -15,6 +15,10 @@ loopback port, a subprocess, and "ready" once it answers 220.
   packaged (a process per connection); `dovecot-perf`: the same in its
   high-performance mode.
 
+The relay scenario's next hop: `bench/sink.py` (`RelaySink`: every message's
+X-Bench-Id, a reply delay, connection counts) or Postfix's `smtp-sink -c`
+(`SmtpSinkNextHop`: a message count).
+
 A server's CPU and memory are its process tree's: the process the bench
 started and all its descendants (geosmtp's master and workers, Postfix's
 master and its daemons), summed from /proc.
@@ -25,6 +29,7 @@ argon2id hash) before it starts; geosmtp then also listens for POP3.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -396,14 +401,19 @@ class Geosmtp(Server):
     name = "geosmtp"
     #: The `filters:` section, for a variant with filter stages.
     filters: ClassVar[list[dict] | None] = None
-    #: `workers:` (None: not in the config, geosmtp's default: one per CPU).
-    worker_count: ClassVar[int | None] = None
+    #: `workers:` (None: not in the config, geosmtp's default: one per CPU);
+    #: a scenario may set it on an instance (relay: `--server-workers`).
+    worker_count: int | None = None
     #: The per-client limits on, out of reach (their counting measured), or off.
     client_limits: ClassVar[bool] = True
     #: `reuse_port: true` (a listening socket per worker).
     reuse_port: ClassVar[bool] = False
     #: The source tree whose `geosmtp/` runs (another for `geosmtp@REV`).
     source: ClassVar[Path] = REPO
+
+    def knows(self, key: str) -> bool:
+        """Does this geosmtp's config (today's, or `@REV`'s) have the top-level key?"""
+        return f'"{key}"' in (self.source / "geosmtp" / "config.py").read_text()
 
     def config(self) -> dict:
         """The bench's geosmtp config (written to cfg.yaml at start)."""
@@ -645,10 +655,18 @@ class GeosmtpCat(Geosmtp):
 
 class RelaySink(Server):
     """The relay scenario's remote domain: `bench/sink.py`, records each accepted
-    message's X-Bench-Id (with the time) in `ids.txt`, stores nothing else."""
+    message's X-Bench-Id (with the time) in `ids.txt`, stores nothing else;
+    `delay`: seconds before each of its replies (a next hop that far away);
+    at exit, its connection counts in `stats.json`."""
 
     name = "sink"
     stores = False
+    #: Does it know only how many messages came, not which (no X-Bench-Ids)?
+    counted = False
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
 
     @property
     def ids_file(self) -> Path:
@@ -656,7 +674,40 @@ class RelaySink(Server):
 
     def command(self) -> list[str]:
         sink = str(BENCH_DIR / "sink.py")
-        return [sys.executable, sink, "--port", str(self.port), "--out", str(self.ids_file)]
+        return [
+            sys.executable,
+            sink,
+            "--port",
+            str(self.port),
+            "--out",
+            str(self.ids_file),
+            "--delay",
+            str(self.delay),
+            "--stats",
+            str(self.root / "stats.json"),
+        ]
+
+    def last_time(self) -> float:
+        """When the last message came (time.time()), NaN before the first."""
+        return max((t for _i, t in self.records()), default=float("nan"))
+
+    def connections(self) -> dict:
+        """After stop: `connections` the servers opened (the bench's readiness
+        probe left out), `messages`, `per_connection` {messages: connections};
+        {} when the sink did not say."""
+        try:
+            stats = json.loads((self.root / "stats.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        per = {int(n): k for n, k in stats["per_connection"].items()}
+        per[0] = per.get(0, 0) - 1  # the probe: a connection without mail
+        if not per[0]:
+            del per[0]
+        return {
+            "connections": stats["connections"] - 1,
+            "messages": stats["messages"],
+            "per_connection": per,
+        }
 
     def received(self) -> int:
         """Messages accepted so far (lines in ids.txt)."""
@@ -673,6 +724,63 @@ class RelaySink(Server):
                 ident, _, t = line.rstrip("\n").partition(" ")
                 out.append((ident, float(t)))
         return out
+
+
+class SmtpSinkNextHop(Server):
+    """`--sink smtp-sink`: Postfix's smtp-sink as the relay's next hop, its
+    running counters on (`-c`: sessions ended and messages, rewritten on its
+    stdout after each); it cannot tell which messages came, so the relay check
+    counts them."""
+
+    name = "smtp-sink"
+    stores = False
+    counted = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.count_at = float("nan")  # when `count` was first seen
+
+    @classmethod
+    def available(cls) -> bool:
+        return os.access(SMTP_SINK, os.X_OK)
+
+    def command(self) -> list[str]:
+        user = ["-u", "postfix"] if os.geteuid() == 0 else []
+        return [SMTP_SINK, *user, "-c", f"{HOST}:{self.port}", "1024"]
+
+    def counters(self) -> dict[str, int]:
+        """The last `sess=N quit=N mesg=N` line smtp-sink wrote."""
+        try:
+            text = (self.root / "server.out").read_bytes()
+        except OSError:
+            return {}
+        last = text.rstrip(b"\r\n").rpartition(b"\r")[2].decode(errors="replace")
+        out = {}
+        for part in last.split():
+            key, _, value = part.partition("=")
+            if value.isdigit():
+                out[key] = int(value)
+        return out
+
+    def received(self) -> int:
+        """Messages so far; notes when the count last grew (the caller polls)."""
+        n = self.counters().get("mesg", 0)
+        if n != self.count:
+            self.count, self.count_at = n, time.time()
+        return n
+
+    def last_time(self) -> float:
+        """When the polling first saw the last message (within one poll)."""
+        self.received()
+        return self.count_at
+
+    def connections(self) -> dict:
+        """After stop: sessions smtp-sink saw end (but the bench's probe)."""
+        c = self.counters()
+        if "sess" not in c:
+            return {}
+        return {"connections": c["sess"] - 1, "messages": c.get("mesg", 0)}
 
 
 class Aiosmtpd(Server):
