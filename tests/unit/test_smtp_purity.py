@@ -1,6 +1,6 @@
-"""The protocol cores (SMTP, POP3, the relay's SMTP client) are sans-I/O: they import only the standard
-library and the pure mail domain (`geosmtp.mail`, less its id generator), and
-no I/O from either. The POP3 core shares the SMTP core's pure pieces (SASL,
+"""The protocol cores (SMTP, POP3, the relay's SMTP client) are sans-I/O: they
+import only the standard library and the pure mail domain (`geosmtp.mail`, less
+its id generator), and no I/O from either. The POP3 core shares the SMTP core's pure pieces (SASL,
 ProtocolError), so both are checked as one.
 
 Checked in a fresh interpreter, since this test process has long since
