@@ -763,10 +763,31 @@ class DataEncoder:
         return out if self.column == 0 else out + b"\r\n"
 
     def _encode(self, text: bytes) -> bytes:
+        if self.in_header:
+            end = self._header_end(text)
+            if end < 0 or self._line:
+                return self._slow(text)
+            head = self._fast(text[:end])  # every header line whole: short ones go fast
+            if head is None:
+                return self._slow(text)
+            self.in_header = False
+            return head + self._encode(text[end:]) if end < len(text) else head
+        body = self._fast(text)
+        return self._slow(text) if body is None else body
+
+    def _header_end(self, text: bytes) -> int:
+        """Where the body starts in `text` (after the blank line), or -1."""
+        if self.column == 0 and not self._line and text.startswith(b"\n"):
+            return 1
+        blank = text.find(b"\n\n")
+        return blank + 2 if blank >= 0 else -1
+
+    def _fast(self, text: bytes) -> bytes | None:
+        """`text` with no line to fold, as a whole; None if one needs folding."""
         nl = text.find(b"\n")
         first = len(text) if nl < 0 else nl
-        if self.in_header or self.column + first > self.limit or self._long.search(text):
-            return self._slow(text)
+        if self.column + first > self.limit or self._long.search(text):
+            return None
         last = text.rfind(b"\n")
         column = self.column + len(text) if last < 0 else len(text) - last - 1
         if self.stuff:
