@@ -120,10 +120,7 @@ def parse_features(lines: Sequence[bytes]) -> dict[str, str]:
             keyword = m.group(1).lower()
             params = m.group(2).strip()
             # "AUTH=LOGIN" (an old form) and "AUTH PLAIN" on two lines: all mechanisms
-            old = features.get(keyword)
-            features[keyword] = (
-                f"{old} {params}".strip() if old and params else params or (old or "")
-            )
+            features[keyword] = " ".join(p for p in (features.get(keyword, ""), params) if p)
     return features
 
 

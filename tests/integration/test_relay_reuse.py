@@ -10,6 +10,7 @@ import smtplib
 import subprocess
 from pathlib import Path
 
+import gevent
 import pytest
 
 from geosmtp.relay.client import Outcome, Relay, Timeouts
@@ -62,6 +63,21 @@ def test_the_reuse_limit_opens_a_new_connection():
             assert send(relay, sink.address, sink.port, ["a@sink.test"]).delivered
         assert sink.connections == 3  # ceil(5 / 2)
         assert len(sink.completed) == 5
+    relay.close()
+
+
+def test_an_idle_connection_is_closed_by_the_reaper():
+    relay = Relay(cache_time=0.3)
+    with Sink() as sink:
+        assert send(relay, sink.address, sink.port, ["a@sink.test"]).delivered
+        assert len(relay.cache) == 1
+        # the reaper is a greenlet: the hub runs it while the test waits in gevent
+        wait_until(
+            lambda: gevent.sleep(0.02) or verbs(sink)[-1:] == [b"QUIT"], what="the reaper's QUIT"
+        )
+        assert len(relay.cache) == 0
+        assert send(relay, sink.address, sink.port, ["a@sink.test"]).delivered
+        assert sink.connections == 2
     relay.close()
 
 
