@@ -466,8 +466,7 @@ class Connection:
             return
         try:
             self.core.quit()
-            self.timeouts = dataclasses.replace(self.timeouts, quit=min(self.timeouts.quit, 10))
-            self.next_event()
+            self.next_event()  # the reply, within Timeouts.quit
         except (_Lost, _Stale, protocol.ClientError, OSError):
             pass
         self.close()
