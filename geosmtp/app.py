@@ -43,7 +43,7 @@ from .queue.dsn import RecipientStatus, write_dsn
 from .queue.runner import QueueRunner, ReportNotStored, RunnerSettings
 from .queue.schedule import RetrySchedule
 from .queue.store import QueuedRecipient, QueueRecord, QueueStore
-from .relay.client import Timeouts
+from .relay.client import Relay, Timeouts
 from .relay.mx import Resolver
 from .server import tls
 from .server.anvil import Anvil
@@ -260,6 +260,8 @@ class App:
         # One resolver (dns.nameservers, dns.timeout) for the relay's MX lookups
         # and the sender checks' SPF, DKIM and DMARC questions.
         self.resolver = Resolver(config.dns.nameservers, config.dns.timeout)
+        # The relay's SMTP client, with its cache of open connections to next hops.
+        self.relay = Relay(config.relay.connection_reuse_limit, config.relay.connection_cache_time)
         self.queue = QueueRunner(
             self.queue_store,
             dataclasses.replace(
@@ -272,6 +274,7 @@ class App:
             self.resolver,
             self.report,
             metrics=self.metrics,
+            send=self.relay.deliver,
         )
         self.metrics.watch_queue(self.queue)  # the queue gauges, read at scrape time
         # Filter stages (the `filters:` section), rebuilt at each config change.
@@ -704,6 +707,7 @@ class App:
         self.listeners.stop(grace)
         self.cluster.stop()
         self.queue.stop(timeout=grace)
+        self.relay.close()  # the connections kept for more messages
         self.metrics.stop()
         if self._access_writer is not None:
             self._access_writer.kill()

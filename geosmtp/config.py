@@ -223,6 +223,11 @@ class Relay:
     per_domain_concurrency: int = _positive(20, max=10_000)
     #: More Received: headers than this is a mail loop (RFC 5321 §6.3): bounced.
     max_received: int = _positive(50, max=1000)
+    #: Connection reuse (Postfix's scache): messages one connection to a next
+    #: hop may carry (1: a new connection for each), and seconds it may stay
+    #: open idle, waiting for the next (0: never kept).
+    connection_reuse_limit: int = _positive(100, max=10_000)
+    connection_cache_time: float = _ranged(2, min=0, max=300)
     #: The queue's folder; unset: `.queue` inside mail_dir (same filesystem: links).
     queue_dir: Path | None = field(default=None, metadata={"path": True})
     timeouts: RelayTimeouts = field(default_factory=RelayTimeouts)

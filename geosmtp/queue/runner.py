@@ -379,8 +379,12 @@ class QueueRunner:
             timeouts=settings.timeouts,
             needs_smtputf8=record.smtputf8,
             needs_8bitmime=record.body == "8BITMIME",
-            size=record.size or None,
             max_received=settings.max_received,
+            # RFC 3461 §6.2.1: the DSN parameters go on to a next hop that offers DSN
+            envid=record.envid,
+            ret=record.ret,
+            notify=[r.notify for r in rcpts],
+            orcpt=[r.orcpt for r in rcpts],
         )
 
     def _route(self, domain: str) -> tuple[list[Host], int, str]:

@@ -1,16 +1,21 @@
-"""One outbound delivery attempt over SMTP (RFC 5321), with the standard library's smtplib.
+"""Outbound delivery over SMTP (RFC 5321): the gevent shell of `protocol`'s client core.
 
-`deliver()` takes the hosts to try (MX hosts from `mx.Resolver.resolve_mx`, or
-one smarthost), the envelope and the message file, and returns an
-`AttemptResult`: per recipient delivered / temporary failure / permanent
-failure, with the remote's reply as RFC 3464 wants it for a DSN. It never
-raises for anything the network or the remote does; only for bad arguments
-and for a message file it cannot read (`OSError`, a local fault).
+`deliver()` makes one attempt: it takes the hosts to try (MX hosts from
+`mx.Resolver.resolve_mx`, or one smarthost), the envelope and the message
+file, and returns an `AttemptResult`: per recipient delivered / temporary
+failure / permanent failure, with the remote's reply as RFC 3464 wants it for
+a DSN. It never raises for anything the network or the remote does; only for
+bad arguments and for a message file it cannot read (`OSError`, a local fault).
+`Relay.deliver()` is the same with connection reuse (`cache.ConnectionCache`):
+after a transaction that ended well the connection is kept, and the next
+message to the same address, port, TLS mode, HELO name and AUTH identity goes
+on it after a RSET.
 
-smtplib is used for the connection, the replies and the commands (a subclass
-bounds the reply size, keeps timeouts apart from lost connections, and sets the
-TLS server name). Under gevent's monkey-patching its sockets cooperate; the
-caller may also wrap an attempt in `gevent.Timeout` for an overall limit.
+The conversation is `protocol.ClientConnection`'s (bytes in, events out); this
+module does the sockets (`socket.create_connection`, cooperative under
+gevent's monkey-patching), TLS (`ssl`), the timeouts of each step, and the
+message file, streamed in blocks. The caller may also wrap an attempt in
+`gevent.Timeout` for an overall limit.
 
 Choices worth knowing:
 
@@ -23,7 +28,10 @@ Choices worth knowing:
   An address is tried once per attempt even when two MX hosts share it. When
   no address takes the mail, every recipient gets a temporary failure with the
   last address's reason. Once MAIL FROM is sent, the attempt is committed to
-  that server: its replies decide.
+  that server: its replies decide. A cached connection is looked for under
+  the first address only; one that turns out dead (its RSET not answered
+  with 250) is closed and the delivery goes on on a new connection, without
+  counting as a failure of the address.
 - **Opportunistic TLS** (`tls="opportunistic"`, MX delivery): STARTTLS when
   offered (RFC 3207), without certificate checks by default (RFC 7435; Postfix's
   `smtp_tls_security_level = may`): an MX's certificate rarely names the MX,
@@ -39,7 +47,13 @@ Choices worth knowing:
   accident. A configured AUTH that fails or is not offered is a temporary
   failure (a configuration problem must not bounce mail), like Postfix's
   `smtp_sasl_auth_soft_bounce`.
-- **SIZE** (RFC 1870): `SIZE=` is sent when offered; a message larger than the
+- **PIPELINING** (RFC 2920): when offered, MAIL, every RCPT and DATA (and the
+  RSET of a reused connection before them) go in one write, and the replies
+  are read in order; if every recipient was refused, the message is never
+  sent (§3.1). Without it, one command at a time.
+- **SIZE** (RFC 1870): `SIZE=` is sent when offered: the size of the content
+  as it is sent (CRLF line ends, long lines folded; not the dot-stuffing nor
+  the end of data, §3), measured from the file. A message larger than the
   server's announced limit fails permanently (5.3.4) without being sent.
 - **8BITMIME** (RFC 6152): `BODY=8BITMIME` when the caller says the message
   needs it and the server offers it. To a server without 8BITMIME, the message
@@ -50,38 +64,78 @@ Choices worth knowing:
 - **SMTPUTF8** (RFC 6531): sent when needed and offered; a message that needs
   it (the caller says so, or an address is not ASCII) to a server that does
   not offer it fails permanently with 5.6.7 (RFC 6531 §3.2, RFC 6533 §3).
-- **The message** is streamed: CR, LF and CRLF line ends all become CRLF (RFC
-  5321 §2.3.8: a bare CR or LF is never sent, so no `<CR>.<CR><LF>` or
-  `<LF>.<LF>` reaches a server that might take it for the end of data), lines
-  starting with "." are dot-stuffed (§4.5.2), a final CRLF is added if missing,
-  then `.<CRLF>`; memory stays at one block whatever the message's size.
+- **DSN** (RFC 3461 §6.2.1): to a server that offers DSN, `RET` and `ENVID`
+  go with MAIL, `NOTIFY` and `ORCPT` with each RCPT (an ORCPT of
+  `rfc822;` and the recipient when the client gave none, §4.2);
+  `AttemptResult.dsn` says whether the server that took the mail offered it.
+- **The message** is streamed (`protocol.DataEncoder`): CR, LF and CRLF line
+  ends all become CRLF (RFC 5321 §2.3.8: a bare CR or LF is never sent, so no
+  `<CR>.<CR><LF>` or `<LF>.<LF>` reaches a server that might take it for the
+  end of data), lines starting with "." are dot-stuffed (§4.5.2), a line of
+  more than 998 octets is folded (§4.5.3.1.6, as Postfix's
+  `smtp_line_length_limit`), a final CRLF is added if missing, then `.<CRLF>`;
+  memory stays at one block whatever the message's size.
 - **Loop detection** (RFC 5321 §6.3): more than `max_received` `Received:`
   fields in the header section is a permanent failure (5.4.6) without
   connecting anywhere.
 - **Replies**: 4xx is temporary, 5xx permanent, per recipient at RCPT and for
   all accepted recipients at the end of data; a 552 to RCPT is temporary (RFC
   5321 §4.5.3.1.10: it meant "too many recipients" in RFC 821). Reply text is
-  kept as sent, less control characters, for the DSN and the log.
+  kept as sent, less control characters, for the DSN and the log. A connection
+  that failed in any way (lost, timed out, 421, a reply that is not one, TLS)
+  is never kept for another message.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import enum
 import functools
 import os
 import re
-import smtplib
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
-from ..mail.lineends import lines_as_lf
+from . import protocol
+from .cache import ConnectionCache
 from .mx import Host
+from .protocol import (
+    MAX_REPLY_BYTES,
+    MAX_REPLY_LINES,
+    MAX_TEXT,
+    NEED_DATA,
+    STARTTLS_STAGE,
+    ClientConnection,
+    DataEncoder,
+    RemoteReply,
+    parse_reply,
+    printable,
+    soften,
+)
+
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "MAX_REPLY_LINES",
+    "MAX_TEXT",
+    "AttemptResult",
+    "Outcome",
+    "RecipientResult",
+    "Relay",
+    "RemoteReply",
+    "Timeouts",
+    "Tried",
+    "count_received",
+    "deliver",
+    "has_8bit",
+    "message_size",
+    "parse_reply",
+    "printable",
+    "write_data",
+]
 
 TLSMode = Literal["none", "starttls", "tls", "opportunistic"]
 TLS_MODES: tuple[str, ...] = ("none", "starttls", "tls", "opportunistic")
@@ -90,11 +144,8 @@ TLS_MODES: tuple[str, ...] = ("none", "starttls", "tls", "opportunistic")
 DEFAULT_MAX_RECEIVED = 50
 #: Bytes read from the message file at a time (and so, about, sent at a time).
 BLOCK_SIZE = 64 * 1024
-#: A reply longer than this is a misbehaving server (smtplib itself has no bound).
-MAX_REPLY_LINES = 200
-MAX_REPLY_BYTES = 64 * 1024
-#: Diagnostic text kept for a DSN or a log line.
-MAX_TEXT = 2000
+#: Bytes read from a socket at a time.
+READ_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,25 +181,6 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class RemoteReply:
-    """An SMTP reply as the remote sent it: code, enhanced status if any, text."""
-
-    code: int
-    enhanced: str | None  # the RFC 3463 status the server sent (RFC 2034), if any
-    text: str  # the lines joined by spaces, less the status, control characters removed
-
-    @property
-    def status(self) -> str:
-        """The enhanced status, or the generic one of the reply's class (RFC 3463 §3.1)."""
-        if self.enhanced:
-            return self.enhanced
-        return f"{self.code // 100}.0.0" if 200 <= self.code < 600 else "4.5.0"
-
-    def __str__(self) -> str:
-        return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
-
-
-@dataclass(frozen=True, slots=True)
 class RecipientResult:
     recipient: str
     outcome: Outcome
@@ -177,6 +209,9 @@ class AttemptResult:
     remote_port: int | None = None
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the session was encrypted
     tried: tuple[Tried, ...] = ()  # addresses that failed before it, in order
+    #: The server that decided offered DSN (RFC 3461): the NOTIFY, ORCPT, ENVID
+    #: and RET parameters went on with the message, and it reports from now on.
+    dsn: bool = False
 
     @property
     def remote_mta(self) -> str | None:
@@ -257,37 +292,35 @@ def write_data(
 ) -> int:
     """Send `message` as the content of DATA, ending with `.<CRLF>`; return the octets sent.
 
-    CR, LF and CRLF line ends become CRLF (RFC 5321 §2.3.8; `lines_as_lf`); a line starting
-    with "." gets another (§4.5.2); a last line without an end gets a CRLF;
-    then the end-of-data `.<CRLF>` (§4.1.1.4). One block of the file in memory
-    at a time, however lines fall across blocks.
+    `DataEncoder` does the line ends, the dot-stuffing and the folding of long
+    lines; then the end-of-data `.<CRLF>` (§4.1.1.4). One block of the file in
+    memory at a time, however lines fall across blocks.
     """
     sent = 0
-    at_line_start = True  # the next octet starts a line
-    held = b""  # the CRs the last block ended with: what follows decides what they are
-
-    def put(text: bytes) -> None:
-        nonlocal sent, at_line_start
-        if at_line_start and text.startswith(b"."):
-            text = b"." + text
-        text = text.replace(b"\n.", b"\n..")
-        at_line_start = text.endswith(b"\n")
-        out = text.replace(b"\n", b"\r\n")
-        send(out)
-        sent += len(out)
-
+    encoder = DataEncoder()
     while chunk := message.read(block_size):
-        chunk = held + chunk
-        kept = chunk.rstrip(b"\r")
-        held = chunk[len(kept) :]
-        if kept:
-            put(lines_as_lf(kept))
-    if held:
-        put(lines_as_lf(held))
-    tail = b"" if at_line_start else b"\r\n"
-    tail += b".\r\n"
+        out = encoder.feed(chunk)
+        if out:
+            send(out)
+            sent += len(out)
+    tail = encoder.end() + b".\r\n"
     send(tail)
     return sent + len(tail)
+
+
+def message_size(message: BinaryIO, block_size: int = BLOCK_SIZE) -> int:
+    """The RFC 1870 size of `message` from its current position, as `write_data`
+    sends it, less the dot-stuffing and the end of data (RFC 1870 §3: "not the
+    SMTP DATA command's terminating dot or doubled quoting dots"). The file is
+    read to its end and left where it was."""
+    start = message.tell()
+    encoder = DataEncoder(stuff=False)
+    size = 0
+    while chunk := message.read(block_size):
+        size += len(encoder.feed(chunk))
+    size += len(encoder.end())
+    message.seek(start)
+    return size
 
 
 @contextlib.contextmanager
@@ -299,56 +332,7 @@ def _opened(message: BinaryIO | str | os.PathLike[str]) -> Iterator[BinaryIO]:
         yield message
 
 
-def _size_of(message: BinaryIO, start: int) -> int:
-    try:
-        return os.fstat(message.fileno()).st_size - start
-    except (OSError, AttributeError, ValueError):
-        end = message.seek(0, os.SEEK_END)
-        message.seek(start)
-        return end - start
-
-
 # ------------------------------------------------------------------ replies
-
-_STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def printable(text: str, limit: int = MAX_TEXT) -> str:
-    """`text` without control characters (they could end a DSN header or a log
-    line early), at most `limit` characters."""
-    text = _CONTROL_RE.sub("?", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def parse_reply(code: int, message: bytes) -> RemoteReply:
-    """smtplib's (code, lines joined by LF) as a `RemoteReply`.
-
-    The enhanced status (RFC 2034 §4; RFC 3463) is taken from the first line
-    when its class matches the reply code's, and dropped from the lines after
-    it when they repeat it, so a multi-line reply reads as one sentence.
-    """
-    lines = [
-        line.strip() for line in message.decode("utf-8", "replace").split("\n") if line.strip()
-    ]
-    enhanced = None
-    if lines:
-        m = _STATUS_RE.match(lines[0])
-        if m and m.group(1) == str(code)[:1]:
-            enhanced = m.group(0)
-            lines = [
-                line[len(enhanced) :].strip() if line.startswith(enhanced + " ") else line
-                for line in lines
-            ]
-            if lines[0] == enhanced:
-                lines[0] = ""
-    text = " ".join(line for line in lines if line)
-    return RemoteReply(code, enhanced, printable(text))
-
-
-def _soften(status: str) -> str:
-    """The same detail as a temporary status: 5.7.8 -> 4.7.8."""
-    return "4" + status[1:] if status[:1] == "5" else status
 
 
 def _outcome_of(reply: RemoteReply) -> Outcome:
@@ -365,118 +349,110 @@ def _from_reply(
     outcome = outcome or _outcome_of(reply)
     status = reply.status
     if outcome is Outcome.TEMPORARY and not 400 <= reply.code < 500:
-        status = "4.5.0" if not 500 <= reply.code < 600 else _soften(status)
+        status = "4.5.0" if not 500 <= reply.code < 600 else soften(status)
     return RecipientResult(recipient, outcome, status, f"smtp; {reply}", reply)
 
 
-# ------------------------------------------------------- the smtplib connection
+# -------------------------------------------------------------- a connection
 
 
 class _Lost(Exception):
     """The connection ended or timed out in the middle of the conversation."""
 
-    def __init__(self, detail: str, timed_out: bool) -> None:
-        super().__init__(detail)
-        self.timed_out = timed_out
+    def __init__(self, lost: protocol.Lost) -> None:
+        super().__init__(lost.detail)
+        self.lost = lost
 
 
-class _SMTP(smtplib.SMTP):
-    """smtplib.SMTP with bounded replies, step timeouts, a TLS server name, and
-    errors that tell a timeout from a lost connection."""
+class _Stale(Exception):
+    """A reused connection did not answer its RSET: nothing was done on it."""
 
-    ehlo_msg = "EHLO"  # smtplib sends "ehlo"; upper case is what every MTA sends
+
+class Connection:
+    """One connection to one server: the socket, the core, and who it is with."""
 
     def __init__(
         self,
-        helo_name: str,
-        server_name: str,
-        implicit_tls: ssl.SSLContext | None,
+        sock: socket.socket,
+        core: ClientConnection,
         timeouts: Timeouts,
-        source_address: tuple[str, int] | None,
+        *,
+        host: str,
+        address: str,
+        port: int,
+        key: tuple,
     ) -> None:
-        super().__init__(
-            local_hostname=helo_name, timeout=timeouts.connect, source_address=source_address
-        )
-        self._host = server_name  # smtplib reads it as the TLS server name
-        self._implicit_tls = implicit_tls
-        self._timeouts = timeouts
-
-    def open(self, address: str, port: int) -> RemoteReply:
-        """Connect (raises OSError, ssl.SSLError for implicit TLS) and read the greeting."""
-        sock = socket.create_connection(
-            (address, port), self._timeouts.connect, self.source_address
-        )
-        try:
-            if self._implicit_tls is not None:
-                sock.settimeout(self._timeouts.tls)
-                sock = self._implicit_tls.wrap_socket(sock, server_hostname=self._host)
-            sock.settimeout(self._timeouts.greeting)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock, self.file = sock, None
-        return parse_reply(*self.getreply())
-
-    def set_timeout(self, seconds: float) -> None:
-        if self.sock is not None:
-            self.sock.settimeout(seconds)
-
-    def command(self, line: str) -> RemoteReply:
-        self.putcmd(line)
-        return parse_reply(*self.getreply())
-
-    def send(self, s: bytes | str) -> None:  # smtplib's, less its "Server not connected"
-        if isinstance(s, str):
-            s = s.encode(self.command_encoding)
-        if self.sock is None:
-            raise _Lost("not connected", timed_out=False)
-        try:
-            self.sock.sendall(s)
-        except TimeoutError:
-            self.close()
-            raise _Lost("timed out", timed_out=True) from None
-        except OSError as exc:
-            self.close()
-            raise _Lost(exc.strerror or str(exc) or type(exc).__name__, timed_out=False) from None
-
-    def getreply(self) -> tuple[int, bytes]:
-        """smtplib's, bounded in lines and octets (a server can send "250-" forever)."""
-        if self.sock is None:
-            raise _Lost("not connected", timed_out=False)
-        if self.file is None:
-            self.file = self.sock.makefile("rb")
-        lines: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                line = self.file.readline(smtplib._MAXLINE + 1)
-            except TimeoutError:
-                self.close()
-                raise _Lost("timed out", timed_out=True) from None
-            except OSError as exc:
-                self.close()
-                raise _Lost(exc.strerror or str(exc) or type(exc).__name__, False) from None
-            if not line:
-                self.close()
-                raise _Lost("connection closed by the server", timed_out=False)
-            total += len(line)
-            if len(line) > smtplib._MAXLINE or total > MAX_REPLY_BYTES:
-                self.close()
-                raise _Lost("reply too long", timed_out=False)
-            lines.append(line[4:].strip(b" \t\r\n"))
-            try:
-                code = int(line[:3])
-            except ValueError:
-                return -1, b"\n".join(lines)
-            if line[3:4] != b"-":
-                return code, b"\n".join(lines)
-            if len(lines) >= MAX_REPLY_LINES:
-                self.close()
-                raise _Lost("reply with too many lines", timed_out=False)
+        self.sock = sock
+        self.core = core
+        self.timeouts = timeouts
+        self.host = host
+        self.address = address
+        self.port = port
+        self.key = key
+        self.closed = False
 
     @property
-    def encrypted(self) -> bool:
-        return isinstance(self.sock, ssl.SSLSocket)
+    def transactions(self) -> int:
+        return self.core.transactions
+
+    def next_event(self) -> protocol.Event:
+        """Write what the core has to say, read until it has an event. Raises
+        `_Lost` when the connection is gone, `_Stale` when a reused one was."""
+        core = self.core
+        while True:
+            event = core.next_event()
+            out = core.data_to_send()  # what the replies just read called for, first
+            if out:
+                self._io(self.sock.sendall, out)
+                if event is NEED_DATA:
+                    continue  # (a failed write is an event now)
+            if event is NEED_DATA:
+                self.sock.settimeout(getattr(self.timeouts, core.waiting_for))
+                data = self._io(self.sock.recv, READ_SIZE)
+                core.receive_data(data if data is not None else b"")
+                continue
+            if isinstance(event, protocol.Lost):
+                raise _Lost(event)
+            if isinstance(event, protocol.ResetFailed):
+                raise _Stale()
+            return event  # type: ignore[return-value]
+
+    def _io(self, call: Callable, arg: object) -> bytes | None:
+        try:
+            return call(arg)
+        except TimeoutError:
+            self.core.connection_lost("timed out", timed_out=True)
+        except OSError as exc:
+            self.core.connection_lost(exc.strerror or str(exc) or type(exc).__name__)
+        return None
+
+    def send_message(self, message: BinaryIO) -> None:
+        """Stream the content and the end of data (the core said `SendMessage`)."""
+        self.sock.settimeout(self.timeouts.data_block)
+        pending = bytearray()
+
+        def send(data: bytes) -> None:
+            pending.extend(data)
+            if len(pending) >= BLOCK_SIZE:
+                self._sendall(bytes(pending))
+                pending.clear()
+
+        write_data(message, send)
+        if pending:
+            self._sendall(bytes(pending))
+        self.core.message_sent()
+
+    def _sendall(self, data: bytes) -> None:
+        self._io(self.sock.sendall, data)
+        if self.core.state is protocol.State.CLOSED:
+            event = self.core.next_event()
+            assert isinstance(event, protocol.Lost)
+            raise _Lost(event)
+
+    def start_tls(self, context: ssl.SSLContext, server_name: str) -> None:
+        self.sock.settimeout(self.timeouts.tls)
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_name)
+        self.core.tls_started()
 
     def tls_description(self) -> str | None:
         if not isinstance(self.sock, ssl.SSLSocket):
@@ -484,11 +460,32 @@ class _SMTP(smtplib.SMTP):
         cipher = self.sock.cipher()
         return f"{self.sock.version()} {cipher[0]}" if cipher else self.sock.version()
 
+    def quit(self) -> None:
+        """QUIT politely and close; whatever happens now changes no outcome."""
+        if self.closed:
+            return
+        try:
+            self.core.quit()
+            self.next_event()  # the reply, within Timeouts.quit
+        except (_Lost, _Stale, protocol.ClientError, OSError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        """Close now (a cached connection says QUIT first, without waiting for the reply)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.core.state is protocol.State.READY:
+            self.core.quit()
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(1.0)
+                self.sock.sendall(self.core.data_to_send())
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
 
 # ---------------------------------------------------------------- the attempt
-
-
-STARTTLS_STAGE = "performing the STARTTLS handshake"
 
 
 class _TargetFailed(Exception):
@@ -526,6 +523,25 @@ def _bad_address(address: str) -> bool:
     return any(c in "<>" or ord(c) < 0x20 or ord(c) == 0x7F for c in address)
 
 
+_NOTIFY_WORDS = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+
+
+def _notify_param(notify: Sequence[str] | None) -> list[str]:
+    words = [w.upper() for w in notify or () if w.upper() in _NOTIFY_WORDS]
+    return [f"NOTIFY={','.join(words)}"] if words else []
+
+
+def _orcpt_param(orcpt: str | None, recipient: str) -> list[str]:
+    """ORCPT as the client gave it (addr-type;xtext), or the recipient (RFC 3461 §4.2)."""
+    if orcpt is not None:
+        addr_type, sep, value = orcpt.partition(";")
+        if sep and re.fullmatch(r"[A-Za-z0-9-]+", addr_type) and protocol.is_xtext(value):
+            return [f"ORCPT={orcpt}"]
+    if recipient.isascii():
+        return [f"ORCPT=rfc822;{protocol.xtext(recipient)}"]
+    return []
+
+
 def deliver(
     hosts: Sequence[Host],
     port: int,
@@ -540,9 +556,13 @@ def deliver(
     timeouts: Timeouts | None = None,
     needs_smtputf8: bool = False,
     needs_8bitmime: bool = False,
-    size: int | None = None,
     max_received: int = DEFAULT_MAX_RECEIVED,
     source_address: tuple[str, int] | None = None,
+    envid: str | None = None,
+    ret: str | None = None,
+    notify: Sequence[Sequence[str] | None] | None = None,
+    orcpt: Sequence[str | None] | None = None,
+    cache: ConnectionCache | None = None,
 ) -> AttemptResult:
     """One delivery attempt of `message` to `recipients`, in one SMTP transaction.
 
@@ -550,16 +570,22 @@ def deliver(
     addresses is connected to by name, as a smarthost may be); `port` is the
     same for all. `sender` and `recipients` are addresses as they go between
     `<` and `>` ("" is the null reverse-path of a bounce). `message` is a
-    binary file read from its current position, or a path; `size` (the SIZE=
-    estimate, RFC 1870) defaults to its length. `needs_8bitmime`: the message
-    was received with BODY=8BITMIME or is known to be 8-bit; `needs_smtputf8`:
-    it was received with SMTPUTF8 (also implied by a non-ASCII address).
+    binary file read from its current position, or a path. `needs_8bitmime`:
+    the message was received with BODY=8BITMIME or is known to be 8-bit;
+    `needs_smtputf8`: it was received with SMTPUTF8 (also implied by a
+    non-ASCII address). `envid` (xtext) and `ret` ("FULL", "HDRS"), and per
+    recipient `notify` (["SUCCESS", "FAILURE"], ...) and `orcpt`
+    ("rfc822;xtext"), as the message was received: the RFC 3461 parameters
+    passed on to a server that offers DSN. `cache`: keep and reuse connections.
     See the module's docstring for TLS, AUTH and the failure rules.
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
     if not recipients:
         raise ValueError("no recipients")
+    for name, values in (("notify", notify), ("orcpt", orcpt)):
+        if values is not None and len(values) != len(recipients):
+            raise ValueError(f"{name} needs one value per recipient")
     with _opened(message) as f:
         return _Attempt(
             hosts=list(hosts),
@@ -574,10 +600,31 @@ def deliver(
             timeouts=timeouts or Timeouts(),
             needs_smtputf8=needs_smtputf8,
             needs_8bitmime=needs_8bitmime,
-            size=size,
             max_received=max_received,
             source_address=source_address,
+            envid=envid if envid is not None and protocol.is_xtext(envid) else None,
+            ret=ret.upper() if ret is not None and ret.upper() in ("FULL", "HDRS") else None,
+            notify=list(notify) if notify is not None else [None] * len(recipients),
+            orcpt=list(orcpt) if orcpt is not None else [None] * len(recipients),
+            cache=cache,
         ).run()
+
+
+class Relay:
+    """`deliver()` with connections kept for the next message to the same
+    destination: at most `reuse_limit` transactions on one connection
+    (`relay.connection_reuse_limit`), idle at most `cache_time` seconds
+    (`relay.connection_cache_time`). `close()` closes the idle ones."""
+
+    def __init__(self, reuse_limit: int = 100, cache_time: float = 2.0) -> None:
+        self.cache = ConnectionCache(reuse_limit, cache_time)
+
+    def deliver(self, *args: object, **kwargs: object) -> AttemptResult:
+        """`deliver()`'s arguments, and the same result."""
+        return deliver(*args, cache=self.cache, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.cache.close()
 
 
 @dataclass
@@ -594,9 +641,14 @@ class _Attempt:
     timeouts: Timeouts
     needs_smtputf8: bool
     needs_8bitmime: bool
-    size: int | None
     max_received: int
     source_address: tuple[str, int] | None
+    envid: str | None
+    ret: str | None
+    notify: list[Sequence[str] | None]
+    orcpt: list[str | None]
+    cache: ConnectionCache | None
+    size: int = 0
     start: int = 0  # where the message begins in the file
     tried: list[Tried] = field(default_factory=list)
     results: dict[int, RecipientResult] = field(default_factory=dict)
@@ -627,15 +679,23 @@ class _Attempt:
             return self._result()
         if not (self.sender.isascii() and all(r.isascii() for r in self.recipients)):
             self.needs_smtputf8 = True
-        if self.size is None:
-            self.size = _size_of(self.message, start)
+        self.size = message_size(self.message)
 
+        targets = list(self._targets())
+        if targets and self.cache is not None:
+            host, address = targets[0]
+            while (conn := self.cache.take(self._key(address))) is not None:
+                try:
+                    return self._deliver_on(conn, host, reused=True)  # type: ignore[arg-type]
+                except _Stale:
+                    conn.close()  # dead or unwilling: a new connection, no failure counted
         last: _TargetFailed | None = None
-        for host, address in self._targets():
+        for host, address in targets:
             use_tls = self.tls != "none"
             for _ in range(2):  # the second round: opportunistic TLS failed, plaintext
                 try:
-                    return self._session(host, address, use_tls)
+                    conn = self._open(host, address, use_tls)
+                    return self._deliver_on(conn, host, reused=False)
                 except _TargetFailed as failure:
                     last = failure
                     self.tried.append(Tried(host.name, address, failure.status, failure.diagnostic))
@@ -654,6 +714,11 @@ class _Attempt:
                     seen.add(address)
                     yield host, address
 
+    def _key(self, address: str) -> tuple:
+        """What a connection must share to carry this message (Postfix: the next hop)."""
+        user = self.auth[0] if self.auth is not None else None
+        return (address, self.port, self.tls, self.helo_name, user, self.source_address)
+
     def _everyone(self, outcome: Outcome, status: str, diagnostic: str, **remote) -> AttemptResult:
         for i, rcpt in enumerate(self.recipients):
             self.results.setdefault(i, RecipientResult(rcpt, outcome, status, diagnostic))
@@ -666,165 +731,110 @@ class _Attempt:
             **remote,  # type: ignore[arg-type]
         )
 
-    # ---------------------------------------------------------- one session
-
-    def _session(self, host: Host, address: str, use_tls: bool) -> AttemptResult:
-        smtp = _SMTP(
-            self.helo_name,
-            _tls_name(host.name),
-            self._context() if self.tls == "tls" else None,
-            self.timeouts,
-            self.source_address,
-        )
-        where = f"{host.name}[{address}]:{self.port}"
-        try:
-            self._open(smtp, where, address, use_tls)
-            remote = {
-                "remote_host": host.name,
-                "remote_address": address,
-                "remote_port": self.port,
-                "tls": smtp.tls_description(),
-            }
-            return self._transaction(smtp, where, remote)
-        finally:
-            smtp.close()
+    # ---------------------------------------------------------- one connection
 
     def _context(self) -> ssl.SSLContext:
         if self.tls_context is not None:
             return self.tls_context
         return _default_context(verify=self.tls != "opportunistic")
 
-    def _open(self, smtp: _SMTP, where: str, address: str, use_tls: bool) -> None:
+    def _open(self, host: Host, address: str, use_tls: bool) -> Connection:
         """Connect, greeting, EHLO, STARTTLS, AUTH: any failure raises `_TargetFailed`."""
-        stage = "receiving the initial server greeting"
+        where = f"{host.name}[{address}]:{self.port}"
+        server_name = _tls_name(host.name)
         try:
-            try:
-                greeting = smtp.open(address, self.port)
-            except ssl.SSLError as exc:
-                raise _TargetFailed(
-                    "4.7.5", f"x-geosmtp; TLS with {where} failed: {exc}", tls_failed=True
-                ) from None
-            except TimeoutError:
-                raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: timed out") from None
-            except OSError as exc:
-                reason = exc.strerror or str(exc) or type(exc).__name__
-                raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: {reason}") from None
-            if greeting.code != 220:
-                self._quit(smtp)
-                raise _TargetFailed(_soften(greeting.status), f"smtp; {greeting}")
-
-            stage = "performing the EHLO handshake"
-            self._hello(smtp)
-            if use_tls and self.tls != "tls":
-                stage = STARTTLS_STAGE
-                self._starttls(smtp, where)
-            if self.auth is not None:
-                stage = "authenticating"
-                self._authenticate(smtp, where)
+            sock = socket.create_connection(
+                (address, self.port), self.timeouts.connect, self.source_address
+            )
+        except TimeoutError:
+            raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: timed out") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: {reason}") from None
+        try:
+            if self.tls == "tls":
+                sock.settimeout(self.timeouts.tls)
+                sock = self._context().wrap_socket(sock, server_hostname=server_name)
+        except ssl.SSLError as exc:
+            sock.close()
+            raise _TargetFailed(
+                "4.7.5", f"x-geosmtp; TLS with {where} failed: {exc}", tls_failed=True
+            ) from None
+        except TimeoutError:
+            sock.close()
+            raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: timed out") from None
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: {reason}") from None
+        core = ClientConnection(
+            self.helo_name, where=where, tls=self.tls, starttls=use_tls, auth=self.auth
+        )
+        conn = Connection(
+            sock, core, self.timeouts, host=host.name, address=address, port=self.port,
+            key=self._key(address),
+        )  # fmt: skip
+        try:
+            while True:
+                event = conn.next_event()
+                if isinstance(event, protocol.Ready):
+                    return conn
+                if isinstance(event, protocol.StartTLS):
+                    try:
+                        conn.start_tls(self._context(), server_name)
+                    except (ssl.SSLError, OSError) as exc:
+                        raise _TargetFailed(
+                            "4.7.5",
+                            f"x-geosmtp; TLS handshake with {where} failed: {exc}",
+                            tls_failed=True,
+                        ) from None
+                elif isinstance(event, protocol.OpenFailed):
+                    conn.quit()
+                    raise _TargetFailed(event.status, event.diagnostic, tls_failed=event.tls_failed)
         except _Lost as exc:
             # a server that drops the connection on STARTTLS is a TLS failure too
             raise _TargetFailed(
-                "4.4.2", self._lost(where, stage, exc), tls_failed=stage == STARTTLS_STAGE
+                "4.4.2", self._lost(where, exc.lost), tls_failed=exc.lost.stage == STARTTLS_STAGE
             ) from None
-        except smtplib.SMTPException as exc:  # a reply smtplib could not follow
-            raise _TargetFailed("4.5.0", f"x-geosmtp; {where} while {stage}: {exc}") from None
+        except _Stale:  # cannot happen before a transaction; as a lost connection
+            raise _TargetFailed("4.4.2", f"x-geosmtp; lost connection with {where}") from None
+        finally:
+            if not conn.closed and conn.core.state is not protocol.State.READY:
+                conn.close()
 
     @staticmethod
-    def _lost(where: str, stage: str, exc: _Lost) -> str:
-        if exc.timed_out:
-            return f"x-geosmtp; conversation with {where} timed out while {stage}"
-        return f"x-geosmtp; lost connection with {where} while {stage}: {exc}"
+    def _lost(where: str, lost: protocol.Lost) -> str:
+        if lost.timed_out:
+            return f"x-geosmtp; conversation with {where} timed out while {lost.stage}"
+        return f"x-geosmtp; lost connection with {where} while {lost.stage}: {lost.detail}"
 
-    def _hello(self, smtp: _SMTP) -> None:
-        """EHLO; HELO when EHLO gets a 5xx (RFC 5321 §3.2)."""
-        smtp.set_timeout(self.timeouts.helo)
-        code, message = smtp.ehlo(self.helo_name)
-        if code == 250:
+    def _release(self, conn: Connection, reusable: bool) -> None:
+        """Keep a connection that may carry another message; QUIT the others."""
+        if reusable and self.cache is not None and self.cache.put(conn.key, conn):
             return
-        reply = parse_reply(code, message)
-        if 500 <= code < 600:
-            reply = smtp.command(f"HELO {self.helo_name}")
-            if 200 <= reply.code < 300:
-                return
-        raise _TargetFailed(_soften(reply.status), f"smtp; {reply}")
-
-    def _starttls(self, smtp: _SMTP, where: str) -> None:
-        """RFC 3207: required (`starttls`) or when offered (`opportunistic`)."""
-        required = self.tls == "starttls"
-        if not smtp.has_extn("starttls"):
-            if required:
-                raise _TargetFailed(
-                    "4.7.4", f"x-geosmtp; TLS is required, but was not offered by {where}"
-                )
-            return
-        smtp.set_timeout(self.timeouts.tls)
-        reply = smtp.command("STARTTLS")
-        if reply.code != 220:
-            if required:
-                raise _TargetFailed(_soften(reply.status), f"smtp; {reply}")
-            return  # RFC 3207 §4: the session goes on as it was, in plaintext
-        try:
-            smtp.sock = self._context().wrap_socket(smtp.sock, server_hostname=smtp._host)
-        except (ssl.SSLError, OSError) as exc:
-            raise _TargetFailed(
-                "4.7.5", f"x-geosmtp; TLS handshake with {where} failed: {exc}", tls_failed=True
-            ) from None
-        # RFC 3207 §4.2: forget what was said before TLS, including anything
-        # buffered behind the 220 (a plaintext injection), and start again.
-        smtp.file = None
-        smtp.helo_resp = smtp.ehlo_resp = None
-        smtp.esmtp_features = {}
-        smtp.does_esmtp = False
-        self._hello(smtp)
-
-    def _authenticate(self, smtp: _SMTP, where: str) -> None:
-        """RFC 4954 with PLAIN (RFC 4616) or LOGIN; never the credentials in a message."""
-        assert self.auth is not None
-        user, password = self.auth
-        if not smtp.encrypted and self.tls != "none":
-            raise _TargetFailed(
-                "4.7.0", f"x-geosmtp; not sending credentials to {where} without TLS"
-            )
-        mechanisms = smtp.esmtp_features.get("auth", "").upper().split()
-        smtp.set_timeout(self.timeouts.auth)
-
-        def b64(text: str) -> str:
-            return base64.b64encode(text.encode("utf-8")).decode("ascii")
-
-        if "PLAIN" in mechanisms:
-            reply = smtp.command("AUTH PLAIN " + b64(f"\0{user}\0{password}"))
-            if reply.code == 334:  # the server ignored the initial response
-                reply = smtp.command(b64(f"\0{user}\0{password}"))
-        elif "LOGIN" in mechanisms:
-            reply = smtp.command("AUTH LOGIN")
-            if reply.code == 334:
-                reply = smtp.command(b64(user))
-            if reply.code == 334:
-                reply = smtp.command(b64(password))
-        elif not smtp.has_extn("auth"):
-            raise _TargetFailed(
-                "4.7.0", f"x-geosmtp; {where} offers no AUTH, and credentials are configured"
-            )
+        if conn.core.state is protocol.State.READY:
+            conn.quit()
         else:
-            raise _TargetFailed(
-                "4.7.0",
-                f"x-geosmtp; no AUTH mechanism in common with {where}"
-                f" (it offers {' '.join(mechanisms) or 'none'}; we do PLAIN, LOGIN)",
-            )
-        if reply.code == 334:  # a third challenge: give up the exchange
-            smtp.command("*")  # RFC 4954 §4: cancel
-            raise _TargetFailed("4.7.0", f"x-geosmtp; {where}: AUTH did not end")
-        if reply.code != 235:
-            raise _TargetFailed(_soften(reply.status), f"smtp; {reply}")
+            conn.close()
 
     # ---------------------------------------------------------- transaction
 
-    def _transaction(self, smtp: _SMTP, where: str, remote: dict) -> AttemptResult:
+    def _deliver_on(self, conn: Connection, host: Host, *, reused: bool) -> AttemptResult:
         """MAIL, RCPT for each, DATA: from here the server's replies decide."""
-        features = smtp.esmtp_features if smtp.does_esmtp else {}
+        where = f"{host.name}[{conn.address}]:{self.port}"
+        core = conn.core
+        features = core.features if core.esmtp else {}
+        dsn = "dsn" in features
+        remote = {
+            "remote_host": host.name,
+            "remote_address": conn.address,
+            "remote_port": self.port,
+            "tls": conn.tls_description(),
+            "dsn": dsn,
+        }
         refusal = self._refusal(features, where)
         if refusal is not None:
-            self._quit(smtp)
+            self._release(conn, reusable=True)
             return self._everyone(*refusal, **remote)
 
         params = []
@@ -834,56 +844,80 @@ class _Attempt:
             params.append("BODY=8BITMIME")
         if self.needs_smtputf8:
             params.append("SMTPUTF8")
-            smtp.command_encoding = "utf-8"
+        if dsn and self.ret is not None:
+            params.append(f"RET={self.ret}")
+        if dsn and self.envid is not None:
+            params.append(f"ENVID={self.envid}")
         pending = [i for i in range(len(self.recipients)) if i not in self.results]
-        accepted: list[int] = []
-        stage = "sending MAIL FROM"
+        rcpts = [
+            (
+                self.recipients[i],
+                [*_notify_param(self.notify[i]), *_orcpt_param(self.orcpt[i], self.recipients[i])]
+                if dsn
+                else [],
+            )
+            for i in pending
+        ]
+        encoding = "utf-8" if self.needs_smtputf8 else "ascii"
         try:
-            smtp.set_timeout(self.timeouts.mail)
-            reply = smtp.command(" ".join([f"MAIL FROM:<{self.sender}>", *params]))
-            if not 200 <= reply.code < 300:
-                self._quit(smtp)
-                return self._apply(pending, reply, remote)
-
-            stage = "sending RCPT TO"
-            smtp.set_timeout(self.timeouts.rcpt)
-            for n, i in enumerate(pending):
-                reply = smtp.command(f"RCPT TO:<{self.recipients[i]}>")
-                if 200 <= reply.code < 300:
-                    accepted.append(i)
-                elif reply.code == 552:  # RFC 5321 §4.5.3.1.10: "too many recipients"
-                    self.results[i] = _from_reply(self.recipients[i], reply, Outcome.TEMPORARY)
-                else:
-                    self.results[i] = _from_reply(self.recipients[i], reply)
-                if reply.code == 421:  # closing: the rest wait for the next attempt
-                    return self._apply(accepted + pending[n + 1 :], reply, remote)
-            if not accepted:
-                self._quit(smtp)
-                return self._result(**remote)
-
-            stage = "sending DATA"
-            smtp.set_timeout(self.timeouts.data_init)
-            reply = smtp.command("DATA")
-            if reply.code != 354:
-                self._quit(smtp)
-                # a 4xx or 5xx decides; anything else but 354 breaks the protocol
-                odd = Outcome.TEMPORARY if 200 <= reply.code < 400 else None
-                return self._apply(accepted, reply, remote, odd)
-
-            stage = "sending the message"
-            smtp.set_timeout(self.timeouts.data_block)
-            self.message.seek(self.start)
-            write_data(self.message, smtp.send)
-
-            stage = "waiting for the reply to the end of data"
-            smtp.set_timeout(self.timeouts.data_end)
-            reply = parse_reply(*smtp.getreply())
+            core.send_envelope(self.sender, params, rcpts, encoding=encoding, reset=reused)
+            while True:
+                event = conn.next_event()
+                if isinstance(event, protocol.SendMessage):
+                    self.message.seek(self.start)
+                    conn.send_message(self.message)
+                elif isinstance(event, protocol.TransactionDone):
+                    break
+        except _Stale:
+            raise
         except _Lost as exc:
+            conn.close()
+            lost = exc.lost
             # Refused recipients keep their reply; accepted and unsent ones wait.
-            diagnostic = self._lost(where, stage, exc)
+            if lost.mail is not None and not 200 <= lost.mail.code < 300:
+                return self._apply(pending, lost.mail, remote)
+            for i, reply in zip(pending, lost.rcpts, strict=False):
+                if not 200 <= reply.code < 300:
+                    self.results[i] = self._refused(i, reply)
+            diagnostic = self._lost(where, lost)
             return self._everyone(Outcome.TEMPORARY, "4.4.2", diagnostic, **remote)
-        self._quit(smtp)
-        return self._apply(accepted, reply, remote)
+        self._release(conn, event.reusable)
+        return self._decide(pending, event, remote)
+
+    def _refused(self, i: int, reply: RemoteReply) -> RecipientResult:
+        if reply.code == 552:  # RFC 5321 §4.5.3.1.10: "too many recipients"
+            return _from_reply(self.recipients[i], reply, Outcome.TEMPORARY)
+        return _from_reply(self.recipients[i], reply)
+
+    def _decide(
+        self, pending: list[int], done: protocol.TransactionDone, remote: dict
+    ) -> AttemptResult:
+        """What the replies of a transaction mean for each recipient."""
+        if not 200 <= done.mail.code < 300:
+            return self._apply(pending, done.mail, remote)
+        accepted: list[int] = []
+        unanswered: list[int] = []
+        closing: RemoteReply | None = None
+        for i, reply in zip(pending, done.rcpts, strict=True):
+            if reply is None:
+                unanswered.append(i)
+            elif 200 <= reply.code < 300:
+                accepted.append(i)
+            else:
+                self.results[i] = self._refused(i, reply)
+                if reply.code == 421:
+                    closing = reply
+        if closing is not None:  # the server is closing: the rest wait for the next attempt
+            return self._apply(accepted + unanswered, closing, remote)
+        if not accepted:
+            return self._result(**remote)
+        if done.data is None or done.data.code != 354:
+            reply = done.data or RemoteReply(-1, None, "no reply to DATA")
+            # a 4xx or 5xx decides; anything else but 354 breaks the protocol
+            odd = Outcome.TEMPORARY if not 400 <= reply.code < 600 else None
+            return self._apply(accepted, reply, remote, odd)
+        assert done.final is not None
+        return self._apply(accepted, done.final, remote)
 
     def _refusal(self, features: dict[str, str], where: str) -> tuple[Outcome, str, str] | None:
         """What this server cannot take, decided before MAIL FROM."""
@@ -894,7 +928,7 @@ class _Attempt:
                 f"x-geosmtp; the message needs SMTPUTF8 (RFC 6531), which {where} does not offer",
             )
         limit = features.get("size", "").strip()
-        if limit.isdigit() and int(limit) > 0 and self.size is not None and self.size > int(limit):
+        if limit.isdigit() and int(limit) > 0 and self.size > int(limit):
             return (
                 Outcome.PERMANENT,
                 "5.3.4",  # RFC 3463 X.3.4 message too big for system; RFC 1870 §6
@@ -920,11 +954,3 @@ class _Attempt:
         for i in indexes:
             self.results[i] = _from_reply(self.recipients[i], reply, outcome)
         return self._result(**remote)
-
-    def _quit(self, smtp: _SMTP) -> None:
-        """QUIT politely; whatever happens now does not change the outcome."""
-        try:
-            smtp.set_timeout(self.timeouts.quit)
-            smtp.command("QUIT")
-        except (_Lost, smtplib.SMTPException, OSError):
-            pass

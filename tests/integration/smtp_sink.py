@@ -72,6 +72,9 @@ class Script:
     #: The sink's receive buffer is small, so a large message fills it and the
     #: client's sending blocks.
     stall_in_data_after: int | None = None
+    #: Close each connection (no reply, as an idle timeout would) once it has
+    #: carried this many messages (connection reuse, issue 20).
+    close_after_messages: int | None = None
 
 
 @dataclass
@@ -142,6 +145,9 @@ class Sink:
         self.transactions: list[Transaction] = []
         self.connections = 0
         self.commands: list[bytes] = []
+        #: Commands read while the next was already waiting (PIPELINING, RFC
+        #: 2920: sent in the same write); plaintext sessions only.
+        self.pipelined: list[bytes] = []
         #: `Script.stall_in_data_after`: set it to end the stall; then how many
         #: stalled connections the client closed.
         self.unstall = threading.Event()
@@ -210,12 +216,15 @@ class Sink:
         rfile = conn.makefile("rb")
         helo, tls, auth = "", s.implicit_tls is not None, None
         tx: Transaction | None = None
+        messages = 0
         for _ in range(1000):  # commands per session, bounded
             line = rfile.readline(65536)
             if not line:
                 return
             with self._lock:
                 self.commands.append(line)
+                if not tls and _more_waiting(conn, rfile):
+                    self.pipelined.append(line)
             command = line.rstrip(b"\r\n").decode("utf-8", "replace")
             verb, _, arg = command.partition(" ")
             verb = verb.upper()
@@ -281,6 +290,9 @@ class Sink:
                 tx.final_reply = answer
                 reply(answer)
                 tx = None
+                messages += 1
+                if s.close_after_messages is not None and messages >= s.close_after_messages:
+                    return
             elif verb == "RSET":
                 tx = None
                 reply("250 2.0.0 ok")
@@ -359,6 +371,17 @@ class Sink:
             return user
         reply("535 5.7.8 authentication credentials invalid")
         return None
+
+
+def _more_waiting(conn: socket.socket, rfile) -> bool:  # type: ignore[no-untyped-def]
+    """Whether input is already there, buffered or in the socket, without waiting."""
+    conn.setblocking(False)
+    try:
+        return bool(rfile.peek(1))
+    except OSError:
+        return False
+    finally:
+        conn.settimeout(READ_TIMEOUT)
 
 
 def free_port_on(*addresses: str) -> int:

@@ -91,7 +91,7 @@ def test_exact_envelope_and_content_arrive(sink):
     assert result.remote_mta == "dns; sink.test" and result.tried == () and result.tls is None
     [tx] = sink.transactions
     assert tx.helo == HELO
-    assert tx.mail == f"<{SENDER}> SIZE={len(MESSAGE)} BODY=8BITMIME"
+    assert tx.mail == f"<{SENDER}> SIZE={len(CONTENT)} BODY=8BITMIME"
     assert tx.rcpts == ["bob@sink.test", "carol@sink.test"]
     assert tx.data == CONTENT
     assert tx.raw == WIRE
@@ -102,7 +102,7 @@ def test_exact_envelope_and_content_arrive(sink):
 def test_null_sender_and_no_body_parameter_for_a_7bit_message(sink):
     result = send(sink, ["bob@sink.test"], sender="")
     assert result.delivered == ["bob@sink.test"]
-    assert sink.transactions[0].mail == f"<> SIZE={len(MESSAGE)}"
+    assert sink.transactions[0].mail == f"<> SIZE={len(CONTENT)}"
 
 
 def test_message_from_a_path_and_from_a_file_position(sink, tmp_path):
@@ -123,7 +123,7 @@ def test_message_from_a_path_and_from_a_file_position(sink, tmp_path):
         )  # fmt: skip
     assert result.delivered == ["bob@sink.test"]
     assert [t.data for t in sink.transactions] == [CONTENT, CONTENT]
-    assert sink.transactions[1].mail.endswith(f"SIZE={len(MESSAGE)}")
+    assert sink.transactions[1].mail.endswith(f"SIZE={len(CONTENT)}")
 
 
 def test_a_big_message_streams_through_exactly(sink):
@@ -432,7 +432,7 @@ def test_smtputf8_when_offered(sink):
     result = send(sink, ["zoë@sink.test"], message, sender="jörg@client.test", needs_8bitmime=True)
     assert result.delivered == ["zoë@sink.test"]
     [tx] = sink.transactions
-    assert tx.mail == f"<jörg@client.test> SIZE={len(message)} BODY=8BITMIME SMTPUTF8"
+    assert tx.mail == f"<jörg@client.test> SIZE={len(tx.data)} BODY=8BITMIME SMTPUTF8"
     assert tx.rcpts == ["zoë@sink.test"]
     assert tx.data == message.replace(b"\n", b"\r\n")
 
@@ -442,14 +442,18 @@ def test_size_over_the_servers_limit_fails_without_sending():
         result = send(sink, ["a@sink.test"])
     r = result["a@sink.test"]
     assert (r.outcome, r.status) == (Outcome.PERMANENT, "5.3.4")
-    assert f"({len(MESSAGE)} octets)" in r.diagnostic and "SIZE 100" in r.diagnostic
+    assert f"({len(CONTENT)} octets)" in r.diagnostic and "SIZE 100" in r.diagnostic
     assert sink.transactions == []
 
 
-def test_size_given_by_the_caller_and_no_size_without_the_extension():
+def test_size_is_what_is_sent_and_no_size_without_the_extension():
+    """Issue 20: SIZE= is measured from the file as it is sent (CRLF line ends,
+    less the dot-stuffing, RFC 1870 §3), not the size the message came with."""
     with Sink(Script(extensions=["8BITMIME", "SIZE"])) as sink:  # SIZE without a limit
-        assert send(sink, ["a@sink.test"], size=12345).delivered == ["a@sink.test"]
-    assert sink.transactions[0].mail == f"<{SENDER}> SIZE=12345"
+        assert send(sink, ["a@sink.test"]).delivered == ["a@sink.test"]
+    [tx] = sink.transactions
+    assert tx.mail == f"<{SENDER}> SIZE={len(CONTENT)}" and tx.data == CONTENT
+    assert len(CONTENT) != len(MESSAGE)
     with Sink(Script(extensions=["8BITMIME"])) as sink:
         send(sink, ["a@sink.test"])
     assert sink.transactions[0].mail == f"<{SENDER}>"
@@ -684,8 +688,9 @@ def test_delivery_to_postfix_smtp_sink(postfix_sink):
         b"X-Client-Proto: ESMTP",
         b"X-Helo-Args: client.test",
         f"X-Mail-Args: <{SENDER}> BODY=8BITMIME".encode(),
-        b"X-Rcpt-Args: <bob@dest.test>",
-        b"X-Rcpt-Args: <eve@dest.test>",
+        # smtp-sink offers DSN: the original recipient goes on (RFC 3461 §4.2, issue 20)
+        b"X-Rcpt-Args: <bob@dest.test> ORCPT=rfc822;bob@dest.test",
+        b"X-Rcpt-Args: <eve@dest.test> ORCPT=rfc822;eve@dest.test",
     ]
     content = content.split(b"\n", 3)[3]  # the rest of smtp-sink's own Received: field
     expected = (CONTENT + b"caf\xc3\xa9\r\n").replace(b"\r\n", b"\n")

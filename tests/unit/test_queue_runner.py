@@ -60,9 +60,11 @@ class Client:
     def __init__(self, outcomes: dict[str, tuple[Outcome, str]]) -> None:
         self.outcomes = outcomes
         self.calls: list[tuple[str, list[str], bytes]] = []
+        self.options: list[dict] = []
 
     def __call__(self, hosts, port, sender, recipients, message, **kw) -> AttemptResult:
         self.calls.append((sender, list(recipients), message.read()))
+        self.options.append(kw)
         results = tuple(
             RecipientResult(r, *self.outcomes[r], diagnostic=f"smtp; {self.outcomes[r][1]} x")
             for r in recipients
@@ -629,3 +631,20 @@ def test_a_bug_in_a_later_domain_does_not_lose_an_earlier_bounce(make):
     runner._attempt(record)
     assert reports == [("failed", ["b@remote.test"])]  # not twice
     assert "Q1" not in runner.records and store.load().records == []
+
+
+def test_the_dsn_parameters_go_to_the_client(make):
+    """Issue 20 (RFC 3461 §6.2.1): ENVID, RET, and each recipient's NOTIFY and
+    ORCPT as received, for a next hop that offers DSN; SIZE is the client's to measure."""
+    ok = (Outcome.DELIVERED, "2.0.0")
+    runner, record, client, _, _, _ = make(
+        {"b@remote.test": ok, "c@remote.test": ok}, notify=["SUCCESS", "DELAY"]
+    )
+    record.envid, record.ret = "QQ+2B1", "HDRS"
+    record.recipients[0].orcpt = "rfc822;B@remote.test"
+    runner._attempt(record)
+    (options,) = client.options
+    assert (options["envid"], options["ret"]) == ("QQ+2B1", "HDRS")
+    assert options["notify"] == [["SUCCESS", "DELAY"], ["SUCCESS", "DELAY"]]
+    assert options["orcpt"] == ["rfc822;B@remote.test", None]
+    assert "size" not in options

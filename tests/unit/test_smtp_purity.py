@@ -1,6 +1,6 @@
-"""The protocol cores (SMTP, POP3) are sans-I/O: they import only the standard
-library and the pure mail domain (`geosmtp.mail`, less its id generator), and
-no I/O from either. The POP3 core shares the SMTP core's pure pieces (SASL,
+"""The protocol cores (SMTP, POP3, the relay's SMTP client) are sans-I/O: they
+import only the standard library and the pure mail domain (`geosmtp.mail`, less
+its id generator), and no I/O from either. The POP3 core shares the SMTP core's pure pieces (SASL,
 ProtocolError), so both are checked as one.
 
 Checked in a fresh interpreter, since this test process has long since
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import geosmtp.mail
 import geosmtp.pop3
+import geosmtp.relay.protocol
 import geosmtp.smtp
 
 CORE_DIRS = (Path(geosmtp.smtp.__file__).parent, Path(geosmtp.pop3.__file__).parent)
@@ -24,6 +25,8 @@ MAIL_DIR = Path(geosmtp.mail.__file__).parent
 # The id generator reads the clock and the pid: the shell's, never the core's.
 IMPURE = {MAIL_DIR / "ids.py"}
 PURE_FILES = sorted(p for d in (*CORE_DIRS, MAIL_DIR) for p in d.glob("*.py") if p not in IMPURE)
+# The relay's client core (issue 20); the rest of geosmtp.relay is its shell.
+PURE_FILES += [Path(geosmtp.relay.protocol.__file__), Path(geosmtp.relay.__file__)]
 CORE_MODULES = sorted(
     f"geosmtp.{p.parent.name}" + ("" if p.stem == "__init__" else "." + p.stem) for p in PURE_FILES
 )
@@ -39,7 +42,9 @@ paths = sysconfig.get_paths()
 stdlib = (paths["stdlib"], paths["platstdlib"])
 outside = []
 for name in new:
-    if name == "geosmtp" or name.startswith(("geosmtp.smtp", "geosmtp.pop3", "geosmtp.mail")):
+    if name in ("geosmtp", "geosmtp.relay", "geosmtp.relay.protocol") or name.startswith(
+        ("geosmtp.smtp", "geosmtp.pop3", "geosmtp.mail")
+    ):
         continue
     f = getattr(sys.modules[name], "__file__", None)
     if f is not None and (not f.startswith(stdlib) or "-packages" in f):
@@ -62,6 +67,7 @@ def _probe() -> dict:
 def test_core_modules_are_found():
     assert {"geosmtp.smtp", "geosmtp.smtp.session", "geosmtp.smtp.trace"} <= set(CORE_MODULES)
     assert {"geosmtp.pop3", "geosmtp.pop3.session", "geosmtp.pop3.stuffing"} <= set(CORE_MODULES)
+    assert {"geosmtp.relay", "geosmtp.relay.protocol"} <= set(CORE_MODULES)
 
 
 def test_importing_the_core_pulls_in_no_io():
