@@ -42,11 +42,11 @@ from .shared import CONNECTION_RATE, CONNECTIONS, ERRORS
 from .stream import ClientTimeout, StreamSession
 
 if TYPE_CHECKING:
-    from ..app import App
     from ..config import Listener
     from ..mail import Envelope
     from ..metrics import ListenerMetrics
     from ..smtp.sasl import Credentials
+    from .host import Host
 
 _last_date: tuple[int, str] = (-1, "")
 
@@ -63,7 +63,7 @@ def received_date() -> str:
 class SMTPSession(StreamSession):
     def __init__(
         self,
-        server: App,
+        server: Host,
         sock: socket.socket,
         address: tuple,
         listener: Listener,
