@@ -248,7 +248,12 @@ class App:
             config.hostname,
             self._inject_report,
             open_queued=self.queue_store.open_message,
-            sign=None if self._signer is None else partial(sign_file, self._signer, self.spool),
+            # Hashing a returned original is CPU and file work: in the threadpool.
+            sign=(
+                None
+                if self._signer is None
+                else partial(in_thread, sign_file, self._signer, self.spool)
+            ),
             max_full_size=config.limits.max_message_size // 2,
             max_lifetime=prepared.settings.schedule.max_lifetime,
         )
@@ -303,6 +308,7 @@ class App:
         self.limits = config.limits
         # A failed report returns the original whole up to half the size limit.
         self.reporter.max_full_size = config.limits.max_message_size // 2
+        self.reporter.hostname = config.hostname
         self.extensions = config.extensions
         self.users = UserDB(
             {name: user.password for name, user in config.users.items()},
