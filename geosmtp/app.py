@@ -13,15 +13,14 @@ config, the services, the open sessions, and live configuration changes.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import fcntl
 import ipaddress
 import os
-import secrets
 import socket
 import ssl
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import gevent
@@ -34,29 +33,31 @@ from .auth import BUSY, AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
 from .filters.stages import Filters
 from .mail import Domains, Envelope, Recipient
-from .mail.ids import new_queue_id, share_of, take_share
-from .mailauth.stages import DKIMSign, SenderChecks, build_signer
+from .mail.ids import share_of, take_share
+from .mailauth.stages import DKIMSign, SenderChecks, build_signer, sign_file
 from .metrics import Metrics
-from .pipeline import MaildirDestination, Message, Pipeline, QueueDestination, Router
+from .pipeline import MaildirDestination, Message, Pipeline, Router, Verdict, deliver
 from .pop3 import POP3Connection, POP3Security
-from .queue.dsn import RecipientStatus, write_dsn
-from .queue.runner import QueueRunner, ReportNotStored, RunnerSettings
+from .queue.destination import QueueDestination
+from .queue.reports import Reporter, ReportMessage
+from .queue.runner import QueueRunner, RunnerSettings
 from .queue.schedule import RetrySchedule
-from .queue.store import QueuedRecipient, QueueRecord, QueueStore
+from .queue.store import QueueStore
 from .relay.client import Relay, Timeouts
 from .relay.mx import Resolver
 from .server import tls
 from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir
+from .server.host import ConfigChange, Login
 from .server.listeners import Listeners, Session
 from .server.pop3 import POP3Session
 from .server.shared import SharedClientTable, SharedState
 from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread
 from .smtp import ClientRates, RecipientPolicy, Security, SMTPConnection
-from .smtp.parser import parse_mailbox
+from .smtp.parser import SyntaxProblem, parse_mailbox
 from .smtp.sasl import Credentials
-from .storage import MaildirStore, Spool, StorageError
+from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
 
 #: Seconds between two tries for the lock of this worker's share of the queue.
@@ -130,25 +131,6 @@ def client_timeouts(t: cfg.RelayTimeouts) -> Timeouts:
         quit=min(10.0, t.command),
         **command,
     )
-
-
-@dataclass(frozen=True)
-class Login:
-    """The outcome of `App.check_login`."""
-
-    user: str | None  # the mailbox name logged in as, None when refused
-    delay: float = 0.0  # seconds to hold the refusal (doubles with each failure)
-    disconnect: bool = False  # that was the last failure allowed: close after the refusal
-    throttled: bool = False  # too many failures already: refused without a check
-
-
-@dataclass(frozen=True)
-class ConfigChange:
-    """What a change of configuration did."""
-
-    changed: list[str]  # every dotted key whose value changed
-    restart: list[str]  # of those, the ones kept at their running value until a restart
-    config: dict | None = None  # the config that runs now, as a mapping
 
 
 @dataclass(frozen=True)
@@ -262,6 +244,21 @@ class App:
         self.resolver = Resolver(config.dns.nameservers, config.dns.timeout)
         # The relay's SMTP client, with its cache of open connections to next hops.
         self.relay = Relay(config.relay.connection_reuse_limit, config.relay.connection_cache_time)
+        # Delivery reports, built in the queue and handed to the router (`_inject_report`).
+        self.reporter = Reporter(
+            self.spool,
+            config.hostname,
+            self._inject_report,
+            open_queued=self.queue_store.open_message,
+            # Hashing a returned original is CPU and file work: in the threadpool.
+            sign=(
+                None
+                if self._signer is None
+                else partial(in_thread, sign_file, self._signer, self.spool)
+            ),
+            max_full_size=config.limits.max_message_size // 2,
+            max_lifetime=prepared.settings.schedule.max_lifetime,
+        )
         self.queue = QueueRunner(
             self.queue_store,
             dataclasses.replace(
@@ -272,7 +269,7 @@ class App:
                 ),
             ),
             self.resolver,
-            self.report,
+            self.reporter.queued,
             metrics=self.metrics,
             send=self.relay.deliver,
         )
@@ -285,7 +282,7 @@ class App:
                 local=MaildirDestination(self.store),
                 remote=QueueDestination(self.queue_store, self.queue),
             ),
-            after_delivery=self.report_local,
+            after_delivery=self.reporter.delivered_locally,
             observer=self.metrics,
         )
         self.listeners = Listeners(self, SESSIONS, connections=shared)
@@ -312,6 +309,9 @@ class App:
         )
         # The config's `limits:` and `extensions:` are the core's own dataclasses.
         self.limits = config.limits
+        # A failed report returns the original whole up to half the size limit.
+        self.reporter.max_full_size = config.limits.max_message_size // 2
+        self.reporter.hostname = config.hostname
         self.extensions = config.extensions
         self.users = UserDB(
             {name: user.password for name, user in config.users.items()},
@@ -501,135 +501,21 @@ class App:
 
     # ----------------------------------------------------------- reports
 
-    def report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
-        """A delivery status notification (RFC 3464) about `rcpts` of a queued
-        message, to its sender. A success here is `relayed` (RFC 3461 §6.2.2.2):
-        the DSN request is not passed on to the next server."""
-        now = time.time()
-        statuses = [
-            RecipientStatus(
-                final_recipient=r.address,
-                action="relayed" if kind == "delivered" else kind,  # type: ignore[arg-type]
-                status=r.status or {"failed": "5.0.0", "delayed": "4.0.0"}.get(kind, "2.0.0"),
-                original_recipient=r.orcpt,
-                remote_mta=r.remote_mta.removeprefix("dns; ") if r.remote_mta else None,
-                diagnostic_code=r.last_error,
-                last_attempt_date=email.utils.formatdate(now, localtime=True),
-                will_retry_until=(
-                    email.utils.formatdate(record.arrival + self.config.relay.max_lifetime, True)
-                    if kind == "delayed"
-                    else None
-                ),
-            )
-            for r in rcpts
-        ]
-        self._send_report(
-            record.id,
-            record.sender,
-            record.envid,
-            record.ret,
-            record.arrival,
-            statuses,
-            kind,
-            lambda: self.queue_store.open_message(record.id),
-        )
-
-    def report_local(self, message: Message) -> None:
-        """NOTIFY=SUCCESS on a local recipient: a `delivered` report (RFC 3461
-        §6.2.2.1) once the message is in the mailbox. Called by the pipeline
-        while the spool file still exists; a failure here never undoes the
-        delivery, it is logged."""
-        env = message.envelope
-        rcpts = [
-            r for r in env.recipients if r.box is not None and r.notify and "SUCCESS" in r.notify
-        ]
-        if not rcpts or not env.sender:
-            return
-        now = time.time()
-        statuses = [
-            RecipientStatus(
-                final_recipient=r.mailbox.address,
-                action="delivered",
-                status="2.0.0",
-                original_recipient=r.orcpt,
-                last_attempt_date=email.utils.formatdate(now, localtime=True),
-            )
-            for r in rcpts
-        ]
-        params = {k.upper(): v for k, v in env.mail_params.items()}
+    def _inject_report(self, report: ReportMessage) -> Verdict:
+        """The port the queue's reports come in by: to the sender's mailbox when
+        it is local, else into the queue, through the router alone (no stage,
+        no after-delivery report: the data path runs one way). A sender there
+        is no way to is a permanent failure (the report is dropped, logged)."""
         try:
-            self._send_report(
-                message.queue_id,
-                env.sender_address,
-                params.get("ENVID"),
-                params.get("RET"),
-                now,
-                statuses,
-                "delivered",
-                lambda: open(message.spool.path, "rb"),  # noqa: SIM115 - closed by the caller
-            )
-        except ReportNotStored as exc:
-            logger.error(
-                "{}: could not store the delivery report to <{}>: {}",
-                message.queue_id,
-                env.sender_address,
-                logs.clean(exc),
-            )
-        except Exception:
-            logger.exception(
-                "{}: could not report the delivery to <{}>", message.queue_id, env.sender_address
-            )
-
-    def _send_report(  # type: ignore[no-untyped-def]
-        self, about, sender, envid, ret, arrival, statuses, kind, open_original
-    ) -> None:
-        """Write the report into a spool file and put it through the pipeline from
-        <>: into the sender's mailbox when it is local, else into the queue (a
-        report can never cause a report of its own). `ReportNotStored` when it
-        could not be (a full disk): the queue then keeps the message."""
-        recipient = self.policy.resolve(parse_mailbox(sender, utf8=True), may_relay=True)
+            mailbox = parse_mailbox(report.to, utf8=True)
+        except SyntaxProblem as exc:
+            return Verdict(False, reason=f"not an address ({exc})")
+        recipient = self.policy.resolve(mailbox, may_relay=True)
         if not isinstance(recipient, Recipient):
-            logger.warning("{}: no way to report to <{}>", about, sender)
-            return
-        now = time.time()
-        queue_id = new_queue_id()
-        date = email.utils.formatdate(now, localtime=True)
-        try:  # a spool that cannot be opened or written: not stored
-            spool = self.spool.open()
-            try:
-                # The trace lines a local delivery keeps (the queue drops the
-                # Return-Path when the report goes on to another server).
-                spool.write(
-                    f"Return-Path: <>\nReceived: by {self.config.hostname} (geosmtp) "
-                    f"id {queue_id}; {date}\n".encode()
-                )
-                with open_original() as original:
-                    write_dsn(
-                        spool,
-                        reporting_mta=self.config.hostname,
-                        original_envelope_id=envid,
-                        sender=sender,
-                        arrival_date=email.utils.formatdate(arrival, localtime=True),
-                        recipients=statuses,
-                        kind=kind,
-                        original=original,
-                        ret=ret or "HDRS",
-                        max_full_size=self.config.limits.max_message_size // 2,
-                        date=date,
-                        message_id=f"<{queue_id}@{self.config.hostname}>",
-                        boundary=f"{queue_id}/{secrets.token_hex(8)}",
-                    )
-                size = spool.size
-            except BaseException:
-                spool.remove()
-                raise
-        except StorageError as exc:
-            raise ReportNotStored(str(exc)) from exc
+            return Verdict(False, reason=f"{recipient.code} {recipient.text}")
         envelope = Envelope(self.config.hostname, True, None, recipients=(recipient,))
-        verdict = self.pipeline.process(Message(envelope, spool, queue_id, size))
-        if not verdict.delivered:
-            raise ReportNotStored(verdict.reason)
-        logger.info("{}: {} report to <{}>: queued as {}", about, kind, sender, queue_id)
+        message = Message(envelope, report.spool, report.queue_id, report.size)
+        return deliver(self.pipeline.router, message)
 
     # ---------------------------------------------------------- running
 

@@ -202,6 +202,9 @@ def _remove_run_dir() -> None:
 def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # type: ignore[no-untyped-def]
     """Run the server (the master process, which starts the workers)."""
     from . import config as cfg
+    from .admin.server import admin_tokens
+    from .app import plan_change, prepare
+    from .server.host import Runtime
     from .server.master import serve as serve_master
 
     loader = None
@@ -212,9 +215,31 @@ def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # 
             return apply_overrides(config, args) if args is not None else config
 
     try:
-        return serve_master(config, loader, prepared, path)
+        runtime = Runtime(prepare, plan_change, start_worker, admin_tokens)
+        return serve_master(config, loader, prepared, path, runtime=runtime)
     finally:
         _remove_run_dir()
+
+
+def start_worker(ctx, link):  # type: ignore[no-untyped-def]
+    """In a new worker process: the app on the worker's share (`ctx`, a
+    `server.worker.WorkerContext`; `link` its channel to the master), started,
+    and its admin API when one is configured: (app, admin or None)."""
+    from .admin.server import start_admin
+    from .app import App
+
+    app = App(
+        ctx.config,
+        ctx.prepared,
+        master=link,
+        share=(ctx.index, ctx.count),
+        shared=ctx.shared,
+    )
+    app.start(ctx.bound, clean=ctx.clean)
+    admin = None
+    if ctx.admin is not None:
+        admin = start_admin(app, ctx.admin, ctx.token or "", ctx.read_token)
+    return app, admin
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ quoted in one has its control characters escaped.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import ipaddress
 import math
 import os
@@ -18,17 +19,113 @@ import shutil
 import socket
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .mailauth.headers import DKIM_SIGNED_HEADERS, DKIM_UNSIGNED_HEADERS
-from .queue.schedule import DEFAULT_DELAY_WARNING, DEFAULT_MAX_LIFETIME, DEFAULT_RETRY_DELAYS
+# The `extensions:` and `limits:` sections are the SMTP core's own settings: defined once.
+from .mail.limits import Extensions, Limits
 
-# The `extensions:` and `limits:` sections are the core's own dataclasses: defined once.
-from .smtp.session import Extensions, Limits
+# Defaults and checks of the subsystems' sections live here, so that this module
+# imports none of them (the subsystems import these from here).
+
+#: Seconds to wait after attempt 1, 2, ...; the last one repeats (every 4 hours).
+DEFAULT_RETRY_DELAYS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
+#: Give up (bounce) after 5 days in the queue (RFC 5321 §4.5.4.1: "at least 4-5 days").
+DEFAULT_MAX_LIFETIME: float = 5 * 24 * 3600
+#: Warn the sender of a delay after 4 hours (0 turns the warning off).
+DEFAULT_DELAY_WARNING: float = 4 * 3600
+
+#: The fields DKIM signs by default (`dkim.headers`): RFC 6376 §5.4.1's list,
+#: and the MIME fields whose change alters what a reader sees.
+DKIM_SIGNED_HEADERS = (
+    "from",
+    "reply-to",
+    "subject",
+    "date",
+    "to",
+    "cc",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "content-disposition",
+    "resent-date",
+    "resent-from",
+    "resent-to",
+    "resent-cc",
+    "list-id",
+    "list-help",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "list-subscribe",
+    "list-post",
+    "list-owner",
+    "list-archive",
+)
+
+#: Never signed (RFC 6376 §5.4): changed or added on the way.
+DKIM_UNSIGNED_HEADERS = (
+    "return-path",
+    "received",
+    "dkim-signature",
+    "authentication-results",
+    "comments",
+    "keywords",
+    "bcc",
+    "resent-bcc",
+)
+
+#: The queue's folders, in `queue_dir`.
+QUEUE_FOLDERS = ("messages", "records", "quarantine")
+
+
+def load_key(path: Path) -> rsa.RSAPrivateKey:
+    """An RSA private key in PEM (PKCS#1 or PKCS#8, unencrypted); at least 1024
+    bits (RFC 8301 §3.2). OSError when unreadable, ValueError when unusable."""
+    data = Path(path).read_bytes()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("not an RSA key (DKIM signs with rsa-sha256 here)")
+    if key.key_size < 1024:
+        raise ValueError(f"an RSA key of {key.key_size} bits; DKIM needs at least 1024")
+    return key
+
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+#: "package.module:function" (or "module:Class.method").
+_SPEC_RE = re.compile(rf"({_NAME}(?:\.{_NAME})*):({_NAME}(?:\.{_NAME})*)")
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """The callable `spec` ("package.module:function") names; ValueError says
+    why there is none (the module does not import, no such name, not callable)."""
+    match = _SPEC_RE.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"expected 'package.module:function', got {spec!r}")
+    module_name, attr_path = match.groups()
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a broken module is the config's problem: say what broke
+        raise ValueError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError:
+            raise ValueError(f"{module_name!r} has no {attr_path!r}") from None
+    if not callable(target):
+        raise ValueError(f"{spec!r} is not callable")
+    return target  # type: ignore[no-any-return]
 
 
 class ConfigError(ValueError):
@@ -685,8 +782,6 @@ def _check_private_folders(config: Config) -> None:
     symbolic links (`.queue/messages` -> elsewhere would write relayed mail
     outside `mail_dir`): the spool and the store refuse one too when they make
     them (`storage.modes.make_real_folder`); said here first, naming the key."""
-    from .queue.store import QUEUE_FOLDERS
-
     queue = config.queue_path
     folders = [("spool_dir", config.spool_path), ("relay.queue_dir", queue)]
     folders += [("relay.queue_dir", queue / name) for name in QUEUE_FOLDERS]
@@ -767,8 +862,6 @@ def _check_mailauth(config: Config) -> None:
             raise ConfigError(f"dkim.headers[{i}]: {name} is changed in transit; never sign it")
     if dkim.domains and "from" not in names:
         raise ConfigError("dkim.headers: From must be signed (RFC 6376 §5.4)")
-    from .mailauth.dkim_sign import load_key
-
     for domain, entry in dkim.domains.items():
         key = f"dkim.domains.{domain}"
         problem = _domain_problem(domain)
@@ -861,8 +954,6 @@ _FILTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 def _filters(config: Config, base: Path) -> list[Filter]:
     """The `filters:` stages checked, each program's path made absolute and each
     callable imported (so a missing one stops the load, not the first message)."""
-    from .filters.calls import load_callable
-
     out = []
     seen: set[str] = set()
     for i, stage in enumerate(config.filters):

@@ -18,19 +18,15 @@ it must not block the process). docs/filters.md has the whole contract.
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+# Imported (and checked) by the config: `filters[].call`.
+from ..config import load_callable as load_callable
 from ..storage import Spool, SpoolFile
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-#: "package.module:function" (or "module:Class.method").
-_SPEC_RE = re.compile(rf"({_NAME}(?:\.{_NAME})*):({_NAME}(?:\.{_NAME})*)")
 
 
 def cooperative(fn: F) -> F:
@@ -43,27 +39,6 @@ def cooperative(fn: F) -> F:
 
 def is_cooperative(fn: Callable[..., Any]) -> bool:
     return getattr(fn, "cooperative", False) is True
-
-
-def load_callable(spec: str) -> Callable[..., Any]:
-    """The callable `spec` ("package.module:function") names; ValueError says
-    why there is none (the module does not import, no such name, not callable)."""
-    match = _SPEC_RE.fullmatch(spec)
-    if match is None:
-        raise ValueError(f"expected 'package.module:function', got {spec!r}")
-    module_name, attr_path = match.groups()
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:  # a broken module is the config's problem: say what broke
-        raise ValueError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
-    for attr in attr_path.split("."):
-        try:
-            target = getattr(target, attr)
-        except AttributeError:
-            raise ValueError(f"{module_name!r} has no {attr_path!r}") from None
-    if not callable(target):
-        raise ValueError(f"{spec!r} is not callable")
-    return target  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .. import logs
 from ..config import Config, Filter
 from ..pipeline import Accept, Message, Reject, Replace, StageResult, TempFail
 from ..storage import Spool, StorageError
-from ..storage.spool import read_return_path
+from ..storage.spool import read_return_path, without_return_paths
 from .calls import StageContext, is_cooperative, load_callable
 from .program import EXIT_REJECT, EXIT_TEMPFAIL, PROGRAM_PATH, reply_text, run_program
 
@@ -171,7 +171,25 @@ class FilterStage:
                 slot.release()
         if isinstance(outcome, str):
             return self._failed(message, outcome)
+        if isinstance(outcome, Replace):
+            return self._own_return_path_only(outcome)
         return outcome
+
+    def _own_return_path_only(self, rewrite: Replace) -> Replace:
+        """The rewrite without the `Return-Path:` fields the filter wrote: the
+        server's own (the first line, put back by the stage) is the only one a
+        local copy keeps, and the relay passes none on. StorageError as the
+        pipeline takes it from a stage."""
+        try:
+            rewrite.spool.flush()
+            new = without_return_paths(self.filters.spool, rewrite.spool)
+        except StorageError:
+            rewrite.spool.remove()
+            raise
+        if new is None:
+            return rewrite
+        rewrite.spool.remove()
+        return Replace(new)
 
     def _run(self, message: Message, timeout: float, slot: Slot) -> StageResult | str:
         """The stage's own verdict, or a failure ("timeout", "exit=3", ...)."""

@@ -7,6 +7,7 @@ import re
 _MESSAGE_ID_RE = re.compile(
     rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
 )
+_RETURN_PATH_RE = re.compile(rb"^return-path[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _HEADER_END_RE = re.compile(rb"\n\r?\n")  # the empty line after the header section
 _SPACE_RE = re.compile(rb"\s+")
 #: Only the first octets are searched: a header section longer than this is
@@ -20,13 +21,18 @@ class MessageIdSniffer:
     Fed the message as it is stored (LF line ends, or CRLF); keeps at most
     `HEADER_LIMIT` octets, and only until the header section ends. A
     "Message-ID:" line in the body is not the message's.
+
+    It also tells whether the sender wrote a `Return-Path:` field of its own
+    (`return_path`), which the server removes: True too when the header
+    section is longer than it looks at (one may be further down).
     """
 
-    __slots__ = ("_buf", "message_id")
+    __slots__ = ("_buf", "message_id", "return_path")
 
     def __init__(self) -> None:
         self._buf: bytearray | None = bytearray()
         self.message_id: str | None = None
+        self.return_path = False
 
     def feed(self, data: bytes) -> None:
         buf = self._buf
@@ -52,7 +58,10 @@ class MessageIdSniffer:
     def _finish(self, end: int) -> None:
         buf = self._buf
         assert buf is not None
+        self.return_path = end > HEADER_LIMIT
         del buf[min(end, HEADER_LIMIT) :]
+        if _RETURN_PATH_RE.search(buf):
+            self.return_path = True
         m = _MESSAGE_ID_RE.search(buf)
         if m:
             value = _SPACE_RE.sub(b" ", m.group(1)).strip()

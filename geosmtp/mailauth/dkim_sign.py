@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+# Read (and checked) by the config: `dkim.domains.*.key_file`.
+from ..config import load_key as load_key
 from .canon import canonical_header, select_fields
 from .headers import CRLF, DKIM_SIGNED_HEADERS, HeaderField
 
@@ -30,21 +31,6 @@ OVERSIGNED = ("from",)
 
 #: Where the header is folded (RFC 5322 §2.1.1 recommends 78 characters a line).
 _WIDTH = 76
-
-
-def load_key(path: Path) -> rsa.RSAPrivateKey:
-    """An RSA private key in PEM (PKCS#1 or PKCS#8, unencrypted); at least 1024
-    bits (RFC 8301 §3.2). OSError when unreadable, ValueError when unusable."""
-    data = Path(path).read_bytes()
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError("not an RSA key (DKIM signs with rsa-sha256 here)")
-    if key.key_size < 1024:
-        raise ValueError(f"an RSA key of {key.key_size} bits; DKIM needs at least 1024")
-    return key
 
 
 def public_key_record(key: rsa.RSAPrivateKey) -> str:

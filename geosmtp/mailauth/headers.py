@@ -12,51 +12,13 @@ import email.utils
 import re
 from dataclasses import dataclass
 
+# The default and the forbidden `dkim.headers` are the config's (defined once).
+from ..config import DKIM_SIGNED_HEADERS as DKIM_SIGNED_HEADERS
+from ..config import DKIM_UNSIGNED_HEADERS as DKIM_UNSIGNED_HEADERS
 from ..mail.address import canonical_domain
 
 CRLF = b"\r\n"
 
-#: The fields DKIM signs by default (`dkim.headers`): RFC 6376 §5.4.1's list,
-#: and the MIME fields whose change alters what a reader sees.
-DKIM_SIGNED_HEADERS = (
-    "from",
-    "reply-to",
-    "subject",
-    "date",
-    "to",
-    "cc",
-    "message-id",
-    "in-reply-to",
-    "references",
-    "mime-version",
-    "content-type",
-    "content-transfer-encoding",
-    "content-disposition",
-    "resent-date",
-    "resent-from",
-    "resent-to",
-    "resent-cc",
-    "list-id",
-    "list-help",
-    "list-unsubscribe",
-    "list-unsubscribe-post",
-    "list-subscribe",
-    "list-post",
-    "list-owner",
-    "list-archive",
-)
-
-#: Never signed (RFC 6376 §5.4): changed or added on the way.
-DKIM_UNSIGNED_HEADERS = (
-    "return-path",
-    "received",
-    "dkim-signature",
-    "authentication-results",
-    "comments",
-    "keywords",
-    "bcc",
-    "resent-bcc",
-)
 
 #: A field name: printable US-ASCII except ":" (RFC 5322 §2.2), then optional
 #: white space before the colon (the obsolete syntax of §4.5, still met).

@@ -23,7 +23,7 @@ import dataclasses
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -486,10 +486,41 @@ class DKIMSign:
         if key is None:
             logger.debug("{}: not signed (From: domains {})", message.queue_id, domains or "none")
             return None
-        (body_hash,) = hash_bodies(
-            path, head.body_offset, {(self.signer.relaxed_body, "sha256", None)}
-        ).values()
-        field = self.signer.signature_field(key, fields, body_hash, int(self.clock()))
-        new = write_spool(self.spool, path, head, field, lambda name, lines: True)
+        new = _signed_copy(self.signer, self.spool, path, head, fields, key, int(self.clock()))
         logger.debug("{}: signed for {} (s={})", message.queue_id, key.domain, key.selector)
         return new
+
+
+def sign_file(
+    signer: Signer, spool: Spool, path: str, domains: Sequence[str], now: int
+) -> SpoolFile | None:
+    """The message at `path` (as the spool keeps it) signed with the key of the
+    first of `domains` that has one: a new spool file, `path` left as it is;
+    None when none of them has a key, or the header section is too large.
+    What the server signs as its own sender (delivery reports, `queue.reports`);
+    `DKIMSign` signs clients' mail by their From: domain. Blocking file work;
+    StorageError or OSError when a file cannot be read or written."""
+    key = next((k for d in domains if (k := signer.key_for(canonical_domain(d)))), None)
+    if key is None:
+        return None
+    head = read_head(path)
+    if head is None:
+        return None
+    return _signed_copy(signer, spool, path, head, parse_fields(head.section), key, now)
+
+
+def _signed_copy(
+    signer: Signer,
+    spool: Spool,
+    path: str,
+    head: Head,
+    fields: list,
+    key: SigningKey,
+    now: int,
+) -> SpoolFile:
+    """A new spool file: the message at `path` with `key`'s signature on top."""
+    (body_hash,) = hash_bodies(
+        path, head.body_offset, {(signer.relaxed_body, "sha256", None)}
+    ).values()
+    field = signer.signature_field(key, fields, body_hash, now)
+    return write_spool(spool, path, head, field, lambda name, lines: True)

@@ -1,8 +1,8 @@
 """The mail pipeline: spool -> filter stages -> router -> destinations."""
 
 from .message import Message, StageVerdict
-from .pipeline import Pipeline, Verdict
-from .router import Destination, MaildirDestination, NoRoute, QueueDestination, Router
+from .pipeline import Pipeline, Verdict, deliver
+from .router import Destination, MaildirDestination, NoRoute, Router
 from .stages import Accept, Reject, Replace, Stage, StageResult, TempFail, verdict_name
 
 __all__ = [
@@ -12,7 +12,6 @@ __all__ = [
     "Message",
     "NoRoute",
     "Pipeline",
-    "QueueDestination",
     "Reject",
     "Replace",
     "Router",
@@ -21,5 +20,6 @@ __all__ = [
     "StageVerdict",
     "TempFail",
     "Verdict",
+    "deliver",
     "verdict_name",
 ]

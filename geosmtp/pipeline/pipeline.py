@@ -1,7 +1,7 @@
 """One path from a received message to every destination.
 
     spool ─► stages (filters) ─► router ─┬─► Maildir (local recipients)
-                                         ├─► outbound queue (later)
+                                         ├─► outbound queue (remote ones)
                                          └─► LMTP (later)
 
 `Pipeline.process` takes a message that is whole in the spool and returns one
@@ -137,24 +137,34 @@ class Pipeline:
             self.observer.stage_done(stage, verdict, failure, time.perf_counter() - started)
 
     def _deliver(self, message: Message) -> Verdict:
-        try:
-            routes = self.router.route(message.envelope.recipients)
-        except NoRoute as exc:
-            return Verdict(False, True, str(exc))
-        done = []
-        try:
-            for destination, recipients in routes:
-                done.append(destination.deliver(message, recipients))
-        except StorageError as exc:
-            for delivery in done:  # all or nothing: no destination keeps a copy
-                delivery.undo()
-            return Verdict(False, True, str(exc), no_space=exc.no_space)
-        except BaseException:
-            for delivery in done:
-                delivery.undo()
-            raise
-        for delivery in done:
-            delivery.commit()
-        if self.after_delivery is not None:
+        verdict = deliver(self.router, message)
+        if verdict.delivered and self.after_delivery is not None:
             self.after_delivery(message)
-        return Verdict(True, destinations=tuple(d.name for d, _ in routes))
+        return verdict
+
+
+def deliver(router: Router, message: Message) -> Verdict:
+    """`message` to every destination the router gives its recipients, all or
+    nothing; no stage runs and nothing is called after. The pipeline's last
+    step, and the port that the queue's reports come in by (`queue.reports`):
+    the server's own messages, which no stage needs to see again. The spool
+    file stays (the caller removes it)."""
+    try:
+        routes = router.route(message.envelope.recipients)
+    except NoRoute as exc:
+        return Verdict(False, True, str(exc))
+    done = []
+    try:
+        for destination, recipients in routes:
+            done.append(destination.deliver(message, recipients))
+    except StorageError as exc:
+        for delivery in done:  # all or nothing: no destination keeps a copy
+            delivery.undo()
+        return Verdict(False, True, str(exc), no_space=exc.no_space)
+    except BaseException:
+        for delivery in done:
+            delivery.undo()
+        raise
+    for delivery in done:
+        delivery.commit()
+    return Verdict(True, destinations=tuple(d.name for d, _ in routes))

@@ -16,8 +16,9 @@ once), a permanent failure (bounced), or a temporary one (retried on the
 schedule until the lifetime is over, then bounced).
 
 Reports to the sender (RFC 3461/3464) are made by the `report` callable the
-app gives, which builds the DSN and puts it through the mail pipeline like
-any other message; never to the null sender.
+app gives (`reports.Reporter.queued`: it builds the DSN here in `queue/` and
+hands it to the router's destinations through its one port, never back
+through the pipeline's stages); never to the null sender.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..relay.mx import DNSError, DNSPermanentError, Host, Resolver
 from ..storage import StorageError
 from ..storage.spool import read_return_path
 from .concurrency import DestinationLimits, Slot, Verdict
+from .reports import ReportNotStored
 from .schedule import RetrySchedule, delay_warning_due
 from .store import (
     DELIVERED,
@@ -58,10 +60,6 @@ from .store import (
 #: It raises when the report could not be stored (`ReportNotStored`, or any
 #: other error): a bounce is then deferred with its recipients, never dropped.
 Report = Callable[[QueueRecord, list[QueuedRecipient], str], None]
-
-
-class ReportNotStored(Exception):
-    """A report to the sender was not stored (a full disk, say); the reason."""
 
 
 @dataclass
@@ -334,7 +332,15 @@ class QueueRunner:
             self.metrics.relay_attempt_seconds.observe(time.perf_counter() - started)
         for rcpt in rcpts:
             r = result[rcpt.address]
-            self._apply(record, rcpt, r.outcome, r.status, r.diagnostic, result.remote_mta)
+            self._apply(
+                record,
+                rcpt,
+                r.outcome,
+                r.status,
+                r.diagnostic,
+                result.remote_mta,
+                result.dsn,
+            )
             self._log_attempt(record, rcpt, result.relay, result.tls, r.diagnostic)
         return result.relay
 
@@ -395,8 +401,17 @@ class QueueRunner:
         return self.resolver.resolve_mx(domain), settings.mx_port, "opportunistic"
 
     def _apply(  # type: ignore[no-untyped-def]
-        self, record: QueueRecord, rcpt: QueuedRecipient, outcome, status, diagnostic, remote_mta
+        self,
+        record: QueueRecord,
+        rcpt: QueuedRecipient,
+        outcome,
+        status,
+        diagnostic,
+        remote_mta,
+        dsn_passed_on: bool = False,
     ) -> None:
+        """What became of `rcpt` at this attempt; `dsn_passed_on`: the server
+        that took it offered DSN, so NOTIFY and ORCPT went on with it."""
         now = self.clock()
         rcpt.attempts += 1
         rcpt.status = status
@@ -405,7 +420,9 @@ class QueueRunner:
         rcpt.remote_mta = None if remote_mta is None else shortened(remote_mta)
         if outcome is Outcome.DELIVERED:
             rcpt.state = DELIVERED
-            rcpt.report_due = _wants(rcpt, "SUCCESS", False)
+            # A `relayed` notice only where the next hop did not take the DSN
+            # request (RFC 3461 §6.2.1): one that did reports the delivery itself.
+            rcpt.report_due = _wants(rcpt, "SUCCESS", False) and not dsn_passed_on
             rcpt.last_error = None
             self._count("sent")
             return

@@ -25,19 +25,15 @@ rather than the letter of the 30 minutes:
   (`Will-Retry-Until`).
 - Delay warning (RFC 3461 §4.1 `NOTIFY=DELAY`, RFC 3464 `Action: delayed`)
   after 4 hours, Sendmail's `Timeout.queuewarn` and Postfix's usual setting.
+
+The defaults themselves (`DEFAULT_RETRY_DELAYS`, `DEFAULT_MAX_LIFETIME`,
+`DEFAULT_DELAY_WARNING`) are the `relay:` section's, in `geosmtp.config`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-#: Seconds to wait after attempt 1, 2, ...; the last one repeats (every 4 hours).
-DEFAULT_RETRY_DELAYS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
-#: Give up (bounce) after 5 days in the queue (RFC 5321 §4.5.4.1: "at least 4-5 days").
-DEFAULT_MAX_LIFETIME: float = 5 * 24 * 3600
-#: Warn the sender of a delay after 4 hours (0 turns the warning off).
-DEFAULT_DELAY_WARNING: float = 4 * 3600
 
 
 def _finite(value: float, what: str, *, positive: bool) -> float:
@@ -64,8 +60,8 @@ class RetrySchedule:
 
     def __init__(
         self,
-        delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
-        max_lifetime: float = DEFAULT_MAX_LIFETIME,
+        delays: Sequence[float],
+        max_lifetime: float,
     ) -> None:
         if isinstance(delays, str | bytes) or not len(delays):
             raise ValueError("a retry schedule needs at least one delay")

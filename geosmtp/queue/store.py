@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import QUEUE_FOLDERS
 from ..smtp.parser import MAX_PATH, SyntaxProblem, is_valid_domain, parse_mailbox
 from ..storage import SpoolFile, StorageError
 from ..storage.maildir import Delivery
@@ -391,10 +392,6 @@ class Loaded:
     records: list[QueueRecord] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)  # moved aside, with why
     orphans: int = 0  # messages without a record, removed
-
-
-#: The queue's folders, in `queue_dir`.
-QUEUE_FOLDERS = ("messages", "records", "quarantine")
 
 
 class QueueStore:

@@ -27,7 +27,7 @@ from loguru import logger
 from ..queue.runner import QueueBusy
 
 if TYPE_CHECKING:
-    from ..app import App
+    from .host import ClusterHost
 
 #: Seconds a worker gets to answer (it is on this machine and never blocks).
 TIMEOUT = 5.0
@@ -51,7 +51,7 @@ def socket_path(folder: Path, pid: int) -> str:
 class Cluster:
     """What the admin API asks of the whole server, and this worker's answers."""
 
-    def __init__(self, app: App, folder: Path | None) -> None:
+    def __init__(self, app: ClusterHost, folder: Path | None) -> None:
         self.app = app
         self.folder = folder
         self._server: StreamServer | None = None

@@ -28,7 +28,7 @@ from ..metrics import ListenerMetrics
 from .shared import ConnectionCounter, LocalConnections
 
 if TYPE_CHECKING:
-    from ..app import App
+    from .host import Host
 
 #: Once the grace period is over and every session was asked to stop, how long
 #: they get to reach a safe point (a delivery in progress finishes first) ...
@@ -51,7 +51,7 @@ class Session(Protocol):
 
     def __init__(
         self,
-        app: App,
+        app: Host,
         sock: socket.socket,
         address: tuple,
         listener: Listener,
@@ -123,7 +123,7 @@ class Listeners:
 
     def __init__(
         self,
-        app: App,
+        app: Host,
         sessions: dict[str, type[Session]],
         connections: ConnectionCounter | None = None,
     ) -> None:

@@ -53,6 +53,7 @@ from ..storage.modes import (
     make_folder,
 )
 from . import logpipe, notify, privileges
+from .host import Runtime
 from .listeners import bind
 from .shared import SharedState
 from .worker import WorkerContext
@@ -117,8 +118,11 @@ class Master:
         loader: Any,
         account: privileges.Account | None,
         path: str | None = None,
+        *,
+        runtime: Runtime,
     ) -> None:
         self.config = config
+        self.runtime = runtime  # builds what the workers run
         self.loader = loader  # reads the file again (with -l/-p/-d), for reload
         self.path = path  # the config file, for the log
         self.account = account
@@ -164,9 +168,7 @@ class Master:
                         logger.info("listening on [{}]:{} ({})", host, port, listener.role)
                 self.bound.append(bound)
             if config.admin.enabled:
-                from ..admin.server import admin_tokens
-
-                self.token, self.read_token = admin_tokens(config.admin)
+                self.token, self.read_token = self.runtime.admin_tokens(config.admin)
                 admin = config.admin
                 self.admin = bind(admin.address, admin.port, 128)
                 host, port = self.admin.getsockname()[:2]
@@ -229,6 +231,7 @@ class Master:
             clean=clean,
             shared=self.shared,
             slot=slot,
+            start=self.runtime.start_worker,
         )
         # What the master made so far moves to the collector's permanent
         # generation: a worker's collections then never touch (and so never
@@ -453,14 +456,14 @@ class Master:
             _reply(asker, {"error": str(exc)})
 
     def _begin(self, new: Config, allow_restart_keys: bool, asker: socket.socket | None) -> None:
-        from ..app import plan_change, prepare
-
         if self.next is not None:
             raise ConfigError("a configuration change is already starting; try again")
         if len(self._free_slots) < self.count:
             raise ConfigError("too many workers still finishing their sessions; try again")
-        running, change = plan_change(self.config, new, allow_restart_keys=allow_restart_keys)
-        prepared = prepare(running)  # the keys, as root: ConfigError when unusable
+        running, change = self.runtime.plan_change(
+            self.config, new, allow_restart_keys=allow_restart_keys
+        )
+        prepared = self.runtime.prepare(running)  # the keys, as root: ConfigError when unusable
         if running.log != self.config.log:
             logs.setup(running.log)
         notify.notify(notify.reloading())
@@ -579,8 +582,11 @@ def _make_folder(key: str, path: Path, mode: int, owner: privileges.Account | No
         raise OSError(exc.errno, f"{key}: cannot create '{path}': {exc.strerror}") from None
 
 
-def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -> int:
-    """Run the server: the master's whole life. The exit status."""
+def serve(
+    config: Config, loader: Any, prepared: Any, path: str | None = None, *, runtime: Runtime
+) -> int:
+    """Run the server: the master's whole life, its workers started with
+    `runtime`. The exit status."""
     import sys
 
     from .listeners import raise_open_files_limit
@@ -604,7 +610,7 @@ def serve(config: Config, loader: Any, prepared: Any, path: str | None = None) -
         (logger.warning if who is None and os.geteuid() == 0 else logger.info)(note)
     nofile = raise_open_files_limit()
     run_dir = Path(os.environ["GEOSMTP_RUN_DIR"])  # cli._run_dir made it
-    master = Master(config, loader, who, path)
+    master = Master(config, loader, who, path, runtime=runtime)
     try:
         for key, path, mode in (
             ("mail_dir", config.mail_dir, MAIL_ROOT_MODE),

@@ -40,11 +40,11 @@ from ..storage.maildir import MaildropBusy, uid_for
 from .stream import READ_SIZE, ClientTimeout, StreamSession
 
 if TYPE_CHECKING:
-    from ..app import App
     from ..config import Listener
     from ..metrics import ListenerMetrics
     from ..smtp.sasl import Credentials
     from ..storage.maildir import Maildir, MaildropLock, StoredMessage
+    from .host import Host
 
 
 def _send_at_once(sock: socket.socket) -> None:
@@ -62,7 +62,7 @@ def _send_at_once(sock: socket.socket) -> None:
 class POP3Session(StreamSession):
     def __init__(
         self,
-        server: App,
+        server: Host,
         sock: socket.socket,
         address: tuple,
         listener: Listener,

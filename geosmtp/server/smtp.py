@@ -37,16 +37,17 @@ from ..smtp import (
 from ..smtp import replies as R
 from ..smtp.trace import trace_headers
 from ..storage import SpoolFile, StorageError
+from ..storage.spool import without_return_paths
 from .anvil import ClientRates
 from .shared import CONNECTION_RATE, CONNECTIONS, ERRORS
 from .stream import ClientTimeout, StreamSession
 
 if TYPE_CHECKING:
-    from ..app import App
     from ..config import Listener
     from ..mail import Envelope
     from ..metrics import ListenerMetrics
     from ..smtp.sasl import Credentials
+    from .host import Host
 
 _last_date: tuple[int, str] = (-1, "")
 
@@ -63,7 +64,7 @@ def received_date() -> str:
 class SMTPSession(StreamSession):
     def __init__(
         self,
-        server: App,
+        server: Host,
         sock: socket.socket,
         address: tuple,
         listener: Listener,
@@ -311,6 +312,8 @@ class SMTPSession(StreamSession):
         started = time.perf_counter()
         stages = None
         auth_results: dict[str, str] = {}
+        if isinstance(spool, SpoolFile):
+            spool = self._own_return_path_only(spool)
         if isinstance(spool, _FailedSpool) or spool is None:
             error = spool.error if spool is not None else None
             verdict = Verdict(False, True, str(error), no_space=bool(error and error.no_space))
@@ -392,6 +395,28 @@ class SMTPSession(StreamSession):
         if self.spool is not None:
             self.spool.discard()
             self.spool = None
+
+    def _own_return_path_only(self, spool: SpoolFile) -> SpoolFile | _FailedSpool:
+        """The message without the `Return-Path:` fields the client wrote (rare:
+        the sniffer saw one, or could not look through the whole header
+        section); the server's own, on the first line, stays."""
+        sniffer = self.sniffer
+        if sniffer is None:
+            return spool
+        sniffer.close()
+        if not sniffer.return_path:
+            return spool
+        try:
+            spool.flush()
+            new = without_return_paths(self.server.spool, spool)
+        except StorageError as exc:
+            spool.remove()
+            logger.error("session {}: cannot spool the message: {}", self.id, exc)
+            return _FailedSpool(exc)
+        if new is None:
+            return spool
+        spool.remove()
+        return new
 
     def _log_transaction(
         self, envelope: Envelope, result: int | str, size: int = 0, **extra: str | None

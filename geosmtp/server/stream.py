@@ -21,10 +21,10 @@ from gevent import socket as gsocket
 from loguru import logger
 
 if TYPE_CHECKING:
-    from ..app import App
     from ..config import Listener
     from ..metrics import ListenerMetrics
     from ..smtp.connection import SansIOConnection
+    from .host import Host
 
 READ_SIZE = 64 * 1024
 
@@ -69,7 +69,7 @@ class StreamSession:
 
     def __init__(
         self,
-        server: App,
+        server: Host,
         sock: socket.socket,
         address: tuple,
         listener: Listener,

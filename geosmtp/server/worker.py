@@ -16,7 +16,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import gevent
 from gevent import socket as gsocket
@@ -24,8 +24,10 @@ from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 from loguru import logger
 
+from .. import logs
 from ..config import Config, ConfigError, Listener
 from . import logpipe, privileges
+from .host import ConfigChange
 
 #: Exit statuses a worker that could not start uses (as the CLI's).
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -52,6 +54,8 @@ class WorkerContext:
     clean: bool  # the first worker of a start: no other process writes yet
     shared: object  # server.shared.SharedState: what all workers count in
     slot: int  # this worker's counters in it
+    #: Builds and starts the app and its admin API (`host.Runtime.start_worker`).
+    start: Callable[[WorkerContext, MasterLink], tuple[Any, Any]]
 
 
 class MasterLink:
@@ -101,9 +105,7 @@ class MasterLink:
             raise ConfigError("the master process is gone")
         return reply
 
-    def _change(self, message: dict):  # type: ignore[no-untyped-def]
-        from ..app import ConfigChange
-
+    def _change(self, message: dict) -> ConfigChange:
         reply = self.request(message)
         if "error" in reply:
             raise ConfigError(reply["error"])
@@ -129,7 +131,9 @@ def run(ctx: WorkerContext) -> NoReturn:
             os._exit(EXIT_FAILURE)
         logpipe.forward(ctx.log_fd, ctx.config.log)
         link = MasterLink(ctx.control)
-        app, admin = _start(ctx, link)
+        logs.capture_hub_errors(gevent.get_hub())
+        ctx.shared.bind(ctx.slot)  # type: ignore[attr-defined]
+        app, admin = ctx.start(ctx, link)
     except BaseException as exc:
         status, reason = _failure(exc)
         try:
@@ -164,27 +168,6 @@ def run(ctx: WorkerContext) -> NoReturn:
     finally:
         sys.stdout.flush()
         os._exit(0)
-
-
-def _start(ctx: WorkerContext, link: MasterLink):  # type: ignore[no-untyped-def]
-    from .. import logs
-    from ..admin.server import start_admin
-    from ..app import App
-
-    logs.capture_hub_errors(gevent.get_hub())
-    ctx.shared.bind(ctx.slot)  # type: ignore[attr-defined]
-    app = App(
-        ctx.config,
-        ctx.prepared,  # type: ignore[arg-type]
-        master=link,
-        share=(ctx.index, ctx.count),
-        shared=ctx.shared,  # type: ignore[arg-type]
-    )
-    app.start(ctx.bound, clean=ctx.clean)
-    admin = None
-    if ctx.admin is not None:
-        admin = start_admin(app, ctx.admin, ctx.token or "", ctx.read_token)
-    return app, admin
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:

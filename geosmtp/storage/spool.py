@@ -25,6 +25,7 @@ import itertools
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -80,6 +81,59 @@ def read_return_path(message: BinaryIO) -> bytes:
         return first
     message.seek(start)
     return b""
+
+
+#: The longest header line read whole when looking for `Return-Path:` fields.
+_HEADER_LINE_LIMIT = 1024 * 1024
+
+
+def _is_return_path(line: bytes) -> bool:
+    """A header line that starts a `Return-Path:` field (white space may come
+    before the colon, RFC 5322 §4.5.3)."""
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and name.rstrip(b" \t").lower() == b"return-path"
+
+
+def without_return_paths(spool: Spool, message: SpoolFile) -> SpoolFile | None:
+    """`message` (flushed) without the `Return-Path:` fields a client or a
+    filter wrote into its header section, as a new spool file; None when it
+    has none (the usual case: nothing is written). The server's own first
+    line is kept: a local copy has exactly one Return-Path, the envelope's
+    (RFC 5321 §4.4; Postfix's cleanup removes the others too), and the relay,
+    which skips that line, passes none on. Blocking file work; StorageError."""
+    try:
+        with open(message.path, "rb") as f:
+            ours = read_return_path(f)
+            start = f.tell()
+            if not any(_is_return_path(line) for line in _header_lines(f)):
+                return None
+            f.seek(start)
+            new = spool.open()
+            try:
+                new.write(ours)
+                dropping = False
+                for line in _header_lines(f):
+                    if line[:1] not in (b" ", b"\t"):
+                        dropping = _is_return_path(line)
+                    if not dropping:
+                        new.write(line)
+                new.append_file(message.path, f.tell())
+                new.flush()
+            except BaseException:
+                new.remove()
+                raise
+    except OSError as exc:
+        raise StorageError.wrap(exc) from exc
+    return new
+
+
+def _header_lines(f: BinaryIO) -> Iterator[bytes]:
+    """The header section's lines from where `f` stands, the empty line that
+    ends it included (the body starts where `f` stands after it)."""
+    while line := f.readline(_HEADER_LINE_LIMIT):
+        yield line
+        if line in (b"\n", b"\r\n"):
+            return
 
 
 def unlink_quietly(path: str) -> None:

@@ -104,3 +104,27 @@ def test_an_untrusted_client_asks_for_no_success_or_delay_report(asked, kept):
     assert allowed.recipients[1] is other
     assert allowed.mail_params == {"RET": "HDRS"} and allowed.sender == env.sender
     assert (allowed is env) == (asked == kept)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "found"),
+    [
+        ([b"Subject: s\n\nReturn-Path: <body@x>\n"], False),  # the body's is text
+        ([b"Subject: s\nReturn-Path: <evil@x>\n\nbody\n"], True),
+        ([b"Subject: s\nreturn-pa", b"th :\n <folded@x>\n\nbody\n"], True),  # cut anywhere
+        ([b"X-Return-Path: <x>\n\n"], False),
+    ],
+)
+def test_the_sniffer_sees_a_clients_return_path_in_the_header_section(pieces, found):
+    sniffer = MessageIdSniffer()
+    for piece in pieces:
+        sniffer.feed(piece)
+    sniffer.close()
+    assert sniffer.return_path is found
+
+
+def test_a_header_section_too_long_to_look_through_may_hide_a_return_path():
+    sniffer = MessageIdSniffer()
+    sniffer.feed(b"X-Long: " + b"a" * HEADER_LIMIT + b"\n")
+    sniffer.close()
+    assert sniffer.return_path is True  # the session then looks at the whole file

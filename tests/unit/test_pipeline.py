@@ -249,3 +249,33 @@ def test_a_rewrite_is_flushed_before_the_next_stage_reads_it(parts):
     pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("w", rewrite), reader])
     assert pipeline.process(message(spool, ALICE)).delivered
     assert reader.data == b"Subject: new\n\nbody\n"
+
+
+# ------------------------------------------- the port reports come in by
+
+
+def test_deliver_routes_alone_no_stage_and_no_after_delivery(parts):
+    """`pipeline.deliver`, the port the queue's reports are injected by: the
+    router's destinations, all or nothing, and nothing else; a stage that
+    refuses everything and the after-delivery hook are not reached, so a
+    report never comes back through the pipeline (issue 20's one-way path)."""
+    from geosmtp.pipeline import deliver
+
+    store, spool = parts
+    hooked = []
+    pipeline = Pipeline(
+        Router(MaildirDestination(store)),
+        [type("Refuse", (), {"name": "refuse", "process": lambda self, m: Reject("no")})()],
+        after_delivery=hooked.append,
+    )
+    report = message(spool, ALICE)
+    verdict = deliver(pipeline.router, report)
+    assert verdict.delivered and verdict.destinations == ("maildir",)
+    assert stored(store) == {"alice": [b"Subject: s\n\nbody\n"]}
+    assert hooked == [] and report.verdicts == []
+    assert os.path.exists(report.spool.path)  # the caller (the reporter) removes it
+    report.spool.remove()
+    unroutable = message(spool, REMOTE)
+    verdict = deliver(pipeline.router, unroutable)
+    assert not verdict.delivered and verdict.temporary
+    unroutable.spool.remove()

@@ -433,7 +433,7 @@ def test_the_runner_starts_reports_each_quarantined_entry_and_delivers_the_rest(
     metrics = Metrics()
     runner = QueueRunner(
         store,
-        RunnerSettings("mx.example.test", RetrySchedule()),
+        RunnerSettings("mx.example.test", RetrySchedule([60], 3600)),
         resolver=None,  # type: ignore[arg-type]
         report=lambda *args: None,
         metrics=metrics,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -292,6 +293,26 @@ def test_notify_success_gets_a_delivery_report(make):
     )
     runner._attempt(record)
     assert reports == [("delivered", ["b@remote.test"])]
+
+
+def from_a_dsn_hop(result: AttemptResult) -> AttemptResult:
+    """`result` as from a next hop that offered DSN, so NOTIFY and ORCPT went on."""
+    return dataclasses.replace(result, dsn=True)
+
+
+@pytest.mark.parametrize("dsn_hop", [False, True])
+def test_a_relayed_notice_only_where_the_next_hop_did_not_take_the_dsn_request(make, dsn_hop):
+    """RFC 3461 §6.2.1: a hop that offered DSN got NOTIFY=SUCCESS passed on and
+    reports the delivery itself; geosmtp sends `relayed` only to one that did not."""
+    runner, record, client, reports, _, _ = make(
+        {"b@remote.test": (Outcome.DELIVERED, "2.0.0")}, notify=["SUCCESS"]
+    )
+    if dsn_hop:
+        send = runner.send
+        runner.send = lambda *args, **kw: from_a_dsn_hop(send(*args, **kw))
+    runner._attempt(record)
+    assert record.recipients[0].state == DELIVERED and len(client.calls) == 1
+    assert reports == ([] if dsn_hop else [("delivered", ["b@remote.test"])])
 
 
 def test_nothing_is_ever_reported_to_the_null_sender(make):

@@ -10,24 +10,26 @@ from pathlib import Path
 
 import pytest
 
+from geosmtp import config as cfg
+from geosmtp.config import DEFAULT_DELAY_WARNING, DEFAULT_MAX_LIFETIME, DEFAULT_RETRY_DELAYS
 from geosmtp.queue import schedule
-from geosmtp.queue.schedule import (
-    DEFAULT_DELAY_WARNING,
-    DEFAULT_MAX_LIFETIME,
-    DEFAULT_RETRY_DELAYS,
-    RetrySchedule,
-    delay_warning_due,
-)
+from geosmtp.queue.schedule import RetrySchedule, delay_warning_due
 
 T0 = 1_700_000_000.0  # a wall-clock time, as a queue record stores it
 DAY = 86400.0
 
 
+def default_schedule() -> RetrySchedule:
+    """The schedule of the config's defaults (`relay:`, which defines them)."""
+    relay = cfg.Relay()
+    return RetrySchedule(relay.retry_schedule, relay.max_lifetime)
+
+
 def test_defaults_are_minutes_then_hours_for_five_days():
-    s = RetrySchedule()
+    s = default_schedule()
     assert s.delays == DEFAULT_RETRY_DELAYS == (60, 300, 900, 1800, 3600, 7200, 14400)
     assert s.max_lifetime == DEFAULT_MAX_LIFETIME == 5 * DAY
-    assert DEFAULT_DELAY_WARNING == 4 * 3600
+    assert cfg.Relay().delay_warning == DEFAULT_DELAY_WARNING == 4 * 3600
 
 
 def test_each_delay_follows_its_attempt_and_the_last_repeats():
@@ -126,7 +128,7 @@ def test_never_given_up_before_the_promised_time(delays, lifetime, duration):
 
 def test_default_schedule_attempts_over_five_days():
     """Walking the default schedule: the attempt times, and the give-up."""
-    starts, given_up = walk(RetrySchedule())
+    starts, given_up = walk(default_schedule())
     assert starts[:8] == [0, 60, 360, 1260, 3060, 6660, 13860, 28260]
     assert all(b - a == 14400 for a, b in itertools.pairwise(starts[7:-1]))
     # 8 attempts in the first 8 hours, 28 every 4 hours, the last at 5 days
@@ -162,7 +164,7 @@ def test_nonsense_is_refused(delays, lifetime):
 
 def test_negative_attempts_are_refused():
     with pytest.raises(ValueError):
-        RetrySchedule().next_attempt(T0, -1, T0)
+        default_schedule().next_attempt(T0, -1, T0)
 
 
 def test_equality_and_repr():
