@@ -68,11 +68,13 @@ def master_cf(port: int, listeners: dict[str, tuple[int, list[str]]]) -> str:
 def private_postfix(
     main: dict[str, str] | None = None,
     listeners: dict[str, list[str]] | None = None,
-    relayhost: str = "",
+    relayhost: str = "[127.0.0.1]:1",
 ) -> Iterator[PrivatePostfix]:
     """A private Postfix on 127.0.0.3: `main` are more main.cf settings,
     `listeners` more smtpd services (name -> `-o name=value` overrides),
-    `relayhost` where its own mail (bounces, DSNs) goes."""
+    `relayhost` where its own mail (bounces, DSNs) goes: by default a closed
+    loopback port (it stays deferred), so that it never looks up a domain in
+    DNS nor sends a packet off loopback."""
     if not Postfix.available():
         pytest.skip("a private Postfix needs root, /usr/sbin/postfix and /usr/lib/postfix/sbin")
     # Not under pytest's tmp_path: its folders are 0700, and Postfix's daemons
@@ -123,6 +125,17 @@ def private_postfix(
                 pytest.skip(
                     f"postfix did not answer on {POSTFIX_HOST}:{each}: {server.maillog()[-500:]}"
                 )
+        # The probes' sessions have ended (and are logged): a test counting
+        # sessions from here on sees only its own.
+        probed = 1 + len(server.ports)
+        wait_until(
+            lambda: (
+                (log := server.maillog()).count("disconnect from")
+                == log.count("]: connect from")
+                >= probed
+            ),
+            what="postfix to log the end of the probes' sessions",
+        )
         yield server
     finally:
         subprocess.run([POSTFIX, "-c", str(etc), "stop"], capture_output=True, timeout=60)
