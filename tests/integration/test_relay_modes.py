@@ -8,21 +8,15 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
-import os
-import pwd
-import shutil
 import smtplib
 import ssl
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from bench.probe import greets
-from bench.servers import MAIN_CF, MASTER_CF, POSTFIX, RELAY_CONCURRENCY, Postfix
 from tests.conftest import listeners, users, wait_until
 from tests.integration.dns_server import dns_server, remote_mx
+from tests.integration.postfix import POSTFIX_HOST, private_postfix
 from tests.integration.smtp_sink import Script, Sink, free_port_on
 
 PASSWORD = "modes-test-pw"
@@ -174,67 +168,13 @@ def test_smarthost_ca_file_missing_is_a_config_error(tmp_path):
 
 # ------------------------------------------------------- Postfix as the MX
 
-POSTFIX_HOST = "127.0.0.3"
-
-# inet_interfaces must name an address an interface has (127.0.0.3 is only
-# inside lo's 127.0.0.0/8, and postfix refuses it, saying so only to syslog);
-# master.cf's smtpd listens on 127.0.0.3 all the same.
-
 
 @pytest.fixture
 def postfix():
-    """A private Postfix on 127.0.0.3 delivering remote.test into a Maildir per user."""
-    if not Postfix.available():
-        pytest.skip("a private Postfix needs root, /usr/sbin/postfix and /usr/lib/postfix/sbin")
-    # Not under pytest's tmp_path: its folders are 0700, and Postfix's daemons
-    # (postfix, nobody) must reach their spool and the mailboxes.
-    root = Path(tempfile.mkdtemp(prefix="geosmtp-postfix-"))
-    os.chmod(root, 0o755)
-    etc = root / "etc"
-    for sub in ("etc", "spool", "data", "mail_dir"):
-        (root / sub).mkdir()
-    owner = pwd.getpwnam("nobody")
-    os.chown(root / "mail_dir", owner.pw_uid, owner.pw_gid)
-    pf = pwd.getpwnam("postfix")
-    os.chown(root / "data", pf.pw_uid, pf.pw_gid)
-    port = free_port_on(POSTFIX_HOST)
-    (etc / "main.cf").write_text(
-        MAIN_CF.format(
-            root=root,
-            hostname="mx.remote.test",
-            mail_domain="remote.test",
-            relayhost="",
-            relay_concurrency=RELAY_CONCURRENCY,
-            max_size=10 * 1024 * 1024,
-            procs=100,
-            uid=owner.pw_uid,
-            gid=owner.pw_gid,
-        )
-    )
-    (etc / "master.cf").write_text(MASTER_CF.format(host=POSTFIX_HOST, port=port))
-    (etc / "vmailbox").write_text("bob@remote.test bob/\ncarol@remote.test carol/\n")
-    started = subprocess.run(
-        [POSTFIX, "-c", str(etc), "start"], capture_output=True, text=True, timeout=60
-    )
-    try:
-        if started.returncode != 0:
-            # its reason goes to syslog (there may be none): say what we have
-            pytest.skip(f"postfix did not start ({started.returncode}): {started.stderr[-300:]}")
-        try:
-            wait_until(
-                lambda: greets(POSTFIX_HOST, port, b"220"), timeout=30, what="postfix to greet"
-            )
-        except AssertionError:
-            log = (
-                (root / "maillog").read_text(errors="replace")
-                if (root / "maillog").exists()
-                else ""
-            )
-            pytest.skip(f"postfix did not answer on {POSTFIX_HOST}:{port}: {log[-500:]}")
-        yield root, port
-    finally:
-        subprocess.run([POSTFIX, "-c", str(etc), "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    """A private Postfix on 127.0.0.3 delivering remote.test into a Maildir per
+    user (tests/integration/postfix.py): yields its root and port."""
+    with private_postfix() as server:
+        yield server.root, server.port
 
 
 def test_postfix_as_the_receiving_mx(mx_setup, postfix):
