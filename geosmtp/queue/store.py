@@ -483,15 +483,7 @@ class QueueStore:
             fsync_path(self.records)
 
     def remove(self, queue_id: str) -> None:
-        """The entry is finished (every recipient delivered or given up).
-
-        In the threadpool: unlinking the message's last link frees its blocks,
-        and on a disk busy with other sessions' fsyncs that waits for the
-        journal (a quarter of the hub's time in the relay bench, every
-        session stalled meanwhile)."""
-        self.offload(self._remove, queue_id)
-
-    def _remove(self, queue_id: str) -> None:
+        """The entry is finished (every recipient delivered or given up)."""
         # The record goes first: a message without a record is an orphan, removed
         # at the next start; a record without its message would be quarantined.
         _unlink_quietly(self._record_path(queue_id))
