@@ -171,7 +171,6 @@ class QueueRunner:
             self._loop.kill()
         self._pool.join(timeout=timeout)
         self._pool.kill(block=True, timeout=5)
-        self.store.wait_removed(timeout=5)
 
     def submit(self, record: QueueRecord) -> None:
         """A new entry (already durable on disk): try it now."""
@@ -507,7 +506,7 @@ class QueueRunner:
 
     def _finish(self, record: QueueRecord) -> None:
         self.records.pop(record.id, None)
-        self.store.remove_soon(record.id)
+        self.store.remove(record.id)
         states = ", ".join(_final_state(r) for r in record.recipients)
         logger.info("queue {}: done ({})", record.id, states)
 

@@ -36,9 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gevent
-from loguru import logger
-
 from ..smtp.parser import MAX_PATH, SyntaxProblem, is_valid_domain, parse_mailbox
 from ..storage import SpoolFile, StorageError
 from ..storage.maildir import Delivery
@@ -417,9 +414,6 @@ class QueueStore:
             raise StorageError.wrap(exc) from exc
         #: True when the spool is on this filesystem: entries are links, else copies.
         self.link = True
-        #: finished entries `remove_soon` is to remove, and the greenlet doing it
-        self._removals: list[str] = []
-        self._remover: gevent.Greenlet | None = None
 
     def message_path(self, queue_id: str) -> str:
         return f"{self.messages}/{queue_id}"
@@ -494,41 +488,6 @@ class QueueStore:
         # at the next start; a record without its message would be quarantined.
         _unlink_quietly(self._record_path(queue_id))
         _unlink_quietly(self.message_path(queue_id))
-
-    def remove_soon(self, queue_id: str) -> None:
-        """`remove`, in the threadpool, without waiting: what the runner does
-        with a finished entry. On a disk busy with the sessions' fsyncs an
-        unlink waits for the journal, and on the hub that stalled every session
-        (a quarter of its time in the relay bench); one trip to the pool takes
-        every entry finished meanwhile. Like `remove`, not fsynced: a crash
-        before it is on disk sends the entry's last attempt again."""
-        self._removals.append(queue_id)
-        if self._remover is None:
-            self._remover = gevent.spawn(self._remove_queued)
-
-    def _remove_queued(self) -> None:
-        try:
-            while self._removals:
-                batch, self._removals = self._removals, []
-                for queue_id, error in self.offload(self._remove_all, batch):
-                    logger.error("queue {}: cannot remove its files: {}", queue_id, error)
-        finally:
-            self._remover = None
-
-    def _remove_all(self, queue_ids: list[str]) -> list[tuple[str, OSError]]:
-        failed = []
-        for queue_id in queue_ids:
-            try:
-                self.remove(queue_id)
-            except OSError as exc:
-                failed.append((queue_id, exc))
-        return failed
-
-    def wait_removed(self, timeout: float | None = None) -> None:
-        """Until the entries given to `remove_soon` are removed (at a stop)."""
-        remover = self._remover
-        if remover is not None:
-            remover.join(timeout=timeout)
 
     # ------------------------------------------------------------- read
 
