@@ -127,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--tool", choices=["py-spy", "cprofile"], default="py-spy")
     prof.add_argument("--format", choices=["raw", "flamegraph", "speedscope"], default="raw")
     prof.add_argument("--native", action="store_true", help="py-spy --native: C frames too")
+    prof.add_argument(
+        "--idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="relay: sample waiting threads too (wall time; --no-idle: CPU samples only)",
+    )
     prof.set_defaults(scenario="throughput")
     sub.add_parser("selfcheck", help="check the bench's own message builder and verifier")
     rep = sub.add_parser("report", help="rebuild a result's table and plot from its JSON")

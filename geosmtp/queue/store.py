@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import stat
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +105,24 @@ class QueueRecord:
         return not self.pending and not self.unreported
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
+        """What `dataclasses.asdict` gives, made field by field: asdict copies
+        every value deeply, and this runs for every entry in the threadpool
+        holding the GIL (45 µs a record against 15)."""
+        fields = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        fields["recipients"] = [
+            {name: getattr(r, name) for name in _RECIPIENT_FIELDS} for r in self.recipients
+        ]
+        return json.dumps(fields, sort_keys=True).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> QueueRecord:
         """A record as written by `to_json`; BadRecord for anything else."""
         return read_record(data)
+
+
+#: The fields `to_json` writes, in the dataclasses' order.
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(QueueRecord))
+_RECIPIENT_FIELDS = tuple(f.name for f in dataclasses.fields(QueuedRecipient))
 
 
 # ---------------------------------------------------------------- checking
@@ -411,6 +424,18 @@ class QueueStore:
             raise StorageError.wrap(exc) from exc
         #: True when the spool is on this filesystem: entries are links, else copies.
         self.link = True
+        #: messages/ and records/ opened once, for their fsyncs: an entry's
+        #: trip to the threadpool made four calls fewer (an open and a close
+        #: per folder, each a path lookup and a turn of the GIL with the hub).
+        self._folder_fds: dict[str, int] = {}
+        if fsync:
+            try:
+                for folder in (self.messages, self.records):
+                    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    self._folder_fds[folder] = fd
+                    weakref.finalize(self, os.close, fd)
+            except OSError as exc:
+                raise StorageError.wrap(exc) from exc
 
     def message_path(self, queue_id: str) -> str:
         return f"{self.messages}/{queue_id}"
@@ -447,8 +472,8 @@ class QueueStore:
         made.append(self._record_path(record.id))
         self._write_record(record, sync_dirs=False)
         if self.fsync:
-            fsync_path(self.messages)
-            fsync_path(self.records)
+            self._fsync_folder(self.messages)
+            self._fsync_folder(self.records)
 
     def save(self, record: QueueRecord) -> None:
         """Write a changed record (a recipient delivered, a retry scheduled)."""
@@ -477,7 +502,11 @@ class QueueStore:
             _unlink_quietly(tmp)
             raise
         if self.fsync and sync_dirs:
-            fsync_path(self.records)
+            self._fsync_folder(self.records)
+
+    def _fsync_folder(self, folder: str) -> None:
+        """fsync messages/ or records/ (after names in it changed)."""
+        os.fsync(self._folder_fds[folder])
 
     def remove(self, queue_id: str) -> None:
         """The entry is finished (every recipient delivered or given up)."""

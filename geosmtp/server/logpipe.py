@@ -22,6 +22,7 @@ from gevent import monkey
 from loguru import logger
 
 from ..config import Log
+from ..logs import ACCESS_LEVEL
 
 _HEADER = struct.Struct(">cI")
 #: Linux's F_SETPIPE_SZ: a pipe of 1 MiB holds seconds of lines, so a worker
@@ -119,4 +120,7 @@ _access = logger.bind(forwarded=True, access=True)
 
 def write_forwarded(kind: bytes, text: str) -> None:
     """A worker's line into the master's sinks, as the worker formatted it."""
-    (_access if kind == ACCESS else _server).opt(raw=True).log("CRITICAL", text)
+    if kind == ACCESS:
+        _access.opt(raw=True).log(ACCESS_LEVEL, text)
+    else:
+        _server.opt(raw=True).log("CRITICAL", text)

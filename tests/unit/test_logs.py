@@ -161,3 +161,30 @@ def test_an_access_value_with_an_escape_or_a_backslash_is_quoted():
     )
     assert line == (r'real="<a\u2028b@x>" typed="<a\\u2028b@x>" plain=<p@x> spaced="a b" empty=""')
     assert line.isprintable()
+
+
+def test_a_line_below_the_server_log_level_builds_no_record_and_access_lines_still_go(tmp_path):
+    """Issue 20: access lines are logged at their own level, above the server
+    log's, so the access sink never lowers loguru's minimum: with the server
+    log at WARNING a `logger.info` (a relayed message's `done` line) is dropped
+    before loguru builds its record (the patcher never sees it); the access
+    log is written as before, and nothing of it goes to log.txt."""
+    from geosmtp.config import Log
+
+    built: list[str] = []
+    log_dir = tmp_path / "logs"
+    try:
+        logs.setup(Log(dir=log_dir, level="WARNING"), console=False)
+        logger.configure(patcher=lambda record: built.append(record["message"]))
+        logger.info("queue {}: done", "Q1")
+        logger.warning("kept")
+        logs.access_log.write("queue=Q1 outcome=sent")
+        logs.access_log.flush()
+    finally:
+        logger.remove()
+        logger.configure(patcher=lambda record: None)
+    assert "queue Q1: done" not in built
+    assert "kept" in built
+    assert (log_dir / "access.log").read_text().endswith(" queue=Q1 outcome=sent\n")
+    server_log = (log_dir / "log.txt").read_text()
+    assert "kept" in server_log and "done" not in server_log and "outcome" not in server_log

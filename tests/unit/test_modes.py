@@ -94,7 +94,7 @@ def test_the_log_folder_and_every_log_file_keep_their_modes_across_rotations(tmp
         logs.setup(Log(dir=log_dir, rotation="200 B", retention=5), console=False)
         for n in range(40):
             logger.info("line {} {}", n, "x" * 40)
-            logs.access.info("access line {}", n)
+            logs.access.log(logs.ACCESS_LEVEL, "access line {}", n)
     finally:
         logger.remove()
     files = sorted(log_dir.iterdir())
