@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "selfcheck":
         from .selfcheck import main as selfcheck
 
-        return selfcheck()
+        return selfcheck(lambda argv: _relay_usage(_parser().parse_args(argv)))
     if args.client == "smtp-source" and args.scenario not in SMTP_SOURCE_SCENARIOS:
         print("--client smtp-source: only throughput, fanout, scaling and relay", file=sys.stderr)
         return 2

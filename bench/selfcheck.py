@@ -16,6 +16,7 @@ import shutil
 import socketserver
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from . import mailboxes, messages
@@ -36,7 +37,9 @@ def store_like_a_server(root: Path, msg: messages.Message, name: str) -> None:
         (root / box / "tmp").mkdir(exist_ok=True)
 
 
-def main() -> int:
+def main(usage: Callable[[list[str]], str | None]) -> int:
+    """Every check; `usage` is the CLI's own usage check of a `run` command
+    line (given by `bench/cli.py`, which this module does not import)."""
     failures = []
     root = Path(tempfile.mkdtemp(prefix="bench-selfcheck-"))
     try:
@@ -81,7 +84,7 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     failures += check_relay_sink()
-    failures += check_relay_options()
+    failures += check_relay_options(usage)
     failures += check_pop3_client()
     failures += check_soak()
     for f in failures:
@@ -294,14 +297,13 @@ def check_pop3_client() -> list[str]:
 SINK_DELAY = 0.3  # seconds: far above loopback's round trip, far below the 2 s probe
 
 
-def check_relay_options() -> list[str]:
+def check_relay_options(usage: Callable[[list[str]], str | None]) -> list[str]:
     """The relay's next hops and options (issue 20): the sink's `--delay`
     (every reply late, in order, connections served at once), smtp-sink's
     counters, the check by count, and the usage errors."""
     failures = check_sink_delay()
     failures += check_smtp_sink_counters()
     failures += check_counted_row()
-    from .cli import _parser, _relay_usage
 
     cases = {
         "relay --sink-delay 0.05": None,
@@ -313,7 +315,7 @@ def check_relay_options() -> list[str]:
         "relay --server-workers 0": "1 or more",
     }
     for argv, want in cases.items():
-        got = _relay_usage(_parser().parse_args(["run", *argv.split()]))
+        got = usage(["run", *argv.split()])
         if (got is None) != (want is None) or (want and want not in (got or "")):
             failures.append(f"usage: `{argv}` gives {got!r}, not {want!r}")
     return failures
