@@ -4,7 +4,8 @@
 
 A connection is put back after a transaction that ended well and left it
 usable; the next delivery to the same key (address, port, TLS mode, HELO
-name, AUTH identity) takes it, and sends RSET before its transaction. A
+name, AUTH identity, source address, and the TLS context and checked name)
+takes it, and sends RSET before its transaction. A
 connection idle for more than `idle_time` seconds, or that has carried
 `reuse_limit` transactions, is closed: by a reaper greenlet while the cache
 holds any, or at the latest when it would be taken. Connections are taken

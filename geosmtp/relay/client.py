@@ -8,8 +8,9 @@ a DSN. It never raises for anything the network or the remote does; only for
 bad arguments and for a message file it cannot read (`OSError`, a local fault).
 `Relay.deliver()` is the same with connection reuse (`cache.ConnectionCache`):
 after a transaction that ended well the connection is kept, and the next
-message to the same address, port, TLS mode, HELO name and AUTH identity goes
-on it after a RSET.
+message to the same address, port, TLS mode, HELO name, AUTH identity and
+source address (and with TLS, the same context, and the same name when the
+context checks names) goes on it after a RSET.
 
 The conversation is `protocol.ClientConnection`'s (bytes in, events out); this
 module does the sockets (`socket.create_connection`, cooperative under
@@ -684,7 +685,7 @@ class _Attempt:
         targets = list(self._targets())
         if targets and self.cache is not None:
             host, address = targets[0]
-            while (conn := self.cache.take(self._key(address))) is not None:
+            while (conn := self.cache.take(self._key(host, address))) is not None:
                 try:
                     return self._deliver_on(conn, host, reused=True)  # type: ignore[arg-type]
                 except _Stale:
@@ -714,10 +715,18 @@ class _Attempt:
                     seen.add(address)
                     yield host, address
 
-    def _key(self, address: str) -> tuple:
-        """What a connection must share to carry this message (Postfix: the next hop)."""
+    def _key(self, host: Host, address: str) -> tuple:
+        """What a connection must share to carry this message (Postfix: the next hop,
+        and the TLS policy). With TLS, the context whose policy checked the
+        certificate, and the name it was checked against when it checks names:
+        a connection verified for one MX name, or under a context a reload
+        replaced, is never used for another without checking again."""
         user = self.auth[0] if self.auth is not None else None
-        return (address, self.port, self.tls, self.helo_name, user, self.source_address)
+        checked: tuple = ()
+        if self.tls != "none":
+            context = self._context()
+            checked = (context, _tls_name(host.name) if context.check_hostname else None)
+        return (address, self.port, self.tls, self.helo_name, user, self.source_address, checked)
 
     def _everyone(self, outcome: Outcome, status: str, diagnostic: str, **remote) -> AttemptResult:
         for i, rcpt in enumerate(self.recipients):
@@ -772,7 +781,7 @@ class _Attempt:
         )
         conn = Connection(
             sock, core, self.timeouts, host=host.name, address=address, port=self.port,
-            key=self._key(address),
+            key=self._key(host, address),
         )  # fmt: skip
         try:
             while True:

@@ -312,6 +312,7 @@ class ClientConnection:
         self._encoding = "ascii"
         self._mail_line = ""
         self._rcpt_lines: list[str] = []
+        self._garbled = False  # a reply without a 2xx-5xx code came: where it ends is unknown
 
     # ------------------------------------------------------------ the shell's calls
 
@@ -484,6 +485,8 @@ class ClientConnection:
     def _handle(self, raw: tuple[int, bytes, list[bytes]]) -> None:
         code, text, lines = raw
         reply = parse_reply(code, text)
+        if not 200 <= code < 600:
+            self._garbled = True
         state = self.state
         if state is State.GREETING:
             if code != 220:
@@ -687,6 +690,9 @@ class ClientConnection:
         replies: list[RemoteReply | None] = list(tx.replies)
         replies += [None] * (tx.rcpts - len(replies))
         self._tx = None
+        # After a line that was no reply, the replies may no longer match the
+        # commands: never another transaction on this connection.
+        reusable = reusable and not self._garbled
         self.state = State.READY if reusable else State.CLOSED
         self.stage = "sending MAIL FROM"
         self._events.append(TransactionDone(tx.mail, tuple(replies), tx.data, final, reusable))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import smtplib
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -296,3 +297,40 @@ def test_relayed_messages_reuse_one_connection_through_geosmtp(make_server):
         assert log.count("relay=127.0.0.1[127.0.0.1]") == 5
         server.stop()
         wait_until(lambda: verbs(sink)[-1:] == [b"QUIT"], what="QUIT at the server's stop")
+
+
+# ------------------------------------------------------------- review (issue 20)
+
+
+def _server_tls(certs) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certs.cert, certs.key)
+    return ctx
+
+
+def test_a_connection_checked_for_one_name_or_context_is_not_reused_for_another(certs):
+    """A cached connection's certificate was checked against one host name
+    with one context: a message to another MX name on the same address, or
+    after the context changed (a reload's `smarthost_ca_file`), must check
+    again on a new connection (Postfix keys its cache with the TLS policy and
+    the name it verified), not go on one that was never checked for it."""
+    relay = Relay()
+    trusting = certs.client_context()
+
+    def to(name: str, context: ssl.SSLContext | None) -> object:
+        return relay.deliver(
+            [Host(name, ("127.0.0.1",))], sink.port, "alice@client.test", ["a@sink.test"],
+            io.BytesIO(MESSAGE), helo_name="client.test", timeouts=FAST, tls="starttls",
+            tls_context=context,
+        )  # fmt: skip
+
+    with Sink(Script(tls=_server_tls(certs))) as sink:
+        assert to("localhost", trusting).delivered == ["a@sink.test"]
+        assert to("localhost", trusting).delivered == ["a@sink.test"]
+        assert sink.connections == 1  # the same name and context: reused
+        for name, context in (("wrong-name.test", trusting), ("localhost", None)):
+            r = to(name, context)["a@sink.test"]
+            assert (r.outcome, r.status) == (Outcome.TEMPORARY, "4.7.5")
+            assert "CERTIFICATE_VERIFY_FAILED" in r.diagnostic
+        assert sink.connections == 3 and len(sink.completed) == 2
+    relay.close()

@@ -501,3 +501,26 @@ def test_folding_does_not_depend_on_the_blocks():
         stuffed = wire[: -len(b".\r\n")]
         assert plain == re.sub(rb"(^|\r\n)\.", rb"\1", stuffed)
         assert message_size(io.BytesIO(message)) == len(plain)
+
+
+# ------------------------------------------------------------ review (issue 20)
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        OK + OK + OK + GO + b"hello there\r\n" + OK,  # a line that is no reply, then one
+        OK + OK + OK + b"DATA ok\r\n" + GO,  # no reply code to DATA
+        OK + OK + b"2.1.5 ok\r\n" + OK + GO,  # no reply code to a pipelined RCPT
+    ],
+    ids=["end-of-data", "data", "rcpt"],
+)
+def test_a_line_that_is_no_reply_in_a_transaction_ends_the_connection(tx):
+    """After a line without a reply code the replies may no longer match the
+    commands (RFC 5321 §4.2: every reply starts with its code): the
+    connection carries no other transaction (its RSET would be answered by
+    what was meant for another command)."""
+    run = three_ways([GREETING + EHLO_PIPE + tx + OK + tx + BYE], [ONE, ONE])
+    done = [e for e in run.events if isinstance(e, TransactionDone)]
+    assert len(done) == 1 and not done[0].reusable
+    assert b"RSET" not in run.sent and run.sent.count(b"MAIL FROM") == 1
