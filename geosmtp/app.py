@@ -121,7 +121,8 @@ def runner_settings(config: Config) -> RunnerSettings:
 
 def client_timeouts(t: cfg.RelayTimeouts) -> Timeouts:
     """The queue's client timeouts from `relay.timeouts`: `command` for every
-    command step, QUIT at most 10 s (the outcome is known by then)."""
+    command step, QUIT at most 10 s (the outcome is known by then), a reused
+    connection's RSET at most 20 s (a fresh connection is the remedy)."""
     command = {s: t.command for s in ("greeting", "helo", "tls", "auth", "mail", "rcpt")}
     return Timeouts(
         connect=t.connect,
@@ -129,6 +130,7 @@ def client_timeouts(t: cfg.RelayTimeouts) -> Timeouts:
         data_block=t.data_block,
         data_end=t.data_end,
         quit=min(10.0, t.command),
+        rset=min(20.0, t.command),
         **command,
     )
 

@@ -163,6 +163,10 @@ class Timeouts:
     tls: float = 300.0  # STARTTLS and the handshake; Postfix's smtp_starttls_timeout
     auth: float = 300.0  # each AUTH exchange
     mail: float = 300.0  # §4.5.3.2.2 MAIL: 5 minutes
+    # The RSET before a reused connection's next transaction: a cached peer that
+    # vanished without closing costs this, not MAIL's 5 minutes, before a fresh
+    # connection is opened (Postfix's smtp_rset_timeout, 20 s).
+    rset: float = 20.0
     rcpt: float = 300.0  # §4.5.3.2.3 RCPT: 5 minutes
     data_init: float = 120.0  # §4.5.3.2.4 DATA initiation: 2 minutes
     data_block: float = 180.0  # §4.5.3.2.5 data block: 3 minutes per send

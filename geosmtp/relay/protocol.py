@@ -321,7 +321,9 @@ class ClientConnection:
         """The `Timeouts` field for the reply awaited now."""
         if self.state is State.TRANSACTION and self._tx is not None:
             tx = self._tx
-            if tx.reset or tx.mail is None:
+            if tx.reset:  # a reused connection's RSET: is the server still there?
+                return "rset"
+            if tx.mail is None:
                 return "mail"
             if len(tx.replies) < tx.rcpts:
                 return "rcpt"

@@ -431,6 +431,26 @@ def test_timeouts_follow_the_step():
         core.send_envelope(*ONE)
 
 
+def test_a_reused_connections_rset_waits_on_its_own_timeout():
+    # Postfix's smtp_rset_timeout: a cached peer that vanished is given up
+    # after the RSET's 20 s, not the 5 minutes a MAIL may take.
+    core = ClientConnection("client.test")
+    core.receive_data(GREETING + EHLO)
+    assert isinstance(core.next_event(), Ready)
+    core.send_envelope(*ONE)
+    core.receive_data(OK + OK + OK + GO)
+    assert isinstance(core.next_event(), SendMessage)
+    core.message_sent()
+    core.receive_data(OK)
+    assert isinstance(core.next_event(), TransactionDone)
+    core.data_to_send()
+    core.send_envelope(*ONE, reset=True)
+    assert core.data_to_send().startswith(b"RSET\r\n")
+    assert core.waiting_for == "rset"
+    core.receive_data(OK)
+    assert core.next_event() is NEED_DATA and core.waiting_for == "mail"
+
+
 def test_lost_connection_reported_by_the_shell():
     core = ClientConnection("client.test")
     core.connection_lost("timed out", timed_out=True)
