@@ -476,6 +476,29 @@ class Connection:
             pass
         self.close()
 
+    def quiet(self) -> bool:
+        """Whether an idle connection is still open with nothing said since its
+        last reply. A server that closed it, or spoke unasked (a 421 as it timed
+        the session out), would only answer the RSET with that: not worth the
+        round trip. What the core holds is looked at for every connection, the
+        socket only for plaintext (TLS records such as session tickets may wait
+        there); the RSET tells the rest."""
+        if self.core.unread:
+            return False  # came with the last reply, after it
+        if isinstance(self.sock, ssl.SSLSocket):
+            return True
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0.0)  # gevent waits for data otherwise
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # nothing to read: open and quiet
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(timeout)
+        return False  # b"" (closed by the server) or bytes nobody asked for
+
     def close(self) -> None:
         """Close now (a cached connection says QUIT first, without waiting for the reply)."""
         if self.closed:
@@ -690,6 +713,9 @@ class _Attempt:
         if targets and self.cache is not None:
             host, address = targets[0]
             while (conn := self.cache.take(self._key(host, address))) is not None:
+                if not conn.quiet():
+                    conn.close()  # closed, or said something unasked: not worth an RSET
+                    continue
                 try:
                     return self._deliver_on(conn, host, reused=True)  # type: ignore[arg-type]
                 except _Stale:

@@ -331,6 +331,12 @@ class ClientConnection:
         return _WAITS.get(self.state, "quit")
 
     @property
+    def unread(self) -> int:
+        """Octets received and not yet read as a reply: on an idle connection
+        (READY, every command answered) anything here came unasked."""
+        return len(self._buf)
+
+    @property
     def pipelining(self) -> bool:
         return self.esmtp and "pipelining" in self.features
 

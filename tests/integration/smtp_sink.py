@@ -75,6 +75,9 @@ class Script:
     #: Close each connection (no reply, as an idle timeout would) once it has
     #: carried this many messages (connection reuse, issue 20).
     close_after_messages: int | None = None
+    #: A line sent unasked right after each final reply, the connection kept
+    #: open (a server announcing its idle timeout: "421 4.4.2 idle too long").
+    unasked_after_message: str | None = None
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Sink:
         self.script = script or Script()
         self.transactions: list[Transaction] = []
         self.connections = 0
+        self.unasked = 0  # lines sent unasked (Script.unasked_after_message)
         self.commands: list[bytes] = []
         #: Commands read while the next was already waiting (PIPELINING, RFC
         #: 2920: sent in the same write); plaintext sessions only.
@@ -212,6 +216,10 @@ class Sink:
         def reply(*lines: str) -> None:
             conn.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
 
+        if s.unasked_after_message is not None:
+            # Sent right behind a reply, the unasked line would wait for that
+            # reply's ACK (Nagle) and reach the client only later.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reply(s.greeting)
         rfile = conn.makefile("rb")
         helo, tls, auth = "", s.implicit_tls is not None, None
@@ -291,6 +299,9 @@ class Sink:
                 reply(answer)
                 tx = None
                 messages += 1
+                if s.unasked_after_message is not None:
+                    reply(s.unasked_after_message)
+                    self.unasked += 1
                 if s.close_after_messages is not None and messages >= s.close_after_messages:
                     return
             elif verb == "RSET":

@@ -107,6 +107,25 @@ def test_a_connection_the_server_closed_is_not_reused_and_costs_no_failure(exten
     relay.close()
 
 
+@pytest.mark.parametrize("extensions", [None, PIPELINING], ids=["one-by-one", "pipelining"])
+def test_a_connection_the_server_spoke_on_unasked_is_dropped_without_an_rset(extensions):
+    # The server said "421 idle too long" while the connection waited in the
+    # cache: the client sees it before reusing it and opens a new connection,
+    # without the round trip of an RSET whose reply would only be that 421.
+    script = Script(unasked_after_message="421 4.4.2 idle too long, closing")
+    if extensions is not None:
+        script.extensions = extensions
+    relay = Relay()
+    with Sink(script) as sink:
+        for n in range(3):
+            result = send(relay, sink.address, sink.port, ["a@sink.test"])
+            assert result.delivered == ["a@sink.test"] and result.tried == (), n
+            wait_until(lambda n=n: sink.unasked == n + 1, what="the unasked line sent")
+        assert sink.connections == 3 and len(sink.completed) == 3
+        assert b"RSET" not in verbs(sink)
+    relay.close()
+
+
 @pytest.mark.parametrize(
     ("script", "connections"),
     [

@@ -451,6 +451,29 @@ def test_a_reused_connections_rset_waits_on_its_own_timeout():
     assert core.next_event() is NEED_DATA and core.waiting_for == "mail"
 
 
+def test_bytes_after_the_last_reply_are_counted_as_unread():
+    # The shell drops an idle connection the server spoke on unasked (a 421
+    # as it times the session out) instead of sending it an RSET.
+    for cut in (None, 1):
+        core = ClientConnection("client.test")
+        core.receive_data(GREETING + EHLO)
+        assert isinstance(core.next_event(), Ready)
+        core.send_envelope(*ONE)
+        core.receive_data(OK + OK + OK + GO)
+        assert isinstance(core.next_event(), SendMessage)
+        core.message_sent()
+        unasked = b"421 4.4.2 idle too long\r\n"
+        if cut is None:
+            core.receive_data(OK + unasked)  # in one read with the last reply
+        else:
+            core.receive_data(OK)
+            assert isinstance(core.next_event(), TransactionDone) and core.unread == 0
+            core.receive_data(unasked)  # later, while the connection is idle
+        if cut is None:
+            assert isinstance(core.next_event(), TransactionDone)
+        assert core.unread == len(unasked)
+
+
 def test_lost_connection_reported_by_the_shell():
     core = ClientConnection("client.test")
     core.connection_lost("timed out", timed_out=True)
