@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import socket
 import ssl
@@ -87,6 +88,17 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
+_MAILDIR_TIME = re.compile(r"(\d+)\.M(\d+)P")
+
+
+def delivery_order(path: Path) -> tuple:
+    """A Maildir file's place in time: its name's seconds, then microseconds
+    (`1765043187.M98765P...` before `1765043187.M123456P...`, which sorting
+    the names as text gets the wrong way round), then the name."""
+    m = _MAILDIR_TIME.match(path.name)
+    return (int(m[1]), int(m[2]), path.name) if m else (0, 0, path.name)
+
+
 @dataclass
 class RunningServer:
     process: subprocess.Popen
@@ -105,11 +117,12 @@ class RunningServer:
         return self.root / "logs"
 
     def messages(self, box: str) -> list[Path]:
+        """The box's new messages, oldest first (`delivery_order`)."""
         new = self.mail_dir / box / "new"
-        return sorted(new.iterdir()) if new.is_dir() else []
+        return sorted(new.iterdir(), key=delivery_order) if new.is_dir() else []
 
     def all_messages(self) -> list[Path]:
-        return sorted(self.mail_dir.glob("*/new/*"))
+        return sorted(self.mail_dir.glob("*/new/*"), key=delivery_order)
 
     def tmp_files(self) -> list[Path]:
         """Files of messages not (yet) delivered: the spool, and any Maildir's tmp/."""
