@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import signal
 import socket
 import ssl
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from geosmtp.storage.maildir import delivery_order
 
 HOSTNAME = "mx.test.example"
 DOMAINS = ["test.example", "localhost"]
@@ -88,17 +89,6 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
-_MAILDIR_TIME = re.compile(r"(\d+)\.M(\d+)P")
-
-
-def delivery_order(path: Path) -> tuple:
-    """A Maildir file's place in time: its name's seconds, then microseconds
-    (`1765043187.M98765P...` before `1765043187.M123456P...`, which sorting
-    the names as text gets the wrong way round), then the name."""
-    m = _MAILDIR_TIME.match(path.name)
-    return (int(m[1]), int(m[2]), path.name) if m else (0, 0, path.name)
-
-
 @dataclass
 class RunningServer:
     process: subprocess.Popen
@@ -117,12 +107,13 @@ class RunningServer:
         return self.root / "logs"
 
     def messages(self, box: str) -> list[Path]:
-        """The box's new messages, oldest first (`delivery_order`)."""
+        """The box's new messages, oldest first (as POP3 lists them: by the
+        name's seconds and microseconds, not as text)."""
         new = self.mail_dir / box / "new"
-        return sorted(new.iterdir(), key=delivery_order) if new.is_dir() else []
+        return sorted(new.iterdir(), key=lambda p: delivery_order(p.name)) if new.is_dir() else []
 
     def all_messages(self) -> list[Path]:
-        return sorted(self.mail_dir.glob("*/new/*"), key=delivery_order)
+        return sorted(self.mail_dir.glob("*/new/*"), key=lambda p: delivery_order(p.name))
 
     def tmp_files(self) -> list[Path]:
         """Files of messages not (yet) delivered: the spool, and any Maildir's tmp/."""

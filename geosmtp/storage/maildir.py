@@ -475,7 +475,7 @@ class Maildir:
                 self._list_folder(folder, subdir, out)
             finally:
                 os.close(folder)
-        out.sort(key=lambda m: _delivery_order(m.key))
+        out.sort(key=lambda m: delivery_order(m.key))
         return out
 
     def _list_folder(self, folder: int, subdir: str, out: list[StoredMessage]) -> None:
@@ -567,7 +567,7 @@ def _count_lone_lfs(fd: int) -> int:
 _ORDER = re.compile(r"([0-9]+)\.(?:M([0-9]+)P)?")
 
 
-def _delivery_order(key: str) -> tuple[int, int, str]:
+def delivery_order(key: str) -> tuple[int, int, str]:
     """`<sec>.M<usec>P...` sorts by time (a name with only `<sec>.` first, by its
     second); any other name after, by name."""
     match = _ORDER.match(key)
