@@ -773,13 +773,24 @@ def _relay_counted_row(
     problems = []
     if received != acked:
         problems.append(f"{received} at the sink for {acked} acknowledged")
+    return _checked(
+        row,
+        problems,
+        still_queued,
+        outcome,
+        f"sink (counted, no ids): {received} of {acked} acknowledged",
+        "sink (counted): ",
+    )
+
+
+def _checked(  # type: ignore[no-untyped-def]
+    row: dict, problems: list[str], still_queued: int, outcome, ok: str, failed: str
+) -> dict:
+    """A relay row's check: `ok` when no problem (a queue left with entries is
+    one), else `failed` and the problems; errors in the load fail it too."""
     if still_queued:
         problems.append(f"{still_queued} still queued")
-    row["verify"] = (
-        f"sink (counted, no ids): {received} of {acked} acknowledged"
-        if not problems
-        else "sink (counted): " + "; ".join(problems)
-    )
+    row["verify"] = ok if not problems else failed + "; ".join(problems)
     row["verify_examples"] = problems
     row["ok"] = not problems and not outcome.errors
     return row
@@ -855,16 +866,14 @@ def _relay_row(
         problems.append(f"{len(unacked)} delivered without a 250, e.g. {unacked[:5]}")
     if foreign:
         problems.append(f"{foreign} messages without this run's X-Bench-Id")
-    if still_queued:
-        problems.append(f"{still_queued} still queued")
-    row["verify"] = (
-        f"sink: {len(seen)} of {len(sent)} acknowledged, no loss, no duplicate"
-        if not problems
-        else "sink: " + "; ".join(problems)
+    return _checked(
+        row,
+        problems,
+        still_queued,
+        outcome,
+        f"sink: {len(seen)} of {len(sent)} acknowledged, no loss, no duplicate",
+        "sink: ",
     )
-    row["verify_examples"] = problems
-    row["ok"] = not problems and not outcome.errors
-    return row
 
 
 def pop3(server_cls: type[Server], opts: Options) -> list[dict]:
