@@ -58,17 +58,16 @@ class ConnectionCache:
     def take(self, key: Hashable) -> Cacheable | None:
         """The newest idle connection for `key` that is not stale, or None."""
         entries = self._idle.get(key)
-        now = self.clock()
-        while entries:
-            since, conn = entries.pop()
-            if not entries:
-                del self._idle[key]
-            if now - since <= self.idle_time:
-                self.reused += 1
-                return conn
-            conn.close()  # stale: every older one is staler
-            self._close_all(self._idle.pop(key, []))
+        if not entries:
             return None
+        since, conn = entries.pop()
+        if not entries:
+            del self._idle[key]
+        if self.clock() - since <= self.idle_time:
+            self.reused += 1
+            return conn
+        conn.close()  # stale: every older one is staler
+        self._close_all(self._idle.pop(key, []))
         return None
 
     def put(self, key: Hashable, conn: Cacheable) -> bool:

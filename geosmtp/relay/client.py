@@ -920,6 +920,9 @@ class _Attempt:
                     self.results[i] = self._refused(i, reply)
             diagnostic = self._lost(where, lost)
             return self._everyone(Outcome.TEMPORARY, "4.4.2", diagnostic, **remote)
+        except BaseException:
+            conn.close()  # a local fault mid-transaction (the file, a kill): closed now
+            raise
         self._release(conn, event.reusable)
         return self._decide(pending, event, remote)
 
