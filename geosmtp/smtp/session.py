@@ -40,9 +40,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
-from ..mail import Envelope, Mailbox, safe_mailbox_name
+from ..mail import Envelope, Mailbox, Recipient, safe_mailbox_name
 
 # The core's settings (also the config's `limits:` and `extensions:`), named here too.
 from ..mail.limits import Extensions as Extensions
@@ -66,6 +66,7 @@ from .state import (
     TRANSACTION_STATES,
     TRANSITIONS,
     WAITING_STATES,
+    Rule,
     State,
 )
 
@@ -236,6 +237,10 @@ class SMTPConnection(SansIOConnection):
     """
 
     TRANSITIONS = TRANSITIONS
+    #: verb -> (its handler's name, its refusals' method's name or None, its rule):
+    #: the dispatcher (`_COMMANDS` below), read through the class so a subclass
+    #: (LMTP) may give another.
+    COMMANDS: ClassVar[dict[str, tuple[str, str | None, Rule]]]
     CLOSED = State.CLOSED
     ERROR = State.ERROR
 
@@ -302,7 +307,11 @@ class SMTPConnection(SansIOConnection):
             raise self._misuse(f"greeting() again or in state {self.state.name}")
         self._greeted = True
         self._counts["2xx"] = self._counts.get("2xx", 0) + 1
-        return R.greeting(self.hostname).to_bytes()
+        return self._banner().to_bytes()
+
+    def _banner(self) -> R.Reply:
+        """The greeting's reply; a subclass speaking another protocol (LMTP) names it."""
+        return R.greeting(self.hostname)
 
     def take_counts(self) -> dict[str, int]:
         """The tally since the last call, and a fresh one started: commands by verb
@@ -437,7 +446,7 @@ class SMTPConnection(SansIOConnection):
             self._error(R.BAD_NUL)
             return
         verb, arg = split_command(line)
-        command = _COMMANDS.get(verb)
+        command = self.COMMANDS.get(verb)
         if command is None or not self._verb_enabled(verb):
             self._counts["UNKNOWN"] = self._counts.get("UNKNOWN", 0) + 1
             self._error(R.UNKNOWN_COMMAND)
@@ -673,7 +682,7 @@ class SMTPConnection(SansIOConnection):
         if not self._rate_allows("recipient"):
             self._reject(R.RECIPIENT_RATE, "RCPT", mailbox.address)
             return
-        resolved = self.policy.resolve(mailbox, self.may_relay)
+        resolved = self._resolve(mailbox)
         if isinstance(resolved, R.Reply):
             self._reject(resolved, "RCPT", mailbox.address)
             return
@@ -682,6 +691,10 @@ class SMTPConnection(SansIOConnection):
         self.envelope = envelope.with_recipient(resolved)
         self._move("rcpt")
         self._send(R.RECIPIENT_OK)
+
+    def _resolve(self, mailbox: Mailbox) -> Recipient | R.Reply:
+        """The recipient `mailbox` is accepted as, or the reply refusing it."""
+        return self.policy.resolve(mailbox, self.may_relay)
 
     def _do_DATA(self, arg: bytes) -> None:
         if arg:
@@ -719,7 +732,7 @@ class SMTPConnection(SansIOConnection):
         self._close(R.closing(self.hostname))
 
     def _do_HELP(self, arg: bytes) -> None:
-        verbs = [verb for verb in _COMMANDS if self._verb_offered(verb)]
+        verbs = [verb for verb in self.COMMANDS if self._verb_offered(verb)]
         extensions = [k.split()[0] for k in self.ehlo_keywords()]
         self._send(R.help_list(self.hostname, verbs, extensions))
 
@@ -1126,3 +1139,5 @@ _COMMANDS = {
     )
     for verb, rule in SEQUENCE.items()
 }
+#: The verbs this class knows; a subclass (LMTP) gives its own table.
+SMTPConnection.COMMANDS = _COMMANDS

@@ -1,0 +1,158 @@
+"""The sans-I/O LMTP server session (RFC 2033), a small subclass of the SMTP one.
+
+LMTP is SMTP between a mail transfer agent and the store that keeps the
+mailboxes. What differs, and is all this module holds:
+
+- the greeting names LMTP, and the client greets with `LHLO`, answered as
+  EHLO is; `EHLO` and `HELO` get `500 5.5.1` (RFC 2033 §4.1);
+- no STARTTLS, no AUTH, no DSN: the client is a local MTA, let in by the
+  listener (loopback, `trusted_networks`, a UNIX socket's mode);
+- recipients are local: LMTP never relays, a recipient in another domain gets
+  `550 5.1.1`;
+- after the end of the message (the final dot, or `BDAT ... LAST`) comes one
+  reply per accepted recipient, in the order of the RCPT commands (RFC 2033
+  §4.2): the shell's verdict is `recipients_delivered()`, one reply each.
+
+Everything else (MAIL, RCPT, DATA, BDAT, RSET, NOOP, QUIT, VRFY, HELP, the
+limits, the events, the contract with the shell) is the SMTP core's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ..mail import Mailbox, Recipient
+from ..smtp import replies as R
+from ..smtp.parser import SyntaxProblem, parse_helo_name
+from ..smtp.policy import RecipientPolicy
+from ..smtp.session import Extensions, Limits, Security, SMTPConnection
+from ..smtp.state import SEQUENCE, Rule, State
+
+#: EHLO or HELO on an LMTP connection (RFC 2033 §4.1: LHLO only).
+LHLO_ONLY = R.reply(500, "5.5.1", "Error: this is LMTP; use LHLO")
+#: A recipient outside the local domains: LMTP delivers, it never relays.
+NOT_LOCAL = R.reply(550, "5.1.1", "Recipient address rejected: not a local mailbox")
+SYNTAX_LHLO = R.reply(501, "5.5.4", "Syntax: LHLO hostname")
+#: A command that needs the greeting first (SMTP's "send HELO/EHLO first").
+LHLO_FIRST = R.reply(503, "5.5.1", "Error: send LHLO first")
+
+
+def _in_lmtp_words(rule: Rule) -> Rule:
+    """An SMTP rule with LMTP's refusal for a client that has not greeted yet."""
+    refused = {s: LHLO_FIRST if r is R.BAD_SEQUENCE_HELO else r for s, r in rule.refused.items()}
+    return dataclasses.replace(rule, refused=refused)
+
+
+def greeting(hostname: str) -> R.Reply:
+    """The 220 banner of an LMTP listener."""
+    return R.reply(220, None, f"{hostname} LMTP geosmtp")
+
+
+def delivered(queue_id: str, address: str) -> R.Reply:
+    """One recipient's message is durable in its mailbox (RFC 2033 §4.2)."""
+    return R.reply(250, "2.0.0", f"Ok: {queue_id} delivered to <{address}>")
+
+
+class LMTPConnection(SMTPConnection):
+    """One LMTP server session: the SMTP core's, with the differences above.
+
+    Built by the shell per client with the server's `hostname`, the recipient
+    `policy`, `limits` and `extensions` (STARTTLS, AUTH and DSN are switched
+    off here whatever they say). The shell's verdict on a `MessageEnd` is
+    `recipients_delivered()`; `message_stored()` and `message_failed()` give
+    every recipient the same outcome.
+    """
+
+    #: LHLO first (HELP's order), then the SMTP verbs less STARTTLS and AUTH.
+    #: EHLO and HELO stay known, to be refused in LMTP's words.
+    COMMANDS: ClassVar[dict[str, tuple[str, str | None, Rule]]] = {
+        "LHLO": ("_do_LHLO", None, SEQUENCE["EHLO"]),
+        **{
+            verb: (handler, check, _in_lmtp_words(rule))
+            for verb, (handler, check, rule) in SMTPConnection.COMMANDS.items()
+            if verb not in ("STARTTLS", "AUTH")
+        },
+    }
+
+    def __init__(
+        self,
+        hostname: str,
+        policy: RecipientPolicy,
+        limits: Limits | None = None,
+        extensions: Extensions | None = None,
+        *,
+        vrfy: bool = False,
+    ) -> None:
+        extensions = dataclasses.replace(
+            extensions or Extensions(), starttls=False, auth=False, dsn=False
+        )
+        super().__init__(hostname, policy, limits, extensions, Security(), vrfy=vrfy)
+
+    def _banner(self) -> R.Reply:
+        return greeting(self.hostname)
+
+    def _do_LHLO(self, arg: bytes) -> None:
+        try:
+            name = parse_helo_name(arg)
+        except SyntaxProblem:
+            self._error(SYNTAX_LHLO)
+            return
+        self.helo, self.esmtp = name, True
+        self._reset_transaction("LHLO")
+        self._move("greet")
+        self._send(R.ehlo(self.hostname, self.ehlo_keywords()))
+
+    def _do_EHLO(self, arg: bytes) -> None:
+        self._error(LHLO_ONLY)
+
+    _do_HELO = _do_EHLO
+
+    def _verb_offered(self, verb: str) -> bool:
+        return verb not in ("EHLO", "HELO") and super()._verb_offered(verb)
+
+    def _resolve(self, mailbox: Mailbox) -> Recipient | R.Reply:
+        resolved = self.policy.resolve(mailbox, may_relay=False)
+        return NOT_LOCAL if resolved is R.RELAY_DENIED else resolved
+
+    # ------------------------------------------------ the shell's verdicts
+
+    def recipients_delivered(self, replies: Sequence[R.Reply]) -> None:
+        """The shell's verdict on a `MessageEnd`: one reply per recipient the
+        envelope holds, in its order (the RCPT order): a 2xx when the message
+        is durable in that recipient's mailbox (or in the queue), a 4xx when
+        the client should try that recipient again, a 5xx when it never will
+        be delivered. They are queued in that order (RFC 2033 §4.2); the
+        transaction is over, as after SMTP's `message_stored()`. A failed
+        recipient is no error of the client's: it is not counted in `errors`.
+
+        Only while the connection waits for it (`DELIVERING`), with as many
+        replies as recipients, each a 2xx, 4xx or 5xx; else `ProtocolError`.
+        """
+        envelope = self.envelope
+        if self.state is State.DELIVERING and envelope is not None:
+            if len(replies) != len(envelope.recipients):
+                raise self._misuse(
+                    f"{len(replies)} replies for {len(envelope.recipients)} recipients"
+                )
+            if any(not (200 <= r.code < 300 or 400 <= r.code < 600) for r in replies):
+                raise self._misuse("a recipient's reply is not a 2xx, 4xx or 5xx")
+        self._move("message_stored")
+        for reply in replies:
+            self._send(reply)
+        self.envelope = None
+
+    def message_stored(self, queue_id: str) -> None:
+        """Every recipient's mailbox has the message: a 250 for each."""
+        envelope = self.envelope
+        recipients = envelope.recipients if envelope is not None else ()
+        self.recipients_delivered([delivered(queue_id, r.mailbox.address) for r in recipients])
+
+    def message_failed(self, reply: R.Reply = R.LOCAL_ERROR) -> None:
+        """No recipient's mailbox has the message: `reply` (a 4xx or 5xx) for each."""
+        if not 400 <= reply.code < 600:
+            raise self._misuse(f"message_failed() with a {reply.code} reply")
+        envelope = self.envelope
+        recipients = envelope.recipients if envelope is not None else ()
+        self.recipients_delivered([reply] * len(recipients))
