@@ -1,24 +1,25 @@
 """One path from a received message to every destination.
 
     spool ─► stages (filters) ─► router ─┬─► Maildir (local recipients)
-                                         ├─► outbound queue (remote ones)
-                                         └─► LMTP (later)
+                                         └─► outbound queue (remote ones)
 
 `Pipeline.process` takes a message that is whole in the spool and returns one
-`Verdict` for the whole message. `delivered` only once every destination has
-it durably (fsynced); if one destination fails, the others are taken back, so
-a retry by the client can never make a duplicate, and the verdict is a
-temporary failure. The spool file is removed once the message is delivered or
-refused.
+`Verdict` for the whole message (`process_each`: one per recipient, for
+LMTP). `delivered` only once every destination has it durably (fsynced); if
+one destination fails, the others are taken back, so a retry by the client
+can never make a duplicate, and the verdict is a temporary failure. The
+spool file is removed once the message is delivered or refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..mail import Recipient
 from ..storage import StorageError
 from .message import Message, StageVerdict
 from .router import NoRoute, Router
@@ -77,6 +78,47 @@ class Pipeline:
             return verdict
         finally:
             message.spool.remove()
+
+    def process_each(self, message: Message) -> list[Verdict]:
+        """`process` with one verdict per recipient, in the envelope's order (LMTP,
+        RFC 2033 §4.2): the stages run once, for the whole message; then each
+        mailbox gets its own delivery, so one that fails fails its recipients
+        alone. Recipients of one mailbox share its delivery (one copy) and its
+        verdict. The spool file is gone afterwards."""
+        try:
+            refused = self._filter(message)
+            if refused is not None:
+                return [refused] * len(message.envelope.recipients)
+            return self._deliver_each(message)
+        finally:
+            message.spool.remove()
+
+    def _deliver_each(self, message: Message) -> list[Verdict]:
+        envelope = message.envelope
+        by_box: dict[object, list[Recipient]] = {}
+        for recipient in envelope.recipients:
+            # A remote recipient (box None) is delivered on its own.
+            key = recipient.box if recipient.box is not None else id(recipient)
+            by_box.setdefault(key, []).append(recipient)
+        outcome: dict[int, Verdict] = {}
+        delivered: set[int] = set()
+        for group in by_box.values():
+            part = dataclasses.replace(
+                message, envelope=dataclasses.replace(envelope, recipients=tuple(group))
+            )
+            verdict = deliver(self.router, part)
+            for recipient in group:
+                outcome[id(recipient)] = verdict
+            if verdict.delivered:
+                delivered.update(map(id, group))
+        if delivered and self.after_delivery is not None:
+            ordered = tuple(r for r in envelope.recipients if id(r) in delivered)
+            self.after_delivery(
+                dataclasses.replace(
+                    message, envelope=dataclasses.replace(envelope, recipients=ordered)
+                )
+            )
+        return [outcome[id(r)] for r in envelope.recipients]
 
     def _filter(self, message: Message) -> Verdict | None:
         stages = self.stages

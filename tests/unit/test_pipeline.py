@@ -279,3 +279,62 @@ def test_deliver_routes_alone_no_stage_and_no_after_delivery(parts):
     verdict = deliver(pipeline.router, unroutable)
     assert not verdict.delivered and verdict.temporary
     unroutable.spool.remove()
+
+
+# ------------------------------------------------ one verdict per recipient (LMTP)
+
+
+class FailingBox(MaildirDestination):
+    """The Maildir destination, with one mailbox that cannot take a message."""
+
+    def __init__(self, store: MaildirStore, box: str) -> None:
+        super().__init__(store)
+        self.box = box
+        self.calls: list[tuple[str, ...]] = []
+
+    def deliver(self, message, recipients) -> Delivery:
+        self.calls.append(tuple(r.mailbox.address for r in recipients))
+        if any(r.box == self.box for r in recipients):
+            raise StorageError(errno.EIO, os.strerror(errno.EIO))
+        return super().deliver(message, recipients)
+
+
+def test_process_each_fails_a_failing_mailbox_alone(parts):
+    store, spool = parts
+    carol = Recipient(Mailbox("carol", "example.test"), "carol")
+    delivered = []
+    destination = FailingBox(store, "bob")
+    pipeline = Pipeline(Router(destination), after_delivery=delivered.append)
+    verdicts = pipeline.process_each(message(spool, carol, BOB, ALICE))
+    assert [v.delivered for v in verdicts] == [True, False, True]
+    assert verdicts[1].temporary and "Input/output error" in verdicts[1].reason
+    body = [b"Subject: s\n\nbody\n"]
+    assert stored(store) == {"alice": body, "carol": body}
+    assert list(spool.root.iterdir()) == []
+    # One delivery per mailbox; the success report sees the delivered ones only.
+    assert destination.calls == [
+        ("carol@example.test",),
+        ("bob@example.test",),
+        ("alice@example.test",),
+    ]
+    assert [r.box for r in delivered[0].envelope.recipients] == ["carol", "alice"]
+
+
+def test_process_each_gives_the_recipients_of_one_mailbox_one_copy(parts):
+    store, spool = parts
+    other = Recipient(Mailbox("Alice", "example.test"), "alice")  # the same mailbox
+    verdicts = Pipeline(Router(MaildirDestination(store))).process_each(
+        message(spool, ALICE, BOB, other)
+    )
+    assert [v.delivered for v in verdicts] == [True, True, True]
+    assert stored(store) == {"alice": [b"Subject: s\n\nbody\n"], "bob": [b"Subject: s\n\nbody\n"]}
+
+
+def test_process_each_gives_a_stage_refusal_to_every_recipient(parts):
+    store, spool = parts
+    refusal = Reject("virus", text="Message refused: virus found")
+    pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("filter", refusal)])
+    verdicts = pipeline.process_each(message(spool, ALICE, BOB))
+    assert len(verdicts) == 2 and verdicts[0] is verdicts[1]
+    assert not verdicts[0].delivered and verdicts[0].code == 554
+    assert stored(store) == {} and list(spool.root.iterdir()) == []
