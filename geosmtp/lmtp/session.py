@@ -30,29 +30,16 @@ from ..smtp.policy import RecipientPolicy
 from ..smtp.session import Extensions, Limits, Security, SMTPConnection
 from ..smtp.state import SEQUENCE, Rule, State
 
-#: EHLO or HELO on an LMTP connection (RFC 2033 §4.1: LHLO only).
-LHLO_ONLY = R.reply(500, "5.5.1", "Error: this is LMTP; use LHLO")
-#: A recipient outside the local domains: LMTP delivers, it never relays.
-NOT_LOCAL = R.reply(550, "5.1.1", "Recipient address rejected: not a local mailbox")
-SYNTAX_LHLO = R.reply(501, "5.5.4", "Syntax: LHLO hostname")
-#: A command that needs the greeting first (SMTP's "send HELO/EHLO first").
-LHLO_FIRST = R.reply(503, "5.5.1", "Error: send LHLO first")
+# LMTP's wording is in `smtp/replies.py` with every other reply; named here too.
+LHLO_ONLY = R.LHLO_ONLY
+NOT_LOCAL = R.NOT_LOCAL
+delivered = R.lmtp_delivered
 
 
 def _in_lmtp_words(rule: Rule) -> Rule:
     """An SMTP rule with LMTP's refusal for a client that has not greeted yet."""
-    refused = {s: LHLO_FIRST if r is R.BAD_SEQUENCE_HELO else r for s, r in rule.refused.items()}
+    refused = {s: R.LHLO_FIRST if r is R.BAD_SEQUENCE_HELO else r for s, r in rule.refused.items()}
     return dataclasses.replace(rule, refused=refused)
-
-
-def greeting(hostname: str) -> R.Reply:
-    """The 220 banner of an LMTP listener."""
-    return R.reply(220, None, f"{hostname} LMTP geosmtp")
-
-
-def delivered(queue_id: str, address: str) -> R.Reply:
-    """One recipient's message is durable in its mailbox (RFC 2033 §4.2)."""
-    return R.reply(250, "2.0.0", f"Ok: {queue_id} delivered to <{address}>")
 
 
 class LMTPConnection(SMTPConnection):
@@ -91,13 +78,13 @@ class LMTPConnection(SMTPConnection):
         super().__init__(hostname, policy, limits, extensions, Security(), vrfy=vrfy)
 
     def _banner(self) -> R.Reply:
-        return greeting(self.hostname)
+        return R.lmtp_greeting(self.hostname)
 
     def _do_LHLO(self, arg: bytes) -> None:
         try:
             name = parse_helo_name(arg)
         except SyntaxProblem:
-            self._error(SYNTAX_LHLO)
+            self._error(R.SYNTAX_LHLO)
             return
         self.helo, self.esmtp = name, True
         self._reset_transaction("LHLO")
