@@ -21,6 +21,7 @@ from typing import Protocol
 
 from ..mail import Recipient
 from ..storage import StorageError
+from ..storage.maildir import Delivery
 from .message import Message, StageVerdict
 from .router import NoRoute, Router
 from .stages import Accept, Reject, Replace, Stage, TempFail, verdict_name
@@ -102,15 +103,26 @@ class Pipeline:
             by_box.setdefault(key, []).append(recipient)
         outcome: dict[int, Verdict] = {}
         delivered: set[int] = set()
-        for group in by_box.values():
-            part = dataclasses.replace(
-                message, envelope=dataclasses.replace(envelope, recipients=tuple(group))
-            )
-            verdict = deliver(self.router, part)
-            for recipient in group:
-                outcome[id(recipient)] = verdict
-            if verdict.delivered:
-                delivered.update(map(id, group))
+        made: list[Delivery] = []
+        try:
+            for group in by_box.values():
+                part = dataclasses.replace(
+                    message, envelope=dataclasses.replace(envelope, recipients=tuple(group))
+                )
+                verdict, done = _place(self.router, part)
+                made += done
+                for recipient in group:
+                    outcome[id(recipient)] = verdict
+                if verdict.delivered:
+                    delivered.update(map(id, group))
+        except BaseException:
+            # Stopped half-way (a kill at a stop): no reply goes out, so no
+            # mailbox keeps a copy the client's retry would duplicate.
+            for delivery in made:
+                delivery.undo()
+            raise
+        for delivery in made:
+            delivery.commit()
         if delivered and self.after_delivery is not None:
             ordered = tuple(r for r in envelope.recipients if id(r) in delivered)
             self.after_delivery(
@@ -191,10 +203,19 @@ def deliver(router: Router, message: Message) -> Verdict:
     step, and the port that the queue's reports come in by (`queue.reports`):
     the server's own messages, which no stage needs to see again. The spool
     file stays (the caller removes it)."""
+    verdict, done = _place(router, message)
+    for delivery in done:
+        delivery.commit()
+    return verdict
+
+
+def _place(router: Router, message: Message) -> tuple[Verdict, list[Delivery]]:
+    """`deliver` less the commit: the verdict, and the deliveries made (none
+    when it failed), for the caller to commit or take back."""
     try:
         routes = router.route(message.envelope.recipients)
     except NoRoute as exc:
-        return Verdict(False, True, str(exc))
+        return Verdict(False, True, str(exc)), []
     done = []
     try:
         for destination, recipients in routes:
@@ -202,11 +223,9 @@ def deliver(router: Router, message: Message) -> Verdict:
     except StorageError as exc:
         for delivery in done:  # all or nothing: no destination keeps a copy
             delivery.undo()
-        return Verdict(False, True, str(exc), no_space=exc.no_space)
+        return Verdict(False, True, str(exc), no_space=exc.no_space), []
     except BaseException:
         for delivery in done:
             delivery.undo()
         raise
-    for delivery in done:
-        delivery.commit()
-    return Verdict(True, destinations=tuple(d.name for d, _ in routes))
+    return Verdict(True, destinations=tuple(d.name for d, _ in routes)), done

@@ -338,3 +338,29 @@ def test_process_each_gives_a_stage_refusal_to_every_recipient(parts):
     assert len(verdicts) == 2 and verdicts[0] is verdicts[1]
     assert not verdicts[0].delivered and verdicts[0].code == 554
     assert stored(store) == {} and list(spool.root.iterdir()) == []
+
+
+class Killed(BaseException):
+    """The greenlet killed at a stop (gevent's GreenletExit is a BaseException too)."""
+
+
+class KilledAtBox(MaildirDestination):
+    def __init__(self, store: MaildirStore, box: str) -> None:
+        super().__init__(store)
+        self.box = box
+
+    def deliver(self, message, recipients) -> Delivery:
+        if any(r.box == self.box for r in recipients):
+            raise Killed
+        return super().deliver(message, recipients)
+
+
+def test_process_each_stopped_half_way_keeps_no_copy(parts):
+    store, spool = parts
+    pipeline = Pipeline(Router(KilledAtBox(store, "bob")))
+    with pytest.raises(Killed):
+        pipeline.process_each(message(spool, ALICE, BOB))
+    # alice's delivery was made before the kill, but no reply went out: the
+    # client sends the message again, so alice must not keep this copy.
+    assert list(store.root.glob("*/new/*")) == []
+    assert list(spool.root.iterdir()) == []
