@@ -289,6 +289,7 @@ class SMTPSession(StreamSession):
                 date=received_date(),
                 tls=envelope.tls,
                 authenticated=envelope.auth_user is not None,
+                protocol=self.PROTOCOL,
             )
         )
 

@@ -122,6 +122,7 @@ def test_lmtp_over_tcp_delivers_to_each_recipient(lmtp_server: RunningServer) ->
         assert len(stored) == 1
         assert stored[0].endswith(b"\r\n\r\nbody of tcp\r\n.leading dot")
         assert b"Subject: tcp" in stored[0]
+        assert b" with LMTP id " in stored[0]  # RFC 3848's keyword in Received:
     line = access_line(lmtp_server, "to=<alice@test.example>,<bob@test.example>")
     assert "proto=lmtp" in line and "result=250" in line and "refused=" in line
 

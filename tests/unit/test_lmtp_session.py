@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from geosmtp.lmtp import LMTPConnection, delivered
+from geosmtp.mail import Envelope
 from geosmtp.smtp import (
     Extensions,
     Limits,
@@ -21,6 +22,7 @@ from geosmtp.smtp import (
     TransactionRejected,
 )
 from geosmtp.smtp import replies as R
+from geosmtp.smtp.trace import trace_headers, with_protocol
 from tests.unit.smtp_helpers import HOST, MODES, run
 
 LHLO = b"LHLO mta.example.org\r\n"
@@ -224,3 +226,16 @@ def test_a_verdict_nobody_asked_for_is_a_misuse():
     with pytest.raises(ProtocolError):
         conn.recipients_delivered([])
     assert conn.state is State.ERROR
+
+
+@pytest.mark.parametrize(
+    ("smtputf8", "tls", "keyword"),
+    [(False, False, "LMTP"), (False, True, "LMTPS"), (True, False, "UTF8LMTP")],
+)
+def test_the_received_field_says_lmtp(smtputf8, tls, keyword):
+    env = Envelope("mta.example.org", True, None, smtputf8=smtputf8)
+    assert with_protocol(env, tls=tls, protocol="lmtp") == keyword
+    raw = trace_headers(
+        env, hostname=HOST, client_ip="unix", queue_id="Q1", date="d", tls=tls, protocol="lmtp"
+    )
+    assert f"(geosmtp) with {keyword} id Q1".encode() in raw
