@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import os
 import poplib
+import pwd
+import shutil
 import smtplib
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningServer, free_port, users, wait_until
+from tests.conftest import RunningServer, free_port, start_server, users, wait_until
 from tests.integration.postfix import POSTFIX_HOST, PrivatePostfix, private_postfix
 
 PASSWORD = "lmtp-test-pw"
@@ -182,21 +186,44 @@ def test_a_failing_mailbox_fails_its_recipient_alone(lmtp_server: RunningServer)
     assert len(pop3_messages(lmtp_server, "alice")) == before_alice + 1
 
 
-def test_the_socket_file_is_removed_at_the_stop(make_server) -> None:
-    server = make_server(
+def test_the_socket_belongs_to_the_workers_account_and_goes_at_the_stop() -> None:
+    """Started as root with `user: nobody`: the master makes the socket (in a
+    folder it makes), owned by nobody with the default mode 0660; a worker
+    serving as nobody delivers through it; the stop removes it."""
+    nobody = pwd.getpwnam("nobody")
+    root = Path(tempfile.mkdtemp(prefix="geosmtp-lmtp-", dir="/tmp"))
+    root.chmod(0o755)  # nobody must reach mail_dir (pytest's tmp_path is root's alone)
+    server = start_server(
+        root / "srv",
         {
+            "user": "nobody",
+            "workers": 1,
             "listeners": [
                 {"address": "127.0.0.1", "port": free_port(), "role": "mx"},
                 {"role": "lmtp", "path": "run/lmtp.sock"},
             ],
-            "workers": 1,
-        }
+        },
     )
-    path = server.root / "run" / "lmtp.sock"
-    wait_until(path.exists, what="the LMTP socket")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660  # the default mode
-    assert server.stop() == 0
-    assert not path.exists()
+    try:
+        path = server.root / "run" / "lmtp.sock"
+        wait_until(path.exists, what="the LMTP socket")
+        info = os.stat(path)
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
+            nobody.pw_uid,
+            nobody.pw_gid,
+            0o660,
+        )
+        with smtplib.LMTP(str(path), timeout=10) as client:
+            assert send(client, ["alice@test.example"], message("nobody"))[0][0] == 250
+        (stored,) = server.messages("alice")
+        assert stored.stat().st_uid == nobody.pw_uid and b"body of nobody" in stored.read_bytes()
+        assert server.stop() == 0
+        assert not path.exists()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------ Postfix
