@@ -383,5 +383,5 @@ def test_delivery_lmtp_needs_a_restart():
     """Where local mail goes is not changed under running sessions."""
     old = cfg.to_mapping(cfg.Config())
     new = cfg.merged(old, {"delivery": {"lmtp": "127.0.0.1:24"}})
-    with pytest.raises(cfg.ConfigError, match="delivery.lmtp: cannot change while running"):
+    with pytest.raises(cfg.ConfigError, match=r"delivery\.lmtp: cannot change while running"):
         cfg.check_runtime_change(old, new)
