@@ -4,9 +4,6 @@ Imports only the standard library and the pure mail domain (`geosmtp.mail`);
 no sockets, gevent, yaml, loguru or files.
 """
 
-from .parser import SyntaxProblem
-from .policy import RecipientPolicy
-from .replies import Reply
 from .events import (
     AuthRequest,
     MessageData,
@@ -16,6 +13,9 @@ from .events import (
     TransactionAborted,
     TransactionRejected,
 )
+from .parser import SyntaxProblem
+from .policy import RecipientPolicy
+from .replies import Reply
 from .session import (
     NEED_DATA,
     PAUSED,

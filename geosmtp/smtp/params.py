@@ -1,5 +1,6 @@
-"""The parameters of MAIL and RCPT (RFC 1870, 6152, 6531, 4954, 3461): which
-ones this connection takes, and whether their values are right.
+"""The words of the ESMTP extensions: the keywords EHLO advertises, the
+arguments of MAIL and RCPT and their parameters (RFC 1870, 6152, 6531, 4954,
+3461): which ones this connection takes, and whether their values are right.
 
 Argument checks only, called by the command handlers once the command may run;
 whether it may run at all is the command table's answer (`rules.py`).
@@ -8,9 +9,11 @@ whether it may run at all is the command table's answer (`rules.py`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from ..mail.limits import Extensions, Limits
 from . import replies as R
+from . import sasl
 from .parser import SyntaxProblem
 
 _DSN_PARAMS = frozenset({"NOTIFY", "ORCPT"})
@@ -32,6 +35,51 @@ def is_utf8(arg: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def ehlo_keywords(ext: Extensions, limits: Limits, offers: Callable[[str], bool]) -> list[str]:
+    """The extension keywords of the EHLO reply, in the order they are sent;
+    `offers(verb)` says whether the connection offers a verb now."""
+    keywords = []
+    if ext.pipelining:
+        keywords.append("PIPELINING")
+    if ext.size:
+        keywords.append(f"SIZE {limits.max_message_size}")
+    if offers("VRFY"):
+        keywords.append("VRFY")
+    if offers("STARTTLS"):
+        keywords.append("STARTTLS")
+    if offers("AUTH"):
+        keywords.append("AUTH " + " ".join(sasl.MECHANISMS))
+    if ext.enhancedstatuscodes:
+        keywords.append("ENHANCEDSTATUSCODES")
+    if ext.eightbitmime:
+        keywords.append("8BITMIME")
+    if ext.dsn:
+        keywords.append("DSN")  # RFC 3461; in Postfix's order, after 8BITMIME
+    if ext.smtputf8:
+        keywords.append("SMTPUTF8")
+    if offers("BDAT"):
+        keywords.append("CHUNKING")
+    return keywords
+
+
+def mail_syntax_reply(arg: bytes, utf8_allowed: bool) -> R.Reply:
+    """The reply to a MAIL argument the parser refused."""
+    if not arg.upper().startswith(b"FROM:"):
+        return R.SYNTAX_MAIL
+    if is_utf8(arg) and not (utf8_allowed and b" SMTPUTF8" in arg.upper()):
+        return R.NEEDS_SMTPUTF8
+    return R.BAD_SENDER_SYNTAX
+
+
+def rcpt_syntax_reply(arg: bytes, smtputf8: bool) -> R.Reply:
+    """The reply to a RCPT argument the parser refused."""
+    if not arg.upper().startswith(b"TO:"):
+        return R.SYNTAX_RCPT
+    if is_utf8(arg) and not smtputf8:
+        return R.NEEDS_SMTPUTF8
+    return R.BAD_RECIPIENT_SYNTAX
 
 
 def mail_params_problem(

@@ -170,3 +170,16 @@ def starttls_offered(conn: SMTPConnection) -> bool:
 
 def auth_offered(conn: SMTPConnection) -> bool:
     return conn.auth_offered
+
+
+# The guards of the verbs that have them, in the order they are checked.
+LOGIN_FIRST = (Guard(login_required, R.AUTH_REQUIRED, logged=True),)
+CHUNK_SIZE = (Guard(bad_chunk_header, R.SYNTAX_BDAT),)
+STARTTLS_POSSIBLE = (Guard(has_argument, R.SYNTAX_STARTTLS), Guard(tls_on, R.TLS_ALREADY_ACTIVE))
+STARTTLS_OFFERED = (Guard(starttls_not_offered, R.TLS_NOT_AVAILABLE),)
+AUTH_POSSIBLE = (
+    Guard(auth_not_enabled, R.AUTH_NOT_ENABLED),
+    Guard(helo_not_ehlo, R.BAD_SEQUENCE_HELO),
+    Guard(logged_in, R.AUTH_ALREADY),
+)
+AUTH_OFFERED = (Guard(auth_not_offered, R.AUTH_NEEDS_TLS),)

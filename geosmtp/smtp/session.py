@@ -42,13 +42,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from ..mail import Envelope, Mailbox, safe_mailbox_name
+from ..mail import Envelope
 
 # The core's settings (also the config's `limits:` and `extensions:`), named here too.
 from ..mail.limits import Extensions as Extensions
 from ..mail.limits import Limits as Limits
+from . import params, rules, sasl
 from . import replies as R
-from . import rules, sasl
 from .connection import LINE_TOO_LONG, SansIOConnection
 from .events import (
     AuthRequest,
@@ -59,18 +59,16 @@ from .events import (
     TransactionAborted,
     TransactionRejected,
 )
-from .params import is_utf8, mail_params_problem, rcpt_params
 from .parser import (
     SyntaxProblem,
     parse_helo_name,
     parse_mail_from,
-    parse_mailbox,
     parse_rcpt_to,
     split_command,
 )
 from .policy import RecipientPolicy
 from .readers import ChunkReader, DataReader, Reader, RefusedChunk, chunk_header
-from .rules import Guard, Rule
+from .rules import Rule
 from .state import (
     COMMAND_STATES,
     TRANSACTION_STATES,
@@ -160,28 +158,23 @@ class SMTPConnection(SansIOConnection):
     `envelope` (the open transaction's, else None), `tls`, `auth_user`, and
     `errors` (error replies so far, against `limits.max_errors`).
 
-    How it is built, and where a subclass (LMTP, RFC 2033) extends it:
+    Where a subclass (LMTP, RFC 2033) extends it:
 
-    - `COMMANDS`, verb -> `rules.Rule`: the one table that says which verbs
-      exist, when each may run and which method handles it (see `rules.py`).
-      A subclass builds its own from this one: adds verbs (LHLO), drops some
-      (HELO, EHLO, AUTH, STARTTLS: then they are unknown commands and never
-      advertised), or puts its own handler in a verb's rule. Handlers are
-      taken from the table, not looked up by name: a subclass that overrides
-      a `_do_` method puts it in its table.
-    - `TRANSITIONS`, state -> {`Step`: state}: where each step leads; a
-      subclass may extend it for steps of its own.
+    - `COMMANDS`, verb -> `rules.Rule`: the one table of the verbs that exist,
+      when each may run and the method that handles it (`rules.py`). A
+      subclass builds its own from it: adds verbs (LHLO), drops some (EHLO,
+      AUTH...: unknown commands then, and never advertised), or puts its own
+      handler in a verb's rule (handlers come from the table, not by name).
+    - `TRANSITIONS`, state -> {`Step`: state}: where each step leads.
     - `banner()`: the greeting's reply.
-    - `_message_end(envelope, size)`: the message is complete (after the
-      final `.` or `BDAT ... LAST`): by default a `MessageEnd` and the wait
-      for the shell's verdict.
-    - `_verdict(step, replies)`: the end of a transaction after the shell's
-      verdict, queueing `replies` in order (error replies counted as errors):
-      `message_stored()` sends one 250, an LMTP connection one reply per
-      accepted recipient (RFC 2033 §4.2).
+    - `_message_end(envelope, size)`: the message is complete and the core has
+      no objection; by default a `MessageEnd`, and the wait for a verdict.
+    - `_verdict(step, replies)`: the transaction ends with the shell's verdict,
+      `replies` queued in order: one 250 from `message_stored()`, one reply
+      per accepted recipient from an LMTP connection (RFC 2033 §4.2).
 
-    The framing of message data is in `readers.py`: while data is read the
-    connection holds one reader (`_reader`) and hands it its input.
+    While message data is read the connection holds one reader (`_reader`,
+    from `readers.py`) that frames it.
     """
 
     TRANSITIONS: ClassVar[Mapping[State, Mapping[Step, State]]] = TRANSITIONS
@@ -213,9 +206,7 @@ class SMTPConnection(SansIOConnection):
         self.esmtp = False
         self.envelope: Envelope | None = None
         self.errors = 0
-        # Commands by verb and replies by class ("2xx") since the shell last took
-        # them (for metrics): see take_counts().
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # commands and replies: take_counts()
         self.tls = self.security.tls_active
         self.auth_user: str | None = None
         self._greeted = False  # greeting() was called
@@ -226,8 +217,8 @@ class SMTPConnection(SansIOConnection):
         self._events: list[Event] = []
         self._discarding_line = False  # an over-long line is being skipped
         self.lines_read = 0  # command lines taken from the input
-        self._reader: Reader | None = None  # message data is being read: it frames it
-        self._message: DataReader | ChunkReader | None = None  # the current (or last) message's
+        self._reader: Reader | None = None  # frames the message data being read
+        self._message: DataReader | ChunkReader | None = None  # the current or last message's
 
     # ---------------------------------------------------------------- output
 
@@ -270,6 +261,13 @@ class SMTPConnection(SansIOConnection):
         self.errors += 1
         if self.errors >= self.limits.max_errors and self.state in COMMAND_STATES:
             self._close(R.TOO_MANY_ERRORS)
+
+    def _reply(self, reply: R.Reply) -> None:
+        """Send `reply`, counted as an error if it is one (4xx, 5xx)."""
+        if reply.code >= 400:
+            self._error(reply)
+        else:
+            self._send(reply)
 
     def _close(self, reply: R.Reply | None) -> None:
         if reply is not None:
@@ -341,15 +339,13 @@ class SMTPConnection(SansIOConnection):
 
     @property
     def in_data(self) -> bool:
-        """Message data is being read: after 354, or inside a BDAT chunk (the
-        shell's data timeouts apply rather than the command timeout). False once
-        the session is over."""
+        """Message data is being read (after 354, or inside a BDAT chunk): the
+        shell's data timeouts apply. False once the session is over."""
         return self._reader is not None and self.state in _DATA_STATES
 
     @property
     def _txn(self) -> Envelope:
-        """The open transaction's envelope. The table admits its callers only
-        when there is one; None here is a bug in this module."""
+        """The open transaction's envelope (the table admits callers only then)."""
         envelope = self.envelope
         if envelope is None:
             raise RuntimeError(f"no mail transaction in state {self.state.name}")
@@ -448,29 +444,7 @@ class SMTPConnection(SansIOConnection):
 
     def ehlo_keywords(self) -> list[str]:
         """The extension keywords of the EHLO reply now, in the order they are sent."""
-        ext = self.extensions
-        keywords = []
-        if ext.pipelining:
-            keywords.append("PIPELINING")
-        if ext.size:
-            keywords.append(f"SIZE {self.limits.max_message_size}")
-        if "VRFY" in self.COMMANDS:
-            keywords.append("VRFY")
-        if self._offers("STARTTLS"):
-            keywords.append("STARTTLS")
-        if self._offers("AUTH"):
-            keywords.append("AUTH " + " ".join(sasl.MECHANISMS))
-        if ext.enhancedstatuscodes:
-            keywords.append("ENHANCEDSTATUSCODES")
-        if ext.eightbitmime:
-            keywords.append("8BITMIME")
-        if ext.dsn:
-            keywords.append("DSN")  # RFC 3461; in Postfix's order, after 8BITMIME
-        if ext.smtputf8:
-            keywords.append("SMTPUTF8")
-        if self._offers("BDAT"):
-            keywords.append("CHUNKING")
-        return keywords
+        return params.ehlo_keywords(self.extensions, self.limits, self._offers)
 
     def _reset_transaction(self, by: str) -> None:
         if self.state in TRANSACTION_STATES and self.envelope is not None:
@@ -483,18 +457,16 @@ class SMTPConnection(SansIOConnection):
     def _do_MAIL(self, arg: bytes) -> None:
         utf8_allowed = self.extensions.smtputf8 and self.esmtp
         try:
-            sender, params = parse_mail_from(arg, utf8_allowed=utf8_allowed)
+            sender, parameters = parse_mail_from(arg, utf8_allowed=utf8_allowed)
         except SyntaxProblem:
-            if not arg.upper().startswith(b"FROM:"):
-                self._error(R.SYNTAX_MAIL)
-            elif is_utf8(arg) and not (utf8_allowed and b" SMTPUTF8" in arg.upper()):
-                self._error(R.NEEDS_SMTPUTF8)
-            else:
-                self._error(R.BAD_SENDER_SYNTAX)
+            self._error(params.mail_syntax_reply(arg, utf8_allowed))
             return
-        problem = mail_params_problem(params, self.extensions, self.limits, self.esmtp)
-        problem = problem or self._check_sender(sender)
-        if problem is None and not self._rate_allows("message"):
+        problem = params.mail_params_problem(parameters, self.extensions, self.limits, self.esmtp)
+        if problem is None and self.security.sender_must_match and self.auth_user and sender:
+            problem = self.policy.sender_not_owned(sender, self.auth_user)
+        # The client's rates (a logged-in client is not held to them).
+        rates = self.rates if self.auth_user is None else None
+        if problem is None and rates is not None and not rates.message():
             problem = R.MESSAGE_RATE
         if problem is not None:
             self._reject(problem, "MAIL", sender.address if sender else "")
@@ -503,21 +475,13 @@ class SMTPConnection(SansIOConnection):
             self.helo or "",
             self.esmtp,
             sender,
-            params,
-            smtputf8="SMTPUTF8" in params,
+            parameters,
+            smtputf8="SMTPUTF8" in parameters,
             auth_user=self.auth_user,
             tls=self.tls,
         )
         self._move(Step.MAIL)
         self._send(R.SENDER_OK)
-
-    def _rate_allows(self, what: str) -> bool:
-        """One more message or recipient within the client's rate (`rates`);
-        a logged-in client is not held to it."""
-        rates = self.rates
-        if rates is None or self.auth_user is not None:
-            return True
-        return rates.message() if what == "message" else rates.recipient()
 
     def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
         """A policy refusal: logged by the shell (access log) and counted as an error."""
@@ -525,28 +489,14 @@ class SMTPConnection(SansIOConnection):
         self._events.append(TransactionRejected(self.envelope, reply, stage, address))
         self._error(reply)
 
-    def _check_sender(self, sender: Mailbox | None) -> R.Reply | None:
-        if not (self.security.sender_must_match and self.auth_user and sender):
-            return None
-        own = (
-            self.policy.is_local_domain(sender.domain)
-            and safe_mailbox_name(sender.local_part) == self.auth_user
-        )
-        return None if own else R.SENDER_NOT_OWNED
-
     def _do_RCPT(self, arg: bytes) -> None:
         envelope = self._txn
         try:
-            mailbox, params = parse_rcpt_to(arg, utf8=envelope.smtputf8)
+            mailbox, parameters = parse_rcpt_to(arg, utf8=envelope.smtputf8)
         except SyntaxProblem:
-            if not arg.upper().startswith(b"TO:"):
-                self._error(R.SYNTAX_RCPT)
-            elif is_utf8(arg) and not envelope.smtputf8:
-                self._error(R.NEEDS_SMTPUTF8)
-            else:
-                self._error(R.BAD_RECIPIENT_SYNTAX)
+            self._error(params.rcpt_syntax_reply(arg, envelope.smtputf8))
             return
-        dsn = rcpt_params(params, self.extensions, self.esmtp) if params else (None, None)
+        dsn = params.rcpt_params(parameters, self.extensions, self.esmtp)
         if isinstance(dsn, R.Reply):
             self._error(dsn)
             return
@@ -554,7 +504,8 @@ class SMTPConnection(SansIOConnection):
             # §4.5.3.1.10: a temporary reply; the client sends the rest later.
             self._send(R.TOO_MANY_RECIPIENTS)
             return
-        if not self._rate_allows("recipient"):
+        rates = self.rates if self.auth_user is None else None
+        if rates is not None and not rates.recipient():
             self._reject(R.RECIPIENT_RATE, "RCPT", mailbox.address)
             return
         resolved = self.policy.resolve(mailbox, self.may_relay)
@@ -599,26 +550,7 @@ class SMTPConnection(SansIOConnection):
         if not arg:
             self._error(R.SYNTAX_VRFY)
             return
-        if not self.vrfy:
-            self._send(R.VRFY_CANNOT)
-            return
-        text = arg.decode("utf-8", "replace").strip("<>")
-        try:
-            mailbox = parse_mailbox(text) if "@" in text else None
-        except SyntaxProblem:
-            self._error(R.SYNTAX_VRFY)
-            return
-        if mailbox is not None and not self.policy.is_local_domain(mailbox.domain):
-            self._send(R.VRFY_CANNOT)
-            return
-        name = safe_mailbox_name(mailbox.local_part if mailbox else text)
-        if name is not None and self.policy.is_known_user(name):
-            domain = mailbox.domain if mailbox else min(self.policy.local_domains, default="")
-            self._send(R.user_known(f"{name}@{domain}" if domain else name))
-        elif self.policy.accept_unknown and name is not None:
-            self._send(R.VRFY_CANNOT)
-        else:
-            self._error(R.VRFY_UNKNOWN_USER)
+        self._reply(self.policy.verify(arg) if self.vrfy else R.VRFY_CANNOT)
 
     # -------------------------------------------------------------- STARTTLS
 
@@ -653,11 +585,7 @@ class SMTPConnection(SansIOConnection):
             self._error(R.SYNTAX_AUTH)
             return
         name = mechanism.decode("ascii", "replace").upper()
-
-        def start(exchange: sasl.SASLExchange) -> R.Reply | sasl.Credentials:
-            return exchange.start(initial or None)
-
-        self._auth_step(start, name)
+        self._auth_step(lambda exchange: exchange.start(initial or None), name)
 
     def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
         """Run one step of the AUTH exchange and act on what it gives."""
@@ -706,8 +634,8 @@ class SMTPConnection(SansIOConnection):
     def _do_BDAT(self, arg: bytes) -> None:
         size, last = chunk_header(arg) or (0, False)  # the rule's first guard checked it
         message = self._message  # in BDAT, the message's ChunkReader
-        if self.state is State.RCPT or not isinstance(message, ChunkReader):
-            envelope = self._txn  # the first chunk: the message starts
+        if self.state is State.RCPT or not isinstance(message, ChunkReader):  # the first chunk
+            envelope = self._txn
             self._move(Step.BDAT)
             self._message = message = ChunkReader(self.limits)
             self._events.append(MessageStart(envelope))
@@ -727,9 +655,7 @@ class SMTPConnection(SansIOConnection):
             self._error(reader.reply)
             return
         envelope = self._txn
-        # Decided on the whole message (or chunk), so the reply does not depend
-        # on how the client's data was cut into reads.
-        refusal = reader.refusal()
+        refusal = reader.refusal()  # on the whole message: not on how reads cut it
         if refusal is not None:
             # The transaction has failed; chunks the client pipelined behind this
             # one are read and refused with "need MAIL" (RFC 3030 §4.2).
@@ -785,21 +711,12 @@ class SMTPConnection(SansIOConnection):
         self._move(step)
         self.envelope = None
         for reply in replies:
-            if reply.code >= 400:
-                self._error(reply)
-            else:
-                self._send(reply)
-
-    # ------------------------------------------------------- the command table
+            self._reply(reply)
 
     COMMANDS: ClassVar[Mapping[str, Rule]] = {
         "EHLO": Rule(_do_EHLO),
         "HELO": Rule(_do_HELO),
-        "MAIL": Rule(
-            _do_MAIL,
-            rules.NEED_HELO,
-            then=(Guard(rules.login_required, R.AUTH_REQUIRED, logged=True),),
-        ),
+        "MAIL": Rule(_do_MAIL, rules.NEED_HELO, then=rules.LOGIN_FIRST),
         "RCPT": Rule(_do_RCPT, rules.NEED_MAIL),
         "DATA": Rule(_do_DATA, rules.NEED_RCPT),
         "RSET": Rule(_do_RSET),
@@ -810,30 +727,23 @@ class SMTPConnection(SansIOConnection):
         "BDAT": Rule(
             _do_BDAT,
             rules.NEED_RCPT_OR_BDAT,
-            first=(Guard(rules.bad_chunk_header, R.SYNTAX_BDAT),),
+            first=rules.CHUNK_SIZE,
             payload=True,
             enabled=rules.chunking_on,
         ),
         "STARTTLS": Rule(
             _do_STARTTLS,
             rules.NO_TRANSACTION,
-            first=(
-                Guard(rules.has_argument, R.SYNTAX_STARTTLS),
-                Guard(rules.tls_on, R.TLS_ALREADY_ACTIVE),
-            ),
-            then=(Guard(rules.starttls_not_offered, R.TLS_NOT_AVAILABLE),),
+            first=rules.STARTTLS_POSSIBLE,
+            then=rules.STARTTLS_OFFERED,
             enabled=rules.starttls_on,
             offered=rules.starttls_offered,
         ),
         "AUTH": Rule(
             _do_AUTH,
             rules.NEED_HELO_NO_TRANSACTION,
-            first=(
-                Guard(rules.auth_not_enabled, R.AUTH_NOT_ENABLED),
-                Guard(rules.helo_not_ehlo, R.BAD_SEQUENCE_HELO),
-                Guard(rules.logged_in, R.AUTH_ALREADY),
-            ),
-            then=(Guard(rules.auth_not_offered, R.AUTH_NEEDS_TLS),),
+            first=rules.AUTH_POSSIBLE,
+            then=rules.AUTH_OFFERED,
             offered=rules.auth_offered,
         ),
     }
