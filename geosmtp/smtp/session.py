@@ -10,8 +10,10 @@ Some events ask the shell for a verdict (below); until it gives it,
 `next_event()` returns `PAUSED` and processes nothing. A method called at a
 time it may not be raises `ProtocolError` and leaves the connection in
 `State.ERROR`, from which only `close_with()` leads out. Nothing the client
-sends raises: its mistakes get replies. The states and both tables (commands,
-transitions) are in `state.py`, the wording of every reply in `replies.py`.
+sends raises: its mistakes get replies. The command table is
+`SMTPConnection.COMMANDS` (its parts in `rules.py`), the states and steps are
+in `state.py`, the framing of message data in `readers.py`, the wording of
+every reply in `replies.py`.
 
 Events (immutable values) the shell acts on:
 - `MessageStart`: 354 was sent, or the first BDAT chunk is coming; open a spool.

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -139,7 +140,7 @@ def test_a_subclass_extends_the_command_table():
         def _do_NOOP(self, arg: bytes) -> None:
             self._send(R.VRFY_CANNOT)
 
-        COMMANDS = {
+        COMMANDS: ClassVar = {
             **{v: r for v, r in SMTPConnection.COMMANDS.items() if v not in ("AUTH", "VRFY")},
             "NOOP": Rule(_do_NOOP),
         }
@@ -151,7 +152,7 @@ def test_a_subclass_extends_the_command_table():
         [b"500 5.5.2 Error: command not recognized"],
     ]
     ehlo, help_reply = res.reply_lines[0], b" ".join(res.reply_lines[3])
-    assert not any(b"AUTH" in line or b"VRFY" in line for line in ehlo + [help_reply])
+    assert not any(b"AUTH" in line or b"VRFY" in line for line in [*ehlo, help_reply])
     assert b"STARTTLS" in help_reply and b"NOOP" in help_reply
     assert SMTPConnection.COMMANDS["NOOP"].handler is SMTPConnection._do_NOOP  # its own untouched
 
@@ -687,3 +688,44 @@ def test_not_in_data_once_over(end):
             conn.tls_started()
     assert not conn.in_data
     assert conn.message_size == 4  # "half" of the chunk came: the shell logs it
+
+
+# ------------------------------------------- the extension points of a subclass
+
+
+class PerRecipient(SMTPConnection):
+    """LMTP's shape (RFC 2033 §4.2): a banner of its own, and one reply per
+    accepted recipient after the message, through `_verdict`."""
+
+    def banner(self) -> R.Reply:
+        return R.reply(220, None, "per-recipient ready")
+
+    def recipients_done(self, replies: list[R.Reply]) -> None:
+        self._verdict(Step.MESSAGE_STORED, replies)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_subclass_gives_one_reply_per_recipient(mode):
+    conn = PerRecipient("mx.test", make_conn().policy)
+    assert conn.greeting() == b"220 per-recipient ready\r\n"
+    rcpt2 = b"RCPT TO:<bob@example.test>\r\n"
+    script = [EHLO, MAIL, RCPT, rcpt2, DATA, b"Hi\r\n.\r\n", b"NOOP\r\n"]
+    data = b"".join(script)
+    chunks = {"whole": script, "bytewise": [data[i : i + 1] for i in range(len(data))]}
+    stored = R.reply(250, "2.1.5", "alice ok")
+    ends: list = []
+
+    def on_end(conn, event):
+        ends.append(event)
+        assert len(event.envelope.recipients) == 2
+        conn.recipients_done([stored, R.LOCAL_ERROR])
+
+    events: list = []
+    for chunk in chunks.get(mode, [data]):
+        feed(conn, chunk)
+        drain(conn, events, on_end=on_end)
+    assert len(ends) == 1
+    out = conn.data_to_send()
+    assert out.endswith(stored.to_bytes() + R.LOCAL_ERROR.to_bytes() + OK)
+    assert conn.state is State.GREETED and conn.envelope is None
+    assert conn.errors == 1  # the 451 counts against the error budget, the 250 does not
