@@ -1,4 +1,4 @@
-"""State the worker processes share: the open-connection count and the AUTH throttle.
+"""State the workers share: the open-connection count, the AUTH throttle, per-client limits.
 
 The master makes one `SharedState` before it forks; every worker inherits the
 memory (a memfd mapped `MAP_SHARED`, no file on disk) and the descriptor the
