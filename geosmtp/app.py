@@ -1,10 +1,12 @@
 """Composition: config -> services -> listeners, keyed by protocol.
 
 Everything geosmtp runs is built here, in one place: the storage (spool and
-Maildirs), the mail pipeline, users and the AUTH throttle, TLS, metrics, and
-the listeners, each serving the session class of its protocol. A new protocol
-(POP3, LMTP) is a session class added to `SESSIONS` and the roles that use it
-in `config.ROLE_PROTOCOL`.
+Maildirs), the mail pipeline and its stages, the outbound queue and its
+reports, the DNS resolver, users and the AUTH throttle, TLS, metrics, and the
+listeners, each serving the session class of its protocol. A protocol is a
+session class in `SESSIONS`, the roles that use it in `config.ROLE_PROTOCOL`,
+a method here that builds its core (`new_connection`, `new_pop3_connection`)
+and its listener metrics in `metrics.py` (`ListenerMetrics`, `POP3Metrics`).
 
 `App` is also what sessions and the admin API see of the server: the running
 config, the services, the open sessions, and live configuration changes.
