@@ -22,19 +22,49 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
+from ..mail.limits import Extensions
 from . import replies as R
 from .readers import chunk_header
 from .state import TRANSACTION_STATES, State
 
-if TYPE_CHECKING:
-    from .session import SMTPConnection
+
+class Settings(Protocol):
+    """What the guards read of the connection's security settings."""
+
+    @property
+    def auth_available(self) -> bool: ...
+    @property
+    def auth_required(self) -> bool: ...
+
+
+class SMTPConnection(Protocol):
+    """What the rules read of the connection (`session.SMTPConnection`); a
+    protocol of their own, so that this module does not import the session."""
+
+    @property
+    def state(self) -> State: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def esmtp(self) -> bool: ...
+    @property
+    def auth_user(self) -> str | None: ...
+    @property
+    def extensions(self) -> Extensions: ...
+    @property
+    def security(self) -> Settings: ...
+    @property
+    def starttls_offered(self) -> bool: ...
+    @property
+    def auth_offered(self) -> bool: ...
+
 
 #: A command handler: an `SMTPConnection` method (or a subclass's) taking the argument.
 Handler = Callable[[Any, bytes], None]
 #: A test on the connection and the command's argument.
-Test = Callable[["SMTPConnection", bytes], bool]
+Test = Callable[[SMTPConnection, bytes], bool]
 
 
 @dataclass(frozen=True)
