@@ -1,8 +1,10 @@
 """The sans-I/O POP3 protocol core: bytes in, replies and events out.
 
 Imports only the standard library and the SMTP core's pure pieces it shares
-(the SASL exchange, `ProtocolError`, the `NEED_DATA`/`PAUSED` sentinels); no
-sockets, gevent, yaml, loguru or files. `stuffing` turns a stored message
+(the connection base `SansIOConnection`, the SASL exchange and the SMTP
+replies it refuses with, which `replies` words as `-ERR` lines,
+`ProtocolError`, the `NEED_DATA`/`PAUSED` sentinels); no sockets, gevent,
+yaml, loguru or files. `stuffing` turns a stored message
 into what RETR and TOP send.
 """
 

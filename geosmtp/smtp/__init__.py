@@ -4,28 +4,30 @@ Imports only the standard library and the pure mail domain (`geosmtp.mail`);
 no sockets, gevent, yaml, loguru or files.
 """
 
+from .events import (
+    AuthRequest,
+    MessageData,
+    MessageEnd,
+    MessageStart,
+    StartTLS,
+    TransactionAborted,
+    TransactionRejected,
+)
 from .parser import SyntaxProblem
 from .policy import RecipientPolicy
 from .replies import Reply
 from .session import (
     NEED_DATA,
     PAUSED,
-    AuthRequest,
     ClientRates,
     CloseConnection,
     ConnectionClosed,
     Extensions,
     Limits,
-    MessageData,
-    MessageEnd,
-    MessageStart,
     Security,
     SMTPConnection,
-    StartTLS,
-    TransactionAborted,
-    TransactionRejected,
 )
-from .state import ProtocolError, State
+from .state import ProtocolError, State, Step
 
 __all__ = [
     "NEED_DATA",
@@ -46,6 +48,7 @@ __all__ = [
     "Security",
     "StartTLS",
     "State",
+    "Step",
     "SyntaxProblem",
     "TransactionAborted",
     "TransactionRejected",

@@ -123,9 +123,10 @@ def test_one_reply_per_recipient_after_data_in_rcpt_order(mode):
         + R.INSUFFICIENT_STORAGE.to_bytes()
     )
     assert res.messages == [b"Subject: hi\n\n.dot\nbody\n"]
-    # The transaction is over, and the failures are no errors of the client's.
+    # The transaction is over; each failed recipient counts as an error, as a
+    # failed SMTP message does (the session's error budget, limits.max_errors).
     assert res.conn.state is State.GREETED and res.conn.envelope is None
-    assert res.conn.errors == 0
+    assert res.conn.errors == 2
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -239,3 +240,23 @@ def test_the_received_field_says_lmtp(smtputf8, tls, keyword):
         env, hostname=HOST, client_ip="unix", queue_id="Q1", date="d", tls=tls, protocol="lmtp"
     )
     assert f"(geosmtp) with {keyword} id Q1".encode() in raw
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_too_many_errors_closes_after_the_last_recipients_reply(mode):
+    # max_errors 2: the budget runs out among the replies after the message. The
+    # 421 must come after all of them, or every later reply would be read as
+    # the next recipient's (a 250 for a recipient whose delivery failed).
+    conn = LMTPConnection(
+        HOST,
+        make_lmtp().policy,
+        Limits(max_errors=2),
+        Extensions(),
+    )
+    steps = [LHLO, MAIL, rcpt("alice"), rcpt("bob"), rcpt("carol"), b"DATA\r\n", BODY]
+    on_end = outcomes({"alice": R.LOCAL_ERROR, "bob": R.LOCAL_ERROR})
+    res = run([*steps, b"NOOP\r\n"], mode, conn, on_end=on_end)
+    assert res.replies.split(GO_AHEAD)[1] == (
+        R.LOCAL_ERROR.to_bytes() * 2 + ok("carol@example.test") + R.TOO_MANY_ERRORS.to_bytes()
+    )
+    assert res.conn.state is State.CLOSED
