@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -628,7 +629,9 @@ class SMTPConnection(SansIOConnection):
                 return R.BAD_PARAMETER
         return None
 
-    def _rcpt_params(self, params: dict[str, str | None]) -> tuple[frozenset | None, str | None]:
+    def _rcpt_params(
+        self, params: dict[str, str | None]
+    ) -> tuple[frozenset[str] | None, str | None]:
         """NOTIFY and ORCPT (RFC 3461 §4.1, §4.2); SyntaxProblem for anything else."""
         notify: frozenset[str] | None = None
         orcpt: str | None = None
@@ -812,7 +815,11 @@ class SMTPConnection(SansIOConnection):
 
         self._auth_step(start, name)
 
-    def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def _auth_step(
+        self,
+        step: Callable[[sasl.SASLExchange], R.Reply | sasl.Credentials],
+        mechanism: str | None = None,
+    ) -> None:
         """Run one step of the AUTH exchange and act on what it gives."""
         try:
             exchange = self._sasl or sasl.SASLExchange(mechanism or "")
