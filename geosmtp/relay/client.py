@@ -99,7 +99,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypedDict, Unpack
 
 from . import protocol
 from .cache import ConnectionCache
@@ -420,7 +420,7 @@ class Connection:
                 raise _Lost(event)
             if isinstance(event, protocol.ResetFailed):
                 raise _Stale()
-            return event  # type: ignore[return-value]
+            return event
 
     def _io(self, call: Callable, arg: object) -> bytes | None:
         try:
@@ -590,7 +590,7 @@ def deliver(
     ret: str | None = None,
     notify: Sequence[Sequence[str] | None] | None = None,
     orcpt: Sequence[str | None] | None = None,
-    cache: ConnectionCache | None = None,
+    cache: ConnectionCache[Connection] | None = None,
 ) -> AttemptResult:
     """One delivery attempt of `message` to `recipients`, in one SMTP transaction.
 
@@ -645,14 +645,24 @@ class Relay:
     (`relay.connection_cache_time`). `close()` closes the idle ones."""
 
     def __init__(self, reuse_limit: int = 100, cache_time: float = 2.0) -> None:
-        self.cache = ConnectionCache(reuse_limit, cache_time)
+        self.cache: ConnectionCache[Connection] = ConnectionCache(reuse_limit, cache_time)
 
-    def deliver(self, *args: object, **kwargs: object) -> AttemptResult:
+    def deliver(self, *args: Any, **kwargs: Any) -> AttemptResult:
         """`deliver()`'s arguments, and the same result."""
-        return deliver(*args, cache=self.cache, **kwargs)  # type: ignore[arg-type]
+        return deliver(*args, cache=self.cache, **kwargs)
 
     def close(self) -> None:
         self.cache.close()
+
+
+class _Remote(TypedDict, total=False):
+    """Who decided an attempt: `AttemptResult`'s fields of that name."""
+
+    remote_host: str
+    remote_address: str
+    remote_port: int
+    tls: str | None
+    dsn: bool
 
 
 @dataclass
@@ -675,7 +685,7 @@ class _Attempt:
     ret: str | None
     notify: list[Sequence[str] | None]
     orcpt: list[str | None]
-    cache: ConnectionCache | None
+    cache: ConnectionCache[Connection] | None
     size: int = 0
     start: int = 0  # where the message begins in the file
     tried: list[Tried] = field(default_factory=list)
@@ -717,7 +727,7 @@ class _Attempt:
                     conn.close()  # closed, or said something unasked: not worth an RSET
                     continue
                 try:
-                    return self._deliver_on(conn, host, reused=True)  # type: ignore[arg-type]
+                    return self._deliver_on(conn, host, reused=True)
                 except _Stale:
                     conn.close()  # dead or unwilling: a new connection, no failure counted
         last: _TargetFailed | None = None
@@ -758,16 +768,18 @@ class _Attempt:
             checked = (context, _tls_name(host.name) if context.check_hostname else None)
         return (address, self.port, self.tls, self.helo_name, user, self.source_address, checked)
 
-    def _everyone(self, outcome: Outcome, status: str, diagnostic: str, **remote) -> AttemptResult:
+    def _everyone(
+        self, outcome: Outcome, status: str, diagnostic: str, **remote: Unpack[_Remote]
+    ) -> AttemptResult:
         for i, rcpt in enumerate(self.recipients):
             self.results.setdefault(i, RecipientResult(rcpt, outcome, status, diagnostic))
         return self._result(**remote)
 
-    def _result(self, **remote: object) -> AttemptResult:
+    def _result(self, **remote: Unpack[_Remote]) -> AttemptResult:
         return AttemptResult(
             tuple(self.results[i] for i in range(len(self.recipients))),
             tried=tuple(self.tried),
-            **remote,  # type: ignore[arg-type]
+            **remote,
         )
 
     # ---------------------------------------------------------- one connection
@@ -864,7 +876,7 @@ class _Attempt:
         core = conn.core
         features = core.features if core.esmtp else {}
         dsn = "dsn" in features
-        remote = {
+        remote: _Remote = {
             "remote_host": host.name,
             "remote_address": conn.address,
             "remote_port": self.port,
@@ -932,7 +944,7 @@ class _Attempt:
         return _from_reply(self.recipients[i], reply)
 
     def _decide(
-        self, pending: list[int], done: protocol.TransactionDone, remote: dict
+        self, pending: list[int], done: protocol.TransactionDone, remote: _Remote
     ) -> AttemptResult:
         """What the replies of a transaction mean for each recipient."""
         if not 200 <= done.mail.code < 300:
@@ -990,7 +1002,11 @@ class _Attempt:
         return None
 
     def _apply(
-        self, indexes: list[int], reply: RemoteReply, remote: dict, outcome: Outcome | None = None
+        self,
+        indexes: list[int],
+        reply: RemoteReply,
+        remote: _Remote,
+        outcome: Outcome | None = None,
     ) -> AttemptResult:
         """One reply decides for these recipients (MAIL, DATA, end of data)."""
         for i in indexes:
