@@ -385,7 +385,7 @@ class Connection:
         host: str,
         address: str,
         port: int,
-        key: tuple,
+        key: tuple[object, ...],
     ) -> None:
         self.sock = sock
         self.core = core
@@ -422,7 +422,7 @@ class Connection:
                 raise _Stale()
             return event
 
-    def _io(self, call: Callable, arg: object) -> bytes | None:
+    def _io(self, call: Callable[[Any], bytes | None], arg: object) -> bytes | None:
         try:
             return call(arg)
         except TimeoutError:
@@ -755,14 +755,14 @@ class _Attempt:
                     seen.add(address)
                     yield host, address
 
-    def _key(self, host: Host, address: str) -> tuple:
+    def _key(self, host: Host, address: str) -> tuple[object, ...]:
         """What a connection must share to carry this message (Postfix: the next hop,
         and the TLS policy). With TLS, the context whose policy checked the
         certificate, and the name it was checked against when it checks names:
         a connection verified for one MX name, or under a context a reload
         replaced, is never used for another without checking again."""
         user = self.auth[0] if self.auth is not None else None
-        checked: tuple = ()
+        checked: tuple[object, ...] = ()
         if self.tls != "none":
             context = self._context()
             checked = (context, _tls_name(host.name) if context.check_hostname else None)
