@@ -72,8 +72,8 @@ SHARE_POLL = 0.2
 AUTH_RECHECK = 0.05
 
 #: The session class of each protocol a listener can speak.
-SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}  # type: ignore[dict-item]
-SESSIONS["lmtp"] = LMTPSession  # type: ignore[assignment]  # issue 21: LMTP in
+SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}
+SESSIONS["lmtp"] = LMTPSession  # issue 21: LMTP in
 
 
 def share_of_limit(limit: int, share: tuple[int, int]) -> int:
@@ -589,7 +589,7 @@ class App:
 
     def _take_share_lock(self) -> bool:
         try:
-            fcntl.flock(self._share_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+            fcntl.flock(self._share_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]  # start() opened it
             return True
         except BlockingIOError:
             return False

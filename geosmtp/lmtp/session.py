@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from ..mail import Mailbox, Recipient
 from ..smtp import replies as R
+from ..smtp import rules
 from ..smtp.policy import RecipientPolicy
 from ..smtp.rules import Rule
 from ..smtp.session import Extensions, Limits, Security, SMTPConnection
@@ -51,7 +52,8 @@ def local_only(policy: RecipientPolicy) -> LocalOnly:
     """`policy` as LMTP applies it."""
     if isinstance(policy, LocalOnly):
         return policy
-    return LocalOnly(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)})
+    fields = dataclasses.fields(policy)
+    return LocalOnly(**{f.name: getattr(policy, f.name) for f in fields if f.init})
 
 
 def _in_lmtp_words(rule: Rule) -> Rule:
@@ -62,7 +64,7 @@ def _in_lmtp_words(rule: Rule) -> Rule:
     return dataclasses.replace(rule, refused=refused)
 
 
-def _never(conn: SMTPConnection) -> bool:
+def _never(conn: rules.SMTPConnection) -> bool:
     return False
 
 

@@ -41,8 +41,9 @@ Events (immutable values) the shell acts on:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..smtp import sasl
 from ..smtp.connection import LINE_TOO_LONG, SansIOConnection
@@ -487,7 +488,12 @@ class POP3Connection(SansIOConnection):
         initial = parts[1] if len(parts) == 2 else None
         self._auth_step(lambda exchange: exchange.start(initial), mechanism)
 
-    def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def _auth_step(
+        self,
+        # Credentials, or a challenge as `sasl`'s Reply (of the SMTP core's replies)
+        step: Callable[[sasl.SASLExchange], Any],
+        mechanism: str | None = None,
+    ) -> None:
         """Run one step of the SASL exchange (RFC 5034 §4) and act on what it gives."""
         try:
             exchange = self._sasl or sasl.SASLExchange(mechanism or "")

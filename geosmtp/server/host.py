@@ -66,7 +66,8 @@ class Runtime:
 class Stress(Protocol):
     """Whether the server is under stress (`listeners.Listeners`)."""
 
-    stressed: bool
+    @property
+    def stressed(self) -> bool: ...
 
 
 class Host(Protocol):
@@ -75,7 +76,10 @@ class Host(Protocol):
     config: Config
     metrics: Metrics
     tls_context: ssl.SSLContext | None
-    listeners: Stress
+
+    @property
+    def listeners(self) -> Stress: ...  # read only: the app's is a `Listeners`
+
     anvil: Anvil
     spool: Spool
     store: MaildirStore

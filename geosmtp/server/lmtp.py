@@ -19,7 +19,7 @@ SMTP one: the same reads, spool, pipeline and access log. What differs:
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -139,10 +139,10 @@ class LMTPSession(SMTPSession):
             size=size,
             queue=queue_id,
             stages=stages,
-            failed=failures or None,
+            failed=",".join(failures) or None,
             **auth_results,
         )
         self._sync_metrics()
 
-    def _access(self, envelope: Envelope | None, result: int | str, **extra) -> None:  # type: ignore[no-untyped-def]
+    def _access(self, envelope: Envelope | None, result: int | str, **extra: Any) -> None:
         super()._access(envelope, result, proto="lmtp", **extra)

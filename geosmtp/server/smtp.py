@@ -23,7 +23,7 @@ from __future__ import annotations
 import email.utils
 import socket
 import time
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gevent
 from loguru import logger
@@ -192,7 +192,7 @@ class SMTPSession(StreamSession):
                 # answers ConnectionClosed.
                 conn.receive_data(self._read())
             elif type(event) is MessageData:
-                self.sniffer.feed(event.data)  # type: ignore[union-attr]
+                self.sniffer.feed(event.data)  # type: ignore[union-attr]  # set at MessageStart
                 self._spool_write(event.data)
             elif type(event) is MessageStart:
                 self._start_message(event.envelope)
@@ -457,7 +457,7 @@ class SMTPSession(StreamSession):
             envelope, result, refused=refused or None, size=size or None, msgid=msgid, **extra
         )
 
-    def _access(self, envelope: Envelope | None, result: int | str, **extra) -> None:  # type: ignore[no-untyped-def]
+    def _access(self, envelope: Envelope | None, result: int | str, **extra: Any) -> None:
         conn = self.conn
         fields: dict = {
             "session": self.id,

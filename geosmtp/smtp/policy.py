@@ -7,7 +7,7 @@ to each session. The decisions "is this a local mailbox, and which one" and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..mail import Domains, Mailbox, Recipient, safe_mailbox_name
 from . import replies as R
@@ -29,11 +29,12 @@ class RecipientPolicy:
     #: writes tell people to write to `postmaster@<hostname>`, so that address
     #: is accepted even when the name is not one of `local_domains` (§4.5.1).
     hostname: str = ""
+    #: `hostname` compared as every domain is, made once in `__post_init__`.
+    _own_name: Domains = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.local_domains, Domains):
             object.__setattr__(self, "local_domains", Domains(self.local_domains))
-        # The hostname compared as every domain is (Domains), made once.
         object.__setattr__(self, "_own_name", Domains([self.hostname] if self.hostname else []))
 
     def is_local_domain(self, domain: str) -> bool:

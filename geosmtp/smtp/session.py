@@ -40,7 +40,7 @@ Events (immutable values) the shell acts on:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -589,7 +589,11 @@ class SMTPConnection(SansIOConnection):
         name = mechanism.decode("ascii", "replace").upper()
         self._auth_step(lambda exchange: exchange.start(initial or None), name)
 
-    def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def _auth_step(
+        self,
+        step: Callable[[sasl.SASLExchange], R.Reply | sasl.Credentials],
+        mechanism: str | None = None,
+    ) -> None:
         """Run one step of the AUTH exchange and act on what it gives."""
         try:
             exchange = self._sasl or sasl.SASLExchange(mechanism or "")
