@@ -230,7 +230,6 @@ def lmtp_delivered(queue_id: str, address: str) -> Reply:
 LHLO_ONLY = reply(500, "5.5.1", "Error: this is LMTP; use LHLO")
 #: A command that needs the greeting first (SMTP's BAD_SEQUENCE_HELO).
 LHLO_FIRST = reply(503, "5.5.1", "Error: send LHLO first")
-SYNTAX_LHLO = reply(501, "5.5.4", "Syntax: LHLO hostname")
 #: A recipient outside the local domains: LMTP delivers, it never relays.
 NOT_LOCAL = reply(550, "5.1.1", "Recipient address rejected: not a local mailbox")
 #: A TCP client an `lmtp` listener does not serve (not trusted, not loopback).
