@@ -34,6 +34,7 @@ from . import logs
 from .auth import BUSY, AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
 from .filters.stages import Filters
+from .lmtp import LMTPConnection
 from .mail import Domains, Envelope, Recipient
 from .mail.ids import share_of, take_share
 from .mailauth.stages import DKIMSign, SenderChecks, build_signer, sign_file
@@ -52,6 +53,7 @@ from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir
 from .server.host import ConfigChange, Login
 from .server.listeners import Listeners, Session
+from .server.lmtp import LMTPSession
 from .server.pop3 import POP3Session
 from .server.shared import SharedClientTable, SharedState
 from .server.smtp import SMTPSession
@@ -71,6 +73,7 @@ AUTH_RECHECK = 0.05
 
 #: The session class of each protocol a listener can speak.
 SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}
+SESSIONS["lmtp"] = LMTPSession  # issue 21: LMTP in
 
 
 def share_of_limit(limit: int, share: tuple[int, int]) -> int:
@@ -418,6 +421,23 @@ class App:
                 auth_plaintext=self.config.auth.allow_plaintext,
             ),
         )
+
+    # issue 21: LMTP in
+    def new_lmtp_connection(self, listener: Listener) -> LMTPConnection:
+        """The LMTP core for a new client on `listener`, with today's settings."""
+        return LMTPConnection(
+            self.config.hostname, self.policy, self.limits, self.extensions, vrfy=self.config.vrfy
+        )
+
+    def lmtp_client_allowed(self, peer: str) -> bool:
+        """A TCP `lmtp` listener serves the MTAs in `trusted_networks`, or, when
+        there is none, on loopback: LMTP has no AUTH to tell anyone else apart."""
+        if self.trusted_networks:
+            return self._trusted(peer)
+        try:
+            return ipaddress.ip_address(peer.partition("%")[0]).is_loopback
+        except ValueError:
+            return False
 
     #: CPU-heavy or blocking work (password checks) in the hub's threadpool.
     run_blocking = staticmethod(in_thread)

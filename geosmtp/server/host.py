@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config, Listener
+    from ..lmtp import LMTPConnection
     from ..metrics import Metrics
     from ..pipeline import Pipeline
     from ..pop3 import POP3Connection
@@ -93,6 +94,10 @@ class Host(Protocol):
     ) -> SMTPConnection: ...
 
     def new_pop3_connection(self, listener: Listener) -> POP3Connection: ...
+
+    # issue 21: LMTP in
+    def new_lmtp_connection(self, listener: Listener) -> LMTPConnection: ...
+    def lmtp_client_allowed(self, peer: str) -> bool: ...
 
 
 class ClusterHost(Protocol):

@@ -85,7 +85,7 @@ class SMTPSession(StreamSession):
     ) -> None:
         super().__init__(server, sock, address, listener, metrics, client_key)
         rates = ClientRates(server.anvil, client_key, self.peer) if client_key else None
-        self.conn: SMTPConnection = server.new_connection(listener, self.peer, rates)
+        self.conn: SMTPConnection = self._new_core(server, listener, rates)
         self.errors_counted = 0  # of conn.errors, those added to the client's budget
         self.spool: SpoolFile | _FailedSpool | None = None
         self.queue_id: str | None = None
@@ -95,6 +95,12 @@ class SMTPSession(StreamSession):
         self.refused: list[str] = []
         self.logged: Envelope | None = None
         self.data_started = 0.0
+
+    def _new_core(
+        self, server: Host, listener: Listener, rates: ClientRates | None
+    ) -> SMTPConnection:
+        """The protocol core of this session (a subclass's protocol gives its own)."""
+        return server.new_connection(listener, self.peer, rates)
 
     # -------------------------------------------------------------- I/O
 
@@ -145,7 +151,7 @@ class SMTPSession(StreamSession):
         """What the admin API shows of this session (never message data or secrets)."""
         return {
             "id": self.id,
-            "protocol": "smtp",
+            "protocol": self.PROTOCOL,
             "peer": self.peer,
             "port": self.peer_port,
             "listener": self.metrics.name,
@@ -295,6 +301,7 @@ class SMTPSession(StreamSession):
                 date=received_date(),
                 tls=envelope.tls,
                 authenticated=envelope.auth_user is not None,
+                protocol=self.PROTOCOL,
             )
         )
 
@@ -345,12 +352,7 @@ class SMTPSession(StreamSession):
             stages = ",".join(map(str, message.verdicts)) or None
             auth_results = message.auth_results
         if not verdict.delivered:
-            if verdict.code is not None:
-                reply = R.refused_by_stage(verdict.code, verdict.status, verdict.text)
-            elif verdict.no_space:
-                reply = R.INSUFFICIENT_STORAGE
-            else:
-                reply = R.LOCAL_ERROR
+            reply = self._failure_reply(verdict)
             if verdict.stage is not None and verdict.code is not None:
                 # A filter's judgement (or its failure policy, logged by the stage).
                 logger.info("session {}: refused ({}): {}", self.id, reply.code, verdict.reason)
@@ -373,6 +375,16 @@ class SMTPSession(StreamSession):
             envelope, 250, size=size, queue=queue_id, stages=stages, **auth_results
         )
         self._sync_metrics()
+
+    @staticmethod
+    def _failure_reply(verdict: Verdict) -> R.Reply:
+        """The reply for a pipeline's failure: a stage's own, else 452 for a
+        full disk, else 451."""
+        if verdict.code is not None:
+            return R.refused_by_stage(verdict.code, verdict.status, verdict.text)
+        if verdict.no_space:
+            return R.INSUFFICIENT_STORAGE
+        return R.LOCAL_ERROR
 
     def _reports_allowed(self, envelope: Envelope) -> Envelope:
         """The envelope as the pipeline gets it: a client that is neither logged

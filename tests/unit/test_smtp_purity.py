@@ -1,6 +1,7 @@
 """The protocol cores (SMTP, POP3, the relay's SMTP client) are sans-I/O: they
 import only the standard library and the pure mail domain (`geosmtp.mail`, less
-its id generator), and no I/O from either. The POP3 core shares the SMTP core's pure pieces (SASL,
+its id generator), and no I/O from either; so is the LMTP core, a subclass of
+the SMTP one. The POP3 core shares the SMTP core's pure pieces (SASL,
 ProtocolError), so both are checked as one.
 
 Checked in a fresh interpreter, since this test process has long since
@@ -15,12 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import geosmtp.lmtp
 import geosmtp.mail
 import geosmtp.pop3
 import geosmtp.relay.protocol
 import geosmtp.smtp
 
 CORE_DIRS = (Path(geosmtp.smtp.__file__).parent, Path(geosmtp.pop3.__file__).parent)
+CORE_DIRS += (Path(geosmtp.lmtp.__file__).parent,)  # issue 21: the LMTP core
 MAIL_DIR = Path(geosmtp.mail.__file__).parent
 # The id generator reads the clock and the pid: the shell's, never the core's.
 IMPURE = {MAIL_DIR / "ids.py"}
@@ -43,7 +46,7 @@ stdlib = (paths["stdlib"], paths["platstdlib"])
 outside = []
 for name in new:
     if name in ("geosmtp", "geosmtp.relay", "geosmtp.relay.protocol") or name.startswith(
-        ("geosmtp.smtp", "geosmtp.pop3", "geosmtp.mail")
+        ("geosmtp.smtp", "geosmtp.pop3", "geosmtp.mail", "geosmtp.lmtp")
     ):
         continue
     f = getattr(sys.modules[name], "__file__", None)
