@@ -124,16 +124,7 @@ class LMTPConnection(SMTPConnection):
                 )
             if any(not (200 <= r.code < 300 or 400 <= r.code < 600) for r in replies):
                 raise self._misuse("a recipient's reply is not a 2xx, 4xx or 5xx")
-        # Not through _verdict: it counts each error reply as it queues it, and
-        # a 421 for too many errors among them would shift every later reply
-        # onto the wrong recipient (a 250 read for a recipient that failed).
-        self._move(Step.MESSAGE_STORED)
-        self.envelope = None
-        for reply in replies:
-            self._send(reply)
-        self.errors += sum(reply.code >= 400 for reply in replies)
-        if self.errors >= self.limits.max_errors:
-            self._close(R.TOO_MANY_ERRORS)  # after the last recipient's reply
+        self._verdict(Step.MESSAGE_STORED, replies)
 
     def message_stored(self, queue_id: str) -> None:
         """Every recipient's mailbox has the message: a 250 for each."""
