@@ -89,6 +89,16 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
+# How many servers the run started: each costs a second or more of the suite's
+# time, so the summary shows the count (a rise there is a slower CI).
+SERVER_STARTS = [0]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SERVER_STARTS[0]:
+        terminalreporter.write_line(f"geosmtp servers started: {SERVER_STARTS[0]}")
+
+
 @dataclass
 class RunningServer:
     process: subprocess.Popen
@@ -237,6 +247,7 @@ def start_server(
 ) -> RunningServer:
     """Start geosmtp through its CLI; `launcher` replaces `python -m geosmtp`
     (a test that must plant a fault in the running process uses `python -c`)."""
+    SERVER_STARTS[0] += 1
     root.mkdir(parents=True, exist_ok=True)
     path = write_config(root, overrides)
     config = yaml.safe_load(path.read_text())
