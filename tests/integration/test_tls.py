@@ -379,7 +379,7 @@ def test_timeout_and_stop_answer_421_inside_tls(make_server, certs):
         {
             "listeners": listeners("mx", "submissions"),
             "tls": certs.tls_config,
-            "timeouts": {"command": 1, "shutdown_grace": 0},
+            "timeouts": {"command": 0.5, "shutdown_grace": 0},
         }
     )
     with Wire.connect("127.0.0.1", server.ports["mx"]) as wire:
