@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import signal
 import socket
@@ -386,3 +387,30 @@ def make_module_server(tmp_path_factory) -> Iterator:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(timeout=10)
+
+
+# ------------------------------------------- a server shared by a module's tests
+
+
+@pytest.fixture(scope="module")
+def module_server(make_module_server) -> RunningServer:
+    """One server with the default config for the tests of a module that need
+    nothing fresh: each sends to mailboxes of its own (`box`), which
+    `unknown_recipients: accept` makes on first delivery. A start costs a
+    second or more; a module of such tests pays it once."""
+    return make_module_server()
+
+
+@pytest.fixture
+def box(request) -> str:
+    """A mailbox name no other test uses (from the test's id, so the same on
+    every run): mail to `{box}@test.example` is this test's alone."""
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    return f"t{digest}"
+
+
+def stored_since(server: RunningServer, before: list[Path]) -> list[Path]:
+    """The messages stored on a shared server since `before` (its
+    `all_messages()` taken earlier), in delivery order."""
+    seen = set(before)
+    return [path for path in server.all_messages() if path not in seen]
