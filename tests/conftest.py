@@ -409,6 +409,32 @@ def box(request) -> str:
     return f"t{digest}"
 
 
+@dataclass
+class SharedView(RunningServer):
+    """A shared server as one test sees it: `access_log()` from where the test
+    began, `all_messages()` stored since then."""
+
+    access_from: int = 0
+    before: frozenset[Path] = frozenset()
+
+    def access_log(self) -> str:
+        return super().access_log()[self.access_from :]
+
+    def all_messages(self) -> list[Path]:
+        return [path for path in super().all_messages() if path not in self.before]
+
+
+@pytest.fixture
+def shared_view(module_server) -> SharedView:
+    """`module_server` seen from this test on (`SharedView`)."""
+    fields = {name: getattr(module_server, name) for name in module_server.__dataclass_fields__}
+    return SharedView(
+        **fields,
+        access_from=len(module_server.access_log()),
+        before=frozenset(module_server.all_messages()),
+    )
+
+
 def stored_since(server: RunningServer, before: list[Path]) -> list[Path]:
     """The messages stored on a shared server since `before` (its
     `all_messages()` taken earlier), in delivery order."""
