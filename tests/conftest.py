@@ -392,13 +392,17 @@ def make_module_server(tmp_path_factory) -> Iterator:
 # ------------------------------------------- a server shared by a module's tests
 
 
-@pytest.fixture(scope="module")
-def module_server(make_module_server) -> RunningServer:
-    """One server with the default config for the tests of a module that need
-    nothing fresh: each sends to mailboxes of its own (`box`), which
-    `unknown_recipients: accept` makes on first delivery. A start costs a
-    second or more; a module of such tests pays it once."""
-    return make_module_server()
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory) -> Iterator[RunningServer]:
+    """One server with the default config for the run's tests that need nothing
+    fresh: each sends to mailboxes of its own (`box`), which
+    `unknown_recipients: accept` makes on first delivery. A start costs a second or more; the
+    tests of every module that uses it pay it once."""
+    server = start_server(tmp_path_factory.mktemp("shared"))
+    yield server
+    if server.process.poll() is None:
+        server.process.kill()
+        server.process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -412,27 +416,30 @@ def box(request) -> str:
 @dataclass
 class SharedView(RunningServer):
     """A shared server as one test sees it: `access_log()` from where the test
-    began, `all_messages()` stored since then."""
+    began, `all_messages()` stored since then.
+
+    A line of the access log is written a moment after the client has its
+    reply: a test may see only the lines it made when every test before it
+    waited for its own (as `test_access_log`'s do), so a view is for the tests
+    of one module, not for `shared_server`."""
 
     access_from: int = 0
     before: frozenset[Path] = frozenset()
+
+    @classmethod
+    def of(cls, server: RunningServer) -> SharedView:
+        fields = {name: getattr(server, name) for name in RunningServer.__dataclass_fields__}
+        return cls(
+            **fields,
+            access_from=len(server.access_log()),
+            before=frozenset(server.all_messages()),
+        )
 
     def access_log(self) -> str:
         return super().access_log()[self.access_from :]
 
     def all_messages(self) -> list[Path]:
         return [path for path in super().all_messages() if path not in self.before]
-
-
-@pytest.fixture
-def shared_view(module_server) -> SharedView:
-    """`module_server` seen from this test on (`SharedView`)."""
-    fields = {name: getattr(module_server, name) for name in module_server.__dataclass_fields__}
-    return SharedView(
-        **fields,
-        access_from=len(module_server.access_log()),
-        before=frozenset(module_server.all_messages()),
-    )
 
 
 def stored_since(server: RunningServer, before: list[Path]) -> list[Path]:

@@ -1,7 +1,7 @@
 """logs/access.log: one line per message or refused transaction, never split by a client.
 
 The tests without a config of their own share one server and read the lines
-written since each began (`shared_view`), with mailboxes of their own."""
+written since each began (`SharedView`), with mailboxes of their own."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import smtplib
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import SharedView, wait_until
 from tests.integration.wire import Wire
 
 LINE_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} session=\S+ client=\S+ ")
@@ -27,9 +27,15 @@ def parse(line: str) -> dict[str, str]:
     return fields
 
 
+@pytest.fixture(scope="module")
+def module_server(make_module_server):
+    return make_module_server()
+
+
 @pytest.fixture
-def server(shared_view):
-    return shared_view
+def server(module_server):
+    """The module's server from this test on: each test waits for its own lines."""
+    return SharedView.of(module_server)
 
 
 def access_lines(server, count: int) -> list[dict[str, str]]:

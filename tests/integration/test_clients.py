@@ -27,9 +27,9 @@ def run(args: list[str], input: bytes = b"") -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def server(module_server):
-    """The module's one server (each test sends to mailboxes of its own)."""
-    return module_server
+def server(shared_server):
+    """The run's shared server (each test sends to mailboxes of its own)."""
+    return shared_server
 
 
 def read_back(server, box: str) -> list[mailbox.MaildirMessage]:

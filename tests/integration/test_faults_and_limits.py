@@ -18,9 +18,9 @@ from tests.integration.wire import Wire
 
 
 @pytest.fixture
-def server(module_server):
-    """The module's one server (each test sends to mailboxes of its own)."""
-    return module_server
+def server(shared_server):
+    """The run's shared server (each test sends to mailboxes of its own)."""
+    return shared_server
 
 
 def _transaction(w: Wire, rcpts: list[str], body: bytes = b"Subject: t\r\n\r\nbody\r\n") -> tuple:

@@ -15,10 +15,10 @@ from tests.integration.wire import Wire
 
 
 @pytest.fixture
-def server(module_server):
-    """The module's one server: each test sends to mailboxes of its own (the
+def server(shared_server):
+    """The run's shared server: each test sends to mailboxes of its own (the
     ones that need a server to themselves take `make_server`)."""
-    return module_server
+    return shared_server
 
 
 def _body_of(raw: bytes) -> bytes:

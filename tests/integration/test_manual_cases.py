@@ -15,9 +15,9 @@ from tests.integration.wire import Wire
 
 
 @pytest.fixture
-def server(module_server):
-    """The module's one server (each test sends to mailboxes of its own)."""
-    return module_server
+def server(shared_server):
+    """The run's shared server (each test sends to mailboxes of its own)."""
+    return shared_server
 
 
 def _bodies(server, box: str) -> list[bytes]:

@@ -13,9 +13,9 @@ from tests.integration.wire import Wire
 
 
 @pytest.fixture
-def server(module_server):
-    """The module's one server (each test sends to mailboxes of its own)."""
-    return module_server
+def server(shared_server):
+    """The run's shared server (each test sends to mailboxes of its own)."""
+    return shared_server
 
 
 def _stored_headers(server, box: str) -> email.message.EmailMessage:
