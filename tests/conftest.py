@@ -389,15 +389,17 @@ def make_module_server(tmp_path_factory) -> Iterator:
             server.process.wait(timeout=10)
 
 
-# ------------------------------------------- a server shared by a module's tests
+# ------------------------------------------------ servers that tests share
 
 
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory) -> Iterator[RunningServer]:
     """One server with the default config for the run's tests that need nothing
     fresh: each sends to mailboxes of its own (`box`), which
-    `unknown_recipients: accept` makes on first delivery. A start costs a second or more; the
-    tests of every module that uses it pay it once."""
+    `unknown_recipients: accept` makes on first delivery. A start costs a
+    second or more; the tests of every module that use this one pay it once.
+    A test that stops a server, counts its log lines or metrics, or needs a
+    config of its own starts its own (`make_server`, `make_module_server`)."""
     server = start_server(tmp_path_factory.mktemp("shared"))
     yield server
     if server.process.poll() is None:
