@@ -133,9 +133,9 @@ def run(ctx: WorkerContext) -> NoReturn:
             os._exit(EXIT_FAILURE)
         logpipe.forward(ctx.log_fd, ctx.config.log)
         link = MasterLink(ctx.control)
+        stop = _take_stop_signals(ctx.index)
         logs.capture_hub_errors(gevent.get_hub())
         ctx.shared.bind(ctx.slot)  # type: ignore[attr-defined]
-        stop = _take_stop_signals(ctx.index)
         app, admin = ctx.start(ctx, link)
     except BaseException as exc:
         status, reason = _failure(exc)
