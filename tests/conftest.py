@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import signal
 import socket
@@ -87,6 +88,16 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+# How many servers the run started: each costs a second or more of the suite's
+# time, so the summary shows the count (a rise there is a slower CI).
+SERVER_STARTS = [0]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SERVER_STARTS[0]:
+        terminalreporter.write_line(f"geosmtp servers started: {SERVER_STARTS[0]}")
 
 
 @dataclass
@@ -237,6 +248,7 @@ def start_server(
 ) -> RunningServer:
     """Start geosmtp through its CLI; `launcher` replaces `python -m geosmtp`
     (a test that must plant a fault in the running process uses `python -c`)."""
+    SERVER_STARTS[0] += 1
     root.mkdir(parents=True, exist_ok=True)
     path = write_config(root, overrides)
     config = yaml.safe_load(path.read_text())
@@ -378,3 +390,65 @@ def make_module_server(tmp_path_factory) -> Iterator:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(timeout=10)
+
+
+# ------------------------------------------------ servers that tests share
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory) -> Iterator[RunningServer]:
+    """One server with the default config for the run's tests that need nothing
+    fresh: each sends to mailboxes of its own (`box`), which
+    `unknown_recipients: accept` makes on first delivery. A start costs a
+    second or more; the tests of every module that use this one pay it once.
+    A test that stops a server, counts its log lines or metrics, or needs a
+    config of its own starts its own (`make_server`, `make_module_server`)."""
+    server = start_server(tmp_path_factory.mktemp("shared"))
+    yield server
+    if server.process.poll() is None:
+        server.process.kill()
+        server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def box(request) -> str:
+    """A mailbox name no other test uses (from the test's id, so the same on
+    every run): mail to `{box}@test.example` is this test's alone."""
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    return f"t{digest}"
+
+
+@dataclass
+class SharedView(RunningServer):
+    """A shared server as one test sees it: `access_log()` from where the test
+    began, `all_messages()` stored since then.
+
+    A line of the access log is written a moment after the client has its
+    reply: a test may see only the lines it made when every test before it
+    waited for its own (as `test_access_log`'s do), so a view is for the tests
+    of one module, not for `shared_server`."""
+
+    access_from: int = 0
+    before: frozenset[Path] = frozenset()
+
+    @classmethod
+    def of(cls, server: RunningServer) -> SharedView:
+        fields = {name: getattr(server, name) for name in RunningServer.__dataclass_fields__}
+        return cls(
+            **fields,
+            access_from=len(server.access_log()),
+            before=frozenset(server.all_messages()),
+        )
+
+    def access_log(self) -> str:
+        return super().access_log()[self.access_from :]
+
+    def all_messages(self) -> list[Path]:
+        return [path for path in super().all_messages() if path not in self.before]
+
+
+def stored_since(server: RunningServer, before: list[Path]) -> list[Path]:
+    """The messages stored on a shared server since `before` (its
+    `all_messages()` taken earlier), in delivery order."""
+    seen = set(before)
+    return [path for path in server.all_messages() if path not in seen]

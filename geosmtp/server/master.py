@@ -57,7 +57,7 @@ from . import logpipe, notify, privileges
 from .host import Runtime
 from .listeners import bind, bind_unix
 from .shared import SharedState
-from .worker import WorkerContext
+from .worker import STOP_SIGNALS, WorkerContext
 
 # The master blocks in the kernel's calls, never in gevent's (it runs no loop).
 _fork = monkey.get_original("os", "fork")
@@ -255,7 +255,16 @@ class Master:
         # generation: a worker's collections then never touch (and so never
         # copy) the pages it shares with the master.
         gc.freeze()
-        pid = _fork()
+        # Until the worker has a SIGTERM handler of its own, the child has the
+        # master's, which would only note a stop in its copy of the master: the
+        # worker, never told, was killed after the grace period. The stop
+        # signals wait, blocked, for the worker to take them (`worker.run`).
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = _fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            raise
         if pid == 0:  # the worker
             try:
                 signal.set_wakeup_fd(-1)
@@ -276,6 +285,7 @@ class Master:
                 run(ctx)
             finally:
                 os._exit(70)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         _close(w)
         theirs.close()
         worker = Worker(pid, index, gen, logpipe.Reader(r), ours, time.monotonic(), slot)

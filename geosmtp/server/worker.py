@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 #: Seconds a stopping worker gives the admin requests it took to finish.
 ADMIN_STOP = 10.0
+#: Blocked from a worker's fork until it takes them (`Master._spawn`, `run`).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass
@@ -135,6 +137,7 @@ def run(ctx: WorkerContext) -> NoReturn:
             os._exit(EXIT_FAILURE)
         logpipe.forward(ctx.log_fd, ctx.config.log)
         link = MasterLink(ctx.control)
+        stop = _take_stop_signals(ctx.index)
         logs.capture_hub_errors(gevent.get_hub())
         ctx.shared.bind(ctx.slot)
         app, admin = ctx.start(ctx, link)
@@ -159,8 +162,6 @@ def run(ctx: WorkerContext) -> NoReturn:
     link.on_retire = retire
     link.start()
     link.send({"ready": True, "pid": os.getpid()})
-    stop = Event()
-    gevent.signal_handler(signal.SIGTERM, stop.set)
     stop.wait()
     try:
         if admin is not None:
@@ -172,6 +173,24 @@ def run(ctx: WorkerContext) -> NoReturn:
     finally:
         sys.stdout.flush()
         os._exit(0)
+
+
+def _take_stop_signals(index: int) -> Event:
+    """The event a SIGTERM sets, from here on.
+
+    The stop signals are blocked since the fork (`Master._spawn`), so none
+    reaches the master's handlers this process began with. A SIGTERM that came
+    meanwhile is a stop before this worker served anyone: it ends here, and
+    its listening sockets with it.
+    """
+    if signal.SIGTERM in signal.sigpending():
+        logger.debug("worker {} stopped while starting", index)
+        sys.stdout.flush()
+        os._exit(0)
+    stop = Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return stop
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:

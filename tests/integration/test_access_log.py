@@ -1,4 +1,7 @@
-"""logs/access.log: one line per message or refused transaction, never split by a client."""
+"""logs/access.log: one line per message or refused transaction, never split by a client.
+
+The tests without a config of their own share one server and read the lines
+written since each began (`SharedView`), with mailboxes of their own."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import shlex
 import signal
 import smtplib
 
-from tests.conftest import wait_until
+import pytest
+
+from tests.conftest import SharedView, wait_until
 from tests.integration.wire import Wire
 
 LINE_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} session=\S+ client=\S+ ")
@@ -20,6 +25,17 @@ def parse(line: str) -> dict[str, str]:
         key, _, value = item.partition("=")
         fields[key] = value
     return fields
+
+
+@pytest.fixture(scope="module")
+def module_server(make_module_server):
+    return make_module_server()
+
+
+@pytest.fixture
+def server(module_server):
+    """The module's server from this test on: each test waits for its own lines."""
+    return SharedView.of(module_server)
 
 
 def access_lines(server, count: int) -> list[dict[str, str]]:
@@ -35,20 +51,20 @@ def access_lines(server, count: int) -> list[dict[str, str]]:
     return [parse(line) for line in lines]
 
 
-def test_one_line_per_message_with_every_field(server):
+def test_one_line_per_message_with_every_field(server, box):
     with smtplib.SMTP(server.host, server.port, timeout=10) as client:
         client.ehlo("client.example")
         client.sendmail(
             "carol@remote.example",
-            ["alice@test.example", "bob@test.example"],
+            [f"{box}@test.example", f"{box}2@test.example"],
             b"Subject: one\r\nMessage-ID: <one@remote.example>\r\n\r\nbody\r\n",
         )
-        client.sendmail("carol@remote.example", ["bob@test.example"], b"\r\nno id\r\n")
+        client.sendmail("carol@remote.example", [f"{box}2@test.example"], b"\r\nno id\r\n")
     first, second = access_lines(server, 2)
     assert first["client"] == "127.0.0.1"
     assert first["helo"] == "client.example"
     assert first["from"] == "<carol@remote.example>"
-    assert first["to"] == "<alice@test.example>,<bob@test.example>"
+    assert first["to"] == f"<{box}@test.example>,<{box}2@test.example>"
     assert first["msgid"] == "<one@remote.example>"
     assert first["result"] == "250"
     assert int(first["size"]) > 0
@@ -56,7 +72,7 @@ def test_one_line_per_message_with_every_field(server):
     assert "msgid" not in second
     assert first["queue"] != second["queue"]
     # The queue id is the one the client was told, and the one in Received:.
-    (stored,) = server.messages("alice")
+    (stored,) = server.messages(box)
     assert f"id {first['queue']}".encode() in stored.read_bytes()
 
 
@@ -82,7 +98,7 @@ def test_rejected_transactions_are_logged(make_server):
     assert server.all_messages() == []
 
 
-def test_client_text_never_splits_a_log_line(server):
+def test_client_text_never_splits_a_log_line(server, box):
     with Wire.connect(server.host, server.port) as w:
         # Bare CR and other controls in HELO are refused, so never logged raw.
         for bad in (b"EHLO evil\rinjected=1", b"EHLO evil\x0binjected", b"HELO a\x1b[31m"):
@@ -90,7 +106,7 @@ def test_client_text_never_splits_a_log_line(server):
             assert code == 501
         w.expect("EHLO client.example", 250)
         w.expect('MAIL FROM:<"odd \\" sender"@remote.example>', 250)
-        w.expect("RCPT TO:<alice@test.example>", 250)
+        w.expect(f"RCPT TO:<{box}@test.example>", 250)
         w.expect("DATA", 354)
         w.expect(
             b"Message-ID: <a\rresult=999\r\n  folded\x1b@x\nsession=fake>\r\n"
@@ -98,12 +114,12 @@ def test_client_text_never_splits_a_log_line(server):
             250,
         )
         w.expect("MAIL FROM:<carol@remote.example>", 250)
-        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect(f"RCPT TO:<{box}@test.example>", 250)
         w.expect("DATA", 354)
         # Braces and markup are text to the logger, never format fields or colours.
         w.expect(b"Message-ID: <{0}{}{x}<red>@x>\r\n\r\nbody\r\n.", 250)
         w.expect("MAIL FROM:<carol@remote.example>", 250)
-        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect(f"RCPT TO:<{box}@test.example>", 250)
         w.expect("DATA", 354)
         folded = b"\r\n ".join([b"x" * 900] * 4)
         w.expect(b"Message-ID: <" + folded + b"@long>\r\n\r\nbody\r\n.", 250)
@@ -120,7 +136,8 @@ def test_client_text_never_splits_a_log_line(server):
     assert log.count("\n") == 3
 
 
-def test_server_log_records_start_and_stop(server):
+def test_server_log_records_start_and_stop(make_server):
+    server = make_server()  # its own: the test stops it
     server.logged("listening on [127.0.0.1]")
     assert server.stop() == 0
     log = server.server_log()
@@ -137,14 +154,14 @@ def _open_transaction(w: Wire, box: str = "alice") -> None:
     w.expect(f"RCPT TO:<{box}@test.example>", 250)
 
 
-def test_a_client_lost_in_the_middle_of_data_is_logged(server):
+def test_a_client_lost_in_the_middle_of_data_is_logged(server, box):
     with Wire.connect(server.host, server.port) as w:
-        _open_transaction(w)
+        _open_transaction(w, box)
         w.expect("DATA", 354)
         w.send(b"Subject: cut short\r\n\r\nhalf a mess")
     (line,) = access_lines(server, 1)
     assert line["result"] == "aborted" and line["reason"] == "lost"
-    assert line["stage"] == "DATA" and line["to"] == "<alice@test.example>"
+    assert line["stage"] == "DATA" and line["to"] == f"<{box}@test.example>"
     assert server.all_messages() == [] and server.tmp_files() == []
 
 
@@ -175,9 +192,9 @@ def test_a_stop_that_ends_a_data_is_logged(make_server):
     assert server.all_messages() == [] and server.tmp_files() == []
 
 
-def test_data_after_bdat_and_quit_is_logged(server):
+def test_data_after_bdat_and_quit_is_logged(server, box):
     with Wire.connect(server.host, server.port) as w:
-        _open_transaction(w)
+        _open_transaction(w, box)
         w.send(b"BDAT 3\r\nabc")
         assert w.reply()[0] == 250
         assert w.cmd("DATA")[0] == 503
@@ -187,14 +204,14 @@ def test_data_after_bdat_and_quit_is_logged(server):
     assert server.tmp_files() == []
 
 
-def test_rset_and_a_new_greeting_end_a_transaction_with_a_line(server):
+def test_rset_and_a_new_greeting_end_a_transaction_with_a_line(server, box):
     with Wire.connect(server.host, server.port) as w:
-        _open_transaction(w)
+        _open_transaction(w, box)
         w.expect("RSET", 250)
         w.expect("MAIL FROM:<dave@remote.example>", 250)
         w.expect("EHLO again.example", 250)  # abandons that transaction too
         w.expect("MAIL FROM:<erin@remote.example>", 250)
-        w.expect("RCPT TO:<bob@test.example>", 250)
+        w.expect(f"RCPT TO:<{box}@test.example>", 250)
         w.expect("DATA", 354)
         w.expect(b"Subject: kept\r\n\r\nbody\r\n.", 250)
         w.expect("QUIT", 221)
@@ -213,15 +230,15 @@ def test_rset_and_a_new_greeting_end_a_transaction_with_a_line(server):
     assert kept["result"] == "250" and kept["from"] == "<erin@remote.example>"
 
 
-def test_refused_recipients_are_named_in_the_transactions_one_line(server):
+def test_refused_recipients_are_named_in_the_transactions_one_line(server, box):
     with smtplib.SMTP(server.host, server.port, timeout=10) as client:
         client.ehlo("client.example")
         refused = client.sendmail(
-            "carol@remote.example", ["alice@test.example", "x@foreign.example"], b"\r\nhi\r\n"
+            "carol@remote.example", [f"{box}@test.example", "x@foreign.example"], b"\r\nhi\r\n"
         )
         assert list(refused) == ["x@foreign.example"]
     (line,) = access_lines(server, 1)
-    assert line["result"] == "250" and line["to"] == "<alice@test.example>"
+    assert line["result"] == "250" and line["to"] == f"<{box}@test.example>"
     assert line["refused"] == "<x@foreign.example>:550"
 
 

@@ -782,7 +782,7 @@ def _raw_patch(port: int, fields: bytes, body: bytes) -> bytes:
 
 
 def test_idle_and_half_sent_connections_are_closed(make_server):
-    server = make_server(with_admin(idle_timeout=1, request_timeout=1))
+    server = make_server(with_admin(idle_timeout=0.3, request_timeout=0.3))
     api = admin_of(server)
     port = api.port
     with _raw(port) as idle:  # a new connection that sends nothing
@@ -801,12 +801,14 @@ def test_idle_and_half_sent_connections_are_closed(make_server):
     reply.read()
     assert conn.sock.recv(1) == b""  # closed by the server
     conn.close()
-    log = wait_until(lambda: "request headers not in after 1 s" in (t := server.server_log()) and t)
+    log = wait_until(
+        lambda: "request headers not in after 0.3 s" in (t := server.server_log()) and t
+    )
     assert "WARNING admin: " in log
 
 
 def test_a_short_body_is_400_once_the_request_times_out(make_server):
-    server = make_server(with_admin(request_timeout=1))
+    server = make_server(with_admin(request_timeout=0.3))
     api = admin_of(server)
     before = api.config()
     fields = b"Content-Type: application/json\r\nContent-Length: 100\r\n"
@@ -816,7 +818,7 @@ def test_a_short_body_is_400_once_the_request_times_out(make_server):
     assert b"Connection: close" in head
     assert json.loads(body)["error"] == (
         "the body is shorter than its Content-Length (100 octets): "
-        "the body did not arrive within 1 s"
+        "the body did not arrive within 0.3 s"
     )
     assert api.config() == before
 
@@ -904,18 +906,18 @@ def test_a_request_line_dribbled_past_the_request_timeout_is_400(make_server):
     """A byte now and then does not keep a request line open past
     request_timeout: 400 and close, and one WARNING line (once: a plain end of
     stream and no line)."""
-    server = make_server(with_admin(idle_timeout=5, request_timeout=1))
+    server = make_server(with_admin(idle_timeout=5, request_timeout=0.5))
     port = admin_of(server).port
     line = b"GET /api/v1/stats HTTP/1.1"
     with _raw(port) as sock, selectors.DefaultSelector() as sel:
         sel.register(sock, selectors.EVENT_READ)
-        for i in range(len(line)):  # at most 27 bytes: 5.4 s, past the 1 s timeout
+        for i in range(len(line)):  # at most 27 bytes: 5.4 s, past the 0.5 s timeout
             if sel.select(0.2):
                 break  # the server answered (or closed)
             sock.sendall(line[i : i + 1])
         answer = _until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close\r\n" in answer
-    log = wait_until(lambda: "request line not in after 1 s" in (t := server.server_log()) and t)
+    log = wait_until(lambda: "request line not in after 0.5 s" in (t := server.server_log()) and t)
     assert "WARNING admin: " in log
     assert log.count("request line not in after") == 1
 

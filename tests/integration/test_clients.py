@@ -1,4 +1,7 @@
-"""Real third-party clients (swaks, curl, msmtp, smtp-source) and IPv6."""
+"""Real third-party clients (swaks, curl, msmtp, smtp-source) and IPv6.
+
+The clients' tests share one server (`server` below), each with mailboxes of
+its own; the listener tests start theirs."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import free_port, have_ipv6, wait_until
+from tests.conftest import free_port, have_ipv6, stored_since, wait_until
 
 
 def need(tool: str) -> str:
@@ -23,13 +26,19 @@ def run(args: list[str], input: bytes = b"") -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, timeout=60, input=input)
 
 
+@pytest.fixture
+def server(shared_server):
+    """The run's shared server (each test sends to mailboxes of its own)."""
+    return shared_server
+
+
 def read_back(server, box: str) -> list[mailbox.MaildirMessage]:
     """Every stored message, through the standard library's Maildir reader."""
     md = mailbox.Maildir(server.mail_dir / box, factory=None, create=False)
     return [md[key] for key in sorted(md.keys())]
 
 
-def test_swaks(server):
+def test_swaks(server, box):
     swaks = need("swaks")
     result = run(
         [
@@ -41,7 +50,7 @@ def test_swaks(server):
             "--from",
             "carol@remote.example",
             "--to",
-            "alice@test.example",
+            f"{box}@test.example",
             "--header",
             "Subject: from swaks",
             "--body",
@@ -49,14 +58,14 @@ def test_swaks(server):
         ]
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    (msg,) = read_back(server, "alice")
+    (msg,) = read_back(server, box)
     assert msg["Subject"] == "from swaks"
     assert msg["Return-Path"] == "<carol@remote.example>"
     assert "from swaks.example" in msg["Received"]
     assert msg.get_payload().splitlines()[:2] == ["Sent by swaks.", ".leading dot"]
 
 
-def test_swaks_pipelining_to_two_recipients(server):
+def test_swaks_pipelining_to_two_recipients(server, box):
     swaks = need("swaks")
     result = run(
         [
@@ -67,19 +76,20 @@ def test_swaks_pipelining_to_two_recipients(server):
             "--from",
             "carol@remote.example",
             "--to",
-            "alice@test.example,bob@test.example",
+            f"{box}@test.example,{box}2@test.example",
             "--body",
             "pipelined",
         ]
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    for box in ("alice", "bob"):
-        (msg,) = read_back(server, box)
+    for name in (box, f"{box}2"):
+        (msg,) = read_back(server, name)
         assert msg.get_payload().strip() == "pipelined"
 
 
 def test_swaks_relay_denied(server):
     swaks = need("swaks")
+    before = server.all_messages()
     result = run(
         [
             swaks,
@@ -93,10 +103,10 @@ def test_swaks_relay_denied(server):
     )
     assert result.returncode != 0
     assert b"550 5.7.1" in result.stdout
-    assert server.all_messages() == []
+    assert stored_since(server, before) == []
 
 
-def test_curl(server, tmp_path):
+def test_curl(server, tmp_path, box):
     curl = need("curl")
     message = tmp_path / "msg.txt"
     message.write_bytes(
@@ -114,18 +124,18 @@ def test_curl(server, tmp_path):
             "--mail-from",
             "carol@remote.example",
             "--mail-rcpt",
-            "bob@test.example",
+            f"{box}@test.example",
             "-T",
             str(message),
         ]
     )
     assert result.returncode == 0, result.stderr.decode()
-    (msg,) = read_back(server, "bob")
+    (msg,) = read_back(server, box)
     assert msg["Subject"] == "from curl"
     assert msg.get_payload() == "Sent by curl.\n.dot line\n"
 
 
-def test_msmtp(server):
+def test_msmtp(server, box):
     msmtp = need("msmtp")
     result = run(
         [
@@ -136,17 +146,17 @@ def test_msmtp(server):
             "--tls=off",
             "--domain=msmtp.example",
             "--from=carol@remote.example",
-            "alice@test.example",
+            f"{box}@test.example",
         ],
         input=b"Subject: from msmtp\n\nSent by msmtp.\n",
     )
     assert result.returncode == 0, result.stderr.decode()
-    (msg,) = read_back(server, "alice")
+    (msg,) = read_back(server, box)
     assert msg["Subject"] == "from msmtp"
     assert msg.get_payload() == "Sent by msmtp.\n"
 
 
-def test_smtp_source(server):
+def test_smtp_source(server, box):
     smtp_source = need("smtp-source")
     result = run(
         [
@@ -160,26 +170,26 @@ def test_smtp_source(server):
             "-f",
             "carol@remote.example",
             "-t",
-            "bob@test.example",
+            f"{box}@test.example",
             f"{server.host}:{server.port}",
         ]
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    messages = read_back(server, "bob")
+    messages = read_back(server, box)
     assert len(messages) == 40
     assert server.tmp_files() == []
 
 
-def test_maildir_reads_back_every_message(server):
+def test_maildir_reads_back_every_message(server, box):
     with smtplib.SMTP(server.host, server.port, timeout=10) as client:
         for i in range(10):
             client.sendmail(
                 "carol@remote.example",
-                ["alice@test.example", "bob@test.example"],
+                [f"{box}@test.example", f"{box}2@test.example"],
                 f"Subject: n{i}\r\nMessage-ID: <{i}@remote.example>\r\n\r\nbody {i}\r\n".encode(),
             )
-    for box in ("alice", "bob"):
-        msgs = read_back(server, box)
+    for name in (box, f"{box}2"):
+        msgs = read_back(server, name)
         assert sorted(m["Subject"] for m in msgs) == sorted(f"n{i}" for i in range(10))
         assert all(m.get_subdir() == "new" for m in msgs)
         assert sorted(m.get_payload() for m in msgs) == sorted(f"body {i}\n" for i in range(10))
@@ -219,7 +229,7 @@ def test_ipv4_and_ipv6_listeners_together(make_server):
     assert bodies == ["127.0.0.1\n", "::1\n"]
 
 
-def test_curl_with_an_lf_only_file(server, tmp_path):
+def test_curl_with_an_lf_only_file(server, tmp_path, box):
     """A message file written with LF line ends (as editors and heredocs make it)."""
     curl = need("curl")
     message = tmp_path / "msg.txt"
@@ -229,11 +239,11 @@ def test_curl_with_an_lf_only_file(server, tmp_path):
     result = run(
         [curl, "--silent", "--show-error", "--max-time", "30",
          f"smtp://{server.host}:{server.port}/curl.example",
-         "--mail-from", "carol@remote.example", "--mail-rcpt", "bob@test.example",
+         "--mail-from", "carol@remote.example", "--mail-rcpt", f"{box}@test.example",
          "-T", str(message)]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
-    (msg,) = read_back(server, "bob")
+    (msg,) = read_back(server, box)
     assert msg["Subject"] == "lf file"
     body = msg.get_payload().splitlines()
     assert body[0] == "line 0 of a file longer than one SMTP line"

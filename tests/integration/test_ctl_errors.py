@@ -92,8 +92,8 @@ def test_ctl_against_a_port_that_is_not_http(answer, command):
     assert_one_line_error(result, f"geosmtp ctl: cannot reach the admin API at {url}: ")
 
 
-def test_ctl_against_an_smtp_listener(make_server):
-    server = make_server()
+def test_ctl_against_an_smtp_listener(shared_server):
+    server = shared_server
     url = f"http://127.0.0.1:{server.port}"
     result = ctl("/nonexistent.yaml", "--url", url, "--token", TOKEN, "stats")
     line = assert_one_line_error(result, f"geosmtp ctl: cannot reach the admin API at {url}: ")

@@ -111,8 +111,8 @@ def test_switched_off_extensions_vanish(make_server, certs):
     assert body_of(path) == b"Subject: plain\n\nold-style\n"
 
 
-def test_extensions_on_by_default_but_starttls_needs_a_certificate(make_server):
-    server = make_server()
+def test_extensions_on_by_default_but_starttls_needs_a_certificate(shared_server):
+    server = shared_server  # the default config
     with Wire.connect(server.host, server.port) as wire:
         lines = ehlo_lines(wire)
     assert "STARTTLS" not in lines and "CHUNKING" in lines and "PIPELINING" in lines

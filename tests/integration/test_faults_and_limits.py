@@ -1,4 +1,7 @@
-"""Storage faults give 4xx and keep nothing; error and recipient limits; split reads."""
+"""Storage faults give 4xx and keep nothing; error and recipient limits; split reads.
+
+The tests that need no config of their own share one server, each with
+mailboxes of its own."""
 
 from __future__ import annotations
 
@@ -14,6 +17,12 @@ from tests.conftest import wait_until
 from tests.integration.wire import Wire
 
 
+@pytest.fixture
+def server(shared_server):
+    """The run's shared server (each test sends to mailboxes of its own)."""
+    return shared_server
+
+
 def _transaction(w: Wire, rcpts: list[str], body: bytes = b"Subject: t\r\n\r\nbody\r\n") -> tuple:
     w.expect("MAIL FROM:<carol@remote.example>", 250)
     for rcpt in rcpts:
@@ -22,24 +31,32 @@ def _transaction(w: Wire, rcpts: list[str], body: bytes = b"Subject: t\r\n\r\nbo
     return w.cmd(body + b".")
 
 
-@pytest.mark.parametrize("order", [["alice", "bob"], ["bob", "alice"]], ids=["second", "first"])
-def test_storage_fault_gives_451_and_keeps_nothing(server, order):
-    # bob's Maildir cannot be created: a plain file is in the way.
-    (server.mail_dir / "bob").write_text("in the way")
+@pytest.mark.parametrize("bad_first", [False, True], ids=["second", "first"])
+def test_storage_fault_gives_451_and_keeps_nothing(server, box, bad_first):
+    good, bad = box, f"{box}2"
+    # The bad Maildir cannot be created: a plain file is in the way.
+    (server.mail_dir / bad).write_text("in the way")
+    faults = server.access_log().count("result=451")
     with Wire.connect(server.host, server.port) as w:
         w.expect("EHLO client.example", 250)
-        code, text = _transaction(w, order)
+        code, text = _transaction(w, [bad, good] if bad_first else [good, bad])
         assert code == 451 and text.startswith("4.3.0"), text
         # The session goes on and delivers where it can.
-        code, text = _transaction(w, ["alice"])
+        code, text = _transaction(w, [good])
         assert code == 250, text
-    # Never half-delivered: alice has only the second message.
-    (path,) = server.messages("alice")
+    # Never half-delivered: the good box has only the second message.
+    (path,) = server.messages(good)
     assert path.read_bytes().endswith(b"\n\nbody\n")
     assert server.tmp_files() == []
-    wait_until(lambda: "result=451" in server.access_log(), what="a 451 in the access log")
-    server.logged("delivery failed")
-    server.logged("mail_dir/bob")
+    wait_until(
+        lambda: server.access_log().count("result=451") == faults + 1,
+        what="a 451 in the access log",
+    )
+    server.logged(f"mail_dir/{bad}")
+    assert any(
+        "delivery failed" in line and f"mail_dir/{bad}" in line
+        for line in server.server_log().splitlines()
+    ), server.server_log()[-3000:]
 
 
 def test_too_many_errors_disconnects(make_server):
@@ -69,11 +86,11 @@ def test_recipient_limit(make_server):
     assert [len(server.messages(n)) for n in ("r1", "r2", "r3", "r4")] == [1, 1, 1, 0]
 
 
-def test_transaction_sent_one_byte_at_a_time(server):
+def test_transaction_sent_one_byte_at_a_time(server, box):
     script = (
         b"EHLO slow.example\r\n"
         b"MAIL FROM:<carol@remote.example>\r\n"
-        b"RCPT TO:<alice@test.example>\r\n"
+        b"RCPT TO:<" + box.encode() + b"@test.example>\r\n"
         b"DATA\r\n"
         b"Subject: bytes\r\n\r\n.stuffed\r\nbare\nlf\r\nend\r\n.\r\n"
         b"QUIT\r\n"
@@ -85,17 +102,17 @@ def test_transaction_sent_one_byte_at_a_time(server):
         codes = [w.reply()[0] for _ in range(6)]
         assert codes == [250, 250, 250, 354, 250, 221]
         assert w.is_closed()
-    (path,) = server.messages("alice")
+    (path,) = server.messages(box)
     assert path.read_bytes().endswith(b"\n\nstuffed\nbare\nlf\nend\n")
 
 
-def test_whole_session_pipelined_in_one_write(server):
+def test_whole_session_pipelined_in_one_write(server, box):
     script = b"".join(
         [
             b"EHLO fast.example\r\n",
             *(
                 b"MAIL FROM:<carol@remote.example>\r\n"
-                + f"RCPT TO:<user{i}@test.example>\r\nDATA\r\n\r\nmail {i}\r\n.\r\n".encode()
+                + f"RCPT TO:<{box}u{i}@test.example>\r\nDATA\r\n\r\nmail {i}\r\n.\r\n".encode()
                 for i in range(5)
             ),
             b"QUIT\r\n",
@@ -106,22 +123,22 @@ def test_whole_session_pipelined_in_one_write(server):
         codes = [w.reply()[0] for _ in range(1 + 5 * 4 + 1)]
         assert codes == [250, *[250, 250, 354, 250] * 5, 221]
     for i in range(5):
-        (path,) = server.messages(f"user{i}")
+        (path,) = server.messages(f"{box}u{i}")
         assert path.read_bytes().endswith(f"\n\nmail {i}\n".encode())
 
 
-def test_client_gone_right_after_the_end_of_data(server):
+def test_client_gone_right_after_the_end_of_data(server, box):
     """The client sends the end of data and vanishes: the mail is still stored whole."""
     with Wire.connect(server.host, server.port) as w:
         w.send(
             b"EHLO gone.example\r\nMAIL FROM:<carol@remote.example>\r\n"
-            b"RCPT TO:<bob@test.example>\r\nDATA\r\n\r\nlast words\r\n.\r\n"
+            b"RCPT TO:<" + box.encode() + b"@test.example>\r\nDATA\r\n\r\nlast words\r\n.\r\n"
         )
         w.sock.shutdown(socket.SHUT_WR)
         codes = [w.reply()[0] for _ in range(5)]
         assert codes == [250, 250, 250, 354, 250]
         assert w.is_closed()
-    (path,) = server.messages("bob")
+    (path,) = server.messages(box)
     assert path.read_bytes().endswith(b"\n\nlast words\n")
     assert server.tmp_files() == []
 
@@ -134,20 +151,21 @@ def test_vrfy_does_not_enumerate_users_by_default(server):
         assert known == unknown == 252
 
 
-@pytest.mark.parametrize("removed", ["alice", "alice/new", "alice/tmp"])
-def test_maildir_removed_while_running_is_made_again(server, removed):
+@pytest.mark.parametrize("removed", ["", "/new", "/tmp"], ids=["alice", "alice/new", "alice/tmp"])
+def test_maildir_removed_while_running_is_made_again(server, box, removed):
     def send(body: bytes) -> tuple:
+        rcpts = [f"{box}2", box] if removed == "/new" else [box]
         with Wire.connect(server.host, server.port) as w:
             w.expect("EHLO client.example", 250)
-            return _transaction(w, ["bob", "alice"] if removed == "alice/new" else ["alice"], body)
+            return _transaction(w, rcpts, body)
 
     assert send(b"\r\nfirst\r\n")[0] == 250
-    shutil.rmtree(server.mail_dir / removed)
+    shutil.rmtree(server.mail_dir / f"{box}{removed}")
     code, text = send(b"\r\nsecond\r\n")
     assert code == 250, text
-    bodies = sorted(p.read_bytes().rsplit(b"\n\n", 1)[1] for p in server.messages("alice"))
+    bodies = sorted(p.read_bytes().rsplit(b"\n\n", 1)[1] for p in server.messages(box))
     # Removing new/ or the whole Maildir took the first message with it.
-    assert bodies == ([b"first\n"] if removed == "alice/tmp" else []) + [b"second\n"]
+    assert bodies == ([b"first\n"] if removed == "/tmp" else []) + [b"second\n"]
     assert server.tmp_files() == []
 
 

@@ -463,6 +463,12 @@ def test_a_disabled_stage_does_not_run(make_server, tmp_path):
 
 
 def test_no_more_programs_at_once_than_filter_concurrency(make_server, tmp_path):
+    """Six messages at once under `filter_concurrency: 2`: two runs overlap in
+    time (the cap lets two run together, not one after the other) and no
+    three do. Each run writes when it started and ended (a clock every process
+    shares), and how many were running as it started. One worker holds both
+    slots: with two, each would get one (the limit is shared out) and an
+    overlap would hang on how the kernel spread the six connections."""
     running, log = tmp_path / "running", tmp_path / "log"
     running.mkdir()
     program = python_script(
@@ -470,21 +476,31 @@ def test_no_more_programs_at_once_than_filter_concurrency(make_server, tmp_path)
         "count",
         f"""\
         import os, sys, time
+        start = time.monotonic()
         me = os.path.join({str(running)!r}, str(os.getpid()))
         open(me, "w").close()
-        with open({str(log)!r}, "a") as f:
-            f.write(f"{{len(os.listdir({str(running)!r}))}}\\n")
+        now = len(os.listdir({str(running)!r}))
         time.sleep(0.3)
         os.unlink(me)
         sys.stdin.buffer.read()
+        with open({str(log)!r}, "a") as f:
+            f.write(f"{{now}} {{start}} {{time.monotonic()}}\\n")
         """,
     )
-    server = make_server({"filter_concurrency": 2, "filters": [stage("count", [program])]})
+    server = make_server(
+        {"workers": 1, "filter_concurrency": 2, "filters": [stage("count", [program])]}
+    )
     with ThreadPoolExecutor(6) as clients:  # six messages at once
         replies = list(clients.map(lambda _: send(server), range(6)))
     assert [code for code, _ in replies] == [250] * 6
-    counts = [int(n) for n in log.read_text().split()]
-    assert len(counts) == 6 and max(counts) <= 2
+    runs = [line.split() for line in log.read_text().splitlines()]
+    assert len(runs) == 6
+    counts = [int(now) for now, _, _ in runs]
+    spans = sorted((float(start), float(end)) for _, start, end in runs)
+    # At any run's start, how many runs had started and not yet ended.
+    at_once = [sum(s <= start < e for s, e in spans) for start, _ in spans]
+    assert max(at_once) == 2, spans  # two ran together, never three
+    assert max(counts) <= 2, counts
 
 
 # ------------------------------------------------------------------ memory

@@ -3,6 +3,10 @@
 Python's `poplib` over plain POP3, STLS and implicit TLS (a trustme CA), and
 a raw client for what poplib will not send. Every message is checked
 byte-exact against the Maildir file it was stored in.
+
+The tests share two servers (`plain_server`, `pop_server`), each test with a
+user of its own (`user`); the ones that stop a server, count its metrics or
+need a config of their own start theirs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from tests.integration.adminapi import admin_of, admin_section, ctl
 from tests.integration.pop3_client import POP3Wire, send_mail, stored_as_sent
 
 PASSWORD = "pop3 secret"
+#: The users of the shared servers: one for each test (`user`).
+POOL = [f"p{n}" for n in range(40)]
+_unused = iter(POOL)
 
 
 def body(n: int, extra: bytes = b"") -> bytes:
@@ -32,31 +39,41 @@ def body(n: int, extra: bytes = b"") -> bytes:
     )
 
 
-@pytest.fixture
-def pop_server(make_server, certs):
-    """mx, pop3 (STLS) and pop3s listeners; alice and bob with passwords; no
-    passwords in the clear (the default)."""
-    return make_server(
-        {
-            "listeners": listeners("mx", "pop3", "pop3s"),
-            "tls": certs.tls_config,
-            "users": users(alice=PASSWORD, bob=PASSWORD),
-            "timeouts": {"shutdown_grace": 0.5},
-            **admin_section(),
-        }
-    )
+def pop_config(certs) -> dict:
+    """mx, pop3 (STLS) and pop3s listeners; alice, bob and the pool with
+    passwords; no passwords in the clear (the default)."""
+    return {
+        "listeners": listeners("mx", "pop3", "pop3s"),
+        "tls": certs.tls_config,
+        "users": users(alice=PASSWORD, bob=PASSWORD, **dict.fromkeys(POOL, PASSWORD)),
+        "timeouts": {"shutdown_grace": 0.5},
+        **admin_section(),
+    }
 
 
-@pytest.fixture
-def plain_server(make_server):
-    """mx and pop3 with passwords allowed in the clear (loopback testing)."""
-    return make_server(
+@pytest.fixture(scope="module")
+def pop_server(make_module_server, certs):
+    """A `pop_config` server the module's tests share."""
+    return make_module_server(pop_config(certs))
+
+
+@pytest.fixture(scope="module")
+def plain_server(make_module_server):
+    """mx and pop3 with passwords allowed in the clear (loopback testing),
+    shared by the module's tests."""
+    return make_module_server(
         {
             "listeners": listeners("mx", "pop3"),
-            "users": users(alice=PASSWORD, bob=PASSWORD),
+            "users": users(alice=PASSWORD, bob=PASSWORD, **dict.fromkeys(POOL, PASSWORD)),
             "auth": {"allow_plaintext": True},
         }
     )
+
+
+@pytest.fixture
+def user() -> str:
+    """A user of the shared servers that no other test logs in as or mails."""
+    return next(_unused)
 
 
 def stored(server, box: str = "alice") -> list[bytes]:
@@ -66,19 +83,19 @@ def stored(server, box: str = "alice") -> list[bytes]:
     return [stored_as_sent((maildir.path / m.relpath).read_bytes()) for m in maildir.list()]
 
 
-def login_plain(server) -> poplib.POP3:
+def login_plain(server, user: str = "alice") -> poplib.POP3:
     client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
-    client.user("alice")
+    client.user(user)
     client.pass_(PASSWORD)
     return client
 
 
-def test_poplib_fetches_mail_sent_over_smtp_byte_exact(plain_server):
+def test_poplib_fetches_mail_sent_over_smtp_byte_exact(plain_server, user):
     for n in range(3):
-        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
-    expected = stored(plain_server)
+        send_mail(plain_server.ports["mx"], f"{user}@test.example", body(n))
+    expected = stored(plain_server, user)
     assert len(expected) == 3
-    client = login_plain(plain_server)
+    client = login_plain(plain_server, user)
     count, octets = client.stat()
     assert count == 3
     assert octets == sum(len(m) for m in expected)  # CRLF line ends counted (RFC 1939 §11)
@@ -93,10 +110,10 @@ def test_poplib_fetches_mail_sent_over_smtp_byte_exact(plain_server):
     client.quit()
 
 
-def test_sizes_count_crlf_and_retr_restores_the_message(plain_server):
+def test_sizes_count_crlf_and_retr_restores_the_message(plain_server, user):
     tricky = body(9, b"..two dots\r\n.\r\n\r\n \r\nbare\rcr\r\n")
-    send_mail(plain_server.ports["mx"], "alice@test.example", tricky)
-    client = login_plain(plain_server)
+    send_mail(plain_server.ports["mx"], f"{user}@test.example", tricky)
+    client = login_plain(plain_server, user)
     _, octets = client.stat()
     _, lines, _ = client.retr(1)
     text = b"\r\n".join(lines) + b"\r\n"
@@ -105,9 +122,9 @@ def test_sizes_count_crlf_and_retr_restores_the_message(plain_server):
     client.quit()
 
 
-def test_top_sends_headers_and_n_lines(plain_server):
-    send_mail(plain_server.ports["mx"], "alice@test.example", body(1))
-    client = login_plain(plain_server)
+def test_top_sends_headers_and_n_lines(plain_server, user):
+    send_mail(plain_server.ports["mx"], f"{user}@test.example", body(1))
+    client = login_plain(plain_server, user)
     _, lines, _ = client.top(1, 1)
     blank = lines.index(b"")
     assert lines[blank + 1 :] == [b"line one of 1"]
@@ -144,38 +161,44 @@ def test_uidl_is_unique_and_stable_across_sessions_and_restarts(make_server):
     client.quit()
 
 
-def test_retr_marks_the_message_seen_in_cur(plain_server):
-    send_mail(plain_server.ports["mx"], "alice@test.example", body(1))
-    send_mail(plain_server.ports["mx"], "alice@test.example", body(2))
-    new_before = list((plain_server.mail_dir / "alice" / "new").iterdir())
+def test_retr_marks_the_message_seen_in_cur(plain_server, user):
+    send_mail(plain_server.ports["mx"], f"{user}@test.example", body(1))
+    send_mail(plain_server.ports["mx"], f"{user}@test.example", body(2))
+    new_before = list((plain_server.mail_dir / user / "new").iterdir())
     assert len(new_before) == 2
     # Message 1 is the first delivered (Maildir names do not sort as text:
     # the microseconds have no leading zeros), which is what the list gives.
-    first = Maildir(plain_server.mail_dir / "alice").list()[0].filename
+    first = Maildir(plain_server.mail_dir / user).list()[0].filename
     assert first in {p.name for p in new_before}
-    client = login_plain(plain_server)
+    client = login_plain(plain_server, user)
     client.retr(1)
     client.quit()
-    cur = list((plain_server.mail_dir / "alice" / "cur").iterdir())
+    cur = list((plain_server.mail_dir / user / "cur").iterdir())
     assert len(cur) == 1
     assert cur[0].name.endswith(":2,S")
     assert cur[0].name.split(":")[0] == first
     assert b"Subject: message 1\r\n" in stored_as_sent(cur[0].read_bytes())
-    assert len(list((plain_server.mail_dir / "alice" / "new").iterdir())) == 1
+    assert len(list((plain_server.mail_dir / user / "new").iterdir())) == 1
 
 
-def test_dele_takes_effect_only_after_quit(plain_server):
+def test_dele_takes_effect_only_after_quit(plain_server, user):
     for n in range(3):
-        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
+        send_mail(plain_server.ports["mx"], f"{user}@test.example", body(n))
     # A dropped connection deletes nothing (RFC 1939 §6).
-    client = login_plain(plain_server)
+    client = login_plain(plain_server, user)
     client.dele(1)
     client.dele(2)
     client.close()  # no QUIT
-    wait_until(lambda: "dele=0/3" in plain_server.access_log(), what="the logout line")
-    assert len(stored(plain_server)) == 3
+    wait_until(
+        lambda: any(
+            "dele=0/3" in line and f"user={user} " in line
+            for line in plain_server.access_log().splitlines()
+        ),
+        what="the logout line",
+    )
+    assert len(stored(plain_server, user)) == 3
     # RSET unmarks.
-    client = login_plain(plain_server)
+    client = login_plain(plain_server, user)
     client.dele(1)
     client.rset()
     assert client.stat()[0] == 3
@@ -184,32 +207,32 @@ def test_dele_takes_effect_only_after_quit(plain_server):
         client.retr(2)
     assert client.stat()[0] == 2
     client.quit()
-    left = stored(plain_server)
+    left = stored(plain_server, user)
     assert len(left) == 2
     assert all(b"Subject: message 1" not in m for m in left)
 
 
-def test_second_login_to_the_same_maildrop_is_in_use(plain_server):
-    first = login_plain(plain_server)
+def test_second_login_to_the_same_maildrop_is_in_use(plain_server, user):
+    first = login_plain(plain_server, user)
     second = poplib.POP3("127.0.0.1", plain_server.ports["pop3"], timeout=10)
-    second.user("alice")
+    second.user(user)
     with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
         second.pass_(PASSWORD)
     first.quit()
     # Released at QUIT: the next login works.
-    second.user("alice")
+    second.user(user)
     assert second.pass_(PASSWORD).startswith(b"+OK")
     second.quit()
 
 
-def test_the_lock_is_released_when_the_client_vanishes(plain_server):
-    client = login_plain(plain_server)
+def test_the_lock_is_released_when_the_client_vanishes(plain_server, user):
+    client = login_plain(plain_server, user)
     client.sock.shutdown(socket.SHUT_RDWR)
     client.sock.close()
 
     def can_login() -> bool:
         try:
-            login_plain(plain_server).quit()
+            login_plain(plain_server, user).quit()
             return True
         except poplib.error_proto:
             return False
@@ -217,52 +240,56 @@ def test_the_lock_is_released_when_the_client_vanishes(plain_server):
     wait_until(can_login, what="the lock to be released")
 
 
-def test_wrong_password_is_auth_error_and_logged(plain_server):
+def test_wrong_password_is_auth_error_and_logged(plain_server, user):
+    failures = plain_server.access_log().count("result=auth-failed")
     client = poplib.POP3("127.0.0.1", plain_server.ports["pop3"], timeout=10)
-    client.user("alice")
+    client.user(user)
     with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
         client.pass_("wrong")
     client.quit()
-    wait_until(lambda: "result=auth-failed" in plain_server.access_log(), what="access line")
+    wait_until(
+        lambda: plain_server.access_log().count("result=auth-failed") == failures + 1,
+        what="access line",
+    )
 
 
-def test_no_password_in_the_clear_without_tls(pop_server):
+def test_no_password_in_the_clear_without_tls(pop_server, user):
     with POP3Wire.connect(pop_server.ports["pop3"]) as wire:
         status, capa = wire.multi("CAPA")
         assert status.startswith(b"+OK")
         assert b"STLS" in capa
         assert not any(c.startswith((b"USER", b"SASL")) for c in capa)
-        assert wire.cmd("USER alice").startswith(b"-ERR")
+        assert wire.cmd(f"USER {user}").startswith(b"-ERR")
         assert wire.cmd("AUTH PLAIN AGFsaWNlAHBvcDMgc2VjcmV0").startswith(b"-ERR")
 
 
-def test_stls_then_login(pop_server, certs):
+def test_stls_then_login(pop_server, certs, user):
     client = poplib.POP3("127.0.0.1", pop_server.ports["pop3"], timeout=10)
     client.stls(context=certs.client_context())
     assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
     assert "STLS" not in client.capa()
-    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
-    client.user("alice")
+    send_mail(pop_server.ports["mx"], f"{user}@test.example", body(1))
+    client.user(user)
     client.pass_(PASSWORD)
     _, lines, _ = client.retr(1)
     assert (b"\r\n".join(lines) + b"\r\n").endswith(body(1))
     client.quit()
 
 
-def test_implicit_tls_pop3s(pop_server, certs):
-    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
+def test_implicit_tls_pop3s(pop_server, certs, user):
+    send_mail(pop_server.ports["mx"], f"{user}@test.example", body(1))
     client = poplib.POP3_SSL(
         "127.0.0.1", pop_server.ports["pop3s"], timeout=10, context=certs.client_context()
     )
-    client.user("alice")
+    client.user(user)
     client.pass_(PASSWORD)
     assert client.stat()[0] == 1
     client.dele(1)
     client.quit()
-    assert stored(pop_server) == []
+    assert stored(pop_server, user) == []
 
 
-def test_auth_plain_and_login_over_pop3s(pop_server, certs):
+def test_auth_plain_and_login_over_pop3s(pop_server, certs, user):
     import base64
 
     ctx = certs.client_context()
@@ -270,25 +297,25 @@ def test_auth_plain_and_login_over_pop3s(pop_server, certs):
         status, mechs = wire.multi("AUTH")
         assert status.startswith(b"+OK")
         assert {b"PLAIN", b"LOGIN"} <= set(mechs)
-        token = base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode()
+        token = base64.b64encode(f"\0{user}\0".encode() + PASSWORD.encode()).decode()
         assert wire.cmd(f"AUTH PLAIN {token}").startswith(b"+OK")
         assert wire.cmd("QUIT").startswith(b"+OK")
     with POP3Wire.connect(pop_server.ports["pop3s"], context=ctx) as wire:
         assert wire.cmd("AUTH LOGIN").startswith(b"+ ")
-        assert wire.cmd(base64.b64encode(b"alice").decode()).startswith(b"+ ")
+        assert wire.cmd(base64.b64encode(user.encode()).decode()).startswith(b"+ ")
         assert wire.cmd(base64.b64encode(PASSWORD.encode()).decode()).startswith(b"+OK")
         assert wire.cmd("STAT").startswith(b"+OK 0 0")
         assert wire.cmd("QUIT").startswith(b"+OK")
 
 
-def test_pipelined_commands_come_back_in_order(plain_server):
+def test_pipelined_commands_come_back_in_order(plain_server, user):
     for n in range(3):
-        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
-    expected = stored(plain_server)
+        send_mail(plain_server.ports["mx"], f"{user}@test.example", body(n))
+    expected = stored(plain_server, user)
     with POP3Wire.connect(plain_server.ports["pop3"]) as wire:
         assert b"PIPELINING" in wire.multi("CAPA")[1]
         wire.send(
-            f"USER alice\r\nPASS {PASSWORD}\r\nSTAT\r\nRETR 1\r\nRETR 3\r\nDELE 2\r\n"
+            f"USER {user}\r\nPASS {PASSWORD}\r\nSTAT\r\nRETR 1\r\nRETR 3\r\nDELE 2\r\n"
             "LIST\r\nQUIT\r\n".encode()
         )
         assert wire.line().startswith(b"+OK")  # USER
@@ -302,10 +329,10 @@ def test_pipelined_commands_come_back_in_order(plain_server):
         assert [x.split()[0] for x in wire.lines()] == [b"1", b"3"]
         assert wire.line().startswith(b"+OK")  # QUIT
         assert wire.closed()
-    assert len(stored(plain_server)) == 2
+    assert len(stored(plain_server, user)) == 2
 
 
-def test_bad_input_gets_err_and_the_server_goes_on(plain_server):
+def test_bad_input_gets_err_and_the_server_goes_on(plain_server, user):
     with POP3Wire.connect(plain_server.ports["pop3"]) as wire:
         assert wire.cmd("FROB").startswith(b"-ERR")
         assert wire.cmd("").startswith(b"-ERR")
@@ -313,13 +340,13 @@ def test_bad_input_gets_err_and_the_server_goes_on(plain_server):
         wire.send(b"USER " + b"x" * 5000 + b"\r\n")
         assert wire.line().startswith(b"-ERR")
         assert wire.cmd("\x00\xff".encode("latin-1").decode("latin-1")).startswith(b"-ERR")
-        assert wire.cmd("USER alice").startswith(b"+OK")
+        assert wire.cmd(f"USER {user}").startswith(b"+OK")
         assert wire.cmd(f"PASS {PASSWORD}").startswith(b"+OK")
         for bad in ("RETR", "RETR 0", "RETR 1", "RETR -1", "RETR x", "TOP 1", "DELE 99"):
             assert wire.cmd(bad).startswith(b"-ERR"), bad
         assert wire.cmd("NOOP").startswith(b"+OK")
         assert wire.cmd("QUIT").startswith(b"+OK")
-    client = login_plain(plain_server)
+    client = login_plain(plain_server, user)
     client.quit()
 
 
@@ -344,7 +371,8 @@ def test_autologout_deletes_nothing(make_server):
     wait_until(lambda: "result=timeout" in server.access_log(), what="the logout line")
 
 
-def test_access_log_metrics_and_sessions(pop_server, certs):
+def test_access_log_metrics_and_sessions(make_server, certs):
+    pop_server = make_server(pop_config(certs))  # its own: the counts are of this test alone
     send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
     client = poplib.POP3_SSL(
         "127.0.0.1", pop_server.ports["pop3s"], timeout=10, context=certs.client_context()
@@ -376,24 +404,28 @@ def test_access_log_metrics_and_sessions(pop_server, certs):
     )
 
 
-def test_ctl_lists_and_kicks_a_pop3_session(pop_server, certs):
-    send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
+def test_ctl_lists_and_kicks_a_pop3_session(pop_server, certs, user):
+    send_mail(pop_server.ports["mx"], f"{user}@test.example", body(1))
     admin = admin_of(pop_server)
     admin.quiet()
     with POP3Wire.connect(pop_server.ports["pop3s"], context=certs.client_context()) as wire:
-        wire.cmd("USER alice")
+        wire.cmd(f"USER {user}")
         assert wire.cmd(f"PASS {PASSWORD}").startswith(b"+OK")
         assert wire.cmd("DELE 1").startswith(b"+OK")
         listing = ctl(pop_server, "sessions")
         assert listing.returncode == 0, listing.stderr
-        (row,) = [line.split() for line in listing.stdout.splitlines() if "pop3s:" in line]
-        assert row[3] == "transaction" and row[-1] == "alice"
+        (row,) = [
+            line.split()
+            for line in listing.stdout.splitlines()
+            if "pop3s:" in line and line.split()[-1] == user
+        ]
+        assert row[3] == "transaction"
         kick = ctl(pop_server, "kick", row[0])
         assert kick.returncode == 0, kick.stderr
         line = wire.line()
         assert line.startswith(b"-ERR") and b"administrator" in line
         assert wire.closed()
-    assert len(stored(pop_server)) == 1  # kicked before QUIT: nothing deleted
+    assert len(stored(pop_server, user)) == 1  # kicked before QUIT: nothing deleted
 
 
 def test_retr_of_a_large_message_streams_in_bounded_memory(make_server):
@@ -430,7 +462,8 @@ def test_retr_of_a_large_message_streams_in_bounded_memory(make_server):
     assert rss_kb() - before < 16 * 1024  # far less than the 30 MB message
 
 
-def test_a_server_stop_gets_err_and_deletes_nothing(pop_server, certs):
+def test_a_server_stop_gets_err_and_deletes_nothing(make_server, certs):
+    pop_server = make_server(pop_config(certs))  # its own: the test stops it
     send_mail(pop_server.ports["mx"], "alice@test.example", body(1))
     ctx = certs.client_context()
     with POP3Wire.connect(pop_server.ports["pop3s"], context=ctx) as wire:
@@ -464,7 +497,7 @@ def test_over_the_cap_a_pop3_client_gets_err_at_once(make_server):
 # ---- issue 19 (soak): replies are not held back by Nagle's algorithm ------------
 
 
-def test_each_retr_answers_without_waiting_for_the_clients_delayed_ack(plain_server):
+def test_each_retr_answers_without_waiting_for_the_clients_delayed_ack(plain_server, user):
     """A RETR's reply is several writes (the +OK line, the text, the final dot):
     with Nagle's algorithm the last one waits for the client's ACK of the
     ones before, which a client delays by 40 ms or more (Linux's minimum), so
@@ -472,8 +505,8 @@ def test_each_retr_answers_without_waiting_for_the_clients_delayed_ack(plain_ser
     for 11 messages). The fastest of ten RETRs shows it, whatever else the
     machine is doing: with the delay none can be under 40 ms."""
     for n in range(10):
-        send_mail(plain_server.ports["mx"], "alice@test.example", body(n))
-    client = login_plain(plain_server)
+        send_mail(plain_server.ports["mx"], f"{user}@test.example", body(n))
+    client = login_plain(plain_server, user)
     times = []
     for n in range(10):
         started = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Each fetches mail that was sent into the same server over SMTP and must get
 it byte-exact. A test whose client is not installed skips and says which
-Debian package gives it (`.ci/run` installs them).
+Debian package gives it (`.ci/run` installs them). The tests share one
+server, each logging in as a user of its own (`user`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from tests.conftest import listeners, users
 from tests.integration.pop3_client import send_mail, stored_as_sent
 
 PASSWORD = "client secret"
+#: The server's users: one for each test (`user`).
+POOL = [f"c{n}" for n in range(20)]
+_unused = iter(POOL)
 
 
 def need(tool: str, package: str) -> str:
@@ -37,20 +41,26 @@ def message(n: int) -> bytes:
     ).encode()
 
 
-@pytest.fixture
-def server(make_server, certs):
-    return make_server(
+@pytest.fixture(scope="module")
+def server(make_module_server, certs):
+    return make_module_server(
         {
             "listeners": listeners("mx", "pop3", "pop3s"),
             "tls": certs.tls_config,
-            "users": users(alice=PASSWORD),
+            "users": users(**dict.fromkeys(POOL, PASSWORD)),
             # curl and fetchmail log in on the plain listener too, on loopback.
             "auth": {"allow_plaintext": True},
         }
     )
 
 
-def maildrop_files(server, box: str = "alice") -> list[Path]:
+@pytest.fixture
+def user() -> str:
+    """A user of the server that no other test logs in as or mails."""
+    return next(_unused)
+
+
+def maildrop_files(server, box: str) -> list[Path]:
     """The maildrop's files in the order POP3 numbers them (delivery order)."""
     maildir = Maildir(server.mail_dir / box)
     return [maildir.path / m.relpath for m in maildir.list()]
@@ -64,13 +74,13 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("scheme", ["pop3", "pop3s", "pop3+stls"])
-def test_curl_retrieves_a_message_byte_exact(server, certs, scheme):
+def test_curl_retrieves_a_message_byte_exact(server, certs, scheme, user):
     curl = need("curl", "curl")
-    send_mail(server.ports["mx"], "alice@test.example", message(1))
-    expected = stored_as_sent(maildrop_files(server)[0].read_bytes())
+    send_mail(server.ports["mx"], f"{user}@test.example", message(1))
+    expected = stored_as_sent(maildrop_files(server, user)[0].read_bytes())
     port = server.ports["pop3s" if scheme == "pop3s" else "pop3"]
     url = f"{scheme.split('+')[0]}://127.0.0.1:{port}/1"
-    argv = [curl, "-sS", "--max-time", "30", "-u", f"alice:{PASSWORD}", url]
+    argv = [curl, "-sS", "--max-time", "30", "-u", f"{user}:{PASSWORD}", url]
     argv += ["--cacert", str(certs.ca_file)]
     if scheme == "pop3+stls":
         argv.append("--ssl-reqd")  # STLS (RFC 2595) before the login
@@ -80,30 +90,30 @@ def test_curl_retrieves_a_message_byte_exact(server, certs, scheme):
     assert result.stdout.endswith(message(1))
 
 
-def test_curl_lists_and_deletes(server):
+def test_curl_lists_and_deletes(server, user):
     curl = need("curl", "curl")
     for n in range(2):
-        send_mail(server.ports["mx"], "alice@test.example", message(n))
-    sizes = [len(stored_as_sent(p.read_bytes())) for p in maildrop_files(server)]
+        send_mail(server.ports["mx"], f"{user}@test.example", message(n))
+    sizes = [len(stored_as_sent(p.read_bytes())) for p in maildrop_files(server, user)]
     base = f"pop3://127.0.0.1:{server.ports['pop3']}/"
-    listing = run([curl, "-sS", "-u", f"alice:{PASSWORD}", base])
+    listing = run([curl, "-sS", "-u", f"{user}:{PASSWORD}", base])
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.split(b"\r\n")[:2] == [b"1 %d" % sizes[0], b"2 %d" % sizes[1]]
     # DELE through curl's custom request (no body is listed for it).
-    deleted = run([curl, "-sS", "-u", f"alice:{PASSWORD}", "-X", "DELE", "-I", base + "1"])
+    deleted = run([curl, "-sS", "-u", f"{user}:{PASSWORD}", "-X", "DELE", "-I", base + "1"])
     assert deleted.returncode == 0, deleted.stderr
-    assert len(maildrop_files(server)) == 1
+    assert len(maildrop_files(server, user)) == 1
 
 
 # --------------------------------------------------------------- fetchmail
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_fetchmail_fetches_and_deletes(server, certs, tmp_path, tls):
+def test_fetchmail_fetches_and_deletes(server, certs, tmp_path, tls, user):
     fetchmail = need("fetchmail", "fetchmail")
     for n in range(3):
-        send_mail(server.ports["mx"], "alice@test.example", message(n))
-    expected = [p.read_bytes() for p in maildrop_files(server)]
+        send_mail(server.ports["mx"], f"{user}@test.example", message(n))
+    expected = [p.read_bytes() for p in maildrop_files(server, user)]
     out = tmp_path / "fetched"
     out.mkdir()
     # The MDA writes each message it is given into a file of its own.
@@ -119,7 +129,7 @@ def test_fetchmail_fetches_and_deletes(server, certs, tmp_path, tls):
     rc = tmp_path / "fetchmailrc"
     rc.write_text(
         f"poll 127.0.0.1 protocol pop3 port {port} timeout 30\n"
-        f'  user "alice" password "{PASSWORD}" is "alice" here\n'
+        f'  user "{user}" password "{PASSWORD}" is "{user}" here\n'
         f'  {ssl} norewrite nokeep fetchall mda "{mda}"\n'
     )
     rc.chmod(0o600)
@@ -132,7 +142,7 @@ def test_fetchmail_fetches_and_deletes(server, certs, tmp_path, tls):
         # fetchmail adds a Received: field of its own below the Return-Path;
         # without it the message is the stored one (fetchmail writes LF ends).
         assert without_fetchmails_received(path.read_bytes()) == original
-    assert maildrop_files(server) == []  # fetched, then deleted (nokeep)
+    assert maildrop_files(server, user) == []  # fetched, then deleted (nokeep)
 
 
 def md5_fingerprint(cert: Path) -> str:
@@ -160,11 +170,11 @@ def without_fetchmails_received(data: bytes) -> bytes:
 # ----------------------------------------------------------------- getmail6
 
 
-def test_getmail6_fetches_into_a_maildir_and_deletes(server, certs, tmp_path):
+def test_getmail6_fetches_into_a_maildir_and_deletes(server, certs, tmp_path, user):
     getmail = need("getmail", "getmail6")
     for n in range(3):
-        send_mail(server.ports["mx"], "alice@test.example", message(n))
-    expected = sorted(p.read_bytes() for p in maildrop_files(server))
+        send_mail(server.ports["mx"], f"{user}@test.example", message(n))
+    expected = sorted(p.read_bytes() for p in maildrop_files(server, user))
     # getmail will not deliver as root: then it delivers as nobody, into a
     # Maildir nobody can write (pytest's tmp_path is closed to other users).
     as_root = os.geteuid() == 0
@@ -182,7 +192,7 @@ def test_getmail6_fetches_into_a_maildir_and_deletes(server, certs, tmp_path):
         "type = SimplePOP3SSLRetriever\n"
         "server = 127.0.0.1\n"
         f"port = {server.ports['pop3s']}\n"
-        "username = alice\n"
+        f"username = {user}\n"
         f"password = {PASSWORD}\n"
         f"ca_certs = {certs.ca_file}\n"
         "[destination]\n"
@@ -202,4 +212,4 @@ def test_getmail6_fetches_into_a_maildir_and_deletes(server, certs, tmp_path):
         if as_root:
             shutil.rmtree(dest.parent, ignore_errors=True)
     assert got == expected  # the Maildir files are the same bytes
-    assert maildrop_files(server) == []
+    assert maildrop_files(server, user) == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import sys
+import time
 
 from tests.conftest import wait_until
 from tests.integration.wire import Wire
@@ -78,3 +80,41 @@ def test_sigint_with_no_sessions_exits_0_and_stops_listening(make_server):
     with socket.socket() as s:
         s.settimeout(2)
         assert s.connect_ex((server.host, server.port)) != 0
+
+
+# A worker's first half second after its fork, as a busy machine stretches it:
+# the child is still the master's copy (its signal handlers too) until it sets
+# its own. Each worker's fork leaves a file in the server's folder (its cwd).
+SLOW_FORK = """
+import os, sys, time, traceback
+fork, pause = os.fork, time.sleep  # before gevent patches them: the master's own
+def slow_fork():
+    worker = any(frame.name == "_spawn" for frame in traceback.extract_stack())
+    pid = fork()
+    if pid == 0 and worker:
+        open(f"forked-{os.getpid()}", "w").close()
+        pause(0.5)
+    return pid
+os.fork = slow_fork  # gevent keeps it as the original, which the master forks with
+from geosmtp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_while_a_worker_starts_reaches_that_worker(make_server):
+    """SIGTERM to the master just after a worker's fork: the worker stops as
+    soon as it has started. It once went to the master's handler in the
+    child, which only noted it there: the worker never heard of the stop and
+    was killed after the grace period and 15 s more."""
+    server = make_server(
+        {"workers": 2, "timeouts": {"shutdown_grace": 0.2}},
+        launcher=[sys.executable, "-c", SLOW_FORK],
+    )
+    # Worker 1 is forked once worker 0 is ready: stop while it is the copy.
+    wait_until(lambda: len(list(server.root.glob("forked-*"))) == 2, what="the second fork")
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10
+    log = server.server_log()
+    assert "did not stop: killed" not in log, log[-3000:]
+    assert log.count("ended: exit status 0") == 2, log[-3000:]  # both workers, each its own stop

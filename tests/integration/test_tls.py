@@ -212,8 +212,8 @@ def test_submissions_greeting_only_after_handshake(tls_server, certs):
 # ------------------------------------------------------------- TLS setups
 
 
-def test_starttls_without_certificate_is_454(make_server):
-    server = make_server()
+def test_starttls_without_certificate_is_454(shared_server):
+    server = shared_server  # the default config: no certificate
     with Wire.connect(server.host, server.port) as wire:
         text = wire.expect("EHLO client.example", 250)
         assert "STARTTLS" not in text.splitlines()
@@ -379,7 +379,7 @@ def test_timeout_and_stop_answer_421_inside_tls(make_server, certs):
         {
             "listeners": listeners("mx", "submissions"),
             "tls": certs.tls_config,
-            "timeouts": {"command": 1, "shutdown_grace": 0},
+            "timeouts": {"command": 0.5, "shutdown_grace": 0},
         }
     )
     with Wire.connect("127.0.0.1", server.ports["mx"]) as wire:

@@ -272,8 +272,14 @@ def test_the_lock_is_released_when_the_block_fails(alice):
 
 
 def test_a_dropped_lock_object_lets_go(alice):
+    fds = len(os.listdir("/proc/self/fd"))
     alice.lock()  # never released, never kept: garbage at once
-    alice.lock().release()
+    assert len(os.listdir("/proc/self/fd")) == fds  # its descriptor, and the flock, are gone
+    again = alice.lock()  # MaildropBusy if the dropped one still held it
+    assert again.held
+    with pytest.raises(MaildropBusy):  # as a lock that is held does
+        MaildropLock(again.path).acquire()
+    again.release()
 
 
 def test_a_planted_symlink_is_refused_not_followed(alice, tmp_path):
