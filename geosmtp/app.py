@@ -38,6 +38,7 @@ from .mailauth.stages import DKIMSign, SenderChecks, build_signer, sign_file
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, Router, Verdict, deliver
 from .pop3 import POP3Connection, POP3Security
+from .protocol.sasl import Credentials
 from .queue.destination import QueueDestination
 from .queue.reports import Reporter, ReportMessage
 from .queue.runner import QueueRunner, RunnerSettings
@@ -56,7 +57,6 @@ from .server.smtp import SMTPSession
 from .server.threads import Pulse, in_thread
 from .smtp import ClientRates, RecipientPolicy, Security, SMTPConnection
 from .smtp.parser import SyntaxProblem, parse_mailbox
-from .smtp.sasl import Credentials
 from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
 

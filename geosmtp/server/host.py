@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..pipeline import Pipeline
     from ..pop3 import POP3Connection
+    from ..protocol.sasl import Credentials
     from ..queue.runner import QueueRunner
     from ..smtp import ClientRates, SMTPConnection
-    from ..smtp.sasl import Credentials
     from ..storage import MaildirStore, Spool
     from .anvil import Anvil
 

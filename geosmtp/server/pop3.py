@@ -21,10 +21,7 @@ from loguru import logger
 
 from .. import logs
 from ..pop3 import (
-    NEED_DATA,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     Listing,
     LoginFailure,
     POP3Connection,
@@ -34,15 +31,17 @@ from ..pop3 import (
 )
 from ..pop3 import replies as R
 from ..pop3.stuffing import MessageEncoder
+from ..protocol import NEED_DATA, CloseConnection, ConnectionClosed, ReplyValue
 from ..storage import StorageError
 from ..storage.expunge import ExpungeIncomplete, expunge, finish_expunge
 from ..storage.maildir import MaildropBusy, uid_for
-from .stream import READ_SIZE, ClientTimeout, StreamSession
+from .shared import CONNECTION_RATE, CONNECTIONS, ERRORS
+from .stream import READ_SIZE, StreamSession
 
 if TYPE_CHECKING:
     from ..config import Listener
     from ..metrics import ListenerMetrics
-    from ..smtp.sasl import Credentials
+    from ..protocol.sasl import Credentials
     from ..storage.maildir import Maildir, MaildropLock, StoredMessage
     from .host import Host
 
@@ -91,11 +90,6 @@ class POP3Session(StreamSession):
         timeouts = self.server.config.timeouts
         return timeouts.pop3_autologout if self.user is not None else timeouts.command
 
-    def _flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self._send(out)
-
     def _sync_metrics(self) -> None:
         super()._sync_metrics()
         commands = self.conn.commands
@@ -103,16 +97,15 @@ class POP3Session(StreamSession):
             self.pm.commands.inc(commands - self._commands_counted)
             self._commands_counted = commands
 
-    @staticmethod
-    def refusal(stopping: bool) -> bytes:
-        """For a client over the connection cap, or arriving during a stop."""
-        return POP3Connection.refusal_line(stopping)
-
-    @staticmethod
-    def limit_refusal(limit: str) -> bytes:
-        """For a client over its open connections (client_limits.max_connections,
-        the one per-client limit POP3 is held to)."""
-        return R.TOO_MANY_FROM_ADDRESS
+    #: A client over its open connections (client_limits.max_connections, the
+    #: one per-client limit POP3 is held to) hears the same for every limit.
+    REFUSALS: ClassVar[dict[str, ReplyValue]] = {
+        "stopping": R.STOPPING,
+        "busy": R.TOO_MANY_CLIENTS,
+        CONNECTIONS: R.TOO_MANY_FROM_ADDRESS,
+        CONNECTION_RATE: R.TOO_MANY_FROM_ADDRESS,
+        ERRORS: R.TOO_MANY_FROM_ADDRESS,
+    }
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""
@@ -132,7 +125,7 @@ class POP3Session(StreamSession):
 
     # ------------------------------------------------------------ the loop
 
-    CLOSING: ClassVar[dict[str, object]] = {
+    CLOSING: ClassVar[dict[str, ReplyValue]] = {
         "timeout": R.AUTOLOGOUT,
         "shutdown": R.SHUTTING_DOWN,
         "kicked": R.KICKED,
@@ -184,15 +177,6 @@ class POP3Session(StreamSession):
                 dele=f"{self.deleted}/{len(self.messages)}",
             )
 
-    def _close_with(self, text: str) -> None:
-        try:
-            self.conn.close_with(text)
-            self._flush()
-        except (OSError, ClientTimeout):
-            pass
-        except Exception:  # a bug: the traceback is logged, the socket closed in run()
-            logger.exception("pop3 session {}: cannot close cleanly", self.id)
-
     # ------------------------------------------------------------ login
 
     def _login(self, credentials: Credentials) -> None:
@@ -203,8 +187,8 @@ class POP3Session(StreamSession):
             self.pm.logins_failed.inc()
             self._access("auth-throttled")
             self.outcome = "errors"
-            conn.login_failed(LoginFailure.TEMP, R.TOO_MANY_AUTH_FAILURES)
-            conn.close_with(R.TOO_MANY_AUTH_FAILURES, "AUTH")
+            conn.login_failed(LoginFailure.TEMP, R.TOO_MANY_AUTH_FAILURES_TEXT)
+            conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
         if login.user is None:
             self.pm.logins_failed.inc()
@@ -214,7 +198,7 @@ class POP3Session(StreamSession):
             conn.login_failed(LoginFailure.AUTH)
             if login.disconnect:
                 self.outcome = "errors"
-                conn.close_with(R.TOO_MANY_AUTH_FAILURES, "AUTH")
+                conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
         user = login.user
         maildir = self.server.store.maildir(user)

@@ -20,11 +20,9 @@ from .. import logs
 from ..mail.headers import MessageIdSniffer
 from ..mail.ids import new_queue_id
 from ..pipeline import Message, Verdict
+from ..protocol import NEED_DATA, CloseConnection, ConnectionClosed, ReplyValue
 from ..smtp import (
-    NEED_DATA,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     MessageData,
     MessageEnd,
     MessageStart,
@@ -40,13 +38,13 @@ from ..storage import SpoolFile, StorageError
 from ..storage.spool import without_return_paths
 from .anvil import ClientRates
 from .shared import CONNECTION_RATE, CONNECTIONS, ERRORS
-from .stream import ClientTimeout, StreamSession
+from .stream import StreamSession
 
 if TYPE_CHECKING:
     from ..config import Listener
     from ..mail import Envelope
     from ..metrics import ListenerMetrics
-    from ..smtp.sasl import Credentials
+    from ..protocol.sasl import Credentials
     from .host import Host
 
 _last_date: tuple[int, str] = (-1, "")
@@ -96,11 +94,6 @@ class SMTPSession(StreamSession):
     def _waits_for_command(self) -> bool:
         return not self.conn.in_data
 
-    def _flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self._send(out)
-
     def _sync_metrics(self) -> None:
         """Add this session's byte and command tallies to the server's counters.
 
@@ -113,21 +106,13 @@ class SMTPSession(StreamSession):
         if counts:
             self.server.metrics.add_counts(counts)
 
-    @staticmethod
-    def refusal(stopping: bool) -> bytes:
-        """For a client over the connection cap, or arriving during a stop."""
-        return (R.SHUTTING_DOWN if stopping else R.TOO_MANY_CLIENTS).to_bytes()
-
-    LIMIT_REFUSALS: ClassVar[dict[str, bytes]] = {
-        CONNECTIONS: R.CLIENT_CONNECTIONS.to_bytes(),
-        CONNECTION_RATE: R.CLIENT_CONNECTION_RATE.to_bytes(),
-        ERRORS: R.CLIENT_ERRORS.to_bytes(),
+    REFUSALS: ClassVar[dict[str, ReplyValue]] = {
+        "stopping": R.SHUTTING_DOWN,
+        "busy": R.TOO_MANY_CLIENTS,
+        CONNECTIONS: R.CLIENT_CONNECTIONS,
+        CONNECTION_RATE: R.CLIENT_CONNECTION_RATE,
+        ERRORS: R.CLIENT_ERRORS,
     }
-
-    @staticmethod
-    def limit_refusal(limit: str) -> bytes:
-        """For a client over one of its limits at connect (client_limits)."""
-        return SMTPSession.LIMIT_REFUSALS[limit]
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""
@@ -148,7 +133,7 @@ class SMTPSession(StreamSession):
 
     # ------------------------------------------------------------ the loop
 
-    CLOSING: ClassVar[dict[str, object]] = {
+    CLOSING: ClassVar[dict[str, ReplyValue]] = {
         "timeout": R.TIMEOUT,
         "shutdown": R.SHUTTING_DOWN,
         "kicked": R.KICKED,
@@ -231,19 +216,6 @@ class SMTPSession(StreamSession):
             self._log_transaction(
                 envelope, "aborted", size=size, stage=state.name, reason=self.outcome
             )
-
-    def _close_with(self, reply: R.Reply) -> None:
-        try:
-            self.conn.close_with(reply)
-            self._flush()
-        except (OSError, ClientTimeout):
-            pass
-        except Exception:  # the core is in a state it cannot close from: send it raw
-            logger.exception("session {}: cannot close cleanly", self.id)
-            try:
-                self.sock.send(reply.to_bytes())
-            except OSError:
-                pass
 
     # ------------------------------------------------------ TLS and AUTH
 

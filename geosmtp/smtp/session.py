@@ -48,9 +48,17 @@ from ..mail import Envelope, Mailbox, safe_mailbox_name
 from ..mail.limits import Extensions as Extensions
 from ..mail.limits import Limits as Limits
 from ..mail.lineends import join_stored, stored_line_ends
+from ..protocol import (
+    LINE_TOO_LONG,
+    NEED_DATA,
+    PAUSED,
+    CloseConnection,
+    ConnectionClosed,
+    SansIOConnection,
+    Sentinel,
+    sasl,
+)
 from . import replies as R
-from . import sasl
-from .connection import LINE_TOO_LONG, SansIOConnection
 from .parser import (
     SyntaxProblem,
     parse_helo_name,
@@ -149,31 +157,6 @@ class AuthRequest:
 
     credentials: sasl.Credentials
 
-
-@dataclass(frozen=True)
-class CloseConnection:
-    """The server ends the session; `reply` (221 or 421) is queued."""
-
-    reply: R.Reply | None
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
-    """End of input: the client closed its side (or the session has ended)."""
-
-
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-#: next_event(): all complete input is processed; read more.
-NEED_DATA = _Sentinel("NEED_DATA")
-#: next_event(): the connection waits for the shell's verdict (or, in ERROR, its close).
-PAUSED = _Sentinel("PAUSED")
 
 Event = (
     MessageStart
@@ -334,22 +317,9 @@ class SMTPConnection(SansIOConnection):
         self._buf.clear()
         self._events.append(CloseConnection(reply))
 
-    def close_with(self, reply: R.Reply) -> None:
-        """The shell ends the session (timeout, shutdown, kick, its own error):
-        queue `reply` (a 421) and close.
-
-        May be called in any state: it is the one way out of `ERROR`, and it
-        works while the connection waits for a verdict. The next event is the
-        `CloseConnection`; flush `data_to_send()` and close the socket. On a
-        connection that is already closed it does nothing, so a shell may call
-        it from every error path without asking first.
-        """
-        if self.state is not State.CLOSED:
-            self._close(reply)
-
     # ----------------------------------------------------------------- input
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Sentinel:
         """Process buffered input and return the next event, or a sentinel.
 
         - an event (see the module docstring): act on it, then call again;
@@ -807,7 +777,7 @@ class SMTPConnection(SansIOConnection):
             return
         name = mechanism.decode("ascii", "replace").upper()
 
-        def start(exchange: sasl.SASLExchange) -> R.Reply | sasl.Credentials:
+        def start(exchange: sasl.SASLExchange) -> sasl.Challenge | sasl.Credentials:
             return exchange.start(initial or None)
 
         self._auth_step(start, name)
@@ -819,11 +789,11 @@ class SMTPConnection(SansIOConnection):
             result = step(exchange)
         except sasl.SASLError as exc:
             self._sasl = None
-            self._error(exc.reply)
+            self._error(R.SASL_ERRORS[exc.problem])
             return
-        if isinstance(result, R.Reply):  # a challenge: the next line is the answer
+        if isinstance(result, sasl.Challenge):  # the next line is the answer
             self._sasl = exchange
-            self._send(result)
+            self._send(R.challenge(result.text))
             return
         self._sasl = None
         self._move("auth")

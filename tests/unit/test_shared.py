@@ -21,11 +21,11 @@ import pytest
 
 from geosmtp.app import App, Login
 from geosmtp.auth import BUSY, AuthThrottle, LocalThrottleRecords, ThrottleRecord
+from geosmtp.protocol.sasl import Credentials
 from geosmtp.server import shared
 from geosmtp.server.listeners import Listeners
 from geosmtp.server.shared import LocalConnections, SharedState, SharedThrottleRecords
 from geosmtp.server.threads import Pulse
-from geosmtp.smtp.sasl import Credentials
 
 WAIT = 10.0  # seconds a child gets before the test calls it stuck
 
