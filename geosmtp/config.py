@@ -168,14 +168,6 @@ def _ranged(default: float, *, min: float, max: float) -> Any:
 #: implicit TLS.
 Role = Literal["mx", "submission", "submissions", "pop3", "pop3s"]
 
-#: The protocol each role speaks (the session class `app.SESSIONS` runs for it).
-ROLE_PROTOCOL: dict[str, str] = {
-    "mx": "smtp",
-    "submission": "smtp",
-    "submissions": "smtp",
-    "pop3": "pop3",
-    "pop3s": "pop3",
-}
 #: Roles whose listeners speak TLS from the first byte (RFC 8314).
 IMPLICIT_TLS_ROLES = frozenset({"submissions", "pop3s"})
 
@@ -186,11 +178,9 @@ class Listener:
     address: str = "127.0.0.1"
     #: 0 to 65535; 0 takes any free port.
     port: int = _ranged(2525, min=0, max=65535)
+    #: What the listener is for (`Role`); the protocol it speaks is the one
+    #: registered for the role (`server.protocols`, `app.PROTOCOLS`).
     role: Role = "mx"
-
-    @property
-    def protocol(self) -> str:
-        return ROLE_PROTOCOL[self.role]
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config, Listener
+    from ..mail.limits import Extensions, Limits
     from ..metrics import Metrics
     from ..pipeline import Pipeline
-    from ..pop3 import POP3Connection
     from ..protocol.sasl import Credentials
     from ..queue.runner import QueueRunner
-    from ..smtp import ClientRates, SMTPConnection
+    from ..smtp import RecipientPolicy, Security
     from ..storage import MaildirStore, Spool
     from .anvil import Anvil
+    from .protocols import Protocols
 
 
 @dataclass(frozen=True)
 class Login:
-    """The outcome of `Host.check_login`."""
+    """The outcome of `Logins.check` (`Host.logins`)."""
 
     user: str | None  # the mailbox name logged in as, None when refused
     delay: float = 0.0  # seconds to hold the refusal (doubles with each failure)
@@ -68,6 +69,12 @@ class Stress(Protocol):
     stressed: bool
 
 
+class Logins(Protocol):
+    """The login check (`geosmtp.logins.Logins`): the users and the throttle."""
+
+    def check(self, session: str, peer: str, credentials: Credentials) -> Login: ...
+
+
 class Host(Protocol):
     """What a session (SMTP, POP3) and the listeners ask of the app."""
 
@@ -81,14 +88,16 @@ class Host(Protocol):
     pipeline: Pipeline
     #: CPU-heavy or blocking work (password checks), off the hub.
     run_blocking: Callable[..., Any]
+    #: The login check every protocol's sessions use.
+    logins: Logins
+    #: The protocols of the listeners: a session builds its core with it.
+    protocols: Protocols
+    #: The SMTP core's settings of the moment.
+    policy: RecipientPolicy
+    limits: Limits
+    extensions: Extensions
 
-    def check_login(self, session: str, peer: str, credentials: Credentials) -> Login: ...
-
-    def new_connection(
-        self, listener: Listener, peer: str, rates: ClientRates | None = None
-    ) -> SMTPConnection: ...
-
-    def new_pop3_connection(self, listener: Listener) -> POP3Connection: ...
+    def security(self, listener: Listener, peer: str) -> Security: ...
 
 
 class ClusterHost(Protocol):

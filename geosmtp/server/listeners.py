@@ -1,7 +1,7 @@
 """Listening sockets, the connection cap, and the graceful stop.
 
 One `gevent.server.StreamServer` per configured listener, each serving the
-session class of its protocol (`SESSIONS`, by the listener role's protocol).
+session class of its protocol (`protocols.Protocols`, by the listener's role).
 Sessions run in a `gevent.pool.Group`; the cap is checked as each
 connection's greenlet starts, so a client over it gets the protocol's
 "too busy" reply at once instead of waiting in the backlog (gevent's `Pool`
@@ -29,6 +29,7 @@ from .shared import ConnectionCounter, LocalConnections
 
 if TYPE_CHECKING:
     from .host import Host
+    from .protocols import Protocols, ServerProtocol
 
 #: Once the grace period is over and every session was asked to stop, how long
 #: they get to reach a safe point (a delivery in progress finishes first) ...
@@ -124,14 +125,14 @@ class Listeners:
     def __init__(
         self,
         app: Host,
-        sessions: dict[str, type[Session]],
+        protocols: Protocols,
         connections: ConnectionCounter | None = None,
     ) -> None:
         self.app = app
         # The count the cap is checked against: this process's, or one the
         # worker processes share (`shared.SharedState`).
         self.connections = LocalConnections() if connections is None else connections
-        self.session_classes = sessions  # protocol name -> session class
+        self.protocols = protocols  # the session class of each listener's role
         self.group: Group = Group()
         self.by_id: dict[str, Session] = {}  # open sessions: the cap, stop, the admin API
         self.servers: list[StreamServer] = []
@@ -149,8 +150,8 @@ class Listeners:
             sock = gsocket.socket(fileno=raw.detach())
             host, port = sock.getsockname()[:2]
             lm = app.metrics.listener(f"{listener.role}:[{listener.address}]:{port}")
-            session_class = self.session_classes[listener.protocol]
-            server = StreamServer(sock, self._handler(session_class, listener, lm))
+            protocol = self.protocols.of(listener)
+            server = StreamServer(sock, self._handler(protocol, listener, lm))
             if app.config.worker_count > 1 and not app.config.reuse_port:
                 # One socket the workers share: take one connection per wake-up.
                 # gevent's default (100 at a time) let whichever worker woke first
@@ -162,8 +163,10 @@ class Listeners:
         self._stress_watch = gevent.spawn(self._watch_stress)
 
     def _handler(
-        self, session_class: type[Session], listener: Listener, lm: ListenerMetrics
+        self, protocol: ServerProtocol, listener: Listener, lm: ListenerMetrics
     ) -> Callable[[socket.socket, tuple], None]:
+        session_class = protocol.session
+
         def handle(client: socket.socket, address: tuple) -> None:
             # Checked and counted with no switch in between (and across the
             # workers under the shared count's lock), so the cap is exact.
@@ -175,7 +178,7 @@ class Listeners:
             try:
                 # Then the client's own limits (client_limits), logged by the anvil.
                 anvil = self.app.anvil
-                key, over = anvil.connect(address[0], session_class.PROTOCOL == "smtp")
+                key, over = anvil.connect(address[0], protocol.all_client_limits)
                 if over is not None:
                     self._refuse(client, address, session_class.limit_refusal(over), log=False)
                     return

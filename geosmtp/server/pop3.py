@@ -14,17 +14,19 @@ a connection that drops deletes nothing (RFC 1939 §6).
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import gevent
 from loguru import logger
 
 from .. import logs
+from ..config import IMPLICIT_TLS_ROLES
 from ..pop3 import (
     AuthRequest,
     Listing,
     LoginFailure,
     POP3Connection,
+    POP3Security,
     Retrieve,
     StartTLS,
     Update,
@@ -58,6 +60,18 @@ def _send_at_once(sock: socket.socket) -> None:
         pass
 
 
+def build_core(host: Host, listener: Listener, peer: str) -> POP3Connection:
+    """The POP3 core for a new client on `listener`, with the app's settings of the moment."""
+    return POP3Connection(
+        host.config.hostname,
+        POP3Security(
+            tls_available=host.tls_context is not None,
+            tls_active=listener.role in IMPLICIT_TLS_ROLES,
+            auth_plaintext=host.config.auth.allow_plaintext,
+        ),
+    )
+
+
 class POP3Session(StreamSession):
     def __init__(
         self,
@@ -70,7 +84,9 @@ class POP3Session(StreamSession):
     ) -> None:
         super().__init__(server, sock, address, listener, metrics, client_key)
         _send_at_once(sock)
-        self.conn: POP3Connection = server.new_pop3_connection(listener)
+        self.conn: POP3Connection = cast(
+            POP3Connection, server.protocols.build(listener, self.peer, server)
+        )
         self.pm = server.metrics.pop3_listener(metrics.name)
         self.maildir: Maildir | None = None
         self.lock: MaildropLock | None = None
@@ -182,7 +198,7 @@ class POP3Session(StreamSession):
     def _login(self, credentials: Credentials) -> None:
         """Check the password, then lock and list the maildrop (RFC 1939 §4)."""
         conn = self.conn
-        login = self.server.check_login(self.id, self.peer, credentials)
+        login = self.server.logins.check(self.id, self.peer, credentials)
         if login.throttled:
             self.pm.logins_failed.inc()
             self._access("auth-throttled")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import email.utils
 import socket
 import time
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import gevent
 from loguru import logger
@@ -59,7 +59,26 @@ def received_date() -> str:
     return _last_date[1]
 
 
+def build_core(
+    host: Host, listener: Listener, peer: str, rates: ClientRates | None = None
+) -> SMTPConnection:
+    """The SMTP core for a new client on `listener`, with the app's settings of
+    the moment; `rates` counts the client's messages and recipients (client_limits)."""
+    return SMTPConnection(
+        host.config.hostname,
+        host.policy,
+        host.limits,
+        host.extensions,
+        host.security(listener, peer),
+        vrfy=host.config.vrfy,
+        rates=rates,
+    )
+
+
 class SMTPSession(StreamSession):
+    """An SMTP session; its core is the one its listener's role speaks
+    (`protocols.Protocols.build`)."""
+
     def __init__(
         self,
         server: Host,
@@ -71,7 +90,9 @@ class SMTPSession(StreamSession):
     ) -> None:
         super().__init__(server, sock, address, listener, metrics, client_key)
         rates = ClientRates(server.anvil, client_key, self.peer) if client_key else None
-        self.conn: SMTPConnection = server.new_connection(listener, self.peer, rates)
+        self.conn: SMTPConnection = cast(
+            SMTPConnection, server.protocols.build(listener, self.peer, server, rates=rates)
+        )
         self.errors_counted = 0  # of conn.errors, those added to the client's budget
         self.spool: SpoolFile | _FailedSpool | None = None
         self.queue_id: str | None = None
@@ -220,8 +241,8 @@ class SMTPSession(StreamSession):
     # ------------------------------------------------------ TLS and AUTH
 
     def _authenticate(self, credentials: Credentials) -> None:
-        """Check a login (`App.check_login`); a failure's reply is held, then may disconnect."""
-        login = self.server.check_login(self.id, self.peer, credentials)
+        """Check a login (`Host.logins`); a failure's reply is held, then may disconnect."""
+        login = self.server.logins.check(self.id, self.peer, credentials)
         if login.throttled:
             self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
