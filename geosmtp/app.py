@@ -47,10 +47,10 @@ from .server import tls
 from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir
 from .server.host import ConfigChange
-from .server.listeners import Listeners, Session
+from .server.listeners import Listeners
 from .server.pop3 import POP3Session
 from .server.pop3 import build_core as pop3_core
-from .server.protocols import Protocols, ServerProtocol
+from .server.protocols import Protocols, ServerProtocol, Session
 from .server.shared import SharedClientTable, SharedState
 from .server.smtp import SMTPSession
 from .server.smtp import build_core as smtp_core

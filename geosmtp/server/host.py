@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ..smtp import RecipientPolicy, Security
     from ..storage import MaildirStore, Spool
     from .anvil import Anvil
-    from .protocols import Protocols
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,12 @@ class Stress(Protocol):
     stressed: bool
 
 
+class CoreBuilder(Protocol):
+    """Builds the core of a listener's protocol (`protocols.Protocols.build`)."""
+
+    def build(self, listener: Listener, peer: str, host: Host, **session: Any) -> Any: ...
+
+
 class Logins(Protocol):
     """The login check (`geosmtp.logins.Logins`): the users and the throttle."""
 
@@ -90,8 +95,9 @@ class Host(Protocol):
     run_blocking: Callable[..., Any]
     #: The login check every protocol's sessions use.
     logins: Logins
-    #: The protocols of the listeners: a session builds its core with it.
-    protocols: Protocols
+    #: The protocols of the listeners (`protocols.Protocols`): a session builds
+    #: its core with it.
+    protocols: CoreBuilder
     #: The SMTP core's settings of the moment.
     policy: RecipientPolicy
     limits: Limits

@@ -14,7 +14,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import monkey
@@ -29,7 +29,7 @@ from .shared import ConnectionCounter, LocalConnections
 
 if TYPE_CHECKING:
     from .host import Host
-    from .protocols import Protocols, ServerProtocol
+    from .protocols import Protocols, ServerProtocol, Session
 
 #: Once the grace period is over and every session was asked to stop, how long
 #: they get to reach a safe point (a delivery in progress finishes first) ...
@@ -41,44 +41,6 @@ STRESS_CHECK = 0.5
 #: Seconds between two "refused" lines of one worker (over max_clients, or
 #: stopping): a flood of refused clients writes a line a minute, with a count.
 REFUSAL_LOG_INTERVAL = 60.0
-
-
-class Session(Protocol):
-    """What the listeners need of a protocol's session class."""
-
-    id: str
-    peer: str
-    PROTOCOL: str
-
-    def __init__(
-        self,
-        app: Host,
-        sock: socket.socket,
-        address: tuple,
-        listener: Listener,
-        lm: ListenerMetrics,
-        client_key: int = 0,
-    ) -> None: ...
-
-    @staticmethod
-    def refusal(stopping: bool) -> bytes:
-        """What a client over the cap (or arriving during a stop) is told."""
-        ...
-
-    @staticmethod
-    def limit_refusal(limit: str) -> bytes:
-        """What a client over a per-client limit (`shared.CONNECTIONS`, ...) is told."""
-        ...
-
-    def expire(self, now: float, timeout: float) -> None:
-        """Under stress: end the session (its timeout reply) if it has waited
-        for a command longer than `timeout`."""
-        ...
-
-    def run(self) -> None: ...
-    def shutdown(self) -> None: ...
-    def kick(self) -> None: ...
-    def info(self) -> dict: ...
 
 
 def raise_open_files_limit() -> int:

@@ -17,18 +17,58 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import socket
+
     from ..config import Listener
+    from ..metrics import ListenerMetrics
     from ..protocol import SansIOConnection
     from .host import Host
-    from .listeners import Session
 
 #: A core builder: (the app, the listener, the client's address, what the
 #: session adds, such as the SMTP client's rates) -> the core for one client,
 #: with the app's settings of the moment.
 CoreBuilder = Callable[..., "SansIOConnection"]
+
+
+class Session(Protocol):
+    """What the listeners need of a protocol's session class."""
+
+    id: str
+    peer: str
+    PROTOCOL: str
+
+    def __init__(
+        self,
+        app: Host,
+        sock: socket.socket,
+        address: tuple,
+        listener: Listener,
+        lm: ListenerMetrics,
+        client_key: int = 0,
+    ) -> None: ...
+
+    @staticmethod
+    def refusal(stopping: bool) -> bytes:
+        """What a client over the cap (or arriving during a stop) is told."""
+        ...
+
+    @staticmethod
+    def limit_refusal(limit: str) -> bytes:
+        """What a client over a per-client limit (`shared.CONNECTIONS`, ...) is told."""
+        ...
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Under stress: end the session (its timeout reply) if it has waited
+        for a command longer than `timeout`."""
+        ...
+
+    def run(self) -> None: ...
+    def shutdown(self) -> None: ...
+    def kick(self) -> None: ...
+    def info(self) -> dict: ...
 
 
 @dataclass(frozen=True)

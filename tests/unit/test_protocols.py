@@ -1,0 +1,82 @@
+"""The registry of protocols (`server.protocols`): every listener role has
+one protocol, and a session's core is built for its listener's role."""
+
+from __future__ import annotations
+
+import typing
+from types import SimpleNamespace
+
+import pytest
+
+from geosmtp.app import PROTOCOLS, App
+from geosmtp.config import Listener, Role
+from geosmtp.mail.limits import Extensions, Limits
+from geosmtp.pop3 import POP3Connection
+from geosmtp.pop3 import State as POP3State
+from geosmtp.server.pop3 import POP3Session
+from geosmtp.server.protocols import Protocols, ServerProtocol
+from geosmtp.server.smtp import SMTPSession
+from geosmtp.smtp import RecipientPolicy, SMTPConnection
+
+
+def test_every_role_has_exactly_one_protocol():
+    protocols = Protocols(*PROTOCOLS)
+    assert set(protocols.by_role) == set(typing.get_args(Role))
+    assert {name: p.session for name, p in protocols.by_name.items()} == {
+        "smtp": SMTPSession,
+        "pop3": POP3Session,
+    }
+    # A session's PROTOCOL (logs, the admin API) is the name it is registered by.
+    assert all(p.name == p.session.PROTOCOL for p in PROTOCOLS)
+
+
+def test_a_name_or_a_role_is_registered_once():
+    smtp, pop3 = PROTOCOLS
+    with pytest.raises(ValueError, match="protocol smtp is registered already"):
+        Protocols(smtp, ServerProtocol("smtp", ("other",), SMTPSession, smtp.build))
+    with pytest.raises(ValueError, match="role pop3 is pop3's already"):
+        Protocols(pop3, ServerProtocol("lmtp", ("lmtp", "pop3"), SMTPSession, smtp.build))
+
+
+def host() -> SimpleNamespace:
+    """What the cores' builders read of the app, with the app's own `security`."""
+    config = SimpleNamespace(
+        hostname="mx.test",
+        vrfy=True,
+        auth=SimpleNamespace(allow_plaintext=False, sender_must_match=True),
+    )
+    app = SimpleNamespace(
+        config=config,
+        tls_context=object(),
+        policy=RecipientPolicy(local_domains=frozenset({"example.test"})),
+        limits=Limits(),
+        extensions=Extensions(),
+        logins=SimpleNamespace(users={"alice": "hash"}),
+        trusted_networks=[],
+    )
+    app.security = lambda listener, peer: App.security(app, listener, peer)  # type: ignore[arg-type]
+    return app
+
+
+@pytest.mark.parametrize(
+    ("role", "core", "tls", "auth_required"),
+    [
+        ("mx", SMTPConnection, False, False),
+        ("submission", SMTPConnection, False, True),
+        ("submissions", SMTPConnection, True, True),
+        ("pop3", POP3Connection, False, None),
+        ("pop3s", POP3Connection, True, None),
+    ],
+)
+def test_the_core_is_the_one_of_the_listeners_role(role, core, tls, auth_required):
+    app = host()
+    conn = Protocols(*PROTOCOLS).build(Listener(role=role), "192.0.2.7", app)
+    assert type(conn) is core
+    assert conn.hostname == "mx.test" and conn.tls is tls
+    if core is SMTPConnection:
+        assert conn.security.auth_required is auth_required
+        assert conn.security.auth_available and conn.security.sender_must_match
+        assert conn.vrfy and conn.policy is app.policy
+    else:
+        assert conn.state is POP3State.AUTHORIZATION
+        assert conn.security.tls_available and not conn.security.auth_plaintext
