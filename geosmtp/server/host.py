@@ -5,7 +5,7 @@ The sessions, the listeners and the cluster channel are driven by the app
 into it: its config, services and checks. They know it by these protocols,
 defined here, below the app, so that the app imports the server and never
 the other way round. `Login` and `ConfigChange`, the answers they get, live
-here for the same reason (`geosmtp.app` names them too).
+here for the same reason (`geosmtp.logins` and `geosmtp.app` make them).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from geosmtp.pop3 import POP3Connection
 from geosmtp.pop3 import State as POP3State
 from geosmtp.server.pop3 import POP3Session
 from geosmtp.server.protocols import Protocols, ServerProtocol
+from geosmtp.server.shared import CONNECTION_RATE, CONNECTIONS, ERRORS
 from geosmtp.server.smtp import SMTPSession
 from geosmtp.smtp import RecipientPolicy, SMTPConnection
 
@@ -80,3 +81,32 @@ def test_the_core_is_the_one_of_the_listeners_role(role, core, tls, auth_require
     else:
         assert conn.state is POP3State.AUTHORIZATION
         assert conn.security.tls_available and not conn.security.auth_plaintext
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.name)
+def test_every_session_closes_and_refuses_with_reply_values(protocol):
+    """One path for every protocol: the shell closes the core with a reply
+    value (`StreamSession._close_with`) and refuses with one, rendered."""
+    session = protocol.session
+    assert set(session.CLOSING) == {"timeout", "shutdown", "kicked", "error"}
+    assert {"stopping", "busy", CONNECTIONS, CONNECTION_RATE, ERRORS} <= set(session.REFUSALS)
+    for reply in [*session.CLOSING.values(), *session.REFUSALS.values()]:
+        line = reply.to_bytes()
+        assert line.endswith(b"\r\n") and line.count(b"\r\n") == 1
+        assert line.startswith(b"-ERR [" if protocol.name == "pop3" else b"421 4.")
+    assert session.refusal(True) == session.REFUSALS["stopping"].to_bytes()
+    assert session.refusal(False) == session.REFUSALS["busy"].to_bytes()
+    assert session.limit_refusal(ERRORS) == session.REFUSALS[ERRORS].to_bytes()
+
+
+def test_the_wire_of_the_refusals_is_unchanged():
+    assert SMTPSession.refusal(True) == b"421 4.3.2 Server shutting down; closing connection\r\n"
+    assert SMTPSession.limit_refusal(CONNECTIONS) == (
+        b"421 4.7.0 Error: too many connections from your address; try again later\r\n"
+    )
+    assert POP3Session.refusal(False) == (
+        b"-ERR [SYS/TEMP] Too many connections; try again later.\r\n"
+    )
+    assert POP3Session.limit_refusal(CONNECTION_RATE) == (
+        b"-ERR [SYS/TEMP] Too many connections from your address; try again later.\r\n"
+    )
