@@ -1,11 +1,11 @@
 """Composition: config -> services -> listeners, keyed by protocol.
 
 Everything geosmtp runs is built here, in one place: the storage (spool and
-Maildirs), the mail pipeline, the login check (`logins.Logins`: the users and
-the throttle), TLS, metrics, and
-the listeners, each serving the session class of its protocol. A protocol is
-registered once in `PROTOCOLS` (`server.protocols`: its roles, its session
-class, the builder of its core).
+Maildirs), the mail pipeline and its stages, the outbound queue and its
+reports, the DNS resolver, the login check (`logins.Logins`: the users and
+the throttle), TLS, metrics, and the listeners, each serving the session
+class of its protocol. A protocol is registered once in `PROTOCOLS`
+(`server.protocols`: its roles, its session class, the builder of its core).
 
 `App` is also what sessions and the admin API see of the server: the running
 config, the services, the open sessions, and live configuration changes.
@@ -121,6 +121,7 @@ def runner_settings(config: Config) -> RunnerSettings:
         max_received=relay.max_received,
         timeouts=client_timeouts(relay.timeouts),
         tls_context=tls_context,
+        lmtp=cfg.lmtp_target(config.delivery.lmtp) if config.delivery.lmtp else None,
     )
 
 
@@ -288,12 +289,15 @@ class App:
         # Filter stages (the `filters:` section), rebuilt at each config change.
         self.filters = Filters(self.spool)
         self.metrics.watch_filters(self.filters.slots, lambda: self.config.filter_concurrency)
+        # Local mail: the Maildirs, or with delivery.lmtp an LMTP server, through
+        # the queue (its runner reports those deliveries, not the pipeline).
+        lmtp = config.delivery.lmtp is not None
+        queue = QueueDestination(
+            self.queue_store, self.queue, lmtp_domain=config.hostname if lmtp else None
+        )
         self.pipeline = Pipeline(
-            Router(
-                local=MaildirDestination(self.store),
-                remote=QueueDestination(self.queue_store, self.queue),
-            ),
-            after_delivery=self.reporter.delivered_locally,
+            Router(local=queue if lmtp else MaildirDestination(self.store), remote=queue),
+            after_delivery=None if lmtp else self.reporter.delivered_locally,
             observer=self.metrics,
         )
         self.protocols = Protocols(*PROTOCOLS)

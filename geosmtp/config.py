@@ -321,6 +321,16 @@ class Relay:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """Where mail for local mailboxes goes."""
+
+    #: An LMTP server (RFC 2033) that takes it instead of the Maildirs in
+    #: mail_dir: "host:port" ("127.0.0.1:24", "[::1]:24") or a UNIX socket's
+    #: absolute path ("/run/dovecot/lmtp"). Unset: the Maildirs.
+    lmtp: str | None = None
+
+
+@dataclass(frozen=True)
 class DNS:
     #: "ip" or "ip:port" ("[::1]:5353"); unset: the system's (/etc/resolv.conf).
     nameservers: list[str] | None = None
@@ -484,6 +494,7 @@ class Config:
     log: Log = field(default_factory=Log)
     admin: Admin = field(default_factory=Admin)
     relay: Relay = field(default_factory=Relay)
+    delivery: Delivery = field(default_factory=Delivery)
     dns: DNS = field(default_factory=DNS)
     auth_checks: AuthChecks = field(default_factory=AuthChecks)
     dkim: DKIMSigning = field(default_factory=DKIMSigning)
@@ -755,6 +766,7 @@ def _check(config: Config) -> None:
             key = "postmaster" if name == config.postmaster else f"users.{name}"
             raise ConfigError(f"{key}: not a valid mailbox name (lower-case, no '/' or '..')")
     _check_relay(config)
+    _check_delivery(config)
     _check_mailauth(config)
     folders = [("mail_dir", config.mail_dir), ("log.dir", config.log.dir)]
     if config.spool_dir is not None:
@@ -792,6 +804,35 @@ def host_port(text: str) -> tuple[str, int]:
     if not host or any(c.isspace() for c in host):
         raise ValueError("expected host:port")
     return host, int(port)
+
+
+#: The longest UNIX socket path connect(2) takes (sun_path less its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def lmtp_target(text: str) -> tuple[str, int]:
+    """`delivery.lmtp` as (host, port), or (path, 0) for a UNIX socket;
+    ValueError (its reason) when it is neither."""
+    if text.startswith("/"):
+        if len(os.fsencode(text)) > MAX_SOCKET_PATH:
+            raise ValueError(f"a UNIX socket path is at most {MAX_SOCKET_PATH} octets")
+        if "\0" in text or text.endswith("/"):
+            raise ValueError("expected a UNIX socket's path")
+        return text, 0
+    try:
+        return host_port(text)
+    except ValueError:
+        raise ValueError("expected host:port or a UNIX socket's absolute path") from None
+
+
+def _check_delivery(config: Config) -> None:
+    lmtp = config.delivery.lmtp
+    if lmtp is None:
+        return
+    try:
+        lmtp_target(lmtp)
+    except ValueError as exc:
+        raise ConfigError(f"delivery.lmtp: {exc}, got {_describe(lmtp)}") from None
 
 
 def _check_relay(config: Config) -> None:
@@ -1075,6 +1116,7 @@ RESTART_ONLY = (
     "admin",
     "fsync",
     "relay",
+    "delivery",
     "dns",
 )
 

@@ -42,6 +42,11 @@ live in a temp dir of its own (`root`).
   packaged default) and one `auth` process. `performance=True`: its
   "high-performance mode" instead (long-lived login processes, pop3
   processes reused).
+- LMTP too, with `lmtp=True` (Debian's `dovecot-lmtpd`): an `lmtp` service
+  on `host:lmtp_port` and on the UNIX socket `lmtp_socket` (`<root>/run/lmtp`),
+  delivering into the same Maildirs. A recipient is looked up by its local
+  part (`auth_username_format = %Ln`: `alice@example.test` is the passwd-file's
+  `alice`); one not there is refused with `550 5.1.1`.
 """
 
 from __future__ import annotations
@@ -139,6 +144,31 @@ def available() -> bool:
     return os.access(DOVECOT, os.X_OK) and Path("/usr/lib/dovecot/pop3").exists()
 
 
+# ---------------------------------------------------------------- LMTP
+
+LMTP_SERVER = "/usr/lib/dovecot/lmtp"
+
+#: Added to the config with `lmtp=True`: the LMTP service, on loopback and on
+#: a UNIX socket in base_dir; users by local part (the passwd-file's names).
+LMTP_CONFIG = """protocols = $protocols lmtp
+auth_username_format = %Ln
+service lmtp {{
+  inet_listener lmtp {{
+    address = {host}
+    port = {lmtp_port}
+  }}
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+def lmtp_available() -> bool:
+    """Is Debian's Dovecot with POP3 and LMTP (`dovecot-lmtpd`) installed here?"""
+    return available() and Path(LMTP_SERVER).exists()
+
+
 def passwd_line(user: str, password: str) -> str:
     """One passwd-file line: `user:{SCHEME}secret`."""
     if not user or any(c in user for c in ":\n\r\0/"):
@@ -168,6 +198,8 @@ class Dovecot:
         performance: bool = False,
         debug: bool = False,
         uidl_format: str = "%f",
+        lmtp: bool = False,
+        lmtp_port: int | None = None,
     ) -> None:
         if indexes not in ("disk", "memory"):
             raise ValueError("indexes: 'disk' or 'memory'")
@@ -183,6 +215,8 @@ class Dovecot:
         self.performance = performance
         self.debug = debug
         self.uidl_format = uidl_format
+        self.lmtp = lmtp
+        self.lmtp_port = (lmtp_port or free_port(host)) if lmtp else None
         if os.geteuid() == 0:
             pw = pwd.getpwnam(UNPRIVILEGED)
             self.uid, self.gid = pw.pw_uid, pw.pw_gid
@@ -258,7 +292,13 @@ class Dovecot:
                 debug="yes" if self.debug else "no",
                 uidl_format=self.uidl_format,
             )
+            + (LMTP_CONFIG.format(host=self.host, lmtp_port=self.lmtp_port) if self.lmtp else "")
         )
+
+    @property
+    def lmtp_socket(self) -> Path:
+        """The LMTP service's UNIX socket (with `lmtp=True`)."""
+        return self.root / "run" / "lmtp"
 
     def own_mail_dir(self) -> None:
         """Give the Maildir tree to the mail user (when it is not the caller) and
@@ -312,6 +352,13 @@ class Dovecot:
                 self.stop()
                 raise RuntimeError(f"dovecot did not answer on {self.port}: {self.log()[-2000:]}")
             time.sleep(0.05)
+        if self.lmtp:
+            assert self.lmtp_port is not None
+            while not greets(self.host, self.lmtp_port, b"220", timeout=1.0):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"dovecot's LMTP did not answer: {self.log()[-2000:]}")
+                time.sleep(0.05)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -1,11 +1,15 @@
 """DKIM verification (RFC 6376 §6) of every signature, with dkimpy.
 
 Done in three steps, so that the DNS waits happen in the session's greenlet
-and the CPU work in the threadpool, and so that no message is held in memory:
+and the CPU work where the stage runs it (the threadpool for a large message:
+`stages.INLINE_LIMIT`), and so that no message is held in memory:
 
-1. `signatures(fields)`: the `DKIM-Signature:` fields, parsed enough to know
-   which key each needs (`s=`, `d=`) and which body hash (`c=`, `a=`, `l=`).
-2. `fetch_key()` for each, through our resolver, concurrently (the stage).
+1. `signatures(fields, max_signatures)`: the `DKIM-Signature:` fields, parsed
+   enough to know which key each needs (`s=`, `d=`) and which body hash
+   (`c=`, `a=`, `l=`).
+2. The key of each, looked up by the stage through our resolver,
+   concurrently (`stages.SenderChecks._key`; `key_record` joins the TXT
+   record's strings).
 3. `verify(section, sigs, keys, body_hashes)`: dkimpy checks each signature's
    tags, key record and header hash against the header section alone; the
    body hashes were computed while the body streamed from the spool

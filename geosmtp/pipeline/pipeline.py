@@ -1,8 +1,9 @@
 """One path from a received message to every destination.
 
     spool ─► stages (filters) ─► router ─┬─► Maildir (local recipients)
-                                         ├─► outbound queue (remote ones)
-                                         └─► LMTP (later)
+                                         └─► outbound queue (remote ones; and
+                                             local ones for an LMTP server,
+                                             `delivery.lmtp`)
 
 `Pipeline.process` takes a message that is whole in the spool and returns one
 `Verdict` for the whole message. `delivered` only once every destination has

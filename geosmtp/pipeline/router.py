@@ -4,7 +4,9 @@ Local recipients (a mailbox here) go to the Maildir destination; remote ones
 to the `remote` destination the app gives, the outbound queue
 (`queue.destination.QueueDestination`), known here only as a `Destination`:
 the pipeline imports nothing of the queue. Without one a remote recipient
-has no route (the recipient policy refuses it before it gets here).
+has no route (the recipient policy refuses it before it gets here). When
+local mail goes to an LMTP server (`delivery.lmtp`), the queue is both
+destinations, and takes all of a message's recipients at once: one entry.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Router:
 
     def route(self, recipients: tuple[Recipient, ...]) -> list[tuple[Destination, tuple]]:
         """[(destination, its recipients)], in delivery order: local mailboxes first."""
+        if self.local is self.remote:  # LMTP: the queue takes them all
+            return [(self.local, recipients)] if recipients else []
         local = tuple(r for r in recipients if r.box is not None)
         remote = tuple(r for r in recipients if r.box is None)
         routes: list[tuple[Destination, tuple]] = [(self.local, local)] if local else []

@@ -10,7 +10,9 @@ LF not preceded by a CR becomes CRLF, a CRLF stays, a CR on its own stays.
 back. It works on whole chunks with `bytes.replace`/`count` and one regular
 expression, never a Python loop per byte or per line; the state between two
 chunks is a CR held back (its LF may start the next chunk) and whether the
-output so far ends a line.
+output so far ends a line. `bench/experiments/pop3_encoder.py` measures it:
+about 600 MB/s for an LF-stored message on the 2-core test machine under
+load, 200-300 MB/s for CRLF or lone CRs.
 """
 
 from __future__ import annotations

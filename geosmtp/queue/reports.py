@@ -35,7 +35,7 @@ from .. import logs
 from ..mail import Envelope
 from ..mail.ids import new_queue_id
 from ..storage import Spool, SpoolFile, StorageError
-from .dsn import Kind, RecipientStatus, write_dsn
+from .dsn import Action, Kind, RecipientStatus, write_dsn
 from .store import QueuedRecipient, QueueRecord
 
 
@@ -123,13 +123,15 @@ class Reporter:
     def queued(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
         """A report about `rcpts` of a queued message, to its sender (the
         runner's `Report`). A success here is `relayed` (RFC 3461 §6.2.2.2):
-        the next server did not take the DSN request. `ReportNotStored` when
-        it could not be stored: the queue then keeps the message."""
+        the next server did not take the DSN request; `delivered` for a
+        recipient an LMTP server took (§6.2.2.1: the final delivery).
+        `ReportNotStored` when it could not be stored: the queue then keeps
+        the message."""
         now = self.clock()
         statuses = [
             RecipientStatus(
                 final_recipient=r.address,
-                action="relayed" if kind == "delivered" else kind,  # type: ignore[arg-type]
+                action=_action(kind, r),
                 status=r.status or {"failed": "5.0.0", "delayed": "4.0.0"}.get(kind, "2.0.0"),
                 original_recipient=r.orcpt,
                 remote_mta=r.remote_mta.removeprefix("dns; ") if r.remote_mta else None,
@@ -294,3 +296,10 @@ class Reporter:
             return spool
         spool.remove()
         return signed
+
+
+def _action(kind: str, rcpt: QueuedRecipient) -> Action:
+    """The DSN's Action of a queued recipient's report (RFC 3464 §2.3.3)."""
+    if kind == "delivered":
+        return "delivered" if rcpt.lmtp else "relayed"
+    return kind  # type: ignore[return-value]  # "failed" or "delayed"

@@ -15,6 +15,12 @@ outcome per recipient: delivered (the record is rewritten and fsynced at
 once), a permanent failure (bounced), or a temporary one (retried on the
 schedule until the lifetime is over, then bounced).
 
+Local recipients queued for LMTP (`delivery.lmtp`, `destination.LMTPDestination`)
+are one more destination: all of an entry's go in one LMTP transaction
+(RFC 2033) to the configured server, each recipient's reply after the data
+deciding for it as a remote server's RCPT reply does (delivered, deferred,
+bounced), under the same schedule, concurrency feedback and reports.
+
 Reports to the sender (RFC 3461/3464) are made by the `report` callable the
 app gives (`reports.Reporter.queued`: it builds the DSN here in `queue/` and
 hands it to the router's destinations through its one port, never back
@@ -39,7 +45,7 @@ from loguru import logger
 
 from .. import logs
 from ..relay.client import AttemptResult, Outcome, deliver
-from ..relay.mx import DNSError, DNSPermanentError, Host, Resolver
+from ..relay.mx import DNSError, DNSPermanentError, DNSTemporaryError, Host, Resolver
 from ..storage import StorageError
 from ..storage.spool import read_return_path
 from .concurrency import DestinationLimits, Slot, Verdict
@@ -79,6 +85,13 @@ class RunnerSettings:
     #: the client's timeouts; None: RFC 5321 §4.5.3.2's
     timeouts: Any = None
     tls_context: Any = None  # for a smarthost's certificate; MX delivery is opportunistic
+    #: `delivery.lmtp`: the LMTP server local recipients go to, (host, port) or
+    #: (a UNIX socket's path, 0); None: they go to the Maildirs, never queued.
+    lmtp: tuple[str, int] | None = None
+
+
+#: The group of an entry's LMTP recipients in `_try` (no domain is empty).
+LMTP_GROUP = ""
 
 
 @dataclass(order=True)
@@ -251,7 +264,7 @@ class QueueRunner:
         by_domain: dict[str, list[QueuedRecipient]] = defaultdict(list)
         for rcpt in record.pending:
             if rcpt.next_attempt <= now:
-                by_domain[rcpt.domain].append(rcpt)
+                by_domain[LMTP_GROUP if rcpt.lmtp else rcpt.domain].append(rcpt)
         groups = list(by_domain.items())
         for i, (domain, rcpts) in enumerate(groups):
             with self._limits.slot(self._destination(domain)) as slot:
@@ -281,7 +294,9 @@ class QueueRunner:
 
     def _destination(self, domain: str) -> str:
         """Whose concurrency a domain's delivery counts against: the smarthost's
-        (everything goes there then), or the domain's own."""
+        (everything goes there then), or the domain's own; the LMTP server's."""
+        if domain == LMTP_GROUP:
+            return f"lmtp:{self._lmtp_name()}"
         if self.settings.smarthost is not None:
             host, port = self.settings.smarthost
             return f"[{host}]:{port}"
@@ -322,16 +337,20 @@ class QueueRunner:
                 )
                 self._log_attempt(record, rcpt, "none", None, exc.diagnostic)
             return "dns: " + str(exc)
+        lmtp = domain == LMTP_GROUP
         with self.store.open_message(record.id) as message:
-            # A relaying server must not pass the Return-Path on (RFC 5321 §4.4).
+            # A relaying server must not pass the Return-Path on (RFC 5321 §4.4);
+            # an LMTP server adds its own from MAIL FROM at the final delivery.
             read_return_path(message)
-            result = self._send(record, rcpts, hosts, port, tls, message)
+            result = self._send(record, rcpts, hosts, port, tls, message, lmtp)
         if slot is not None:
             slot.feedback(result)  # the destination's limit moves with what it did
         if self.metrics is not None:
             self.metrics.relay_attempt_seconds.observe(time.perf_counter() - started)
-        for rcpt in rcpts:
-            r = result[rcpt.address]
+        relay = f"lmtp:{result.relay}" if lmtp else result.relay
+        for n, rcpt in enumerate(rcpts):
+            # LMTP: by place, as sent (two spellings may share one mailbox)
+            r = result.recipients[n] if lmtp else result[rcpt.address]
             self._apply(
                 record,
                 rcpt,
@@ -341,8 +360,8 @@ class QueueRunner:
                 result.remote_mta,
                 result.dsn,
             )
-            self._log_attempt(record, rcpt, result.relay, result.tls, r.diagnostic)
-        return result.relay
+            self._log_attempt(record, rcpt, relay, result.tls, r.diagnostic)
+        return relay
 
     def _log_attempt(
         self,
@@ -370,13 +389,14 @@ class QueueRunner:
             )
         )
 
-    def _send(self, record, rcpts, hosts, port, tls, message) -> AttemptResult:  # type: ignore[no-untyped-def]
+    def _send(self, record, rcpts, hosts, port, tls, message, lmtp=False) -> AttemptResult:  # type: ignore[no-untyped-def]
         settings = self.settings
+        extra = {"lmtp": True} if lmtp else {}
         return self.send(
             hosts,
             port,
             record.sender,
-            [r.address for r in rcpts],
+            [r.lmtp if lmtp else r.address for r in rcpts],
             message,
             helo_name=settings.hostname,
             tls=tls,
@@ -391,14 +411,35 @@ class QueueRunner:
             ret=record.ret,
             notify=[r.notify for r in rcpts],
             orcpt=[r.orcpt for r in rcpts],
+            **extra,
         )
 
     def _route(self, domain: str) -> tuple[list[Host], int, str]:
         settings = self.settings
+        if domain == LMTP_GROUP:
+            host, port = self._lmtp_target()
+            return [Host(host)], port, "none"
         if settings.smarthost is not None:
             host, port = settings.smarthost
             return [Host(host)], port, settings.smarthost_tls
         return self.resolver.resolve_mx(domain), settings.mx_port, "opportunistic"
+
+    def _lmtp_target(self) -> tuple[str, int]:
+        """The LMTP server; an entry queued for LMTP before a restart that
+        unset `delivery.lmtp` waits (deferred, as a failed lookup) rather than
+        going anywhere the operator did not say."""
+        if self.settings.lmtp is None:
+            raise DNSTemporaryError(
+                "queued for LMTP, and delivery.lmtp is not set",
+                "4.3.5",  # RFC 3463 X.3.5: system incorrectly configured
+            )
+        return self.settings.lmtp
+
+    def _lmtp_name(self) -> str:
+        if self.settings.lmtp is None:
+            return "none"
+        host, port = self.settings.lmtp
+        return host if host.startswith("/") else f"[{host}]:{port}"
 
     def _apply(  # type: ignore[no-untyped-def]
         self,

@@ -2,7 +2,7 @@
 
     queue_dir/                       (default: mail_dir/.queue)
       messages/<id>                  the message, a hard link of its spool file
-      records/<id>.json              the envelope and every remote recipient's state
+      records/<id>.json              the envelope and every queued recipient's state
       quarantine/                    entries that cannot be used: <id>.json and <id>
 
 A record is written whole to a temporary name, fsynced, renamed over the old
@@ -53,7 +53,7 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
 @dataclass
 class QueuedRecipient:
-    """One remote recipient of a queued message, and how far its delivery got."""
+    """One recipient of a queued message (remote, or local over LMTP) and how far it got."""
 
     address: str  # as the client gave it (the RCPT forward-path)
     domain: str  # where it goes (lower-case; an address literal as written)
@@ -70,6 +70,9 @@ class QueuedRecipient:
     #: reported and the report is not made yet: saved with the outcome, cleared
     #: once the report is made, so a crash in between makes it at the next start.
     report_due: bool = False
+    #: A local recipient delivered over LMTP (`delivery.lmtp`): the address the
+    #: LMTP server is given (its mailbox at its domain). None: a remote one.
+    lmtp: str | None = None
 
 
 @dataclass
@@ -329,6 +332,7 @@ RECIPIENT_CHECKS: dict[str, Check] = {
     "remote_mta": _optional(_text(MAX_TEXT)),
     "delay_warned": _flag,
     "report_due": _flag,
+    "lmtp": _optional(_address),
 }
 
 #: Recipient fields added after records were first written, and what a record
@@ -337,7 +341,8 @@ RECIPIENT_CHECKS: dict[str, Check] = {
 #: never reported a finished recipient it found at start. A report lost in the
 #: crash window this field closes cannot be told apart from one made, and
 #: taking every finished recipient as unreported would report each again.
-ADDED_RECIPIENT_FIELDS: dict[str, Any] = {"report_due": False}
+#: `lmtp` absent is None: that code queued remote recipients only.
+ADDED_RECIPIENT_FIELDS: dict[str, Any] = {"report_due": False, "lmtp": None}
 
 
 def read_record(data: bytes) -> QueueRecord:

@@ -79,6 +79,14 @@ Choices worth knowing:
 - **Loop detection** (RFC 5321 §6.3): more than `max_received` `Received:`
   fields in the header section is a permanent failure (5.4.6) without
   connecting anywhere.
+- **LMTP** (RFC 2033, `lmtp=True`: the queue's local delivery to Dovecot or
+  another LMTP server): LHLO, no HELO fallback, and after the end of data one
+  reply per accepted recipient, each deciding for its own recipient (a 250
+  for one and a 452 for the next); a connection lost among those replies
+  keeps the outcomes of the replies that came (those recipients are never
+  sent again). A `Host` whose name starts with "/" is a UNIX socket's path.
+  No DSN parameters go to an LMTP server: it is the final delivery, and its
+  success is geosmtp's to report (RFC 3461 §6.2.2.1).
 - **Replies**: 4xx is temporary, 5xx permanent, per recipient at RCPT and for
   all accepted recipients at the end of data; a 552 to RCPT is temporary (RFC
   5321 §4.5.3.1.10: it meant "too many recipients" in RFC 821). Reply text is
@@ -220,14 +228,20 @@ class AttemptResult:
 
     @property
     def remote_mta(self) -> str | None:
-        """The RFC 3464 §2.3.5 `Remote-MTA` value: "dns; mx.example.org"."""
-        return f"dns; {self.remote_host}" if self.remote_host else None
+        """The RFC 3464 §2.3.5 `Remote-MTA` value: "dns; mx.example.org" (None
+        for a UNIX socket: no host name to give)."""
+        if not self.remote_host or _is_path(self.remote_address or ""):
+            return None
+        return f"dns; {self.remote_host}"
 
     @property
     def relay(self) -> str:
-        """Who it was, for a log line: "mx.example.org[192.0.2.1]:25", or "none"."""
+        """Who it was, for a log line: "mx.example.org[192.0.2.1]:25", a UNIX
+        socket's path, or "none"."""
         if self.remote_host is None:
             return "none"
+        if _is_path(self.remote_address or ""):
+            return self.remote_address
         return f"{self.remote_host}[{self.remote_address}]:{self.remote_port}"
 
     def by_outcome(self, outcome: Outcome) -> list[RecipientResult]:
@@ -547,6 +561,11 @@ def _default_context(verify: bool) -> ssl.SSLContext:
     return context
 
 
+def _is_path(address: str) -> bool:
+    """A UNIX socket's path (LMTP) rather than a host's address."""
+    return address.startswith("/")
+
+
 def _bad_address(address: str) -> bool:
     return any(c in "<>" or ord(c) < 0x20 or ord(c) == 0x7F for c in address)
 
@@ -591,6 +610,7 @@ def deliver(
     notify: Sequence[Sequence[str] | None] | None = None,
     orcpt: Sequence[str | None] | None = None,
     cache: ConnectionCache | None = None,
+    lmtp: bool = False,
 ) -> AttemptResult:
     """One delivery attempt of `message` to `recipients`, in one SMTP transaction.
 
@@ -605,7 +625,9 @@ def deliver(
     recipient `notify` (["SUCCESS", "FAILURE"], ...) and `orcpt`
     ("rfc822;xtext"), as the message was received: the RFC 3461 parameters
     passed on to a server that offers DSN. `cache`: keep and reuse connections.
-    See the module's docstring for TLS, AUTH and the failure rules.
+    `lmtp`: speak LMTP (RFC 2033) to the hosts; a host named by a path ("/...")
+    is a UNIX socket (`port` unused). See the module's docstring for TLS, AUTH
+    and the failure rules.
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
@@ -635,6 +657,7 @@ def deliver(
             notify=list(notify) if notify is not None else [None] * len(recipients),
             orcpt=list(orcpt) if orcpt is not None else [None] * len(recipients),
             cache=cache,
+            lmtp=lmtp,
         ).run()
 
 
@@ -676,6 +699,7 @@ class _Attempt:
     notify: list[Sequence[str] | None]
     orcpt: list[str | None]
     cache: ConnectionCache | None
+    lmtp: bool = False
     size: int = 0
     start: int = 0  # where the message begins in the file
     tried: list[Tried] = field(default_factory=list)
@@ -756,7 +780,10 @@ class _Attempt:
         if self.tls != "none":
             context = self._context()
             checked = (context, _tls_name(host.name) if context.check_hostname else None)
-        return (address, self.port, self.tls, self.helo_name, user, self.source_address, checked)
+        return (
+            address, self.port, self.tls, self.helo_name, user, self.source_address, checked,
+            self.lmtp,
+        )  # fmt: skip
 
     def _everyone(self, outcome: Outcome, status: str, diagnostic: str, **remote) -> AttemptResult:
         for i, rcpt in enumerate(self.recipients):
@@ -777,14 +804,32 @@ class _Attempt:
             return self.tls_context
         return _default_context(verify=self.tls != "opportunistic")
 
-    def _open(self, host: Host, address: str, use_tls: bool) -> Connection:
-        """Connect, greeting, EHLO, STARTTLS, AUTH: any failure raises `_TargetFailed`."""
-        where = f"{host.name}[{address}]:{self.port}"
-        server_name = _tls_name(host.name)
-        try:
-            sock = socket.create_connection(
+    def _where(self, host: Host, address: str) -> str:
+        """The server in a diagnostic: "mx.example.org[192.0.2.1]:25", or a socket's path."""
+        if _is_path(address):
+            return address
+        return f"{host.name}[{address}]:{self.port}"
+
+    def _connect(self, address: str) -> socket.socket:
+        if not _is_path(address):
+            return socket.create_connection(
                 (address, self.port), self.timeouts.connect, self.source_address
             )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeouts.connect)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _open(self, host: Host, address: str, use_tls: bool) -> Connection:
+        """Connect, greeting, EHLO, STARTTLS, AUTH: any failure raises `_TargetFailed`."""
+        where = self._where(host, address)
+        server_name = _tls_name(host.name)
+        try:
+            sock = self._connect(address)
         except TimeoutError:
             raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: timed out") from None
         except OSError as exc:
@@ -807,7 +852,12 @@ class _Attempt:
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise _TargetFailed("4.4.1", f"x-geosmtp; connect to {where}: {reason}") from None
         core = ClientConnection(
-            self.helo_name, where=where, tls=self.tls, starttls=use_tls, auth=self.auth
+            self.helo_name,
+            where=where,
+            tls=self.tls,
+            starttls=use_tls,
+            auth=self.auth,
+            lmtp=self.lmtp,
         )
         conn = Connection(
             sock, core, self.timeouts, host=host.name, address=address, port=self.port,
@@ -860,14 +910,14 @@ class _Attempt:
 
     def _deliver_on(self, conn: Connection, host: Host, *, reused: bool) -> AttemptResult:
         """MAIL, RCPT for each, DATA: from here the server's replies decide."""
-        where = f"{host.name}[{conn.address}]:{self.port}"
+        where = self._where(host, conn.address)
         core = conn.core
         features = core.features if core.esmtp else {}
-        dsn = "dsn" in features
+        dsn = "dsn" in features and not self.lmtp  # LMTP: the final delivery, ours to report
         remote = {
             "remote_host": host.name,
             "remote_address": conn.address,
-            "remote_port": self.port,
+            "remote_port": None if _is_path(conn.address) else self.port,
             "tls": conn.tls_description(),
             "dsn": dsn,
         }
@@ -918,6 +968,10 @@ class _Attempt:
             for i, reply in zip(pending, lost.rcpts, strict=False):
                 if not 200 <= reply.code < 300:
                     self.results[i] = self._refused(i, reply)
+            # LMTP: the replies to the end of data that came decide for theirs
+            for i, final in zip(pending, lost.finals, strict=False):
+                if final is not None:
+                    self.results[i] = _from_reply(self.recipients[i], final)
             diagnostic = self._lost(where, lost)
             return self._everyone(Outcome.TEMPORARY, "4.4.2", diagnostic, **remote)
         except BaseException:
@@ -958,6 +1012,12 @@ class _Attempt:
             # a 4xx or 5xx decides; anything else but 354 breaks the protocol
             odd = Outcome.TEMPORARY if not 400 <= reply.code < 600 else None
             return self._apply(accepted, reply, remote, odd)
+        if done.finals:  # LMTP (RFC 2033 §4.2): each accepted recipient's own reply
+            for place, i in enumerate(pending):
+                if i in accepted:
+                    reply = done.finals[place] or RemoteReply(-1, None, "no reply after the data")
+                    self.results[i] = _from_reply(self.recipients[i], reply)
+            return self._result(**remote)
         assert done.final is not None
         return self._apply(accepted, done.final, remote)
 

@@ -24,6 +24,12 @@ Every reply is parsed once, bounded: `MAX_LINE` octets a line, `MAX_REPLY_LINES`
 lines and `MAX_REPLY_BYTES` octets a reply; past them the server misbehaves and
 the connection is given up (`Lost`).
 
+LMTP (RFC 2033), with `lmtp=True`: LHLO instead of EHLO, and no HELO after
+a refusal (§4.1); after the end of data one reply per recipient that RCPT
+accepted, in RCPT order (§4.2), given as `TransactionDone.finals`. The rest
+(PIPELINING, RSET before a reused connection's next transaction, STARTTLS and
+AUTH only when asked for) is the same conversation.
+
 `DataEncoder` turns message content into what goes between DATA and the end
 of data: CRLF line ends (RFC 5321 §2.3.8), dot-stuffing (§4.5.2), and lines of
 more than 998 octets folded (§4.5.3.1.6; Postfix's `smtp_line_length_limit`).
@@ -185,13 +191,16 @@ class SendMessage:
 @dataclass(frozen=True, slots=True)
 class TransactionDone:
     """Every reply of a transaction, in order; `None` where none came (not sent,
-    or the server closed first). `reusable`: the connection may carry another."""
+    or the server closed first). `reusable`: the connection may carry another.
+    LMTP: `final` is None and `finals` has one item per recipient, its reply
+    to the end of data (None for one RCPT refused); SMTP: `finals` is ()."""
 
     mail: RemoteReply
     rcpts: tuple[RemoteReply | None, ...]
     data: RemoteReply | None
     final: RemoteReply | None
     reusable: bool
+    finals: tuple[RemoteReply | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +214,16 @@ class ResetFailed:
 @dataclass(frozen=True, slots=True)
 class Lost:
     """The connection ended, or the server sent what is not a reply, while `stage`.
-    In a transaction: `mail` and `rcpts`, the replies that came before."""
+    In a transaction: `mail` and `rcpts`, the replies that came before; with
+    LMTP, `finals`: the replies to the end of data that came, one per
+    recipient as `TransactionDone.finals` (None: refused, or none came)."""
 
     stage: str
     detail: str
     timed_out: bool = False
     mail: RemoteReply | None = None
     rcpts: tuple[RemoteReply, ...] = ()
+    finals: tuple[RemoteReply | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +276,8 @@ class _Transaction:
     replies: list[RemoteReply] = field(default_factory=list)
     data: RemoteReply | None = None
     accepted: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # the accepted RCPTs' places
+    finals: list[RemoteReply] = field(default_factory=list)  # LMTP: in `accepted_at` order
     pipelined: bool = False
     reset: bool = False  # RSET first (a reused connection), its reply not yet come
 
@@ -279,6 +293,7 @@ class ClientConnection:
     `starttls`: whether to try STARTTLS at all (False: the plaintext retry of
     opportunistic TLS). `auth`: (user, password) for AUTH, never sent without
     TLS unless `tls` is "none". `where` names the server in diagnostics.
+    `lmtp`: speak LMTP (RFC 2033) instead of SMTP.
     """
 
     def __init__(
@@ -289,8 +304,10 @@ class ClientConnection:
         tls: str = "none",
         starttls: bool = True,
         auth: tuple[str, str] | None = None,
+        lmtp: bool = False,
     ) -> None:
         self.helo_name = helo_name
+        self.lmtp = lmtp
         self.where = where
         self.tls = tls
         self.try_starttls = starttls and tls in ("starttls", "opportunistic")
@@ -485,7 +502,8 @@ class ClientConnection:
         elif tx is not None and tx.reset:
             self._events.append(ResetFailed(None))
         elif tx is not None and state in (State.TRANSACTION, State.MESSAGE, State.END_OF_DATA):
-            lost = Lost(self.stage, detail, timed_out, tx.mail, tuple(tx.replies))
+            finals = self._finals(tx) if self.lmtp else ()
+            lost = Lost(self.stage, detail, timed_out, tx.mail, tuple(tx.replies), finals)
             self._events.append(lost)
         else:
             self._events.append(Lost(self.stage, detail, timed_out))
@@ -507,7 +525,7 @@ class ClientConnection:
                 self.esmtp = True
                 self.features = parse_features(lines[1:])
                 self._after_hello()
-            elif 500 <= code < 600:
+            elif 500 <= code < 600 and not self.lmtp:  # RFC 2033 §4.1: no HELO in LMTP
                 self.state = State.HELO
                 self._send(f"HELO {self.helo_name}")
             else:
@@ -535,7 +553,13 @@ class ClientConnection:
         elif state is State.END_OF_DATA:
             tx = self._tx
             assert tx is not None
-            self._done(tx, reply, reusable=reply.code != 421)
+            if not self.lmtp:
+                self._done(tx, reply, reusable=reply.code != 421)
+                return
+            tx.finals.append(reply)  # RFC 2033 §4.2: one per accepted RCPT, in order
+            if len(tx.finals) == tx.accepted:
+                reusable = all(r.code != 421 for r in tx.finals)
+                self._done(tx, None, reusable=reusable)
         elif state is State.QUIT:
             self.state = State.CLOSED
             self._events.append(Closed())
@@ -552,7 +576,7 @@ class ClientConnection:
 
     def _ehlo(self) -> None:
         self.state = State.EHLO
-        self._send(f"EHLO {self.helo_name}")
+        self._send(f"{'LHLO' if self.lmtp else 'EHLO'} {self.helo_name}")
 
     def _after_hello(self) -> None:
         if self.try_starttls and not self.encrypted:
@@ -666,6 +690,7 @@ class ClientConnection:
             tx.replies.append(reply)
             if 200 <= reply.code < 300 and 200 <= tx.mail.code < 300:
                 tx.accepted += 1
+                tx.accepted_at.append(len(tx.replies) - 1)
             if reply.code == 421:  # closing: the rest wait for the next attempt
                 self._done(tx, None, reusable=False)
                 return
@@ -703,7 +728,18 @@ class ClientConnection:
         reusable = reusable and not self._garbled
         self.state = State.READY if reusable else State.CLOSED
         self.stage = "sending MAIL FROM"
-        self._events.append(TransactionDone(tx.mail, tuple(replies), tx.data, final, reusable))
+        finals = self._finals(tx) if self.lmtp else ()
+        done = TransactionDone(tx.mail, tuple(replies), tx.data, final, reusable, finals)
+        self._events.append(done)
+
+    @staticmethod
+    def _finals(tx: _Transaction) -> tuple[RemoteReply | None, ...]:
+        """The replies to the end of data, one per recipient (None: refused, or
+        none came), from those that came in the accepted recipients' order."""
+        finals: list[RemoteReply | None] = [None] * tx.rcpts
+        for place, reply in zip(tx.accepted_at, tx.finals, strict=False):
+            finals[place] = reply
+        return tuple(finals)
 
     # ------------------------------------------------------------ output
 

@@ -6,6 +6,17 @@ Sessions run in a `gevent.pool.Group`; the cap is checked as each
 connection's greenlet starts, so a client over it gets the protocol's
 "too busy" reply at once instead of waiting in the backlog (gevent's `Pool`
 as `spawn` would stop accepting instead, and cannot be resized live).
+
+The graceful stop (`stop`): the listening sockets close first; with the
+master's copies closed too (`server.master.Master.stop`), a new client's
+connection is refused by the kernel, not answered. Open sessions get the
+grace period, then are asked to stop at a safe point (`421 4.3.2`, at their
+next read; a delivery in progress finishes first); only those still running
+after `STOP_WAIT` more seconds are killed.
+
+Under stress (open connections, in all workers, at `stress.threshold`
+percent of `max_clients`), a wait for a command is cut to
+`stress.command_timeout` (`_watch_stress`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Postfix's and nginx's model. The master runs as whoever started geosmtp
 (root on a real host, to bind ports below 1024). It binds every listener,
-reads the TLS key, the DKIM key and the admin token, then forks `workers:`
+reads the TLS key, the DKIM key, the smarthost password and the admin API's
+tokens (`app.prepare`, `Runtime.admin_tokens`), then forks `workers:`
 processes that drop to `user:` before they read a client byte. It never
 reads a client byte itself and never runs a gevent loop: it waits in
 `select` on its signals, each worker's log pipe and each worker's control

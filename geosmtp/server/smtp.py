@@ -1,9 +1,21 @@
 """The gevent side of an SMTP session: socket in, core, socket out.
 
-One `SMTPSession` per client, run in its own greenlet. It reads under a
-`gevent.Timeout`, feeds the sans-I/O core, writes the replies the core
-queued, and acts on the core's events: spool the message to disk as it
-arrives, deliver it, log it. All protocol decisions are the core's.
+One `SMTPSession` per client, run in its own greenlet. It reads with the
+socket's own timeout (`stream.StreamSession`: what is left of the command
+timeout for the line being read, or in DATA the smaller of the block timeout
+and what is left of the total), feeds the sans-I/O core, writes the replies
+the core queued, and acts on the core's events: spool the message to disk as
+it arrives, deliver it, log it. All protocol decisions are the core's.
+
+Three kinds of failure are told apart, and handled in different places: an
+`OSError` from the socket is a lost client (`StreamSession.run`); a
+`StorageError` from the spool or the delivery is caught where the message is
+written: the rest of the message is read and refused with `452 4.3.1` (no
+room) or `451 4.3.0`, and the session goes on; any other exception is a bug,
+caught at the session boundary (`StreamSession.run`): `421 4.3.0` to the
+client and the traceback in the log, nothing else affected. The access log
+gets exactly one line per transaction (`_log_transaction`: stored, refused,
+abandoned, or cut off when the session ends inside one).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The master forks it with everything it may not read itself once it has
 dropped its privileges (the bound sockets, the TLS context, the DKIM key, the
-admin token) in `WorkerContext`; it drops them, serves, and says `ready` (or
+relay settings with the smarthost password, the admin API's tokens) in
+`WorkerContext`; it drops its privileges, serves, and says `ready` (or
 why it could not start) on its control channel. SIGTERM stops it under the
 usual grace rules; the master alone answers SIGINT and SIGHUP.
 """

@@ -6,23 +6,25 @@ Imports only the standard library, the shared protocol base
 mail domain (`geosmtp.mail`); no sockets, gevent, yaml, loguru or files.
 """
 
-from .parser import SyntaxProblem
-from .policy import RecipientPolicy
-from .session import (
+from .events import (
     AuthRequest,
-    ClientRates,
-    Extensions,
-    Limits,
     MessageData,
     MessageEnd,
     MessageStart,
-    Security,
-    SMTPConnection,
     StartTLS,
     TransactionAborted,
     TransactionRejected,
 )
-from .state import State
+from .parser import SyntaxProblem
+from .policy import RecipientPolicy
+from .session import (
+    ClientRates,
+    Extensions,
+    Limits,
+    Security,
+    SMTPConnection,
+)
+from .state import State, Step
 
 __all__ = [
     "AuthRequest",
@@ -37,6 +39,7 @@ __all__ = [
     "Security",
     "StartTLS",
     "State",
+    "Step",
     "SyntaxProblem",
     "TransactionAborted",
     "TransactionRejected",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..mail import Domains, Mailbox, Recipient, safe_mailbox_name
 from . import replies as R
+from .parser import SyntaxProblem, parse_mailbox
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,28 @@ class RecipientPolicy:
 
     def is_known_user(self, name: str) -> bool:
         return name in self.users or name == "postmaster"
+
+    def sender_not_owned(self, sender: Mailbox, user: str) -> R.Reply | None:
+        """The reply refusing `sender` to the logged-in `user` when it is not
+        the user's own address (`sender_must_match`), else None."""
+        own = self.is_local_domain(sender.domain) and safe_mailbox_name(sender.local_part) == user
+        return None if own else R.SENDER_NOT_OWNED
+
+    def verify(self, arg: bytes) -> R.Reply:
+        """VRFY's answer for `arg`, a mailbox name or an address (RFC 5321
+        §3.5.1): a known user's address, 252 where it cannot tell (another
+        domain, or any name accepted), 550 for an unknown user."""
+        text = arg.decode("utf-8", "replace").strip("<>")
+        try:
+            mailbox = parse_mailbox(text) if "@" in text else None
+        except SyntaxProblem:
+            return R.SYNTAX_VRFY
+        if mailbox is not None and not self.is_local_domain(mailbox.domain):
+            return R.VRFY_CANNOT
+        name = safe_mailbox_name(mailbox.local_part if mailbox else text)
+        if name is not None and self.is_known_user(name):
+            domain = mailbox.domain if mailbox else min(self.local_domains, default="")
+            return R.user_known(f"{name}@{domain}" if domain else name)
+        if self.accept_unknown and name is not None:
+            return R.VRFY_CANNOT
+        return R.VRFY_UNKNOWN_USER

@@ -463,7 +463,9 @@ class Maildir:
         Dotfiles and anything not a regular file (symbolic links too) are
         skipped (and `tmp/` and the lock file, outside both folders, never
         seen). A name with `,S=` is not stat'ed; one without gets its vsize
-        from `VIRTUAL_SIZES` when it was read before.
+        from `VIRTUAL_SIZES` when it was read before. 20,000 messages list in
+        about 120 ms, one `getdents64` pass, against about 190 ms with a `stat`
+        each (foreign names; `bench/experiments/maildir_list.py`).
         """
         out: list[StoredMessage] = []
         for subdir in ("new", "cur"):

@@ -20,9 +20,9 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from bench.peers.dovecot import DOVECOT, Dovecot, available
+from bench.peers.dovecot import DOVECOT, LMTP_SERVER, Dovecot, available, lmtp_available
 
-__all__ = ["Dovecot", "require_dovecot", "running_dovecot"]
+__all__ = ["Dovecot", "require_dovecot", "require_dovecot_lmtp", "running_dovecot"]
 
 
 def require_dovecot() -> None:
@@ -43,3 +43,12 @@ def running_dovecot(users: Mapping[str, str], **options) -> Iterator[Dovecot]:  
         yield dc.start()
     finally:
         dc.cleanup()
+
+
+def require_dovecot_lmtp() -> None:
+    """Skip the calling test when Dovecot's LMTP server (or its POP3) is not installed."""
+    require_dovecot()
+    if not lmtp_available():
+        pytest.skip(
+            f"Dovecot's LMTP server is not installed ({LMTP_SERVER}): apt-get install dovecot-lmtpd"
+        )

@@ -211,13 +211,13 @@ def test_disk_full_mid_data_is_452_and_the_server_recovers(small_disk, make_serv
 # Plants a bug in the running server: "NOOP boom" raises inside the core.
 BUGGY = """
 import sys
-from geosmtp.smtp import session
+from geosmtp.smtp import rules, session
 noop = session.SMTPConnection._do_NOOP
 def _do_NOOP(self, arg):
     if arg == b"boom":
         raise RuntimeError("a planted bug")
     return noop(self, arg)
-session.SMTPConnection._do_NOOP = _do_NOOP
+session.SMTPConnection.COMMANDS = {**session.SMTPConnection.COMMANDS, "NOOP": rules.Rule(_do_NOOP)}
 from geosmtp.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -340,3 +340,48 @@ def test_an_unreadable_smarthost_password_file_names_its_key(tmp_path):
         "u",
         "secret",
     )
+
+
+# ------------------------------------------------------------------ delivery.lmtp
+
+
+@pytest.mark.parametrize(
+    ("value", "target"),
+    [
+        ("127.0.0.1:24", ("127.0.0.1", 24)),
+        ("[::1]:24", ("::1", 24)),
+        ("lmtp.example.org:24", ("lmtp.example.org", 24)),
+        ("/run/dovecot/lmtp", ("/run/dovecot/lmtp", 0)),
+    ],
+)
+def test_delivery_lmtp_is_host_port_or_a_socket_path(tmp_path, value, target):
+    from geosmtp.app import runner_settings
+
+    assert runner_settings(load_data(tmp_path, {"delivery": {"lmtp": value}})).lmtp == target
+    assert runner_settings(load_data(tmp_path, {})).lmtp is None  # unset: the Maildirs
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("dovecot", "expected host:port or a UNIX socket's absolute path, got 'dovecot'"),
+        ("127.0.0.1:0", "expected host:port or a UNIX socket's absolute path"),
+        ("127.0.0.1", "expected host:port or a UNIX socket's absolute path"),
+        ("run/dovecot/lmtp", "expected host:port or a UNIX socket's absolute path"),
+        ("/run/dovecot/", "expected a UNIX socket's path"),
+        ("/" + "x" * 107, "a UNIX socket path is at most 107 octets"),
+        (24, "expected a non-empty string"),
+    ],
+)
+def test_a_bad_delivery_lmtp_is_a_config_error_naming_the_key(tmp_path, value, message):
+    with pytest.raises(cfg.ConfigError) as err:
+        load_data(tmp_path, {"delivery": {"lmtp": value}})
+    assert str(err.value).startswith("delivery.lmtp: ") and message in str(err.value)
+
+
+def test_delivery_lmtp_needs_a_restart():
+    """Where local mail goes is not changed under running sessions."""
+    old = cfg.to_mapping(cfg.Config())
+    new = cfg.merged(old, {"delivery": {"lmtp": "127.0.0.1:24"}})
+    with pytest.raises(cfg.ConfigError, match=r"delivery\.lmtp: cannot change while running"):
+        cfg.check_runtime_change(old, new)

@@ -621,3 +621,32 @@ def test_body_hash_key_names_what_a_signature_needs():
     canonical = dkim.canonicalization.Relaxed.canonicalize_body(crlf(body))
     assert sig.body_key == (True, "sha256", len(canonical))
     assert base64.b64encode(hashlib.sha256(canonical).digest()) in message.replace(b"\n\t", b"")
+
+
+# ------------------------------------------------------------ Ed25519 (RFC 8463)
+
+
+def test_an_ed25519_signature_is_verified():
+    """docs/authentication.md says Ed25519 signatures are verified: dkimpy does
+    it with PyNaCl, a dependency of geosmtp's (its password checks)."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    seed = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    field = dkim.sign(
+        crlf(MESSAGE),
+        b"sel",
+        b"example.org",
+        base64.b64encode(seed),
+        canonicalize=(b"relaxed", b"relaxed"),
+        signature_algorithm=b"ed25519-sha256",
+    )
+    message = field.replace(b"\r\n", b"\n") + MESSAGE
+    keys = {"sel._domainkey.example.org": b"v=DKIM1; k=ed25519; p=" + base64.b64encode(public)}
+    assert results(our_verdicts(message, keys)) == [("pass", "")]
+    assert results(our_verdicts(message.replace(b"hello", b"HELLO"), keys)) == [
+        ("fail", "signature did not verify")
+    ]

@@ -279,3 +279,41 @@ def test_deliver_routes_alone_no_stage_and_no_after_delivery(parts):
     verdict = deliver(pipeline.router, unroutable)
     assert not verdict.delivered and verdict.temporary
     unroutable.spool.remove()
+
+
+# ------------------------------------------------------------------ LMTP
+
+
+def test_with_lmtp_the_queue_takes_every_recipient_in_one_entry(parts, tmp_path):
+    """`delivery.lmtp`: local recipients are queued with the remote ones, in
+    one entry (one queue id: never two records for one message), each local
+    one marked with the mailbox the LMTP server is to be given; the runner
+    gets the entry only once the whole message is accepted."""
+    from geosmtp.queue.destination import QueueDestination
+    from geosmtp.queue.store import QueueStore
+
+    _, spool = parts
+    submitted = []
+
+    class Runner:
+        def submit(self, record):  # type: ignore[no-untyped-def]
+            submitted.append(record)
+
+    store = QueueStore(tmp_path / "queue")
+    queue = QueueDestination(store, Runner(), lmtp_domain="mx.example.test")  # type: ignore[arg-type]
+    postmaster = Recipient(Mailbox("postmaster", ""), "alice")
+    shouting = Recipient(Mailbox("BOB", "example.test"), "bob")
+    verdict = Pipeline(Router(local=queue, remote=queue)).process(
+        message(spool, ALICE, shouting, REMOTE, postmaster)
+    )
+    assert verdict.delivered and verdict.destinations == ("queue",)
+    (record,) = submitted
+    assert [(r.address, r.domain, r.lmtp) for r in record.recipients] == [
+        ("alice@example.test", "example.test", "alice@example.test"),
+        ("BOB@example.test", "example.test", "bob@example.test"),
+        ("carol@elsewhere.example", "elsewhere.example", None),
+        ("postmaster@mx.example.test", "mx.example.test", "alice@mx.example.test"),
+    ]
+    assert [r.id for r in store.load().records] == ["Q1"]
+    with store.open_message("Q1") as f:
+        assert f.read() == b"Subject: s\n\nbody\n"

@@ -64,6 +64,7 @@ def full_record(queue_id: str) -> QueueRecord:
                 next_attempt=1_700_000_060,
                 status="4.4.1",
                 last_error="smtp; 451 4.4.1 later",
+                lmtp="odd@[127.0.0.1]",
             ),
         ],
         size=len(MESSAGE),
@@ -183,6 +184,7 @@ RECIPIENT_CASES = {
     "remote_mta": [5, ["mx"], False, "dns; " + "x" * MAX_TEXT, "dns; \udfff"],
     "delay_warned": ["false", None, 0],
     "report_due": ["true", None, 1, []],
+    "lmtp": [5, "", "bob", "bob@remote.test\r\nDATA", ["bob@remote.test"]],
 }
 CASES = [
     (field, ("recipients", 0, field) if field in RECIPIENT_CASES else (field,), value)
@@ -285,7 +287,7 @@ def test_a_record_written_before_report_due_loads_as_nothing_owed(store):
     """A record of the code before `report_due` (the field absent): its failed
     and delivered recipients load as reported, as that code treated them (a
     restart never reported them), so an upgrade bounces nothing twice."""
-    assert ADDED_RECIPIENT_FIELDS == {"report_due": False}
+    assert ADDED_RECIPIENT_FIELDS["report_due"] is False
 
     def older(raw: dict) -> None:
         raw["recipients"][1]["state"] = FAILED
@@ -461,3 +463,19 @@ def test_the_runner_starts_reports_each_quarantined_entry_and_delivers_the_rest(
     ]
     assert metrics.registry.get_sample_value("geosmtp_queue_quarantined_total") == 1.0
     assert store.quarantined_count() == 1
+
+
+def test_a_record_written_before_lmtp_loads_as_remote_recipients(store):
+    """A record of the code before `delivery.lmtp` (no `lmtp` field): every
+    recipient loads as a remote one, relayed by SMTP as that code would."""
+    assert ADDED_RECIPIENT_FIELDS["lmtp"] is None
+
+    def older(raw: dict) -> None:
+        for rcpt in raw["recipients"]:
+            del rcpt["lmtp"]
+
+    spoil(store, older)
+    loaded = store.load()
+    assert loaded.quarantined == []
+    bad = next(r for r in loaded.records if r.id == "BAD")
+    assert [r.lmtp for r in bad.recipients] == [None, None]

@@ -224,3 +224,21 @@ def test_a_spool_that_cannot_be_written_is_report_not_stored(spool, queue, monke
     with pytest.raises(ReportNotStored, match="No space left"):
         reporter(spool, store, port).queued(record, record.recipients, "failed")
     assert port.got == [] and spool_files(spool) == []
+
+
+def test_a_success_over_lmtp_is_delivered_and_over_smtp_relayed(spool, queue):
+    """RFC 3461 §6.2.2: an LMTP server took the mail into the mailbox (the
+    final delivery: `delivered`); a next SMTP hop that did not take the DSN
+    request only had it relayed (`relayed`)."""
+    store, record = queue
+    relayed = QueuedRecipient("b@remote.test", "remote.test", status="2.0.0")
+    local = QueuedRecipient("c@example.test", "example.test", status="2.0.0", lmtp="c@example.test")
+    port = Port()
+    reporter(spool, store, port).queued(record, [relayed, local], "delivered")
+    ((_, data),) = port.got
+    blocks = data.split(b"Final-Recipient: ")[1:]
+    assert [b.split(b"\n")[0].strip() for b in blocks] == [
+        b"rfc822; b@remote.test",
+        b"rfc822; c@example.test",
+    ]
+    assert b"Action: relayed" in blocks[0] and b"Action: delivered" in blocks[1]

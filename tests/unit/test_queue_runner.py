@@ -70,7 +70,8 @@ class Client:
             RecipientResult(r, *self.outcomes[r], diagnostic=f"smtp; {self.outcomes[r][1]} x")
             for r in recipients
         )
-        return AttemptResult(results, remote_host=hosts[0].name, remote_address="127.0.0.9")
+        address = hosts[0].addresses[0] if hosts[0].addresses else hosts[0].name
+        return AttemptResult(results, remote_host=hosts[0].name, remote_address=address)
 
 
 @pytest.fixture
@@ -669,3 +670,61 @@ def test_the_dsn_parameters_go_to_the_client(make):
     assert options["notify"] == [["SUCCESS", "DELAY"], ["SUCCESS", "DELAY"]]
     assert options["orcpt"] == ["rfc822;B@remote.test", None]
     assert "size" not in options
+
+
+# ------------------------------------------------------------------ LMTP
+
+
+def test_lmtp_recipients_go_in_one_lmtp_transaction_each_with_its_own_outcome(
+    make, access, tmp_path
+):
+    """`delivery.lmtp`: an entry's local recipients go to the LMTP server in
+    one transaction, given as their mailboxes; each reply decides for its
+    recipient as a remote's does (delivered, deferred on the schedule,
+    bounced with a report), and the remote recipient still goes by SMTP."""
+    ok, later, no = (
+        (Outcome.DELIVERED, "2.0.0"),
+        (Outcome.TEMPORARY, "4.2.2"),
+        (Outcome.PERMANENT, "5.1.1"),
+    )
+    runner, record, client, reports, clock, store = make(
+        {"bob@here.test": ok, "carol@here.test": later, "dan@here.test": no, "e@remote.test": ok}
+    )
+    for rcpt in record.recipients[:3]:
+        rcpt.lmtp = rcpt.address  # as QueueDestination queues a local one
+    record.recipients[0].address = "Bob@here.test"  # the client's spelling, kept for reports
+    runner.settings = dataclasses.replace(runner.settings, lmtp=("/run/test/lmtp", 0))
+    runner._attempt(record)
+    lmtp_calls = [i for i, kw in enumerate(client.options) if kw.get("lmtp")]
+    assert len(lmtp_calls) == 1 and len(client.calls) == 2
+    _, rcpts, data = client.calls[lmtp_calls[0]]
+    assert rcpts == ["bob@here.test", "carol@here.test", "dan@here.test"]
+    assert data == b"Subject: s\n\nbody\n"  # its Return-Path is the LMTP server's to add
+    assert [(r.state, r.status) for r in record.recipients] == [
+        (DELIVERED, "2.0.0"),
+        (PENDING, "4.2.2"),
+        (FAILED, "5.1.1"),
+        (DELIVERED, "2.0.0"),
+    ]
+    assert record.recipients[1].next_attempt == clock.now + 60
+    assert reports == [("failed", ["dan@here.test"])]
+    lines = {li["to"]: li for li in access.fields()}
+    assert lines["<Bob@here.test>"]["relay"] == "lmtp:/run/test/lmtp"
+    assert (lines["<carol@here.test>"]["outcome"], lines["<dan@here.test>"]["outcome"]) == (
+        "deferred",
+        "bounced",
+    )
+    assert lines["<e@remote.test>"]["relay"].startswith("mx.remote.test")
+    assert read_record(Path(store.records, "Q1.json").read_bytes()).recipients[1].lmtp == (
+        "carol@here.test"
+    )
+
+
+def test_an_entry_queued_for_lmtp_waits_when_no_lmtp_server_is_set(make, access):
+    runner, record, client, reports, _, _ = make({"bob@here.test": (Outcome.DELIVERED, "2.0.0")})
+    record.recipients[0].lmtp = "bob@here.test"
+    runner._attempt(record)
+    assert client.calls == [] and reports == []
+    (rcpt,) = record.recipients
+    assert (rcpt.state, rcpt.status) == (PENDING, "4.3.5")
+    assert "delivery.lmtp is not set" in access.fields()[0]["reason"]

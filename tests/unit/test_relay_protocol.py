@@ -567,3 +567,105 @@ def test_a_line_that_is_no_reply_in_a_transaction_ends_the_connection(tx):
     done = [e for e in run.events if isinstance(e, TransactionDone)]
     assert len(done) == 1 and not done[0].reusable
     assert b"RSET" not in run.sent and run.sent.count(b"MAIL FROM") == 1
+
+
+# ------------------------------------------------------------------ LMTP (RFC 2033)
+
+LHLO = b"250-lmtp.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
+LHLO_PLAIN = b"250-lmtp.test\r\n250 ENHANCEDSTATUSCODES\r\n"
+LMTP_GREETING = b"220 lmtp.test LMTP ready\r\n"
+THREE: Envelope = ("a@x.test", [], [("b@y.test", []), ("c@y.test", []), ("d@y.test", [])])
+
+
+def test_lmtp_says_lhlo_and_reads_one_reply_per_recipient_in_rcpt_order():
+    """RFC 2033 §4.2: after the end of data, a reply for each recipient that
+    RCPT accepted, in RCPT order: 250, 452 and 550 each go to their own."""
+    finals = b"250 2.0.0 <b@y.test> saved\r\n452 4.2.2 c is over quota\r\n"
+    server = LMTP_GREETING + LHLO_PLAIN + OK + OK + OK + OK + GO + finals
+    server += b"550 5.1.1 d unknown\r\n" + BYE
+    run = three_ways([server], [THREE], lmtp=True)
+    assert run.lines == [
+        b"LHLO client.test",
+        b"MAIL FROM:<a@x.test>",
+        b"RCPT TO:<b@y.test>",
+        b"RCPT TO:<c@y.test>",
+        b"RCPT TO:<d@y.test>",
+        b"DATA",
+        b"<message>",
+        b".",
+        b"QUIT",
+    ]
+    assert kinds(run) == ["Ready", "SendMessage", "TransactionDone", "Closed"]
+    done = run.events[2]
+    assert done.final is None and done.reusable
+    assert [(r.code, r.status) for r in done.finals] == [
+        (250, "2.0.0"),
+        (452, "4.2.2"),
+        (550, "5.1.1"),
+    ]
+    assert done.finals[0].text == "<b@y.test> saved"
+
+
+def test_lmtp_replies_after_data_skip_the_recipients_rcpt_refused():
+    """A recipient refused at RCPT gets no reply after the data: the replies
+    that come are the accepted ones', and the refused one's place is None."""
+    server = LMTP_GREETING + LHLO + OK + b"550 5.1.1 b unknown\r\n" + OK + OK + GO
+    server += b"452 4.2.2 c over quota\r\n" + b"250 2.0.0 d saved\r\n" + BYE
+    run = three_ways([server], [THREE], lmtp=True)
+    done = run.events[2]
+    assert [r.code for r in done.rcpts] == [550, 250, 250]
+    assert done.finals[0] is None
+    assert [r.code for r in done.finals[1:]] == [452, 250]
+    assert done.reusable
+
+
+def test_lmtp_pipelined_transactions_on_one_connection_with_rset():
+    tx = OK + OK + OK + OK + GO + OK + OK + OK
+    server = LMTP_GREETING + LHLO + tx + OK + tx + BYE
+    run = three_ways([server], [THREE, THREE], lmtp=True)
+    assert kinds(run) == [
+        "Ready", "SendMessage", "TransactionDone", "SendMessage", "TransactionDone", "Closed",
+    ]  # fmt: skip
+    assert all(e.finals == (RemoteReply(250, "2.0.0", "ok"),) * 3 for e in run.events[2::2][:2])
+    writes = drive([server], [THREE, THREE], whole, lmtp=True).writes
+    envelope = b"MAIL FROM:<a@x.test>\r\n" + b"".join(
+        b"RCPT TO:<%s@y.test>\r\n" % n for n in (b"b", b"c", b"d")
+    )
+    assert envelope + b"DATA\r\n" in writes  # one write: PIPELINING
+    assert b"RSET\r\n" + envelope + b"DATA\r\n" in writes
+
+
+def test_lmtp_never_falls_back_to_helo():
+    """RFC 2033 §4.1: a 5xx to LHLO is no SMTP server to say HELO to."""
+    run = three_ways([LMTP_GREETING + b"500 5.5.1 say EHLO\r\n" + BYE], [THREE], lmtp=True)
+    assert run.lines == [b"LHLO client.test", b"QUIT"]
+    assert run.events[0] == OpenFailed("4.5.1", "smtp; 500 5.5.1 say EHLO")
+
+
+def test_lmtp_connection_lost_among_the_replies_keeps_those_that_came():
+    """The first recipient's 250 came, the second's did not: the first is
+    delivered (never sent again), the second is unknown."""
+    server = LMTP_GREETING + LHLO + OK + OK + OK + OK + GO + b"250 2.0.0 b saved\r\n"
+    run = three_ways([server], [THREE], lmtp=True)
+    lost = run.events[2]
+    assert isinstance(lost, Lost) and lost.stage == "waiting for the reply to the end of data"
+    assert lost.finals == (RemoteReply(250, "2.0.0", "b saved"), None, None)
+
+
+def test_lmtp_a_garbled_reply_counts_for_its_recipient_and_ends_the_connection():
+    server = LMTP_GREETING + LHLO + OK + OK + OK + OK + GO
+    server += b"250 2.0.0 b saved\r\nsaved c too\r\n250 2.0.0 d saved\r\n" + OK + BYE
+    run = three_ways([server], [THREE, THREE], lmtp=True)
+    done = run.events[2]
+    assert [r.code for r in done.finals] == [250, -1, 250]
+    assert not done.reusable
+    assert b"RSET" not in run.sent and run.sent.count(b"MAIL FROM") == 1
+
+
+def test_lmtp_a_421_among_the_replies_closes_the_connection():
+    server = LMTP_GREETING + LHLO + OK + OK + OK + OK + GO
+    server += b"250 2.0.0 b saved\r\n421 4.3.2 shutting down\r\n421 4.3.2 shutting down\r\n"
+    run = three_ways([server], [THREE, THREE], lmtp=True)
+    done = run.events[2]
+    assert [r.code for r in done.finals] == [250, 421, 421] and not done.reusable
+    assert b"RSET" not in run.sent

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -31,12 +32,13 @@ from geosmtp.smtp import (
     State,
 )
 from geosmtp.smtp import replies as R
+from geosmtp.smtp.rules import Rule
 from geosmtp.smtp.state import (
     COMMAND_STATES,
-    SEQUENCE,
     TRANSACTION_STATES,
     TRANSITIONS,
     WAITING_STATES,
+    Step,
 )
 
 from .smtp_helpers import (
@@ -113,22 +115,42 @@ TO_STATE = {
 }
 
 
+# The command table (SMTPConnection.COMMANDS: verb -> its rule and handler).
+SEQUENCE = SMTPConnection.COMMANDS
+
+
 def test_every_verb_has_a_handler_and_a_rule():
     handlers = {name[4:] for name in dir(SMTPConnection) if name.startswith("_do_")}
     assert handlers == set(SEQUENCE)
+    assert {verb: rule.handler.__name__ for verb, rule in SEQUENCE.items()} == {
+        verb: f"_do_{verb}" for verb in SEQUENCE
+    }
     assert {"STARTTLS", "AUTH", "BDAT"} <= set(SEQUENCE)
 
 
-def test_handlers_are_looked_up_on_the_connection():
-    """A subclass (or a test planting a bug in a running server) may replace one."""
+def test_a_subclass_extends_the_command_table():
+    """A subclass (LMTP's) puts its own handlers and verbs in its own table,
+    and drops verbs: those are unknown commands, neither in HELP nor in EHLO."""
 
     class Loud(SMTPConnection):
         def _do_NOOP(self, arg: bytes) -> None:
             self._send(R.VRFY_CANNOT)
 
-    conn = Loud("mx.test", make_conn().policy)
-    res = run(b"NOOP\r\n", "whole", conn)
-    assert res.replies == R.VRFY_CANNOT.to_bytes()
+        COMMANDS: ClassVar = {
+            **{v: r for v, r in SMTPConnection.COMMANDS.items() if v not in ("AUTH", "VRFY")},
+            "NOOP": Rule(_do_NOOP),
+        }
+
+    conn = Loud("mx.test", make_conn().policy, security=BOTH)
+    res = run([EHLO, b"NOOP\r\n", b"AUTH PLAIN x\r\n", b"HELP\r\n"], "whole", conn)
+    assert res.reply_lines[1:3] == [
+        [R.VRFY_CANNOT.to_bytes().rstrip()],
+        [b"500 5.5.2 Error: command not recognized"],
+    ]
+    ehlo, help_reply = res.reply_lines[0], b" ".join(res.reply_lines[3])
+    assert not any(b"AUTH" in line or b"VRFY" in line for line in [*ehlo, help_reply])
+    assert b"STARTTLS" in help_reply and b"NOOP" in help_reply
+    assert SMTPConnection.COMMANDS["NOOP"].handler is SMTPConnection._do_NOOP  # its own untouched
 
 
 def test_the_table_speaks_only_of_command_states():
@@ -453,8 +475,8 @@ def test_misuse_raises_under_python_O():
 def test_commands_lead_where_the_command_table_admits_them():
     """A command the sequencing table accepts has its step in the transition
     table from exactly those states, and from no other."""
-    steps = {"MAIL": "mail", "RCPT": "rcpt", "DATA": "data", "STARTTLS": "starttls"}
-    steps |= {"AUTH": "auth"}
+    steps = {"MAIL": Step.MAIL, "RCPT": Step.RCPT, "DATA": Step.DATA, "STARTTLS": Step.STARTTLS}
+    steps |= {"AUTH": Step.AUTH}
     for verb, step in steps.items():
         accepted = COMMAND_STATES - set(SEQUENCE[verb].refused)
         assert accepted == {s for s in State if step in TRANSITIONS[s]}, verb
@@ -492,8 +514,10 @@ def test_the_session_takes_exactly_the_tables_steps():
     """Every state change in session.py is a step the table has, and every
     step in the table is taken somewhere."""
     source = Path(geosmtp.smtp.session.__file__).read_text()
-    taken = set(re.findall(r'_move\("(\w+)"\)', source))
+    taken = {Step[name] for name in re.findall(r"(?:_move|_verdict)\(Step\.(\w+)\b", source)}
     assert taken == {step for steps in TRANSITIONS.values() for step in steps}
+    # Every other _move names its Step; _verdict passes on the one it was given.
+    assert re.findall(r"_move\((?!Step\.)(\w+)", source) == ["step"]
     assert re.findall(r"self\.state = (?!after\b|State\.ERROR\b|State\.CONNECTED\b)", source) == []
 
 
@@ -661,3 +685,44 @@ def test_not_in_data_once_over(end):
             conn.tls_started()
     assert not conn.in_data
     assert conn.message_size == 4  # "half" of the chunk came: the shell logs it
+
+
+# ------------------------------------------- the extension points of a subclass
+
+
+class PerRecipient(SMTPConnection):
+    """LMTP's shape (RFC 2033 §4.2): a banner of its own, and one reply per
+    accepted recipient after the message, through `_verdict`."""
+
+    def banner(self) -> R.Reply:
+        return R.reply(220, None, "per-recipient ready")
+
+    def recipients_done(self, replies: list[R.Reply]) -> None:
+        self._verdict(Step.MESSAGE_STORED, replies)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_subclass_gives_one_reply_per_recipient(mode):
+    conn = PerRecipient("mx.test", make_conn().policy)
+    assert conn.greeting() == b"220 per-recipient ready\r\n"
+    rcpt2 = b"RCPT TO:<bob@example.test>\r\n"
+    script = [EHLO, MAIL, RCPT, rcpt2, DATA, b"Hi\r\n.\r\n", b"NOOP\r\n"]
+    data = b"".join(script)
+    chunks = {"whole": script, "bytewise": [data[i : i + 1] for i in range(len(data))]}
+    stored = R.reply(250, "2.1.5", "alice ok")
+    ends: list = []
+
+    def on_end(conn, event):
+        ends.append(event)
+        assert len(event.envelope.recipients) == 2
+        conn.recipients_done([stored, R.LOCAL_ERROR])
+
+    events: list = []
+    for chunk in chunks.get(mode, [data]):
+        feed(conn, chunk)
+        drain(conn, events, on_end=on_end)
+    assert len(ends) == 1
+    out = conn.data_to_send()
+    assert out.endswith(stored.to_bytes() + R.LOCAL_ERROR.to_bytes() + OK)
+    assert conn.state is State.GREETED and conn.envelope is None
+    assert conn.errors == 1  # the 451 counts against the error budget, the 250 does not
