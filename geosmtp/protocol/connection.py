@@ -58,13 +58,17 @@ NEED_DATA = Sentinel("NEED_DATA")
 PAUSED = Sentinel("PAUSED")
 
 
-class _TooLong:
+class _TooLong(enum.Enum):
+    """A one-member enum, so that `line is LINE_TOO_LONG` narrows the type."""
+
+    LINE_TOO_LONG = "LINE_TOO_LONG"
+
     def __repr__(self) -> str:
         return "LINE_TOO_LONG"
 
 
 #: `_read_line()`: the line was longer than the limit, and is skipped to its end.
-LINE_TOO_LONG = _TooLong()
+LINE_TOO_LONG = _TooLong.LINE_TOO_LONG
 
 
 class SansIOConnection:
@@ -72,7 +76,7 @@ class SansIOConnection:
     attributes and, in `__init__`, every instance attribute named below."""
 
     #: state -> {step: the state it leads to}
-    TRANSITIONS: ClassVar[Mapping[Any, Mapping[str, Any]]]
+    TRANSITIONS: ClassVar[Mapping[Any, Mapping[Any, Any]]]
     #: The state of a session that is over, and the one a misuse leaves it in.
     CLOSED: ClassVar[enum.Enum]
     ERROR: ClassVar[enum.Enum]
