@@ -489,7 +489,7 @@ class App:
 
     def _take_share_lock(self) -> bool:
         try:
-            fcntl.flock(self._share_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+            fcntl.flock(self._share_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]  # start() opened it
             return True
         except BlockingIOError:
             return False

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -208,7 +208,7 @@ class AuthThrottle:
         max_delay: float = 8.0,
         window: float = 600.0,
         max_tracked: int = 100_000,
-        clock=time.monotonic,  # type: ignore[no-untyped-def]
+        clock: Callable[[], float] = time.monotonic,
         records: ThrottleRecords | None = None,
     ) -> None:
         self.max_failures = max_failures

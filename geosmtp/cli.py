@@ -16,8 +16,13 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:  # the CLI imports the server's modules only when it runs them
+    from .config import Config
+    from .server.worker import MasterLink, WorkerContext
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -63,7 +68,7 @@ def config_path(args: argparse.Namespace) -> str | None:
     return "config.yaml" if Path("config.yaml").exists() else None
 
 
-def load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def load_config(args: argparse.Namespace) -> Config:
     """The config file plus command-line overrides; raises ConfigError."""
     from . import config as cfg
 
@@ -71,11 +76,11 @@ def load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return apply_overrides(cfg.load(path) if path else cfg.from_mapping({}), args)
 
 
-def apply_overrides(config, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     """-l, -p and -d laid over a loaded config (again at each reload)."""
     from . import config as cfg
 
-    changes: dict = {}
+    changes: dict[str, Any] = {}
     if args.port is not None and not 0 <= args.port <= 65535:
         raise cfg.ConfigError(f"-p: expected a port from 0 to 65535, got {args.port}")
     if args.listen is not None:
@@ -199,7 +204,12 @@ def _remove_run_dir() -> None:
         shutil.rmtree(os.environ["GEOSMTP_RUN_DIR"], ignore_errors=True)
 
 
-def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # type: ignore[no-untyped-def]
+def serve(
+    config: Config,
+    path: str | None = None,
+    args: argparse.Namespace | None = None,
+    prepared: Any = None,
+) -> int:
     """Run the server (the master process, which starts the workers)."""
     from . import config as cfg
     from .admin.server import admin_tokens
@@ -210,7 +220,7 @@ def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # 
     loader = None
     if path is not None:  # reload reads the file again, with the same -l/-p/-d
 
-        def loader():  # type: ignore[no-untyped-def]
+        def loader() -> Config:
             config = cfg.load(path)
             return apply_overrides(config, args) if args is not None else config
 
@@ -221,7 +231,7 @@ def serve(config, path: str | None = None, args=None, prepared=None) -> int:  # 
         _remove_run_dir()
 
 
-def start_worker(ctx, link):  # type: ignore[no-untyped-def]
+def start_worker(ctx: WorkerContext, link: MasterLink) -> tuple[Any, Any]:
     """In a new worker process: the app on the worker's share (`ctx`, a
     `server.worker.WorkerContext`; `link` its channel to the master), started,
     and its admin API when one is configured: (app, admin or None)."""

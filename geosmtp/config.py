@@ -125,7 +125,7 @@ def load_callable(spec: str) -> Callable[..., Any]:
             raise ValueError(f"{module_name!r} has no {attr_path!r}") from None
     if not callable(target):
         raise ValueError(f"{spec!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 class ConfigError(ValueError):
@@ -565,7 +565,7 @@ def _describe(value: Any) -> str:
 
 def _convert(tp: Any, value: Any, path: str, meta: typing.Mapping, base: Path) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, path, base)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -670,7 +670,16 @@ _TRUSTABLE = tuple(
 )
 
 
-_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _inside(net: ipaddress.IPv4Network | ipaddress.IPv6Network, known: object) -> bool:
+    """`net` lies within `known`, a network of the same version (else False)."""
+    if isinstance(net, ipaddress.IPv4Network) and isinstance(known, ipaddress.IPv4Network):
+        return net.subnet_of(known)
+    if isinstance(net, ipaddress.IPv6Network) and isinstance(known, ipaddress.IPv6Network):
+        return net.subnet_of(known)
+    return False
 
 
 def _check_trusted_networks(config: Config) -> None:
@@ -682,7 +691,7 @@ def _check_trusted_networks(config: Config) -> None:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ConfigError(f"trusted_networks[{i}]: not a network: {_describe(text)}") from None
-        if net.version == 6 and net.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+        if _inside(net, _IPV4_MAPPED):
             # A client on IPv4 is matched by its IPv4 address (and an IPv6
             # listener takes no IPv4): such an entry would match no one.
             raise ConfigError(
@@ -694,10 +703,7 @@ def _check_trusted_networks(config: Config) -> None:
                 f"trusted_networks[{i}]: {_describe(text)} is link-local; any host on the "
                 "link can take such an address"
             )
-        if net.prefixlen == net.max_prefixlen or any(
-            net.version == known.version and net.subnet_of(known)  # type: ignore[arg-type]
-            for known in _TRUSTABLE
-        ):
+        if net.prefixlen == net.max_prefixlen or any(_inside(net, known) for known in _TRUSTABLE):
             continue
         if not config.trusted_networks_allow_public:
             raise ConfigError(
@@ -1022,10 +1028,10 @@ def _find_program(name: str, base: Path, key: str) -> str:
         if not (os.path.isfile(found) and os.access(found, os.X_OK)):
             raise ConfigError(f"{key}: {_describe(found)} is not an executable file")
         return found
-    found = shutil.which(name)
-    if found is None:
+    on_path = shutil.which(name)
+    if on_path is None:
         raise ConfigError(f"{key}: no program {_describe(name)} on PATH")
-    return os.path.abspath(found)
+    return os.path.abspath(on_path)
 
 
 def from_mapping(data: Any, base: Path = Path(".")) -> Config:
@@ -1047,7 +1053,7 @@ class StrictLoader(yaml.SafeLoader):
     (`<<: *base`) may still be overridden.
     """
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             first: dict[Any, yaml.Node] = {}
             for key_node, _ in node.value:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from loguru import logger
@@ -34,6 +34,9 @@ from loguru import logger
 from .config import Log
 from .printable import escape
 from .storage.modes import LOG_DIR_MODE, make_folder, open_log_file
+
+if TYPE_CHECKING:
+    from loguru import Record  # a TypedDict of loguru's stubs, absent at run time
 
 _SERVER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 _ACCESS_FORMAT = "{message}"  # access lines carry their own time stamp
@@ -129,15 +132,15 @@ def access_line(**fields: Any) -> str:
     return " ".join(parts)
 
 
-def _is_access(record: dict) -> bool:
+def _is_access(record: Record) -> bool:
     return bool(record["extra"].get("access"))
 
 
-def _is_server(record: dict) -> bool:
+def _is_server(record: Record) -> bool:
     return not record["extra"].get("access")
 
 
-def escape_message(record: dict) -> None:
+def escape_message(record: Record) -> None:
     """The loguru patcher: a server-log message as one line of printable text,
     whatever its arguments held (a sender, a remote's reply, a filter's words).
     Access lines are cleaned field by field and written in batches; a worker's

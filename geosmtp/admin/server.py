@@ -12,7 +12,7 @@ from collections.abc import Callable
 from email import errors
 from email.message import Message
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gevent import Timeout
 from gevent import socket as gsocket
@@ -125,7 +125,10 @@ def _lines_left_out(headers: Message) -> bool:
         return True
     payload = headers.get_payload()
     if isinstance(payload, list):  # message/rfc822: a message inside
-        return any(part.keys() or _lines_left_out(part) for part in payload)
+        return any(
+            isinstance(part, Message) and (bool(part.keys()) or _lines_left_out(part))
+            for part in payload
+        )
     return bool(payload)
 
 
@@ -134,7 +137,7 @@ class BodyInput(Input):
     would wait past it raises `ShortBody` (and the connection closes); once the
     reply is sent on a closing connection, nothing more is read."""
 
-    def __init__(self, handler: AdminHandler, socket: object) -> None:
+    def __init__(self, handler: AdminHandler, socket: gsocket.socket | None) -> None:
         super().__init__(handler.rfile, handler.content_length, socket=socket)
         self.handler = handler
         self.finished = False  # the reply is sent and the connection closes
@@ -171,6 +174,7 @@ class AdminHandler(WSGIHandler):
     closes.
     """
 
+    server: AdminServer
     deadline = 0.0  # monotonic time by which this request must be in
     length_required = False  # it came with a Transfer-Encoding
     bad_framing: str | None = None  # why its header section cannot frame it
@@ -209,7 +213,7 @@ class AdminHandler(WSGIHandler):
         except OSError:
             pass  # the client is gone: nothing to tell it
 
-    def read_request(self, raw_requestline: str) -> bool:
+    def read_request(self, raw_requestline: str) -> bool:  # type: ignore[override]  # pywsgi's returns True; its stub says OldMessage
         seconds = self.server.limits.request_timeout
         left = max(0.0, self.deadline - time.monotonic())
         self.bad_framing = None
@@ -217,7 +221,7 @@ class AdminHandler(WSGIHandler):
         # A ValueError is pywsgi's "bad request": 400, logged, and the connection closes.
         with Timeout(left, ValueError(f"request headers not in after {seconds:g} s")):
             try:
-                ok = super().read_request(raw_requestline)
+                ok = bool(super().read_request(raw_requestline))
             except ValueError:
                 # A Content-Length pywsgi refused ("x", "-1"): the API answers why.
                 if self.headers is parsed or framing_error(self.headers) is None:
@@ -238,7 +242,7 @@ class AdminHandler(WSGIHandler):
         self.close_connection = True
         del self.headers["Transfer-Encoding"]
         del self.headers["Content-Length"]
-        self.content_length = None
+        self.content_length = None  # type: ignore[assignment]  # pywsgi's "no body"; its stub says int
 
     def get_environ(self) -> dict:
         env = super().get_environ()
@@ -262,7 +266,9 @@ class AdminServer(WSGIServer):
 
     handler_class = AdminHandler
 
-    def __init__(self, listener: object, application: AdminAPI, limits: Admin, **kwargs) -> None:
+    def __init__(
+        self, listener: gsocket.socket, application: AdminAPI, limits: Admin, **kwargs: Any
+    ) -> None:
         super().__init__(listener, application, **kwargs)
         self.limits = limits
 

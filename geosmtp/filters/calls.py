@@ -33,7 +33,7 @@ def cooperative(fn: F) -> F:
     """Mark a Python stage as cooperative: it runs as a greenlet in the server's
     own thread, not in a thread of the filter pool. Only for a stage that never
     blocks the process (gevent-friendly I/O, little CPU)."""
-    fn.cooperative = True  # type: ignore[attr-defined]
+    fn.cooperative = True  # type: ignore[attr-defined]  # a mark on the stage's function
     return fn
 
 

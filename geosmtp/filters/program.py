@@ -119,7 +119,8 @@ def run_program(
         with gevent.Timeout(timeout, _Expired):
             # The program's exit, or first the end of the reading (EOF, the
             # output limit, or a StorageError from the output, which goes on).
-            gevent.wait([exited, reader], count=1)
+            either: list[gevent.Greenlet[..., Any]] = [exited, reader]
+            gevent.wait(either, count=1)
             if reader.ready():
                 reader.get()
             run.status = exited.get()

@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import gevent
 from gevent.event import AsyncResult
@@ -85,12 +85,14 @@ class Reaper:
         loop = gevent.get_hub().loop
         loop.install_sigchld()
         self._ended: dict[int, tuple[int, float]] = {}
-        self._waiting: dict[int, AsyncResult] = {}
+        self._waiting: dict[int, AsyncResult[int]] = {}
         self._watcher = loop.child(0, False)  # 0: any child
         self._watcher.start(self._on_child)
 
     def _on_child(self) -> None:
         pid, status = self._watcher.rpid, self._watcher.rstatus
+        if pid is None:  # a watcher that fired has a pid: never so
+            return
         waiter = self._waiting.pop(pid, None)
         if waiter is not None:
             waiter.set(status)
@@ -106,9 +108,9 @@ class Reaper:
         ended = self._ended.pop(pid, None)
         if ended is not None:
             return ended[0]
-        waiter = self._waiting.setdefault(pid, AsyncResult())
+        waiter: AsyncResult[int] = self._waiting.setdefault(pid, AsyncResult())
         try:
-            return waiter.get()
+            return cast(int, waiter.get())  # `_on_child` sets a status, never None
         except BaseException:
             if not waiter.ready():
                 self._waiting.pop(pid, None)  # asked again later: it will be in _ended
@@ -141,7 +143,7 @@ def start(argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int]) -> in
     c_env = [os.fsencode(f"{k}={v}") for k, v in env.items()]
     pending = gevent.get_hub().threadpool.spawn(_posix_spawn, path, c_argv, c_env, list(fds))
     try:
-        result: int = pending.get()
+        result = cast(int, pending.get())  # `_posix_spawn`'s pid or -errno
     except BaseException:
         gevent.spawn(_abandon, pending, fds)
         raise

@@ -460,7 +460,9 @@ def _stderr_summary(stderr: bytes) -> str:
     return "; stderr: " + logs.clean(shown, 400)
 
 
-def _own_reply(code: Any, status: Any, kind: int, default_code: int, default_status: str):  # type: ignore[no-untyped-def]
+def _own_reply(
+    code: Any, status: Any, kind: int, default_code: int, default_status: str
+) -> tuple[int, str]:
     """A Python stage's code and status if they are of the right class (4 or 5),
     else the defaults: a stage cannot turn a TempFail into a 5xx or a 2xx."""
     if not (isinstance(code, int) and code // 100 == kind):

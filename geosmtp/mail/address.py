@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 # RFC 5321 §4.1.2 / RFC 5322 atext. With SMTPUTF8 (RFC 6531 §3.3) non-ASCII
@@ -65,7 +65,7 @@ class Domains:
     def __contains__(self, domain: object) -> bool:
         return isinstance(domain, str) and canonical_domain(domain) in self._canonical
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._canonical))
 
     def __len__(self) -> int:

@@ -6,6 +6,10 @@ import itertools
 import os
 import time
 import zlib
+from collections.abc import Iterator
+
+_PREFIX: str  # set by _reseed, in every process
+_counter: Iterator[int]
 
 
 def _reseed() -> None:

@@ -312,8 +312,8 @@ class SenderChecks:
         return spf, dkim, results
 
     @staticmethod
-    def _value(job: gevent.Greenlet | None, failed):  # type: ignore[no-untyped-def]
-        return job.value if job is not None and job.successful() else failed
+    def _value(job: gevent.Greenlet[..., T] | None, failed: T) -> T:
+        return job.get(block=False) if job is not None and job.successful() else failed
 
     def _txt(self, name: str) -> list[str]:
         return [

@@ -51,13 +51,17 @@ class Router:
     local: Destination
     remote: Destination | None = None  # the outbound queue
 
-    def route(self, recipients: tuple[Recipient, ...]) -> list[tuple[Destination, tuple]]:
+    def route(
+        self, recipients: tuple[Recipient, ...]
+    ) -> list[tuple[Destination, tuple[Recipient, ...]]]:
         """[(destination, its recipients)], in delivery order: local mailboxes first."""
         if self.local is self.remote:  # LMTP: the queue takes them all
             return [(self.local, recipients)] if recipients else []
         local = tuple(r for r in recipients if r.box is not None)
         remote = tuple(r for r in recipients if r.box is None)
-        routes: list[tuple[Destination, tuple]] = [(self.local, local)] if local else []
+        routes: list[tuple[Destination, tuple[Recipient, ...]]] = (
+            [(self.local, local)] if local else []
+        )
         if remote:
             if self.remote is None:
                 raise NoRoute(f"no route to <{remote[0].mailbox.address}>: no outbound queue")

@@ -41,7 +41,7 @@ Events (immutable values) the shell acts on:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..protocol import (
@@ -50,9 +50,9 @@ from ..protocol import (
     PAUSED,
     CloseConnection,
     ConnectionClosed,
+    ReplyValue,
     SansIOConnection,
     Sentinel,
-    StatusReply,
     sasl,
 )
 from . import replies as R
@@ -234,29 +234,29 @@ class POP3Connection(SansIOConnection):
         self._greeted = True
         return R.greeting(self.hostname).to_bytes()
 
-    def _send(self, reply: StatusReply) -> None:
+    def _send(self, reply: ReplyValue) -> None:
         self._out.append(reply.to_bytes())
 
-    def _reply(self, reply: StatusReply) -> None:
+    def _reply(self, reply: ReplyValue) -> None:
         """A positive reply: the run of bad commands is over."""
         self._send(reply)
         self.bad_commands = 0
 
-    def _error(self, reply: StatusReply) -> None:
+    def _error(self, reply: ReplyValue) -> None:
         """An `-ERR` for a command line, counted; too many in a row close."""
         self._send(reply)
         self.bad_commands += 1
         if self.bad_commands >= self.max_bad_commands and self.state in COMMAND_STATES:
             self._close(R.TOO_MANY_BAD_COMMANDS)
 
-    def _close(self, reply: StatusReply) -> None:
+    def _close(self, reply: ReplyValue) -> None:
         """(`close_with()`, the base's, closes here; it never enters UPDATE:
         nothing is deleted. Its replies are in `replies`: `AUTOLOGOUT`,
         `SHUTTING_DOWN`, ..., or `closing(text, code)`.)"""
         self._move("close")
         self._closed(reply)
 
-    def _closed(self, reply: StatusReply) -> None:
+    def _closed(self, reply: ReplyValue) -> None:
         """The session has ended with `reply`: queue it and say so."""
         self._send(reply)
         self._buf.clear()
@@ -467,7 +467,11 @@ class POP3Connection(SansIOConnection):
         initial = parts[1] if len(parts) == 2 else None
         self._auth_step(lambda exchange: exchange.start(initial), mechanism)
 
-    def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def _auth_step(
+        self,
+        step: Callable[[sasl.SASLExchange], sasl.Challenge | sasl.Credentials],
+        mechanism: str | None = None,
+    ) -> None:
         """Run one step of the SASL exchange (RFC 5034 §4) and act on what it gives."""
         try:
             exchange = self._sasl or sasl.SASLExchange(mechanism or "")

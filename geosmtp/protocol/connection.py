@@ -139,8 +139,9 @@ class SansIOConnection:
         if self.state is not self.CLOSED:
             self._close(reply)
 
-    def _close(self, reply: ReplyValue) -> None:
-        """Queue `reply`, take the step "close" and queue the `CloseConnection`."""
+    def _close(self, reply: Any) -> None:
+        """Queue `reply` (a reply value of the core's own form), take the step
+        "close" and queue the `CloseConnection`."""
         raise NotImplementedError
 
     def _move(self, step: str) -> None:

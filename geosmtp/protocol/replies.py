@@ -42,7 +42,8 @@ class Reply:
         """Render per RFC 5321 §4.2.1: `code-text` on all lines but the last.
 
         The fixed replies are rendered once (see `_rendered`)."""
-        return _rendered(self, enhanced)
+        rendered: bytes = _rendered(self, enhanced)
+        return rendered
 
     def _render(self, enhanced: bool) -> bytes:
         prefix = f"{self.status} " if enhanced and self.status else ""

@@ -59,9 +59,12 @@ class Injected(Protocol):
     report is not stored: try again) or a permanent one (there is no way to
     this sender: the report is dropped, logged)."""
 
-    delivered: bool
-    temporary: bool
-    reason: str
+    @property
+    def delivered(self) -> bool: ...
+    @property
+    def temporary(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
 
 
 #: The one port: a finished report to the destinations (the router's).
@@ -72,15 +75,19 @@ Sign = Callable[[str, Sequence[str], int], SpoolFile | None]
 
 
 class _Spooled(Protocol):
-    path: str
+    @property
+    def path(self) -> str: ...
 
 
 class Delivered(Protocol):
     """A message just delivered locally (the pipeline's `Message`)."""
 
-    envelope: Envelope
-    queue_id: str
-    spool: _Spooled
+    @property
+    def envelope(self) -> Envelope: ...
+    @property
+    def queue_id(self) -> str: ...
+    @property
+    def spool(self) -> _Spooled: ...
 
 
 def reporting_domains(hostname: str) -> list[str]:
@@ -120,7 +127,7 @@ class Reporter:
 
     # ---------------------------------------------------------- queued
 
-    def queued(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> None:
+    def queued(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: Kind) -> None:
         """A report about `rcpts` of a queued message, to its sender (the
         runner's `Report`). A success here is `relayed` (RFC 3461 §6.2.2.2):
         the next server did not take the DSN request; `delivered` for a
@@ -152,7 +159,7 @@ class Reporter:
             record.ret,
             record.arrival,
             statuses,
-            kind,  # type: ignore[arg-type]
+            kind,
             lambda: self.open_queued(record.id),
         )
 
@@ -298,8 +305,8 @@ class Reporter:
         return signed
 
 
-def _action(kind: str, rcpt: QueuedRecipient) -> Action:
+def _action(kind: Kind, rcpt: QueuedRecipient) -> Action:
     """The DSN's Action of a queued recipient's report (RFC 3464 §2.3.3)."""
     if kind == "delivered":
         return "delivered" if rcpt.lmtp else "relayed"
-    return kind  # type: ignore[return-value]  # "failed" or "delayed"
+    return kind

@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import gevent
 from gevent.event import Event
@@ -49,6 +49,7 @@ from ..relay.mx import DNSError, DNSPermanentError, DNSTemporaryError, Host, Res
 from ..storage import StorageError
 from ..storage.spool import read_return_path
 from .concurrency import DestinationLimits, Slot, Verdict
+from .dsn import Kind
 from .reports import ReportNotStored
 from .schedule import RetrySchedule, delay_warning_due
 from .store import (
@@ -65,7 +66,7 @@ from .store import (
 #: How a finished recipient is reported: ("failed" | "delayed" | "delivered").
 #: It raises when the report could not be stored (`ReportNotStored`, or any
 #: other error): a bounce is then deferred with its recipients, never dropped.
-Report = Callable[[QueueRecord, list[QueuedRecipient], str], None]
+Report = Callable[[QueueRecord, list[QueuedRecipient], Kind], None]
 
 
 @dataclass
@@ -132,7 +133,7 @@ class QueueRunner:
             lambda: self.settings.schedule.delay_after(1),
             clock,
         )
-        self._loop: gevent.Greenlet | None = None
+        self._loop: gevent.Greenlet[[], None] | None = None
 
     # ---------------------------------------------------------- control
 
@@ -320,7 +321,7 @@ class QueueRunner:
         domain: str,
         rcpts: list[QueuedRecipient],
         slot: Slot | None = None,
-    ):  # type: ignore[no-untyped-def]
+    ) -> str:
         started = time.perf_counter()
         try:
             hosts, port, tls = self._route(domain)
@@ -389,7 +390,16 @@ class QueueRunner:
             )
         )
 
-    def _send(self, record, rcpts, hosts, port, tls, message, lmtp=False) -> AttemptResult:  # type: ignore[no-untyped-def]
+    def _send(
+        self,
+        record: QueueRecord,
+        rcpts: list[QueuedRecipient],
+        hosts: list[Host],
+        port: int,
+        tls: str,
+        message: BinaryIO,
+        lmtp: bool = False,
+    ) -> AttemptResult:
         settings = self.settings
         extra = {"lmtp": True} if lmtp else {}
         return self.send(
@@ -441,14 +451,14 @@ class QueueRunner:
         host, port = self.settings.lmtp
         return host if host.startswith("/") else f"[{host}]:{port}"
 
-    def _apply(  # type: ignore[no-untyped-def]
+    def _apply(
         self,
         record: QueueRecord,
         rcpt: QueuedRecipient,
-        outcome,
-        status,
-        diagnostic,
-        remote_mta,
+        outcome: Outcome,
+        status: str,
+        diagnostic: str,
+        remote_mta: str | None,
         dsn_passed_on: bool = False,
     ) -> None:
         """What became of `rcpt` at this attempt; `dsn_passed_on`: the server
@@ -505,7 +515,7 @@ class QueueRunner:
                 for r in late:
                     r.delay_warned = True  # else warned at a later attempt
 
-    def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: str) -> bool:
+    def _report(self, record: QueueRecord, rcpts: list[QueuedRecipient], kind: Kind) -> bool:
         """Report `kind` about `rcpts` to the sender; False when it was not stored."""
         if not rcpts:
             return True

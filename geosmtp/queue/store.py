@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..config import QUEUE_FOLDERS
 from ..smtp.parser import MAX_PATH, SyntaxProblem, is_valid_domain, parse_mailbox
@@ -375,7 +375,9 @@ def read_record(data: bytes) -> QueueRecord:
     return QueueRecord(recipients=recipients, **fields)
 
 
-def _checked(raw: dict, checks: dict[str, Check], where: str, apart: set[str]) -> dict:
+def _checked(
+    raw: dict[str, Any], checks: dict[str, Check], where: str, apart: set[str]
+) -> dict[str, Any]:
     """`raw`'s fields, each one checked (and present); `apart` are checked elsewhere."""
     for name in raw:
         if name not in checks and name not in apart:
@@ -615,7 +617,7 @@ class QueueStore:
         except OSError:
             return 0
 
-    def open_message(self, queue_id: str):  # type: ignore[no-untyped-def]
+    def open_message(self, queue_id: str) -> BinaryIO:
         """The queued message as a binary file (the caller closes it)."""
         try:
             return open(self.message_path(queue_id), "rb")

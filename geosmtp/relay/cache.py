@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import gevent
 
 
 class Cacheable(Protocol):
-    transactions: int  # transactions carried so far
+    @property
+    def transactions(self) -> int: ...  # transactions carried so far
 
     def close(self) -> None: ...
 
 
-class ConnectionCache:
+C = TypeVar("C", bound=Cacheable)
+
+
+class ConnectionCache(Generic[C]):
     """Idle connections by key; `take()` one, `put()` it back, `close()` them all."""
 
     def __init__(
@@ -41,8 +45,8 @@ class ConnectionCache:
         self.idle_time = idle_time
         self.clock = clock
         #: key -> [(idle since, connection)], oldest first
-        self._idle: dict[Hashable, list[tuple[float, Cacheable]]] = {}
-        self._reaper: gevent.Greenlet | None = None
+        self._idle: dict[Hashable, list[tuple[float, C]]] = {}
+        self._reaper: gevent.Greenlet[[], None] | None = None
         self._closed = False
         #: Connections taken again, and put back, since the start (for tests and metrics).
         self.reused = 0
@@ -55,7 +59,7 @@ class ConnectionCache:
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._idle.values())
 
-    def take(self, key: Hashable) -> Cacheable | None:
+    def take(self, key: Hashable) -> C | None:
         """The newest idle connection for `key` that is not stale, or None."""
         entries = self._idle.get(key)
         if not entries:
@@ -70,7 +74,7 @@ class ConnectionCache:
         self._close_all(self._idle.pop(key, []))
         return None
 
-    def put(self, key: Hashable, conn: Cacheable) -> bool:
+    def put(self, key: Hashable, conn: C) -> bool:
         """Keep `conn` for `key`; False (the caller closes it) when it may not be kept:
         the cache is off or closed, or the connection carried its share."""
         if not self.enabled or conn.transactions >= self.reuse_limit:
@@ -84,7 +88,7 @@ class ConnectionCache:
     def reap(self) -> int:
         """Close the connections idle for too long; how many."""
         now = self.clock()
-        stale: list[Cacheable] = []
+        stale: list[C] = []
         for key in list(self._idle):
             entries = self._idle[key]
             kept = [(since, conn) for since, conn in entries if now - since <= self.idle_time]
@@ -111,6 +115,6 @@ class ConnectionCache:
             self.reap()
 
     @staticmethod
-    def _close_all(entries: list[tuple[float, Cacheable]]) -> None:
+    def _close_all(entries: list[tuple[float, C]]) -> None:
         for _, conn in entries:
             conn.close()

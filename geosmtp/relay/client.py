@@ -107,7 +107,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypedDict, Unpack
 
 from . import protocol
 from .cache import ConnectionCache
@@ -240,8 +240,9 @@ class AttemptResult:
         socket's path, or "none"."""
         if self.remote_host is None:
             return "none"
-        if _is_path(self.remote_address or ""):
-            return self.remote_address
+        address = self.remote_address or ""
+        if _is_path(address):
+            return address
         return f"{self.remote_host}[{self.remote_address}]:{self.remote_port}"
 
     def by_outcome(self, outcome: Outcome) -> list[RecipientResult]:
@@ -399,7 +400,7 @@ class Connection:
         host: str,
         address: str,
         port: int,
-        key: tuple,
+        key: tuple[object, ...],
     ) -> None:
         self.sock = sock
         self.core = core
@@ -434,9 +435,9 @@ class Connection:
                 raise _Lost(event)
             if isinstance(event, protocol.ResetFailed):
                 raise _Stale()
-            return event  # type: ignore[return-value]
+            return event
 
-    def _io(self, call: Callable, arg: object) -> bytes | None:
+    def _io(self, call: Callable[[Any], bytes | None], arg: object) -> bytes | None:
         try:
             return call(arg)
         except TimeoutError:
@@ -609,7 +610,7 @@ def deliver(
     ret: str | None = None,
     notify: Sequence[Sequence[str] | None] | None = None,
     orcpt: Sequence[str | None] | None = None,
-    cache: ConnectionCache | None = None,
+    cache: ConnectionCache[Connection] | None = None,
     lmtp: bool = False,
 ) -> AttemptResult:
     """One delivery attempt of `message` to `recipients`, in one SMTP transaction.
@@ -668,14 +669,24 @@ class Relay:
     (`relay.connection_cache_time`). `close()` closes the idle ones."""
 
     def __init__(self, reuse_limit: int = 100, cache_time: float = 2.0) -> None:
-        self.cache = ConnectionCache(reuse_limit, cache_time)
+        self.cache: ConnectionCache[Connection] = ConnectionCache(reuse_limit, cache_time)
 
-    def deliver(self, *args: object, **kwargs: object) -> AttemptResult:
+    def deliver(self, *args: Any, **kwargs: Any) -> AttemptResult:
         """`deliver()`'s arguments, and the same result."""
-        return deliver(*args, cache=self.cache, **kwargs)  # type: ignore[arg-type]
+        return deliver(*args, cache=self.cache, **kwargs)
 
     def close(self) -> None:
         self.cache.close()
+
+
+class _Remote(TypedDict, total=False):
+    """Who decided an attempt: `AttemptResult`'s fields of that name."""
+
+    remote_host: str
+    remote_address: str
+    remote_port: int | None  # None: a UNIX socket
+    tls: str | None
+    dsn: bool
 
 
 @dataclass
@@ -698,7 +709,7 @@ class _Attempt:
     ret: str | None
     notify: list[Sequence[str] | None]
     orcpt: list[str | None]
-    cache: ConnectionCache | None
+    cache: ConnectionCache[Connection] | None
     lmtp: bool = False
     size: int = 0
     start: int = 0  # where the message begins in the file
@@ -741,7 +752,7 @@ class _Attempt:
                     conn.close()  # closed, or said something unasked: not worth an RSET
                     continue
                 try:
-                    return self._deliver_on(conn, host, reused=True)  # type: ignore[arg-type]
+                    return self._deliver_on(conn, host, reused=True)
                 except _Stale:
                     conn.close()  # dead or unwilling: a new connection, no failure counted
         last: _TargetFailed | None = None
@@ -769,14 +780,14 @@ class _Attempt:
                     seen.add(address)
                     yield host, address
 
-    def _key(self, host: Host, address: str) -> tuple:
+    def _key(self, host: Host, address: str) -> tuple[object, ...]:
         """What a connection must share to carry this message (Postfix: the next hop,
         and the TLS policy). With TLS, the context whose policy checked the
         certificate, and the name it was checked against when it checks names:
         a connection verified for one MX name, or under a context a reload
         replaced, is never used for another without checking again."""
         user = self.auth[0] if self.auth is not None else None
-        checked: tuple = ()
+        checked: tuple[object, ...] = ()
         if self.tls != "none":
             context = self._context()
             checked = (context, _tls_name(host.name) if context.check_hostname else None)
@@ -785,16 +796,18 @@ class _Attempt:
             self.lmtp,
         )  # fmt: skip
 
-    def _everyone(self, outcome: Outcome, status: str, diagnostic: str, **remote) -> AttemptResult:
+    def _everyone(
+        self, outcome: Outcome, status: str, diagnostic: str, **remote: Unpack[_Remote]
+    ) -> AttemptResult:
         for i, rcpt in enumerate(self.recipients):
             self.results.setdefault(i, RecipientResult(rcpt, outcome, status, diagnostic))
         return self._result(**remote)
 
-    def _result(self, **remote: object) -> AttemptResult:
+    def _result(self, **remote: Unpack[_Remote]) -> AttemptResult:
         return AttemptResult(
             tuple(self.results[i] for i in range(len(self.recipients))),
             tried=tuple(self.tried),
-            **remote,  # type: ignore[arg-type]
+            **remote,
         )
 
     # ---------------------------------------------------------- one connection
@@ -914,7 +927,7 @@ class _Attempt:
         core = conn.core
         features = core.features if core.esmtp else {}
         dsn = "dsn" in features and not self.lmtp  # LMTP: the final delivery, ours to report
-        remote = {
+        remote: _Remote = {
             "remote_host": host.name,
             "remote_address": conn.address,
             "remote_port": None if _is_path(conn.address) else self.port,
@@ -986,7 +999,7 @@ class _Attempt:
         return _from_reply(self.recipients[i], reply)
 
     def _decide(
-        self, pending: list[int], done: protocol.TransactionDone, remote: dict
+        self, pending: list[int], done: protocol.TransactionDone, remote: _Remote
     ) -> AttemptResult:
         """What the replies of a transaction mean for each recipient."""
         if not 200 <= done.mail.code < 300:
@@ -1050,7 +1063,11 @@ class _Attempt:
         return None
 
     def _apply(
-        self, indexes: list[int], reply: RemoteReply, remote: dict, outcome: Outcome | None = None
+        self,
+        indexes: list[int],
+        reply: RemoteReply,
+        remote: _Remote,
+        outcome: Outcome | None = None,
     ) -> AttemptResult:
         """One reply decides for these recipients (MAIL, DATA, end of data)."""
         for i in indexes:

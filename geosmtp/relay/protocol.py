@@ -40,7 +40,7 @@ from __future__ import annotations
 import base64
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..mail.lineends import lines_as_lf
@@ -151,13 +151,17 @@ def is_xtext(value: str) -> bool:
 # ------------------------------------------------------------------- events
 
 
-class _NeedData:
+class _NeedData(enum.Enum):
+    """A one-member enum, so that `event is NEED_DATA` narrows the type."""
+
+    NEED_DATA = "NEED_DATA"
+
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
 #: `next_event()`: nothing more until more input comes.
-NEED_DATA = _NeedData()
+NEED_DATA = _NeedData.NEED_DATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -899,11 +903,11 @@ class DataEncoder:
         self.column += len(piece)
 
 
-def data_size(blocks: Sequence[bytes] | object) -> int:
+def data_size(blocks: Iterable[bytes]) -> int:
     """The size of the content as `DataEncoder` sends it, without dot-stuffing
     and the end of data (RFC 1870 §3's message size), for blocks of the file."""
     encoder = DataEncoder(stuff=False)
     size = 0
-    for block in blocks:  # type: ignore[attr-defined]
+    for block in blocks:
         size += len(encoder.feed(block))
     return size + len(encoder.end())

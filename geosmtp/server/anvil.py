@@ -113,7 +113,8 @@ class Anvil:
         """One more message (`MESSAGE_RATE`) or recipient (`RECIPIENT_RATE`)
         from client `h`: whether it is under its limit per minute."""
         limits = self.limits
-        limit = limits.message_rate if kind == MESSAGE_RATE else limits.recipient_rate  # type: ignore[union-attr]
+        assert limits is not None, "Anvil.configure was not called"
+        limit = limits.message_rate if kind == MESSAGE_RATE else limits.recipient_rate
         if not (h and limit):
             return True
         allowed, first = self.table.count(h, kind, self.clock(), limit)
@@ -125,14 +126,15 @@ class Anvil:
         """`n` more error replies to client `h`: whether it has used up its
         error budget (the session ends)."""
         limits = self.limits
-        if not (h and n and limits.max_errors):  # type: ignore[union-attr]
+        assert limits is not None, "Anvil.configure was not called"
+        if not (h and n and limits.max_errors):
             return False
         over, first = self.table.add_errors(
             h,
             n,
             self.clock(),
-            limits.max_errors,  # type: ignore[union-attr]
-            limits.error_window,  # type: ignore[union-attr]
+            limits.max_errors,
+            limits.error_window,
         )
         if over:
             self._refused(ERRORS, first, throttle_key(peer))

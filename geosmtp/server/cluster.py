@@ -71,10 +71,10 @@ class Cluster:
         self._server.start()
 
     def stop(self) -> None:
-        if self._server is not None:
+        if self._server is not None and self.folder is not None:  # start() needs a folder
             self._server.close()
             with contextlib.suppress(OSError):
-                os.unlink(socket_path(self.folder, os.getpid()))  # type: ignore[arg-type]
+                os.unlink(socket_path(self.folder, os.getpid()))
 
     def _handle(self, sock: gsocket.socket, address: Any) -> None:
         try:

@@ -65,7 +65,8 @@ class Runtime:
 class Stress(Protocol):
     """Whether the server is under stress (`listeners.Listeners`)."""
 
-    stressed: bool
+    @property
+    def stressed(self) -> bool: ...
 
 
 class CoreBuilder(Protocol):
@@ -86,18 +87,25 @@ class Host(Protocol):
     config: Config
     metrics: Metrics
     tls_context: ssl.SSLContext | None
-    listeners: Stress
+
+    @property
+    def listeners(self) -> Stress: ...  # read only: the app's is a `Listeners`
+
     anvil: Anvil
     spool: Spool
     store: MaildirStore
     pipeline: Pipeline
     #: CPU-heavy or blocking work (password checks), off the hub.
     run_blocking: Callable[..., Any]
+
     #: The login check every protocol's sessions use.
-    logins: Logins
+    @property
+    def logins(self) -> Logins: ...
     #: The protocols of the listeners (`protocols.Protocols`): a session builds
     #: its core with it.
-    protocols: CoreBuilder
+    @property
+    def protocols(self) -> CoreBuilder: ...
+
     #: The SMTP core's settings of the moment.
     policy: RecipientPolicy
     limits: Limits

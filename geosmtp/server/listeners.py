@@ -158,7 +158,7 @@ class Listeners:
                 try:
                     session = session_class(self.app, client, address, listener, lm, key)
                     self.by_id[session.id] = session
-                    self.group.add(gevent.getcurrent())  # type: ignore[arg-type]
+                    self.group.add(gevent.getcurrent())  # type: ignore[arg-type]  # a Greenlet here
                     lm.connections.inc()
                     lm.current.inc()
                     try:

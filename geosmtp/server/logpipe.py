@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 
 from gevent import monkey
 from loguru import logger
@@ -48,7 +49,7 @@ def pipe() -> tuple[int, int]:
     return r, w
 
 
-def _writer(fd: int, kind: bytes):  # type: ignore[no-untyped-def]
+def _writer(fd: int, kind: bytes) -> Callable[[str], None]:
     def write(message: str) -> None:
         data = message.encode("utf-8", "replace")
         view = memoryview(_HEADER.pack(kind, len(data)) + data)

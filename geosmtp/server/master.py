@@ -100,7 +100,7 @@ class Generation:
     prepared: Any
     workers: dict[int, Worker] = field(default_factory=dict)  # by index
     #: Whom to answer once it serves or fails: (the asking worker's channel, change).
-    waiting: list[tuple[socket.socket, Any]] = field(default_factory=list)
+    waiting: list[tuple[socket.socket | None, Any]] = field(default_factory=list)
     serving: bool = False
 
 
@@ -613,12 +613,12 @@ def serve(
     run_dir = Path(os.environ["GEOSMTP_RUN_DIR"])  # cli._run_dir made it
     master = Master(config, loader, who, path, runtime=runtime)
     try:
-        for key, path, mode in (
+        for key, folder, mode in (
             ("mail_dir", config.mail_dir, MAIL_ROOT_MODE),
             ("spool_dir", config.spool_path, PRIVATE_DIR_MODE),
             ("relay.queue_dir", config.queue_path, PRIVATE_DIR_MODE),
         ):
-            _make_folder(key, path, mode, who)
+            _make_folder(key, folder, mode, who)
         for folder in (run_dir, run_dir / "metrics"):
             privileges.chown(folder, who)
         master.bind()

@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..auth import ThrottleRecord
 
@@ -92,9 +92,10 @@ class SharedMemory:
         finally:
             self.unlock()
 
-    def view(self, offset: int, fmt: str, count: int) -> memoryview:
+    def view(self, offset: int, fmt: str, count: int) -> memoryview[Any]:
         """`count` items of struct format `fmt` at `offset` (aligned to the item)."""
-        return memoryview(self.map)[offset : offset + struct.calcsize(fmt) * count].cast(fmt)
+        whole = memoryview(self.map)[offset : offset + struct.calcsize(fmt) * count]
+        return whole.cast(fmt)  # type: ignore[call-overload]  # typeshed takes literal formats only
 
 
 class ConnectionCounter(Protocol):
@@ -201,7 +202,7 @@ class SharedState:
         fd = self.memory.fd
         fcntl.lockf(fd, fcntl.LOCK_EX)
         try:
-            self._counts[self.slot] -= 1  # type: ignore[index]
+            self._counts[self.slot] -= 1  # type: ignore[index]  # bound: try_open() counted it
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN)
 

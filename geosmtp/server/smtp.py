@@ -23,7 +23,7 @@ from __future__ import annotations
 import email.utils
 import socket
 import time
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import gevent
 from loguru import logger
@@ -32,7 +32,7 @@ from .. import logs
 from ..mail.headers import MessageIdSniffer
 from ..mail.ids import new_queue_id
 from ..pipeline import Message, Verdict
-from ..protocol import NEED_DATA, CloseConnection, ConnectionClosed, ReplyValue
+from ..protocol import NEED_DATA, CloseConnection, ConnectionClosed, Reply, ReplyValue
 from ..smtp import (
     AuthRequest,
     MessageData,
@@ -192,7 +192,7 @@ class SMTPSession(StreamSession):
                 # answers ConnectionClosed.
                 conn.receive_data(self._read())
             elif type(event) is MessageData:
-                self.sniffer.feed(event.data)  # type: ignore[union-attr]
+                self.sniffer.feed(event.data)  # type: ignore[union-attr]  # set at MessageStart
                 self._spool_write(event.data)
             elif type(event) is MessageStart:
                 self._start_message(event.envelope)
@@ -211,7 +211,8 @@ class SMTPSession(StreamSession):
                 self._authenticate(event.credentials)
             elif type(event) is CloseConnection:
                 self._flush()
-                code = event.reply.code if event.reply else 221
+                reply = event.reply
+                code = reply.code if isinstance(reply, Reply) else 221
                 self.outcome = "quit" if code == 221 else "errors"
                 break
             elif type(event) is ConnectionClosed:
@@ -438,7 +439,7 @@ class SMTPSession(StreamSession):
             envelope, result, refused=refused or None, size=size or None, msgid=msgid, **extra
         )
 
-    def _access(self, envelope: Envelope | None, result: int | str, **extra) -> None:  # type: ignore[no-untyped-def]
+    def _access(self, envelope: Envelope | None, result: int | str, **extra: Any) -> None:
         conn = self.conn
         fields: dict = {
             "session": self.id,

@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import gevent
@@ -39,6 +40,10 @@ class ShutdownRequested(Exception):
 
 class HandshakeFailed(Exception):
     """TLS could not be set up with the client; the session ends without a reply."""
+
+
+_session_ids: Iterator[int]  # set by _new_session_ids, in every process
+_prefix: str
 
 
 def _new_session_ids() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import gevent
 import gevent.event
@@ -42,7 +42,7 @@ class FairSlots:
         if not self.waiting and self.busy < self.size:
             self.busy += 1
             return
-        waiter = Waiter(self.hub)
+        waiter: Waiter[None] = Waiter(self.hub)
         self.waiting.append(waiter)
         try:
             waiter.get()  # the slot is counted for us when release() hands it over
@@ -65,7 +65,7 @@ class FairSlots:
 def _slots(hub: Hub) -> FairSlots:
     slots = getattr(hub, "_geosmtp_slots", None)
     if slots is None:
-        slots = hub._geosmtp_slots = FairSlots(hub)  # type: ignore[attr-defined]
+        slots = hub._geosmtp_slots = FairSlots(hub)  # type: ignore[attr-defined]  # ours, on the hub
     return slots
 
 
@@ -103,7 +103,8 @@ def in_thread(fn: Callable[..., T], *args: Any) -> T:
         slots.release()
         raise
     try:
-        value, error = result.get()
+        # _caught's pair: the value is fn's whenever there is no error.
+        value, error = cast("tuple[T, Exception | None]", result.get())
         if error is not None:
             raise error
         return value

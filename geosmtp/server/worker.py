@@ -17,7 +17,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import gevent
 from gevent import socket as gsocket
@@ -30,6 +30,9 @@ from ..config import Config, ConfigError, Listener
 from . import logpipe, privileges
 from .host import ConfigChange
 
+if TYPE_CHECKING:
+    from .shared import SharedState
+
 #: Exit statuses a worker that could not start uses (as the CLI's).
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 #: Seconds a stopping worker gives the admin requests it took to finish.
@@ -41,7 +44,7 @@ class WorkerContext:
     """What the master hands a worker across the fork."""
 
     config: Config
-    prepared: object  # app.Prepared
+    prepared: Any  # app.Prepared, which the server passes on without knowing it
     account: privileges.Account | None
     index: int  # its place among the workers: its share of the outbound queue
     count: int  # how many workers share the queue
@@ -53,7 +56,7 @@ class WorkerContext:
     control: socket.socket  # SOCK_SEQPACKET to the master
     master_pid: int
     clean: bool  # the first worker of a start: no other process writes yet
-    shared: object  # server.shared.SharedState: what all workers count in
+    shared: SharedState  # what all workers count in
     slot: int  # this worker's counters in it
     #: Builds and starts the app and its admin API (`host.Runtime.start_worker`).
     start: Callable[[WorkerContext, MasterLink], tuple[Any, Any]]
@@ -112,10 +115,10 @@ class MasterLink:
             raise ConfigError(reply["error"])
         return ConfigChange(reply["changed"], reply["restart"], reply.get("config"))
 
-    def change(self, mapping: dict):  # type: ignore[no-untyped-def]
+    def change(self, mapping: dict[str, Any]) -> ConfigChange:
         return self._change({"op": "change", "config": mapping})
 
-    def reload(self):  # type: ignore[no-untyped-def]
+    def reload(self) -> ConfigChange:
         return self._change({"op": "reload"})
 
 
@@ -133,7 +136,7 @@ def run(ctx: WorkerContext) -> NoReturn:
         logpipe.forward(ctx.log_fd, ctx.config.log)
         link = MasterLink(ctx.control)
         logs.capture_hub_errors(gevent.get_hub())
-        ctx.shared.bind(ctx.slot)  # type: ignore[attr-defined]
+        ctx.shared.bind(ctx.slot)
         app, admin = ctx.start(ctx, link)
     except BaseException as exc:
         status, reason = _failure(exc)

@@ -148,7 +148,9 @@ def _strip_source_route(inside: str) -> str:
     return inside[m.end() :] if m else inside
 
 
-def parse_mail_from(arg: bytes, utf8_allowed: bool = False) -> tuple[Mailbox | None, dict]:
+def parse_mail_from(
+    arg: bytes, utf8_allowed: bool = False
+) -> tuple[Mailbox | None, dict[str, str | None]]:
     """`MAIL FROM:<reverse-path> [params]`; returns (None, params) for the null path <>."""
     text = _after_keyword(arg, b"FROM:")
     inside, rest = _split_path(text)
@@ -162,7 +164,7 @@ def parse_mail_from(arg: bytes, utf8_allowed: bool = False) -> tuple[Mailbox | N
     return parse_mailbox(inside, utf8=utf8), params
 
 
-def parse_rcpt_to(arg: bytes, utf8: bool = False) -> tuple[Mailbox, dict]:
+def parse_rcpt_to(arg: bytes, utf8: bool = False) -> tuple[Mailbox, dict[str, str | None]]:
     """`RCPT TO:<forward-path> [params]`; `<postmaster>` alone is allowed (§4.1.1.3)."""
     text = _after_keyword(arg, b"TO:")
     inside, rest = _split_path(text)

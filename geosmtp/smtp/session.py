@@ -40,7 +40,7 @@ Events (immutable values) the shell acts on:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -55,6 +55,7 @@ from ..protocol import (
     PAUSED,
     CloseConnection,
     ConnectionClosed,
+    Reply,
     SansIOConnection,
     Sentinel,
     sasl,
@@ -221,7 +222,7 @@ class SMTPConnection(SansIOConnection):
         self._counts["2xx"] = self._counts.get("2xx", 0) + 1
         return self.banner().to_bytes()
 
-    def banner(self) -> R.Reply:
+    def banner(self) -> Reply:
         """The greeting's reply (an extension point: LMTP says so in it)."""
         return R.greeting(self.hostname)
 
@@ -236,26 +237,26 @@ class SMTPConnection(SansIOConnection):
         counts, self._counts = self._counts, {}
         return counts
 
-    def _send(self, reply: R.Reply) -> None:
+    def _send(self, reply: Reply) -> None:
         self._out.append(reply.to_bytes(self.extensions.enhancedstatuscodes))
         key = _REPLY_CLASS[reply.code // 100]
         self._counts[key] = self._counts.get(key, 0) + 1
 
-    def _error(self, reply: R.Reply) -> None:
+    def _error(self, reply: Reply) -> None:
         """Send an error reply and count it against the session's error budget."""
         self._send(reply)
         self.errors += 1
         if self.errors >= self.limits.max_errors and self.state in COMMAND_STATES:
             self._close(R.TOO_MANY_ERRORS)
 
-    def _reply(self, reply: R.Reply) -> None:
+    def _reply(self, reply: Reply) -> None:
         """Send `reply`, counted as an error if it is one (4xx, 5xx)."""
         if reply.code >= 400:
             self._error(reply)
         else:
             self._send(reply)
 
-    def _close(self, reply: R.Reply | None) -> None:
+    def _close(self, reply: Reply | None) -> None:
         if reply is not None:
             self._send(reply)
         self._move(Step.CLOSE)
@@ -456,7 +457,7 @@ class SMTPConnection(SansIOConnection):
         self._move(Step.MAIL)
         self._send(R.SENDER_OK)
 
-    def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
+    def _reject(self, reply: Reply, stage: str, address: str | None = None) -> None:
         """A policy refusal: logged by the shell (access log) and counted as an error."""
         # The event first: the error may end the session (CloseConnection).
         self._events.append(TransactionRejected(self.envelope, reply, stage, address))
@@ -470,7 +471,7 @@ class SMTPConnection(SansIOConnection):
             self._error(params.rcpt_syntax_reply(arg, envelope.smtputf8))
             return
         dsn = params.rcpt_params(parameters, self.extensions, self.esmtp)
-        if isinstance(dsn, R.Reply):
+        if isinstance(dsn, Reply):
             self._error(dsn)
             return
         if len(envelope.recipients) >= self.limits.max_recipients:
@@ -482,7 +483,7 @@ class SMTPConnection(SansIOConnection):
             self._reject(R.RECIPIENT_RATE, "RCPT", mailbox.address)
             return
         resolved = self.policy.resolve(mailbox, self.may_relay)
-        if isinstance(resolved, R.Reply):
+        if isinstance(resolved, Reply):
             self._reject(resolved, "RCPT", mailbox.address)
             return
         notify, orcpt = dsn
@@ -560,7 +561,11 @@ class SMTPConnection(SansIOConnection):
         name = mechanism.decode("ascii", "replace").upper()
         self._auth_step(lambda exchange: exchange.start(initial or None), name)
 
-    def _auth_step(self, step, mechanism: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def _auth_step(
+        self,
+        step: Callable[[sasl.SASLExchange], sasl.Challenge | sasl.Credentials],
+        mechanism: str | None = None,
+    ) -> None:
         """Run one step of the AUTH exchange and act on what it gives."""
         try:
             exchange = self._sasl or sasl.SASLExchange(mechanism or "")
@@ -665,7 +670,7 @@ class SMTPConnection(SansIOConnection):
         """
         self._verdict(Step.MESSAGE_STORED, [R.queued(queue_id)])
 
-    def message_failed(self, reply: R.Reply = R.LOCAL_ERROR) -> None:
+    def message_failed(self, reply: Reply = R.LOCAL_ERROR) -> None:
         """The shell's verdict on a `MessageEnd`: the message could not be kept.
         Queues `reply`, a 4xx so that the client keeps the message and retries
         (452 for a full disk), or a 5xx for a refusal; counted as an error. The
@@ -678,7 +683,7 @@ class SMTPConnection(SansIOConnection):
             raise self._misuse(f"message_failed() with a {reply.code} reply")
         self._verdict(Step.MESSAGE_FAILED, [reply])
 
-    def _verdict(self, step: Step, replies: Sequence[R.Reply]) -> None:
+    def _verdict(self, step: Step, replies: Sequence[Reply]) -> None:
         """End the transaction by `step` and queue `replies`, in order; each
         error reply (4xx, 5xx) counts as an error."""
         self._move(step)

@@ -40,6 +40,7 @@ is refused with a WARNING (`SymlinkRefused`, a temporary failure).
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import os
@@ -480,7 +481,7 @@ class Maildir:
         out.sort(key=lambda m: delivery_order(m.key))
         return out
 
-    def _list_folder(self, folder: int, subdir: str, out: list[StoredMessage]) -> None:
+    def _list_folder(self, folder: int, subdir: str, out: builtins.list[StoredMessage]) -> None:
         with os.scandir(folder) as it:
             entries = list(it)
         for entry in entries:
