@@ -35,6 +35,9 @@ CORES = (
 )
 #: What a core may import of geosmtp besides itself: the shared base, the mail domain.
 SHARED = ("geosmtp.protocol", "geosmtp.mail")
+#: A core that is an extension of another (LMTP's, RFC 2033, a subclass of the
+#: SMTP core) may import that one, and only by being named here.
+EXTENDS = {"geosmtp.lmtp": ("geosmtp.smtp",)}
 GEOSMTP_DIR = Path(geosmtp.__file__).parent
 
 
@@ -170,7 +173,7 @@ def foreign_imports(core: str, path: Path) -> list[str]:
     if module.endswith(".__init__"):
         module = module.removesuffix(".__init__")
     # The base itself imports no other part of geosmtp.
-    allowed = (core,) if core == "geosmtp.protocol" else (core, *SHARED)
+    allowed = (core,) if core == "geosmtp.protocol" else (core, *SHARED, *EXTENDS.get(core, ()))
     return [
         f"{path.relative_to(GEOSMTP_DIR)}:{line} imports {name}"
         for line, name in _imported(module, path)
@@ -206,4 +209,12 @@ def test_the_import_check_sees_a_core_importing_another(tmp_path, monkeypatch):
         "pop3/session.py:1 imports geosmtp.smtp.session.NEED_DATA",
         "pop3/session.py:5 imports geosmtp.server.stream",
         "pop3/session.py:6 imports geosmtp.config",
+    ]
+    # A declared extension may import the core it extends, and nothing more.
+    (fake / "lmtp").mkdir()
+    (fake / "lmtp" / "session.py").write_text(
+        "from ..smtp.session import SMTPConnection\nfrom ..pop3 import replies\n"
+    )
+    assert foreign_imports("geosmtp.lmtp", fake / "lmtp" / "session.py") == [
+        "lmtp/session.py:2 imports geosmtp.pop3.replies",
     ]
