@@ -48,6 +48,8 @@ from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir
 from .server.host import ConfigChange
 from .server.listeners import Listeners
+from .server.lmtp import LMTPSession
+from .server.lmtp import build_core as lmtp_core
 from .server.pop3 import POP3Session
 from .server.pop3 import build_core as pop3_core
 from .server.protocols import Protocols, ServerProtocol, Session
@@ -73,6 +75,7 @@ PROTOCOLS = (
         all_client_limits=True,
     ),
     ServerProtocol("pop3", ("pop3", "pop3s"), POP3Session, pop3_core),
+    ServerProtocol("lmtp", ("lmtp",), LMTPSession, lmtp_core),
 )
 
 
@@ -394,6 +397,16 @@ class App:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         return any(address in net for net in self.trusted_networks)
+
+    def lmtp_client_allowed(self, peer: str) -> bool:
+        """A TCP `lmtp` listener serves the MTAs in `trusted_networks`, or, when
+        there is none, on loopback: LMTP has no AUTH to tell anyone else apart."""
+        if self.trusted_networks:
+            return self._trusted(peer)
+        try:
+            return ipaddress.ip_address(peer.partition("%")[0]).is_loopback
+        except ValueError:
+            return False
 
     #: CPU-heavy or blocking work (password checks) in the hub's threadpool.
     run_blocking = staticmethod(in_thread)

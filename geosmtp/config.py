@@ -165,8 +165,10 @@ def _ranged(default: float, *, min: float, max: float) -> Any:
 #: `submission` (port 587) wants AUTH before MAIL; `submissions` (port 465) is
 #: the same inside implicit TLS (RFC 8314); `pop3` (port 110) lets users read
 #: their mailboxes, with STLS (RFC 2595); `pop3s` (port 995) is POP3 inside
-#: implicit TLS.
-Role = Literal["mx", "submission", "submissions", "pop3", "pop3s"]
+#: implicit TLS; `lmtp` takes mail for the local mailboxes from another MTA
+#: (RFC 2033), on TCP from loopback or `trusted_networks` only, or on a UNIX
+#: socket (`path`).
+Role = Literal["mx", "submission", "submissions", "pop3", "pop3s", "lmtp"]
 
 #: Roles whose listeners speak TLS from the first byte (RFC 8314).
 IMPLICIT_TLS_ROLES = frozenset({"submissions", "pop3s"})
@@ -181,6 +183,11 @@ class Listener:
     #: What the listener is for (`Role`); the protocol it speaks is the one
     #: registered for the role (`server.protocols`, `app.PROTOCOLS`).
     role: Role = "mx"
+    #: A UNIX socket to listen on instead of `address` and `port` (`lmtp` only),
+    #: made by the master before it drops privileges and removed at the stop.
+    path: Path | None = field(default=None, metadata={"path": True})
+    #: The socket file's permissions (`0660` in YAML is octal): who may connect.
+    mode: int = _ranged(0o660, min=0, max=0o777)
 
 
 @dataclass(frozen=True)
@@ -741,6 +748,7 @@ def _check(config: Config) -> None:
             ) from None
     if not config.listeners:
         raise ConfigError("listeners: at least one listener is needed")
+    _check_socket_paths(config)
     _check_trusted_networks(config)
     admin = config.admin
     try:
@@ -929,7 +937,11 @@ def _check_sockets(config: Config) -> None:
     even with SO_REUSEADDR). IPv6 sockets are IPv6-only, so the families never
     collide; port 0 is a fresh port each time.
     """
-    sockets = [(f"listeners[{i}]", li.address, li.port) for i, li in enumerate(config.listeners)]
+    sockets = [
+        (f"listeners[{i}]", li.address, li.port)
+        for i, li in enumerate(config.listeners)
+        if li.path is None
+    ]
     if config.admin.enabled:
         sockets.append(("admin", config.admin.address, config.admin.port))
     seen: list[tuple[str, str, Any, int]] = []
@@ -953,6 +965,33 @@ def _check_sockets(config: Config) -> None:
                     f"{name}: [{address}]:{port} cannot be bound beside {other} ({detail})"
                 )
         seen.append((name, address, ip, port))
+
+
+#: The longest path a UNIX socket address holds (sun_path, less its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def _check_socket_paths(config: Config) -> None:
+    """A UNIX socket `path` only for an `lmtp` listener, short enough, and one
+    listener per path."""
+    seen: dict[str, int] = {}
+    for i, listener in enumerate(config.listeners):
+        if listener.path is None:
+            continue
+        if listener.role != "lmtp":
+            raise ConfigError(
+                f"listeners[{i}].path: only an lmtp listener listens on a UNIX socket, "
+                f"not {listener.role}"
+            )
+        text = str(listener.path)
+        if len(os.fsencode(text)) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"listeners[{i}].path: {_describe(text)} is longer than a UNIX socket's "
+                f"{MAX_SOCKET_PATH} bytes"
+            )
+        if text in seen:
+            raise ConfigError(f"listeners[{i}].path: same path as listeners[{seen[text]}]")
+        seen[text] = i
 
 
 _LDH_LABEL = re.compile(r"[a-z0-9-]+", re.IGNORECASE)

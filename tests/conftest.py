@@ -259,11 +259,14 @@ def start_server(
         )
     server = RunningServer(proc, listener["address"], listener["port"], root, path)
     for item in config["listeners"]:
-        server.ports.setdefault(item.get("role", "mx"), item["port"])
+        # issue 21: a UNIX-socket listener (lmtp `path`) has no port
+        server.ports.setdefault(item.get("role", "mx"), item.get("port"))
     # An implicit-TLS listener says nothing before a handshake: probe another one,
     # or (when there is none) only see that it accepts connections.
     plain = [
-        li for li in config["listeners"] if li.get("role", "mx") not in ("submissions", "pop3s")
+        li
+        for li in config["listeners"]
+        if li.get("role", "mx") not in ("submissions", "pop3s") and "path" not in li
     ]
     probe = plain[0] if plain else listener
     if wait:

@@ -6,21 +6,24 @@
                                              `delivery.lmtp`)
 
 `Pipeline.process` takes a message that is whole in the spool and returns one
-`Verdict` for the whole message. `delivered` only once every destination has
-it durably (fsynced); if one destination fails, the others are taken back, so
-a retry by the client can never make a duplicate, and the verdict is a
-temporary failure. The spool file is removed once the message is delivered or
-refused.
+`Verdict` for the whole message (`process_each`: one per recipient, for
+LMTP). `delivered` only once every destination has it durably (fsynced); if
+one destination fails, the others are taken back, so a retry by the client
+can never make a duplicate, and the verdict is a temporary failure. The
+spool file is removed once the message is delivered or refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..mail import Recipient
 from ..storage import StorageError
+from ..storage.maildir import Delivery
 from .message import Message, StageVerdict
 from .router import NoRoute, Router
 from .stages import Accept, Reject, Replace, Stage, TempFail, verdict_name
@@ -78,6 +81,58 @@ class Pipeline:
             return verdict
         finally:
             message.spool.remove()
+
+    def process_each(self, message: Message) -> list[Verdict]:
+        """`process` with one verdict per recipient, in the envelope's order (LMTP,
+        RFC 2033 §4.2): the stages run once, for the whole message; then each
+        mailbox gets its own delivery, so one that fails fails its recipients
+        alone. Recipients of one mailbox share its delivery (one copy) and its
+        verdict. The spool file is gone afterwards."""
+        try:
+            refused = self._filter(message)
+            if refused is not None:
+                return [refused] * len(message.envelope.recipients)
+            return self._deliver_each(message)
+        finally:
+            message.spool.remove()
+
+    def _deliver_each(self, message: Message) -> list[Verdict]:
+        envelope = message.envelope
+        by_box: dict[object, list[Recipient]] = {}
+        for recipient in envelope.recipients:
+            # A remote recipient (box None) is delivered on its own.
+            key = recipient.box if recipient.box is not None else id(recipient)
+            by_box.setdefault(key, []).append(recipient)
+        outcome: dict[int, Verdict] = {}
+        delivered: set[int] = set()
+        made: list[Delivery] = []
+        try:
+            for group in by_box.values():
+                part = dataclasses.replace(
+                    message, envelope=dataclasses.replace(envelope, recipients=tuple(group))
+                )
+                verdict, done = _place(self.router, part)
+                made += done
+                for recipient in group:
+                    outcome[id(recipient)] = verdict
+                if verdict.delivered:
+                    delivered.update(map(id, group))
+        except BaseException:
+            # Stopped half-way (a kill at a stop): no reply goes out, so no
+            # mailbox keeps a copy the client's retry would duplicate.
+            for delivery in made:
+                delivery.undo()
+            raise
+        for delivery in made:
+            delivery.commit()
+        if delivered and self.after_delivery is not None:
+            ordered = tuple(r for r in envelope.recipients if id(r) in delivered)
+            self.after_delivery(
+                dataclasses.replace(
+                    message, envelope=dataclasses.replace(envelope, recipients=ordered)
+                )
+            )
+        return [outcome[id(r)] for r in envelope.recipients]
 
     def _filter(self, message: Message) -> Verdict | None:
         stages = self.stages
@@ -150,10 +205,19 @@ def deliver(router: Router, message: Message) -> Verdict:
     step, and the port that the queue's reports come in by (`queue.reports`):
     the server's own messages, which no stage needs to see again. The spool
     file stays (the caller removes it)."""
+    verdict, done = _place(router, message)
+    for delivery in done:
+        delivery.commit()
+    return verdict
+
+
+def _place(router: Router, message: Message) -> tuple[Verdict, list[Delivery]]:
+    """`deliver` less the commit: the verdict, and the deliveries made (none
+    when it failed), for the caller to commit or take back."""
     try:
         routes = router.route(message.envelope.recipients)
     except NoRoute as exc:
-        return Verdict(False, True, str(exc))
+        return Verdict(False, True, str(exc)), []
     done = []
     try:
         for destination, recipients in routes:
@@ -161,11 +225,9 @@ def deliver(router: Router, message: Message) -> Verdict:
     except StorageError as exc:
         for delivery in done:  # all or nothing: no destination keeps a copy
             delivery.undo()
-        return Verdict(False, True, str(exc), no_space=exc.no_space)
+        return Verdict(False, True, str(exc), no_space=exc.no_space), []
     except BaseException:
         for delivery in done:
             delivery.undo()
         raise
-    for delivery in done:
-        delivery.commit()
-    return Verdict(True, destinations=tuple(d.name for d, _ in routes))
+    return Verdict(True, destinations=tuple(d.name for d, _ in routes)), done

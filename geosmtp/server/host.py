@@ -113,6 +113,8 @@ class Host(Protocol):
 
     def security(self, listener: Listener, peer: str) -> Security: ...
 
+    def lmtp_client_allowed(self, peer: str) -> bool: ...
+
 
 class ClusterHost(Protocol):
     """What the cluster channel (the other workers' requests) asks of the app."""

@@ -21,8 +21,11 @@ percent of `max_clients`), a wait for a command is cut to
 
 from __future__ import annotations
 
+import errno
+import os
 import resource
 import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -37,6 +40,9 @@ from loguru import logger
 from ..config import Listener
 from ..metrics import ListenerMetrics
 from .shared import ConnectionCounter, LocalConnections
+
+#: What a client of a UNIX socket is called (its `peer`): it has no address.
+UNIX_PEER = "unix"
 
 if TYPE_CHECKING:
     from .host import Host
@@ -92,6 +98,47 @@ def bind(address: str, port: int, backlog: int, reuse_port: bool = False) -> soc
     return sock
 
 
+# issue 21: LMTP in, on a UNIX socket
+def bind_unix(
+    path: str, mode: int, backlog: int, owner: tuple[int, int] | None = None
+) -> socket.socket:
+    """A listening UNIX socket at `path` with permissions `mode` (and `owner`,
+    uid and gid, when given), its folder made if missing. A socket file left
+    by a server that is gone is replaced; one that a server still answers on,
+    or a file that is not a socket, is an OSError naming the path."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, 0o755, exist_ok=True)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"cannot listen on {path}: not a socket")
+        probe = _Socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nothing listens there
+        else:
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {path}: in use")
+        finally:
+            probe.close()
+    sock = _Socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Made with no permissions, then given `mode`: never open to anyone between.
+        old = os.umask(0o777)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        if owner is not None:
+            os.chown(path, *owner)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
 class Listeners:
     """Every listener of the server, the sessions they run, and the cap on them."""
 
@@ -121,8 +168,12 @@ class Listeners:
         app = self.app
         for listener, raw in bound:
             sock = gsocket.socket(fileno=raw.detach())
-            host, port = sock.getsockname()[:2]
-            lm = app.metrics.listener(f"{listener.role}:[{listener.address}]:{port}")
+            if listener.path is not None:  # issue 21: a UNIX socket (lmtp)
+                host, port = str(listener.path), 0
+                lm = app.metrics.listener(f"{listener.role}:{listener.path}")
+            else:
+                host, port = sock.getsockname()[:2]
+                lm = app.metrics.listener(f"{listener.role}:[{listener.address}]:{port}")
             protocol = self.protocols.of(listener)
             server = StreamServer(sock, self._handler(protocol, listener, lm))
             if app.config.worker_count > 1 and not app.config.reuse_port:
@@ -132,7 +183,8 @@ class Listeners:
                 server.max_accept = 1
             server.start()
             self.servers.append(server)
-            logger.debug("serving [{}]:{} ({})", host, port, listener.role)
+            where = host if listener.path is not None else f"[{host}]:{port}"
+            logger.debug("serving {} ({})", where, listener.role)
         self._stress_watch = gevent.spawn(self._watch_stress)
 
     def _handler(
@@ -141,6 +193,8 @@ class Listeners:
         session_class = protocol.session
 
         def handle(client: socket.socket, address: tuple) -> None:
+            if not address:  # issue 21: a UNIX socket's client has no address
+                address = (UNIX_PEER, 0)
             # Checked and counted with no switch in between (and across the
             # workers under the shared count's lock), so the cap is exact.
             connections = self.connections
@@ -151,7 +205,11 @@ class Listeners:
             try:
                 # Then the client's own limits (client_limits), logged by the anvil.
                 anvil = self.app.anvil
-                key, over = anvil.connect(address[0], protocol.all_client_limits)
+                key, over = (
+                    (0, None)  # issue 21: a UNIX socket's clients are guarded by its mode
+                    if address[0] == UNIX_PEER
+                    else anvil.connect(address[0], protocol.all_client_limits)
+                )
                 if over is not None:
                     self._refuse(client, address, session_class.limit_refusal(over), log=False)
                     return

@@ -55,7 +55,7 @@ from ..storage.modes import (
 )
 from . import logpipe, notify, privileges
 from .host import Runtime
-from .listeners import bind
+from .listeners import bind, bind_unix
 from .shared import SharedState
 from .worker import WorkerContext
 
@@ -133,6 +133,8 @@ class Master:
         #: connections among them). Kept open here for every later worker.
         self.bound: list[list[tuple[cfg.Listener, socket.socket]]] = []
         self.admin: socket.socket | None = None
+        #: The UNIX sockets' files made by `bind` (path, inode), removed by `close`.
+        self.socket_files: list[tuple[str, int]] = []
         self.token: str | None = None  # the admin API's write token
         self.read_token: str | None = None  # and its read-only one, if configured
         self.workers: dict[int, Worker] = {}  # by pid, every generation
@@ -160,6 +162,10 @@ class Master:
             for index in range(sets):
                 bound = []
                 for i, listener in enumerate(config.listeners):
+                    if listener.path is not None:  # issue 21: one UNIX socket for every set
+                        unix = self.bound[0][i][1] if index else self._bind_unix(listener)
+                        bound.append((listener, unix))
+                        continue
                     # Port 0: the first socket gets a port, the others take the same.
                     port = self.bound[0][i][1].getsockname()[1] if index else listener.port
                     sock = bind(listener.address, port, config.listen_backlog, config.reuse_port)
@@ -177,6 +183,17 @@ class Master:
         except BaseException:
             self.close()
             raise
+
+    # issue 21: LMTP in, on a UNIX socket
+    def _bind_unix(self, listener: cfg.Listener) -> socket.socket:
+        """The listener's UNIX socket, owned by the workers' account (if any);
+        removed again by `close`."""
+        path = str(listener.path)
+        owner = (self.account.uid, self.account.gid) if self.account is not None else None
+        sock = bind_unix(path, listener.mode, self.config.listen_backlog, owner)
+        self.socket_files.append((path, os.stat(path).st_ino))
+        logger.info("listening on {} ({}, mode {:o})", path, listener.role, listener.mode)
+        return sock
 
     def start(self, prepared: Any) -> None:
         """The first generation: worker 0 first (it clears what a crash left in
@@ -252,7 +269,8 @@ class Master:
                 for bound in self.bound:  # another worker's sockets (reuse_port)
                     if bound is not ctx.bound:
                         for _listener, sock in bound:
-                            sock.close()
+                            if all(sock is not own for _, own in ctx.bound):  # UNIX: shared
+                                sock.close()
                 from .worker import run
 
                 run(ctx)
@@ -543,6 +561,11 @@ class Master:
                 sock.close()
         if self.admin is not None:
             self.admin.close()
+        for path, inode in self.socket_files:  # issue 21: only if still ours
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+        self.socket_files.clear()
 
 
 def _reply(asker: socket.socket, message: dict) -> None:

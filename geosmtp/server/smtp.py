@@ -151,7 +151,7 @@ class SMTPSession(StreamSession):
         """What the admin API shows of this session (never message data or secrets)."""
         return {
             "id": self.id,
-            "protocol": "smtp",
+            "protocol": self.PROTOCOL,
             "peer": self.peer,
             "port": self.peer_port,
             "listener": self.metrics.name,
@@ -289,6 +289,7 @@ class SMTPSession(StreamSession):
                 date=received_date(),
                 tls=envelope.tls,
                 authenticated=envelope.auth_user is not None,
+                protocol=self.PROTOCOL,
             )
         )
 
@@ -339,12 +340,7 @@ class SMTPSession(StreamSession):
             stages = ",".join(map(str, message.verdicts)) or None
             auth_results = message.auth_results
         if not verdict.delivered:
-            if verdict.code is not None:
-                reply = R.refused_by_stage(verdict.code, verdict.status, verdict.text)
-            elif verdict.no_space:
-                reply = R.INSUFFICIENT_STORAGE
-            else:
-                reply = R.LOCAL_ERROR
+            reply = self._failure_reply(verdict)
             if verdict.stage is not None and verdict.code is not None:
                 # A filter's judgement (or its failure policy, logged by the stage).
                 logger.info("session {}: refused ({}): {}", self.id, reply.code, verdict.reason)
@@ -367,6 +363,16 @@ class SMTPSession(StreamSession):
             envelope, 250, size=size, queue=queue_id, stages=stages, **auth_results
         )
         self._sync_metrics()
+
+    @staticmethod
+    def _failure_reply(verdict: Verdict) -> Reply:
+        """The reply for a pipeline's failure: a stage's own, else 452 for a
+        full disk, else 451."""
+        if verdict.code is not None:
+            return R.refused_by_stage(verdict.code, verdict.status, verdict.text)
+        if verdict.no_space:
+            return R.INSUFFICIENT_STORAGE
+        return R.LOCAL_ERROR
 
     def _reports_allowed(self, envelope: Envelope) -> Envelope:
         """The envelope as the pipeline gets it: a client that is neither logged

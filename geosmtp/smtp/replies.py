@@ -191,3 +191,26 @@ MESSAGE_RATE = reply(450, "4.7.1", "Error: too many messages from your address; 
 RECIPIENT_RATE = reply(
     450, "4.7.1", "Error: too many recipients from your address; try again later"
 )
+
+
+# ------------------------------------------------- LMTP (RFC 2033), issue 21
+
+
+def lmtp_greeting(hostname: str) -> Reply:
+    """The 220 banner of an `lmtp` listener."""
+    return reply(220, None, f"{hostname} LMTP geosmtp")
+
+
+def lmtp_delivered(queue_id: str, address: str) -> Reply:
+    """One LMTP recipient's message is durable in its mailbox (RFC 2033 §4.2)."""
+    return reply(250, "2.0.0", f"Ok: {queue_id} delivered to <{address}>")
+
+
+#: EHLO or HELO on an LMTP connection (RFC 2033 §4.1: LHLO only).
+LHLO_ONLY = reply(500, "5.5.1", "Error: this is LMTP; use LHLO")
+#: A command that needs the greeting first (SMTP's BAD_SEQUENCE_HELO).
+LHLO_FIRST = reply(503, "5.5.1", "Error: send LHLO first")
+#: A recipient outside the local domains: LMTP delivers, it never relays.
+NOT_LOCAL = reply(550, "5.1.1", "Recipient address rejected: not a local mailbox")
+#: A TCP client an `lmtp` listener does not serve (not trusted, not loopback).
+LMTP_NOT_ALLOWED = reply(421, "4.7.0", "Error: LMTP is for the local mail system only")

@@ -685,11 +685,18 @@ class SMTPConnection(SansIOConnection):
 
     def _verdict(self, step: Step, replies: Sequence[Reply]) -> None:
         """End the transaction by `step` and queue `replies`, in order; each
-        error reply (4xx, 5xx) counts as an error."""
+        error reply (4xx, 5xx) counts as an error. A session over its error
+        budget is closed after the last of them, never among them: LMTP's
+        replies are one per recipient, and a `421` in their midst would shift
+        every later reply onto the wrong recipient."""
         self._move(step)
         self.envelope = None
         for reply in replies:
-            self._reply(reply)
+            self._send(reply)
+        errors = sum(reply.code >= 400 for reply in replies)
+        self.errors += errors
+        if errors and self.errors >= self.limits.max_errors and self.state in COMMAND_STATES:
+            self._close(R.TOO_MANY_ERRORS)
 
     COMMANDS: ClassVar[Mapping[str, Rule]] = {
         "EHLO": Rule(_do_EHLO),

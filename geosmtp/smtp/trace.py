@@ -39,12 +39,18 @@ def _path(address: str) -> str:
     return address
 
 
-def with_protocol(envelope: Envelope, tls: bool = False, authenticated: bool = False) -> str:
+def with_protocol(
+    envelope: Envelope, tls: bool = False, authenticated: bool = False, protocol: str = "smtp"
+) -> str:
     """The `with` keyword: `SMTP`, `ESMTP` or, for a message sent with SMTPUTF8,
-    `UTF8SMTP` (RFC 6531 §3.7.3), with the RFC 3848 suffixes S (TLS) and A (AUTH)."""
-    if not envelope.esmtp:
+    `UTF8SMTP` (RFC 6531 §3.7.3), with the RFC 3848 suffixes S (TLS) and A (AUTH);
+    for `protocol` "lmtp", `LMTP` (RFC 3848) or `UTF8LMTP`."""
+    if protocol == "lmtp":
+        base = "UTF8LMTP" if envelope.smtputf8 else "LMTP"
+    elif not envelope.esmtp:
         return "SMTP"
-    base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
+    else:
+        base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
     return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
@@ -57,6 +63,7 @@ def trace_headers(
     date: str,
     tls: bool = False,
     authenticated: bool = False,
+    protocol: str = "smtp",
 ) -> bytes:
     """`Return-Path:` and `Received:` lines, LF-terminated, to put before the message.
 
@@ -67,7 +74,7 @@ def trace_headers(
         f"Return-Path: <{_path(envelope.sender_address)}>",
         f"Received: from {header_safe(envelope.helo)} ([{header_safe(client_ip)}])",
         f"\tby {header_safe(hostname)} (geosmtp) with "
-        f"{with_protocol(envelope, tls, authenticated)} id {queue_id}",
+        f"{with_protocol(envelope, tls, authenticated, protocol)} id {queue_id}",
     ]
     if len(envelope.recipients) == 1:
         lines.append(f"\tfor <{_path(envelope.recipients[0].mailbox.address)}>; {date}")

@@ -69,12 +69,14 @@ def private_postfix(
     main: dict[str, str] | None = None,
     listeners: dict[str, list[str]] | None = None,
     relayhost: str = "[127.0.0.1]:1",
+    services: str = "",
 ) -> Iterator[PrivatePostfix]:
     """A private Postfix on 127.0.0.3: `main` are more main.cf settings,
     `listeners` more smtpd services (name -> `-o name=value` overrides),
     `relayhost` where its own mail (bounces, DSNs) goes: by default a closed
     loopback port (it stays deferred), so that it never looks up a domain in
-    DNS nor sends a packet off loopback."""
+    DNS nor sends a packet off loopback; `services` more master.cf lines (the
+    `lmtp` client of test_lmtp.py)."""
     if not Postfix.available():
         pytest.skip("a private Postfix needs root, /usr/sbin/postfix and /usr/lib/postfix/sbin")
     # Not under pytest's tmp_path: its folders are 0700, and Postfix's daemons
@@ -104,7 +106,7 @@ def private_postfix(
         gid=owner.pw_gid,
     )
     (etc / "main.cf").write_text(text + "".join(f"{k} = {v}\n" for k, v in (main or {}).items()))
-    (etc / "master.cf").write_text(master_cf(port, others))
+    (etc / "master.cf").write_text(master_cf(port, others) + services)
     (etc / "vmailbox").write_text("".join(f"{u}@remote.test {u}/\n" for u in USERS))
     started = subprocess.run(
         [POSTFIX, "-c", str(etc), "start"], capture_output=True, text=True, timeout=60

@@ -37,7 +37,7 @@ def test_a_signing_domain(tmp_path):
          "auth_checks.spf.on_fail: expected one of record, tempfail, reject, got 'bounce'"),
         ({"auth_checks": {"dmarc": {"on_temperror": "reject"}}},
          "auth_checks.dmarc.on_temperror: expected one of record, tempfail, got 'reject'"),
-        ({"auth_checks": {"roles": ["lmtp"]}}, "auth_checks.roles[0]: expected one of mx,"),
+        ({"auth_checks": {"roles": ["imap"]}}, "auth_checks.roles[0]: expected one of mx,"),
         ({"auth_checks": {"max_signatures": 0}}, "auth_checks.max_signatures: expected at least 1"),
         ({"auth_checks": {"enabled": True, "public_suffix_list": "nowhere.dat"}},
          "auth_checks.public_suffix_list: no such file:"),

@@ -281,6 +281,91 @@ def test_deliver_routes_alone_no_stage_and_no_after_delivery(parts):
     unroutable.spool.remove()
 
 
+# ------------------------------------------------ one verdict per recipient (LMTP)
+
+
+class FailingBox(MaildirDestination):
+    """The Maildir destination, with one mailbox that cannot take a message."""
+
+    def __init__(self, store: MaildirStore, box: str) -> None:
+        super().__init__(store)
+        self.box = box
+        self.calls: list[tuple[str, ...]] = []
+
+    def deliver(self, message, recipients) -> Delivery:
+        self.calls.append(tuple(r.mailbox.address for r in recipients))
+        if any(r.box == self.box for r in recipients):
+            raise StorageError(errno.EIO, os.strerror(errno.EIO))
+        return super().deliver(message, recipients)
+
+
+def test_process_each_fails_a_failing_mailbox_alone(parts):
+    store, spool = parts
+    carol = Recipient(Mailbox("carol", "example.test"), "carol")
+    delivered = []
+    destination = FailingBox(store, "bob")
+    pipeline = Pipeline(Router(destination), after_delivery=delivered.append)
+    verdicts = pipeline.process_each(message(spool, carol, BOB, ALICE))
+    assert [v.delivered for v in verdicts] == [True, False, True]
+    assert verdicts[1].temporary and "Input/output error" in verdicts[1].reason
+    body = [b"Subject: s\n\nbody\n"]
+    assert stored(store) == {"alice": body, "carol": body}
+    assert list(spool.root.iterdir()) == []
+    # One delivery per mailbox; the success report sees the delivered ones only.
+    assert destination.calls == [
+        ("carol@example.test",),
+        ("bob@example.test",),
+        ("alice@example.test",),
+    ]
+    assert [r.box for r in delivered[0].envelope.recipients] == ["carol", "alice"]
+
+
+def test_process_each_gives_the_recipients_of_one_mailbox_one_copy(parts):
+    store, spool = parts
+    other = Recipient(Mailbox("Alice", "example.test"), "alice")  # the same mailbox
+    verdicts = Pipeline(Router(MaildirDestination(store))).process_each(
+        message(spool, ALICE, BOB, other)
+    )
+    assert [v.delivered for v in verdicts] == [True, True, True]
+    assert stored(store) == {"alice": [b"Subject: s\n\nbody\n"], "bob": [b"Subject: s\n\nbody\n"]}
+
+
+def test_process_each_gives_a_stage_refusal_to_every_recipient(parts):
+    store, spool = parts
+    refusal = Reject("virus", text="Message refused: virus found")
+    pipeline = Pipeline(Router(MaildirDestination(store)), [Stage("filter", refusal)])
+    verdicts = pipeline.process_each(message(spool, ALICE, BOB))
+    assert len(verdicts) == 2 and verdicts[0] is verdicts[1]
+    assert not verdicts[0].delivered and verdicts[0].code == 554
+    assert stored(store) == {} and list(spool.root.iterdir()) == []
+
+
+class Killed(BaseException):
+    """The greenlet killed at a stop (gevent's GreenletExit is a BaseException too)."""
+
+
+class KilledAtBox(MaildirDestination):
+    def __init__(self, store: MaildirStore, box: str) -> None:
+        super().__init__(store)
+        self.box = box
+
+    def deliver(self, message, recipients) -> Delivery:
+        if any(r.box == self.box for r in recipients):
+            raise Killed
+        return super().deliver(message, recipients)
+
+
+def test_process_each_stopped_half_way_keeps_no_copy(parts):
+    store, spool = parts
+    pipeline = Pipeline(Router(KilledAtBox(store, "bob")))
+    with pytest.raises(Killed):
+        pipeline.process_each(message(spool, ALICE, BOB))
+    # alice's delivery was made before the kill, but no reply went out: the
+    # client sends the message again, so alice must not keep this copy.
+    assert list(store.root.glob("*/new/*")) == []
+    assert list(spool.root.iterdir()) == []
+
+
 # ------------------------------------------------------------------ LMTP
 
 

@@ -10,9 +10,11 @@ import pytest
 
 from geosmtp.app import PROTOCOLS, App
 from geosmtp.config import Listener, Role
+from geosmtp.lmtp import LMTPConnection
 from geosmtp.mail.limits import Extensions, Limits
 from geosmtp.pop3 import POP3Connection
 from geosmtp.pop3 import State as POP3State
+from geosmtp.server.lmtp import LMTPSession
 from geosmtp.server.pop3 import POP3Session
 from geosmtp.server.protocols import Protocols, ServerProtocol
 from geosmtp.server.shared import CONNECTION_RATE, CONNECTIONS, ERRORS
@@ -26,17 +28,18 @@ def test_every_role_has_exactly_one_protocol():
     assert {name: p.session for name, p in protocols.by_name.items()} == {
         "smtp": SMTPSession,
         "pop3": POP3Session,
+        "lmtp": LMTPSession,
     }
     # A session's PROTOCOL (logs, the admin API) is the name it is registered by.
     assert all(p.name == p.session.PROTOCOL for p in PROTOCOLS)
 
 
 def test_a_name_or_a_role_is_registered_once():
-    smtp, pop3 = PROTOCOLS
+    smtp, pop3 = (p for p in PROTOCOLS if p.name in ("smtp", "pop3"))
     with pytest.raises(ValueError, match="protocol smtp is registered already"):
         Protocols(smtp, ServerProtocol("smtp", ("other",), SMTPSession, smtp.build))
     with pytest.raises(ValueError, match="role pop3 is pop3's already"):
-        Protocols(pop3, ServerProtocol("lmtp", ("lmtp", "pop3"), SMTPSession, smtp.build))
+        Protocols(pop3, ServerProtocol("other", ("other", "pop3"), SMTPSession, smtp.build))
 
 
 def host() -> SimpleNamespace:
@@ -67,6 +70,7 @@ def host() -> SimpleNamespace:
         ("submissions", SMTPConnection, True, True),
         ("pop3", POP3Connection, False, None),
         ("pop3s", POP3Connection, True, None),
+        ("lmtp", LMTPConnection, False, False),
     ],
 )
 def test_the_core_is_the_one_of_the_listeners_role(role, core, tls, auth_required):
@@ -74,7 +78,9 @@ def test_the_core_is_the_one_of_the_listeners_role(role, core, tls, auth_require
     conn = Protocols(*PROTOCOLS).build(Listener(role=role), "192.0.2.7", app)
     assert type(conn) is core
     assert conn.hostname == "mx.test" and conn.tls is tls
-    if core is SMTPConnection:
+    if core is LMTPConnection:  # the SMTP core's subclass: no AUTH, no TLS
+        assert not conn.security.auth_available and not conn.security.tls_available
+    elif core is SMTPConnection:
         assert conn.security.auth_required is auth_required
         assert conn.security.auth_available and conn.security.sender_must_match
         assert conn.vrfy and conn.policy is app.policy
