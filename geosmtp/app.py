@@ -2,11 +2,10 @@
 
 Everything geosmtp runs is built here, in one place: the storage (spool and
 Maildirs), the mail pipeline and its stages, the outbound queue and its
-reports, the DNS resolver, users and the AUTH throttle, TLS, metrics, and the
-listeners, each serving the session class of its protocol. A protocol is a
-session class in `SESSIONS`, the roles that use it in `config.ROLE_PROTOCOL`,
-a method here that builds its core (`new_connection`, `new_pop3_connection`)
-and its listener metrics in `metrics.py` (`ListenerMetrics`, `POP3Metrics`).
+reports, the DNS resolver, the login check (`logins.Logins`: the users and
+the throttle), TLS, metrics, and the listeners, each serving the session
+class of its protocol. A protocol is registered once in `PROTOCOLS`
+(`server.protocols`: its roles, its session class, the builder of its core).
 
 `App` is also what sessions and the admin API see of the server: the running
 config, the services, the open sessions, and live configuration changes.
@@ -20,27 +19,23 @@ import ipaddress
 import os
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
 import gevent
-from gevent.lock import BoundedSemaphore
 from loguru import logger
 
 from . import config as cfg
 from . import logs
-from .auth import BUSY, AuthThrottle, UserDB
 from .config import Config, ConfigError, Listener
 from .filters.stages import Filters
-from .lmtp import LMTPConnection
+from .logins import Logins
 from .mail import Domains, Envelope, Recipient
 from .mail.ids import share_of, take_share
 from .mailauth.stages import DKIMSign, SenderChecks, build_signer, sign_file
 from .metrics import Metrics
 from .pipeline import MaildirDestination, Message, Pipeline, Router, Verdict, deliver
-from .pop3 import POP3Connection, POP3Security
 from .queue.destination import QueueDestination
 from .queue.reports import Reporter, ReportMessage
 from .queue.runner import QueueRunner, RunnerSettings
@@ -51,29 +46,37 @@ from .relay.mx import Resolver
 from .server import tls
 from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir
-from .server.host import ConfigChange, Login
-from .server.listeners import Listeners, Session
+from .server.host import ConfigChange
+from .server.listeners import Listeners
 from .server.lmtp import LMTPSession
+from .server.lmtp import build_core as lmtp_core
 from .server.pop3 import POP3Session
+from .server.pop3 import build_core as pop3_core
+from .server.protocols import Protocols, ServerProtocol, Session
 from .server.shared import SharedClientTable, SharedState
 from .server.smtp import SMTPSession
-from .server.threads import Pulse, in_thread
-from .smtp import ClientRates, RecipientPolicy, Security, SMTPConnection
+from .server.smtp import build_core as smtp_core
+from .server.threads import in_thread
+from .smtp import RecipientPolicy, Security
 from .smtp.parser import SyntaxProblem, parse_mailbox
-from .smtp.sasl import Credentials
 from .storage import MaildirStore, Spool
 from .storage.spool import UniqueNames
 
 #: Seconds between two tries for the lock of this worker's share of the queue.
 SHARE_POLL = 0.2
 
-#: How often a login waiting for its client's running checks (`BUSY`) asks
-#: again: a check that ends in another worker process does not wake it.
-AUTH_RECHECK = 0.05
-
-#: The session class of each protocol a listener can speak.
-SESSIONS: dict[str, type[Session]] = {"smtp": SMTPSession, "pop3": POP3Session}
-SESSIONS["lmtp"] = LMTPSession  # issue 21: LMTP in
+#: The protocols a listener can speak: roles, session class, core builder.
+PROTOCOLS = (
+    ServerProtocol(
+        "smtp",
+        ("mx", "submission", "submissions"),
+        SMTPSession,
+        smtp_core,
+        all_client_limits=True,
+    ),
+    ServerProtocol("pop3", ("pop3", "pop3s"), POP3Session, pop3_core),
+    ServerProtocol("lmtp", ("lmtp",), LMTPSession, lmtp_core),
+)
 
 
 def share_of_limit(limit: int, share: tuple[int, int]) -> int:
@@ -227,16 +230,20 @@ class App:
         # logins in the state it shares with the others (`shared`), made by the
         # master before the fork and bound to the worker's slot; else in itself.
         self.shared = shared
-        self.auth_throttle = AuthThrottle(records=shared.throttle_records if shared else None)
-        self.auth_checks = Pulse()  # a password check ended: waiting logins ask again
+        # The users and the login throttle; one password check per core in the
+        # whole server: this worker's share.
+        self.logins = Logins(
+            self.metrics,
+            self.run_blocking,
+            checks=share_of_limit(os.cpu_count() or 1, share),
+            records=shared.throttle_records if shared else None,
+        )
         # The per-client limits (client_limits:), counted across the workers.
         self.anvil = Anvil(
             shared.clients if shared else SharedClientTable.private(100_000),
             self.metrics,
             lambda peer: bool(self.trusted_networks) and self._trusted(peer),
         )
-        # One password check per core in the whole server: this worker's share.
-        self.password_checks = BoundedSemaphore(share_of_limit(os.cpu_count() or 1, share))
         self.tls_context = prepared.tls_context
         # Storage: the spool and the Maildirs share one naming scheme and, when they
         # are on one filesystem, delivery is a hard link.
@@ -296,7 +303,8 @@ class App:
             after_delivery=None if lmtp else self.reporter.delivered_locally,
             observer=self.metrics,
         )
-        self.listeners = Listeners(self, SESSIONS, connections=shared)
+        self.protocols = Protocols(*PROTOCOLS)
+        self.listeners = Listeners(self, self.protocols, connections=shared)
         self.cluster = Cluster(self, run_dir())
         self._access_writer: gevent.Greenlet | None = None
         self._share_lock: int | None = None
@@ -324,13 +332,7 @@ class App:
         self.reporter.max_full_size = config.limits.max_message_size // 2
         self.reporter.hostname = config.hostname
         self.extensions = config.extensions
-        self.users = UserDB(
-            {name: user.password for name, user in config.users.items()},
-            domains,
-        )
-        # The throttle keeps its record of failures across config changes.
-        self.auth_throttle.max_failures = config.auth.max_failures
-        self.auth_throttle.base_delay = config.auth.failure_delay
+        self.logins.configure(config, domains)
         self.trusted_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.trusted_networks
         ]
@@ -380,7 +382,7 @@ class App:
         return Security(
             tls_available=self.tls_context is not None,
             tls_active=listener.role in cfg.IMPLICIT_TLS_ROLES,
-            auth_available=bool(self.users),
+            auth_available=bool(self.logins.users),
             auth_plaintext=config.auth.allow_plaintext,
             auth_required=listener.role != "mx",
             trusted=bool(self.trusted_networks) and self._trusted(peer),
@@ -396,39 +398,6 @@ class App:
             address = address.ipv4_mapped
         return any(address in net for net in self.trusted_networks)
 
-    def new_connection(
-        self, listener: Listener, peer: str, rates: ClientRates | None = None
-    ) -> SMTPConnection:
-        """The SMTP core for a new client on `listener`, with today's settings;
-        `rates` counts the client's messages and recipients (client_limits)."""
-        return SMTPConnection(
-            self.config.hostname,
-            self.policy,
-            self.limits,
-            self.extensions,
-            self.security(listener, peer),
-            vrfy=self.config.vrfy,
-            rates=rates,
-        )
-
-    def new_pop3_connection(self, listener: Listener) -> POP3Connection:
-        """The POP3 core for a new client on `listener`, with today's settings."""
-        return POP3Connection(
-            self.config.hostname,
-            POP3Security(
-                tls_available=self.tls_context is not None,
-                tls_active=listener.role in cfg.IMPLICIT_TLS_ROLES,
-                auth_plaintext=self.config.auth.allow_plaintext,
-            ),
-        )
-
-    # issue 21: LMTP in
-    def new_lmtp_connection(self, listener: Listener) -> LMTPConnection:
-        """The LMTP core for a new client on `listener`, with today's settings."""
-        return LMTPConnection(
-            self.config.hostname, self.policy, self.limits, self.extensions, vrfy=self.config.vrfy
-        )
-
     def lmtp_client_allowed(self, peer: str) -> bool:
         """A TCP `lmtp` listener serves the MTAs in `trusted_networks`, or, when
         there is none, on loopback: LMTP has no AUTH to tell anyone else apart."""
@@ -441,62 +410,6 @@ class App:
 
     #: CPU-heavy or blocking work (password checks) in the hub's threadpool.
     run_blocking = staticmethod(in_thread)
-
-    def check_login(self, session: str, peer: str, credentials: Credentials) -> Login:
-        """Check a login from `peer` (SMTP AUTH, POP3 USER/PASS and AUTH alike) in
-        the threadpool, under the failure throttle; the caller holds a failure's
-        reply for `Login.delay` seconds.
-
-        The check is counted before it runs (the threadpool yields), so parallel
-        connections from one client get `max_failures` checks between them: a
-        check that could go over the allowance waits for one of the client's
-        running checks to end; a client at the limit is refused without a check.
-        """
-        throttle = self.auth_throttle
-        deadline = time.monotonic() + self.config.timeouts.command
-        attempt = throttle.reserve(peer)
-        while attempt == BUSY and (left := deadline - time.monotonic()) > 0:
-            # A check ending in this process pulses; one ending in another
-            # worker does not, so ask again every AUTH_RECHECK seconds too.
-            self.auth_checks.wait(min(left, AUTH_RECHECK))
-            attempt = throttle.reserve(peer)
-        if attempt is None or attempt == BUSY:
-            self.metrics.auth_failure.inc()
-            self.metrics.client_limit_refused("auth_failures")
-            logger.warning(
-                "session {}: [{}] authentication refused: too many failures", session, peer
-            )
-            return Login(None, throttled=True)
-        user = None
-        delay, disconnect = 0.0, False
-        try:
-            # One check per core at a time, server-wide: each takes its hash's memory (64 MiB
-            # for the hashes `geosmtp passwd` makes) and a core; more at once
-            # would only hold more memory for the same rate.
-            with self.password_checks:
-                user = self.run_blocking(self.users.verify, credentials.login, credentials.password)
-        finally:
-            # The outcome is counted (a check that never ended, as a failure),
-            # then the client's waiting checks may ask again.
-            if user is not None:
-                throttle.succeeded(peer)
-            else:
-                delay, disconnect = throttle.failed(peer, attempt)
-            self.auth_checks.pulse()
-        if user is not None:
-            self.metrics.auth_success.inc()
-            logger.info(
-                "session {}: [{}] authenticated as {} ({})",
-                session,
-                peer,
-                user,
-                credentials.mechanism,
-            )
-            return Login(user)
-        self.metrics.auth_failure.inc()
-        # The login name is part of the AUTH arguments: it is not logged either.
-        logger.warning("session {}: [{}] authentication failed", session, peer)
-        return Login(None, delay=delay, disconnect=disconnect)
 
     def change_config(self, mapping: dict) -> ConfigChange:
         """Run the server on the config `mapping` (the admin API's PATCH): the

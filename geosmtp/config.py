@@ -170,15 +170,6 @@ def _ranged(default: float, *, min: float, max: float) -> Any:
 #: socket (`path`).
 Role = Literal["mx", "submission", "submissions", "pop3", "pop3s", "lmtp"]
 
-#: The protocol each role speaks (the session class `app.SESSIONS` runs for it).
-ROLE_PROTOCOL: dict[str, str] = {
-    "mx": "smtp",
-    "submission": "smtp",
-    "submissions": "smtp",
-    "pop3": "pop3",
-    "pop3s": "pop3",
-    "lmtp": "lmtp",  # issue 21: LMTP in
-}
 #: Roles whose listeners speak TLS from the first byte (RFC 8314).
 IMPLICIT_TLS_ROLES = frozenset({"submissions", "pop3s"})
 
@@ -189,16 +180,14 @@ class Listener:
     address: str = "127.0.0.1"
     #: 0 to 65535; 0 takes any free port.
     port: int = _ranged(2525, min=0, max=65535)
+    #: What the listener is for (`Role`); the protocol it speaks is the one
+    #: registered for the role (`server.protocols`, `app.PROTOCOLS`).
     role: Role = "mx"
     #: A UNIX socket to listen on instead of `address` and `port` (`lmtp` only),
     #: made by the master before it drops privileges and removed at the stop.
     path: Path | None = field(default=None, metadata={"path": True})
     #: The socket file's permissions (`0660` in YAML is octal): who may connect.
     mode: int = _ranged(0o660, min=0, max=0o777)
-
-    @property
-    def protocol(self) -> str:
-        return ROLE_PROTOCOL[self.role]
 
 
 @dataclass(frozen=True)

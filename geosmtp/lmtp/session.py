@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..mail import Mailbox, Recipient
+from ..protocol import Reply
 from ..smtp import replies as R
 from ..smtp import rules
 from ..smtp.policy import RecipientPolicy
@@ -43,7 +44,7 @@ class LocalOnly(RecipientPolicy):
     """The server's recipient policy as LMTP applies it: it never relays, and
     a recipient outside the local domains gets `550 5.1.1`."""
 
-    def resolve(self, mailbox: Mailbox, may_relay: bool = False) -> Recipient | R.Reply:
+    def resolve(self, mailbox: Mailbox, may_relay: bool = False) -> Recipient | Reply:
         resolved = super().resolve(mailbox, may_relay=False)
         return R.NOT_LOCAL if resolved is R.RELAY_DENIED else resolved
 
@@ -58,7 +59,7 @@ def local_only(policy: RecipientPolicy) -> LocalOnly:
 
 def _in_lmtp_words(rule: Rule) -> Rule:
     """An SMTP rule with LMTP's refusal for a client that has not greeted yet."""
-    refused: Mapping[State, R.Reply] = {
+    refused: Mapping[State, Reply] = {
         s: R.LHLO_FIRST if r is R.BAD_SEQUENCE_HELO else r for s, r in rule.refused.items()
     }
     return dataclasses.replace(rule, refused=refused)
@@ -92,7 +93,7 @@ class LMTPConnection(SMTPConnection):
         )
         super().__init__(hostname, local_only(policy), limits, extensions, Security(), vrfy=vrfy)
 
-    def banner(self) -> R.Reply:
+    def banner(self) -> Reply:
         return R.lmtp_greeting(self.hostname)
 
     def _do_LHLO(self, arg: bytes) -> None:
@@ -103,7 +104,7 @@ class LMTPConnection(SMTPConnection):
 
     # ------------------------------------------------ the shell's verdicts
 
-    def recipients_delivered(self, replies: Sequence[R.Reply]) -> None:
+    def recipients_delivered(self, replies: Sequence[Reply]) -> None:
         """The shell's verdict on a `MessageEnd`: one reply per recipient the
         envelope holds, in its order (the RCPT order): a 2xx when the message
         is durable in that recipient's mailbox (or in the queue), a 4xx when
@@ -132,7 +133,7 @@ class LMTPConnection(SMTPConnection):
         recipients = envelope.recipients if envelope is not None else ()
         self.recipients_delivered([delivered(queue_id, r.mailbox.address) for r in recipients])
 
-    def message_failed(self, reply: R.Reply = R.LOCAL_ERROR) -> None:
+    def message_failed(self, reply: Reply = R.LOCAL_ERROR) -> None:
         """No recipient's mailbox has the message: `reply` (a 4xx or 5xx) for each."""
         if not 400 <= reply.code < 600:
             raise self._misuse(f"message_failed() with a {reply.code} reply")

@@ -1,10 +1,11 @@
 """POP3 replies (RFC 1939 §3) with extended response codes (RFC 2449 §8, RFC 3206).
 
 The wording of every reply the POP3 server sends is in this file: constants
-(wire bytes) for the fixed ones, small functions for those with a variable
+(reply values, `geosmtp.protocol.StatusReply`, which render themselves) for
+the fixed ones, small functions for those with a variable
 part (a count, a size, a unique-id listing). Nothing here echoes client input:
 the variable parts are numbers, the server's own names and the texts the
-shell passes to `close_with()` and `login_failed()`, which are made safe for a
+shell passes to `closing()` and `login_failed()`, which are made safe for a
 reply line (`one_line`).
 """
 
@@ -12,28 +13,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..smtp import replies as SMTP
+from ..protocol import sasl
+from ..protocol.replies import StatusReply
 
 #: RFC 2449 §4: a reply line is at most 512 octets, CRLF included; the room
 #: left for a text given by the shell, after "-ERR [SYS/TEMP] ".
 MAX_TEXT = 400
 
 
-def ok(text: str = "") -> bytes:
-    return f"+OK {text}\r\n".encode() if text else b"+OK\r\n"
+def ok(text: str = "") -> StatusReply:
+    return StatusReply(f"+OK {text}" if text else "+OK")
 
 
-def err(text: str, code: str | None = None) -> bytes:
+def err(text: str, code: str | None = None) -> StatusReply:
     """`-ERR [code] text` (a response code per RFC 2449 §8, or none)."""
     prefix = f"[{code}] " if code else ""
-    return f"-ERR {prefix}{text}\r\n".encode()
+    return StatusReply(f"-ERR {prefix}{text}")
 
 
-def multiline(first: bytes, lines: Iterable[str]) -> bytes:
+def multiline(first: StatusReply, lines: Iterable[str]) -> StatusReply:
     """A multi-line reply (RFC 1939 §3): the status line, the lines byte-stuffed,
     and "." alone to end it."""
-    body = "".join(f".{line}\r\n" if line[:1] == "." else f"{line}\r\n" for line in lines)
-    return first + body.encode() + b".\r\n"
+    return StatusReply(first.line, tuple(lines))
 
 
 def one_line(text: str, limit: int = MAX_TEXT) -> str:
@@ -52,100 +53,95 @@ def response_code(code: str) -> str:
 # ------------------------------------------------ replies with a variable part
 
 
-def greeting(hostname: str) -> bytes:
+def greeting(hostname: str) -> StatusReply:
     """The banner (RFC 1939 §4); no APOP timestamp, APOP is not offered."""
     return ok(f"{one_line(hostname, 255)} POP3 server ready")
 
 
-def signing_off(hostname: str) -> bytes:
+def signing_off(hostname: str) -> StatusReply:
     """QUIT before login (RFC 1939 §4)."""
     return ok(f"{one_line(hostname, 255)} POP3 server signing off")
 
 
-def updated(hostname: str, left: int) -> bytes:
+def updated(hostname: str, left: int) -> StatusReply:
     """QUIT after the UPDATE state removed the deleted messages (RFC 1939 §6)."""
     what = "maildrop empty" if left == 0 else f"{left} message{'s' * (left != 1)} left"
     return ok(f"{one_line(hostname, 255)} POP3 server signing off ({what})")
 
 
-def not_updated(failed: int, deleted: int) -> bytes:
+def not_updated(failed: int, deleted: int) -> StatusReply:
     """QUIT when some deleted messages could not be removed (RFC 1939 §6)."""
     if failed:
         return err(f"Could not remove {failed} of {deleted} deleted messages.", "SYS/TEMP")
     return err("Some deleted messages were not removed.", "SYS/TEMP")
 
 
-def stat(count: int, octets: int) -> bytes:
+def stat(count: int, octets: int) -> StatusReply:
     """STAT: exactly `+OK nn mm` (RFC 1939 §5)."""
-    return f"+OK {count} {octets}\r\n".encode()
+    return ok(f"{count} {octets}")
 
 
-def scan_line(number: int, size: int) -> bytes:
+def scan_line(number: int, size: int) -> StatusReply:
     """LIST msg: one scan listing (RFC 1939 §5)."""
-    return f"+OK {number} {size}\r\n".encode()
+    return ok(f"{number} {size}")
 
 
-def scan_listing(entries: Iterable[tuple[int, int]], count: int, octets: int) -> bytes:
+def scan_listing(entries: Iterable[tuple[int, int]], count: int, octets: int) -> StatusReply:
     """LIST: every message not deleted, `number size` a line."""
     first = ok(f"{count} message{'s' * (count != 1)} ({octets} octets)")
     return multiline(first, (f"{n} {size}" for n, size in entries))
 
 
-def uid_line(number: int, uid: str) -> bytes:
+def uid_line(number: int, uid: str) -> StatusReply:
     """UIDL msg: one unique-id listing (RFC 1939 §7)."""
-    return f"+OK {number} {uid}\r\n".encode()
+    return ok(f"{number} {uid}")
 
 
-def uid_listing(entries: Iterable[tuple[int, str]]) -> bytes:
+def uid_listing(entries: Iterable[tuple[int, str]]) -> StatusReply:
     """UIDL: every message not deleted, `number uid` a line."""
     return multiline(ok("Unique-ID listing follows"), (f"{n} {uid}" for n, uid in entries))
 
 
-def retrieving(size: int) -> bytes:
+def retrieving(size: int) -> StatusReply:
     """RETR's status line; the message follows (RFC 1939 §5)."""
     return ok(f"{size} octets")
 
 
-def maildrop(count: int, octets: int) -> bytes:
+def maildrop(count: int, octets: int) -> StatusReply:
     """RSET (RFC 1939 §5): what the maildrop holds again."""
     return ok(f"maildrop has {count} message{'s' * (count != 1)} ({octets} octets)")
 
 
-def capabilities(names: Iterable[str]) -> bytes:
+def capabilities(names: Iterable[str]) -> StatusReply:
     """CAPA (RFC 2449 §5)."""
     return multiline(ok("Capability list follows"), names)
 
 
-def mechanisms(names: Iterable[str]) -> bytes:
+def mechanisms(names: Iterable[str]) -> StatusReply:
     """AUTH without an argument: the SASL mechanisms, one a line, as the
     RFC 1734 drafts had it and Dovecot and Outlook still do."""
     return multiline(ok("Authentication mechanisms follow"), names)
 
 
-def challenge(text: str) -> bytes:
+def challenge(text: str) -> StatusReply:
     """A SASL challenge (RFC 5034 §4): `+ base64`, `+ ` for an empty one."""
-    return f"+ {text}\r\n".encode()
+    return StatusReply(f"+ {text}")
 
 
-def usage(syntax: str) -> bytes:
+def usage(syntax: str) -> StatusReply:
     """A command with the wrong arguments: how it is written."""
     return err(f"Syntax: {syntax}")
 
 
-def login_refused(code: str, text: str | None) -> bytes:
+def login_refused(code: str, text: str | None) -> StatusReply:
     """A login that failed, with its response code (RFC 2449 §8.1.2, RFC 3206)."""
     return err(one_line(text) if text else LOGIN_FAILURE_TEXT[code], code)
 
 
-def closing(text: str, code: str | None) -> bytes:
-    """The shell ends the session (`close_with`)."""
+def closing(text: str, code: str | None = "SYS/TEMP") -> StatusReply:
+    """The reply the shell ends the session with (`close_with`): `text` (from
+    the shell, made one safe line) after the response code `code`."""
     return err(one_line(text), response_code(code) if code else None)
-
-
-def sasl_error(reply: SMTP.Reply) -> bytes:
-    """The SMTP SASL code's refusal (`SASLError.reply`) as a POP3 `-ERR` line."""
-    line = SASL_ERRORS.get(reply)
-    return line if line is not None else err(one_line(reply.text))
 
 
 # ---------------------------------------------------------------- fixed replies
@@ -187,13 +183,13 @@ PASS_WITHOUT_USER = err("Send USER first.")
 BAD_USER_NAME = err("Invalid user name.", "AUTH")
 AUTH_LINE_TOO_LONG = err("Authentication line too long.")
 
-#: The SMTP SASL code's refusals (sasl.SASLError.reply) in POP3's words.
+#: The SASL exchange's refusals (`sasl.SASLError.problem`) in POP3's words.
 SASL_ERRORS = {
-    SMTP.AUTH_CANCELLED: err("Authentication cancelled."),
-    SMTP.AUTH_BAD_BASE64: err("Cannot decode the base64 response."),
-    SMTP.AUTH_BAD_RESPONSE: err("Malformed authentication response."),
-    SMTP.AUTH_BAD_MECHANISM: err("Unsupported authentication mechanism."),
-    SMTP.AUTH_FAILED: AUTH_FAILED,  # PLAIN acting for another user
+    sasl.Problem.CANCELLED: err("Authentication cancelled."),
+    sasl.Problem.BAD_BASE64: err("Cannot decode the base64 response."),
+    sasl.Problem.BAD_RESPONSE: err("Malformed authentication response."),
+    sasl.Problem.BAD_MECHANISM: err("Unsupported authentication mechanism."),
+    sasl.Problem.FAILED: AUTH_FAILED,  # PLAIN acting for another user
 }
 
 #: Commands with the wrong arguments: how each is written.
@@ -221,9 +217,11 @@ STOPPING = err("Server shutting down; try again later.", "SYS/TEMP")
 #: client_limits.max_connections: this client address has that many open.
 TOO_MANY_FROM_ADDRESS = err("Too many connections from your address; try again later.", "SYS/TEMP")
 
-#: Texts for `POP3Connection.close_with(text)` (its code defaults to SYS/TEMP).
-AUTOLOGOUT = "Autologout: idle for too long."
-SHUTTING_DOWN = "Server shutting down."
-KICKED = "Connection closed by the administrator."
-INTERNAL_ERROR = "Internal server error; closing the connection."
-TOO_MANY_AUTH_FAILURES = "Too many authentication failures."
+#: Replies for `POP3Connection.close_with(reply)`.
+AUTOLOGOUT = closing("Autologout: idle for too long.")
+SHUTTING_DOWN = closing("Server shutting down.")
+KICKED = closing("Connection closed by the administrator.")
+INTERNAL_ERROR = closing("Internal server error; closing the connection.")
+#: After the last failed login allowed: the refusal's text, and the close.
+TOO_MANY_AUTH_FAILURES_TEXT = "Too many authentication failures."
+TOO_MANY_AUTH_FAILURES = closing(TOO_MANY_AUTH_FAILURES_TEXT, "AUTH")

@@ -43,20 +43,23 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from ..smtp import sasl
-from ..smtp.connection import LINE_TOO_LONG, SansIOConnection
-from ..smtp.session import NEED_DATA, PAUSED
+from ..protocol import (
+    LINE_TOO_LONG,
+    NEED_DATA,
+    PAUSED,
+    CloseConnection,
+    ConnectionClosed,
+    ReplyValue,
+    SansIOConnection,
+    Sentinel,
+    sasl,
+)
 from . import replies as R
 from .state import COMMAND_STATES, SEQUENCE, TRANSITIONS, WAITING_STATES, State
 
 __all__ = [
-    "NEED_DATA",
-    "PAUSED",
     "AuthRequest",
-    "CloseConnection",
-    "ConnectionClosed",
     "Listing",
     "LoginFailure",
     "POP3Connection",
@@ -138,16 +141,6 @@ class Update:
     possibly none), release the maildrop, then call `update_result()`."""
 
     deleted: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class CloseConnection:
-    """The server ends the session; its last reply is queued."""
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
-    """End of input: the client closed its side (or the session has ended)."""
 
 
 Event = StartTLS | AuthRequest | Retrieve | Update | CloseConnection | ConnectionClosed
@@ -239,50 +232,36 @@ class POP3Connection(SansIOConnection):
         if self._greeted or self.state is not State.AUTHORIZATION:
             raise self._misuse(f"greeting() again or in state {self.state.name}")
         self._greeted = True
-        return R.greeting(self.hostname)
+        return R.greeting(self.hostname).to_bytes()
 
-    @staticmethod
-    def refusal_line(stopping: bool) -> bytes:
-        """The one line for a client that gets no session: the server is
-        `stopping`, or at its connection cap."""
-        return R.STOPPING if stopping else R.TOO_MANY_CLIENTS
+    def _send(self, reply: ReplyValue) -> None:
+        self._out.append(reply.to_bytes())
 
-    def _reply(self, line: bytes) -> None:
+    def _reply(self, reply: ReplyValue) -> None:
         """A positive reply: the run of bad commands is over."""
-        self._out.append(line)
+        self._send(reply)
         self.bad_commands = 0
 
-    def _error(self, line: bytes) -> None:
+    def _error(self, reply: ReplyValue) -> None:
         """An `-ERR` for a command line, counted; too many in a row close."""
-        self._out.append(line)
+        self._send(reply)
         self.bad_commands += 1
         if self.bad_commands >= self.max_bad_commands and self.state in COMMAND_STATES:
             self._close(R.TOO_MANY_BAD_COMMANDS)
 
-    def _close(self, line: bytes) -> None:
+    def _close(self, reply: ReplyValue) -> None:
+        """(`close_with()`, the base's, closes here; it never enters UPDATE:
+        nothing is deleted. Its replies are in `replies`: `AUTOLOGOUT`,
+        `SHUTTING_DOWN`, ..., or `closing(text, code)`.)"""
         self._move("close")
-        self._closed(line)
+        self._closed(reply)
 
-    def _closed(self, line: bytes) -> None:
-        """The session has ended with `line`: queue it and say so."""
-        self._out.append(line)
+    def _closed(self, reply: ReplyValue) -> None:
+        """The session has ended with `reply`: queue it and say so."""
+        self._send(reply)
         self._buf.clear()
         self._sasl = None
-        self._events.append(CloseConnection())
-
-    def close_with(self, text: str, code: str | None = "SYS/TEMP") -> None:
-        """The shell ends the session (autologout, shutdown, kick, too many
-        failed logins, its own error): queue `-ERR [code] text` and close.
-        Texts for it are in `replies` (`AUTOLOGOUT`, `SHUTTING_DOWN`, ...).
-
-        May be called in any state: it is the one way out of `ERROR`, and it
-        works while the connection waits for a verdict. It never enters
-        UPDATE: nothing is deleted. The next event is the `CloseConnection`;
-        flush `data_to_send()` and close the socket. On a closed connection it
-        does nothing.
-        """
-        if self.state is not State.CLOSED:
-            self._close(R.closing(text, code))
+        self._events.append(CloseConnection(reply))
 
     # ---------------------------------------------------------------- states
 
@@ -294,7 +273,7 @@ class POP3Connection(SansIOConnection):
 
     # ----------------------------------------------------------------- input
 
-    def next_event(self) -> Event | object:
+    def next_event(self) -> Event | Sentinel:
         """Process buffered input and return the next event, or a sentinel.
 
         - an event (see the module docstring): act on it, then call again;
@@ -490,8 +469,7 @@ class POP3Connection(SansIOConnection):
 
     def _auth_step(
         self,
-        # Credentials, or a challenge as `sasl`'s Reply (of the SMTP core's replies)
-        step: Callable[[sasl.SASLExchange], Any],
+        step: Callable[[sasl.SASLExchange], sasl.Challenge | sasl.Credentials],
         mechanism: str | None = None,
     ) -> None:
         """Run one step of the SASL exchange (RFC 5034 §4) and act on what it gives."""
@@ -500,14 +478,14 @@ class POP3Connection(SansIOConnection):
             result = step(exchange)
         except sasl.SASLError as exc:
             self._sasl = None
-            self._error(R.sasl_error(exc.reply))
+            self._error(R.SASL_ERRORS[exc.problem])
             return
         if isinstance(result, sasl.Credentials):
             self._sasl = None
             self._request_login(result)
             return
         self._sasl = exchange  # a challenge: the next line is the answer
-        self._out.append(R.challenge(result.text))
+        self._send(R.challenge(result.text))
 
     def _request_login(self, credentials: sasl.Credentials) -> None:
         self._login = credentials.login
@@ -666,7 +644,7 @@ class POP3Connection(SansIOConnection):
         self._move("login_failed")
         self._login = None
         self._user_name = None
-        self._out.append(R.login_refused(why.value, text))
+        self._send(R.login_refused(why.value, text))
 
     def retrieve_result(self, ok: bool) -> None:
         """The shell's verdict on a `Retrieve`: the message can be sent (`ok`:
@@ -683,7 +661,7 @@ class POP3Connection(SansIOConnection):
         if request is None:  # RETRIEVING is entered with one: a bug in this module
             raise RuntimeError("retrieving without a request")
         if not ok:
-            self._out.append(R.RETRIEVE_FAILED)
+            self._send(R.RETRIEVE_FAILED)
         elif request.lines is None:
             self._reply(R.retrieving(self.listing[request.index].size))
         else:

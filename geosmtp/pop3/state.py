@@ -8,8 +8,8 @@ the command's handler runs; no handler checks the state itself.
 `TRANSITIONS` says where each step leads from each state: a command accepted,
 a verdict from the shell, a close, the end of the input. Every change of
 `POP3Connection.state` is a step in it; a step the table does not have from
-the current state is a misuse of the connection (`ProtocolError`, shared with
-the SMTP core) and leaves it in `ERROR`, from which only closing leads out.
+the current state is a misuse of the connection (`ProtocolError`, from the shared
+protocol base) and leaves it in `ERROR`, from which only closing leads out.
 The client cannot cause one: its commands are checked against `SEQUENCE`
 first and refused with a reply.
 """
@@ -20,7 +20,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..smtp.state import ProtocolError
+from ..protocol import StatusReply
 from . import replies as R
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "SEQUENCE",
     "TRANSITIONS",
     "WAITING_STATES",
-    "ProtocolError",
     "Rule",
     "State",
 ]
@@ -61,7 +60,7 @@ class Rule:
     """When a command may run: in every command state but those in `refused`,
     which gives the reply for each of them."""
 
-    refused: Mapping[State, bytes] = field(default_factory=dict)
+    refused: Mapping[State, StatusReply] = field(default_factory=dict)
 
 
 _ANY_TIME = Rule()

@@ -5,7 +5,7 @@ The sessions, the listeners and the cluster channel are driven by the app
 into it: its config, services and checks. They know it by these protocols,
 defined here, below the app, so that the app imports the server and never
 the other way round. `Login` and `ConfigChange`, the answers they get, live
-here for the same reason (`geosmtp.app` names them too).
+here for the same reason (`geosmtp.logins` and `geosmtp.app` make them).
 """
 
 from __future__ import annotations
@@ -17,20 +17,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config, Listener
-    from ..lmtp import LMTPConnection
+    from ..mail.limits import Extensions, Limits
     from ..metrics import Metrics
     from ..pipeline import Pipeline
-    from ..pop3 import POP3Connection
+    from ..protocol.sasl import Credentials
     from ..queue.runner import QueueRunner
-    from ..smtp import ClientRates, SMTPConnection
-    from ..smtp.sasl import Credentials
+    from ..smtp import RecipientPolicy, Security
     from ..storage import MaildirStore, Spool
     from .anvil import Anvil
 
 
 @dataclass(frozen=True)
 class Login:
-    """The outcome of `Host.check_login`."""
+    """The outcome of `Logins.check` (`Host.logins`)."""
 
     user: str | None  # the mailbox name logged in as, None when refused
     delay: float = 0.0  # seconds to hold the refusal (doubles with each failure)
@@ -70,6 +69,18 @@ class Stress(Protocol):
     def stressed(self) -> bool: ...
 
 
+class CoreBuilder(Protocol):
+    """Builds the core of a listener's protocol (`protocols.Protocols.build`)."""
+
+    def build(self, listener: Listener, peer: str, host: Host, **session: Any) -> Any: ...
+
+
+class Logins(Protocol):
+    """The login check (`geosmtp.logins.Logins`): the users and the throttle."""
+
+    def check(self, session: str, peer: str, credentials: Credentials) -> Login: ...
+
+
 class Host(Protocol):
     """What a session (SMTP, POP3) and the listeners ask of the app."""
 
@@ -87,16 +98,21 @@ class Host(Protocol):
     #: CPU-heavy or blocking work (password checks), off the hub.
     run_blocking: Callable[..., Any]
 
-    def check_login(self, session: str, peer: str, credentials: Credentials) -> Login: ...
+    #: The login check every protocol's sessions use.
+    @property
+    def logins(self) -> Logins: ...
+    #: The protocols of the listeners (`protocols.Protocols`): a session builds
+    #: its core with it.
+    @property
+    def protocols(self) -> CoreBuilder: ...
 
-    def new_connection(
-        self, listener: Listener, peer: str, rates: ClientRates | None = None
-    ) -> SMTPConnection: ...
+    #: The SMTP core's settings of the moment.
+    policy: RecipientPolicy
+    limits: Limits
+    extensions: Extensions
 
-    def new_pop3_connection(self, listener: Listener) -> POP3Connection: ...
+    def security(self, listener: Listener, peer: str) -> Security: ...
 
-    # issue 21: LMTP in
-    def new_lmtp_connection(self, listener: Listener) -> LMTPConnection: ...
     def lmtp_client_allowed(self, peer: str) -> bool: ...
 
 

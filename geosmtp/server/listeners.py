@@ -1,7 +1,7 @@
 """Listening sockets, the connection cap, and the graceful stop.
 
 One `gevent.server.StreamServer` per configured listener, each serving the
-session class of its protocol (`SESSIONS`, by the listener role's protocol).
+session class of its protocol (`protocols.Protocols`, by the listener's role).
 Sessions run in a `gevent.pool.Group`; the cap is checked as each
 connection's greenlet starts, so a client over it gets the protocol's
 "too busy" reply at once instead of waiting in the backlog (gevent's `Pool`
@@ -28,7 +28,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import monkey
@@ -46,6 +46,7 @@ UNIX_PEER = "unix"
 
 if TYPE_CHECKING:
     from .host import Host
+    from .protocols import Protocols, ServerProtocol, Session
 
 #: Once the grace period is over and every session was asked to stop, how long
 #: they get to reach a safe point (a delivery in progress finishes first) ...
@@ -57,44 +58,6 @@ STRESS_CHECK = 0.5
 #: Seconds between two "refused" lines of one worker (over max_clients, or
 #: stopping): a flood of refused clients writes a line a minute, with a count.
 REFUSAL_LOG_INTERVAL = 60.0
-
-
-class Session(Protocol):
-    """What the listeners need of a protocol's session class."""
-
-    id: str
-    peer: str
-    PROTOCOL: str
-
-    def __init__(
-        self,
-        app: Host,
-        sock: socket.socket,
-        address: tuple,
-        listener: Listener,
-        lm: ListenerMetrics,
-        client_key: int = 0,
-    ) -> None: ...
-
-    @staticmethod
-    def refusal(stopping: bool) -> bytes:
-        """What a client over the cap (or arriving during a stop) is told."""
-        ...
-
-    @staticmethod
-    def limit_refusal(limit: str) -> bytes:
-        """What a client over a per-client limit (`shared.CONNECTIONS`, ...) is told."""
-        ...
-
-    def expire(self, now: float, timeout: float) -> None:
-        """Under stress: end the session (its timeout reply) if it has waited
-        for a command longer than `timeout`."""
-        ...
-
-    def run(self) -> None: ...
-    def shutdown(self) -> None: ...
-    def kick(self) -> None: ...
-    def info(self) -> dict: ...
 
 
 def raise_open_files_limit() -> int:
@@ -182,14 +145,14 @@ class Listeners:
     def __init__(
         self,
         app: Host,
-        sessions: dict[str, type[Session]],
+        protocols: Protocols,
         connections: ConnectionCounter | None = None,
     ) -> None:
         self.app = app
         # The count the cap is checked against: this process's, or one the
         # worker processes share (`shared.SharedState`).
         self.connections = LocalConnections() if connections is None else connections
-        self.session_classes = sessions  # protocol name -> session class
+        self.protocols = protocols  # the session class of each listener's role
         self.group: Group = Group()
         self.by_id: dict[str, Session] = {}  # open sessions: the cap, stop, the admin API
         self.servers: list[StreamServer] = []
@@ -211,8 +174,8 @@ class Listeners:
             else:
                 host, port = sock.getsockname()[:2]
                 lm = app.metrics.listener(f"{listener.role}:[{listener.address}]:{port}")
-            session_class = self.session_classes[listener.protocol]
-            server = StreamServer(sock, self._handler(session_class, listener, lm))
+            protocol = self.protocols.of(listener)
+            server = StreamServer(sock, self._handler(protocol, listener, lm))
             if app.config.worker_count > 1 and not app.config.reuse_port:
                 # One socket the workers share: take one connection per wake-up.
                 # gevent's default (100 at a time) let whichever worker woke first
@@ -225,8 +188,10 @@ class Listeners:
         self._stress_watch = gevent.spawn(self._watch_stress)
 
     def _handler(
-        self, session_class: type[Session], listener: Listener, lm: ListenerMetrics
+        self, protocol: ServerProtocol, listener: Listener, lm: ListenerMetrics
     ) -> Callable[[socket.socket, tuple], None]:
+        session_class = protocol.session
+
         def handle(client: socket.socket, address: tuple) -> None:
             if not address:  # issue 21: a UNIX socket's client has no address
                 address = (UNIX_PEER, 0)
@@ -243,7 +208,7 @@ class Listeners:
                 key, over = (
                     (0, None)  # issue 21: a UNIX socket's clients are guarded by its mode
                     if address[0] == UNIX_PEER
-                    else anvil.connect(address[0], session_class.PROTOCOL == "smtp")
+                    else anvil.connect(address[0], protocol.all_client_limits)
                 )
                 if over is not None:
                     self._refuse(client, address, session_class.limit_refusal(over), log=False)

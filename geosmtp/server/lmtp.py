@@ -25,6 +25,7 @@ from loguru import logger
 
 from ..lmtp import LMTPConnection, delivered
 from ..pipeline import Message, Verdict
+from ..protocol import Reply
 from ..smtp import replies as R
 from ..storage import SpoolFile
 from .smtp import SMTPSession, _FailedSpool
@@ -36,15 +37,20 @@ if TYPE_CHECKING:
     from .host import Host
 
 
+def build_core(
+    host: Host, listener: Listener, peer: str, rates: ClientRates | None = None
+) -> LMTPConnection:
+    """The LMTP core for a new client on `listener`, with the app's settings of
+    the moment (no AUTH, no TLS: the listener's place guards it; no rates)."""
+    return LMTPConnection(
+        host.config.hostname, host.policy, host.limits, host.extensions, vrfy=host.config.vrfy
+    )
+
+
 class LMTPSession(SMTPSession):
     PROTOCOL = "lmtp"
 
     conn: LMTPConnection
-
-    def _new_core(
-        self, server: Host, listener: Listener, rates: ClientRates | None
-    ) -> LMTPConnection:
-        return server.new_lmtp_connection(listener)
 
     def _serve(self) -> None:
         if self.listener.path is None and not self.server.lmtp_client_allowed(self.peer):
@@ -96,7 +102,7 @@ class LMTPSession(SMTPSession):
             verdicts = self.server.pipeline.process_each(message)
             stages = ",".join(map(str, message.verdicts)) or None
             auth_results = message.auth_results
-        replies: list[R.Reply] = []
+        replies: list[Reply] = []
         failures: list[str] = []
         for recipient, verdict in zip(envelope.recipients, verdicts, strict=True):
             address = recipient.mailbox.address

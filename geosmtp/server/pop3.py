@@ -14,35 +14,36 @@ a connection that drops deletes nothing (RFC 1939 §6).
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import gevent
 from loguru import logger
 
 from .. import logs
+from ..config import IMPLICIT_TLS_ROLES
 from ..pop3 import (
-    NEED_DATA,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     Listing,
     LoginFailure,
     POP3Connection,
+    POP3Security,
     Retrieve,
     StartTLS,
     Update,
 )
 from ..pop3 import replies as R
 from ..pop3.stuffing import MessageEncoder
+from ..protocol import NEED_DATA, CloseConnection, ConnectionClosed, ReplyValue
 from ..storage import StorageError
 from ..storage.expunge import ExpungeIncomplete, expunge, finish_expunge
 from ..storage.maildir import MaildropBusy, uid_for
-from .stream import READ_SIZE, ClientTimeout, StreamSession
+from .shared import CONNECTION_RATE, CONNECTIONS, ERRORS
+from .stream import READ_SIZE, StreamSession
 
 if TYPE_CHECKING:
     from ..config import Listener
     from ..metrics import ListenerMetrics
-    from ..smtp.sasl import Credentials
+    from ..protocol.sasl import Credentials
     from ..storage.maildir import Maildir, MaildropLock, StoredMessage
     from .host import Host
 
@@ -59,6 +60,18 @@ def _send_at_once(sock: socket.socket) -> None:
         pass
 
 
+def build_core(host: Host, listener: Listener, peer: str) -> POP3Connection:
+    """The POP3 core for a new client on `listener`, with the app's settings of the moment."""
+    return POP3Connection(
+        host.config.hostname,
+        POP3Security(
+            tls_available=host.tls_context is not None,
+            tls_active=listener.role in IMPLICIT_TLS_ROLES,
+            auth_plaintext=host.config.auth.allow_plaintext,
+        ),
+    )
+
+
 class POP3Session(StreamSession):
     def __init__(
         self,
@@ -71,7 +84,9 @@ class POP3Session(StreamSession):
     ) -> None:
         super().__init__(server, sock, address, listener, metrics, client_key)
         _send_at_once(sock)
-        self.conn: POP3Connection = server.new_pop3_connection(listener)
+        self.conn: POP3Connection = cast(
+            POP3Connection, server.protocols.build(listener, self.peer, server)
+        )
         self.pm = server.metrics.pop3_listener(metrics.name)
         self.maildir: Maildir | None = None
         self.lock: MaildropLock | None = None
@@ -91,11 +106,6 @@ class POP3Session(StreamSession):
         timeouts = self.server.config.timeouts
         return timeouts.pop3_autologout if self.user is not None else timeouts.command
 
-    def _flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self._send(out)
-
     def _sync_metrics(self) -> None:
         super()._sync_metrics()
         commands = self.conn.commands
@@ -103,16 +113,15 @@ class POP3Session(StreamSession):
             self.pm.commands.inc(commands - self._commands_counted)
             self._commands_counted = commands
 
-    @staticmethod
-    def refusal(stopping: bool) -> bytes:
-        """For a client over the connection cap, or arriving during a stop."""
-        return POP3Connection.refusal_line(stopping)
-
-    @staticmethod
-    def limit_refusal(limit: str) -> bytes:
-        """For a client over its open connections (client_limits.max_connections,
-        the one per-client limit POP3 is held to)."""
-        return R.TOO_MANY_FROM_ADDRESS
+    #: A client over its open connections (client_limits.max_connections, the
+    #: one per-client limit POP3 is held to) hears the same for every limit.
+    REFUSALS: ClassVar[dict[str, ReplyValue]] = {
+        "stopping": R.STOPPING,
+        "busy": R.TOO_MANY_CLIENTS,
+        CONNECTIONS: R.TOO_MANY_FROM_ADDRESS,
+        CONNECTION_RATE: R.TOO_MANY_FROM_ADDRESS,
+        ERRORS: R.TOO_MANY_FROM_ADDRESS,
+    }
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""
@@ -132,7 +141,7 @@ class POP3Session(StreamSession):
 
     # ------------------------------------------------------------ the loop
 
-    CLOSING: ClassVar[dict[str, object]] = {
+    CLOSING: ClassVar[dict[str, ReplyValue]] = {
         "timeout": R.AUTOLOGOUT,
         "shutdown": R.SHUTTING_DOWN,
         "kicked": R.KICKED,
@@ -184,27 +193,18 @@ class POP3Session(StreamSession):
                 dele=f"{self.deleted}/{len(self.messages)}",
             )
 
-    def _close_with(self, text: str) -> None:
-        try:
-            self.conn.close_with(text)
-            self._flush()
-        except (OSError, ClientTimeout):
-            pass
-        except Exception:  # a bug: the traceback is logged, the socket closed in run()
-            logger.exception("pop3 session {}: cannot close cleanly", self.id)
-
     # ------------------------------------------------------------ login
 
     def _login(self, credentials: Credentials) -> None:
         """Check the password, then lock and list the maildrop (RFC 1939 §4)."""
         conn = self.conn
-        login = self.server.check_login(self.id, self.peer, credentials)
+        login = self.server.logins.check(self.id, self.peer, credentials)
         if login.throttled:
             self.pm.logins_failed.inc()
             self._access("auth-throttled")
             self.outcome = "errors"
-            conn.login_failed(LoginFailure.TEMP, R.TOO_MANY_AUTH_FAILURES)
-            conn.close_with(R.TOO_MANY_AUTH_FAILURES, "AUTH")
+            conn.login_failed(LoginFailure.TEMP, R.TOO_MANY_AUTH_FAILURES_TEXT)
+            conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
         if login.user is None:
             self.pm.logins_failed.inc()
@@ -214,7 +214,7 @@ class POP3Session(StreamSession):
             conn.login_failed(LoginFailure.AUTH)
             if login.disconnect:
                 self.outcome = "errors"
-                conn.close_with(R.TOO_MANY_AUTH_FAILURES, "AUTH")
+                conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
         user = login.user
         maildir = self.server.store.maildir(user)

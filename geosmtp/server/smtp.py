@@ -23,7 +23,7 @@ from __future__ import annotations
 import email.utils
 import socket
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import gevent
 from loguru import logger
@@ -32,11 +32,9 @@ from .. import logs
 from ..mail.headers import MessageIdSniffer
 from ..mail.ids import new_queue_id
 from ..pipeline import Message, Verdict
+from ..protocol import NEED_DATA, CloseConnection, ConnectionClosed, Reply, ReplyValue
 from ..smtp import (
-    NEED_DATA,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     MessageData,
     MessageEnd,
     MessageStart,
@@ -52,13 +50,13 @@ from ..storage import SpoolFile, StorageError
 from ..storage.spool import without_return_paths
 from .anvil import ClientRates
 from .shared import CONNECTION_RATE, CONNECTIONS, ERRORS
-from .stream import ClientTimeout, StreamSession
+from .stream import StreamSession
 
 if TYPE_CHECKING:
     from ..config import Listener
     from ..mail import Envelope
     from ..metrics import ListenerMetrics
-    from ..smtp.sasl import Credentials
+    from ..protocol.sasl import Credentials
     from .host import Host
 
 _last_date: tuple[int, str] = (-1, "")
@@ -73,7 +71,26 @@ def received_date() -> str:
     return _last_date[1]
 
 
+def build_core(
+    host: Host, listener: Listener, peer: str, rates: ClientRates | None = None
+) -> SMTPConnection:
+    """The SMTP core for a new client on `listener`, with the app's settings of
+    the moment; `rates` counts the client's messages and recipients (client_limits)."""
+    return SMTPConnection(
+        host.config.hostname,
+        host.policy,
+        host.limits,
+        host.extensions,
+        host.security(listener, peer),
+        vrfy=host.config.vrfy,
+        rates=rates,
+    )
+
+
 class SMTPSession(StreamSession):
+    """An SMTP session; its core is the one its listener's role speaks
+    (`protocols.Protocols.build`)."""
+
     def __init__(
         self,
         server: Host,
@@ -85,7 +102,9 @@ class SMTPSession(StreamSession):
     ) -> None:
         super().__init__(server, sock, address, listener, metrics, client_key)
         rates = ClientRates(server.anvil, client_key, self.peer) if client_key else None
-        self.conn: SMTPConnection = self._new_core(server, listener, rates)
+        self.conn: SMTPConnection = cast(
+            SMTPConnection, server.protocols.build(listener, self.peer, server, rates=rates)
+        )
         self.errors_counted = 0  # of conn.errors, those added to the client's budget
         self.spool: SpoolFile | _FailedSpool | None = None
         self.queue_id: str | None = None
@@ -95,12 +114,6 @@ class SMTPSession(StreamSession):
         self.refused: list[str] = []
         self.logged: Envelope | None = None
         self.data_started = 0.0
-
-    def _new_core(
-        self, server: Host, listener: Listener, rates: ClientRates | None
-    ) -> SMTPConnection:
-        """The protocol core of this session (a subclass's protocol gives its own)."""
-        return server.new_connection(listener, self.peer, rates)
 
     # -------------------------------------------------------------- I/O
 
@@ -114,11 +127,6 @@ class SMTPSession(StreamSession):
     def _waits_for_command(self) -> bool:
         return not self.conn.in_data
 
-    def _flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self._send(out)
-
     def _sync_metrics(self) -> None:
         """Add this session's byte and command tallies to the server's counters.
 
@@ -131,21 +139,13 @@ class SMTPSession(StreamSession):
         if counts:
             self.server.metrics.add_counts(counts)
 
-    @staticmethod
-    def refusal(stopping: bool) -> bytes:
-        """For a client over the connection cap, or arriving during a stop."""
-        return (R.SHUTTING_DOWN if stopping else R.TOO_MANY_CLIENTS).to_bytes()
-
-    LIMIT_REFUSALS: ClassVar[dict[str, bytes]] = {
-        CONNECTIONS: R.CLIENT_CONNECTIONS.to_bytes(),
-        CONNECTION_RATE: R.CLIENT_CONNECTION_RATE.to_bytes(),
-        ERRORS: R.CLIENT_ERRORS.to_bytes(),
+    REFUSALS: ClassVar[dict[str, ReplyValue]] = {
+        "stopping": R.SHUTTING_DOWN,
+        "busy": R.TOO_MANY_CLIENTS,
+        CONNECTIONS: R.CLIENT_CONNECTIONS,
+        CONNECTION_RATE: R.CLIENT_CONNECTION_RATE,
+        ERRORS: R.CLIENT_ERRORS,
     }
-
-    @staticmethod
-    def limit_refusal(limit: str) -> bytes:
-        """For a client over one of its limits at connect (client_limits)."""
-        return SMTPSession.LIMIT_REFUSALS[limit]
 
     def info(self) -> dict:
         """What the admin API shows of this session (never message data or secrets)."""
@@ -166,7 +166,7 @@ class SMTPSession(StreamSession):
 
     # ------------------------------------------------------------ the loop
 
-    CLOSING: ClassVar[dict[str, object]] = {
+    CLOSING: ClassVar[dict[str, ReplyValue]] = {
         "timeout": R.TIMEOUT,
         "shutdown": R.SHUTTING_DOWN,
         "kicked": R.KICKED,
@@ -211,7 +211,8 @@ class SMTPSession(StreamSession):
                 self._authenticate(event.credentials)
             elif type(event) is CloseConnection:
                 self._flush()
-                code = event.reply.code if event.reply else 221
+                reply = event.reply
+                code = reply.code if isinstance(reply, Reply) else 221
                 self.outcome = "quit" if code == 221 else "errors"
                 break
             elif type(event) is ConnectionClosed:
@@ -250,24 +251,11 @@ class SMTPSession(StreamSession):
                 envelope, "aborted", size=size, stage=state.name, reason=self.outcome
             )
 
-    def _close_with(self, reply: R.Reply) -> None:
-        try:
-            self.conn.close_with(reply)
-            self._flush()
-        except (OSError, ClientTimeout):
-            pass
-        except Exception:  # the core is in a state it cannot close from: send it raw
-            logger.exception("session {}: cannot close cleanly", self.id)
-            try:
-                self.sock.send(reply.to_bytes())
-            except OSError:
-                pass
-
     # ------------------------------------------------------ TLS and AUTH
 
     def _authenticate(self, credentials: Credentials) -> None:
-        """Check a login (`App.check_login`); a failure's reply is held, then may disconnect."""
-        login = self.server.check_login(self.id, self.peer, credentials)
+        """Check a login (`Host.logins`); a failure's reply is held, then may disconnect."""
+        login = self.server.logins.check(self.id, self.peer, credentials)
         if login.throttled:
             self.conn.close_with(R.TOO_MANY_AUTH_FAILURES)
             return
@@ -377,7 +365,7 @@ class SMTPSession(StreamSession):
         self._sync_metrics()
 
     @staticmethod
-    def _failure_reply(verdict: Verdict) -> R.Reply:
+    def _failure_reply(verdict: Verdict) -> Reply:
         """The reply for a pipeline's failure: a stage's own, else 452 for a
         full disk, else 451."""
         if verdict.code is not None:

@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import gevent
 from gevent import socket as gsocket
@@ -24,7 +24,7 @@ from loguru import logger
 if TYPE_CHECKING:
     from ..config import Listener
     from ..metrics import ListenerMetrics
-    from ..smtp.connection import SansIOConnection
+    from ..protocol import ReplyValue, SansIOConnection
     from .host import Host
 
 READ_SIZE = 64 * 1024
@@ -61,14 +61,20 @@ os.register_at_fork(after_in_child=_new_session_ids)
 class StreamSession:
     """One client connection; subclasses add the protocol.
 
-    A subclass gives `_serve()` (the protocol loop), `_close_with(reply)`,
-    `CLOSING` (its closing reply for each way the server ends a session),
-    `_sync_metrics()` and `_ended()` (its own cleanup); `run()` turns the ways
-    a session can end into outcomes, the same for every protocol.
+    A subclass gives `_serve()` (the protocol loop), `CLOSING` (its closing
+    reply for each way the server ends a session), `REFUSALS` (its reply to a
+    client that gets no session), `_sync_metrics()` and `_ended()` (its own
+    cleanup); `run()` turns the ways a session can end into outcomes, and
+    `_close_with()` closes the core with a reply value, the same for every
+    protocol.
     """
 
     #: The reply the server closes with, by outcome: timeout, shutdown, kicked, error.
-    CLOSING: ClassVar[dict[str, Any]] = {}
+    CLOSING: ClassVar[dict[str, ReplyValue]] = {}
+    #: The reply for a client refused before its session: "stopping" (the
+    #: server stops), "busy" (over max_clients), and one for each per-client
+    #: limit that applies to the protocol (`shared.CONNECTIONS`, ...).
+    REFUSALS: ClassVar[dict[str, ReplyValue]] = {}
     PROTOCOL = ""
     conn: SansIOConnection  # the protocol core (the subclass makes it)
 
@@ -103,6 +109,16 @@ class StreamSession:
         self.bytes_in = 0
         self.bytes_out = 0
         self._counted_in = self._counted_out = 0  # bytes already added to the metrics
+
+    @classmethod
+    def refusal(cls, stopping: bool) -> bytes:
+        """For a client over the connection cap, or arriving during a stop."""
+        return cls.REFUSALS["stopping" if stopping else "busy"].to_bytes()
+
+    @classmethod
+    def limit_refusal(cls, limit: str) -> bytes:
+        """For a client over one of its limits at connect (client_limits)."""
+        return cls.REFUSALS[limit].to_bytes()
 
     def _timeout(self) -> float:
         """Seconds the next read may wait (the protocol's state decides)."""
@@ -169,6 +185,12 @@ class StreamSession:
         if self.server.listeners.stressed:
             timeout = min(timeout, self.server.config.stress.command_timeout)
         return timeout - (now - self.command_since)
+
+    def _flush(self) -> None:
+        """Send the replies the core has queued, if any."""
+        out = self.conn.data_to_send()
+        if out:
+            self._send(out)
 
     def _send(self, out: bytes) -> None:
         """Send `out` whole, under the command timeout."""
@@ -314,9 +336,19 @@ class StreamSession:
         """The protocol's loop, to the end of the session."""
         raise NotImplementedError
 
-    def _close_with(self, reply: Any) -> None:
-        """Queue the protocol's closing `reply` and send it, if the client still listens."""
-        raise NotImplementedError
+    def _close_with(self, reply: ReplyValue) -> None:
+        """Close the core with `reply` and send it, if the client still listens."""
+        try:
+            self.conn.close_with(reply)
+            self._flush()
+        except (OSError, ClientTimeout):
+            pass
+        except Exception:  # the core is in a state it cannot close from: send it raw
+            logger.exception("session {}: cannot close cleanly", self.id)
+            try:
+                self.sock.send(reply.to_bytes())
+            except OSError:
+                pass
 
     def _sync_metrics(self) -> None:
         self._sync_bytes()

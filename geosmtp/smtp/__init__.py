@@ -1,7 +1,9 @@
 """The sans-I/O SMTP protocol core: bytes in, replies and events out.
 
-Imports only the standard library and the pure mail domain (`geosmtp.mail`);
-no sockets, gevent, yaml, loguru or files.
+Imports only the standard library, the shared protocol base
+(`geosmtp.protocol`: the contract's sentinels, `CloseConnection`,
+`ConnectionClosed`, `ProtocolError`, the reply values, SASL) and the pure
+mail domain (`geosmtp.mail`); no sockets, gevent, yaml, loguru or files.
 """
 
 from .events import (
@@ -15,35 +17,24 @@ from .events import (
 )
 from .parser import SyntaxProblem
 from .policy import RecipientPolicy
-from .replies import Reply
 from .session import (
-    NEED_DATA,
-    PAUSED,
     ClientRates,
-    CloseConnection,
-    ConnectionClosed,
     Extensions,
     Limits,
     Security,
     SMTPConnection,
 )
-from .state import ProtocolError, State, Step
+from .state import State, Step
 
 __all__ = [
-    "NEED_DATA",
-    "PAUSED",
     "AuthRequest",
     "ClientRates",
-    "CloseConnection",
-    "ConnectionClosed",
     "Extensions",
     "Limits",
     "MessageData",
     "MessageEnd",
     "MessageStart",
-    "ProtocolError",
     "RecipientPolicy",
-    "Reply",
     "SMTPConnection",
     "Security",
     "StartTLS",

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..mail import Envelope
-from . import replies as R
-from . import sasl
+from ..protocol import Reply, sasl
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class TransactionRejected:
     """A sender, a recipient or a message was refused with `reply`."""
 
     envelope: Envelope | None
-    reply: R.Reply
+    reply: Reply
     stage: str  # "MAIL", "RCPT", "DATA", "BDAT"
     address: str | None = None  # the refused sender (MAIL) or recipient (RCPT)
     size: int = 0  # of the refused message (DATA, BDAT), as in MessageEnd

@@ -12,8 +12,8 @@ import re
 from collections.abc import Callable
 
 from ..mail.limits import Extensions, Limits
+from ..protocol import Reply, sasl
 from . import replies as R
-from . import sasl
 from .parser import SyntaxProblem
 
 _DSN_PARAMS = frozenset({"NOTIFY", "ORCPT"})
@@ -64,7 +64,7 @@ def ehlo_keywords(ext: Extensions, limits: Limits, offers: Callable[[str], bool]
     return keywords
 
 
-def mail_syntax_reply(arg: bytes, utf8_allowed: bool) -> R.Reply:
+def mail_syntax_reply(arg: bytes, utf8_allowed: bool) -> Reply:
     """The reply to a MAIL argument the parser refused."""
     if not arg.upper().startswith(b"FROM:"):
         return R.SYNTAX_MAIL
@@ -73,7 +73,7 @@ def mail_syntax_reply(arg: bytes, utf8_allowed: bool) -> R.Reply:
     return R.BAD_SENDER_SYNTAX
 
 
-def rcpt_syntax_reply(arg: bytes, smtputf8: bool) -> R.Reply:
+def rcpt_syntax_reply(arg: bytes, smtputf8: bool) -> Reply:
     """The reply to a RCPT argument the parser refused."""
     if not arg.upper().startswith(b"TO:"):
         return R.SYNTAX_RCPT
@@ -84,7 +84,7 @@ def rcpt_syntax_reply(arg: bytes, smtputf8: bool) -> R.Reply:
 
 def mail_params_problem(
     params: dict[str, str | None], ext: Extensions, limits: Limits, esmtp: bool
-) -> R.Reply | None:
+) -> Reply | None:
     """The reply refusing MAIL's parameters, or None when they are all right."""
     for key, value in params.items():
         if key == "SIZE" and ext.size and esmtp:
@@ -114,7 +114,7 @@ def mail_params_problem(
 
 def rcpt_params(
     params: dict[str, str | None], ext: Extensions, esmtp: bool
-) -> tuple[frozenset[str] | None, str | None] | R.Reply:
+) -> tuple[frozenset[str] | None, str | None] | Reply:
     """NOTIFY and ORCPT (RFC 3461 §4.1, §4.2), or the reply refusing the parameters."""
     notify: frozenset[str] | None = None
     orcpt: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..mail import Domains, Mailbox, Recipient, safe_mailbox_name
+from ..protocol import Reply
 from . import replies as R
 from .parser import SyntaxProblem, parse_mailbox
 
@@ -40,7 +41,7 @@ class RecipientPolicy:
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.local_domains
 
-    def resolve(self, mailbox: Mailbox, may_relay: bool = False) -> Recipient | R.Reply:
+    def resolve(self, mailbox: Mailbox, may_relay: bool = False) -> Recipient | Reply:
         """The local recipient for `mailbox`, or the reply refusing it.
 
         The relay decision: a domain that is not local is refused with 550 5.7.1
@@ -74,13 +75,13 @@ class RecipientPolicy:
     def is_known_user(self, name: str) -> bool:
         return name in self.users or name == "postmaster"
 
-    def sender_not_owned(self, sender: Mailbox, user: str) -> R.Reply | None:
+    def sender_not_owned(self, sender: Mailbox, user: str) -> Reply | None:
         """The reply refusing `sender` to the logged-in `user` when it is not
         the user's own address (`sender_must_match`), else None."""
         own = self.is_local_domain(sender.domain) and safe_mailbox_name(sender.local_part) == user
         return None if own else R.SENDER_NOT_OWNED
 
-    def verify(self, arg: bytes) -> R.Reply:
+    def verify(self, arg: bytes) -> Reply:
         """VRFY's answer for `arg`, a mailbox name or an address (RFC 5321
         §3.5.1): a known user's address, 252 where it cannot tell (another
         domain, or any name accepted), 550 for an unknown user."""

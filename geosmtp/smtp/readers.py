@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ..mail.limits import Limits
 from ..mail.lineends import join_stored, stored_line_ends
+from ..protocol import Reply
 from . import replies as R
 
 
@@ -59,7 +60,7 @@ class _MessageReader:
         self.done = False
         self._emitting = True  # the message is not refused yet: its data goes out
 
-    def refusal(self) -> R.Reply | None:
+    def refusal(self) -> Reply | None:
         """The reply refusing the message at its end (or at a chunk's), or None."""
         if self.size > self.max_size:
             return R.MESSAGE_TOO_BIG
@@ -251,7 +252,7 @@ class RefusedChunk:
     octets are never taken for commands (RFC 3030 §3); `reply` refuses it once
     it is read."""
 
-    def __init__(self, size: int, reply: R.Reply) -> None:
+    def __init__(self, size: int, reply: Reply) -> None:
         self.left = size
         self.done = size == 0
         self.reply = reply

@@ -5,48 +5,14 @@ the fixed ones, small functions for those with a variable part (a hostname, a
 queue id, a size). The only text from elsewhere is what those functions are
 given: the EHLO keywords, which are the extensions' registered names (chosen by
 the session from its settings), and HELP's list of verbs (from the session's
-dispatcher). The wire format (multi-line continuation, enhanced codes) lives
-here too.
+dispatcher). The wire format (multi-line continuation, enhanced codes) is
+the reply value's (`geosmtp.protocol.replies.Reply`).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    code: int
-    status: str | None  # enhanced status code "x.y.z", or None (greeting, EHLO, 3xx)
-    lines: tuple[str, ...]
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def to_bytes(self, enhanced: bool = True) -> bytes:
-        """Render per RFC 5321 §4.2.1: `code-text` on all lines but the last.
-
-        The fixed replies are rendered once (see `_rendered`)."""
-        return _rendered(self, enhanced)
-
-    def _render(self, enhanced: bool) -> bytes:
-        prefix = f"{self.status} " if enhanced and self.status else ""
-        out = []
-        last = len(self.lines) - 1
-        for i, line in enumerate(self.lines):
-            sep = " " if i == last else "-"
-            # Only the first line carries the enhanced code; RFC 2034 allows it
-            # on each, but clients key on the first and the EHLO list has none.
-            text = prefix + line if i == 0 else line
-            out.append(f"{self.code}{sep}{text}\r\n")
-        return "".join(out).encode("utf-8", "replace")
-
-
-@functools.lru_cache(maxsize=512)
-def _rendered(reply: Reply, enhanced: bool) -> bytes:
-    return reply._render(enhanced)
+from ..protocol import sasl
+from ..protocol.replies import Reply
 
 
 def reply(code: int, status: str | None, *lines: str) -> Reply:
@@ -173,15 +139,29 @@ AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
 SYNTAX_AUTH = reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 SENDER_NOT_OWNED = reply(553, "5.7.1", "Sender address rejected: not owned by the logged-in user")
 RELAY_UNAVAILABLE = reply(451, "4.3.2", "Relaying is not available yet; try again later")
-# The SASL exchange (RFC 4954 §4; sasl.py)
+# The SASL exchange (RFC 4954 §4; geosmtp/protocol/sasl.py)
 AUTH_CANCELLED = reply(501, "5.7.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = reply(501, "5.5.2", "Cannot decode response")
 AUTH_BAD_RESPONSE = reply(501, "5.5.2", "Malformed authentication response")
 AUTH_BAD_MECHANISM = reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_LINE_TOO_LONG = reply(500, "5.5.6", "Authentication exchange line is too long")
-AUTH_ASK_USERNAME = reply(334, None, "VXNlcm5hbWU6")  # base64("Username:"), LOGIN
-AUTH_ASK_PASSWORD = reply(334, None, "UGFzc3dvcmQ6")  # base64("Password:"), LOGIN
-AUTH_EMPTY_CHALLENGE = reply(334, None, "")  # PLAIN without an initial response
+AUTH_ASK_USERNAME = reply(334, None, sasl.USERNAME.text)  # base64("Username:"), LOGIN
+AUTH_ASK_PASSWORD = reply(334, None, sasl.PASSWORD.text)  # base64("Password:"), LOGIN
+AUTH_EMPTY_CHALLENGE = reply(334, None, sasl.EMPTY.text)  # PLAIN without an initial response
+#: The SASL exchange's refusals (`sasl.SASLError.problem`) in SMTP's words.
+SASL_ERRORS = {
+    sasl.Problem.CANCELLED: AUTH_CANCELLED,
+    sasl.Problem.BAD_BASE64: AUTH_BAD_BASE64,
+    sasl.Problem.BAD_RESPONSE: AUTH_BAD_RESPONSE,
+    sasl.Problem.BAD_MECHANISM: AUTH_BAD_MECHANISM,
+    sasl.Problem.FAILED: AUTH_FAILED,  # PLAIN acting for another user
+}
+
+
+def challenge(text: str) -> Reply:
+    """A SASL challenge (RFC 4954 §4): 334 and the base64 text, no enhanced code."""
+    return reply(334, None, text)
+
 
 # SMTPUTF8 (RFC 6531 §3.5)
 NEEDS_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")

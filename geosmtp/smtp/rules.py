@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from ..mail.limits import Extensions
+from ..protocol import Reply
 from . import replies as R
 from .readers import chunk_header
 from .state import TRANSACTION_STATES, State
@@ -72,13 +73,13 @@ class Guard:
     """A refusal that the state alone does not decide: `reply` when `test` holds."""
 
     test: Test
-    reply: R.Reply
+    reply: Reply
     #: A policy refusal, which the access log records (`TransactionRejected`).
     logged: bool = False
 
 
 class Refusal(NamedTuple):
-    reply: R.Reply
+    reply: Reply
     logged: bool = False  # the shell logs it: a TransactionRejected goes with it
     payload: bool = False  # the command's payload is read before the reply is sent
 
@@ -88,7 +89,7 @@ class Rule:
     """A verb's handler and when it may run (see the module docstring)."""
 
     handler: Handler
-    refused: Mapping[State, R.Reply] = field(default_factory=dict)
+    refused: Mapping[State, Reply] = field(default_factory=dict)
     first: tuple[Guard, ...] = ()
     then: tuple[Guard, ...] = ()
     payload: bool = False

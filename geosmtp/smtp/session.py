@@ -49,9 +49,19 @@ from ..mail import Envelope
 # The core's settings (also the config's `limits:` and `extensions:`), named here too.
 from ..mail.limits import Extensions as Extensions
 from ..mail.limits import Limits as Limits
-from . import params, rules, sasl
+from ..protocol import (
+    LINE_TOO_LONG,
+    NEED_DATA,
+    PAUSED,
+    CloseConnection,
+    ConnectionClosed,
+    Reply,
+    SansIOConnection,
+    Sentinel,
+    sasl,
+)
+from . import params, rules
 from . import replies as R
-from .connection import LINE_TOO_LONG, SansIOConnection
 from .events import (
     AuthRequest,
     MessageData,
@@ -104,31 +114,6 @@ class ClientRates(Protocol):
     def message(self) -> bool: ...
     def recipient(self) -> bool: ...
 
-
-@dataclass(frozen=True)
-class CloseConnection:
-    """The server ends the session; `reply` (221 or 421) is queued."""
-
-    reply: R.Reply | None
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
-    """End of input: the client closed its side (or the session has ended)."""
-
-
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-#: next_event(): all complete input is processed; read more.
-NEED_DATA = _Sentinel("NEED_DATA")
-#: next_event(): the connection waits for the shell's verdict (or, in ERROR, its close).
-PAUSED = _Sentinel("PAUSED")
 
 Event = (
     MessageStart
@@ -237,7 +222,7 @@ class SMTPConnection(SansIOConnection):
         self._counts["2xx"] = self._counts.get("2xx", 0) + 1
         return self.banner().to_bytes()
 
-    def banner(self) -> R.Reply:
+    def banner(self) -> Reply:
         """The greeting's reply (an extension point: LMTP says so in it)."""
         return R.greeting(self.hostname)
 
@@ -252,48 +237,35 @@ class SMTPConnection(SansIOConnection):
         counts, self._counts = self._counts, {}
         return counts
 
-    def _send(self, reply: R.Reply) -> None:
+    def _send(self, reply: Reply) -> None:
         self._out.append(reply.to_bytes(self.extensions.enhancedstatuscodes))
         key = _REPLY_CLASS[reply.code // 100]
         self._counts[key] = self._counts.get(key, 0) + 1
 
-    def _error(self, reply: R.Reply) -> None:
+    def _error(self, reply: Reply) -> None:
         """Send an error reply and count it against the session's error budget."""
         self._send(reply)
         self.errors += 1
         if self.errors >= self.limits.max_errors and self.state in COMMAND_STATES:
             self._close(R.TOO_MANY_ERRORS)
 
-    def _reply(self, reply: R.Reply) -> None:
+    def _reply(self, reply: Reply) -> None:
         """Send `reply`, counted as an error if it is one (4xx, 5xx)."""
         if reply.code >= 400:
             self._error(reply)
         else:
             self._send(reply)
 
-    def _close(self, reply: R.Reply | None) -> None:
+    def _close(self, reply: Reply | None) -> None:
         if reply is not None:
             self._send(reply)
         self._move(Step.CLOSE)
         self._buf.clear()
         self._events.append(CloseConnection(reply))
 
-    def close_with(self, reply: R.Reply) -> None:
-        """The shell ends the session (timeout, shutdown, kick, its own error):
-        queue `reply` (a 421) and close.
-
-        May be called in any state: it is the one way out of `ERROR`, and it
-        works while the connection waits for a verdict. The next event is the
-        `CloseConnection`; flush `data_to_send()` and close the socket. On a
-        connection that is already closed it does nothing, so a shell may call
-        it from every error path without asking first.
-        """
-        if self.state is not State.CLOSED:
-            self._close(reply)
-
     # ----------------------------------------------------------------- input
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Sentinel:
         """Process buffered input and return the next event, or a sentinel.
 
         - an event (see the module docstring): act on it, then call again;
@@ -485,7 +457,7 @@ class SMTPConnection(SansIOConnection):
         self._move(Step.MAIL)
         self._send(R.SENDER_OK)
 
-    def _reject(self, reply: R.Reply, stage: str, address: str | None = None) -> None:
+    def _reject(self, reply: Reply, stage: str, address: str | None = None) -> None:
         """A policy refusal: logged by the shell (access log) and counted as an error."""
         # The event first: the error may end the session (CloseConnection).
         self._events.append(TransactionRejected(self.envelope, reply, stage, address))
@@ -499,7 +471,7 @@ class SMTPConnection(SansIOConnection):
             self._error(params.rcpt_syntax_reply(arg, envelope.smtputf8))
             return
         dsn = params.rcpt_params(parameters, self.extensions, self.esmtp)
-        if isinstance(dsn, R.Reply):
+        if isinstance(dsn, Reply):
             self._error(dsn)
             return
         if len(envelope.recipients) >= self.limits.max_recipients:
@@ -511,7 +483,7 @@ class SMTPConnection(SansIOConnection):
             self._reject(R.RECIPIENT_RATE, "RCPT", mailbox.address)
             return
         resolved = self.policy.resolve(mailbox, self.may_relay)
-        if isinstance(resolved, R.Reply):
+        if isinstance(resolved, Reply):
             self._reject(resolved, "RCPT", mailbox.address)
             return
         notify, orcpt = dsn
@@ -591,7 +563,7 @@ class SMTPConnection(SansIOConnection):
 
     def _auth_step(
         self,
-        step: Callable[[sasl.SASLExchange], R.Reply | sasl.Credentials],
+        step: Callable[[sasl.SASLExchange], sasl.Challenge | sasl.Credentials],
         mechanism: str | None = None,
     ) -> None:
         """Run one step of the AUTH exchange and act on what it gives."""
@@ -600,11 +572,11 @@ class SMTPConnection(SansIOConnection):
             result = step(exchange)
         except sasl.SASLError as exc:
             self._sasl = None
-            self._error(exc.reply)
+            self._error(R.SASL_ERRORS[exc.problem])
             return
-        if isinstance(result, R.Reply):  # a challenge: the next line is the answer
+        if isinstance(result, sasl.Challenge):  # the next line is the answer
             self._sasl = exchange
-            self._send(result)
+            self._send(R.challenge(result.text))
             return
         self._sasl = None
         self._move(Step.AUTH)
@@ -698,7 +670,7 @@ class SMTPConnection(SansIOConnection):
         """
         self._verdict(Step.MESSAGE_STORED, [R.queued(queue_id)])
 
-    def message_failed(self, reply: R.Reply = R.LOCAL_ERROR) -> None:
+    def message_failed(self, reply: Reply = R.LOCAL_ERROR) -> None:
         """The shell's verdict on a `MessageEnd`: the message could not be kept.
         Queues `reply`, a 4xx so that the client keeps the message and retries
         (452 for a full disk), or a 5xx for a refusal; counted as an error. The
@@ -711,7 +683,7 @@ class SMTPConnection(SansIOConnection):
             raise self._misuse(f"message_failed() with a {reply.code} reply")
         self._verdict(Step.MESSAGE_FAILED, [reply])
 
-    def _verdict(self, step: Step, replies: Sequence[R.Reply]) -> None:
+    def _verdict(self, step: Step, replies: Sequence[Reply]) -> None:
         """End the transaction by `step` and queue `replies`, in order; each
         error reply (4xx, 5xx) counts as an error. A session over its error
         budget is closed after the last of them, never among them: LMTP's

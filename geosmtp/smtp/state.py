@@ -15,16 +15,6 @@ from __future__ import annotations
 import enum
 
 
-class ProtocolError(Exception):
-    """The shell called the connection at a time it may not (h11's
-    LocalProtocolError): a verdict nobody asked for, input after the end.
-
-    The connection is left in `State.ERROR` (a closed one stays closed), where
-    it reads nothing and the only thing left to do is `close_with()`. The
-    client's mistakes never raise: they get replies.
-    """
-
-
 class State(enum.Enum):
     CONNECTED = "connected"  # greeting sent, no EHLO/HELO yet
     GREETED = "greeted"  # EHLO/HELO accepted, no transaction

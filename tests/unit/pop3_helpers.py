@@ -16,11 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from geosmtp.pop3 import (
-    NEED_DATA,
-    PAUSED,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     Listing,
     LoginFailure,
     MessageEncoder,
@@ -32,6 +28,7 @@ from geosmtp.pop3 import (
     Update,
     virtual_size,
 )
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed
 
 HOST = "pop.example.test"
 MODES = ["whole", "bytewise", "pipelined"]

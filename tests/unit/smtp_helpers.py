@@ -17,13 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from geosmtp.mail.headers import MessageIdSniffer
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed
 from geosmtp.smtp import (
-    NEED_DATA,
-    PAUSED,
     AuthRequest,
     ClientRates,
-    CloseConnection,
-    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,

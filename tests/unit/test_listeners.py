@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from geosmtp.server.listeners import Listeners
+from geosmtp.server.protocols import Protocols, ServerProtocol
 
 
 @pytest.mark.parametrize(
@@ -22,11 +23,12 @@ def test_workers_sharing_one_socket_take_one_connection_per_wake_up(
     smtp-source sessions in one of two workers) and the other core sat idle."""
     config = SimpleNamespace(worker_count=workers, reuse_port=reuse_port, max_clients=10)
     app = SimpleNamespace(config=config, metrics=SimpleNamespace(listener=lambda name: None))
-    listeners = Listeners(app, {"smtp": object})  # type: ignore[arg-type]
+    smtp = ServerProtocol("smtp", ("mx",), object, build=lambda *args: None)  # type: ignore[arg-type]
+    listeners = Listeners(app, Protocols(smtp))
     raw = socket.socket()
     raw.bind(("127.0.0.1", 0))
     raw.listen(10)
-    listener = SimpleNamespace(protocol="smtp", role="mx", address="127.0.0.1", path=None)
+    listener = SimpleNamespace(role="mx", address="127.0.0.1", path=None)
     listeners.start([(listener, raw)])  # type: ignore[list-item]
     try:
         assert [s.max_accept for s in listeners.servers] == [max_accept]

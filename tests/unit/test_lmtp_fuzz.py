@@ -16,11 +16,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from geosmtp.lmtp import LMTPConnection, delivered
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed
 from geosmtp.smtp import (
-    NEED_DATA,
-    PAUSED,
-    CloseConnection,
-    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from geosmtp import config as cfg
-from geosmtp.app import App
+from geosmtp.app import PROTOCOLS, App
 from geosmtp.server.listeners import bind_unix
+from geosmtp.server.protocols import Protocols
 
 
 def load(tmp_path: Path, text: str) -> cfg.Config:
@@ -38,8 +39,9 @@ def test_an_lmtp_listener_on_a_unix_socket(tmp_path):
     )
     unix, tcp = config.listeners
     assert unix.path == tmp_path.resolve() / "run" / "lmtp.sock"  # relative: to the config
-    assert unix.mode == 0o600 and unix.protocol == "lmtp"
-    assert tcp.path is None and tcp.mode == 0o660 and tcp.protocol == "lmtp"
+    protocols = Protocols(*PROTOCOLS)  # the protocol of a role is the registry's
+    assert unix.mode == 0o600 and protocols.of(unix).name == "lmtp"
+    assert tcp.path is None and tcp.mode == 0o660 and protocols.of(tcp).name == "lmtp"
 
 
 @pytest.mark.parametrize(

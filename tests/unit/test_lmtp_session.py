@@ -11,11 +11,11 @@ import pytest
 
 from geosmtp.lmtp import LMTPConnection, delivered
 from geosmtp.mail import Envelope
+from geosmtp.protocol import ProtocolError
 from geosmtp.smtp import (
     Extensions,
     Limits,
     MessageEnd,
-    ProtocolError,
     RecipientPolicy,
     State,
     TransactionAborted,

@@ -19,16 +19,11 @@ import geosmtp
 import geosmtp.pop3
 import geosmtp.pop3.session
 from geosmtp.pop3 import (
-    NEED_DATA,
-    PAUSED,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     Listing,
     LoginFailure,
     POP3Connection,
     POP3Security,
-    ProtocolError,
     Retrieve,
     StartTLS,
     State,
@@ -36,6 +31,7 @@ from geosmtp.pop3 import (
 )
 from geosmtp.pop3 import replies as R
 from geosmtp.pop3.state import COMMAND_STATES, SEQUENCE, TRANSITIONS, WAITING_STATES
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed, ProtocolError
 
 from .pop3_helpers import LISTING, LOGIN, PLAIN_OK, make_conn, run
 
@@ -138,7 +134,7 @@ def test_a_call_at_the_wrong_time_raises_and_leaves_error(name, state):
     conn.close_with(R.INTERNAL_ERROR)
     line = b"-ERR [SYS/TEMP] Internal server error; closing the connection.\r\n"
     assert conn.data_to_send() == line
-    assert conn.next_event() == CloseConnection()
+    assert conn.next_event() == CloseConnection(R.INTERNAL_ERROR)
     assert conn.state is State.CLOSED and conn.closed_in is state
     assert conn.next_event() == ConnectionClosed()
 
@@ -155,7 +151,7 @@ def test_each_call_works_in_its_state(name):
     if expected is None:
         assert event is NEED_DATA
     else:
-        assert event == CloseConnection()
+        assert type(event) is CloseConnection and event.reply is not None
 
 
 @pytest.mark.parametrize("state", sorted(WAITING_STATES - {State.ERROR}, key=lambda s: s.name))
@@ -256,7 +252,7 @@ def test_close_with_works_in_every_state_and_never_updates(state):
         assert conn.data_to_send() == b""
         return
     assert conn.data_to_send() == b"-ERR [SYS/TEMP] Autologout: idle for too long.\r\n"
-    assert conn.next_event() == CloseConnection()
+    assert conn.next_event() == CloseConnection(R.AUTOLOGOUT)
     assert conn.next_event() == ConnectionClosed()
     assert conn.closed_in is state
 
@@ -276,15 +272,13 @@ def test_close_with_works_in_every_state_and_never_updates(state):
 )
 def test_close_with_text_is_one_safe_line(text, code, line):
     conn = make_conn()
-    conn.close_with(text, code)
+    conn.close_with(R.closing(text, code))
     assert conn.data_to_send() == line
 
 
-def test_refusal_line():
-    assert POP3Connection.refusal_line(True) == (
-        b"-ERR [SYS/TEMP] Server shutting down; try again later.\r\n"
-    )
-    assert POP3Connection.refusal_line(False) == (
+def test_refusal_lines():
+    assert R.STOPPING.to_bytes() == b"-ERR [SYS/TEMP] Server shutting down; try again later.\r\n"
+    assert R.TOO_MANY_CLIENTS.to_bytes() == (
         b"-ERR [SYS/TEMP] Too many connections; try again later.\r\n"
     )
 
@@ -323,7 +317,8 @@ def test_no_assert_in_the_core():
 
 _UNDER_O = """
 assert not __debug__, "asserts are on"
-from geosmtp.pop3 import POP3Connection, POP3Security, ProtocolError, LoginFailure
+from geosmtp.pop3 import POP3Connection, POP3Security, LoginFailure
+from geosmtp.protocol import ProtocolError
 conn = POP3Connection("pop.test", POP3Security())
 for name, call in [
     ("login_ok", lambda: conn.login_ok([])),

@@ -42,11 +42,7 @@ from hypothesis.stateful import (
 )
 
 from geosmtp.pop3 import (
-    NEED_DATA,
-    PAUSED,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     LoginFailure,
     MessageEncoder,
     POP3Connection,
@@ -56,6 +52,7 @@ from geosmtp.pop3 import (
     State,
     Update,
 )
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed
 
 from .fuzzing import (
     HANDSHAKE,

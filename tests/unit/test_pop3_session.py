@@ -8,10 +8,7 @@ import base64
 import pytest
 
 from geosmtp.pop3 import (
-    NEED_DATA,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     Listing,
     LoginFailure,
     POP3Security,
@@ -21,7 +18,8 @@ from geosmtp.pop3 import (
     Update,
 )
 from geosmtp.pop3 import replies as R
-from geosmtp.smtp.sasl import MAX_AUTH_LINE, Credentials
+from geosmtp.protocol import NEED_DATA, CloseConnection, ConnectionClosed
+from geosmtp.protocol.sasl import MAX_AUTH_LINE, Credentials
 
 from .pop3_helpers import (
     AUTH_FAILED,
@@ -382,14 +380,15 @@ def test_stls_refused(mode, security, script, replies):
 def test_quit_before_login_has_no_update(mode):
     res = run([USER, b"QUIT\r\n", b"CAPA\r\n"], mode)
     assert res.replies == USER_OK + SIGN_OFF
-    assert res.events == [CloseConnection()]
+    assert res.events == [CloseConnection(R.signing_off(HOST))]
+    assert res.events[0].reply.to_bytes() == SIGN_OFF  # the reply sent, as a value
     assert res.conn.state is State.CLOSED and res.conn.closed_in is State.AUTHORIZATION
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_quit_with_nothing_deleted_still_updates(mode):
     res = run([*LOGIN, b"QUIT\r\n"], mode)
-    assert res.events[1:] == [Update(()), CloseConnection()]
+    assert res.events[1:] == [Update(()), CloseConnection(R.updated(HOST, 3))]
     assert (
         res.replies
         == LOGIN_REPLIES + f"+OK {HOST} POP3 server signing off (3 messages left)\r\n".encode()
@@ -427,7 +426,7 @@ def test_update_that_failed(failed, line):
     assert conn.next_event() == Update((0, 1))
     assert conn.state is State.UPDATE
     conn.update_result(False, failed)
-    assert conn.next_event() == CloseConnection()
+    assert conn.next_event() == CloseConnection(R.not_updated(failed, 2))
     assert conn.data_to_send() == b"+OK Message marked to be deleted.\r\n" * 2 + line
     assert conn.next_event() == ConnectionClosed() and conn.state is State.CLOSED
 
@@ -657,7 +656,7 @@ def test_multiline_replies_are_byte_stuffed():
     res = run(b"UIDL\r\n", "whole", conn)
     # a uid never starts a line (the message number does), but the rule holds
     assert res.replies == b"+OK Unique-ID listing follows\r\n1 .hidden\r\n2 ..\r\n.\r\n"
-    assert R.multiline(b"+OK\r\n", [".a", "b", "."]) == b"+OK\r\n..a\r\nb\r\n..\r\n.\r\n"
+    assert R.multiline(R.OK, [".a", "b", "."]).to_bytes() == b"+OK\r\n..a\r\nb\r\n..\r\n.\r\n"
 
 
 # ----------------------------------------------------------- lines and errors
@@ -685,7 +684,7 @@ def test_multiline_replies_are_byte_stuffed():
 def test_bad_lines_before_login(mode, line, reply):
     res = run([line, b"QUIT\r\n"], mode)
     assert res.replies == reply + SIGN_OFF
-    assert res.conn.commands == 2 and res.events == [CloseConnection()]
+    assert res.conn.commands == 2 and res.events == [CloseConnection(R.signing_off(HOST))]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -716,7 +715,7 @@ def test_a_long_line_before_login_without_auth(mode):
 def test_too_many_bad_commands_in_a_row(mode):
     res = run([b"FOO\r\n"] * 9 + [b"BAR\r\n", b"CAPA\r\n"], mode)
     assert res.replies == UNKNOWN * 10 + b"-ERR Too many bad commands.\r\n"
-    assert res.events == [CloseConnection()]
+    assert res.events == [CloseConnection(R.TOO_MANY_BAD_COMMANDS)]
     assert res.conn.state is State.CLOSED and res.conn.commands == 10
 
 
@@ -733,7 +732,10 @@ def test_max_bad_commands_is_a_setting(mode):
     conn = logged_in(max_bad_commands=3)
     res = run([b"RETR 9\r\n", b"DELE x\r\n", b"TOP\r\n", b"STAT\r\n"], mode, conn)
     assert res.replies.endswith(b"-ERR Syntax: TOP msg n\r\n-ERR Too many bad commands.\r\n")
-    assert res.events == [CloseConnection()] and res.conn.closed_in is State.TRANSACTION
+    assert (
+        res.events == [CloseConnection(R.TOO_MANY_BAD_COMMANDS)]
+        and res.conn.closed_in is State.TRANSACTION
+    )
     assert res.conn.deleted == set()
 
 

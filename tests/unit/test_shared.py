@@ -19,13 +19,14 @@ import gevent
 import gevent.lock
 import pytest
 
-from geosmtp.app import App, Login
 from geosmtp.auth import BUSY, AuthThrottle, LocalThrottleRecords, ThrottleRecord
+from geosmtp.logins import Logins
+from geosmtp.protocol.sasl import Credentials
 from geosmtp.server import shared
+from geosmtp.server.host import Login
 from geosmtp.server.listeners import Listeners
+from geosmtp.server.protocols import Protocols, ServerProtocol
 from geosmtp.server.shared import LocalConnections, SharedState, SharedThrottleRecords
-from geosmtp.server.threads import Pulse
-from geosmtp.smtp.sasl import Credentials
 
 WAIT = 10.0  # seconds a child gets before the test calls it stuck
 
@@ -315,7 +316,7 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
     Child(hold_two).result()
     state.bind(0)
     app = SimpleNamespace(config=SimpleNamespace(max_clients=3), anvil=NO_CLIENT_LIMITS)
-    listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
+    listeners = Listeners(app, Protocols(), connections=state)
     lm = SimpleNamespace(refused=Tally(), connections=Tally(), current=Tally())
     seen = {}
 
@@ -336,7 +337,8 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
                 handle(ours, ("192.0.2.2", 2))
                 seen["refusal"] = theirs.recv(100)
 
-    handle = listeners._handler(FakeSession, None, lm)  # type: ignore[arg-type]
+    smtp = ServerProtocol("smtp", ("mx",), FakeSession, build=lambda *a: None)  # type: ignore[arg-type]
+    handle = listeners._handler(smtp, None, lm)  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
     with ours, theirs:
         gevent.spawn(handle, ours, ("192.0.2.1", 1)).get(timeout=WAIT)
@@ -348,7 +350,7 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
 def test_a_session_that_fails_to_start_gives_its_place_back(state):
     state.bind(0)
     app = SimpleNamespace(config=SimpleNamespace(max_clients=3), anvil=NO_CLIENT_LIMITS)
-    listeners = Listeners(app, {}, connections=state)  # type: ignore[arg-type]
+    listeners = Listeners(app, Protocols(), connections=state)
 
     class Broken:
         PROTOCOL = "smtp"
@@ -356,7 +358,8 @@ def test_a_session_that_fails_to_start_gives_its_place_back(state):
         def __init__(self, *args) -> None:
             raise RuntimeError("broken")
 
-    handle = listeners._handler(Broken, None, None)  # type: ignore[arg-type]
+    smtp = ServerProtocol("smtp", ("mx",), Broken, build=lambda *a: None)  # type: ignore[arg-type]
+    handle = listeners._handler(smtp, None, None)  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
     with ours, theirs, pytest.raises(RuntimeError):
         gevent.spawn(handle, ours, ("192.0.2.1", 1)).get(timeout=WAIT)
@@ -500,19 +503,15 @@ def test_a_login_waiting_on_another_workers_checks_asks_again_without_a_pulse(st
 
     child = Child(three_running_checks)
     reserved.wait()
-    app = SimpleNamespace(
-        auth_throttle=throttle(state, max_failures=3),
-        auth_checks=Pulse(),
-        config=SimpleNamespace(timeouts=SimpleNamespace(command=60.0)),
-        password_checks=gevent.lock.BoundedSemaphore(1),
-        run_blocking=lambda fn, *args: fn(*args),
-        users=SimpleNamespace(verify=lambda login, password: "alice"),
-        metrics=SimpleNamespace(auth_success=Tally(), auth_failure=Tally()),
-    )
+    metrics = SimpleNamespace(auth_success=Tally(), auth_failure=Tally())
+    logins = Logins(metrics, lambda fn, *args: fn(*args), records=state.throttle_records)
+    logins.throttle.max_failures = 3
+    logins.timeout = 60.0
+    logins.users = SimpleNamespace(verify=lambda login, password: "alice")
     credentials = Credentials("PLAIN", "alice", "secret")
-    login = gevent.spawn(App.check_login, app, "s1", "192.0.2.1", credentials)
+    login = gevent.spawn(logins.check, "s1", "192.0.2.1", credentials)
     gevent.sleep(0)  # it starts, and waits: BUSY
-    assert app.auth_throttle.reserve("192.0.2.1") == BUSY and not login.ready()
+    assert logins.throttle.reserve("192.0.2.1") == BUSY and not login.ready()
     go.send()
     # Well before the command timeout (60 s) and with no pulse: it asked again.
     assert login.get(timeout=WAIT) == Login("alice")

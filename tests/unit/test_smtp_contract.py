@@ -19,17 +19,13 @@ import pytest
 import geosmtp
 import geosmtp.smtp
 import geosmtp.smtp.session
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed, ProtocolError
 from geosmtp.smtp import (
-    NEED_DATA,
-    PAUSED,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     Extensions,
     MessageData,
     MessageEnd,
     MessageStart,
-    ProtocolError,
     Security,
     SMTPConnection,
     StartTLS,
@@ -429,7 +425,8 @@ def test_no_assert_in_the_core():
 _UNDER_O = """
 import sys
 assert not __debug__, "asserts are on"
-from geosmtp.smtp import ProtocolError, RecipientPolicy, SMTPConnection
+from geosmtp.protocol import ProtocolError
+from geosmtp.smtp import RecipientPolicy, SMTPConnection
 from geosmtp.smtp import replies as R
 conn = SMTPConnection("mx.test", RecipientPolicy(local_domains=frozenset({"example.test"})))
 for name, call in [

@@ -16,11 +16,9 @@ import re
 
 import pytest
 
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, sasl
 from geosmtp.smtp import (
-    NEED_DATA,
-    PAUSED,
     AuthRequest,
-    CloseConnection,
     Extensions,
     Limits,
     MessageData,
@@ -33,7 +31,6 @@ from geosmtp.smtp import (
     State,
     TransactionAborted,
     TransactionRejected,
-    sasl,
 )
 from geosmtp.smtp import replies as R
 

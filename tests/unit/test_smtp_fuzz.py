@@ -42,12 +42,9 @@ from hypothesis.stateful import (
 )
 
 from geosmtp.mail.lineends import stored_line_ends
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed
 from geosmtp.smtp import (
-    NEED_DATA,
-    PAUSED,
     AuthRequest,
-    CloseConnection,
-    ConnectionClosed,
     Limits,
     MessageData,
     MessageEnd,

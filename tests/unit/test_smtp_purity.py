@@ -1,8 +1,7 @@
 """The protocol cores (SMTP, POP3, the relay's SMTP client) are sans-I/O: they
-import only the standard library and the pure mail domain (`geosmtp.mail`, less
-its id generator), and no I/O from either; so is the LMTP core, a subclass of
-the SMTP one. The POP3 core shares the SMTP core's pure pieces (SASL,
-ProtocolError), so both are checked as one.
+import only the standard library, the shared protocol base (`geosmtp.protocol`)
+and the pure mail domain (`geosmtp.mail`, less its id generator), and no I/O
+from any. No core imports another core, nor anything of the shell.
 
 Checked in a fresh interpreter, since this test process has long since
 imported gevent, socket and friends for other tests.
@@ -16,14 +15,45 @@ import subprocess
 import sys
 from pathlib import Path
 
-import geosmtp.lmtp
+import pytest
+
+import geosmtp
 import geosmtp.mail
 import geosmtp.pop3
+import geosmtp.protocol
 import geosmtp.relay.protocol
 import geosmtp.smtp
 
-CORE_DIRS = (Path(geosmtp.smtp.__file__).parent, Path(geosmtp.pop3.__file__).parent)
-CORE_DIRS += (Path(geosmtp.lmtp.__file__).parent,)  # issue 21: the LMTP core
+#: The sans-I/O cores, by module name (a package stands for every module in
+#: it). A new core goes here: it is then held to every test in this file.
+CORES = (
+    "geosmtp.protocol",
+    "geosmtp.smtp",
+    "geosmtp.pop3",
+    "geosmtp.lmtp",
+    "geosmtp.relay.protocol",
+)
+#: What a core may import of geosmtp besides itself: the shared base, the mail domain.
+SHARED = ("geosmtp.protocol", "geosmtp.mail")
+#: A core that is an extension of another (LMTP's, RFC 2033, a subclass of the
+#: SMTP core) may import that one, and only by being named here.
+EXTENDS = {"geosmtp.lmtp": ("geosmtp.smtp",)}
+GEOSMTP_DIR = Path(geosmtp.__file__).parent
+
+
+def _core_files(core: str) -> list[Path]:
+    """The source files of `core` (none when it does not exist in this tree)."""
+    path = GEOSMTP_DIR.joinpath(*core.split(".")[1:])
+    if path.is_dir():
+        return sorted(path.glob("*.py"))
+    return [path.with_suffix(".py")] if path.with_suffix(".py").is_file() else []
+
+
+CORE_DIRS = tuple(
+    GEOSMTP_DIR.joinpath(*core.split(".")[1:])
+    for core in CORES
+    if GEOSMTP_DIR.joinpath(*core.split(".")[1:]).is_dir()
+)
 MAIL_DIR = Path(geosmtp.mail.__file__).parent
 # The id generator reads the clock and the pid: the shell's, never the core's.
 IMPURE = {MAIL_DIR / "ids.py"}
@@ -46,7 +76,7 @@ stdlib = (paths["stdlib"], paths["platstdlib"])
 outside = []
 for name in new:
     if name in ("geosmtp", "geosmtp.relay", "geosmtp.relay.protocol") or name.startswith(
-        ("geosmtp.smtp", "geosmtp.pop3", "geosmtp.mail", "geosmtp.lmtp")
+        ("geosmtp.protocol", "geosmtp.smtp", "geosmtp.pop3", "geosmtp.lmtp", "geosmtp.mail")
     ):
         continue
     f = getattr(sys.modules[name], "__file__", None)
@@ -68,6 +98,9 @@ def _probe() -> dict:
 
 
 def test_core_modules_are_found():
+    assert {"geosmtp.protocol", "geosmtp.protocol.connection", "geosmtp.protocol.sasl"} <= set(
+        CORE_MODULES
+    )
     assert {"geosmtp.smtp", "geosmtp.smtp.session", "geosmtp.smtp.trace"} <= set(CORE_MODULES)
     assert {"geosmtp.pop3", "geosmtp.pop3.session", "geosmtp.pop3.stuffing"} <= set(CORE_MODULES)
     assert {"geosmtp.relay", "geosmtp.relay.protocol"} <= set(CORE_MODULES)
@@ -103,3 +136,85 @@ def test_core_source_has_no_io():
                 top = name.split(".")[0]
                 assert top != "geosmtp", f"{path.name}: absolute import of {name}"
                 assert top not in io_modules, f"{path.name}: imports {name}"
+
+
+# ------------------------------------------------- no core imports another
+
+
+def _imported(module: str, path: Path) -> list[tuple[int, str]]:
+    """The geosmtp modules the source at `path` (module `module`) imports, by
+    line, relative imports resolved; `from X import name` counts as X.name
+    (it may be a submodule)."""
+    package = module if path.stem == "__init__" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names]
+    return [(line, name) for line, name in found if name.split(".")[0] == "geosmtp"]
+
+
+def _within(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def foreign_imports(core: str, path: Path) -> list[str]:
+    """What the file at `path` of `core` imports of geosmtp that is neither
+    the core itself nor `SHARED`: another core, or the shell."""
+    relative = path.relative_to(GEOSMTP_DIR).with_suffix("")
+    module = ".".join(("geosmtp", *relative.parts))
+    if module.endswith(".__init__"):
+        module = module.removesuffix(".__init__")
+    # The base itself imports no other part of geosmtp.
+    allowed = (core,) if core == "geosmtp.protocol" else (core, *SHARED, *EXTENDS.get(core, ()))
+    return [
+        f"{path.relative_to(GEOSMTP_DIR)}:{line} imports {name}"
+        for line, name in _imported(module, path)
+        if name != "geosmtp" and not any(_within(name, a) for a in allowed)
+    ]
+
+
+def test_the_cores_are_found():
+    found = {core for core in CORES if _core_files(core)}
+    assert {"geosmtp.protocol", "geosmtp.smtp", "geosmtp.pop3", "geosmtp.relay.protocol"} <= found
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_no_core_imports_another_core_or_the_shell(core):
+    problems = [p for path in _core_files(core) for p in foreign_imports(core, path)]
+    assert problems == []
+
+
+def test_the_import_check_sees_a_core_importing_another(tmp_path, monkeypatch):
+    """The check above is not met by a walker that finds nothing."""
+    fake = tmp_path / "geosmtp"
+    (fake / "pop3").mkdir(parents=True)
+    (fake / "pop3" / "session.py").write_text(
+        "from ..smtp.session import NEED_DATA\n"
+        "from ..protocol import sasl\n"
+        "from . import replies\n"
+        "from ..mail import Envelope\n"
+        "import geosmtp.server.stream\n"
+        "from .. import config\n"
+    )
+    monkeypatch.setattr(f"{__name__}.GEOSMTP_DIR", fake)
+    assert foreign_imports("geosmtp.pop3", fake / "pop3" / "session.py") == [
+        "pop3/session.py:1 imports geosmtp.smtp.session.NEED_DATA",
+        "pop3/session.py:5 imports geosmtp.server.stream",
+        "pop3/session.py:6 imports geosmtp.config",
+    ]
+    # A declared extension may import the core it extends, and nothing more.
+    (fake / "lmtp").mkdir()
+    (fake / "lmtp" / "session.py").write_text(
+        "from ..smtp.session import SMTPConnection\nfrom ..pop3 import replies\n"
+    )
+    assert foreign_imports("geosmtp.lmtp", fake / "lmtp" / "session.py") == [
+        "lmtp/session.py:2 imports geosmtp.pop3.replies",
+    ]

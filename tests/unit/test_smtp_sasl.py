@@ -1,4 +1,5 @@
-"""SASL decoding for SMTP AUTH: PLAIN (RFC 4616) and LOGIN, RFC 4954 framing."""
+"""SASL decoding (`geosmtp.protocol.sasl`) as SMTP AUTH words it: PLAIN
+(RFC 4616) and LOGIN, RFC 4954 framing."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import base64
 
 import pytest
 
+from geosmtp.protocol import sasl
+from geosmtp.protocol.sasl import Credentials, SASLError, SASLExchange
 from geosmtp.smtp import replies as R
-from geosmtp.smtp import sasl
-from geosmtp.smtp.sasl import Credentials, SASLError, SASLExchange
 
 
 def b64(data: bytes) -> bytes:
@@ -16,9 +17,16 @@ def b64(data: bytes) -> bytes:
 
 
 def refusal(call) -> R.Reply:  # type: ignore[no-untyped-def]
+    """The SMTP reply for the exchange's refusal."""
     with pytest.raises(SASLError) as info:
         call()
-    return info.value.reply
+    return R.SASL_ERRORS[info.value.problem]
+
+
+def smtp(challenge: sasl.Challenge | Credentials) -> bytes:
+    """A challenge as SMTP sends it."""
+    assert isinstance(challenge, sasl.Challenge)
+    return R.challenge(challenge.text).to_bytes()
 
 
 # ------------------------------------------------------------------ decode
@@ -117,23 +125,23 @@ def test_plain_with_initial_response():
 def test_plain_without_initial_response_sends_an_empty_challenge():
     exchange = SASLExchange("PLAIN")
     challenge = exchange.start(None)
-    assert isinstance(challenge, R.Reply)
-    assert challenge.to_bytes() == b"334 \r\n"  # RFC 4954 §4: no enhanced code on 3xx
+    assert challenge is sasl.EMPTY
+    assert smtp(challenge) == b"334 \r\n"  # RFC 4954 §4: no enhanced code on 3xx
     assert exchange.respond(b64(b"\0alice\0secret")) == Credentials("PLAIN", "alice", "secret")
 
 
 def test_login_without_initial_response():
     exchange = SASLExchange("LOGIN")
-    assert exchange.start(None).to_bytes() == b"334 VXNlcm5hbWU6\r\n"
+    assert smtp(exchange.start(None)) == b"334 VXNlcm5hbWU6\r\n"
     assert base64.b64decode("VXNlcm5hbWU6") == b"Username:"
-    assert exchange.respond(b64(b"alice")).to_bytes() == b"334 UGFzc3dvcmQ6\r\n"
+    assert smtp(exchange.respond(b64(b"alice"))) == b"334 UGFzc3dvcmQ6\r\n"
     assert base64.b64decode("UGFzc3dvcmQ6") == b"Password:"
     assert exchange.respond(b64(b"secret")) == Credentials("LOGIN", "alice", "secret")
 
 
 def test_login_with_initial_response_is_the_user_name():
     exchange = SASLExchange("LOGIN")
-    assert exchange.start(b64(b"alice")).to_bytes() == b"334 UGFzc3dvcmQ6\r\n"
+    assert smtp(exchange.start(b64(b"alice"))) == b"334 UGFzc3dvcmQ6\r\n"
     assert exchange.respond(b64(b"secret")) == Credentials("LOGIN", "alice", "secret")
 
 
@@ -170,6 +178,13 @@ def test_unknown_mechanism_is_504(mechanism):
     assert (reply.code, reply.status) == (504, "5.5.4")
 
 
+def test_every_problem_has_a_reply_in_each_core():
+    from geosmtp.pop3 import replies as POP3
+
+    assert set(R.SASL_ERRORS) == set(POP3.SASL_ERRORS) == set(sasl.Problem)
+    assert R.challenge(sasl.EMPTY.text) == R.AUTH_EMPTY_CHALLENGE
+
+
 def test_mechanisms_and_line_limit():
     assert sasl.MECHANISMS == ("PLAIN", "LOGIN")
     assert sasl.MAX_AUTH_LINE == 12288  # RFC 4954 §4
@@ -198,4 +213,4 @@ def test_errors_never_carry_the_response():
         with pytest.raises(SASLError) as info:
             call()
         assert b"s3cr3t" not in str(info.value).encode()
-        assert "s3cr3t" not in info.value.reply.text
+        assert "s3cr3t" not in R.SASL_ERRORS[info.value.problem].text

@@ -19,17 +19,13 @@ import re
 import pytest
 
 from geosmtp.mail import Envelope, Mailbox, Recipient
+from geosmtp.protocol import NEED_DATA, PAUSED, CloseConnection, ConnectionClosed, ProtocolError
 from geosmtp.smtp import (
-    NEED_DATA,
-    PAUSED,
-    CloseConnection,
-    ConnectionClosed,
     Extensions,
     Limits,
     MessageData,
     MessageEnd,
     MessageStart,
-    ProtocolError,
     Security,
     SMTPConnection,
     State,

@@ -1,5 +1,5 @@
-"""The h11-style contract both protocol cores keep with their shell (SMTP here,
-POP3 in `geosmtp.pop3`, which shares this package's pure pieces).
+"""The h11-style contract every protocol core keeps with its shell (SMTP in
+`geosmtp.smtp`, POP3 in `geosmtp.pop3`, LMTP beside them).
 
 Input waits in a buffer until the core processes it; replies wait in a queue
 until the shell takes them; every change of state is a step in the core's
@@ -12,10 +12,50 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from . import sasl
-from .state import ProtocolError
+from .replies import ReplyValue
+
+
+class ProtocolError(Exception):
+    """The shell called the connection at a time it may not (h11's
+    LocalProtocolError): a verdict nobody asked for, input after the end.
+
+    The connection is left in its error state (a closed one stays closed),
+    where it reads nothing and the only thing left to do is `close_with()`.
+    The client's mistakes never raise: they get replies.
+    """
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    """The server ends the session; `reply` (the last one) is queued, if any."""
+
+    reply: ReplyValue | None
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """End of input: the client closed its side (or the session has ended)."""
+
+
+class Sentinel:
+    """What `next_event()` returns when it has no event: `NEED_DATA`, `PAUSED`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: next_event(): all complete input is processed; read more.
+NEED_DATA = Sentinel("NEED_DATA")
+#: next_event(): the connection waits for the shell's verdict (or, in its error
+#: state, for `close_with()`).
+PAUSED = Sentinel("PAUSED")
 
 
 class _TooLong(enum.Enum):
@@ -85,6 +125,24 @@ class SansIOConnection:
             raise self._misuse("receive_data() after the end of input")
         else:
             self._buf += data
+
+    def close_with(self, reply: ReplyValue) -> None:
+        """The shell ends the session (timeout, shutdown, kick, too many failed
+        logins, its own error): queue `reply` and close.
+
+        May be called in any state: it is the one way out of the error state,
+        and it works while the connection waits for a verdict. The next event
+        is the `CloseConnection`; flush `data_to_send()` and close the socket.
+        On a connection that is already closed it does nothing, so a shell may
+        call it from every error path without asking first.
+        """
+        if self.state is not self.CLOSED:
+            self._close(reply)
+
+    def _close(self, reply: Any) -> None:
+        """Queue `reply` (a reply value of the core's own form), take the step
+        "close" and queue the `CloseConnection`."""
+        raise NotImplementedError
 
     def _move(self, step: str) -> None:
         """Take `step` in the transition table: every change of state goes here.
