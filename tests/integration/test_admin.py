@@ -110,18 +110,39 @@ def test_runtime_counts_what_sessions_hold_and_give_back(shared):
         assert workers and all(w["rss_bytes"] > 0 for w in workers), workers
         return {k: sum(w[k] for w in workers) for k in ("greenlets", "descriptors", "sessions")}
 
-    before = wait_until(lambda: (t := totals())["sessions"] == 0 and t, what="no sessions")
+    # An idle worker's greenlet count moves by one now and then (a timer's
+    # greenlet of the queue or the connection cache comes and goes), so the
+    # idle level is a range seen over a few readings, not one reading.
+    # The server is ready once one worker answers; the others may still be
+    # starting, and a baseline taken without them would be half the total.
+    count = cfg.load(server.config_path).worker_count
+    wait_until(
+        lambda: len(api.get("/api/v1/runtime")["workers"]) == count,
+        what=f"all {count} workers in the runtime",
+    )
+    wait_until(lambda: totals()["sessions"] == 0, what="no sessions")
+    idle = [totals() for _ in range(5)]
+    low = min(t["greenlets"] for t in idle)
+    high = max(t["greenlets"] for t in idle)
+    before = idle[-1]
     clients = [Wire.connect(server.host, server.port) for _ in range(6)]
     try:
         for w in clients:
             w.expect("EHLO client.example", 250)
         held = wait_until(lambda: (t := totals())["sessions"] == 6 and t, what="6 sessions")
-        assert held["greenlets"] >= before["greenlets"] + 6, (before, held)
+        assert held["greenlets"] >= low + 6, (idle, held)
         assert held["descriptors"] >= before["descriptors"] + 6, (before, held)
     finally:
         for w in clients:
             w.close()
-    wait_until(lambda: totals() == before, what=f"the counts back to {before}")
+    wait_until(
+        lambda: (
+            (t := totals())["sessions"] == 0
+            and t["descriptors"] == before["descriptors"]
+            and t["greenlets"] <= high
+        ),
+        what=f"the counts back to {before} (greenlets at most {high})",
+    )
     shown = ctl(server, "runtime")
     assert shown.returncode == 0 and "GREENLETS" in shown.stdout, shown
 
