@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from ..lmtp import LMTPConnection, delivered
-from ..pipeline import Message, Verdict
+from ..pipeline import Verdict
 from ..protocol import Reply
 from ..smtp import replies as R
-from ..storage import SpoolFile
-from .smtp import SMTPSession, _FailedSpool
+from .smtp import SMTPSession
 
 if TYPE_CHECKING:
     from ..config import Listener
@@ -83,22 +82,10 @@ class LMTPSession(SMTPSession):
         stages = None
         auth_results: dict[str, str] = {}
         count = len(envelope.recipients)
-        if isinstance(spool, SpoolFile):
-            spool = self._own_return_path_only(spool)
-        if isinstance(spool, _FailedSpool) or spool is None:
-            error = spool.error if spool is not None else None
-            failed = Verdict(False, True, str(error), no_space=bool(error and error.no_space))
-            verdicts = [failed] * count
+        message = self._message(envelope, spool, queue_id, size)
+        if isinstance(message, Verdict):
+            verdicts = [message] * count
         else:
-            message = Message(
-                envelope,
-                spool,
-                queue_id,
-                size,
-                self.peer,
-                self.listener.role,
-                deadline=time.monotonic() + self.server.config.timeouts.data_total,
-            )
             verdicts = self.server.pipeline.process_each(message)
             stages = ",".join(map(str, message.verdicts)) or None
             auth_results = message.auth_results

@@ -311,6 +311,32 @@ class SMTPSession(StreamSession):
             self.spool.discard()
         self.spool = _FailedSpool(error)
 
+    def _message(
+        self,
+        envelope: Envelope,
+        spool: SpoolFile | _FailedSpool | None,
+        queue_id: str,
+        size: int,
+    ) -> Message | Verdict:
+        """The spooled message for the pipeline, or the verdict on a spool
+        that failed (every recipient's: a 4xx, or 452/552 with no space)."""
+        if isinstance(spool, SpoolFile):
+            spool = self._own_return_path_only(spool)
+        if isinstance(spool, _FailedSpool) or spool is None:
+            error = spool.error if spool is not None else None
+            return Verdict(False, True, str(error), no_space=bool(error and error.no_space))
+        return Message(
+            envelope,
+            spool,
+            queue_id,
+            size,
+            self.peer,
+            self.listener.role,
+            # The client waits for the reply to its final dot (RFC 5321
+            # §4.5.3.2.6: 10 minutes); filters waiting for a slot stop here.
+            deadline=time.monotonic() + self.server.config.timeouts.data_total,
+        )
+
     def _deliver(self, envelope: Envelope, size: int) -> None:
         """Hand the whole message to the pipeline; answer what it decides."""
         spool, self.spool = self.spool, None
@@ -319,23 +345,10 @@ class SMTPSession(StreamSession):
         started = time.perf_counter()
         stages = None
         auth_results: dict[str, str] = {}
-        if isinstance(spool, SpoolFile):
-            spool = self._own_return_path_only(spool)
-        if isinstance(spool, _FailedSpool) or spool is None:
-            error = spool.error if spool is not None else None
-            verdict = Verdict(False, True, str(error), no_space=bool(error and error.no_space))
+        message = self._message(self._reports_allowed(envelope), spool, queue_id, size)
+        if isinstance(message, Verdict):
+            verdict = message
         else:
-            message = Message(
-                self._reports_allowed(envelope),
-                spool,
-                queue_id,
-                size,
-                self.peer,
-                self.listener.role,
-                # The client waits for the reply to its final dot (RFC 5321
-                # §4.5.3.2.6: 10 minutes); filters waiting for a slot stop here.
-                deadline=time.monotonic() + self.server.config.timeouts.data_total,
-            )
             verdict = self.server.pipeline.process(message)
             stages = ",".join(map(str, message.verdicts)) or None
             auth_results = message.auth_results
