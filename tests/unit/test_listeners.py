@@ -28,7 +28,9 @@ def test_workers_sharing_one_socket_take_one_connection_per_wake_up(
     raw = socket.socket()
     raw.bind(("127.0.0.1", 0))
     raw.listen(10)
-    listener = SimpleNamespace(role="mx", address="127.0.0.1", path=None)
+    listener = SimpleNamespace(
+        role="mx", address="127.0.0.1", path=None, proxy_protocol=False, proxy_trusted=[]
+    )
     listeners.start([(listener, raw)])  # type: ignore[list-item]
     try:
         assert [s.max_accept for s in listeners.servers] == [max_accept]
