@@ -237,8 +237,7 @@ class Listeners:
                 host, port = sock.getsockname()[:2]
                 lm = app.metrics.listener(f"{listener.role}:[{listener.address}]:{port}")
             protocol = self.protocols.of(listener)
-            networks = [ipaddress.ip_network(n, strict=False) for n in listener.proxy_trusted]
-            server = StreamServer(sock, self._handler(protocol, listener, lm, networks))
+            server = StreamServer(sock, self._handler(protocol, listener, lm))
             if app.config.worker_count > 1 and not app.config.reuse_port:
                 # One socket the workers share: take one connection per wake-up.
                 # gevent's default (100 at a time) let whichever worker woke first
@@ -255,10 +254,10 @@ class Listeners:
         protocol: ServerProtocol,
         listener: Listener,
         lm: ListenerMetrics,
-        proxy_trusted: list[Network],
     ) -> Callable[[socket.socket, tuple], None]:
         session_class = protocol.session
         proxied = listener.proxy_protocol
+        proxy_trusted = [ipaddress.ip_network(n, strict=False) for n in listener.proxy_trusted]
 
         def handle(client: socket.socket, address: tuple) -> None:
             if not address:  # issue 21: a UNIX socket's client has no address
