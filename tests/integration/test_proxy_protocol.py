@@ -6,7 +6,8 @@ through HAProxy's `send-proxy` (v1) and `send-proxy-v2` with the client's
 socket bound to another loopback address (127.0.0.5, ...), which HAProxy
 passes on in the header: that address, never HAProxy's 127.0.0.1, is the
 one in `Received:`, the access log, the admin API's sessions, the relay
-permission (`trusted_networks`) and the per-client limits. A connection
+permission (`trusted_networks`), the per-client limits, the AUTH throttle
+and SPF. A connection
 without a header, with a malformed one, or from a balancer outside
 `proxy_trusted` is closed before any greeting, with a log line.
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port, users, wait_until
 from tests.integration.adminapi import AdminClient, with_admin
+from tests.integration.dns_server import DNSMASQ, Zone, dns_server
 from tests.integration.haproxy import require_haproxy, running_haproxy
 from tests.integration.pop3_client import TIMEOUT, POP3Wire
 
@@ -31,7 +34,19 @@ CLIENT, RELAYER, HOLDER, OTHER = "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0
 
 
 @pytest.fixture(scope="module")
-def setup(make_module_server, certs):
+def dns(tmp_path_factory):
+    """A private dnsmasq with an SPF record that lets only 127.0.0.5 send for
+    proxied.test, or None when dnsmasq is missing (the SPF test skips)."""
+    if not Path(DNSMASQ).exists():
+        yield None
+        return
+    zone = Zone(txt={"proxied.test": [f"v=spf1 ip4:{CLIENT} -all"]}, local=("test", "example"))
+    with dns_server(zone, tmp_path_factory.mktemp("dns")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def setup(make_module_server, certs, dns):
     """The server and HAProxy's ports, by route name."""
     require_haproxy()
     ports = {name: free_port() for name in ("mx", "submissions", "pop3", "untrusted")}
@@ -54,12 +69,16 @@ def setup(make_module_server, certs):
             ],
             "tls": certs.tls_config,
             "users": users(alice=PASSWORD, bob=None),
-            "auth": {"allow_plaintext": True},
+            # One failed login and a client's password is not checked again.
+            "auth": {"allow_plaintext": True, "max_failures": 1, "failure_delay": 0},
             "trusted_networks": [f"{RELAYER}/32"],
             "client_limits": {"max_connections": 2},
             "timeouts": {"proxy_header": 1},
         }
     )
+    if dns is not None:  # SPF, recorded in Authentication-Results:
+        overrides["auth_checks"] = {"enabled": True}
+        overrides["dns"] = {"nameservers": [dns.nameserver], "timeout": 2}
     server = make_module_server(overrides)
     ports["admin"] = overrides["admin"]["port"]
     with running_haproxy() as hp:
@@ -232,3 +251,43 @@ def test_a_balancer_outside_proxy_trusted_is_closed_before_any_greeting(setup):
     ) as sock:
         assert closed_before_greeting(sock)
     server.logged("not in proxy_trusted")
+
+
+def pop3_login(routes: dict, source: str, password: str) -> bytes:
+    """USER and PASS over POP3 from `source` through HAProxy; PASS's reply."""
+    sock = socket.create_connection(
+        (HOST, routes["pop3 v1"]), timeout=10, source_address=(source, 0)
+    )
+    with POP3Wire(sock, TIMEOUT) as pop:
+        assert pop.line().startswith(b"+OK")
+        assert pop.cmd("USER alice").startswith(b"+OK")
+        return pop.cmd(f"PASS {password}")
+
+
+def test_the_auth_throttle_counts_the_headers_client(setup):
+    """auth.max_failures 1: after one failure from 127.0.0.10 its right password
+    is refused too, while 127.0.0.11 through the same HAProxy logs in."""
+    _, _, routes = setup
+    assert pop3_login(routes, "127.0.0.10", "wrong").startswith(b"-ERR")
+    assert pop3_login(routes, "127.0.0.10", PASSWORD).startswith(b"-ERR")
+    assert pop3_login(routes, "127.0.0.11", PASSWORD).startswith(b"+OK")
+
+
+def test_spf_checks_the_headers_client(setup, dns, box):
+    """proxied.test's SPF record allows 127.0.0.5 only: mail from it through
+    HAProxy (whose own address is 127.0.0.1) passes, from 127.0.0.8 fails."""
+    if dns is None:
+        pytest.skip(f"dnsmasq is not installed ({DNSMASQ}): apt-get install dnsmasq-base")
+    server, _, routes = setup
+    for source in (CLIENT, OTHER):
+        with via(routes, "mx v2", source) as client:
+            client.sendmail(
+                "a@proxied.test", [f"{box}@test.example"], f"Subject: {source}\r\n\r\nhi\r\n"
+            )
+    stored = wait_until(lambda: len(m := server.messages(box)) == 2 and m, what="2 messages")
+    heads = {}
+    for path in stored:
+        head = path.read_bytes().split(b"\n\n", 1)[0].decode()
+        heads[head.split("Subject: ", 1)[1].split("\n", 1)[0]] = head
+    assert "spf=pass smtp.mailfrom=a@proxied.test" in heads[CLIENT], heads[CLIENT]
+    assert f"spf=fail ({OTHER} is not allowed" in heads[OTHER], heads[OTHER]
