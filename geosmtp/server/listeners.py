@@ -250,10 +250,7 @@ class Listeners:
         self._stress_watch = gevent.spawn(self._watch_stress)
 
     def _handler(
-        self,
-        protocol: ServerProtocol,
-        listener: Listener,
-        lm: ListenerMetrics,
+        self, protocol: ServerProtocol, listener: Listener, lm: ListenerMetrics
     ) -> Callable[[socket.socket, tuple], None]:
         session_class = protocol.session
         proxied = listener.proxy_protocol
@@ -313,25 +310,29 @@ class Listeners:
         LOCAL or UNKNOWN header); () when the connection was closed instead:
         the balancer is not trusted, or its header is malformed or missing."""
         if not trusted(address[0], networks):
-            logger.warning("proxy: closed [{}]:{} on {}: not in proxy_trusted", *address[:2], where)
-            client.close()
-            return ()
+            return self._not_proxied(client, address, where, "not in proxy_trusted")
         self.group.add(gevent.getcurrent())  # type: ignore[arg-type]  # the stop waits for it
         try:
             header = read_proxy_header(client, self.app.config.timeouts.proxy_header)
-        except (ProxyError, TimeoutError, OSError) as exc:
-            why = str(exc) if isinstance(exc, ProxyError) else "no header in time"
-            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                why = f"socket error: {exc}"
-            logger.warning("proxy: closed [{}]:{} on {}: {}", *address[:2], where, why)
-            client.close()
-            return ()
+        except ProxyError as exc:
+            return self._not_proxied(client, address, where, str(exc))
+        except TimeoutError:
+            return self._not_proxied(client, address, where, "no header in time")
+        except OSError as exc:
+            return self._not_proxied(client, address, where, f"socket error: {exc}")
         if header.source is None:
             return address
         logger.debug(
             "proxy: [{}]:{} for [{}]:{} (v{})", *address[:2], *header.source, header.version
         )
         return header.source
+
+    @staticmethod
+    def _not_proxied(client: socket.socket, address: tuple, where: str, why: str) -> tuple:
+        """Close a connection on a proxy_protocol listener before any greeting; ()."""
+        logger.warning("proxy: closed [{}]:{} on {}: {}", *address[:2], where, why)
+        client.close()
+        return ()
 
     def _refuse(
         self, client: socket.socket, address: tuple, reply: bytes, log: bool = True
