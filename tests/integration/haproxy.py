@@ -8,7 +8,8 @@ started on loopback from a config file in a temp folder, stopped after.
 
 Each `route` is a frontend on a free loopback port with a backend of the
 given servers (`balance roundrobin`); `send_proxy` is HAProxy's server
-option: None (plain TCP), "send-proxy" (PROXY v1) or "send-proxy-v2". The
+option: None (plain TCP), "send-proxy" (PROXY v1) or "send-proxy-v2";
+`check` adds health checks (with the header when `send_proxy` is set). The
 test skips, with the reason, when `/usr/sbin/haproxy` is missing.
 """
 
@@ -63,7 +64,10 @@ class HAProxy:
             raise ValueError(f"send_proxy: one of {SEND_PROXY}, got {send_proxy!r}")
         port = free_port(self.host)
         n = len(self.routes)
-        options = " ".join(o for o in (send_proxy, "check" if check else None) if o)
+        # A health check sends the header too (check-send-proxy): a proxy_protocol
+        # listener closes a connection without one, with a WARNING line each time.
+        checks = ("check", "check-send-proxy" if send_proxy else None) if check else ()
+        options = " ".join(o for o in (send_proxy, *checks) if o)
         lines = [
             f"frontend f{n}",
             f"    bind {self.host}:{port}",
