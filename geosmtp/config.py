@@ -188,6 +188,13 @@ class Listener:
     path: Path | None = field(default=None, metadata={"path": True})
     #: The socket file's permissions (`0660` in YAML is octal): who may connect.
     mode: int = _ranged(0o660, min=0, max=0o777)
+    # issue 22: behind a load balancer
+    #: Each connection begins with a PROXY protocol header (HAProxy's, v1 or
+    #: v2) that names the client; the session's client is the header's.
+    proxy_protocol: bool = False
+    #: The balancers allowed to send that header (networks or single
+    #: addresses); needed with proxy_protocol. Any other is closed at once.
+    proxy_trusted: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,9 @@ class Timeouts:
     #: A logged-in POP3 client silent this long is logged out (RFC 1939 §3 asks
     #: for at least 10 minutes); before login, `command` applies.
     pop3_autologout: float = _positive(600, max=DAY)
+    #: On a `proxy_protocol` listener, the wait for the balancer's header
+    #: (it sends it as it connects); then the connection is closed.
+    proxy_header: float = _positive(5, max=DAY)
 
 
 @dataclass(frozen=True)
@@ -727,6 +737,39 @@ def _check_trusted_networks(config: Config) -> None:
             )
 
 
+def _check_proxy_protocol(config: Config) -> None:
+    """`proxy_trusted` given exactly with `proxy_protocol`, on TCP listeners,
+    each entry a network or a single address (issue 22)."""
+    for i, listener in enumerate(config.listeners):
+        key = f"listeners[{i}]"
+        if not listener.proxy_protocol:
+            if listener.proxy_trusted:
+                raise ConfigError(
+                    f"{key}.proxy_trusted: set without proxy_protocol: true (it names who "
+                    "may send a PROXY header)"
+                )
+            continue
+        if listener.path is not None:
+            raise ConfigError(f"{key}.proxy_protocol: not on a UNIX socket (path) listener")
+        if not listener.proxy_trusted:
+            raise ConfigError(
+                f"{key}.proxy_trusted: needed with proxy_protocol: true (the load "
+                "balancers' networks or addresses)"
+            )
+        for j, text in enumerate(listener.proxy_trusted):
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{key}.proxy_trusted[{j}]: not a network or address: {_describe(text)}"
+                ) from None
+            if _inside(net, _IPV4_MAPPED):
+                raise ConfigError(
+                    f"{key}.proxy_trusted[{j}]: {_describe(text)} is an IPv4-mapped IPv6 "
+                    "network; write its IPv4 form"
+                )
+
+
 def _check(config: Config) -> None:
     """Checks that span keys or need more than a type: the whole config, as it would run."""
     if not _HOSTNAME_RE.fullmatch(config.hostname):
@@ -750,6 +793,7 @@ def _check(config: Config) -> None:
         raise ConfigError("listeners: at least one listener is needed")
     _check_socket_paths(config)
     _check_trusted_networks(config)
+    _check_proxy_protocol(config)
     admin = config.admin
     try:
         ipaddress.ip_address(admin.address)

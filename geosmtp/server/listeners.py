@@ -17,11 +17,20 @@ after `STOP_WAIT` more seconds are killed.
 Under stress (open connections, in all workers, at `stress.threshold`
 percent of `max_clients`), a wait for a command is cut to
 `stress.command_timeout` (`_watch_stress`).
+
+Behind a load balancer (issue 22), a listener with `proxy_protocol` reads
+the PROXY header (`protocol.proxy`) before anything else, the connection
+counted against `max_clients` but not yet against the client's limits: a
+balancer outside `proxy_trusted`, a malformed header or none within
+`timeouts.proxy_header` closes the connection before any greeting, with a
+log line; else the header's client address is the session's from then on
+(`_proxied`), for the client's limits and everything the session does.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import resource
 import socket
@@ -39,6 +48,7 @@ from loguru import logger
 
 from ..config import Listener
 from ..metrics import ListenerMetrics
+from ..protocol.proxy import MAX_LENGTH, ProxyError, ProxyHeader, parse
 from .shared import ConnectionCounter, LocalConnections
 
 #: What a client of a UNIX socket is called (its `peer`): it has no address.
@@ -58,6 +68,58 @@ STRESS_CHECK = 0.5
 #: Seconds between two "refused" lines of one worker (over max_clients, or
 #: stopping): a flood of refused clients writes a line a minute, with a count.
 REFUSAL_LOG_INTERVAL = 60.0
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def read_proxy_header(sock: socket.socket, timeout: float) -> ProxyHeader:
+    """The PROXY header at the start of `sock`, within `timeout` seconds.
+
+    Each read peeks first and takes only the header's octets, so that not one
+    octet of the protocol after it is taken from the socket: the session reads
+    them as from any other client, and an implicit-TLS handshake finds its
+    ClientHello whole. ProxyError when it is no header (or the connection
+    ends before one), TimeoutError when none comes in time.
+    """
+    deadline = time.monotonic() + timeout
+    before = sock.gettimeout()
+    try:
+        return _read_header(sock, deadline)
+    finally:
+        sock.settimeout(before)
+
+
+def _read_header(sock: socket.socket, deadline: float) -> ProxyHeader:
+    taken = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        seen = sock.recv(MAX_LENGTH - len(taken), socket.MSG_PEEK)
+        if not seen:
+            raise ProxyError("the connection ended before a whole header")
+        header = parse(taken + seen)
+        # A header begun (None): all that was seen is header; else its rest.
+        want = len(seen) if header is None else header.length - len(taken)
+        while want > 0:  # peeked, so there: one recv nearly always takes it
+            chunk = sock.recv(want)
+            if not chunk:
+                raise ProxyError("the connection ended before a whole header")
+            taken += chunk
+            want -= len(chunk)
+        if header is not None:
+            return header
+
+
+def trusted(host: str, networks: list[Network]) -> bool:
+    """`host` (a socket's address) is inside one of `networks`."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
 
 
 def raise_open_files_limit() -> int:
@@ -191,6 +253,8 @@ class Listeners:
         self, protocol: ServerProtocol, listener: Listener, lm: ListenerMetrics
     ) -> Callable[[socket.socket, tuple], None]:
         session_class = protocol.session
+        proxied = listener.proxy_protocol
+        proxy_trusted = [ipaddress.ip_network(n, strict=False) for n in listener.proxy_trusted]
 
         def handle(client: socket.socket, address: tuple) -> None:
             if not address:  # issue 21: a UNIX socket's client has no address
@@ -203,6 +267,13 @@ class Listeners:
                 self._refuse(client, address, session_class.refusal(self.stopping))
                 return
             try:
+                if proxied:  # issue 22: the client is the one the header names
+                    address = self._proxied(client, address, lm.name, proxy_trusted)
+                    if not address:
+                        return
+                    if self.stopping:
+                        self._refuse(client, address, session_class.refusal(True))
+                        return
                 # Then the client's own limits (client_limits), logged by the anvil.
                 anvil = self.app.anvil
                 key, over = (
@@ -216,7 +287,8 @@ class Listeners:
                 try:
                     session = session_class(self.app, client, address, listener, lm, key)
                     self.by_id[session.id] = session
-                    self.group.add(gevent.getcurrent())  # type: ignore[arg-type]  # a Greenlet here
+                    if not proxied:  # a proxied one is in it from its header on
+                        self.group.add(gevent.getcurrent())  # type: ignore[arg-type]  # a Greenlet
                     lm.connections.inc()
                     lm.current.inc()
                     try:
@@ -230,6 +302,37 @@ class Listeners:
                 connections.closed()
 
         return handle
+
+    def _proxied(
+        self, client: socket.socket, address: tuple, where: str, networks: list[Network]
+    ) -> tuple:
+        """The client's address from the PROXY header (the balancer's own for a
+        LOCAL or UNKNOWN header); () when the connection was closed instead:
+        the balancer is not trusted, or its header is malformed or missing."""
+        if not trusted(address[0], networks):
+            return self._not_proxied(client, address, where, "not in proxy_trusted")
+        self.group.add(gevent.getcurrent())  # type: ignore[arg-type]  # the stop waits for it
+        try:
+            header = read_proxy_header(client, self.app.config.timeouts.proxy_header)
+        except ProxyError as exc:
+            return self._not_proxied(client, address, where, str(exc))
+        except TimeoutError:
+            return self._not_proxied(client, address, where, "no header in time")
+        except OSError as exc:
+            return self._not_proxied(client, address, where, f"socket error: {exc}")
+        if header.source is None:
+            return address
+        logger.debug(
+            "proxy: [{}]:{} for [{}]:{} (v{})", *address[:2], *header.source, header.version
+        )
+        return header.source
+
+    @staticmethod
+    def _not_proxied(client: socket.socket, address: tuple, where: str, why: str) -> tuple:
+        """Close a connection on a proxy_protocol listener before any greeting; ()."""
+        logger.warning("proxy: closed [{}]:{} on {}: {}", *address[:2], where, why)
+        client.close()
+        return ()
 
     def _refuse(
         self, client: socket.socket, address: tuple, reply: bytes, log: bool = True

@@ -250,3 +250,57 @@ def test_relay_timeouts_reach_the_queue_client(tmp_path):
     assert (t.connect, t.greeting, t.rcpt, t.data_init, t.data_block, t.data_end, t.quit) == (
         2, 3, 3, 120, 0.5, 4, 3,
     )  # fmt: skip
+
+
+# issue 22: the PROXY protocol per listener
+@pytest.mark.parametrize(
+    ("listener", "message"),
+    [
+        ("{proxy_protocol: true}", "listeners[0].proxy_trusted: needed with proxy_protocol: true"),
+        (
+            "{proxy_trusted: [10.0.0.1]}",
+            "listeners[0].proxy_trusted: set without proxy_protocol: true",
+        ),
+        (
+            "{proxy_protocol: true, proxy_trusted: [10.0.0.1, balancer.example]}",
+            "listeners[0].proxy_trusted[1]: not a network or address: 'balancer.example'",
+        ),
+        (
+            "{proxy_protocol: true, proxy_trusted: [10.0.0.0/33]}",
+            "listeners[0].proxy_trusted[0]: not a network or address: '10.0.0.0/33'",
+        ),
+        (
+            "{proxy_protocol: true, proxy_trusted: ['::ffff:10.0.0.1']}",
+            "listeners[0].proxy_trusted[0]: '::ffff:10.0.0.1' is an IPv4-mapped IPv6 network",
+        ),
+        (
+            "{proxy_protocol: true, proxy_trusted: 10.0.0.1}",
+            "listeners[0].proxy_trusted: expected a list",
+        ),
+        (
+            "{proxy_protocol: yes please, proxy_trusted: [10.0.0.1]}",
+            "listeners[0].proxy_protocol: expected",
+        ),
+        (
+            "{role: lmtp, path: /run/x.sock, proxy_protocol: true, proxy_trusted: [10.0.0.1]}",
+            "listeners[0].proxy_protocol: not on a UNIX socket (path) listener",
+        ),
+    ],
+)
+def test_proxy_protocol_keys_are_checked(tmp_path, listener, message):
+    with pytest.raises(cfg.ConfigError) as err:
+        load_text(tmp_path, f"listeners: [{listener}]\n")
+    assert message in str(err.value)
+
+
+def test_proxy_protocol_takes_networks_and_addresses_of_both_families(tmp_path):
+    config = load_text(
+        tmp_path,
+        "listeners: [{proxy_protocol: true, proxy_trusted: [10.0.0.0/24, 192.0.2.7, "
+        "'2001:db8::/64', '::1']}]\ntimeouts: {proxy_header: 2.5}\n",
+    )
+    (listener,) = config.listeners
+    assert listener.proxy_protocol is True
+    assert listener.proxy_trusted == ["10.0.0.0/24", "192.0.2.7", "2001:db8::/64", "::1"]
+    assert config.timeouts.proxy_header == 2.5
+    assert load_text(tmp_path, "{}").listeners[0].proxy_protocol is False

@@ -36,7 +36,15 @@ def test_to_mapping_is_plain_data(config, tmp_path):
     assert json.loads(json.dumps(data)) == data  # only JSON types
     assert data["mail_dir"] == str(tmp_path.resolve() / "mail_dir")
     assert data["listeners"] == [
-        {"address": "127.0.0.1", "port": 2525, "role": "mx", "path": None, "mode": 0o660}
+        {
+            "address": "127.0.0.1",
+            "port": 2525,
+            "role": "mx",
+            "path": None,
+            "mode": 0o660,
+            "proxy_protocol": False,  # issue 22
+            "proxy_trusted": [],
+        }
     ]
     assert data["limits"]["max_recipients"] == 50
     assert data["limits"]["command_line"] == 512  # defaults included

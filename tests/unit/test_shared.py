@@ -303,6 +303,8 @@ class Tally:
 
 
 #: An app's per-client limits that count nobody (these tests are about the cap).
+#: A listener without the PROXY protocol (issue 22), as the handler reads it.
+PLAIN_LISTENER = SimpleNamespace(proxy_protocol=False, proxy_trusted=[])
 NO_CLIENT_LIMITS = SimpleNamespace(
     connect=lambda peer, smtp: (0, None), disconnect=lambda key: None
 )
@@ -338,7 +340,7 @@ def test_the_listeners_cap_counts_the_connections_of_the_other_workers(state):
                 seen["refusal"] = theirs.recv(100)
 
     smtp = ServerProtocol("smtp", ("mx",), FakeSession, build=lambda *a: None)  # type: ignore[arg-type]
-    handle = listeners._handler(smtp, None, lm)  # type: ignore[arg-type]
+    handle = listeners._handler(smtp, PLAIN_LISTENER, lm)  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
     with ours, theirs:
         gevent.spawn(handle, ours, ("192.0.2.1", 1)).get(timeout=WAIT)
@@ -359,7 +361,7 @@ def test_a_session_that_fails_to_start_gives_its_place_back(state):
             raise RuntimeError("broken")
 
     smtp = ServerProtocol("smtp", ("mx",), Broken, build=lambda *a: None)  # type: ignore[arg-type]
-    handle = listeners._handler(smtp, None, None)  # type: ignore[arg-type]
+    handle = listeners._handler(smtp, PLAIN_LISTENER, None)  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
     with ours, theirs, pytest.raises(RuntimeError):
         gevent.spawn(handle, ours, ("192.0.2.1", 1)).get(timeout=WAIT)
