@@ -492,7 +492,8 @@ class Options:
     size: int = 1024
     mailboxes: int = 10
     workers: int = 2
-    kill_at: float = 0.4  # the share of messages acknowledged when the kill comes
+    rounds: int = 4  # of new SMTP sessions (HAProxy balances connections, not messages)
+    kill_at: float = 0.3  # the share of messages acknowledged when the kill comes
     time_limit: float = 540.0  # for the whole run
     proxy_protocol: bool = False
     keep: Path | None = None
@@ -552,34 +553,57 @@ def load_spec(opts: Options, port: int, run_id: str) -> dict:
 
 
 def traffic(
-    spec: dict, timeout: float, at: float | None = None, action: Callable[[], None] | None = None
+    spec: dict,
+    timeout: float,
+    rounds: int = 1,
+    at: float | None = None,
+    action: Callable[[], None] | None = None,
 ) -> Outcome:
-    """The bench's load generator (two processes) through HAProxy; `action()`
-    once `at` of the messages are acknowledged."""
-    specs = split_load(spec, 2)
-    workers = [Worker(s) for s in specs]
-    progress = Progress("through HAProxy", spec["ids"][1])
+    """The bench's load generator (two processes a round) through HAProxy.
+
+    The messages go in `rounds` rounds, each with new SMTP sessions (HAProxy
+    spreads new connections only: a restarted front end gets its share from
+    the next round on); `action()` once `at` of all the messages are
+    acknowledged."""
+    first, total = spec["ids"]
+    outcome = Outcome()
     deadline = time.monotonic() + timeout
-    try:
-        if at is not None and action is not None:
-            goal = int(spec["ids"][1] * at)
-            reached = pump(
+    pending = action if at is not None else None
+    goal = int(total * (at or 0))
+    for r in range(rounds):
+        part = dict(spec, ids=[first + total * r // rounds, first + total * (r + 1) // rounds])
+        specs = split_load(part, 2)
+        workers = [Worker(s) for s in specs]
+        progress = Progress(f"round {r + 1}/{rounds}", part["ids"][1] - part["ids"][0])
+        try:
+            if pending is not None:
+                base = outcome.ok
+
+                def reached(ws: list[Worker] = workers, base: int = base) -> bool:
+                    return base + sum(w.ok for w in ws) >= goal
+
+                pump(
+                    workers,
+                    lambda ws=workers, r=reached: r() or all(w.done for w in ws),
+                    deadline - time.monotonic(),
+                    progress,
+                )
+                if reached():
+                    pending()
+                    pending = None
+            pump(
                 workers,
-                lambda: sum(w.ok for w in workers) >= goal or all(w.done for w in workers),
-                timeout,
+                lambda ws=workers: all(w.done for w in ws),
+                deadline - time.monotonic(),
                 progress,
             )
-            if reached and not all(w.done for w in workers):
-                action()
-        pump(workers, lambda: all(w.done for w in workers), deadline - time.monotonic(), progress)
-        progress.show(sum(w.ok for w in workers), sum(w.err for w in workers), force=True)
-    finally:
-        for w in workers:
-            w.finish(timeout=10)
-            drain(w)
-    outcome = Outcome()
-    for w, s in zip(workers, specs, strict=True):
-        outcome.add(w.result, s)
+            progress.show(sum(w.ok for w in workers), sum(w.err for w in workers), force=True)
+        finally:
+            for w in workers:
+                w.finish(timeout=10)
+                drain(w)
+        for w, s in zip(workers, specs, strict=True):
+            outcome.add(w.result, s)
     return outcome
 
 
@@ -603,6 +627,7 @@ def run_check(opts: Options) -> int:
     victim = cluster.fronts[0]
     in_flight: set[str] = set()
     verdict = None
+    interrupted = False
     try:
         cluster.start()
 
@@ -618,7 +643,7 @@ def run_check(opts: Options) -> int:
             say(f"{victim.name} is back")
 
         say(f"sending {opts.messages} messages with {opts.clients} clients through HAProxy")
-        outcome = traffic(spec, opts.time_limit, opts.kill_at, kill)
+        outcome = traffic(spec, opts.time_limit, opts.rounds, opts.kill_at, kill)
         left = max(10.0, opts.time_limit - (time.monotonic() - t0))
         say(f"acknowledged {outcome.ok}; waiting for both queues to empty")
         wait_for(cluster.drained, left, "both queues to empty", 0.2)
@@ -640,6 +665,9 @@ def run_check(opts: Options) -> int:
         say("accepted by instance (Prometheus, since its last start): " + metrics)
     except (TimeoutError, RuntimeError, OSError) as exc:
         say(f"the run failed: {exc}")
+    except KeyboardInterrupt:
+        say("interrupted: stopping everything")
+        interrupted = True
     finally:
         cluster.stop()
     keep = verdict is None or not verdict.ok or opts.keep is not None
@@ -649,6 +677,9 @@ def run_check(opts: Options) -> int:
         say(f"logs kept in {opts.keep or root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
+    if interrupted:
+        print("verdict: FAIL: interrupted; everything it started is stopped")
+        return 130
     if verdict is None:
         print(f"verdict: FAIL: the run did not finish, time {time.monotonic() - t0:.1f}s")
         return 1
@@ -776,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     try:
         return run_bench(opts, args.out) if args.bench else run_check(opts)
     except KeyboardInterrupt:

@@ -47,12 +47,14 @@ def test_the_cluster_survives_a_kill_9_of_a_front_end_with_every_acknowledged_ma
     verdict = VERDICT.search(run.stdout)
     assert verdict, out[-3000:]
     acked, delivered = int(verdict[1]), int(verdict[2])
-    assert acked >= 80 and delivered == acked  # the kill came after 40% were acknowledged
+    assert acked >= 60 and delivered == acked  # the kill came after 30% were acknowledged
     assert re.search(r"kill -9 fe1: 3 processes", out)  # master and its 2 workers
     assert "fe1 is back" in out
-    # Prometheus, from both front ends: fe2 took its share of the traffic.
-    fe2 = re.search(r"metrics fe2: geosmtp_messages_accepted_total (\d+)", out)
-    assert fe2 and int(fe2[1]) > 0, out[-3000:]
+    # Prometheus, from both front ends: each took a share of the traffic, fe1
+    # after its restart too (its counters start again from zero at a start).
+    for fe in ("fe1", "fe2"):
+        accepted = re.search(rf"metrics {fe}: geosmtp_messages_accepted_total (\d+)", out)
+        assert accepted and int(accepted[1]) > 0, out[-3000:]
     # Everything it started is stopped: HAProxy and both front ends are gone.
     ports = [int(p) for p in re.findall(r"(?:SMTP|HAProxy on 127\.0\.0\.1:)\s*(\d+)", out)]
     assert len(ports) == 3, out[:2000]

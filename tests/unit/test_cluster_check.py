@@ -88,3 +88,11 @@ def test_whole_knows_the_body_sent_from_one_changed():
     assert cluster.whole("run", 5, 1024, rcpts, body)
     assert not cluster.whole("run", 5, 1024, rcpts, body[:-2] + b"X\n")
     assert not cluster.whole("run", 6, 1024, rcpts, body)
+
+
+def test_it_names_what_is_missing_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(cluster, "HAPROXY", "/nonexistent/haproxy")
+    monkeypatch.setattr(cluster.dovecot_peer, "LMTP_SERVER", "/nonexistent/lmtp")
+    assert cluster.main(["--quick"]) == 2
+    out = capsys.readouterr().out
+    assert "cannot run: missing haproxy" in out and "dovecot-lmtpd" in out
