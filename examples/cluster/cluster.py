@@ -800,7 +800,7 @@ def bench_plot(rows: list[dict], path: Path) -> None:
     ax.bar(labels, [r["msgs_per_s"] for r in rows], color="tab:blue")
     ax.set_xlabel("geosmtp front ends, path")
     ax.set_ylabel("messages/s (250 received)")
-    ax.set_title(f"through HAProxy, {os.cpu_count()} CPUs")
+    ax.set_title(f"SMTP into one machine, {os.cpu_count()} CPUs")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
