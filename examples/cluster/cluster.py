@@ -46,6 +46,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +87,9 @@ def missing() -> list[str]:
     return out
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1
+) -> object:
     """Poll `predicate` until it is true (its value) or `timeout` (TimeoutError)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -393,7 +396,7 @@ class FrontEnd:
 
     def queued_ids(self) -> set[str]:
         """The bench ids of the messages with a queue record (not all delivered)."""
-        out = set()
+        out: set[str] = set()
         queue = self.mail_dir / ".queue"
         records = queue / "records"
         for name in os.listdir(records) if records.is_dir() else []:
@@ -438,7 +441,7 @@ KEY_SERIES = (
 
 def maildir_ids(mail_dir: Path) -> set[str]:
     """The bench ids in Dovecot's Maildirs now (a quick look at the files)."""
-    out = set()
+    out: set[str] = set()
     for path in mail_dir.glob("*/*/*"):
         if path.parent.name in ("new", "cur"):
             try:
@@ -584,26 +587,17 @@ def traffic(
         progress = Progress(f"round {r + 1}/{rounds}", part["ids"][1] - part["ids"][0])
         try:
             if pending is not None:
-                base = outcome.ok
-
-                def reached(ws: list[Worker] = workers, base: int = base) -> bool:
-                    return base + sum(w.ok for w in ws) >= goal
-
+                left = goal - outcome.ok  # acknowledgements this round until the action
                 pump(
                     workers,
-                    lambda ws=workers, r=reached: r() or all(w.done for w in ws),
+                    partial(acked_or_ended, workers, left),
                     deadline - time.monotonic(),
                     progress,
                 )
-                if reached():
+                if acked(workers, left):
                     pending()
                     pending = None
-            pump(
-                workers,
-                lambda ws=workers: all(w.done for w in ws),
-                deadline - time.monotonic(),
-                progress,
-            )
+            pump(workers, partial(ended, workers), deadline - time.monotonic(), progress)
             progress.show(sum(w.ok for w in workers), sum(w.err for w in workers), force=True)
         finally:
             for w in workers:
@@ -612,6 +606,18 @@ def traffic(
         for w, s in zip(workers, specs, strict=True):
             outcome.add(w.result, s)
     return outcome
+
+
+def acked(workers: list[Worker], goal: int) -> bool:
+    return sum(w.ok for w in workers) >= goal
+
+
+def ended(workers: list[Worker]) -> bool:
+    return all(w.done for w in workers)
+
+
+def acked_or_ended(workers: list[Worker], goal: int) -> bool:
+    return acked(workers, goal) or ended(workers)
 
 
 def drain(worker: Worker) -> None:
