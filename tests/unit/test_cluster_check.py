@@ -1,0 +1,98 @@
+"""The check of examples/cluster/ (`check`, `whole`): it fails on a planted
+loss, duplicate, stray or damaged message, so its PASS is not a rubber stamp."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+from bench import messages
+
+PATH = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "cluster.py"
+_spec = importlib.util.spec_from_file_location("cluster_example", PATH)
+assert _spec is not None and _spec.loader is not None
+cluster = importlib.util.module_from_spec(_spec)
+sys.modules["cluster_example"] = cluster
+_spec.loader.exec_module(cluster)
+
+SENT = [f"run.{n}" for n in range(10)]
+ACKED = SENT[:8]  # two sessions were cut before their 250
+
+
+def found(*ids: str) -> Counter[str]:
+    return Counter(ids)
+
+
+def test_every_acknowledged_message_once_passes():
+    v = cluster.check(SENT, ACKED, found(*ACKED))
+    assert v.ok and v.problems == []
+    assert (v.sent, v.acknowledged, v.delivered) == (10, 8, 8)
+    assert v.line().startswith("verdict: PASS: sent 10, acknowledged 8, delivered 8, lost 0,")
+
+
+def test_an_unacknowledged_message_may_arrive_once():
+    v = cluster.check(SENT, ACKED, found(*ACKED, "run.9"))
+    assert v.ok and v.unacknowledged_arrived == 1
+
+
+def test_a_lost_message_fails():
+    v = cluster.check(SENT, ACKED, found(*ACKED[1:]))
+    assert not v.ok and v.lost == ["run.0"] and v.delivered == 7
+    assert v.line().startswith("verdict: FAIL:") and "lost 1," in v.line()
+
+
+def test_a_duplicate_fails():
+    v = cluster.check(SENT, ACKED, found(*ACKED, "run.3"))
+    assert not v.ok and v.duplicated == ["run.3"]
+    assert "duplicated 1," in v.line()
+
+
+def test_an_unacknowledged_message_twice_fails():
+    v = cluster.check(SENT, ACKED, found(*ACKED, "run.9", "run.9"))
+    assert not v.ok and v.duplicated == ["run.9"]
+
+
+def test_a_second_copy_of_one_in_flight_at_the_kill_is_resent_not_duplicated():
+    v = cluster.check(SENT, ACKED, found(*ACKED, "run.3"), in_flight={"run.3"}, max_in_flight=4)
+    assert v.ok and v.resent == ["run.3"] and v.duplicated == []
+
+
+def test_a_third_copy_or_more_resent_than_could_be_in_flight_fails():
+    three = cluster.check(SENT, ACKED, found(*ACKED, "run.3", "run.3"), {"run.3"}, max_in_flight=4)
+    assert not three.ok and three.duplicated == ["run.3"]
+    many = cluster.check(SENT, ACKED, found(*ACKED, "run.1", "run.2"), {"run.1", "run.2"}, (), 1)
+    assert not many.ok and "more than the 1 deliveries" in many.problems[0]
+
+
+def test_a_message_not_sent_by_the_run_fails():
+    v = cluster.check(SENT, ACKED, found(*ACKED, "other.1"))
+    assert not v.ok and v.unknown == ["other.1"]
+
+
+def test_a_damaged_message_fails():
+    v = cluster.check(SENT, ACKED, found(*ACKED), damaged=["run.2"])
+    assert not v.ok and v.damaged == ["run.2"]
+
+
+def test_nothing_acknowledged_is_no_pass():
+    v = cluster.check(SENT, [], found())
+    assert not v.ok and "nothing was acknowledged" in v.problems[0]
+
+
+def test_whole_knows_the_body_sent_from_one_changed():
+    rcpts = tuple(messages.recipients(5, 1, 10))
+    msg = messages.build("run", 5, 1024, rcpts)
+    body = b"".join(msg.canonical_body_chunks())
+    assert cluster.whole("run", 5, 1024, rcpts, body)
+    assert not cluster.whole("run", 5, 1024, rcpts, body[:-2] + b"X\n")
+    assert not cluster.whole("run", 6, 1024, rcpts, body)
+
+
+def test_it_names_what_is_missing_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(cluster, "HAPROXY", "/nonexistent/haproxy")
+    monkeypatch.setattr(cluster.dovecot_peer, "LMTP_SERVER", "/nonexistent/lmtp")
+    assert cluster.main(["--quick"]) == 2
+    out = capsys.readouterr().out
+    assert "cannot run: missing haproxy" in out and "dovecot-lmtpd" in out
