@@ -54,6 +54,8 @@ from pathlib import Path
 
 import yaml
 
+from .probe import wait_for
+
 HOST = "127.0.0.1"
 POP3_PASSWORD = "crash-trial-pw"
 LOCAL_BOXES = [f"u{i}" for i in range(10)]
@@ -258,17 +260,6 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid and fields[0] != "Z":
                 found.append(int(entry))
     return sorted(found)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 class Server:

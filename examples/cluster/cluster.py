@@ -58,7 +58,7 @@ import yaml  # noqa: E402
 from bench import messages  # noqa: E402
 from bench.driver import Outcome, Progress, Worker, pump, split_load  # noqa: E402
 from bench.peers import dovecot as dovecot_peer  # noqa: E402
-from bench.probe import free_port, free_udp_port, greets  # noqa: E402
+from bench.probe import free_port, free_udp_port, greets, wait_for  # noqa: E402
 
 HOST = "127.0.0.1"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -85,20 +85,6 @@ def missing() -> list[str]:
     if not Path(dovecot_peer.LMTP_SERVER).exists():
         out.append("dovecot-lmtpd")
     return out
-
-
-def wait_for(
-    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1
-) -> object:
-    """Poll `predicate` until it is true (its value) or `timeout` (TimeoutError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------ check
