@@ -671,7 +671,10 @@ def run_check(opts: Options) -> int:
         cluster.stop()
     keep = verdict is None or not verdict.ok or opts.keep is not None
     if keep and opts.keep is not None:
-        shutil.copytree(root, opts.keep, dirs_exist_ok=True, symlinks=True)
+        # Dovecot's run/ holds its sockets and pipes, which cannot be copied.
+        shutil.copytree(
+            root, opts.keep, dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns("run")
+        )
     if keep:
         say(f"logs kept in {opts.keep or root}")
     else:
