@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.probe import wait_for
 from geosmtp.storage.maildir import delivery_order
 
 HOSTNAME = "mx.test.example"
@@ -79,15 +79,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
+    """Poll `predicate` until it returns something truthy (the bench's
+    `wait_for`); a test failure after `timeout`."""
+    try:
+        return wait_for(predicate, timeout, what, interval)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 # How many servers the run started: each costs a second or more of the suite's

@@ -40,7 +40,7 @@ from __future__ import annotations
 import base64
 import enum
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..mail.lineends import lines_as_lf
@@ -901,13 +901,3 @@ class DataEncoder:
             out.append(b".")
         out.append(piece)
         self.column += len(piece)
-
-
-def data_size(blocks: Iterable[bytes]) -> int:
-    """The size of the content as `DataEncoder` sends it, without dot-stuffing
-    and the end of data (RFC 1870 §3's message size), for blocks of the file."""
-    encoder = DataEncoder(stuff=False)
-    size = 0
-    for block in blocks:
-        size += len(encoder.feed(block))
-    return size + len(encoder.end())
