@@ -47,6 +47,21 @@ live in a temp dir of its own (`root`).
   delivering into the same Maildirs. A recipient is looked up by its local
   part (`auth_username_format = %Ln`: `alice@example.test` is the passwd-file's
   `alice`); one not there is refused with `550 5.1.1`.
+- Duplicate suppression too, with `dedup=True` (and `lmtp=True`; Debian's
+  `dovecot-sieve`): a Sieve script run before every LMTP delivery
+  (`sieve_before`) discards a message whose Message-ID that user has already
+  received in the last 12 hours (RFC 7352 `duplicate`, Dovecot's duplicate
+  database in the user's home, `<root>/home/<user>`). That is how a backend
+  keeps one copy of a message an MTA sends again because it died between
+  Dovecot's `250` and its own record of it. Dovecot 2.3's duplicate database
+  is one file per user that each delivery reads whole and writes whole
+  (`src/lib-storage/mail-duplicate.c`): two processes delivering to one user
+  at once can each write it without the other's mark, and the lost mark lets a
+  later copy through. So the LMTP service is then one process
+  (`process_limit = 1`) serving many connections (`client_limit`), which
+  makes its deliveries one at a time (`lmtp_processes=N` runs N processes of
+  one connection each, to show that race:
+  bench/experiments/dovecot_dedup.py).
 """
 
 from __future__ import annotations
@@ -101,7 +116,7 @@ passdb {{
 }}
 userdb {{
   driver = static
-  args = uid={uid} gid={gid}
+  args = uid={uid} gid={gid}{userdb_home}
 }}
 service pop3-login {{
   inet_listener pop3 {{
@@ -169,6 +184,44 @@ def lmtp_available() -> bool:
     return available() and Path(LMTP_SERVER).exists()
 
 
+SIEVE_PLUGIN = "/usr/lib/dovecot/modules/lib90_sieve_plugin.so"
+
+#: Added with `dedup=True`: Sieve (Pigeonhole) in LMTP deliveries, the script
+#: below before any of the user's own, and one LMTP process (the module's
+#: docstring says why).
+DEDUP_CONFIG = """protocol lmtp {{
+  mail_plugins = $mail_plugins sieve
+}}
+plugin {{
+  sieve_before = {root}/sieve/dedup.sieve
+}}
+"""
+
+#: The LMTP processes with `lmtp_processes` (one with `dedup=True` unless it
+#: says otherwise): N processes, each with one connection at a time (Dovecot's
+#: default), or one process with all of them.
+LMTP_PROCESSES = """service lmtp {{
+  process_limit = {processes}
+  client_limit = {clients}
+}}
+"""
+
+#: RFC 7352: `duplicate` is true for a Message-ID this user has had (and
+#: records it once the delivery succeeds); `discard` makes the LMTP reply a
+#: `250` with no copy stored.
+DEDUP_SCRIPT = """require ["duplicate"];
+if duplicate {
+  discard;
+  stop;
+}
+"""
+
+
+def dedup_available() -> bool:
+    """Is Debian's Dovecot with LMTP and Sieve (`dovecot-sieve`) installed here?"""
+    return lmtp_available() and Path(SIEVE_PLUGIN).exists()
+
+
 def passwd_line(user: str, password: str) -> str:
     """One passwd-file line: `user:{SCHEME}secret`."""
     if not user or any(c in user for c in ":\n\r\0/"):
@@ -200,9 +253,13 @@ class Dovecot:
         uidl_format: str = "%f",
         lmtp: bool = False,
         lmtp_port: int | None = None,
+        dedup: bool = False,
+        lmtp_processes: int | None = None,
     ) -> None:
         if indexes not in ("disk", "memory"):
             raise ValueError("indexes: 'disk' or 'memory'")
+        if dedup and not lmtp:
+            raise ValueError("dedup needs lmtp: it acts on LMTP deliveries")
         self.users = dict(users)
         self.host = host
         self.port = port or free_port(host)
@@ -217,6 +274,10 @@ class Dovecot:
         self.uidl_format = uidl_format
         self.lmtp = lmtp
         self.lmtp_port = (lmtp_port or free_port(host)) if lmtp else None
+        self.dedup = dedup
+        if lmtp_processes is None and dedup:
+            lmtp_processes = 1
+        self.lmtp_processes = lmtp_processes
         if os.geteuid() == 0:
             pw = pwd.getpwnam(UNPRIVILEGED)
             self.uid, self.gid = pw.pw_uid, pw.pw_gid
@@ -249,7 +310,7 @@ class Dovecot:
         self.root.mkdir(parents=True, exist_ok=True)
         if self._own_root:
             os.chmod(self.root, 0o755)  # the mail user reaches its index and control dirs
-        for sub in ("state", "index", "control"):
+        for sub in ("state", "index", "control", *(("home", "sieve") if self.dedup else ())):
             path = self.root / sub
             path.mkdir(exist_ok=True)
             if os.geteuid() == 0:
@@ -267,6 +328,13 @@ class Dovecot:
             no_chroot = "  chroot =\n"  # chroot needs root
         index = "MEMORY" if self.indexes == "memory" else f"{self.root}/index/%u"
         cpus = os.cpu_count() or 1
+        if self.dedup:  # compiled on first use, into the same folder (so the mail user's)
+            (self.root / "sieve" / "dedup.sieve").write_text(DEDUP_SCRIPT)
+            for user in self.users:  # the duplicate database's file is made, not its folder
+                home = self.root / "home" / user
+                home.mkdir(exist_ok=True)
+                if os.geteuid() == 0:
+                    os.chown(home, self.uid, self.gid)
         passwd = self.root / "passwd"
         passwd.write_text("".join(passwd_line(u, p) for u, p in self.users.items()))
         os.chmod(passwd, 0o600)
@@ -291,9 +359,16 @@ class Dovecot:
                 pop3_mode=PERFORMANCE_POP3.format(cpus=cpus) if self.performance else "",
                 debug="yes" if self.debug else "no",
                 uidl_format=self.uidl_format,
+                userdb_home=f" home={self.root}/home/%u" if self.dedup else "",
             )
             + (LMTP_CONFIG.format(host=self.host, lmtp_port=self.lmtp_port) if self.lmtp else "")
+            + (DEDUP_CONFIG.format(root=self.root) if self.dedup else "")
+            + (self._lmtp_processes() if self.lmtp and self.lmtp_processes else "")
         )
+
+    def _lmtp_processes(self) -> str:
+        n = self.lmtp_processes or 1
+        return LMTP_PROCESSES.format(processes=n, clients=self.sessions if n == 1 else 1)
 
     @property
     def lmtp_socket(self) -> Path:
@@ -334,6 +409,8 @@ class Dovecot:
     def start(self, timeout: float = 20.0) -> Dovecot:
         if not available():
             raise RuntimeError(f"Dovecot with POP3 is not installed ({DOVECOT})")
+        if self.dedup and not dedup_available():
+            raise RuntimeError(f"Dovecot's Sieve plugin is not installed ({SIEVE_PLUGIN})")
         self.write_config()
         self.own_mail_dir()
         self._out = open(self.root / "dovecot.out", "wb")  # noqa: SIM115

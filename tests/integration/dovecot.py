@@ -20,9 +20,23 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from bench.peers.dovecot import DOVECOT, LMTP_SERVER, Dovecot, available, lmtp_available
+from bench.peers.dovecot import (
+    DOVECOT,
+    LMTP_SERVER,
+    SIEVE_PLUGIN,
+    Dovecot,
+    available,
+    dedup_available,
+    lmtp_available,
+)
 
-__all__ = ["Dovecot", "require_dovecot", "require_dovecot_lmtp", "running_dovecot"]
+__all__ = [
+    "Dovecot",
+    "require_dovecot",
+    "require_dovecot_dedup",
+    "require_dovecot_lmtp",
+    "running_dovecot",
+]
 
 
 def require_dovecot() -> None:
@@ -51,4 +65,15 @@ def require_dovecot_lmtp() -> None:
     if not lmtp_available():
         pytest.skip(
             f"Dovecot's LMTP server is not installed ({LMTP_SERVER}): apt-get install dovecot-lmtpd"
+        )
+
+
+def require_dovecot_dedup() -> None:
+    """Skip the calling test when Dovecot's LMTP server or its Sieve plugin
+    (`dedup=True`) is not installed."""
+    require_dovecot_lmtp()
+    if not dedup_available():
+        pytest.skip(
+            f"Dovecot's Sieve plugin is not installed ({SIEVE_PLUGIN}): "
+            "apt-get install dovecot-sieve"
         )
