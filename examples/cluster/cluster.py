@@ -46,7 +46,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -711,10 +711,19 @@ def report_metrics(cluster: Cluster, root: Path) -> str:
 BENCH_SETUPS = ((1, "direct"), (1, "HAProxy"), (2, "HAProxy"))
 
 
+def bench_cluster(root: Path, opts: Options, fronts: int, path: str) -> Cluster:
+    """The topology of one bench setup: for the `direct` path the clients
+    reach the front end without HAProxy, so its listener takes no PROXY
+    header (it would close every connection that sends none)."""
+    if path == "direct":
+        opts = replace(opts, proxy_protocol=False)
+    return Cluster(root, opts, fronts)
+
+
 def bench_once(opts: Options, fronts: int, path: str) -> dict:
     """One load (no kill) on a fresh topology; its figures."""
     root = Path(tempfile.mkdtemp(prefix="geosmtp-cluster-bench-"))
-    cluster = Cluster(root, opts, fronts)
+    cluster = bench_cluster(root, opts, fronts, path)
     port = cluster.haproxy.port if path == "HAProxy" else cluster.fronts[0].port
     spec = load_spec(opts, port, f"clusterbench{fronts}{path}{os.getpid()}")
     try:

@@ -104,3 +104,19 @@ def test_it_names_what_is_missing_and_exits_2(monkeypatch, capsys):
     assert cluster.main(["--quick"]) == 2
     out = capsys.readouterr().out
     assert "cannot run: missing haproxy" in out and "dovecot-lmtpd" in out
+
+
+def test_the_benchs_direct_path_takes_no_proxy_header_and_haproxys_does(tmp_path):
+    """`--bench`'s `direct` setup sends to the front end without HAProxy: a
+    listener waiting for a PROXY header would close every one of those
+    connections (it did, with PROXY on by default, before this test)."""
+    opts = cluster.Options()
+    for name in ("direct", "haproxy"):
+        (tmp_path / name).mkdir()
+    direct = cluster.bench_cluster(tmp_path / "direct", opts, 1, "direct")
+    proxied = cluster.bench_cluster(tmp_path / "haproxy", opts, 2, "HAProxy")
+    assert not direct.fronts[0].proxy_protocol
+    assert "proxy_protocol" not in direct.fronts[0].config_path.read_text()
+    assert all(fe.proxy_protocol for fe in proxied.fronts)
+    assert "send-proxy-v2" in proxied.haproxy.config.read_text()
+    assert opts.proxy_protocol  # the caller's options are left as they were
