@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -50,6 +51,43 @@ access = logger.bind(access=True)
 #: the greenlet, the patcher): about 60 µs a message in the relay bench, for
 #: a line no sink takes. (At INFO an access sink at INFO cost nothing more.)
 ACCESS_LEVEL = "ACCESS"
+
+
+class LineBudget:
+    """How many lines a kind of warning a stranger can cause may write: up to
+    `burst` at once, then one every `interval` seconds (a token bucket), so a
+    flood of refused connections cannot fill the disk with log lines. `take()`
+    is None while the budget is spent (that line is counted, not written),
+    else how many were held back since the last line written, for that line
+    to say. The metrics count every one."""
+
+    __slots__ = ("burst", "clock", "held", "interval", "stamp", "tokens")
+
+    def __init__(
+        self, burst: int, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+        self.held = 0
+
+    def take(self) -> int | None:
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) / self.interval)
+        self.stamp = now
+        if self.tokens < 1.0:
+            self.held += 1
+            return None
+        self.tokens -= 1.0
+        held, self.held = self.held, 0
+        return held
+
+
+def held_back(count: int) -> str:
+    """The tail of a line written after `count` held back by a `LineBudget`."""
+    return f" (and {count} more since the last such line)" if count else ""
 
 
 def _access_level() -> None:

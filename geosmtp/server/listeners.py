@@ -47,6 +47,7 @@ from gevent.server import StreamServer
 from loguru import logger
 
 from ..config import Listener
+from ..logs import LineBudget, held_back
 from ..metrics import ListenerMetrics
 from ..protocol.proxy import MAX_LENGTH, ProxyError, ProxyHeader, parse
 from .shared import ConnectionCounter, LocalConnections
@@ -68,6 +69,12 @@ STRESS_CHECK = 0.5
 #: Seconds between two "refused" lines of one worker (over max_clients, or
 #: stopping): a flood of refused clients writes a line a minute, with a count.
 REFUSAL_LOG_INTERVAL = 60.0
+#: Lines a worker writes for connections closed on a proxy_protocol listener
+#: (no header, a malformed one, an untrusted sender): PROXY_LOG_BURST at
+#: once, then one every PROXY_LOG_INTERVAL seconds, with a count of those
+#: held back (`logs.LineBudget`).
+PROXY_LOG_BURST = 10
+PROXY_LOG_INTERVAL = 6.0
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -222,8 +229,8 @@ class Listeners:
         #: Under stress (see `check_stress`): waits for a command are short.
         self.stressed = False
         self._stress_watch: gevent.Greenlet | None = None
-        self._refusals_quiet_until = 0.0  # monotonic: no "refused" line before
-        self._refusals_unlogged = 0
+        self._refusal_lines = LineBudget(1, REFUSAL_LOG_INTERVAL)
+        self._proxy_lines = LineBudget(PROXY_LOG_BURST, PROXY_LOG_INTERVAL)
 
     def start(self, bound: list[tuple[Listener, socket.socket]]) -> None:
         """Serve each listener on its socket (bound by the master, `bind`)."""
@@ -327,11 +334,15 @@ class Listeners:
         )
         return header.source
 
-    @staticmethod
-    def _not_proxied(client: socket.socket, address: tuple, where: str, why: str) -> tuple:
-        """Close a connection on a proxy_protocol listener before any greeting; ()."""
-        logger.warning("proxy: closed [{}]:{} on {}: {}", *address[:2], where, why)
+    def _not_proxied(self, client: socket.socket, address: tuple, where: str, why: str) -> tuple:
+        """Close a connection on a proxy_protocol listener before any greeting,
+        with a WARNING line while the budget lasts; ()."""
         client.close()
+        held = self._proxy_lines.take()
+        if held is not None:
+            logger.warning(
+                "proxy: closed [{}]:{} on {}: {}{}", *address[:2], where, why, held_back(held)
+            )
         return ()
 
     def _refuse(
@@ -351,18 +362,10 @@ class Listeners:
     def _log_refusal(self, host: str, reply: bytes) -> None:
         """One WARNING line, then none for REFUSAL_LOG_INTERVAL: the next one
         says how many were refused unlogged in between (the metric counts all)."""
-        now = time.monotonic()
-        if now < self._refusals_quiet_until:
-            self._refusals_unlogged += 1
-            return
-        unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
-        self._refusals_quiet_until = now + REFUSAL_LOG_INTERVAL
-        logger.warning(
-            "refused [{}]: {}{}",
-            host,
-            reply.decode("ascii", "replace").strip(),
-            f" (and {unlogged} more since the last such line)" if unlogged else "",
-        )
+        held = self._refusal_lines.take()
+        if held is not None:
+            text = reply.decode("ascii", "replace").strip()
+            logger.warning("refused [{}]: {}{}", host, text, held_back(held))
 
     # ------------------------------------------------------------ stress
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
+import socket
 import time
 
-from tests.conftest import wait_until
+from geosmtp.server.listeners import PROXY_LOG_BURST, PROXY_LOG_INTERVAL
+from tests.conftest import free_port, wait_until
 from tests.integration.wire import Wire
 
 
@@ -113,3 +116,58 @@ def test_a_flood_over_the_cap_writes_one_line(make_server):
     lines = [li for li in server.server_log().splitlines() if "refused [" in li]
     assert len(lines) == 1, lines
     assert "too many connections" in lines[0]
+
+
+def test_a_flood_of_connections_without_a_proxy_header_writes_a_bounded_number_of_lines(
+    make_server,
+):
+    """A connection closed on a proxy_protocol listener (no PROXY header) is
+    a WARNING line; a stranger connecting in a loop gets the burst of lines
+    (listeners.PROXY_LOG_BURST), then one every PROXY_LOG_INTERVAL seconds
+    that counts those held back in between."""
+    proxied = free_port()
+    server = make_server(
+        {
+            "workers": 1,
+            "listeners": [
+                {"address": "127.0.0.1", "port": free_port(), "role": "mx"},
+                {
+                    "address": "127.0.0.1",
+                    "port": proxied,
+                    "role": "mx",
+                    "proxy_protocol": True,
+                    "proxy_trusted": ["127.0.0.1"],
+                },
+            ],
+        }
+    )
+
+    def stranger() -> None:
+        with socket.create_connection((server.host, proxied), timeout=5) as sock:
+            sock.sendall(b"EHLO stranger.example\r\n")
+            try:
+                assert sock.recv(1024) == b""  # closed before any greeting
+            except ConnectionResetError:
+                pass  # closed with the EHLO unread
+
+    def lines() -> list[str]:
+        return [li for li in server.server_log().splitlines() if "proxy: closed [" in li]
+
+    flood = 4 * PROXY_LOG_BURST
+    started = time.monotonic()
+    for _ in range(flood):
+        stranger()
+    assert time.monotonic() - started < PROXY_LOG_INTERVAL  # else a line more is due
+
+    def counted() -> str | None:
+        found = [li for li in lines() if "more since the last such line" in li]
+        if not found:
+            stranger()  # one more, which writes the line once the interval is over
+        return found[0] if found else None
+
+    last = wait_until(counted, timeout=3 * PROXY_LOG_INTERVAL, interval=0.5, what="the count")
+    written = lines()
+    assert all("not a PROXY header" in li for li in written)
+    assert written.index(last) == PROXY_LOG_BURST  # the burst, then this one
+    held = int(re.search(r"\(and (\d+) more since", last)[1])  # type: ignore[index]
+    assert held >= flood - PROXY_LOG_BURST

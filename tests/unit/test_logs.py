@@ -188,3 +188,38 @@ def test_a_line_below_the_server_log_level_builds_no_record_and_access_lines_sti
     assert (log_dir / "access.log").read_text().endswith(" queue=Q1 outcome=sent\n")
     server_log = (log_dir / "log.txt").read_text()
     assert "kept" in server_log and "done" not in server_log and "outcome" not in server_log
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_line_budget_writes_its_burst_then_one_an_interval_with_the_count_held_back():
+    clock = Clock()
+    budget = logs.LineBudget(3, 6.0, clock)
+    assert [budget.take() for _ in range(3)] == [0, 0, 0]  # the burst
+    assert [budget.take() for _ in range(5)] == [None] * 5  # held back, counted
+    clock.now += 5.9
+    assert budget.take() is None  # not a whole line's worth yet
+    clock.now += 0.1
+    assert budget.take() == 6  # the next line says how many it did not write
+    assert budget.take() is None
+    clock.now += 60  # a quiet minute refills the burst, no more
+    assert [budget.take() for _ in range(4)] == [1, 0, 0, None]
+
+
+def test_a_budget_of_one_a_minute_is_the_refusal_lines_rule():
+    clock = Clock()
+    budget = logs.LineBudget(1, 60.0, clock)
+    assert budget.take() == 0
+    assert budget.take() is None
+    clock.now += 59
+    assert budget.take() is None
+    clock.now += 1
+    assert budget.take() == 2
+    assert logs.held_back(2) == " (and 2 more since the last such line)"
+    assert logs.held_back(0) == ""
