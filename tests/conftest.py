@@ -92,6 +92,19 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
 SERVER_STARTS = [0]
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand its count to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["server_starts"] = SERVER_STARTS[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """In the controller (pytest-xdist): add up the workers' counts."""
+    SERVER_STARTS[0] += getattr(node, "workeroutput", {}).get("server_starts", 0)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if SERVER_STARTS[0]:
         terminalreporter.write_line(f"geosmtp servers started: {SERVER_STARTS[0]}")
