@@ -59,7 +59,8 @@ class LineBudget:
     flood of refused connections cannot fill the disk with log lines. `take()`
     is None while the budget is spent (that line is counted, not written),
     else how many were held back since the last line written, for that line
-    to say. The metrics count every one."""
+    to say; held-back lines a quiet spell follows are not reported by a line,
+    so the caller counts every event in a metric too."""
 
     __slots__ = ("burst", "clock", "held", "interval", "stamp", "tokens")
 

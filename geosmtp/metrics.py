@@ -108,6 +108,9 @@ CLIENT_LIMITS = (
 
 #: How a session ended (the `outcome` label).
 OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
+#: Why a connection on a proxy_protocol listener was closed before any
+#: greeting (the `reason` label of geosmtp_proxy_refusals_total).
+PROXY_REFUSALS = ("untrusted", "malformed", "timeout", "error")
 
 #: Set by the master, before anything imports prometheus_client: a private, empty
 #: directory where every process keeps its values (multiprocess mode).
@@ -174,6 +177,13 @@ class Metrics:
             "geosmtp_connections_refused",
             "Connections refused at once (SMTP 421, POP3 -ERR): over max_clients, or stopping",
             listener,
+            registry=r,
+        )
+        self.proxy_refusals = Counter(
+            "geosmtp_proxy_refusals",
+            "Connections closed before any greeting on a proxy_protocol listener, by reason: "
+            "untrusted (not in proxy_trusted), malformed, timeout (no header in time), error",
+            [*listener, "reason"],
             registry=r,
         )
         self.bytes_in = Counter(
@@ -524,6 +534,11 @@ class ListenerMetrics:
         self.bytes_out = metrics.bytes_out.labels(name)
         self.tls = metrics.tls_sessions.labels(name)
         self._outcomes = {o: metrics.sessions.labels(name, o) for o in OUTCOMES}
+
+    def proxy_refused(self, reason: str) -> None:
+        """A connection closed on a proxy_protocol listener (`reason`: one of
+        `PROXY_REFUSALS`)."""
+        self.metrics.proxy_refusals.labels(self.name, reason).inc()
 
     def session_ended(self, outcome: str, seconds: float) -> None:
         self._outcomes[outcome].inc()

@@ -48,7 +48,7 @@ from loguru import logger
 
 from ..config import Listener
 from ..logs import LineBudget, held_back
-from ..metrics import ListenerMetrics
+from ..metrics import PROXY_REFUSALS, ListenerMetrics
 from ..protocol.proxy import MAX_LENGTH, ProxyError, ProxyHeader, parse
 from .shared import ConnectionCounter, LocalConnections
 
@@ -261,6 +261,9 @@ class Listeners:
     ) -> Callable[[socket.socket, tuple], None]:
         session_class = protocol.session
         proxied = listener.proxy_protocol
+        if proxied:  # each reason's count shows from the start, at 0
+            for reason in PROXY_REFUSALS:
+                lm.metrics.proxy_refusals.labels(lm.name, reason)
         proxy_trusted = [ipaddress.ip_network(n, strict=False) for n in listener.proxy_trusted]
 
         def handle(client: socket.socket, address: tuple) -> None:
@@ -275,7 +278,7 @@ class Listeners:
                 return
             try:
                 if proxied:  # issue 22: the client is the one the header names
-                    address = self._proxied(client, address, lm.name, proxy_trusted)
+                    address = self._proxied(client, address, lm, proxy_trusted)
                     if not address:
                         return
                     if self.stopping:
@@ -311,22 +314,22 @@ class Listeners:
         return handle
 
     def _proxied(
-        self, client: socket.socket, address: tuple, where: str, networks: list[Network]
+        self, client: socket.socket, address: tuple, lm: ListenerMetrics, networks: list[Network]
     ) -> tuple:
         """The client's address from the PROXY header (the balancer's own for a
         LOCAL or UNKNOWN header); () when the connection was closed instead:
         the balancer is not trusted, or its header is malformed or missing."""
         if not trusted(address[0], networks):
-            return self._not_proxied(client, address, where, "not in proxy_trusted")
+            return self._not_proxied(client, address, lm, "untrusted", "not in proxy_trusted")
         self.group.add(gevent.getcurrent())  # type: ignore[arg-type]  # the stop waits for it
         try:
             header = read_proxy_header(client, self.app.config.timeouts.proxy_header)
         except ProxyError as exc:
-            return self._not_proxied(client, address, where, str(exc))
+            return self._not_proxied(client, address, lm, "malformed", str(exc))
         except TimeoutError:
-            return self._not_proxied(client, address, where, "no header in time")
+            return self._not_proxied(client, address, lm, "timeout", "no header in time")
         except OSError as exc:
-            return self._not_proxied(client, address, where, f"socket error: {exc}")
+            return self._not_proxied(client, address, lm, "error", f"socket error: {exc}")
         if header.source is None:
             return address
         logger.debug(
@@ -334,14 +337,18 @@ class Listeners:
         )
         return header.source
 
-    def _not_proxied(self, client: socket.socket, address: tuple, where: str, why: str) -> tuple:
+    def _not_proxied(
+        self, client: socket.socket, address: tuple, lm: ListenerMetrics, reason: str, why: str
+    ) -> tuple:
         """Close a connection on a proxy_protocol listener before any greeting,
-        with a WARNING line while the budget lasts; ()."""
+        counted by `reason` (metrics.PROXY_REFUSALS), with a WARNING line
+        while the budget lasts; ()."""
         client.close()
+        lm.proxy_refused(reason)
         held = self._proxy_lines.take()
         if held is not None:
             logger.warning(
-                "proxy: closed [{}]:{} on {}: {}{}", *address[:2], where, why, held_back(held)
+                "proxy: closed [{}]:{} on {}: {}{}", *address[:2], lm.name, why, held_back(held)
             )
         return ()
 

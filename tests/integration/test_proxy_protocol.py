@@ -20,6 +20,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, users, wait_until
 from tests.integration.adminapi import AdminClient, with_admin
@@ -291,3 +292,45 @@ def test_spf_checks_the_headers_client(setup, dns, box):
         heads[head.split("Subject: ", 1)[1].split("\n", 1)[0]] = head
     assert "spf=pass smtp.mailfrom=a@proxied.test" in heads[CLIENT], heads[CLIENT]
     assert f"spf=fail ({OTHER} is not allowed" in heads[OTHER], heads[OTHER]
+
+
+def proxy_refusals(api: AdminClient, port: int) -> dict[str, float]:
+    """geosmtp_proxy_refusals_total of the listener on `port`, by reason."""
+    out = {}
+    for family in text_string_to_metric_families(api.exposition()):
+        for sample in family.samples:
+            if sample.name == "geosmtp_proxy_refusals_total" and sample.labels["listener"].endswith(
+                f":{port}"
+            ):
+                out[sample.labels["reason"]] = sample.value
+    return out
+
+
+def test_every_connection_closed_for_its_header_is_counted_by_reason(setup):
+    """The metric counts each closed connection (the log lines are limited),
+    by reason; every reason shows from the start."""
+    _, ports, routes = setup
+    api = AdminClient(HOST, ports["admin"])
+    before = proxy_refusals(api, ports["mx"])
+    assert set(before) == {"untrusted", "malformed", "timeout", "error"}
+    untrusted_before = proxy_refusals(api, ports["untrusted"]).get("untrusted", 0)
+    with socket.create_connection((HOST, ports["mx"]), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 127.0.0.999 127.0.0.1 1234 25\r\n")
+        assert closed_before_greeting(sock)
+    with socket.create_connection((HOST, ports["mx"]), timeout=10) as silent:
+        assert closed_before_greeting(silent)  # after timeouts.proxy_header
+    with socket.create_connection(
+        (HOST, routes["untrusted v2"]), timeout=10, source_address=(CLIENT, 0)
+    ) as sock:
+        assert closed_before_greeting(sock)
+
+    def counted() -> bool:
+        after = proxy_refusals(api, ports["mx"])
+        return (
+            after["malformed"] == before["malformed"] + 1
+            and after["timeout"] == before["timeout"] + 1
+            and proxy_refusals(api, ports["untrusted"]).get("untrusted", 0) == untrusted_before + 1
+        )
+
+    wait_until(counted, what="the three refusals counted")
+    assert proxy_refusals(api, ports["mx"])["untrusted"] == before["untrusted"]
