@@ -140,12 +140,17 @@ def check(
     acknowledged: Iterable[str],
     found: Counter[str],
     damaged: Iterable[str] = (),
+    dropped: int = 0,
+    max_in_flight: int | None = None,
 ) -> Verdict:
     """The verdict on what Dovecot holds (`found`: copies by bench id): every
     acknowledged id exactly once, any other sent id at most once, no id that
-    was not sent, nothing `damaged`."""
+    was not sent, nothing `damaged`; and no more copies `dropped` by
+    Dovecot's duplicate test than deliveries could be in flight at the kill
+    (`max_in_flight`): Dovecot hiding a front end that sends again what it
+    had already delivered would be a fault the mailboxes do not show."""
     sent, acked = set(sent), set(acknowledged)
-    v = Verdict(sent=len(sent), acknowledged=len(acked))
+    v = Verdict(sent=len(sent), acknowledged=len(acked), dropped=dropped)
     v.lost = sorted(acked - set(found))
     v.delivered = len(acked & set(found))
     for bench_id, copies in found.items():
@@ -156,6 +161,12 @@ def check(
         if bench_id in sent and bench_id not in acked:
             v.unacknowledged_arrived += 1
     v.damaged = sorted(set(damaged))
+    if max_in_flight is not None and dropped > max_in_flight:
+        v.problems.append(
+            f"Dovecot dropped {dropped} second copies, more than the {max_in_flight} "
+            "deliveries that could be in flight at the kill: a front end sent again "
+            "what it had delivered"
+        )
     if not acked:
         v.problems.append("nothing was acknowledged: nothing was checked")
     return v
@@ -654,9 +665,12 @@ def run_check(opts: Options) -> int:
         found, damaged = read_over_pop3(cluster.dovecot, cluster.users, spec)
         sent = [f"{run_id}.{n}" for n in range(opts.messages)]
         acked = [f"{run_id}.{n}" for n in outcome.acked]
-        verdict = check(sent, acked, found, damaged)
+        # Each message has one recipient: one LMTP transaction each, at most
+        # relay.concurrency of them at once per front end (its workers share it).
+        verdict = check(
+            sent, acked, found, damaged, dropped_copies(cluster.dovecot.log()), LMTP_CONCURRENCY
+        )
         verdict.handed_over = len(handed_over)
-        verdict.dropped = dropped_copies(cluster.dovecot.log())
         if outcome.errors["worker died"]:
             verdict.problems.append(
                 "a load generator gave no result: its acknowledgements are unknown"

@@ -41,10 +41,12 @@ END_OF_DATA = b"\r\n.\r\n"
 
 
 class Forwarder:
-    """A TCP forwarder on 127.0.0.1 to `target`. While `hold` is set, a
-    connection stops passing the server's replies once the client has sent
-    the end of a message's data (`\\r\\n.\\r\\n`); what it holds is in
-    `held`. Threads, one pair per connection; `close()` ends them all."""
+    """A TCP forwarder on 127.0.0.1 to `target`, a pair of threads per
+    connection. A connection accepted while `hold` is set stops passing the
+    server's replies once the client has sent the end of a message's data
+    (`\r\n.\r\n`), for as long as it lasts; what it holds is in `held`.
+    Clearing `hold` lets the connections accepted after it pass everything.
+    `close()` ends them all."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -53,7 +55,7 @@ class Forwarder:
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = [self.listener]
+        self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -61,8 +63,13 @@ class Forwarder:
             try:
                 client, _ = self.listener.accept()
             except OSError:
-                return
-            server = socket.create_connection(self.target, timeout=30)
+                return  # closed
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()  # the client sees the server down, as it would be
+                continue
+            server.settimeout(None)  # a hold lasts as long as the test needs
             with self.lock:
                 self.sockets += [client, server]
             state = {"data_ended": False, "hold": self.hold}
@@ -75,7 +82,10 @@ class Forwarder:
             tail = (tail + chunk)[-len(END_OF_DATA) - len(chunk) :]
             if END_OF_DATA in tail:
                 state["data_ended"] = True
-            server.sendall(chunk)
+            try:
+                server.sendall(chunk)
+            except OSError:
+                break
         self._shut(server)
 
     def _down(self, server: socket.socket, client: socket.socket, state: dict) -> None:
@@ -87,7 +97,7 @@ class Forwarder:
             try:
                 client.sendall(chunk)
             except OSError:
-                return
+                break
         self._shut(client)
 
     @staticmethod
@@ -98,15 +108,19 @@ class Forwarder:
             return b""
 
     @staticmethod
-    def _shut(sock: socket.socket) -> None:
+    def _shut(sock: socket.socket, how: int = socket.SHUT_WR) -> None:
         try:
-            sock.shutdown(socket.SHUT_WR)
+            sock.shutdown(how)
         except OSError:
             pass
 
     def close(self) -> None:
+        """Stop accepting and end every connection (its threads see EOF)."""
+        self._shut(self.listener, socket.SHUT_RDWR)
+        self.listener.close()
         with self.lock:
             for sock in self.sockets:
+                self._shut(sock, socket.SHUT_RDWR)
                 sock.close()
 
 
@@ -144,12 +158,13 @@ def forwarded(make_server) -> Iterator:  # type: ignore[no-untyped-def]
 
 
 def kill9(server) -> None:  # type: ignore[no-untyped-def]
-    """SIGKILL to the worker (the queue runner, which holds the LMTP
-    connection), then to the master: nothing of geosmtp runs any more."""
-    for pid in server.workers():
-        os.kill(pid, signal.SIGKILL)
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait(timeout=10)
+    """SIGKILL to the master, whose death kills its worker (the queue runner,
+    which holds the LMTP connection) at once (PR_SET_PDEATHSIG): the master
+    cannot start another worker in between. Returns once none is left."""
+    workers = server.workers()
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    for pid in workers:
+        wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), what="the worker's end")
 
 
 @pytest.mark.parametrize(

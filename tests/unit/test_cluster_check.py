@@ -63,6 +63,15 @@ def test_a_second_copy_fails_even_of_one_handed_over_at_the_kill():
     assert "duplicated 1, handed over at the kill 1, dropped by Dovecot 0," in v.line()
 
 
+def test_more_copies_dropped_than_could_be_in_flight_fails():
+    """Dovecot's duplicate test hides a second copy from the mailbox; the
+    count of them must still fit the deliveries in flight at the kill."""
+    ok = cluster.check(SENT, ACKED, found(*ACKED), dropped=4, max_in_flight=4)
+    assert ok.ok and ok.dropped == 4 and "dropped by Dovecot 4," in ok.line()
+    many = cluster.check(SENT, ACKED, found(*ACKED), dropped=5, max_in_flight=4)
+    assert not many.ok and "more than the 4 deliveries" in many.problems[0]
+
+
 def test_the_copies_dovecot_dropped_are_counted_from_its_log():
     log = (
         "lmtp(alice)<1><a>: Info: sieve: msgid=<1.run@bench.test>: "
