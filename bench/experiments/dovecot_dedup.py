@@ -5,8 +5,10 @@
 Starts a private Dovecot with LMTP and the Sieve `duplicate` script
 (`bench.peers.dovecot`, `dedup=True`) twice: once as examples/cluster/ runs it
 (one LMTP process serving every connection), once with one LMTP process per
-connection (Dovecot's default shape); then, for the price of it, a Dovecot
-without the script. Each time, CONNECTIONS (16) LMTP
+connection (Dovecot's default shape), and so again with
+`lmtp_user_concurrency_limit = 1` (a user's second delivery at once is
+refused with a 4xx, which this client tries again at once); then, for the
+price of it, a Dovecot without the script. Each time, CONNECTIONS (16) LMTP
 clients deliver MESSAGES (400) messages, each with its own Message-ID, to
 USERS (1) users in turn, then deliver every one of them again, as a front end does with what it
 had in flight when it died. Prints, per shape, the copies stored (read back
@@ -48,30 +50,60 @@ def message(n: int, rcpt: str) -> bytes:
     ).encode()
 
 
-def deliver(dc: Dovecot, numbers: range, users: int, errors: list[str]) -> None:
+class UserLimited(Dovecot):
+    """Dovecot with `lmtp_user_concurrency_limit = 1`: a recipient whose user
+    has a delivery running already is refused with `451 4.3.0` at RCPT."""
+
+    def write_config(self) -> None:
+        super().write_config()
+        with open(self.config_path, "a") as config:
+            config.write("lmtp_user_concurrency_limit = 1\n")
+
+
+def deliver(
+    dc: Dovecot, numbers: range, users: int, errors: list[str], refusals: list[int]
+) -> None:
+    """Each message over one LMTP connection; a recipient refused with a 4xx
+    is tried again at once (a front end would wait its retry delay)."""
     try:
         client = smtplib.LMTP(dc.host, dc.lmtp_port, timeout=60)
         client.ehlo("dedup.example.test")
         for n in numbers:
             rcpt = f"{user(n, users)}@example.test"
-            client.sendmail("bob@example.test", [rcpt], message(n, rcpt))
+            for _ in range(10_000):
+                try:
+                    client.sendmail("bob@example.test", [rcpt], message(n, rcpt))
+                    break
+                except smtplib.SMTPRecipientsRefused as exc:
+                    code = exc.recipients[rcpt][0]
+                    if code // 100 != 4:
+                        raise
+                    refusals.append(code)
         client.quit()
     except (OSError, smtplib.SMTPException) as exc:
         errors.append(repr(exc))
 
 
-def run(dedup: bool, processes: int, messages: int, connections: int, users: int) -> dict:
+def run(
+    dedup: bool,
+    processes: int,
+    messages: int,
+    connections: int,
+    users: int,
+    server: type[Dovecot] = Dovecot,
+) -> dict:
     names = [user(n, users) for n in range(users)]
-    with Dovecot(
+    with server(
         None, dict.fromkeys(names, PASSWORD), lmtp=True, dedup=dedup, lmtp_processes=processes
     ) as dc:
         errors: list[str] = []
+        refusals: list[int] = []
         t0 = time.monotonic()
         for _ in range(2):  # every message, then every one again
             threads = [
                 threading.Thread(
                     target=deliver,
-                    args=(dc, range(k, messages, connections), users, errors),
+                    args=(dc, range(k, messages, connections), users, errors, refusals),
                 )
                 for k in range(connections)
             ]
@@ -91,6 +123,7 @@ def run(dedup: bool, processes: int, messages: int, connections: int, users: int
             "stored": stored,
             "rate": 2 * messages / seconds,
             "errors": len(errors) + dc.log().count(": Error: "),
+            "refusals": len(refusals),
         }
 
 
@@ -102,19 +135,28 @@ def main() -> int:
         print("needs Dovecot's LMTP and Sieve: apt-get install dovecot-lmtpd dovecot-sieve")
         return 2
     print(f"{messages} messages to {users} user(s) over {connections} LMTP connections, then again")
-    print("| duplicate suppression | LMTP processes | copies stored | of | deliveries/s | errors |")
-    print("|---|---|---:|---:|---:|---:|")
-    shapes = (
-        (True, 1, "1 (examples/cluster)"),
-        (True, connections, f"{connections}, 1 connection each"),
-        (False, connections, f"{connections}, 1 connection each"),
+    print(
+        "| duplicate suppression | LMTP processes | copies stored | of | deliveries/s "
+        "| 4xx refusals, tried again | errors |"
     )
-    for dedup, processes, label in shapes:
+    print("|---|---|---:|---:|---:|---:|---:|")
+    shapes: tuple[tuple[bool, int, str, type[Dovecot]], ...] = (
+        (True, 1, "1 (examples/cluster)", Dovecot),
+        (True, connections, f"{connections}, 1 connection each", Dovecot),
+        (
+            True,
+            connections,
+            f"{connections}, 1 connection each, lmtp_user_concurrency_limit = 1",
+            UserLimited,
+        ),
+        (False, connections, f"{connections}, 1 connection each", Dovecot),
+    )
+    for dedup, processes, label, server in shapes:
         sys.stderr.write(f"[dovecot_dedup] {'on' if dedup else 'off'}, {label} ...\n")
-        r = run(dedup, processes, messages, connections, users)
+        r = run(dedup, processes, messages, connections, users, server)
         print(
             f"| {'on' if dedup else 'off'} | {label} | {r['stored']} | {messages} "
-            f"| {r['rate']:.0f} | {r['errors']} |"
+            f"| {r['rate']:.0f} | {r['refusals']} | {r['errors']} |"
         )
     return 0
 
