@@ -65,6 +65,7 @@ def deliver(
 ) -> None:
     """Each message over one LMTP connection; a recipient refused with a 4xx
     is tried again at once (a front end would wait its retry delay)."""
+    assert dc.lmtp_port is not None  # lmtp=True
     try:
         client = smtplib.LMTP(dc.host, dc.lmtp_port, timeout=60)
         client.ehlo("dedup.example.test")

@@ -77,6 +77,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from ..probe import free_port, greets, process_tree, started
 
@@ -284,7 +285,7 @@ class Dovecot:
         else:
             self.uid, self.gid = os.getuid(), os.getgid()
         self.proc: subprocess.Popen | None = None
-        self._out = None
+        self._out: BinaryIO | None = None
 
     # ------------------------------------------------------------ files
 
