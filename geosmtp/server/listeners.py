@@ -70,9 +70,10 @@ STRESS_CHECK = 0.5
 #: stopping): a flood of refused clients writes a line a minute, with a count.
 REFUSAL_LOG_INTERVAL = 60.0
 #: Lines a worker writes for connections closed on a proxy_protocol listener
-#: (no header, a malformed one, an untrusted sender): PROXY_LOG_BURST at
-#: once, then one every PROXY_LOG_INTERVAL seconds, with a count of those
-#: held back (`logs.LineBudget`).
+#: (no header, a malformed one, an untrusted sender), for each reason
+#: (metrics.PROXY_REFUSALS): PROXY_LOG_BURST at once, then one every
+#: PROXY_LOG_INTERVAL seconds, with a count of those held back
+#: (`logs.LineBudget`).
 PROXY_LOG_BURST = 10
 PROXY_LOG_INTERVAL = 6.0
 
@@ -230,7 +231,10 @@ class Listeners:
         self.stressed = False
         self._stress_watch: gevent.Greenlet | None = None
         self._refusal_lines = LineBudget(1, REFUSAL_LOG_INTERVAL)
-        self._proxy_lines = LineBudget(PROXY_LOG_BURST, PROXY_LOG_INTERVAL)
+        #: One budget per reason: a flood of one kind hides no other kind.
+        self._proxy_lines = {
+            reason: LineBudget(PROXY_LOG_BURST, PROXY_LOG_INTERVAL) for reason in PROXY_REFUSALS
+        }
 
     def start(self, bound: list[tuple[Listener, socket.socket]]) -> None:
         """Serve each listener on its socket (bound by the master, `bind`)."""
@@ -345,7 +349,7 @@ class Listeners:
         while the budget lasts; ()."""
         client.close()
         lm.proxy_refused(reason)
-        held = self._proxy_lines.take()
+        held = self._proxy_lines[reason].take()
         if held is not None:
             logger.warning(
                 "proxy: closed [{}]:{} on {}: {}{}", *address[:2], lm.name, why, held_back(held)

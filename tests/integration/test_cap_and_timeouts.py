@@ -124,8 +124,9 @@ def test_a_flood_of_connections_without_a_proxy_header_writes_a_bounded_number_o
     """A connection closed on a proxy_protocol listener (no PROXY header) is
     a WARNING line; a stranger connecting in a loop gets the burst of lines
     (listeners.PROXY_LOG_BURST), then one every PROXY_LOG_INTERVAL seconds
-    that counts those held back in between."""
-    proxied = free_port()
+    that counts those held back in between; another reason's lines have a
+    budget of their own."""
+    proxied, untrusted = free_port(), free_port()
     server = make_server(
         {
             "workers": 1,
@@ -138,12 +139,19 @@ def test_a_flood_of_connections_without_a_proxy_header_writes_a_bounded_number_o
                     "proxy_protocol": True,
                     "proxy_trusted": ["127.0.0.1"],
                 },
+                {
+                    "address": "127.0.0.1",
+                    "port": untrusted,
+                    "role": "mx",
+                    "proxy_protocol": True,
+                    "proxy_trusted": ["192.0.2.0/24"],
+                },
             ],
         }
     )
 
-    def stranger() -> None:
-        with socket.create_connection((server.host, proxied), timeout=5) as sock:
+    def stranger(port: int = proxied) -> None:
+        with socket.create_connection((server.host, port), timeout=5) as sock:
             sock.sendall(b"EHLO stranger.example\r\n")
             try:
                 assert sock.recv(1024) == b""  # closed before any greeting
@@ -171,3 +179,8 @@ def test_a_flood_of_connections_without_a_proxy_header_writes_a_bounded_number_o
     assert written.index(last) == PROXY_LOG_BURST  # the burst, then this one
     held = int(re.search(r"\(and (\d+) more since", last)[1])  # type: ignore[index]
     assert held >= flood - PROXY_LOG_BURST
+    # Each reason has its own budget: the flood of one hides no other.
+    stranger(untrusted)
+    wait_until(
+        lambda: any("not in proxy_trusted" in li for li in lines()), what="the other reason's line"
+    )
