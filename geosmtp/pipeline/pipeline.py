@@ -98,6 +98,11 @@ class Pipeline:
 
     def _deliver_each(self, message: Message) -> list[Verdict]:
         envelope = message.envelope
+        if self.router.local is self.router.remote:
+            # delivery.lmtp: the queue takes every recipient in one entry under
+            # the message's queue id (one per mailbox would each claim that id),
+            # and its runner answers for each recipient on the way out.
+            return [self._deliver(message)] * len(envelope.recipients)
         by_box: dict[object, list[Recipient]] = {}
         for recipient in envelope.recipients:
             # A remote recipient (box None) is delivered on its own.

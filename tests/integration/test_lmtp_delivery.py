@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import HOSTNAME, listeners, wait_until
 from tests.integration.dovecot import Dovecot, require_dovecot_lmtp
+from tests.integration.test_lmtp import send
 
 PASSWORD = "pw"
 USERS = {"alice": PASSWORD, "bob": PASSWORD}
@@ -195,3 +196,25 @@ def test_a_dovecot_that_is_down_gets_the_mail_from_the_queue_once_up(make_server
         assert f"relay=lmtp:{dc.lmtp_socket}" in sent
     finally:
         dc.cleanup()
+
+
+def test_lmtp_in_with_delivery_lmtp_queues_one_entry_and_delivers_every_recipient_once(
+    dovecot, make_server
+):
+    """An `lmtp` listener in front of `delivery.lmtp` (geosmtp between an MTA
+    and Dovecot): a transaction for two users is one queue entry, each
+    recipient gets its 250, and Dovecot gets the message once for each."""
+    config = geosmtp_config(f"{dovecot.host}:{dovecot.lmtp_port}")
+    config["listeners"] = listeners("mx", "lmtp")
+    server = make_server(config)
+    before = {u: len(pop3_messages(dovecot, u)) for u in USERS}
+    with smtplib.LMTP("127.0.0.1", server.ports["lmtp"], timeout=10) as client:
+        replies = send(client, [f"{user}@test.example" for user in USERS], message("relayed"))
+    assert [code for code, _ in replies] == [250, 250], replies  # one per recipient
+    wait_until(lambda: queue_empty(server), what="the queue to deliver")
+    for user in USERS:
+        mails = pop3_messages(dovecot, user)
+        assert len(mails) == before[user] + 1
+        assert b"Subject: relayed" in mails[-1] and mails[-1].endswith(b"\r\n\r\n" + BODY)
+    sent = access_lines(server, "outcome=sent", count=2)
+    assert len({re.search(r" queue=(\S+)", line)[1] for line in sent}) == 1  # type: ignore[index]

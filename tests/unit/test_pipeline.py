@@ -320,6 +320,36 @@ def test_process_each_fails_a_failing_mailbox_alone(parts):
     assert [r.box for r in delivered[0].envelope.recipients] == ["carol", "alice"]
 
 
+class OneEntryQueue(MaildirDestination):
+    """A destination that, like the outbound queue, files a message under its
+    queue id once: a second delivery of that id is a fault."""
+
+    def __init__(self, store: MaildirStore) -> None:
+        super().__init__(store)
+        self.calls: list[tuple[str, ...]] = []
+
+    def deliver(self, message, recipients) -> Delivery:
+        if self.calls:
+            raise StorageError(errno.EEXIST, f"queue entry {message.queue_id} exists")
+        self.calls.append(tuple(r.mailbox.address for r in recipients))
+        return super().deliver(message, recipients)
+
+
+def test_process_each_through_the_queue_makes_one_entry_for_every_recipient(parts):
+    """delivery.lmtp: the queue is the local destination too (the router's
+    local is its remote); LMTP's recipients go into one queue entry, each
+    with its own (equal) verdict."""
+    store, spool = parts
+    queue = OneEntryQueue(store)
+    delivered = []
+    pipeline = Pipeline(Router(queue, queue), after_delivery=delivered.append)
+    verdicts = pipeline.process_each(message(spool, ALICE, BOB))
+    assert [v.delivered for v in verdicts] == [True, True]
+    assert queue.calls == [("alice@example.test", "bob@example.test")]
+    assert len(delivered) == 1 and len(delivered[0].envelope.recipients) == 2
+    assert list(spool.root.iterdir()) == []
+
+
 def test_process_each_gives_the_recipients_of_one_mailbox_one_copy(parts):
     store, spool = parts
     other = Recipient(Mailbox("Alice", "example.test"), "alice")  # the same mailbox
