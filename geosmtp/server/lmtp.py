@@ -27,7 +27,7 @@ from ..lmtp import LMTPConnection, delivered
 from ..pipeline import Verdict
 from ..protocol import Reply
 from ..smtp import replies as R
-from .smtp import SMTPSession
+from .smtp import SMTPSession, ran
 
 if TYPE_CHECKING:
     from ..config import Listener
@@ -77,18 +77,14 @@ class LMTPSession(SMTPSession):
         each recipient with its own outcome, in RCPT order (RFC 2033 §4.2)."""
         spool, self.spool = self.spool, None
         queue_id = self.queue_id or ""
-        metrics = self.server.metrics
         started = time.perf_counter()
-        stages = None
-        auth_results: dict[str, str] = {}
         count = len(envelope.recipients)
         message = self._message(envelope, spool, queue_id, size)
         if isinstance(message, Verdict):
-            verdicts = [message] * count
+            verdicts, (stages, auth_results) = [message] * count, self.NOT_RUN
         else:
             verdicts = self.server.pipeline.process_each(message)
-            stages = ",".join(map(str, message.verdicts)) or None
-            auth_results = message.auth_results
+            stages, auth_results = ran(message)
         replies: list[Reply] = []
         failures: list[str] = []
         for recipient, verdict in zip(envelope.recipients, verdicts, strict=True):
@@ -96,39 +92,19 @@ class LMTPSession(SMTPSession):
             if verdict.delivered:
                 replies.append(delivered(queue_id, address))
                 continue
-            reply = self._failure_reply(verdict)
+            reply = self._refusal(verdict, address)
             replies.append(reply)
             failures.append(f"<{address}>:{reply.code}")
-            if verdict.stage is not None and verdict.code is not None:
-                logger.info(
-                    "session {}: <{}> refused ({}): {}",
-                    self.id,
-                    address,
-                    reply.code,
-                    verdict.reason,
-                )
-            else:
-                logger.error(
-                    "session {}: delivery to <{}> failed ({}): {}",
-                    self.id,
-                    address,
-                    reply.code,
-                    verdict.reason,
-                )
         self.conn.recipients_delivered(replies)
         done = count - len(failures)
         if done:
-            metrics.delivery_seconds.observe(time.perf_counter() - started)
-            metrics.messages_accepted.inc()
-            metrics.recipients.inc(done)
-            metrics.message_size.observe(size)
+            self._count_accepted(started, done, size)
         else:
             first = next(v for v in verdicts if not v.delivered)
-            metrics.messages_rejected.labels(first.group or "storage").inc()
-        result = 250 if done else replies[0].code
+            self.server.metrics.messages_rejected.labels(first.group or "storage").inc()
         self._log_transaction(
             envelope,
-            result,
+            250 if done else replies[0].code,
             size=size,
             queue=queue_id,
             stages=stages,

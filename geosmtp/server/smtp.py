@@ -87,6 +87,12 @@ def build_core(
     )
 
 
+def ran(message: Message) -> tuple[str | None, dict[str, str]]:
+    """What the pipeline's run left on `message` for the access line: its
+    stages' verdicts (`stages=`), and the sender checks' results."""
+    return ",".join(map(str, message.verdicts)) or None, message.auth_results
+
+
 class SMTPSession(StreamSession):
     """An SMTP session; its core is the one its listener's role speaks
     (`protocols.Protocols.build`)."""
@@ -341,41 +347,57 @@ class SMTPSession(StreamSession):
         """Hand the whole message to the pipeline; answer what it decides."""
         spool, self.spool = self.spool, None
         queue_id = self.queue_id or ""
-        metrics = self.server.metrics
         started = time.perf_counter()
-        stages = None
-        auth_results: dict[str, str] = {}
         message = self._message(self._reports_allowed(envelope), spool, queue_id, size)
         if isinstance(message, Verdict):
-            verdict = message
+            verdict, (stages, auth_results) = message, self.NOT_RUN
         else:
             verdict = self.server.pipeline.process(message)
-            stages = ",".join(map(str, message.verdicts)) or None
-            auth_results = message.auth_results
+            stages, auth_results = ran(message)
         if not verdict.delivered:
-            reply = self._failure_reply(verdict)
-            if verdict.stage is not None and verdict.code is not None:
-                # A filter's judgement (or its failure policy, logged by the stage).
-                logger.info("session {}: refused ({}): {}", self.id, reply.code, verdict.reason)
-            else:
-                logger.error(
-                    "session {}: delivery failed ({}): {}", self.id, reply.code, verdict.reason
-                )
+            reply = self._refusal(verdict)
             self.conn.message_failed(reply)
-            metrics.messages_rejected.labels(verdict.group or "storage").inc()
+            self.server.metrics.messages_rejected.labels(verdict.group or "storage").inc()
             self._log_transaction(
                 envelope, reply.code, size=size, queue=queue_id, stages=stages, **auth_results
             )
             return
-        metrics.delivery_seconds.observe(time.perf_counter() - started)
-        metrics.messages_accepted.inc()
-        metrics.recipients.inc(len(envelope.recipients))
-        metrics.message_size.observe(size)
+        self._count_accepted(started, len(envelope.recipients), size)
         self.conn.message_stored(queue_id)
         self._log_transaction(
             envelope, 250, size=size, queue=queue_id, stages=stages, **auth_results
         )
         self._sync_metrics()
+
+    #: A message the pipeline never saw (its spool failed): no stages, no results.
+    NOT_RUN: ClassVar[tuple[None, dict[str, str]]] = (None, {})
+
+    def _count_accepted(self, started: float, recipients: int, size: int) -> None:
+        """A message stored for `recipients` mailboxes: the server's counters."""
+        metrics = self.server.metrics
+        metrics.delivery_seconds.observe(time.perf_counter() - started)
+        metrics.messages_accepted.inc()
+        metrics.recipients.inc(recipients)
+        metrics.message_size.observe(size)
+
+    def _refusal(self, verdict: Verdict, address: str | None = None) -> Reply:
+        """The reply to a verdict that is not a delivery (for the recipient
+        `address`, else the whole message), logged: a stage's judgement at
+        INFO, a failure to deliver at ERROR."""
+        reply = self._failure_reply(verdict)
+        to = f" <{address}>" if address else ""
+        if verdict.stage is not None and verdict.code is not None:
+            # A filter's judgement (or its failure policy, logged by the stage).
+            logger.info("session {}:{} refused ({}): {}", self.id, to, reply.code, verdict.reason)
+        else:
+            logger.error(
+                "session {}: delivery{} failed ({}): {}",
+                self.id,
+                f" to{to}" if to else "",
+                reply.code,
+                verdict.reason,
+            )
+        return reply
 
     @staticmethod
     def _failure_reply(verdict: Verdict) -> Reply:
