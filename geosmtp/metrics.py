@@ -107,7 +107,17 @@ CLIENT_LIMITS = (
 )
 
 #: How a session ended (the `outcome` label).
-OUTCOMES = ("quit", "lost", "timeout", "errors", "shutdown", "kicked", "tls_failed", "error")
+OUTCOMES = (
+    "quit",
+    "lost",
+    "timeout",
+    "errors",
+    "shutdown",
+    "kicked",
+    "tls_failed",
+    "error",
+    "refused",
+)
 #: Why a connection on a proxy_protocol listener was closed before any
 #: greeting (the `reason` label of geosmtp_proxy_refusals_total).
 PROXY_REFUSALS = ("untrusted", "malformed", "timeout", "error")

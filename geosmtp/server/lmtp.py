@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from ..lmtp import LMTPConnection, delivered
+from ..logs import LineBudget, held_back
 from ..pipeline import Verdict
 from ..protocol import Reply
 from ..smtp import replies as R
@@ -46,6 +47,12 @@ def build_core(
     )
 
 
+#: The WARNING lines for refused TCP clients, per worker: a stranger that
+#: reaches the listener cannot fill the log (`logs.LineBudget`, as for the
+#: PROXY refusals); `geosmtp_sessions_total{outcome="refused"}` counts all.
+REFUSAL_LINES = LineBudget(10, 6.0)
+
+
 class LMTPSession(SMTPSession):
     PROTOCOL = "lmtp"
 
@@ -53,15 +60,16 @@ class LMTPSession(SMTPSession):
 
     def _serve(self) -> None:
         if self.listener.path is None and not self.server.lmtp_client_allowed(self.peer):
-            logger.warning(
-                "session {}: [{}] refused on the lmtp listener: neither in "
-                "trusted_networks nor (without them) on loopback",
-                self.id,
-                self.peer,
-            )
-            out = R.LMTP_NOT_ALLOWED.to_bytes()
-            self.sock.sendall(out)
-            self.bytes_out += len(out)
+            held = REFUSAL_LINES.take()
+            if held is not None:
+                logger.warning(
+                    "session {}: [{}] refused on the lmtp listener: neither in "
+                    "trusted_networks nor (without them) on loopback{}",
+                    self.id,
+                    self.peer,
+                    held_back(held),
+                )
+            self._send(R.LMTP_NOT_ALLOWED.to_bytes())
             self.outcome = "refused"
             return
         super()._serve()
