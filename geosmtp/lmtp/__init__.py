@@ -4,6 +4,6 @@ recipients only, and one reply per recipient after the message.
 Imports only the SMTP core and the pure mail domain, as that core does.
 """
 
-from .session import LHLO_ONLY, NOT_LOCAL, LMTPConnection, delivered
+from .session import LMTPConnection, delivered
 
-__all__ = ["LHLO_ONLY", "NOT_LOCAL", "LMTPConnection", "delivered"]
+__all__ = ["LMTPConnection", "delivered"]

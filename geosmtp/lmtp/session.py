@@ -33,9 +33,7 @@ from ..smtp.rules import Rule
 from ..smtp.session import Extensions, Limits, Security, SMTPConnection
 from ..smtp.state import State, Step
 
-# LMTP's wording is in `smtp/replies.py` with every other reply; named here too.
-LHLO_ONLY = R.LHLO_ONLY
-NOT_LOCAL = R.NOT_LOCAL
+#: The per-recipient 250 after the data (LMTP's wording is in `smtp/replies.py`).
 delivered = R.lmtp_delivered
 
 

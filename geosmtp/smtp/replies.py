@@ -99,6 +99,7 @@ BAD_NUL = reply(500, "5.5.2", "Error: NUL character in command")
 
 SYNTAX_HELO = reply(501, "5.5.4", "Syntax: HELO hostname")
 SYNTAX_EHLO = reply(501, "5.5.4", "Syntax: EHLO hostname")
+SYNTAX_LHLO = reply(501, "5.5.4", "Syntax: LHLO hostname")
 SYNTAX_MAIL = reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 SYNTAX_RCPT = reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 SYNTAX_DATA = reply(501, "5.5.4", "Syntax: DATA")

@@ -383,7 +383,8 @@ class SMTPConnection(SansIOConnection):
         try:
             name = parse_helo_name(arg)
         except SyntaxProblem:
-            self._error(R.SYNTAX_EHLO if esmtp else R.SYNTAX_HELO)
+            syntax = R.SYNTAX_LHLO if verb == "LHLO" else R.SYNTAX_EHLO
+            self._error(syntax if esmtp else R.SYNTAX_HELO)
             return
         self.helo, self.esmtp = name, esmtp
         self._reset_transaction(verb or ("EHLO" if esmtp else "HELO"))

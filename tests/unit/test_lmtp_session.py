@@ -85,6 +85,14 @@ def test_lhlo_is_answered_as_ehlo_without_starttls_auth_or_dsn(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_lhlo_without_a_name_is_told_the_lhlo_syntax(mode):
+    """Not EHLO's syntax: the client would be told to use a verb LMTP refuses."""
+    res = run([b"LHLO\r\n", LHLO], mode, make_lmtp())
+    assert res.replies == b"501 5.5.4 Syntax: LHLO hostname\r\n" + LHLO_REPLY
+    assert res.conn.state is State.GREETED
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
 def test_ehlo_and_helo_are_refused(mode, verb):
     res = run([verb + b" mta.example.org\r\n", MAIL], mode, make_lmtp())
