@@ -1011,10 +1011,6 @@ def _check_sockets(config: Config) -> None:
         seen.append((name, address, ip, port))
 
 
-#: The longest path a UNIX socket address holds (sun_path, less its NUL).
-MAX_SOCKET_PATH = 107
-
-
 def _check_socket_paths(config: Config) -> None:
     """A UNIX socket `path` only for an `lmtp` listener, short enough, and one
     listener per path."""

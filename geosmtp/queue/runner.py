@@ -401,7 +401,6 @@ class QueueRunner:
         lmtp: bool = False,
     ) -> AttemptResult:
         settings = self.settings
-        extra = {"lmtp": True} if lmtp else {}
         return self.send(
             hosts,
             port,
@@ -421,7 +420,7 @@ class QueueRunner:
             ret=record.ret,
             notify=[r.notify for r in rcpts],
             orcpt=[r.orcpt for r in rcpts],
-            **extra,
+            lmtp=lmtp,
         )
 
     def _route(self, domain: str) -> tuple[list[Host], int, str]:

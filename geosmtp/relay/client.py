@@ -109,6 +109,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal, TypedDict, Unpack
 
+from ..mail.xtext import is_xtext
 from . import protocol
 from .cache import ConnectionCache
 from .mx import Host
@@ -583,7 +584,7 @@ def _orcpt_param(orcpt: str | None, recipient: str) -> list[str]:
     """ORCPT as the client gave it (addr-type;xtext), or the recipient (RFC 3461 §4.2)."""
     if orcpt is not None:
         addr_type, sep, value = orcpt.partition(";")
-        if sep and re.fullmatch(r"[A-Za-z0-9-]+", addr_type) and protocol.is_xtext(value):
+        if sep and re.fullmatch(r"[A-Za-z0-9-]+", addr_type) and is_xtext(value):
             return [f"ORCPT={orcpt}"]
     if recipient.isascii():
         return [f"ORCPT=rfc822;{protocol.xtext(recipient)}"]
@@ -653,7 +654,7 @@ def deliver(
             needs_8bitmime=needs_8bitmime,
             max_received=max_received,
             source_address=source_address,
-            envid=envid if envid is not None and protocol.is_xtext(envid) else None,
+            envid=envid if envid is not None and is_xtext(envid) else None,
             ret=ret.upper() if ret is not None and ret.upper() in ("FULL", "HDRS") else None,
             notify=list(notify) if notify is not None else [None] * len(recipients),
             orcpt=list(orcpt) if orcpt is not None else [None] * len(recipients),

@@ -141,13 +141,6 @@ def xtext(text: str) -> str:
     return "".join(out)
 
 
-_XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
-
-
-def is_xtext(value: str) -> bool:
-    return bool(_XTEXT_RE.fullmatch(value))
-
-
 # ------------------------------------------------------------------- events
 
 

@@ -8,22 +8,16 @@ whether it may run at all is the command table's answer (`rules.py`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from ..mail.limits import Extensions, Limits
+from ..mail.xtext import is_xtext
 from ..protocol import Reply, sasl
 from . import replies as R
 from .parser import SyntaxProblem
 
 _DSN_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 _NOTIFY_WORDS = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
-# RFC 3461 §4: xtext is printable ASCII less "+" and "=", with "+XX" hex escapes.
-_XTEXT_RE = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
-
-
-def is_xtext(text: str) -> bool:
-    return _XTEXT_RE.fullmatch(text) is not None
 
 
 def is_utf8(arg: bytes) -> bool:
