@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.peers import dovecot as dovecot_peer
+from tests.integration.dovecot import require_dovecot_dedup
+from tests.integration.haproxy import require_haproxy
 
 RUN = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "run"
-HAPROXY = Path("/usr/sbin/haproxy")
 VERDICT = re.compile(
     r"^verdict: PASS: sent 200, acknowledged (\d+), delivered (\d+), lost 0, duplicated 0, "
     r"handed over at the kill (\d+), dropped by Dovecot (\d+), unacknowledged arrived (\d+), "
@@ -26,18 +26,8 @@ VERDICT = re.compile(
 
 
 def test_the_cluster_survives_a_kill_9_of_a_front_end_with_every_acknowledged_mail_once():
-    lacking = [
-        name
-        for name, there in (
-            ("haproxy", HAPROXY.exists()),
-            ("dovecot-pop3d", dovecot_peer.available()),
-            ("dovecot-lmtpd", Path(dovecot_peer.LMTP_SERVER).exists()),
-            ("dovecot-sieve", Path(dovecot_peer.SIEVE_PLUGIN).exists()),
-        )
-        if not there
-    ]
-    if lacking:
-        pytest.skip(f"missing {', '.join(lacking)}")
+    require_haproxy()
+    require_dovecot_dedup()  # its LMTP, POP3 and Sieve
     run = subprocess.run(
         [str(RUN), "--quick", "--messages", "200"],
         capture_output=True,

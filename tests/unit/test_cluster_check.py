@@ -54,15 +54,6 @@ def test_an_unacknowledged_message_twice_fails():
     assert not v.ok and v.duplicated == ["run.9"]
 
 
-def test_a_second_copy_fails_even_of_one_handed_over_at_the_kill():
-    """Exactly once: a message sent again after the kill must have its second
-    copy dropped by Dovecot; the check excuses none."""
-    v = cluster.check(SENT, ACKED, found(*ACKED, "run.3"))
-    v.handed_over = 1
-    assert not v.ok and v.duplicated == ["run.3"]
-    assert "duplicated 1, handed over at the kill 1, dropped by Dovecot 0," in v.line()
-
-
 def test_more_copies_dropped_than_could_be_in_flight_fails():
     """Dovecot's duplicate test hides a second copy from the mailbox; the
     count of them must still fit the deliveries in flight at the kill."""
