@@ -47,7 +47,7 @@ from .server import tls
 from .server.anvil import Anvil
 from .server.cluster import Cluster, run_dir
 from .server.host import ConfigChange
-from .server.listeners import Listeners
+from .server.listeners import Listeners, trusted
 from .server.lmtp import LMTPSession
 from .server.lmtp import build_core as lmtp_core
 from .server.pop3 import POP3Session
@@ -390,13 +390,7 @@ class App:
         )
 
     def _trusted(self, peer: str) -> bool:
-        try:
-            address = ipaddress.ip_address(peer.partition("%")[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.trusted_networks)
+        return trusted(peer, self.trusted_networks)
 
     def lmtp_client_allowed(self, peer: str) -> bool:
         """A TCP `lmtp` listener serves the MTAs in `trusted_networks`, or, when

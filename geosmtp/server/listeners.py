@@ -36,7 +36,7 @@ import resource
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import gevent
@@ -121,12 +121,15 @@ def _read_header(sock: socket.socket, deadline: float) -> ProxyHeader:
             return header
 
 
-def trusted(host: str, networks: list[Network]) -> bool:
-    """`host` (a socket's address) is inside one of `networks`."""
+def trusted(host: str, networks: Iterable[Network]) -> bool:
+    """`host` (a socket's address: an IPv6 zone is dropped, an IPv4-mapped
+    IPv6 address is its IPv4 one) is inside one of `networks`."""
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
     return any(address in net for net in networks)
 
 

@@ -89,3 +89,6 @@ def test_proxy_trusted_matches_networks_and_single_addresses_of_both_families():
     assert trusted("::1", networks)
     assert not trusted("192.0.2.8", networks) and not trusted("127.0.0.1", networks)
     assert not trusted("::2", networks) and not trusted("unix", networks)
+    # As trusted_networks: an IPv4-mapped address is its IPv4 one; a zone is dropped.
+    assert trusted("::ffff:10.1.2.3", networks) and not trusted("::ffff:192.0.2.8", networks)
+    assert trusted("fe80::1%eth0", [ipaddress.ip_network("fe80::/10")])
